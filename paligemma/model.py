@@ -1,0 +1,143 @@
+"""PaliGemma: SigLIP image features, projected to the decoder width, placed where the `<image>` tokens are,
+then a Gemma decoder with prefix-LM attention.
+
+Axes: B batch, T new tokens, S keys (cached + new), N image tokens, C decoder width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import PaliGemmaConfig
+from .gemma import GemmaForCausalLM, KeyValueStore
+from .siglip import SiglipVisionModel
+
+
+def prefix_lm_mask(
+    attention_mask: torch.Tensor, token_type_ids: torch.Tensor, num_new: int, window: int | None = None
+) -> torch.Tensor:
+    """Which keys each of the last `num_new` tokens may attend to: bool [B, 1, 1, T, S].
+
+    attention_mask [B, S] is 1 for real tokens and 0 for padding; token_type_ids [B, S] is 0 for the prefix
+    (image + prompt, attended bidirectionally) and 1 for the suffix (causal). With 3 prefix and 2 suffix tokens:
+
+        query \\ key  p p p s s
+        p            1 1 1 0 0
+        p            1 1 1 0 0
+        p            1 1 1 0 0
+        s            1 1 1 1 0
+        s            1 1 1 1 1
+
+    A sliding `window` w limits the causal part to keys k > q - w; prefix-to-prefix attention stays full, as
+    in the reference. Padding keys are never attended.
+    """
+    S = attention_mask.shape[1]
+    device = attention_mask.device
+    queries = torch.arange(S - num_new, S, device=device)[:, None]
+    keys = torch.arange(S, device=device)[None, :]
+    causal = keys <= queries
+    if window is not None:
+        causal = causal & (keys > queries - window)
+    is_prefix = token_type_ids == 0
+    both_prefix = is_prefix[:, S - num_new :, None] & is_prefix[:, None, :]
+    allowed = (causal[None] | both_prefix) & attention_mask.bool()[:, None, :]
+    return allowed[:, None, None]
+
+
+def positions_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Positions of the last `num_new` tokens [B, T]: real tokens count from 1, as PaliGemma numbers them;
+    left padding does not move them."""
+    return attention_mask.long().cumsum(-1).clamp(min=1)[:, -num_new:]
+
+
+class PaliGemmaMultiModalProjector(nn.Module):
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.linear = nn.Linear(config.vision.hidden_size, config.projection_dim)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear(image_features)
+
+
+class PaliGemmaForConditionalGeneration(nn.Module):
+    """Module paths are the published checkpoints' key names (`vision_tower.vision_model.*`,
+    `multi_modal_projector.linear.*`, `language_model.model.*`); the lm_head is the tied embedding."""
+
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = SiglipVisionModel(config.vision)
+        self.multi_modal_projector = PaliGemmaMultiModalProjector(config)
+        self.language_model = GemmaForCausalLM(config.text)
+
+    @property
+    def decoder(self):
+        return self.language_model.model
+
+    @property
+    def windows(self) -> set[int | None]:
+        return {layer.window for layer in self.decoder.layers}
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, S, S] -> image embeddings [B, N, C], ready to stand in for the `<image>` tokens."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, image_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, C], with the i-th `<image>` token of a row replaced by its i-th image embedding."""
+        text = self.decoder.embed(input_ids)
+        if image_embeddings is None:
+            return text
+        is_image = input_ids == self.config.image_token_index
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            counts = is_image.sum(-1)
+            if (counts != image_embeddings.shape[1]).any():
+                raise ValueError(
+                    f"each row must hold exactly {image_embeddings.shape[1]} <image> tokens, found {counts.tolist()}; "
+                    "build inputs with the processor"
+                )
+        index = (is_image.long().cumsum(-1) - 1).clamp(min=0)  # which image embedding each token would take
+        image = image_embeddings.to(text.dtype).gather(1, index[..., None].expand(-1, -1, text.shape[-1]))
+        return torch.where(is_image[..., None], image, text)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        *,
+        image_embeddings: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KeyValueStore | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for input_ids [B, T].
+
+        attention_mask and token_type_ids cover the cached tokens and the new ones ([B, S]); token_type_ids 0
+        marks the prefix (full attention), 1 the suffix (causal); None means all prefix. Without a cache S = T.
+        `last_only` returns the last position's logits only ([B, 1, V]), all that generation needs.
+        """
+        B, T = input_ids.shape
+        if pixel_values is not None:
+            if image_embeddings is not None:
+                raise ValueError("pass pixel_values or image_embeddings, not both")
+            image_embeddings = self.embed_image(pixel_values)
+        S = (cache.length if cache is not None else 0) + T
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(B, S, dtype=torch.long, device=input_ids.device)
+        if positions is None:
+            positions = positions_from_mask(attention_mask, T)
+        x = self.embed(input_ids, image_embeddings)
+        masks = {window: self.additive_mask(attention_mask, token_type_ids, T, window, x.dtype) for window in self.windows}
+        hidden = self.decoder(x, positions, masks, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.decoder.logits(hidden)
+
+    @staticmethod
+    def additive_mask(attention_mask, token_type_ids, num_new, window, dtype) -> torch.Tensor:
+        allowed = prefix_lm_mask(attention_mask, token_type_ids, num_new, window)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
