@@ -1,0 +1,39 @@
+"""PaliGemma 1 and 2 in PyTorch: load a checkpoint, generate, stream."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import ConfigError, PaliGemmaConfig
+from .generate import GenerationResult, Pipeline, StreamUpdate, TorchEngine
+from .processor import Detection, InputError, PaliGemmaProcessor, parse_detections
+from .sampling import SamplingParams
+from .weights import CheckpointError, load_model, resolve_checkpoint
+
+DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
+BACKENDS = ("torch", "onnx")
+
+__all__ = [
+    "load", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor", "SamplingParams",
+    "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "DEMO_CHECKPOINT", "TorchEngine",
+]
+
+
+def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu", dtype=None, backend: str = "torch",
+         onnx_dir: str | os.PathLike | None = None) -> Pipeline:
+    """A generation pipeline for a checkpoint folder or Hub repo id; with none, the embedded demo model.
+
+    backend "torch" runs eager PyTorch on `device`; "onnx" runs the exported graphs in `onnx_dir` with ONNX Runtime
+    (exported and cached on first use when no directory is given).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    folder = resolve_checkpoint(path_or_repo_id if path_or_repo_id is not None else DEMO_CHECKPOINT)
+    if backend == "onnx":
+        # Imported here so the torch package does not depend on the export package.
+        from export.runtime import load_onnx_pipeline
+
+        return load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device)
+    model = load_model(folder, device=device, dtype=dtype)
+    return Pipeline(model, PaliGemmaProcessor.from_pretrained(folder, model.config))

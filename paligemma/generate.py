@@ -1,0 +1,174 @@
+"""Generation as named steps: embed the image once, prefill the prompt into a KV cache, decode one token
+at a time. The loop (sampling, stopping, streaming, timing) is shared by every engine: eager torch here,
+ONNX Runtime in export/.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+
+from .cache import KVCache
+from .model import PaliGemmaForConditionalGeneration, positions_from_mask
+from .processor import InputError, PaliGemmaProcessor
+from .sampling import SamplingParams, sample
+
+
+class Engine(Protocol):
+    """Runs the model for one batch: `prefill` the processed prompt, then `decode_step` one token per row.
+    Each returns the next-token logits [B, V]."""
+
+    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor: ...
+
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchEngine:
+    """Eager torch with a preallocated KV cache; one instance per request."""
+
+    def __init__(self, model: PaliGemmaForConditionalGeneration):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @torch.inference_mode()
+    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
+        input_ids = inputs["input_ids"].to(self.device)
+        B, T = input_ids.shape
+        capacity = T + max_new_tokens
+        self.cache = KVCache(self.model.config.text, B, capacity, self.device, self.dtype)
+        # Masks for the whole run, written once: generated tokens are real (1) and causal (type 1).
+        self.attention_mask = torch.ones(B, capacity, dtype=torch.long, device=self.device)
+        self.attention_mask[:, :T] = inputs["attention_mask"]
+        self.token_type_ids = torch.ones(B, capacity, dtype=torch.long, device=self.device)
+        self.token_type_ids[:, :T] = inputs["token_type_ids"]
+        image_embeddings = self.model.embed_image(inputs["pixel_values"].to(self.device, self.dtype))
+        logits = self.model(
+            input_ids, attention_mask=self.attention_mask[:, :T], token_type_ids=self.token_type_ids[:, :T],
+            image_embeddings=image_embeddings, cache=self.cache, last_only=True,
+        )
+        self.cache.advance(T)
+        self.position = positions_from_mask(self.attention_mask[:, :T], 1)
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        S = self.cache.length + 1
+        self.position = self.position + 1
+        logits = self.model(
+            tokens.to(self.device)[:, None], attention_mask=self.attention_mask[:, :S],
+            token_type_ids=self.token_type_ids[:, :S], positions=self.position, cache=self.cache, last_only=True,
+        )
+        self.cache.advance(1)
+        return logits[:, -1]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids only, up to and without the end-of-sequence token
+    ttft_s: float = 0.0  # from the request to the first token, preprocessing and image encoding included
+    decode_tokens_per_s: float = 0.0
+    finished: bool = True  # False while streaming
+
+
+@dataclass
+class StreamUpdate:
+    delta: str  # text new since the last update
+    text: str  # all text so far
+    token_ids: list[int] = field(default_factory=list)
+    ttft_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    finished: bool = False
+
+
+class Pipeline:
+    """What `paligemma.load()` returns: the model, its processor and generation."""
+
+    def __init__(self, model: PaliGemmaForConditionalGeneration | None, processor: PaliGemmaProcessor, engine_factory=None):
+        self.model = model
+        self.processor = processor
+        self.engine_factory = engine_factory or (lambda: TorchEngine(model))
+        self.stop_ids = set(processor.config.eos_token_ids)
+
+    @property
+    def config(self):
+        return self.processor.config
+
+    def _run(self, images, prompts, params: SamplingParams) -> Iterator[tuple[torch.Tensor, float]]:
+        """Yields the next token of every row [B] and its time, until every row has ended or the budget is spent."""
+        start = time.perf_counter()
+        inputs = self.processor(images, prompts)
+        prompt_length = inputs["input_ids"].shape[1]
+        limit = self.config.text.max_position_embeddings
+        if prompt_length + params.max_new_tokens > limit:
+            raise InputError(
+                f"the prompt ({prompt_length} tokens with the image) plus max_new_tokens={params.max_new_tokens} "
+                f"exceeds the model's {limit} positions; shorten the prompt or lower max_new_tokens"
+            )
+        engine = self.engine_factory()
+        logits = engine.prefill(inputs, params.max_new_tokens)
+        generator = params.generator(logits.device)
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        stop = torch.tensor(sorted(self.stop_ids), device=logits.device)
+        for step in range(params.max_new_tokens):
+            tokens = sample(logits, params, generator)
+            tokens = tokens.masked_fill(done, self.processor.pad_id)
+            yield tokens, start
+            done = done | torch.isin(tokens, stop)
+            if bool(done.all()) or step == params.max_new_tokens - 1:
+                return
+            logits = engine.decode_step(tokens)
+
+    def _finish(self, ids: list[int]) -> list[int]:
+        for i, token in enumerate(ids):
+            if token in self.stop_ids:
+                return ids[:i]
+        return ids
+
+    def generate(self, image, prompt, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+        """One (image, prompt) -> GenerationResult; lists of images and prompts -> a list, generated as one batch."""
+        params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        batched = isinstance(prompt, (list, tuple))
+        images, prompts = (list(image), list(prompt)) if batched else ([image], [prompt])
+        if not prompts:
+            return []
+        columns, times = [], []
+        for tokens, start in self._run(images, prompts, params):
+            columns.append(tokens.tolist())
+            times.append(time.perf_counter() - start)
+        results = []
+        for row in range(len(prompts)):
+            ids = self._finish([column[row] for column in columns])
+            results.append(GenerationResult(self.processor.decode(ids), ids, times[0], decode_rate(times, len(ids))))
+        return results if batched else results[0]
+
+    def stream(self, image, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[StreamUpdate]:
+        """Yields a StreamUpdate per generated token (`.delta` the new text, `.text` all so far); the last has finished=True."""
+        params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        decoder = self.processor.stream_decoder()
+        ids: list[int] = []
+        text, times = "", []
+        for tokens, start in self._run([image], [prompt], params):
+            times.append(time.perf_counter() - start)
+            token = int(tokens[0])
+            if token in self.stop_ids:
+                break
+            ids.append(token)
+            delta = decoder.step(token)
+            text += delta
+            yield StreamUpdate(delta, text, list(ids), times[0], decode_rate(times, len(ids)))
+        yield StreamUpdate("", text, ids, times[0] if times else 0.0, decode_rate(times, len(ids)), finished=True)
+
+
+def decode_rate(times: list[float], num_tokens: int) -> float:
+    """Tokens per second after the first one."""
+    steps = min(num_tokens, len(times)) - 1
+    if steps <= 0:
+        return 0.0
+    return steps / max(times[steps] - times[0], 1e-9)

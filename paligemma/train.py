@@ -1,0 +1,422 @@
+"""Fine-tuning PaliGemma: prefix-LM inputs, loss on the suffix only, AdamW with warm-up and cosine decay.
+
+    python -m paligemma train --model CKPT_DIR --data train.jsonl --out OUT_DIR [--steps N ...]
+    python -m paligemma train --config config.json --tokenizer tokenizer.json --data train.jsonl --out OUT_DIR
+
+Each JSONL line is {"image": path, "prefix": "caption en", "suffix": "a red circle"}; a relative image path
+is read from the JSONL's folder. A training sequence is
+
+    <image> x N  <bos>  prefix "\\n"  |  suffix <eos>       token_type_ids 0 ... 0 | 1 ... 1
+
+with full attention over the part left of the bar and causal attention over the rest; only the suffix
+tokens (and the final <eos>) are labels, everything else (image, prompt, padding) is -100.
+
+Checkpoints are written to OUT_DIR/step-NNNNNN and OUT_DIR/last in the Hugging Face layout (config.json,
+model.safetensors, tokenizer.json), with training_state.safetensors + training_state.json beside them
+(optimizer moments, step): `--resume OUT_DIR/last` continues from the same step with the same data order.
+No pickles are written or read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+IGNORE = -100
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def pixel_values(images: list[Image.Image], size: int) -> torch.Tensor:
+    """RGB, bicubic resize to size x size, rescale to [0, 1], normalize with mean 0.5 and std 0.5 -> [B, 3, size, size]."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
+    return (x - 0.5) / 0.5
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The ids the prompt format needs, read from the tokenizer and the model config."""
+
+    tokenizer: Tokenizer
+    num_image_tokens: int
+    image_token_id: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, config) -> "TokenLayout":
+        def token_id(token: str) -> int:
+            i = tokenizer.token_to_id(token)
+            if i is None:
+                raise ValueError(f"the tokenizer has no {token} token; PaliGemma's prompt format needs it")
+            return i
+
+        return cls(tokenizer, config.num_image_tokens, config.image_token_index, token_id("<bos>"), token_id("<eos>"),
+                   token_id("<pad>"))
+
+    def encode(self, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
+        """Token ids and token types of one training sequence (see the module docstring)."""
+        prompt = self.tokenizer.encode(prefix + "\n", add_special_tokens=False).ids
+        answer = self.tokenizer.encode(suffix, add_special_tokens=False).ids + [self.eos_id]
+        ids = [self.image_token_id] * self.num_image_tokens + [self.bos_id] + prompt + answer
+        return ids, [0] * (len(ids) - len(answer)) + [1] * len(answer)
+
+    def batch(self, prefixes: list[str], suffixes: list[str]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, token_type_ids and labels [B, T], right-padded.
+
+        labels[t] is the token at t where t is in the suffix, else -100; the loss compares the logits at t - 1
+        with labels[t]."""
+        encoded = [self.encode(p, s) for p, s in zip(prefixes, suffixes)]
+        T = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), T), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), T), dtype=torch.long)
+        token_type_ids = torch.ones((len(encoded), T), dtype=torch.long)
+        for row, (ids, types) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            token_type_ids[row, : len(ids)] = torch.tensor(types)
+        labels = input_ids.masked_fill((token_type_ids == 0) | (attention_mask == 0), IGNORE)
+        return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
+
+
+# ---- loss ---------------------------------------------------------------------------------------
+
+
+def suffix_loss(
+    logits: torch.Tensor, labels: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0
+) -> torch.Tensor:
+    """Mean cross-entropy of the suffix labels, the logits at t - 1 predicting labels[t]; -100 is ignored.
+
+    Computed in float32 with log_softmax (stable for any logit scale). With `loc_range` = (first loc id,
+    number of loc tokens) and loc_sigma > 0, a loc label's target is a Gaussian over the neighbouring bins
+    (standard deviation loc_sigma bins) instead of a single bin.
+    """
+    predicted = logits[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    log_probs = F.log_softmax(predicted[keep].float(), dim=-1)  # [M, V]
+    targets = targets[keep]
+    nll = -log_probs.gather(1, targets[:, None])[:, 0]
+    if loc_range is not None and loc_sigma > 0:
+        first, count = loc_range
+        is_loc = (targets >= first) & (targets < first + count)
+        if is_loc.any():
+            bins = torch.arange(count, device=logits.device, dtype=torch.float32)
+            centers = (targets[is_loc] - first).float()[:, None]
+            soft = torch.exp(-0.5 * ((bins - centers) / loc_sigma) ** 2)
+            soft = soft / soft.sum(-1, keepdim=True)
+            nll = nll.clone()
+            nll[is_loc] = -(soft * log_probs[is_loc, first : first + count]).sum(-1)
+    return nll.mean()
+
+
+# ---- schedule, optimizer state ------------------------------------------------------------------
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int, final_ratio: float = 0.02) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then cosine decay to peak * final_ratio at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_training_state(directory: Path, step: int, optimizer: torch.optim.Optimizer, extra: dict[str, torch.Tensor]):
+    """Optimizer moments and extra tensors (e.g. auxiliary heads) as safetensors, the step as JSON."""
+    tensors = {f"extra.{k}": v.detach().contiguous() for k, v in extra.items()}
+    scalars = {}
+    for i, (param, state) in enumerate(_param_states(optimizer)):
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"optimizer.{i}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{i}.{key}"] = float(value)
+    save_file(tensors, str(directory / STATE_TENSORS))
+    (directory / STATE_JSON).write_text(json.dumps({"step": step, "optimizer_scalars": scalars}, indent=1))
+
+
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, torch.Tensor]]:
+    """The step and extra tensors saved by save_training_state; fills the optimizer's moments in place."""
+    meta = json.loads((directory / STATE_JSON).read_text())
+    tensors = load_file(str(directory / STATE_TENSORS))
+    scalars = meta["optimizer_scalars"]
+    for i, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith(f"optimizer.{i}."):
+                state[key.rsplit(".", 1)[1]] = value.to(param.device)
+        for key, value in scalars.items():
+            index, name = key.split(".", 1)
+            if int(index) == i:
+                state[name] = torch.tensor(value)
+        if state:
+            optimizer.state[param] = state
+    extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return meta["step"], extra
+
+
+def _param_states(optimizer):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            yield p, optimizer.state.get(p, {})
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainOptions:
+    steps: int
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    eval_every: int = 0
+    save_every: int = 0
+    seed: int = 0
+    progress: bool = True
+
+
+def train(
+    model: torch.nn.Module,
+    batches: Callable[[int], dict],
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]],
+    options: TrainOptions,
+    out_dir: Path | None = None,
+    save: Callable[[Path], None] | None = None,
+    evaluate: Callable[[int], dict] | None = None,
+    resume: Path | None = None,
+    extra_modules: dict[str, torch.nn.Module] | None = None,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Runs steps start .. options.steps - 1; returns the last step done + 1.
+
+    `batches(step)` gives the batch of a step (a pure function of the step, so a resumed run sees the same
+    data); `loss_fn(model, batch)` gives (loss, named floats to show). `save(directory)` writes the model
+    checkpoint; the optimizer moments and `extra_modules` (trained, not part of the checkpoint) go beside it.
+    """
+    torch.manual_seed(options.seed)
+    extra_modules = extra_modules or {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    params += [p for m in extra_modules.values() for p in m.parameters()]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=options.lr, betas=(0.9, 0.98), eps=1e-8,
+    )
+    start = 0
+    if resume is not None:
+        start, extra = load_training_state(Path(resume), optimizer)
+        for name, module in extra_modules.items():
+            module.load_state_dict({k[len(name) + 1 :]: v for k, v in extra.items() if k.startswith(name + ".")})
+        log(f"resumed from {resume} at step {start}")
+
+    def checkpoint(step: int):
+        if out_dir is None or save is None:
+            return
+        for directory in (out_dir / f"step-{step:06d}", out_dir / "last"):
+            directory.mkdir(parents=True, exist_ok=True)
+            save(directory)
+            extra = {f"{n}.{k}": v for n, m in extra_modules.items() for k, v in m.state_dict().items()}
+            save_training_state(directory, step, optimizer, extra)
+
+    bar = None
+    if options.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=options.steps, initial=start, dynamic_ncols=True, mininterval=2.0)
+    model.train()
+    smoothed = None
+    started = time.time()
+    for step in range(start, options.steps):
+        lr = learning_rate(step, options.steps, options.lr, options.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, shown = loss_fn(model, batches(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, options.clip_norm)
+        optimizer.step()
+        value = loss.item()
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+        if bar is not None:
+            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", **{k: f"{v:.3f}" for k, v in shown.items()})
+            bar.update(1)
+        done = step + 1
+        if done % 50 == 0 or done == options.steps:
+            details = " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+            log(f"step {done} loss {smoothed:.4f} grad_norm {grad_norm:.3f} lr {lr:.2e} {details} "
+                f"elapsed {time.time() - started:.0f}s")
+        if evaluate is not None and options.eval_every and done % options.eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                metrics = evaluate(done)
+            model.train()
+            log(f"eval step {done}: " + json.dumps(metrics))
+        if options.save_every and done % options.save_every == 0 or done == options.steps:
+            checkpoint(done)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return options.steps
+
+
+# ---- JSONL fine-tuning --------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
+        missing = [k for k in ("image", "prefix", "suffix") if k not in record]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing {', '.join(missing)}; each line needs image, prefix and suffix")
+        image = Path(record["image"])
+        record["image"] = image if image.is_absolute() else Path(path).parent / image
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def jsonl_batches(records: list[dict], layout: TokenLayout, image_size: int, batch_size: int, seed: int):
+    """batches(step): an epoch-wise shuffle fixed by the seed, so the batch of a step never depends on history."""
+
+    def batches(step: int) -> dict:
+        per_epoch = max(1, len(records) // batch_size)
+        epoch, index = divmod(step, per_epoch)
+        order = list(range(len(records)))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        chosen = [records[i] for i in order[index * batch_size : (index + 1) * batch_size]]
+        batch = layout.batch([r["prefix"] for r in chosen], [r["suffix"] for r in chosen])
+        images = []
+        for r in chosen:
+            with Image.open(r["image"]) as im:
+                images.append(im.convert("RGB"))
+        batch["pixel_values"] = pixel_values(images, image_size)
+        return batch
+
+    return batches
+
+
+def lm_loss(loc_range=None, loc_sigma=0.0):
+    """The plain objective: suffix cross-entropy of the model's logits."""
+
+    def loss_fn(model, batch):
+        logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["token_type_ids"])
+        return suffix_loss(logits, batch["labels"], loc_range, loc_sigma), {}
+
+    return loss_fn
+
+
+def loc_range_of(tokenizer: Tokenizer) -> tuple[int, int] | None:
+    """(id of <loc0000>, 1024) when the 1024 loc tokens are consecutive, else None (no soft targets)."""
+    first = tokenizer.token_to_id("<loc0000>")
+    if first is None or any(tokenizer.token_to_id(f"<loc{i:04d}>") != first + i for i in range(1024)):
+        return None
+    return first, 1024
+
+
+def init_weights(model: torch.nn.Module, std: float = 0.02):
+    """A fresh model: normal(0, std) matrices and embeddings, zero biases, LayerNorm scale 1, RMSNorm offset 0."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=std)
+        elif name.startswith("vision_tower") and "norm" in name and name.endswith("weight"):
+            torch.nn.init.ones_(p)  # SigLIP's LayerNorm scales; Gemma's RMSNorm stores an offset from 1
+        else:
+            torch.nn.init.zeros_(p)
+
+
+def add_train_arguments(parser):
+    parser.add_argument("--model", help="checkpoint folder to fine-tune (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--config", help="config.json of a fresh model to train from scratch (with --tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the one in --model)")
+    parser.add_argument("--data", required=True, help="JSONL of {image, prefix, suffix} records")
+    parser.add_argument("--eval-data", help="JSONL held out for the periodic evaluation (suffix loss)")
+    parser.add_argument("--out", required=True, help="folder for checkpoints")
+    parser.add_argument("--resume", help="a checkpoint folder written by this command (e.g. OUT/last)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--loc-sigma", type=float, default=0.0, help="soft targets over neighbouring loc bins (in bins)")
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_train(args):
+    from .config import PaliGemmaConfig
+    from .model import PaliGemmaForConditionalGeneration
+    from .weights import load_model, save_checkpoint
+
+    source = args.resume or args.model
+    if source:
+        model = load_model(source, device=args.device, dtype=torch.float32)
+        config = model.config
+        tokenizer_path = Path(args.tokenizer or Path(source) / "tokenizer.json")
+    elif args.config:
+        if not args.tokenizer:
+            raise ValueError("--config needs --tokenizer (a tokenizer.json whose ids fit the config's vocabulary)")
+        config = PaliGemmaConfig.from_json_file(args.config)
+        torch.manual_seed(args.seed)
+        model = PaliGemmaForConditionalGeneration(config)
+        init_weights(model)
+        model.to(args.device)
+        tokenizer_path = Path(args.tokenizer)
+    else:
+        raise ValueError("give --model (fine-tune a checkpoint) or --config with --tokenizer (train a fresh model)")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    layout = TokenLayout.of(tokenizer, config)
+    records = read_jsonl(Path(args.data))
+    to_device = lambda b: {k: v.to(args.device) for k, v in b.items()}  # noqa: E731
+    make = jsonl_batches(records, layout, config.image_size, args.batch_size, args.seed)
+    loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma)
+    evaluate = None
+    if args.eval_data:
+        held_out = read_jsonl(Path(args.eval_data))
+        eval_batches = jsonl_batches(held_out, layout, config.image_size, args.batch_size, args.seed)
+        count = max(1, len(held_out) // args.batch_size)
+
+        def evaluate(step):
+            losses = [loss_fn(model, to_device(eval_batches(i)))[0].item() for i in range(count)]
+            return {"eval_loss": sum(losses) / len(losses)}
+
+    options = TrainOptions(
+        steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
+    )
+    train(
+        model, lambda step: to_device(make(step)), loss_fn, options, out_dir=Path(args.out),
+        save=lambda d: (save_checkpoint(model, d), shutil.copy(tokenizer_path, d / "tokenizer.json")),
+        evaluate=evaluate, resume=Path(args.resume) if args.resume else None,
+    )
