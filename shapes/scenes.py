@@ -1,0 +1,148 @@
+"""Synthetic scenes for the embedded demo model, and the task strings PaliGemma is trained on.
+
+Task card (issue 3): a 224 x 224 RGB canvas on a plain white or light-gray background holding 1 to 3
+shapes (circle, square, triangle pointing up), each filled in red, green, blue or yellow, 40 to 90 px
+across, not overlapping, their horizontal centers at least 20 px apart.
+
+Boxes are (y_min, x_min, y_max, x_max) in continuous pixel coordinates: a square drawn over the pixels
+x0 .. x0 + size - 1 has x_min = x0 and x_max = x0 + size. A coordinate c on a side of length L becomes
+the location bin round(c / L * 1023), as big_vision encodes it; `box_from_bins` inverts that with
+bin / 1023 * L (decoding with bin / 1024 * L, as the Hugging Face demo does, differs by at most 0.22 px
+on a 224 px side).
+"""
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+CANVAS = 224
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 0),
+}
+MIN_SIZE, MAX_SIZE = 40, 90
+MIN_CENTER_GAP = 20
+NUM_BINS = 1024
+
+
+@dataclass(frozen=True)
+class Shape:
+    shape: str
+    color: str
+    box: tuple  # (y_min, x_min, y_max, x_max) in pixels
+
+    @property
+    def center_x(self):
+        return (self.box[1] + self.box[3]) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    image: Image.Image
+    shapes: tuple  # Shape objects, left to right
+
+
+def _overlaps(a, b):
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+
+def _place(rng, count):
+    """Boxes for `count` shapes obeying the card, by rejection sampling (restarts if it gets stuck)."""
+    while True:
+        boxes = []
+        for _ in range(200):
+            size = rng.randint(MIN_SIZE, MAX_SIZE)
+            y0, x0 = rng.randint(0, CANVAS - size), rng.randint(0, CANVAS - size)
+            box = (y0, x0, y0 + size, x0 + size)
+            center_x = x0 + size / 2
+            if all(not _overlaps(box, b) and abs(center_x - (b[1] + b[3]) / 2) >= MIN_CENTER_GAP for b in boxes):
+                boxes.append(box)
+                if len(boxes) == count:
+                    return boxes
+
+
+def _draw(draw, shape, color, box):
+    y0, x0, y1, x1 = box
+    rgb = COLORS[color]
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=rgb)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=rgb)
+    else:  # triangle pointing up: apex at the top middle, base along the bottom edge
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=rgb)
+
+
+def render_scene(seed, index=0):
+    """The scene number `index` of the stream `seed`; the same (seed, index) always gives the same scene."""
+    rng = random.Random(f"shapes:{seed}:{index}")
+    background = rng.choice([255, 255, rng.randint(215, 245)])
+    image = Image.new("RGB", (CANVAS, CANVAS), (background,) * 3)
+    draw = ImageDraw.Draw(image)
+    count = rng.randint(1, 3)
+    shapes = [Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), box) for box in _place(rng, count)]
+    for s in shapes:
+        _draw(draw, s.shape, s.color, s.box)
+    return Scene(image, tuple(sorted(shapes, key=lambda s: s.center_x)))
+
+
+def render_scenes(seed, count):
+    return [render_scene(seed, i) for i in range(count)]
+
+
+# ---- task strings -------------------------------------------------------------------------------
+
+CAPTION_PROMPT = "caption en"
+COUNT_PROMPT = "answer en how many shapes are there?"
+
+
+def color_count_prompt(color):
+    return f"answer en how many {color} shapes are there?"
+
+
+def detect_prompt(names):
+    return "detect " + " ; ".join(names)
+
+
+def caption(scene):
+    parts = [f"a {s.color} {s.shape}" for s in scene.shapes]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def count_answer(scene, color=None):
+    return str(sum(1 for s in scene.shapes if color is None or s.color == color))
+
+
+def to_bin(coord, side=CANVAS):
+    return min(NUM_BINS - 1, max(0, round(coord / side * (NUM_BINS - 1))))
+
+
+def box_from_bins(bins, side=CANVAS):
+    return tuple(b / (NUM_BINS - 1) * side for b in bins)
+
+
+def loc_tokens(box, side=CANVAS):
+    return "".join(f"<loc{to_bin(c, side):04d}>" for c in box)
+
+
+def detect_answer(scene, names):
+    """Every shape whose kind is in `names`, left to right, as `<locY1><locX1><locY2><locX2> kind`, joined by " ; "."""
+    return " ; ".join(f"{loc_tokens(s.box)} {s.shape}" for s in scene.shapes if s.shape in names)
+
+
+def detect_prompts():
+    """Every detection prompt the task uses: one kind, or two different kinds."""
+    singles = [(a,) for a in SHAPES]
+    pairs = [(a, b) for a in SHAPES for b in SHAPES if a != b]
+    return singles + pairs
+
+
+def task_pairs(scene):
+    """All (prefix, suffix) pairs of the task for one scene: caption, both count questions, every detection prompt."""
+    pairs = [(CAPTION_PROMPT, caption(scene)), (COUNT_PROMPT, count_answer(scene))]
+    pairs += [(color_count_prompt(c), count_answer(scene, c)) for c in COLORS]
+    pairs += [(detect_prompt(names), detect_answer(scene, names)) for names in detect_prompts()]
+    return pairs
