@@ -1,0 +1,83 @@
+"""Command line: `python -m paligemma generate ...` and `python -m paligemma train ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint folder or Hub repo id (default: the embedded demo model)")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--prompt", required=True, help='task prompt, e.g. "caption en" or "detect circle"')
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="pick the most likely token (the default)")
+    mode.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    parser.add_argument("--onnx-dir", default=None, help="exported graphs (backend onnx); default: the export cache")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import paligemma
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    pipe = paligemma.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, onnx_dir=args.onnx_dir)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.temperature is not None,
+        temperature=args.temperature if args.temperature is not None else 1.0,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+    )
+    if args.json:
+        result = pipe.generate(args.image, args.prompt, **sampling)
+        print(json.dumps(dict(text=result.text, token_ids=result.token_ids, ttft_s=round(result.ttft_s, 6),
+                              decode_tokens_per_s=round(result.decode_tokens_per_s, 3))))
+        return 0
+    for update in pipe.stream(args.image, args.prompt, **sampling):
+        print(update.delta, end="", flush=True)
+    print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m paligemma", description="PaliGemma 1 and 2 in PyTorch")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_arguments(commands.add_parser("generate", help="answer a prompt about an image"))
+    train_parser = commands.add_parser("train", help="fine-tune a checkpoint or train one from a config")
+    try:
+        from .train import add_train_arguments, run_train
+    except ImportError:
+        add_train_arguments = run_train = None
+    if add_train_arguments is not None:
+        add_train_arguments(train_parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        if run_train is None:
+            raise RuntimeError("training is not available in this install")
+        return run_train(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line, no traceback: the messages are written for users
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

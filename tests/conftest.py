@@ -1,0 +1,47 @@
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tiny import build_reference, rewrite_layout
+
+VARIANTS = {
+    # name: (kind, weight std, config overrides); the std keeps greedy runs from repeating one token
+    "pg1": ("pg1", 0.2, {}),
+    "pg1_mqa": ("pg1", 0.2, {"text": {"num_key_value_heads": 1}}),
+    "pg2": ("pg2", 0.1, {}),  # sliding window 6, shorter than every prompt
+    "pg2_more_image_tokens": ("pg2", 0.1, {"vision": {"image_size": 56}}),  # 16 image tokens
+}
+
+
+@pytest.fixture(scope="session")
+def reference_factory(tmp_path_factory):
+    """(variant, layout) -> (folder, transformers model); built once per session."""
+    built = {}
+
+    def make(variant="pg1", layout="tf5"):
+        if (variant, layout) not in built:
+            if (variant, "tf5") not in built:
+                kind, std, overrides = VARIANTS[variant]
+                folder = tmp_path_factory.mktemp(f"{variant}_tf5")
+                built[variant, "tf5"] = (folder, build_reference(folder, kind, std=std, **overrides))
+            source, model = built[variant, "tf5"]
+            if layout != "tf5":
+                folder = tmp_path_factory.mktemp(f"{variant}_{layout}")
+                shutil.copytree(source, folder, dirs_exist_ok=True)
+                rewrite_layout(folder, layout)
+                built[variant, layout] = (folder, model)
+        return built[variant, layout]
+
+    return make
+
+
+def random_image(seed: int, width: int = 40, height: int = 30) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def images():
+    return [random_image(1), random_image(2, 64, 48), random_image(3, 17, 90)]
