@@ -1,0 +1,281 @@
+"""The demo page: an image and a prompt in, the answer streaming out, detected boxes drawn on the image, timings and
+the runtime shown, and an optional check against eager torch. `create_app()` builds it; `launch()` serves it.
+
+API (gradio_client): `generate` takes (image, prompt, decoding, temperature, top_p, top_k, max_new_tokens, seed,
+check_torch), every input after the prompt with a default, and returns (answer, annotated image, detections,
+timings, torch check). The server validates every value itself; a bad one is answered with a message, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+import paligemma
+from paligemma.processor import load_image
+from paligemma.sampling import MAX_NEW_TOKENS_LIMIT
+
+from .backends import Backend, TorchCheck, check_against_torch, load_backend
+from .draw import draw_detections
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+MAX_UPLOAD = "10mb"
+MAX_PROMPT_CHARS = 1000
+CONCURRENCY_LIMIT = 2  # requests generating at once; the rest wait in the queue
+MAX_QUEUE = 32  # requests waiting beyond that are turned away with "queue full"
+# name: (lowest, highest, whole number); the sliders use the same ranges, and the server checks them again.
+LIMITS = {
+    "temperature": (0.0, 2.0, False),
+    "top_p": (0.05, 1.0, False),
+    "top_k": (0, 200, True),
+    "max_new_tokens": (1, min(256, MAX_NEW_TOKENS_LIMIT), True),
+    "seed": (0, 2**63 - 1, True),
+}
+DECODING = [("Greedy", "greedy"), ("Sample (temperature, top-k, top-p)", "sample")]
+PRESETS_DEMO = {
+    "Caption": "caption en",
+    "Count": "answer en how many shapes are there?",
+    "Detect": "detect circle ; triangle",
+}
+PRESETS = {
+    "Caption": "caption en",
+    "Answer": "answer en what is in the image?",
+    "Detect": "detect person ; car",
+}
+
+
+class ImageUpload(gr.Image):
+    """gr.Image that hands the handler the uploaded file as it is. gr.Image would open it with Pillow first and fail
+    on a corrupt file, an SVG or a decompression bomb without a message the user can read; the pipeline's own loader
+    rejects each with one."""
+
+    is_template = True  # the browser side is gr.Image's
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):
+            return payload.url
+        return payload.path
+
+
+class RawSlider(gr.Slider):
+    """gr.Slider that passes the value through unchecked, so that `read_decoding` answers a bad one (a string,
+    NaN, out of range) with one clear message."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return payload
+
+
+class RawNumber(gr.Number):
+    is_template = True
+
+    def preprocess(self, payload):
+        return payload
+
+
+class RawRadio(gr.Radio):
+    is_template = True
+
+    def preprocess(self, payload):
+        return payload
+
+
+def read_image(value) -> Image.Image:
+    """The uploaded image as upright RGB, or InputError saying what is wrong with it."""
+    if value is None or value == "":
+        raise paligemma.InputError("no image: upload one, or pick an example below")
+    if isinstance(value, str) and value.startswith("data:"):
+        try:
+            value = base64.b64decode(value.partition(",")[2], validate=True)
+        except (binascii.Error, ValueError):
+            raise paligemma.InputError("the image data URL is not valid base64; upload the file instead") from None
+    if is_svg(value):
+        raise paligemma.InputError("SVG is a vector format the model cannot read; export it as PNG or JPEG first")
+    return load_image(value)
+
+
+def is_svg(value) -> bool:
+    if isinstance(value, (bytes, bytearray)):
+        head = bytes(value[:1024])
+    else:
+        path = Path(value)
+        if path.suffix.lower() in (".svg", ".svgz"):
+            return True
+        try:
+            with open(path, "rb") as file:
+                head = file.read(1024)
+        except OSError:
+            return False
+    return b"<svg" in head.lower()
+
+
+def read_prompt(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise paligemma.InputError("the prompt is empty: type one, e.g. 'caption en', or pick a task")
+    prompt = value.strip()
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise paligemma.InputError(f"the prompt has {len(prompt)} characters; keep it under {MAX_PROMPT_CHARS}")
+    return prompt
+
+
+def read_number(name: str, value):
+    low, high, whole = LIMITS[name]
+    kind = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise paligemma.InputError(f"{name} must be {kind} from {low} to {high}, got {value!r}")
+    if whole and value != int(value):
+        raise paligemma.InputError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise paligemma.InputError(f"{name}={value!r} is out of range: use {kind} from {low} to {high}")
+    return int(value) if whole else float(value)
+
+
+def read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed) -> dict:
+    """The keyword arguments of Pipeline.stream, each value checked; a sampled run without a seed gets a random one
+    so that it can be repeated (and checked against torch)."""
+    if decoding not in dict(DECODING).values():
+        raise paligemma.InputError(f"decoding must be one of {', '.join(dict(DECODING).values())}, got {decoding!r}")
+    params = dict(
+        do_sample=decoding == "sample",
+        temperature=read_number("temperature", temperature),
+        top_p=read_number("top_p", top_p),
+        top_k=read_number("top_k", top_k),
+        max_new_tokens=read_number("max_new_tokens", max_new_tokens),
+        seed=None if seed is None or seed == "" else read_number("seed", seed),
+    )
+    if params["do_sample"] and params["seed"] is None:
+        params["seed"] = random.randrange(2**31)
+    paligemma.SamplingParams(**params)  # the pipeline's own checks, so that they fail before any work is done
+    return params
+
+
+def format_timings(backend: Backend, update, params: dict) -> str:
+    parts = [
+        f"**{backend.runtime}**",
+        f"time to first token **{update.ttft_s * 1000:.0f} ms**",
+        f"decode **{update.decode_tokens_per_s:.1f} tokens/s**",
+        f"{len(update.token_ids)} tokens",
+    ]
+    if params["do_sample"]:
+        parts.append(f"seed {params['seed']}")
+    return " · ".join(parts)
+
+
+def format_check(check: TorchCheck, processor) -> str:
+    difference = f"largest logit difference **{check.max_logit_diff:.2e}**"
+    if check.tokens_agree:
+        return f"✅ Eager torch gives the same {len(check.served_ids)} tokens; {difference}."
+    at = check.first_difference
+    served = processor.decode(check.served_ids[at : at + 1]) or "(end)"
+    eager = processor.decode(check.torch_ids[at : at + 1]) or "(end)"
+    return f"❌ Eager torch differs from token {at + 1} on ({served!r} here, {eager!r} in torch); {difference}."
+
+
+def banner(backend: Backend) -> str:
+    text = f"**Model:** {backend.model} · **Runtime:** {backend.runtime}"
+    if backend.warm_up_s:
+        text += f" · warmed up in {backend.warm_up_s:.1f} s"
+    if backend.fallback:
+        text += f"\n\n⚠️ **Fallback to PyTorch:** {backend.fallback}"
+    return text
+
+
+def example_rows() -> list[list[str]]:
+    """[image path, prompt] for each shipped example, with the prompt its manifest names."""
+    manifest = EXAMPLES_DIR / "examples.json"
+    if not manifest.exists():
+        return []
+    return [[str(EXAMPLES_DIR / entry["file"]), entry["prompt"]] for entry in json.loads(manifest.read_text())]
+
+
+def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCURRENCY_LIMIT,
+               max_queue: int = MAX_QUEUE) -> gr.Blocks:
+    """The demo page around `backend` (by default the embedded model on ONNX Runtime, falling back to torch)."""
+    backend = backend or load_backend()
+    presets = PRESETS_DEMO if backend.is_demo_model else PRESETS
+
+    def generate(image, prompt, decoding="greedy", temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=64, seed=0,
+                 check_torch=False):
+        try:
+            picture = read_image(image)
+            prompt = read_prompt(prompt)
+            params = read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed)
+            if not isinstance(check_torch, bool):
+                raise paligemma.InputError(f"check_torch must be true or false, got {check_torch!r}")
+            yield "", None, None, f"**{backend.runtime}** · generating…", ""
+            for update in backend.pipeline.stream(picture, prompt, **params):
+                yield update.text, gr.skip(), gr.skip(), format_timings(backend, update, params), gr.skip()
+            detections = paligemma.parse_detections(update.text, *picture.size)
+            boxes = [{"label": d.label, "box": [round(c, 1) for c in d.box]} for d in detections]
+            check = ""
+            if check_torch:
+                check = format_check(check_against_torch(backend, picture, prompt, update.token_ids, **params),
+                                     backend.pipeline.processor)
+            yield update.text, draw_detections(picture, detections), boxes, format_timings(backend, update, params), check
+        except gr.Error:
+            raise
+        except (paligemma.InputError, paligemma.CheckpointError, ValueError) as e:
+            raise gr.Error(str(e), title="Cannot run this request", print_exception=False) from None
+        except Exception:
+            logger.exception("generation failed")
+            raise gr.Error("generation failed on the server (details are in its log); try again, or another image "
+                           "or prompt", title="Server error", print_exception=False) from None
+
+    with gr.Blocks(title="PaliGemma · ONNX Runtime demo", analytics_enabled=False) as app:
+        gr.Markdown("# PaliGemma in the browser\nAn image and a prompt in; the answer streams out, with detected "
+                    "objects drawn on the image.")
+        gr.Markdown(banner(backend), elem_id="backend")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = ImageUpload(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
+                                    height=320, elem_id="image")
+                task = gr.Radio(list(presets), value="Caption", label="Task")
+                prompt = gr.Textbox(presets["Caption"], label="Prompt", max_length=MAX_PROMPT_CHARS, elem_id="prompt")
+                with gr.Accordion("Decoding", open=False):
+                    decoding = RawRadio(DECODING, value="greedy", label="Decoding")
+                    temperature = RawSlider(*LIMITS["temperature"][:2], value=1.0, step=0.05, label="Temperature")
+                    top_p = RawSlider(*LIMITS["top_p"][:2], value=0.9, step=0.05, label="Top-p")
+                    top_k = RawSlider(*LIMITS["top_k"][:2], value=0, step=1, label="Top-k (0: off)")
+                    max_new_tokens = RawSlider(*LIMITS["max_new_tokens"][:2], value=64, step=1, label="Max new tokens")
+                    seed = RawNumber(0, precision=0, minimum=0, label="Seed (sampling)")
+                check_torch = gr.Checkbox(False, label="Check against eager torch (tokens and logits)")
+                run = gr.Button("Run", variant="primary", elem_id="run")
+            with gr.Column(scale=1):
+                answer = gr.Textbox(label="Answer", lines=3, interactive=False, buttons=["copy"], elem_id="answer")
+                annotated = gr.Image(type="pil", format="png", label="Detections", interactive=False, height=320)
+                timings = gr.Markdown(label="Timings", elem_id="timings")
+                check = gr.Markdown(label="Torch check", elem_id="check")
+                with gr.Accordion("Boxes (pixels: x0, y0, x1, y1)", open=False):
+                    boxes = gr.JSON(label="Boxes")
+        rows = example_rows()
+        if rows:
+            gr.Examples(rows, inputs=[image, prompt], label="Examples: scenes of the embedded model's task",
+                        cache_examples=False)
+
+        task.change(lambda name: presets.get(name, ""), task, prompt, api_visibility="private")
+        inputs = [image, prompt, decoding, temperature, top_p, top_k, max_new_tokens, seed, check_torch]
+        outputs = [answer, annotated, boxes, timings, check]
+        run.click(generate, inputs, outputs, api_name="generate")
+        prompt.submit(generate, inputs, outputs, api_visibility="private")
+    app.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
+    return app
+
+
+def launch(app: gr.Blocks, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
+    """Serve `app` with the demo's upload limit. host and port default to Gradio's own (GRADIO_SERVER_NAME and
+    GRADIO_SERVER_PORT, which Hugging Face Spaces sets)."""
+    return app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, **kwargs)

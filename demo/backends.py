@@ -1,0 +1,156 @@
+"""The pipeline the demo serves: ONNX Runtime when it runs (the export is made and cached on first use), eager torch
+otherwise, warmed up before the first visitor; and the check of a served answer against eager torch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import paligemma
+from paligemma.weights import resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Backend:
+    """A loaded pipeline and what the page says about it."""
+
+    pipeline: paligemma.Pipeline
+    name: str  # "onnx" or "torch"
+    runtime: str  # what runs the model, e.g. "ONNX Runtime 1.31.1 (CPUExecutionProvider)"
+    model: str  # what was loaded, as the user named it
+    folder: Path
+    device: str
+    fallback: str | None = None  # why ONNX Runtime is not serving although it was asked for
+    warm_up_s: float = 0.0
+    _reference: paligemma.Pipeline | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def is_demo_model(self) -> bool:
+        return self.folder.resolve() == paligemma.DEMO_CHECKPOINT.resolve()
+
+    def reference(self) -> paligemma.Pipeline:
+        """Eager torch on the same checkpoint, loaded on first use; the served pipeline itself when that is torch."""
+        if self.name == "torch":
+            return self.pipeline
+        with self._lock:
+            if self._reference is None:
+                self._reference = paligemma.load(self.folder, device=self.device, dtype=torch.float32)
+        return self._reference
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", *, onnx_dir: str | os.PathLike | None = None,
+                 device: str | None = None, warm_up: bool = True) -> Backend:
+    """Load `model` (a folder or Hub repo id; None is the embedded demo model) for `backend`.
+
+    "onnx" exports the model on first use (or reads `onnx_dir`) and runs it with ONNX Runtime; if that fails for any
+    reason other than the checkpoint itself, eager torch serves instead and `Backend.fallback` says why.
+    Checkpoint problems raise paligemma.CheckpointError.
+    """
+    if backend not in paligemma.BACKENDS:
+        raise ValueError(f"backend '{backend}' is not one of {', '.join(paligemma.BACKENDS)}")
+    device = device or default_device()
+    folder = resolve_checkpoint(model if model is not None else paligemma.DEMO_CHECKPOINT)
+    label = "embedded demo model" if model is None else str(model)
+    fallback = None
+    if backend == "onnx":
+        try:
+            pipeline = paligemma.load(folder, device=device, backend="onnx", onnx_dir=onnx_dir)
+            seconds = warm(pipeline) if warm_up else 0.0
+            return Backend(pipeline, "onnx", describe_onnx(pipeline), label, folder, device, warm_up_s=seconds)
+        except Exception as e:  # noqa: BLE001 - any failure of the ONNX path falls back to torch, said on the page
+            fallback = f"ONNX Runtime could not run this model ({type(e).__name__}: {e}); eager PyTorch serves instead."
+            logger.warning("%s", fallback, exc_info=True)
+    pipeline = paligemma.load(folder, device=device)
+    seconds = warm(pipeline) if warm_up else 0.0
+    return Backend(pipeline, "torch", describe_torch(pipeline), label, folder, device, fallback, seconds)
+
+
+def warm(pipeline: paligemma.Pipeline) -> float:
+    """Run a two-token generation so the first visitor does not pay for lazy initialization; returns its seconds."""
+    side = pipeline.config.image_size
+    start = time.perf_counter()
+    pipeline.generate(Image.new("RGB", (side, side), "white"), "caption en", max_new_tokens=2)
+    return time.perf_counter() - start
+
+
+def describe_torch(pipeline: paligemma.Pipeline) -> str:
+    parameter = next(pipeline.model.parameters())
+    dtype = str(parameter.dtype).removeprefix("torch.")
+    return f"PyTorch {torch.__version__} eager ({parameter.device.type}, {dtype})"
+
+
+def describe_onnx(pipeline) -> str:
+    import onnxruntime
+
+    providers = getattr(pipeline, "providers", None)
+    if not providers:
+        return f"ONNX Runtime {onnxruntime.__version__}"
+    return f"ONNX Runtime {onnxruntime.__version__} ({', '.join(providers)})"
+
+
+@dataclass(frozen=True)
+class TorchCheck:
+    served_ids: list[int]
+    torch_ids: list[int]
+    max_logit_diff: float  # over the positions that predicted each served token
+
+    @property
+    def tokens_agree(self) -> bool:
+        return self.served_ids == self.torch_ids
+
+    @property
+    def first_difference(self) -> int | None:
+        for i, (a, b) in enumerate(zip(self.served_ids, self.torch_ids)):
+            if a != b:
+                return i
+        return None if self.tokens_agree else min(len(self.served_ids), len(self.torch_ids))
+
+
+def check_against_torch(backend: Backend, image: Image.Image, prompt: str, served_ids: list[int], **decoding) -> TorchCheck:
+    """Generate again with eager torch (same decoding values and seed) and compare tokens; and compare the served
+    engine's logits, fed the served tokens one step at a time, with one full eager forward pass (no cache) over the
+    prompt and those tokens."""
+    reference = backend.reference()
+    torch_ids = reference.generate(image, prompt, **decoding).token_ids
+    inputs = backend.pipeline.processor([image], [prompt])
+    served = stepwise_logits(backend.pipeline, inputs, served_ids)
+    eager = full_forward_logits(reference.model, inputs, served_ids)
+    return TorchCheck(list(served_ids), torch_ids, float((served - eager).abs().max()))
+
+
+def stepwise_logits(pipeline: paligemma.Pipeline, inputs: dict, ids: list[int]) -> torch.Tensor:
+    """Logits [max(len(ids), 1), V] the pipeline's engine gives before each token of `ids`: prefill, then decode steps."""
+    engine = pipeline.engine_factory()
+    logits = [engine.prefill(inputs, max(len(ids), 1))]
+    for token in ids[:-1]:
+        logits.append(engine.decode_step(torch.tensor([token])))
+    return torch.cat([torch.as_tensor(step).float().cpu() for step in logits])
+
+
+@torch.inference_mode()
+def full_forward_logits(model, inputs: dict, ids: list[int]) -> torch.Tensor:
+    """The same positions as `stepwise_logits` from one forward pass over the prompt and ids[:-1], without a cache."""
+    parameter = next(model.parameters())
+    fed = torch.tensor([ids[:-1]], dtype=torch.long)
+    T = inputs["input_ids"].shape[1]
+    logits = model(
+        torch.cat([inputs["input_ids"], fed], 1).to(parameter.device),
+        pixel_values=inputs["pixel_values"].to(parameter.device, parameter.dtype),
+        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(fed)], 1).to(parameter.device),
+        token_type_ids=torch.cat([inputs["token_type_ids"], torch.ones_like(fed)], 1).to(parameter.device),
+    )
+    return logits[0, T - 1 :].float().cpu()
