@@ -1,0 +1,33 @@
+"""python -m export --model PATH_OR_ID --output DIR [--dtype float32|float16] [--quantize int8] [--opset N]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from paligemma.weights import CheckpointError
+
+from .manifest import OnnxExportError
+from .onnx_export import DEFAULT_OPSET, DTYPES, export_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description="Export PaliGemma to ONNX (three graphs).")
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub repo id")
+    parser.add_argument("--output", required=True, help="folder to write the graphs into")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float16 is for GPUs")
+    parser.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization of the MatMul weights (CPU)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--no-validate", action="store_true", help="skip the comparison with torch")
+    args = parser.parse_args(argv)
+    try:
+        export_model(args.model, args.output, dtype=args.dtype, quantize=args.quantize, opset=args.opset,
+                     validate=not args.no_validate)
+    except (OnnxExportError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""torch -> ONNX: the three graphs, weights stored once, metadata, int8 quantization, checks and validation.
+
+Exporter: TorchScript (`torch.onnx.export(dynamo=False)`). It traces batch, sequence and past length as dynamic axes
+and folds every Linear weight's transpose at export time, so ONNX Runtime has nothing left to copy at load. The dynamo
+exporter (torch 2.13) took 20x longer on the tiny model, could not turn `dynamic_axes` into `dynamic_shapes` for the
+decode graph's past inputs, and left a Transpose on every weight for ONNX Runtime to fold into a copy at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from tqdm.auto import tqdm
+
+from paligemma.config import PaliGemmaConfig
+from paligemma.model import PaliGemmaForConditionalGeneration
+from paligemma.weights import load_model, resolve_checkpoint
+
+from .graphs import GRAPH_ORDER, graph_modules, graph_specs
+from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME, OnnxExportError,
+                       config_hash, file_sha256, weights_fingerprint)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+QUANTIZATIONS = (None, "int8")
+DEFAULT_OPSET = 18
+# onnx 1.23 writes IR 14; onnxruntime 1.31 reads up to 13. 10 is what opset 18 needs and what older runtimes read.
+IR_VERSION = 10
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors (shapes, scalars) stay inside the graph
+ALIGNMENT = 4096  # page-aligned offsets let runtimes map the data file
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def example_inputs(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Inputs to trace each graph with: a padded batch of two, prompt and past of different lengths."""
+    t = config.text
+    B, N, T = 2, config.num_image_tokens, config.num_image_tokens + 6
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, min(t.vocab_size, 1000), (B, T), generator=generator)
+    input_ids[:, :N] = config.image_token_index
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[0, :2] = 0
+    input_ids[0, :2] = config.pad_token_id
+    input_ids[0, 2 : 2 + N] = config.image_token_index
+    input_ids[0, N : N + 2] = 5
+    token_type_ids = torch.zeros(B, T, dtype=torch.long)
+    size = config.image_size
+    pixel_values = torch.rand(B, config.vision.num_channels, size, size, generator=generator, dtype=torch.float32) * 2 - 1
+    image_embeddings = torch.randn(B, N, t.hidden_size, generator=generator).to(dtype)
+    P = T
+    past = [torch.randn(B, t.num_key_value_heads, P, t.head_dim, generator=generator).to(dtype)
+            for _ in range(2 * t.num_hidden_layers)]
+    decode_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+    return {
+        "vision_encoder": (pixel_values.to(dtype),),
+        "prefill": (input_ids, image_embeddings, attention_mask, token_type_ids),
+        "decode": (torch.randint(3, 100, (B, 1), generator=generator), decode_mask, decode_mask.sum(-1, keepdim=True),
+                   *past),
+    }
+
+
+def trace_to_onnx(module: torch.nn.Module, inputs, spec, path: Path, opset: int) -> onnx.ModelProto:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings about shape reads
+        torch.onnx.export(
+            module, inputs, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[i.name for i in spec.inputs], output_names=[o.name for o in spec.outputs],
+            dynamic_axes=spec.dynamic_axes(),
+        )
+    return onnx.load(str(path))  # with any external data the exporter wrote beside it
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+
+
+def tie_lm_head(model: onnx.ModelProto, embed_name: str, vocab_size: int) -> None:
+    """Point the output projection at the embedding matrix (Gemm transB=1) instead of the transposed copy that
+    constant folding made of it, so the 257216-row matrix is stored once."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    embed = numpy_helper.to_array(initializers[embed_name])
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in initializers:
+            continue
+        weight = initializers[node.input[1]]
+        if list(weight.dims) != [embed.shape[1], vocab_size] or not np.array_equal(numpy_helper.to_array(weight), embed.T):
+            continue
+        node.op_type = "Gemm"
+        node.input[1] = embed_name
+        node.attribute.append(onnx.helper.make_attribute("transB", 1))
+        graph.initializer.remove(weight)
+        return
+    raise OnnxExportError("the exported graph has no output projection on the embedding matrix; the graph layout changed")
+
+
+def name_folded_weights(model: onnx.ModelProto) -> None:
+    """Constant folding names weights `onnx::MatMul_123`; name them after the layer that reads them, so the prefill
+    and decode graphs call one weight by one name."""
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, node)
+    renames = {}
+    for tensor in model.graph.initializer:
+        if tensor.name.startswith("onnx::") and tensor.name in consumers:
+            node = consumers[tensor.name]
+            renames[tensor.name] = node.name.strip("/").replace("/", ".") + ".weight"
+            tensor.name = renames[tensor.name]
+    rename_inputs(model.graph, renames)
+
+
+def set_metadata(model: onnx.ModelProto, graph: str, meta: dict[str, str]) -> None:
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {METADATA_PREFIX + k: str(v) for k, v in {**meta, "graph": graph}.items()})
+    model.producer_name = "paligemma-export"
+
+
+def store_shared(models: dict[str, onnx.ModelProto], folder: Path, data_name: str, progress: bool) -> dict:
+    """Move the weights of `models` into one external data file, each distinct tensor once (by content), at
+    page-aligned offsets; rewrite every model to reference it. Returns the table name -> offset, length, type, shape."""
+    table: dict[str, dict] = {}
+    by_content: dict[bytes, str] = {}
+    total = sum(len(tensor_bytes(t)) for m in models.values() for t in m.graph.initializer)
+    with open(folder / data_name, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {data_name}",
+                                                 disable=not progress) as bar:
+        for model in models.values():
+            renames = {}
+            for tensor in model.graph.initializer:
+                raw = tensor_bytes(tensor)
+                bar.update(len(raw))
+                if len(raw) < EXTERNAL_MIN_BYTES:
+                    continue
+                key = hashlib.blake2b(raw, digest_size=32).digest() + f"{tensor.data_type}{list(tensor.dims)}".encode()
+                if key not in by_content:
+                    name = tensor.name
+                    while name in table:  # a different tensor under the same name
+                        name += "_"
+                    f.write(b"\0" * (-f.tell() % ALIGNMENT))
+                    table[name] = dict(offset=f.tell(), length=len(raw), data_type=tensor.data_type, shape=list(tensor.dims))
+                    f.write(raw)
+                    by_content[key] = name
+                name = by_content[key]
+                if name != tensor.name:
+                    renames[tensor.name] = name
+                    tensor.name = name
+                entry = table[name]
+                tensor.ClearField("raw_data")
+                del tensor.float_data[:], tensor.int32_data[:], tensor.int64_data[:], tensor.double_data[:]
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for k, v in (("location", data_name), ("offset", entry["offset"]), ("length", entry["length"])):
+                    tensor.external_data.add(key=k, value=str(v))
+            rename_inputs(model.graph, renames)
+    return table
+
+
+def quantize_int8(model: onnx.ModelProto, workdir: Path, name: str) -> onnx.ModelProto:
+    """Dynamic int8 quantization of the MatMul weights (activations quantized per call). The embedding stays float:
+    it is both the token lookup and the output projection, and quantizing the Gather would store it twice."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source, target = workdir / f"{name}.float.onnx", workdir / f"{name}.int8.onnx"
+    onnx.save(model, str(source), save_as_external_data=True, location=f"{name}.float.data")
+    quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    return onnx.load(str(target))
+
+
+def export_model(
+    source, output, *, dtype: str = "float32", quantize: str | None = None, opset: int = DEFAULT_OPSET,
+    validate: bool = True, progress: bool = True, log=print,
+) -> dict:
+    """Export the checkpoint `source` (folder or Hub id) into `output`; returns the manifest.
+
+    Writes vision_encoder.onnx, prefill.onnx and decode.onnx (weights of the last two in one shared
+    decoder.onnx.data), the tokenizer, config.json and manifest.json; checks every graph with onnx.checker and, with
+    `validate`, compares ONNX Runtime with torch and raises above tolerance."""
+    if dtype not in DTYPES:
+        raise OnnxExportError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
+    if quantize not in QUANTIZATIONS:
+        raise OnnxExportError(f"quantize '{quantize}' is not supported; use int8 or nothing")
+    if quantize and dtype != "float32":
+        raise OnnxExportError("int8 quantization starts from float32 weights; drop --dtype or --quantize")
+    folder = resolve_checkpoint(source)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    torch_dtype = DTYPES[dtype]
+    model = load_model(folder, dtype=torch_dtype)
+    config = model.config
+    meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
+                exporter_version=EXPORTER_VERSION, dtype=dtype, quantize=quantize or "none", opset=opset,
+                torch_version=torch.__version__)
+    specs, modules, inputs = graph_specs(config), graph_modules(model), example_inputs(config, torch_dtype)
+    embed_name = next(n for n, p in modules["prefill"].named_parameters() if n.endswith("embed_tokens.weight"))
+    models = {}
+    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
+        steps = tqdm(GRAPH_ORDER, desc="exporting", disable=not progress)
+        for name in steps:
+            steps.set_postfix_str(name)
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            graph = trace_to_onnx(modules[name], inputs[name], specs[name], workdir / f"{name}.onnx", opset)
+            if name != "vision_encoder":
+                tie_lm_head(graph, embed_name, config.text.vocab_size)
+            name_folded_weights(graph)
+            if quantize == "int8":
+                graph = quantize_int8(graph, workdir, name)
+            set_metadata(graph, name, meta)
+            models[name] = graph
+        for path in output.iterdir():  # an earlier export's files
+            if path.is_file() and (path.suffix == ".onnx" or path.name.endswith(".data")):
+                path.unlink()
+        vision = models.pop("vision_encoder")
+        vision_bytes = sum(len(tensor_bytes(t)) for t in vision.graph.initializer)
+        vision_data = None
+        if vision.ByteSize() > PROTOBUF_LIMIT:
+            vision_data = "vision_encoder.onnx.data"
+            onnx.save(vision, str(output / "vision_encoder.onnx"), save_as_external_data=True, location=vision_data,
+                      size_threshold=EXTERNAL_MIN_BYTES)
+        else:
+            onnx.save(vision, str(output / "vision_encoder.onnx"))
+        del vision
+        shared = store_shared(models, output, SHARED_DATA_NAME, progress)
+        for name, graph in models.items():
+            onnx.save(graph, str(output / f"{name}.onnx"))
+    del models
+    for name in GRAPH_ORDER:
+        try:
+            onnx.checker.check_model(str(output / f"{name}.onnx"), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise OnnxExportError(f"{output / f'{name}.onnx'} fails onnx.checker: {e}") from None
+    log(f"onnx.checker (full) passed for {', '.join(GRAPH_ORDER)}")
+    for file in TOKENIZER_FILES:
+        if (folder / file).exists():
+            shutil.copy(folder / file, output / file)
+    (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    files = [f"{n}.onnx" for n in GRAPH_ORDER] + [SHARED_DATA_NAME] + ([vision_data] if vision_data else [])
+    manifest = dict(
+        meta, source=str(folder), ir_version=IR_VERSION, weight_bytes=vision_bytes + sum(e["length"] for e in shared.values()),
+        graphs={name: spec.describe() for name, spec in specs.items()},
+        shared_data=dict(file=SHARED_DATA_NAME, tensors=shared),
+        files={f: dict(size=(output / f).stat().st_size, sha256=file_sha256(output / f)) for f in files},
+    )
+    (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+    log(f"exported {folder} to {output} ({dtype}{', int8' if quantize else ''}) in {time.perf_counter() - start:.1f}s")
+    if validate:
+        from .validate import validate_export
+
+        validate_export(model, output, log=log)
+    return manifest

@@ -1,0 +1,227 @@
+"""The ONNX Runtime generation loop behind the pipeline interface: `OnnxModel` holds the three sessions (loaded
+once, decoder weights shared between prefill and decode), `OnnxEngine` runs one request, and the shared
+`paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from paligemma.config import ConfigError, PaliGemmaConfig
+from paligemma.generate import Pipeline
+from paligemma.processor import PaliGemmaProcessor
+from paligemma.weights import CheckpointError
+
+from .graphs import GRAPH_ORDER, cache_names
+from .manifest import (MANIFEST_NAME, METADATA_PREFIX, OnnxExportError, check_export, config_hash,
+                       weights_fingerprint)
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "PALIGEMMA_ONNX_CACHE"
+DEFAULT_CACHE = "~/.cache/paligemma-onnx"
+FLOAT_TYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def gpu_present() -> bool:
+    return torch.cuda.is_available() or Path("/dev/nvidiactl").exists()
+
+
+def choose_providers(device: str) -> list:
+    """CUDA (then CPU for what CUDA lacks) when asked for and a GPU is there; CPU otherwise."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if not (device == "auto" or device.startswith("cuda")):
+        raise ValueError(f"device '{device}' is not supported by the onnx backend; use cpu, cuda, cuda:N or auto")
+    if "CUDAExecutionProvider" in ort.get_available_providers() and gpu_present():
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    if device != "auto":
+        warnings.warn(f"device '{device}' asked for, but onnxruntime has no usable CUDA provider here; running on CPU")
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None, shared: tuple[list, list] | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    # All graph optimizations: they fuse LayerNorm, GELU and attention patterns in place and copy no weights
+    # (measured: export/memory_check.py).
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # One request runs one graph at a time; all cores go to the operators inside it.
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: ONNX Runtime's warnings about unused initializers are noise here
+    if shared is not None:
+        # The decoder weights live in one buffer that both sessions read. Pre-packing would give each session
+        # its own re-laid-out copy of every MatMul weight, doubling the memory; without it MLAS packs per call.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.add_external_initializers(*shared)
+    return options
+
+
+class OnnxModel:
+    """The sessions of one export. Calling it gives a fresh OnnxEngine (what Pipeline's engine_factory needs)."""
+
+    def __init__(self, onnx_dir, config: PaliGemmaConfig, device: str = "cpu", fingerprint: str | None = None,
+                 threads: int | None = None):
+        self.onnx_dir = Path(onnx_dir)
+        self.config = config
+        self.manifest = check_export(self.onnx_dir, config, fingerprint)
+        self.float_type = FLOAT_TYPES[self.manifest["dtype"]]
+        providers = choose_providers(device)
+        shared_arrays, shared = self._load_shared()
+        self._shared_arrays = shared_arrays  # the sessions read these buffers: keep them alive
+        self.sessions = {}
+        for name in GRAPH_ORDER:
+            options = session_options(threads, shared if name != "vision_encoder" else None)
+            self.sessions[name] = self._session(name, options, providers)
+        self.providers = self.sessions["decode"].get_providers()
+        self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        if providers[0] != "CPUExecutionProvider" and self.device_type == "cpu":
+            warnings.warn("the CUDA provider failed to start (CUDA 13 / cuDNN 9 libraries missing?); running on CPU")
+        self.device_id = providers[0][1]["device_id"] if self.device_type == "cuda" else 0
+        self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+        self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
+        logger.info("ONNX Runtime sessions for %s on %s", self.onnx_dir, self.providers)
+
+    def _load_shared(self):
+        info = self.manifest["shared_data"]
+        path = self.onnx_dir / info["file"]
+        buffer = np.fromfile(path, dtype=np.uint8)  # read once; both decoder sessions use it in place
+        names, arrays = [], []
+        for name, entry in info["tensors"].items():
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(entry["data_type"])
+            start = entry["offset"]
+            arrays.append(buffer[start : start + entry["length"]].view(dtype).reshape(entry["shape"]))
+            names.append(name)
+        return (buffer, arrays), (names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+
+    def _session(self, name: str, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+        path = self.onnx_dir / f"{name}.onnx"
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises several pybind types (InvalidProtobuf, Fail, NoSuchFile)
+            raise OnnxExportError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}); "
+                                  "export again with `python -m export`") from None
+        metadata = session.get_modelmeta().custom_metadata_map
+        recorded = metadata.get(METADATA_PREFIX + "config_hash")
+        if recorded != self.manifest["config_hash"]:
+            raise OnnxExportError(f"{path} records config hash {str(recorded)[:12]}, not this export's "
+                                  f"{self.manifest['config_hash'][:12]}: it comes from another export; export again")
+        return session
+
+    def run(self, name: str, feeds: dict) -> list[ort.OrtValue]:
+        """Runs a graph with IO binding: OrtValue inputs (a cache, image embeddings) are passed without a copy, and
+        outputs stay where the provider made them (on the GPU for CUDA) except the logits, which sampling reads."""
+        session = self.sessions[name]
+        binding = session.io_binding()
+        for key, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(key, value)
+            else:
+                binding.bind_cpu_input(key, value)
+        for output in self.output_names[name]:
+            if output == "logits":
+                binding.bind_output(output, "cpu")
+            else:
+                binding.bind_output(output, self.device_type, self.device_id)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def __call__(self) -> "OnnxEngine":
+        return OnnxEngine(self)
+
+
+class OnnxEngine:
+    """One request: prefill the prompt, then one decode step per token. The cache is the previous step's `present`
+    outputs fed back as OrtValues, never copied through numpy."""
+
+    def __init__(self, model: OnnxModel):
+        self.model = model
+
+    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
+        m = self.model
+        input_ids = inputs["input_ids"].numpy().astype(np.int64)
+        attention_mask = inputs["attention_mask"].numpy().astype(np.int64)
+        B, T = input_ids.shape
+        pixel_values = inputs["pixel_values"].numpy().astype(m.float_type)
+        (image_embeddings,) = m.run("vision_encoder", {"pixel_values": pixel_values})
+        logits, *self.past = m.run("prefill", {
+            "input_ids": input_ids, "image_embeddings": image_embeddings, "attention_mask": attention_mask,
+            "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
+        })
+        # The mask for the whole run, written once: generated tokens are real.
+        self.attention_mask = np.ones((B, T + max_new_tokens), dtype=np.int64)
+        self.attention_mask[:, :T] = attention_mask
+        self.length = T
+        self.position = np.maximum(attention_mask.sum(-1, keepdims=True), 1)  # positions count real tokens from 1
+        return torch.from_numpy(logits.numpy())
+
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        self.length += 1
+        self.position = self.position + 1
+        feeds = {
+            "input_ids": tokens.numpy().astype(np.int64).reshape(-1, 1),
+            "attention_mask": np.ascontiguousarray(self.attention_mask[:, : self.length]),
+            "position_ids": self.position,
+            **dict(zip(m.past_names, self.past)),
+        }
+        logits, *self.past = m.run("decode", feeds)
+        return torch.from_numpy(logits.numpy())
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Path:
+    """The export of this checkpoint in the export cache, made on first use (with progress bars)."""
+    key = hashlib.sha256((config_hash(config) + fingerprint).encode()).hexdigest()[:24]
+    target = cache_root() / key
+    if (target / MANIFEST_NAME).exists():
+        return target
+    from .onnx_export import export_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{key}.partial-{os.getpid()}")
+    print(f"exporting {folder} to ONNX (first use; cached in {target})")
+    try:
+        export_model(folder, staging, progress=True)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process finished the same export first
+            if not (target / MANIFEST_NAME).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int | None = None) -> Pipeline:
+    """A Pipeline generating with ONNX Runtime: from the export in `onnx_dir` (checked against the checkpoint's
+    config hash and weights), or from the export cache, exporting on first use. `folder` may also be an export
+    directory itself."""
+    folder = Path(folder)
+    try:
+        config = PaliGemmaConfig.from_json_file(folder / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if onnx_dir is None and (folder / MANIFEST_NAME).exists():
+        onnx_dir, fingerprint = folder, None
+    else:
+        fingerprint = weights_fingerprint(folder)
+        if onnx_dir is None:
+            onnx_dir = cached_export(folder, config, fingerprint)
+    model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads)
+    return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)
