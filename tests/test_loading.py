@@ -134,3 +134,21 @@ def test_half_precision_loads_and_stays_close(reference_factory, images, dtype):
         got = half.model(**inputs).float()
     # Loose on purpose: this checks that half precision runs and is the same model, not float32 parity.
     assert (got - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+def test_saved_checkpoint_round_trips_through_transformers(reference_factory, tmp_path, images):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from paligemma.weights import save_checkpoint
+
+    folder, _ = reference_factory("pg2")
+    pipe = paligemma.load(folder)
+    save_checkpoint(pipe.model, tmp_path / "saved")
+    shutil.copy(folder / "tokenizer.json", tmp_path / "saved")
+    theirs = PaliGemmaForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    again = paligemma.load(tmp_path / "saved")
+    inputs = pipe.processor(images[:1], ["caption en"])
+    with torch.no_grad():
+        expected = pipe.model(**inputs)
+        assert torch.equal(again.model(**inputs), expected)
+        assert (theirs(**inputs).logits - expected).abs().max().item() <= 1e-4
