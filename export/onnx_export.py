@@ -176,8 +176,11 @@ def store_shared(models: dict[str, onnx.ModelProto], folder: Path, data_name: st
 
 
 def quantize_int8(model: onnx.ModelProto, workdir: Path, name: str) -> onnx.ModelProto:
-    """Dynamic int8 quantization of the MatMul weights (activations quantized per call). The embedding stays float:
-    it is both the token lookup and the output projection, and quantizing the Gather would store it twice."""
+    """Dynamic int8 quantization of the MatMul weights (activations quantized per call).
+
+    Runs before the output projection is tied to the embedding: the quantizer rewrites Gemm(transB=1) as a MatMul by
+    transposing the weight in place, which would corrupt the token lookup that shares it. Untied, the projection is
+    its own int8 MatMul weight (a quarter of the float embedding) and the lookup keeps the float embedding."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     source, target = workdir / f"{name}.float.onnx", workdir / f"{name}.int8.onnx"
@@ -222,7 +225,7 @@ def export_model(
             workdir = Path(tmp) / name
             workdir.mkdir()
             graph = trace_to_onnx(modules[name], inputs[name], specs[name], workdir / f"{name}.onnx", opset)
-            if name != "vision_encoder":
+            if name != "vision_encoder" and quantize is None:
                 tie_lm_head(graph, embed_name, config.text.vocab_size)
             name_folded_weights(graph)
             if quantize == "int8":
