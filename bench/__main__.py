@@ -1,0 +1,194 @@
+"""python -m bench: this project's runtimes side by side with transformers, on one machine, in one run.
+
+    python -m bench                                   # CPU: demo model and the 3B-wide 2-layer model, all runtimes
+    python -m bench --workloads wide --runtimes transformers,onnx-int8 --runs 3 --threads 2
+    python -m bench --smoke --out /tmp/bench          # tiny model, one run: what CI runs
+    python -m bench --cuda                            # full PaliGemma-3B shape in bfloat16 on an NVIDIA GPU
+
+Each runtime runs in its own process (so peak memory is its own) on the same checkpoint, image and prompt, and
+generates the same number of greedy tokens; the table printed last gives each figure and its ratio to transformers,
+and marks a runtime whose tokens differ from transformers'. Results go to OUT/{cpu,cuda}.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import report
+from .worker import CPU_RUNTIMES, CUDA_RUNTIMES
+from .workloads import PROMPT, WORKLOADS, checkpoint_key
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "paligemma-bench"
+
+# The issue's targets, as ratios to transformers on the same machine in the same run (or absolute on CUDA).
+TARGETS = {
+    "demo": {"onnx": dict(decode=4.0, ttft=2.0)},
+    "wide": {"onnx": dict(decode=1.2, ttft=1.5), "onnx-int8": dict(decode=3.0, ttft=1.5)},
+    "full3b": {"torch-compiled": dict(decode_tokens_per_s=400, ttft_ms=20)},
+}
+EXPORTS = {"onnx": [], "onnx-int8": ["--quantize", "int8"]}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", help=f"comma-separated, from {', '.join(WORKLOADS)} "
+                                            "(default: demo,wide on CPU, full3b with --cuda, tiny with --smoke)")
+    parser.add_argument("--runtimes", help=f"comma-separated; CPU: {', '.join(CPU_RUNTIMES)}; "
+                                           f"CUDA: {', '.join(CUDA_RUNTIMES)} (default: all)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per runtime; the median is reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: all cores)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, one run, few tokens: checks that it all works")
+    parser.add_argument("--cuda", action="store_true", help="GPU mode: bfloat16, static cache and compiled paths")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where results go (default {DEFAULT_OUT})")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help=f"built checkpoints and ONNX exports (default {DEFAULT_CACHE})")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed to each runtime's process")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.workloads = args.workloads or "tiny"
+        args.runs, args.warmup, args.new_tokens = 1, 0, min(args.new_tokens, 16)
+    args.workloads = (args.workloads or ("full3b" if args.cuda else "demo,wide")).split(",")
+    allowed = CUDA_RUNTIMES if args.cuda else CPU_RUNTIMES
+    args.runtimes = args.runtimes.split(",") if args.runtimes else list(allowed)
+    for name in args.workloads:
+        if name not in WORKLOADS:
+            parser.error(f"unknown workload '{name}'; choose from {', '.join(WORKLOADS)}")
+    for name in args.runtimes:
+        if name not in allowed:
+            parser.error(f"unknown runtime '{name}' for {'--cuda' if args.cuda else 'CPU'}; choose from {', '.join(allowed)}")
+    if args.runs < 1 or args.warmup < 0 or args.new_tokens < 2:
+        parser.error("--runs must be >= 1, --warmup >= 0 and --new-tokens >= 2")
+    return args
+
+
+def machine(cuda: bool) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0))
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    info = dict(cpu=cpu, cores=cores, memory_gb=round(memory_gb), python=platform.python_version(),
+                torch=torch.__version__, summary=f"{cpu}, {cores} cores, {memory_gb:.0f} GiB")
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["summary"] = f"{info['gpu']}; {info['summary']}"
+    return info
+
+
+def run_process(command: list[str], timeout: float, log) -> str | None:
+    """Runs a command from the repository root; None when it succeeds, else the tail of its output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f}s: {' '.join(command)}"
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
+        log("\n".join("    " + line for line in tail))
+        return "\n".join(tail) or f"exit status {done.returncode}"
+    return None
+
+
+def ensure_export(folder: Path, runtime: str, args, log) -> tuple[Path | None, str | None]:
+    """The ONNX export a runtime reads, made once per checkpoint (in its own process) and cached."""
+    dtype = "float16" if args.cuda else "float32"
+    variant = "int8" if runtime == "onnx-int8" else dtype
+    target = args.cache_dir / "onnx" / f"{folder.name}-{checkpoint_key(folder)}-{variant}"
+    if (target / "manifest.json").exists():
+        return target, None
+    log(f"  exporting {folder.name} to ONNX ({variant}) in {target}")
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [sys.executable, "-m", "export", "--model", str(folder), "--output", str(staging), "--no-validate",
+               "--dtype", dtype, *EXPORTS[runtime]]
+    error = run_process(command, args.timeout, log)
+    if error:
+        return None, f"export failed: {error}"
+    staging.rename(target)
+    return target, None
+
+
+def bench_workload(name: str, args, log) -> dict:
+    workload = WORKLOADS[name]
+    device, dtype = ("cuda", "bfloat16") if args.cuda else ("cpu", "float32")
+    folder = workload.prepare(args.cache_dir, dtype=getattr(torch, dtype), device=device, log=log)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for runtime in args.runtimes:
+            log(f"  {name}: {runtime}")
+            onnx_dir, error = (None, None)
+            if runtime.startswith("onnx"):
+                onnx_dir, error = ensure_export(folder, runtime, args, log)
+            if error is None:
+                spec = dict(runtime=runtime, checkpoint=str(folder), onnx_dir=str(onnx_dir) if onnx_dir else None,
+                            prompt=PROMPT, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
+                            threads=args.threads, device=device, dtype=dtype)
+                spec_path, result_path = Path(tmp) / f"{runtime}.spec.json", Path(tmp) / f"{runtime}.json"
+                spec_path.write_text(json.dumps(spec))
+                error = run_process([sys.executable, "-m", "bench.worker", str(spec_path), str(result_path)],
+                                    args.timeout, log)
+            results.append(dict(runtime=runtime, error=error) if error else json.loads(result_path.read_text()))
+    return dict(name=name, description=workload.description, checkpoint=str(folder), new_tokens=args.new_tokens,
+                runs=args.runs, warmup=args.warmup, threads=args.threads,
+                rows=report.summarize(results, TARGETS.get(name, {})), raw=results)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.cuda and not torch.cuda.is_available():
+        print("error: --cuda needs an NVIDIA GPU that torch can see (torch.cuda.is_available() is False here); "
+              "run without --cuda for the CPU benchmark", file=sys.stderr)
+        return 2
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    start = time.time()
+    workloads = []
+    for name in args.workloads:
+        log(f"workload {name}")
+        try:
+            workloads.append(bench_workload(name, args, log))
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    mode = "cuda" if args.cuda else "cpu"
+    result = dict(mode=mode, machine=machine(args.cuda), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
+                  command="python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                  smoke=args.smoke, workloads=workloads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tables = "\n\n".join(report.markdown_table(w) for w in workloads)
+    markdown = f"Machine: {result['machine']['summary']}; {result['date']}; `{result['command']}`\n\n{tables}\n"
+    report.write_json(args.out / f"{mode}.json", result)
+    (args.out / f"{mode}.md").write_text(markdown)
+    report.plot_ratios(args.out / f"{mode}.png", result)
+    print(markdown)
+    log(f"wrote {args.out / mode}.json, .md and .png in {time.time() - start:.0f}s")
+    failed = [f"{w['name']}/{r['runtime']}" for w in workloads for r in w["rows"] if "error" in r]
+    if failed:
+        print(f"error: {', '.join(failed)} failed (see the table)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

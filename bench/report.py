@@ -1,0 +1,170 @@
+"""Medians, ratios to the reference, agreement of tokens, and the three outputs: a Markdown table, JSON, a PNG.
+
+Ratios read "higher is better" for speed: time to first token as reference / runtime (how many times faster),
+decode as runtime / reference tokens per second. Memory is runtime / reference (lower is better).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+REFERENCE = "transformers"
+
+
+def summarize(results: list[dict], targets: dict) -> list[dict]:
+    """One row per runtime of a workload: medians, ratios to transformers, whether the tokens agree, the target."""
+    reference = next((r for r in results if r["runtime"] == REFERENCE and "error" not in r), None)
+    rows = []
+    for r in results:
+        row = dict(runtime=r["runtime"], info=r.get("info", ""))
+        if "error" in r:
+            rows.append(dict(row, error=r["error"]))
+            continue
+        row.update(ttft_s=statistics.median(r["ttft_s"]), decode_tokens_per_s=statistics.median(r["decode_tokens_per_s"]),
+                   peak_rss_mb=r["peak_rss_mb"], peak_gpu_mb=r.get("peak_gpu_mb"), load_s=r["load_s"],
+                   runs=len(r["ttft_s"]), repeatable=r["repeatable"], tokens=r["tokens"])
+        if reference is not None:
+            ref_ttft = statistics.median(reference["ttft_s"])
+            ref_decode = statistics.median(reference["decode_tokens_per_s"])
+            row.update(ttft_speedup=ref_ttft / row["ttft_s"], decode_speedup=row["decode_tokens_per_s"] / ref_decode,
+                       memory_ratio=row["peak_rss_mb"] / reference["peak_rss_mb"],
+                       same_prompt=r["prompt_ids"] == reference["prompt_ids"],
+                       agreeing_tokens=agreeing_prefix(r["tokens"], reference["tokens"]))
+            row["tokens_agree"] = row["same_prompt"] and row["agreeing_tokens"] == len(reference["tokens"])
+        target = targets.get(r["runtime"])
+        if target:
+            row["target"] = target
+        rows.append(row)
+    return rows
+
+
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def target_text(target: dict) -> str:
+    parts = []
+    if "decode" in target:
+        parts.append(f"decode >= {target['decode']}x")
+    if "ttft" in target:
+        parts.append(f"TTFT >= {target['ttft']}x faster")
+    if "decode_tokens_per_s" in target:
+        parts.append(f">= {target['decode_tokens_per_s']} tok/s")
+    if "ttft_ms" in target:
+        parts.append(f"TTFT <= {target['ttft_ms']} ms")
+    return ", ".join(parts)
+
+
+def markdown_table(workload: dict) -> str:
+    """The table for one workload; a speed figure whose tokens disagree with transformers is struck through."""
+    rows = workload["rows"]
+    lines = [f"**{workload['description']}** ({workload['new_tokens']} new tokens, median of {workload['runs']} "
+             f"run(s) after {workload['warmup']} warm-up)", "",
+             "| runtime | time to first token | decode | peak memory | greedy tokens vs transformers | target |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        name = f"{row['runtime']}: {row['info']}" if row.get("info") else row["runtime"]
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'].splitlines()[-1][:160]} | | | | |")
+            continue
+        reference = row["runtime"] == REFERENCE
+        ttft = f"{row['ttft_s'] * 1000:.0f} ms"
+        decode = f"{row['decode_tokens_per_s']:.1f} tok/s"
+        memory = f"{row['peak_rss_mb']:.0f} MB RSS"
+        if row.get("peak_gpu_mb") is not None:
+            memory += f", {row['peak_gpu_mb']:.0f} MB GPU"
+        if "ttft_speedup" in row and not reference:
+            ttft += f" ({row['ttft_speedup']:.2f}x faster)"
+            decode += f" ({row['decode_speedup']:.2f}x)"
+            memory += f" ({row['memory_ratio']:.2f}x)"
+        if reference:
+            agree = "reference"
+        elif "tokens_agree" not in row:
+            agree = "no reference"
+        elif row["tokens_agree"]:
+            agree = f"identical ({row['agreeing_tokens']}/{len(row['tokens'])})"
+        else:
+            agree = f"**DIFFER** after {row['agreeing_tokens']}/{len(row['tokens'])}" + (
+                "" if row["same_prompt"] else ", prompt ids differ")
+            ttft, decode = f"~~{ttft}~~", f"~~{decode}~~"
+        if not row["repeatable"]:
+            agree += ", not repeatable across runs"
+        target = row.get("target")
+        lines.append(f"| {name} | {ttft} | {decode} | {memory} | {agree} | {target_verdict(row, target) if target else ''} |")
+    return "\n".join(lines)
+
+
+def target_verdict(row: dict, target: dict) -> str:
+    """'met' or the gap: the fraction of each target reached."""
+    reached = []
+    if "decode" in target and "decode_speedup" in row:
+        reached.append(("decode", row["decode_speedup"] / target["decode"]))
+    if "ttft" in target and "ttft_speedup" in row:
+        reached.append(("TTFT", row["ttft_speedup"] / target["ttft"]))
+    if "decode_tokens_per_s" in target:
+        reached.append(("decode", row["decode_tokens_per_s"] / target["decode_tokens_per_s"]))
+    if "ttft_ms" in target:
+        reached.append(("TTFT", target["ttft_ms"] / (row["ttft_s"] * 1000)))
+    missed = [f"{what} at {fraction:.0%} of target" for what, fraction in reached if fraction < 1]
+    verdict = "met" if not missed else "; ".join(missed)
+    if row.get("tokens_agree") is False:
+        verdict += " (tokens differ: does not count)"
+    return f"{target_text(target)}: {verdict}"
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def plot_ratios(path: Path, report: dict) -> None:
+    """Horizontal bars of each runtime's speed-up over transformers (TTFT and decode), one panel per workload,
+    drawn with Pillow; a line marks 1x and a tick each target."""
+    panels = [w for w in report["workloads"] if any("ttft_speedup" in r for r in w["rows"])]
+    font = ImageFont.load_default(14)
+    small = ImageFont.load_default(12)
+    bar_h, gap, label_w, plot_w, margin = 16, 14, 230, 460, 20
+    heights = [40 + len([r for r in w["rows"] if "ttft_speedup" in r]) * (2 * bar_h + gap) + 30 for w in panels]
+    image = Image.new("RGB", (label_w + plot_w + 2 * margin + 60, sum(heights) + 60 + margin), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, 12), f"Speed-up over transformers ({report['machine']['summary']})", fill="black", font=font)
+    colors = {"ttft": (66, 133, 244), "decode": (234, 120, 40)}
+    draw.rectangle((margin, 34, margin + 12, 46), fill=colors["ttft"])
+    draw.text((margin + 18, 32), "time to first token (x faster)", fill="black", font=small)
+    draw.rectangle((margin + 240, 34, margin + 252, 46), fill=colors["decode"])
+    draw.text((margin + 258, 32), "decode tokens/s (x)", fill="black", font=small)
+    top = 60
+    for panel, height in zip(panels, heights):
+        rows = [r for r in panel["rows"] if "ttft_speedup" in r]
+        largest = max([2.0] + [max(r["ttft_speedup"], r["decode_speedup"]) for r in rows]
+                      + [v for r in rows for k, v in r.get("target", {}).items() if k in ("ttft", "decode")])
+        scale = plot_w / (largest * 1.1)
+        x0 = margin + label_w
+        draw.text((margin, top), panel["description"], fill="black", font=font)
+        y = top + 26
+        for row in rows:
+            draw.text((margin, y + bar_h // 2), row["runtime"] + ("" if row.get("tokens_agree", True) else " (tokens differ)"),
+                      fill="black", font=small)
+            for i, key in enumerate(("ttft", "decode")):
+                value = row[f"{key}_speedup"]
+                yb = y + i * bar_h
+                draw.rectangle((x0, yb + 2, x0 + value * scale, yb + bar_h - 2), fill=colors[key])
+                draw.text((x0 + value * scale + 4, yb + 1), f"{value:.2f}x", fill="black", font=small)
+                target = row.get("target", {}).get(key)
+                if target:
+                    xt = x0 + target * scale
+                    draw.line((xt, yb, xt, yb + bar_h), fill="red", width=3)
+            y += 2 * bar_h + gap
+        draw.line((x0 + scale, top + 22, x0 + scale, y), fill="gray", width=1)
+        draw.text((x0 + scale + 3, y - 4), "1x", fill="gray", font=small)
+        top += height
+    draw.text((margin, top), "red ticks: targets", fill="red", font=small)
+    image.save(path)
