@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -55,47 +56,13 @@ PRESETS = {
 }
 
 
-class ImageUpload(gr.Image):
-    """gr.Image that hands the handler the uploaded file as it is. gr.Image would open it with Pillow first and fail
-    on a corrupt file, an SVG or a decompression bomb without a message the user can read; the pipeline's own loader
-    rejects each with one."""
-
-    is_template = True  # the browser side is gr.Image's
-
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        if payload.url and payload.url.startswith("data:"):
-            return payload.url
-        return payload.path
-
-
-class RawSlider(gr.Slider):
-    """gr.Slider that passes the value through unchecked, so that `read_decoding` answers a bad one (a string,
-    NaN, out of range) with one clear message."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        return payload
-
-
-class RawNumber(gr.Number):
-    is_template = True
-
-    def preprocess(self, payload):
-        return payload
-
-
-class RawRadio(gr.Radio):
-    is_template = True
-
-    def preprocess(self, payload):
-        return payload
-
-
 def read_image(value) -> Image.Image:
-    """The uploaded image as upright RGB, or InputError saying what is wrong with it."""
+    """The uploaded image (Gradio's file payload, a path or bytes) as upright RGB, or InputError saying what is wrong.
+
+    The event runs without Gradio's preprocessing: gr.Image would open the file with Pillow first and fail on a
+    corrupt file, an SVG or a decompression bomb without a message the user can read."""
+    if isinstance(value, dict):
+        value = value.get("path") or value.get("url")
     if value is None or value == "":
         raise paligemma.InputError("no image: upload one, or pick an example below")
     if isinstance(value, str) and value.startswith("data:"):
@@ -163,12 +130,14 @@ def read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed) -> 
     return params
 
 
-def format_timings(backend: Backend, update, params: dict) -> str:
+def format_timings(backend: Backend, update, params: dict, total_s: float | None = None) -> str:
+    """The runtime and speed line; `total_s` is given once generation has finished."""
+    count = f"{len(update.token_ids)} tokens " + ("so far" if total_s is None else f"in {total_s:.2f} s")
     parts = [
         f"**{backend.runtime}**",
         f"time to first token **{update.ttft_s * 1000:.0f} ms**",
         f"decode **{update.decode_tokens_per_s:.1f} tokens/s**",
-        f"{len(update.token_ids)} tokens",
+        count,
     ]
     if params["do_sample"]:
         parts.append(f"seed {params['seed']}")
@@ -188,7 +157,7 @@ def format_check(check: TorchCheck, processor) -> str:
 def banner(backend: Backend) -> str:
     text = f"**Model:** {backend.model} · **Runtime:** {backend.runtime}"
     if backend.warm_up_s:
-        text += f" · warmed up in {backend.warm_up_s:.1f} s"
+        text += f" · warmed up in {backend.warm_up_s * 1000:.0f} ms"
     if backend.fallback:
         text += f"\n\n⚠️ **Fallback to PyTorch:** {backend.fallback}"
     return text
@@ -217,6 +186,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
             if not isinstance(check_torch, bool):
                 raise paligemma.InputError(f"check_torch must be true or false, got {check_torch!r}")
             yield "", None, None, f"**{backend.runtime}** · generating…", ""
+            start = time.perf_counter()
             for update in backend.pipeline.stream(picture, prompt, **params):
                 yield update.text, gr.skip(), gr.skip(), format_timings(backend, update, params), gr.skip()
             detections = paligemma.parse_detections(update.text, *picture.size)
@@ -225,7 +195,8 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
             if check_torch:
                 check = format_check(check_against_torch(backend, picture, prompt, update.token_ids, **params),
                                      backend.pipeline.processor)
-            yield update.text, draw_detections(picture, detections), boxes, format_timings(backend, update, params), check
+            total = time.perf_counter() - start
+            yield update.text, draw_detections(picture, detections), boxes, format_timings(backend, update, params, total), check
         except gr.Error:
             raise
         except (paligemma.InputError, paligemma.CheckpointError, ValueError) as e:
@@ -241,22 +212,23 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
         gr.Markdown(banner(backend), elem_id="backend")
         with gr.Row():
             with gr.Column(scale=1):
-                image = ImageUpload(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image",
                                     height=320, elem_id="image")
                 task = gr.Radio(list(presets), value="Caption", label="Task")
                 prompt = gr.Textbox(presets["Caption"], label="Prompt", max_length=MAX_PROMPT_CHARS, elem_id="prompt")
                 with gr.Accordion("Decoding", open=False):
-                    decoding = RawRadio(DECODING, value="greedy", label="Decoding")
-                    temperature = RawSlider(*LIMITS["temperature"][:2], value=1.0, step=0.05, label="Temperature")
-                    top_p = RawSlider(*LIMITS["top_p"][:2], value=0.9, step=0.05, label="Top-p")
-                    top_k = RawSlider(*LIMITS["top_k"][:2], value=0, step=1, label="Top-k (0: off)")
-                    max_new_tokens = RawSlider(*LIMITS["max_new_tokens"][:2], value=64, step=1, label="Max new tokens")
-                    seed = RawNumber(0, precision=0, minimum=0, label="Seed (sampling)")
+                    decoding = gr.Radio(DECODING, value="greedy", label="Decoding")
+                    temperature = gr.Slider(*LIMITS["temperature"][:2], value=1.0, step=0.05, label="Temperature")
+                    top_p = gr.Slider(*LIMITS["top_p"][:2], value=0.9, step=0.05, label="Top-p")
+                    top_k = gr.Slider(*LIMITS["top_k"][:2], value=0, step=1, label="Top-k (0: off)")
+                    max_new_tokens = gr.Slider(*LIMITS["max_new_tokens"][:2], value=64, step=1, label="Max new tokens")
+                    seed = gr.Number(0, precision=0, minimum=0, label="Seed (sampling)")
                 check_torch = gr.Checkbox(False, label="Check against eager torch (tokens and logits)")
                 run = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=1):
                 answer = gr.Textbox(label="Answer", lines=3, interactive=False, buttons=["copy"], elem_id="answer")
-                annotated = gr.Image(type="pil", format="png", label="Detections", interactive=False, height=320)
+                annotated = gr.Image(type="pil", format="png", label="Detections", interactive=False, height=320,
+                                     elem_id="annotated")
                 timings = gr.Markdown(label="Timings", elem_id="timings")
                 check = gr.Markdown(label="Torch check", elem_id="check")
                 with gr.Accordion("Boxes (pixels: x0, y0, x1, y1)", open=False):
@@ -269,8 +241,9 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
         task.change(lambda name: presets.get(name, ""), task, prompt, api_visibility="private")
         inputs = [image, prompt, decoding, temperature, top_p, top_k, max_new_tokens, seed, check_torch]
         outputs = [answer, annotated, boxes, timings, check]
-        run.click(generate, inputs, outputs, api_name="generate")
-        prompt.submit(generate, inputs, outputs, api_visibility="private")
+        # preprocess=False: the handler receives the values as sent and checks each itself (see read_image).
+        run.click(generate, inputs, outputs, api_name="generate", preprocess=False)
+        prompt.submit(generate, inputs, outputs, api_visibility="private", preprocess=False)
     app.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
     return app
 

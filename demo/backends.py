@@ -96,7 +96,7 @@ def describe_torch(pipeline: paligemma.Pipeline) -> str:
 def describe_onnx(pipeline) -> str:
     import onnxruntime
 
-    providers = getattr(pipeline, "providers", None)
+    providers = getattr(pipeline.engine_factory, "providers", None)  # export.runtime.OnnxModel
     if not providers:
         return f"ONNX Runtime {onnxruntime.__version__}"
     return f"ONNX Runtime {onnxruntime.__version__} ({', '.join(providers)})"

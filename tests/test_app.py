@@ -1,0 +1,330 @@
+"""The Gradio demo driven through its API with gradio_client: the embedded model served by ONNX Runtime, answers
+of shipped examples, every kind of bad input answered with a message, concurrency, the torch check, app.py."""
+
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import paligemma
+from app_server import EXAMPLES, example, free_port, serve
+from demo import app as demo_app
+from demo.backends import load_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (paligemma.DEMO_CHECKPOINT / "config.json").exists(),
+                                reason="the embedded demo checkpoint is not in the tree yet")
+SHORT = dict(max_new_tokens=8)  # enough to show that a request ran, for the tests that only need that
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_backend(None, "onnx")
+
+
+@pytest.fixture(scope="module")
+def server(backend):
+    with serve(backend) as (app, url):
+        yield app, url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[1], verbose=False)
+
+
+def generate(client, image, prompt="caption en", **kwargs):
+    return client.predict(None if image is None else handle_file(str(image)), prompt, api_name="/generate", **kwargs)
+
+
+def iou(a, b):
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_serves_the_embedded_model_through_onnx_runtime(backend):
+    assert backend.name == "onnx" and backend.fallback is None
+    assert backend.is_demo_model
+    assert "CPUExecutionProvider" in backend.runtime or "CUDAExecutionProvider" in backend.runtime
+
+
+def test_api_endpoint_generate_takes_image_and_prompt_first_with_defaults_for_the_rest(client):
+    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names[:2] == ["image", "prompt"]
+    assert all(p["parameter_has_default"] for p in endpoint["parameters"][2:])
+    assert endpoint["returns"][0]["label"] == "Answer"
+
+
+def test_queue_and_upload_limits(server):
+    app, _ = server
+    assert app._queue.max_size == demo_app.MAX_QUEUE
+    assert app._queue.default_concurrency_limit == demo_app.CONCURRENCY_LIMIT
+    assert app.max_file_size == 10 * 1024 * 1024
+
+
+def test_caption_of_a_shipped_example(client, backend):
+    image, entry = example("caption en")
+    answer, annotated, boxes, timings, check = generate(client, image)
+    assert answer == entry["caption"]
+    assert boxes == [] and Path(annotated).is_file()
+    assert backend.runtime in timings and "time to first token" in timings and "tokens/s" in timings
+    assert check == ""
+
+
+def test_detect_returns_boxes_that_match_the_scene(client):
+    image, entry = example("detect circle ; triangle")
+    answer, annotated, boxes, _, _ = generate(client, image, entry["prompt"])
+    assert answer == entry["answer"]
+    expected = [s for s in entry["shapes"] if s["shape"] in ("circle", "triangle")]
+    assert [b["label"] for b in boxes] == [s["shape"] for s in expected]
+    for box, shape in zip(boxes, expected):
+        y0, x0, y1, x1 = shape["box_yxyx"]
+        assert iou(box["box"], (x0, y0, x1, y1)) > 0.7
+    drawn = Image.open(annotated)
+    assert drawn.size[0] >= 320  # the 224 px scene drawn larger so the labels stay legible
+
+
+def test_answer_streams_token_by_token(client):
+    image, entry = example("caption en")
+    job = client.submit(handle_file(str(image)), "caption en", api_name="/generate")
+    final = job.result()[0]
+    answers = [output[0] for output in job.outputs()]
+    assert final == entry["caption"]
+    partial = [a for a in answers if a and a != final]
+    assert len(partial) >= 3 and all(final.startswith(a) for a in partial)
+
+
+def test_check_against_torch_agrees(client):
+    image, entry = example("detect circle ; triangle")
+    *_, check = generate(client, image, entry["prompt"], check_torch=True)
+    assert check.startswith("✅"), check
+    assert float(re.search(r"difference \*\*([0-9.e+-]+)\*\*", check).group(1)) < 1e-4
+
+
+def test_seeded_sampling_repeats_and_matches_torch(client):
+    image, _ = example("caption en")
+    settings = dict(decoding="sample", temperature=1.5, top_p=0.95, top_k=20, seed=7, max_new_tokens=16)
+    first = generate(client, image, check_torch=True, **settings)
+    second = generate(client, image, **settings)
+    assert first[0] == second[0]
+    assert "seed 7" in first[3] and first[4].startswith("✅"), first[4]
+
+
+def test_eight_concurrent_requests_get_their_own_answers(server):
+    url = server[1]
+    jobs = [EXAMPLES[i % len(EXAMPLES)] for i in range(8)]
+
+    def run(entry):  # a client per request, as eight visitors would be
+        return generate(Client(url, verbose=False), demo_app.EXAMPLES_DIR / entry["file"], entry["prompt"])[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(run, jobs))
+    assert answers == [entry["answer"] for entry in jobs]
+
+
+# ---- bad input: each answered with a message, never a traceback, and the app keeps answering ----------------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height but that holds no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    scene = (demo_app.EXAMPLES_DIR / EXAMPLES[0]["file"]).read_bytes()
+    contents = {
+        "corrupt.png": scene[: len(scene) // 3],
+        "notes.txt": b"not an image at all\n" * 10,
+        "bomb.png": png_declaring(30_000, 30_000),
+        "vector.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>',
+        "svg_named.png": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"></svg>',
+        "empty.png": b"",
+    }
+    paths = {}
+    for name, data in contents.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    huge = folder / "huge.png"  # 72 M pixels: under Pillow's bomb threshold, over the pipeline's limit
+    Image.new("1", (9000, 8000)).save(huge)
+    paths["huge.png"] = huge
+    return paths
+
+
+BAD_IMAGES = {
+    "corrupt.png": "corrupt or truncated",
+    "notes.txt": "not an image",
+    "bomb.png": "too large to decode safely",
+    "vector.svg": "SVG",
+    "svg_named.png": "SVG",
+    "empty.png": "not an image",
+    "huge.png": "pixel limit",
+}
+
+
+def assert_refused(call, message: str):
+    with pytest.raises(AppError) as error:
+        call()
+    text = str(error.value)
+    assert re.search(message, text, re.IGNORECASE), text
+    assert "Traceback" not in text and 'File "' not in text
+
+
+@pytest.fixture(scope="module")
+def bad_image_paths(tmp_path_factory):
+    return bad_files(tmp_path_factory.mktemp("bad_images"))
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_image_gets_a_message(client, bad_image_paths, name):
+    assert_refused(lambda: generate(client, bad_image_paths[name], **SHORT), BAD_IMAGES[name])
+
+
+def test_no_image_gets_a_message(client):
+    assert_refused(lambda: generate(client, None), "no image")
+
+
+BAD_PROMPTS = {
+    "": "prompt is empty",
+    "   \n ": "prompt is empty",
+    "a" * (demo_app.MAX_PROMPT_CHARS + 1): "keep it under",
+    "caption en " + "circle " * 130: "exceeds the model's .* positions",
+    "caption <image> en": "reserved token",
+    "<bos>caption en": "reserved token",
+    "caption en<eos>": "reserved token",
+    "caption <pad>": "reserved token",
+}
+
+
+@pytest.mark.parametrize("prompt", list(BAD_PROMPTS), ids=range(len(BAD_PROMPTS)))
+def test_bad_prompt_gets_a_message(client, prompt):
+    image, _ = example("caption en")
+    assert_refused(lambda: generate(client, image, prompt), BAD_PROMPTS[prompt])
+
+
+BAD_DECODING = [
+    ("temperature", -0.5), ("temperature", 2.5), ("temperature", "hot"), ("temperature", None),
+    ("top_p", 0), ("top_p", 1.5), ("top_k", -1), ("top_k", 1.5), ("top_k", 1000), ("max_new_tokens", 0),
+    ("max_new_tokens", 257), ("max_new_tokens", 10.5), ("max_new_tokens", "many"), ("seed", -1), ("seed", "x"),
+    ("seed", 2**64), ("decoding", "beam"), ("decoding", None), ("check_torch", "yes"),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_DECODING)
+def test_out_of_range_decoding_value_sent_through_the_api_gets_a_message(client, name, value):
+    image, _ = example("caption en")
+    assert_refused(lambda: generate(client, image, **{name: value}), name)
+
+
+# Every mode a file can carry (YCbCr and HSV exist only in memory: JPEG stores YCbCr but opens as RGB), each in a
+# format that keeps it.
+MODES = {"1": "png", "L": "png", "LA": "png", "P": "png", "RGB": "png", "RGBA": "png", "I;16": "png",
+         "I": "tiff", "F": "tiff", "CMYK": "tiff", "LAB": "tiff"}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_pillow_mode_is_answered(client, tmp_path, mode):
+    scene = Image.open(demo_app.EXAMPLES_DIR / EXAMPLES[0]["file"]).convert("RGBA")
+    image = scene.convert("I").point(lambda v: v * 256).convert("I;16") if mode == "I;16" else scene.convert(mode)
+    path = tmp_path / f"scene.{MODES[mode]}"
+    image.save(path)
+    assert Image.open(path).mode == mode
+    answer, annotated, *_ = generate(client, path, **SHORT)
+    assert answer and Path(annotated).is_file()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 500), (4000, 3000)])
+def test_tiny_and_large_images_are_answered(client, tmp_path, size):
+    path = tmp_path / "image.png"
+    Image.open(demo_app.EXAMPLES_DIR / EXAMPLES[0]["file"]).resize(size).save(path)
+    answer, annotated, *_ = generate(client, path, **SHORT)
+    assert answer and max(Image.open(annotated).size) <= 1024
+
+
+def test_upload_over_the_size_limit_is_refused_and_the_app_keeps_answering(client, tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(b"\0" * (11 * 1024 * 1024))
+    with pytest.raises(Exception, match=r"(?i)size|large|413"):
+        generate(client, path)
+    image, entry = example("caption en")
+    assert generate(client, image)[0] == entry["caption"]
+
+
+def test_app_keeps_answering_after_bad_input(client, bad_image_paths):
+    for path in bad_image_paths.values():
+        with pytest.raises(AppError):
+            generate(client, path, **SHORT)
+    image, entry = example("caption en")
+    assert generate(client, image)[0] == entry["caption"]
+
+
+# ---- backends and the entry point ---------------------------------------------------------------------------------
+
+
+def test_falls_back_to_torch_when_onnx_runtime_cannot_run_and_says_so(monkeypatch):
+    load = paligemma.load
+
+    def failing_onnx(*args, backend="torch", **kwargs):
+        if backend == "onnx":
+            raise RuntimeError("no usable execution provider")
+        return load(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(paligemma, "load", failing_onnx)
+    backend = load_backend(None, "onnx", warm_up=False)
+    assert backend.name == "torch" and "no usable execution provider" in backend.fallback
+    app = demo_app.create_app(backend)
+    banner = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "backend")
+    assert "Fallback to PyTorch" in banner.value and "no usable execution provider" in banner.value
+
+
+def test_torch_backend_gives_the_same_answers():
+    backend = load_backend(None, "torch", warm_up=False)
+    assert backend.name == "torch" and backend.runtime.startswith("PyTorch")
+    for entry in EXAMPLES:
+        image = demo_app.read_image(str(demo_app.EXAMPLES_DIR / entry["file"]))
+        assert backend.pipeline.generate(image, entry["prompt"]).text == entry["answer"]
+
+
+def test_app_py_serves_the_demo(tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "app.py", "--backend", "torch", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"app.py did not start: {process.stdout.read().decode()[-2000:]}")
+                time.sleep(0.5)
+        image, entry = example("caption en")
+        assert generate(client, image)[0] == entry["caption"]
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_app_py_reports_a_bad_model_without_a_traceback():
+    result = subprocess.run([sys.executable, "app.py", "--model", "/no/such/checkpoint"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "/no/such/checkpoint" in result.stderr and "Traceback" not in result.stderr

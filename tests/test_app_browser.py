@@ -1,0 +1,90 @@
+"""The demo in a real browser: Debian's chromium driven by Playwright loads the page, uploads an image, runs a
+caption, waits for the streamed answer and checks it, then a detection with boxes; screenshots go to artifacts/."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import paligemma
+from app_server import example, serve
+from demo.backends import load_backend
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (paligemma.DEMO_CHECKPOINT / "config.json").exists(),
+                                reason="the embedded demo checkpoint is not in the tree yet")
+ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR", ROOT / "artifacts"))
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def url():
+    with serve(load_backend(None, "onnx")) as (_, url):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def run(page, image: Path, prompt: str):
+    page.locator("#image input[type=file]").set_input_files(str(image))
+    page.locator(f'#image img[src*="{image.name}"]').first.wait_for()  # uploaded: the preview shows the new file
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#run").click()
+
+
+def wait_until_finished(page):
+    """The last update of a run (after the answer is complete) writes the total time into the timings line."""
+    page.locator("#timings", has_text=re.compile(r"tokens in [0-9.]+ s")).wait_for()
+
+
+def answer_text(page) -> str:
+    return page.locator("#answer textarea").input_value()
+
+
+def test_page_shows_the_backend(page):
+    banner = page.locator("#backend").inner_text()
+    assert "ONNX Runtime" in banner and "embedded demo model" in banner
+
+
+def test_caption_streams_into_the_page(page):
+    image, entry = example("caption en")
+    run(page, image, "caption en")
+    page.wait_for_function(
+        "expected => { const t = document.querySelector('#answer textarea'); return t && t.value === expected; }",
+        arg=entry["caption"], polling=20,
+    )
+    assert answer_text(page) == entry["caption"]
+    wait_until_finished(page)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app_caption.png"), full_page=True)
+
+
+def test_detection_draws_boxes(page):
+    image, entry = example("detect circle ; triangle")
+    run(page, image, entry["prompt"])
+    page.wait_for_function(
+        "expected => document.querySelector('#answer textarea').value === expected", arg=entry["answer"], polling=20,
+    )
+    wait_until_finished(page)
+    page.locator("#annotated img").first.wait_for()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app_detect.png"), full_page=True)
