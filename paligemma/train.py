@@ -22,18 +22,17 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
+
+from .processor import PaliGemmaProcessor
 
 IGNORE = -100
 STATE_TENSORS = "training_state.safetensors"
@@ -43,58 +42,15 @@ STATE_JSON = "training_state.json"
 # ---- inputs -------------------------------------------------------------------------------------
 
 
-def pixel_values(images: list[Image.Image], size: int) -> torch.Tensor:
-    """RGB, bicubic resize to size x size, rescale to [0, 1], normalize with mean 0.5 and std 0.5 -> [B, 3, size, size]."""
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) for im in images]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
-    return (x - 0.5) / 0.5
+def training_batch(processor, images, prefixes: list[str], suffixes: list[str]) -> dict[str, torch.Tensor]:
+    """The processor's inputs (left-padded input_ids, attention_mask, token_type_ids, pixel_values) plus labels.
 
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """The ids the prompt format needs, read from the tokenizer and the model config."""
-
-    tokenizer: Tokenizer
-    num_image_tokens: int
-    image_token_id: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-
-    @classmethod
-    def of(cls, tokenizer: Tokenizer, config) -> "TokenLayout":
-        def token_id(token: str) -> int:
-            i = tokenizer.token_to_id(token)
-            if i is None:
-                raise ValueError(f"the tokenizer has no {token} token; PaliGemma's prompt format needs it")
-            return i
-
-        return cls(tokenizer, config.num_image_tokens, config.image_token_index, token_id("<bos>"), token_id("<eos>"),
-                   token_id("<pad>"))
-
-    def encode(self, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
-        """Token ids and token types of one training sequence (see the module docstring)."""
-        prompt = self.tokenizer.encode(prefix + "\n", add_special_tokens=False).ids
-        answer = self.tokenizer.encode(suffix, add_special_tokens=False).ids + [self.eos_id]
-        ids = [self.image_token_id] * self.num_image_tokens + [self.bos_id] + prompt + answer
-        return ids, [0] * (len(ids) - len(answer)) + [1] * len(answer)
-
-    def batch(self, prefixes: list[str], suffixes: list[str]) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask, token_type_ids and labels [B, T], right-padded.
-
-        labels[t] is the token at t where t is in the suffix, else -100; the loss compares the logits at t - 1
-        with labels[t]."""
-        encoded = [self.encode(p, s) for p, s in zip(prefixes, suffixes)]
-        T = max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(encoded), T), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), T), dtype=torch.long)
-        token_type_ids = torch.ones((len(encoded), T), dtype=torch.long)
-        for row, (ids, types) in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            token_type_ids[row, : len(ids)] = torch.tensor(types)
-        labels = input_ids.masked_fill((token_type_ids == 0) | (attention_mask == 0), IGNORE)
-        return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
+    labels[t] is the token at t where t is in the suffix (its words and the final <eos>), else -100 (image,
+    prompt, padding); the loss compares the logits at t - 1 with labels[t]."""
+    batch = processor(images, prefixes, suffixes)
+    prefix_or_padding = (batch["token_type_ids"] == 0) | (batch["attention_mask"] == 0)
+    batch["labels"] = batch["input_ids"].masked_fill(prefix_or_padding, IGNORE)
+    return batch
 
 
 # ---- loss ---------------------------------------------------------------------------------------
@@ -303,7 +259,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def jsonl_batches(records: list[dict], layout: TokenLayout, image_size: int, batch_size: int, seed: int):
+def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int):
     """batches(step): an epoch-wise shuffle fixed by the seed, so the batch of a step never depends on history."""
 
     def batches(step: int) -> dict:
@@ -312,13 +268,7 @@ def jsonl_batches(records: list[dict], layout: TokenLayout, image_size: int, bat
         order = list(range(len(records)))
         random.Random(f"{seed}:{epoch}").shuffle(order)
         chosen = [records[i] for i in order[index * batch_size : (index + 1) * batch_size]]
-        batch = layout.batch([r["prefix"] for r in chosen], [r["suffix"] for r in chosen])
-        images = []
-        for r in chosen:
-            with Image.open(r["image"]) as im:
-                images.append(im.convert("RGB"))
-        batch["pixel_values"] = pixel_values(images, image_size)
-        return batch
+        return training_batch(processor, [r["image"] for r in chosen], [r["prefix"] for r in chosen], [r["suffix"] for r in chosen])
 
     return batches
 
@@ -396,15 +346,15 @@ def run_train(args):
     else:
         raise ValueError("give --model (fine-tune a checkpoint) or --config with --tokenizer (train a fresh model)")
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    layout = TokenLayout.of(tokenizer, config)
+    processor = PaliGemmaProcessor(tokenizer, config)
     records = read_jsonl(Path(args.data))
     to_device = lambda b: {k: v.to(args.device) for k, v in b.items()}  # noqa: E731
-    make = jsonl_batches(records, layout, config.image_size, args.batch_size, args.seed)
+    make = jsonl_batches(records, processor, args.batch_size, args.seed)
     loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma)
     evaluate = None
     if args.eval_data:
         held_out = read_jsonl(Path(args.eval_data))
-        eval_batches = jsonl_batches(held_out, layout, config.image_size, args.batch_size, args.seed)
+        eval_batches = jsonl_batches(held_out, processor, args.batch_size, args.seed)
         count = max(1, len(held_out) // args.batch_size)
 
         def evaluate(step):
@@ -417,6 +367,6 @@ def run_train(args):
     )
     train(
         model, lambda step: to_device(make(step)), loss_fn, options, out_dir=Path(args.out),
-        save=lambda d: (save_checkpoint(model, d), shutil.copy(tokenizer_path, d / "tokenizer.json")),
+        save=lambda d: (save_checkpoint(model, d), tokenizer.save(str(d / "tokenizer.json"))),
         evaluate=evaluate, resume=Path(args.resume) if args.resume else None,
     )

@@ -33,7 +33,9 @@ from torch import nn
 
 from paligemma import train as T
 from paligemma.config import PaliGemmaConfig
+from paligemma.generate import Pipeline
 from paligemma.model import PaliGemmaForConditionalGeneration
+from paligemma.processor import PaliGemmaProcessor
 from shapes import evaluate as E
 from shapes import scenes as S
 from shapes.tokenizer import build_shapes_tokenizer
@@ -172,16 +174,15 @@ class AuxiliaryHeads(nn.Module):
         return sum(losses) / len(losses), box_loss
 
 
-def synthetic_batches(layout: T.TokenLayout, image_size: int, grid: int, images_per_step: int, seed: int):
+def synthetic_batches(processor, grid: int, images_per_step: int, seed: int):
+    """batches(step): scenes step * images_per_step ... of the stream `seed`, each with its questions."""
+
     def batches(step: int) -> dict:
         chosen = [S.render_scene(seed, step * images_per_step + j) for j in range(images_per_step)]
-        prefixes, suffixes = [], []
-        for j, scene in enumerate(chosen):
-            for prefix, suffix in questions(scene, random.Random(f"questions:{seed}:{step}:{j}")):
-                prefixes.append(prefix)
-                suffixes.append(suffix)
-        batch = layout.batch(prefixes, suffixes)
-        batch["pixel_values"] = T.pixel_values([s.image for s in chosen], image_size)
+        rows = [(scene.image, prefix, suffix) for j, scene in enumerate(chosen)
+                for prefix, suffix in questions(scene, random.Random(f"questions:{seed}:{step}:{j}"))]
+        batch = T.training_batch(processor, *map(list, zip(*rows)))
+        batch["pixel_values"] = batch["pixel_values"][:: len(rows) // len(chosen)]  # one per scene
         targets = [patch_targets(s, grid) for s in chosen]
         batch["aux_classes"] = torch.stack([c for c, _ in targets])
         batch["aux_bins"] = torch.stack([b for _, b in targets])
@@ -208,41 +209,6 @@ def recipe_loss(heads: AuxiliaryHeads, loc_range, loc_sigma: float, aux_weight: 
         return total, {"lm": lm.item(), "aux": aux_classes.item(), "aux_box": aux_box.item()}
 
     return loss_fn
-
-
-# ---- greedy decoding for the periodic evaluation ---------------------------------------------------
-
-
-@torch.no_grad()
-def greedy(model, layout: T.TokenLayout, images, prompts, max_new_tokens: int):
-    """Greedy answers without a cache (short sequences; used only while training)."""
-    image_embeddings = model.embed_image(T.pixel_values(images, model.config.image_size))
-    encoded = [layout.encode(p, "")[0][:-1] for p in prompts]  # drop the <eos> that encode appends
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(prompts), width), layout.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, e in enumerate(encoded):  # left padding keeps every row's last token at the end
-        ids[row, width - len(e) :] = torch.tensor(e)
-        mask[row, width - len(e) :] = 1
-    types = torch.zeros_like(ids)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    out = [[] for _ in prompts]
-    for _ in range(max_new_tokens):
-        logits = model(ids, attention_mask=mask, token_type_ids=types, image_embeddings=image_embeddings,
-                       last_only=True)
-        nxt = logits[:, -1].argmax(-1)
-        for row in range(len(prompts)):
-            if not done[row]:
-                if nxt[row].item() == layout.eos_id:
-                    done[row] = True
-                else:
-                    out[row].append(nxt[row].item())
-        if done.all():
-            break
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-        types = torch.cat([types, torch.ones_like(nxt)[:, None]], 1)
-    return [layout.tokenizer.decode(o, skip_special_tokens=False) for o in out]
 
 
 # ---- command ---------------------------------------------------------------------------------------
@@ -297,7 +263,7 @@ def main(argv=None):
     else:
         initialize(model, tokenizer, args.seed)
     heads = AuxiliaryHeads(config.text.hidden_size)
-    layout = T.TokenLayout.of(tokenizer, config)
+    processor = PaliGemmaProcessor(tokenizer, config)
     grid = config.vision.image_size // config.vision.patch_size
     loc_range = T.loc_range_of(tokenizer)
     held_out = S.render_scenes(args.seed + 1000, args.eval_scenes)
@@ -308,15 +274,17 @@ def main(argv=None):
         log_file.write(f"{time.strftime('%H:%M:%S')} {line}\n")
         log_file.flush()
 
+    pipe = Pipeline(model, processor)
+
     def evaluate(step):
-        model.eval()
-        return E.evaluate(lambda ims, ps: greedy(model, layout, ims, ps, E.max_new_tokens()), held_out, 96)
+        texts = lambda images, prompts: [r.text for r in pipe.generate(images, prompts, max_new_tokens=E.max_new_tokens())]  # noqa: E731
+        return E.evaluate(texts, held_out, 96)
 
     log(f"run: {json.dumps(vars(args))}; {sum(p.numel() for p in model.parameters())} parameters")
     options = T.TrainOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=0.0, clip_norm=1.0,
                              eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                              progress=not args.no_progress)
-    T.train(model, synthetic_batches(layout, config.image_size, grid, args.images_per_step, args.seed),
+    T.train(model, synthetic_batches(processor, grid, args.images_per_step, args.seed),
             recipe_loss(heads, loc_range, args.loc_sigma, args.aux_weight), options, out_dir=out,
             save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate,
             resume=Path(args.resume) if args.resume else None, extra_modules={"aux": heads}, log=log)
