@@ -189,14 +189,14 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
             start = time.perf_counter()
             for update in backend.pipeline.stream(picture, prompt, **params):
                 yield update.text, gr.skip(), gr.skip(), format_timings(backend, update, params), gr.skip()
+            speed = format_timings(backend, update, params, time.perf_counter() - start)
             detections = paligemma.parse_detections(update.text, *picture.size)
-            boxes = [{"label": d.label, "box": [round(c, 1) for c in d.box]} for d in detections]
-            check = ""
+            found = [{"label": d.label, "box": [round(c, 1) for c in d.box]} for d in detections]
+            verdict = ""
             if check_torch:
-                check = format_check(check_against_torch(backend, picture, prompt, update.token_ids, **params),
-                                     backend.pipeline.processor)
-            total = time.perf_counter() - start
-            yield update.text, draw_detections(picture, detections), boxes, format_timings(backend, update, params, total), check
+                verdict = format_check(check_against_torch(backend, picture, prompt, update.token_ids, **params),
+                                       backend.pipeline.processor)
+            yield update.text, draw_detections(picture, detections), found, speed, verdict
         except gr.Error:
             raise
         except (paligemma.InputError, paligemma.CheckpointError, ValueError) as e:

@@ -304,7 +304,7 @@ def test_torch_backend_gives_the_same_answers():
 
 def test_app_py_serves_the_demo(tmp_path):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "app.py", "--backend", "torch", "--host", "127.0.0.1", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
