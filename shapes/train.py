@@ -1,6 +1,6 @@
 """The recipe of the embedded demo model: a small PaliGemma trained from scratch on scenes drawn on the fly.
 
-    python -m shapes.train --out runs/shapes [--steps 3000] [--resume runs/shapes/last]
+    python -m shapes.train --out runs/shapes          # rerun the same command to resume
     python -m shapes.train --out runs/shapes --export paligemma/demo_checkpoint   # copy the last checkpoint
 
 What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibration):
@@ -8,6 +8,8 @@ What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibr
 - Hand initialization: 2D sinusoidal patch positions in the vision tower, and the 1,024 location embeddings
   (tied with the output layer) as sinusoids of the bin index, so neighbouring bins start close.
 - Gaussian soft targets over neighbouring location bins.
+- Two stages: first the vision tower alone on the auxiliary patch targets below (cheap: no decoder), then the
+  whole model on the tasks with the patch targets kept as an auxiliary loss.
 - Each image is embedded once and asked several questions (caption, a count, two detections), so the vision
   tower's cost is shared.
 - Auxiliary per-patch targets on the projected image embeddings, used in training only and not part of the
@@ -221,24 +223,62 @@ def save_model(model, tokenizer_path: Path, directory: Path):
     shutil.copy(tokenizer_path, Path(directory) / "tokenizer.json")
 
 
+def vision_batches(grid: int, image_size: int, images_per_step: int, seed: int):
+    """Stage 1 batches: images and their per-patch targets only (the decoder is not run)."""
+    from paligemma.processor import preprocess_image
+
+    def batches(step: int) -> dict:
+        chosen = [S.render_scene(seed, 10_000_000 + step * images_per_step + j) for j in range(images_per_step)]
+        targets = [patch_targets(s, grid) for s in chosen]
+        return {
+            "pixel_values": torch.stack([preprocess_image(s.image, image_size) for s in chosen]),
+            "aux_classes": torch.stack([c for c, _ in targets]),
+            "aux_bins": torch.stack([b for _, b in targets]),
+        }
+
+    return batches
+
+
+def vision_loss(heads: AuxiliaryHeads, loc_range, loc_sigma: float):
+    first, count = loc_range
+
+    def loss_fn(model, batch):
+        image_embeddings = model.embed_image(batch["pixel_values"])
+        loc_embeddings = model.language_model.model.embed_tokens.weight[first : first + count]
+        classes, box = heads.loss(image_embeddings, batch["aux_classes"], batch["aux_bins"], loc_embeddings, loc_sigma)
+        return classes + box, {"aux": classes.item(), "aux_box": box.item()}
+
+    return loss_fn
+
+
+def stage_state(directory: Path):
+    """The step a stage's `last` checkpoint reached, or None when it has none."""
+    state = directory / "last" / T.STATE_JSON
+    return json.loads(state.read_text())["step"] if state.exists() else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="run folder: checkpoints, log, tokenizer")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--images-per-step", type=int, default=12)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--out", required=True, help="run folder (rerun the same command to resume it)")
+    parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: the vision tower on the patch targets")
+    parser.add_argument("--vision-images", type=int, default=32, help="images per stage 1 step")
+    parser.add_argument("--vision-lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=2500, help="stage 2: the whole model on the task")
+    parser.add_argument("--images-per-step", type=int, default=12, help="stage 2; each image is asked 4 questions")
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--loc-sigma", type=float, default=4.0)
     parser.add_argument("--aux-weight", type=float, default=0.5)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-scenes", type=int, default=48)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--resume", help="a checkpoint folder of this run (e.g. OUT/last)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--export", help="instead of training, copy OUT/last's checkpoint files to this folder")
     args = parser.parse_args(argv)
+
+    from paligemma.weights import load_model
 
     out = Path(args.out)
     if args.export:
@@ -255,18 +295,10 @@ def main(argv=None):
     tokenizer_path = out / "tokenizer.json"
     tokenizer.save(str(tokenizer_path))
     config = PaliGemmaConfig.from_dict(model_config(tokenizer))
-    model = PaliGemmaForConditionalGeneration(config)
-    if args.resume:
-        from paligemma.weights import load_model
-
-        model = load_model(args.resume, device="cpu", dtype=torch.float32)
-    else:
-        initialize(model, tokenizer, args.seed)
     heads = AuxiliaryHeads(config.text.hidden_size)
     processor = PaliGemmaProcessor(tokenizer, config)
     grid = config.vision.image_size // config.vision.patch_size
     loc_range = T.loc_range_of(tokenizer)
-    held_out = S.render_scenes(args.seed + 1000, args.eval_scenes)
     log_file = open(out / "log.txt", "a")
 
     def log(line):
@@ -274,20 +306,44 @@ def main(argv=None):
         log_file.write(f"{time.strftime('%H:%M:%S')} {line}\n")
         log_file.flush()
 
+    log(f"run: {json.dumps(vars(args))}")
+    vision_dir = out / "vision"
+    vision_step, full_step = stage_state(vision_dir), stage_state(out)
+    if full_step is None and (vision_step or 0) < args.vision_steps:
+        if vision_step is None:
+            model = PaliGemmaForConditionalGeneration(config)
+            initialize(model, tokenizer, args.seed)
+        else:
+            model = load_model(vision_dir / "last", dtype=torch.float32)
+        log(f"stage 1 (vision tower, patch targets): {sum(p.numel() for p in model.parameters())} parameters")
+        options = T.TrainOptions(steps=args.vision_steps, lr=args.vision_lr, warmup=args.warmup, clip_norm=1.0,
+                                 save_every=args.save_every, seed=args.seed, progress=not args.no_progress)
+        T.train(model, vision_batches(grid, config.image_size, args.vision_images, args.seed),
+                vision_loss(heads, loc_range, args.loc_sigma), options, out_dir=vision_dir,
+                save=lambda d: save_model(model, tokenizer_path, d),
+                resume=vision_dir / "last" if vision_step is not None else None, extra_modules={"aux": heads}, log=log)
+
+    resume = out / "last" if full_step is not None else None
+    start = resume or vision_dir / "last"
+    model = load_model(start, dtype=torch.float32)
+    if resume is None:  # stage 2 starts from stage 1's weights and heads, with a fresh optimizer
+        _, extra = T.load_training_state(vision_dir / "last", torch.optim.AdamW([torch.zeros(1)]))
+        heads.load_state_dict({k[len("aux.") :]: v for k, v in extra.items()})
+    log(f"stage 2 (whole model, task + patch targets) from {start}")
+    held_out = S.render_scenes(args.seed + 1000, args.eval_scenes)
     pipe = Pipeline(model, processor)
 
     def evaluate(step):
         texts = lambda images, prompts: [r.text for r in pipe.generate(images, prompts, max_new_tokens=E.max_new_tokens())]  # noqa: E731
         return E.evaluate(texts, held_out, 96)
 
-    log(f"run: {json.dumps(vars(args))}; {sum(p.numel() for p in model.parameters())} parameters")
-    options = T.TrainOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=0.0, clip_norm=1.0,
+    options = T.TrainOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, clip_norm=1.0,
                              eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                              progress=not args.no_progress)
     T.train(model, synthetic_batches(processor, grid, args.images_per_step, args.seed),
             recipe_loss(heads, loc_range, args.loc_sigma, args.aux_weight), options, out_dir=out,
-            save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate,
-            resume=Path(args.resume) if args.resume else None, extra_modules={"aux": heads}, log=log)
+            save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate, resume=resume,
+            extra_modules={"aux": heads}, log=log)
 
 
 if __name__ == "__main__":
