@@ -28,7 +28,7 @@ class Backend:
     runtime: str  # what runs the model, e.g. "ONNX Runtime 1.31.1 (CPUExecutionProvider)"
     model: str  # what was loaded, as the user named it
     folder: Path
-    device: str
+    device: str  # torch's, for eager runs and the check against torch
     fallback: str | None = None  # why ONNX Runtime is not serving although it was asked for
     warm_up_s: float = 0.0
     _reference: paligemma.Pipeline | None = field(default=None, repr=False)
@@ -57,26 +57,26 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
     """Load `model` (a folder or Hub repo id; None is the embedded demo model) for `backend`.
 
     "onnx" exports the model on first use (or reads `onnx_dir`) and runs it with ONNX Runtime; if that fails for any
-    reason other than the checkpoint itself, eager torch serves instead and `Backend.fallback` says why.
-    Checkpoint problems raise paligemma.CheckpointError.
+    reason, eager torch serves instead and `Backend.fallback` says why. `device` None picks the GPU when there is
+    one (ONNX Runtime's CUDA provider, or torch's CUDA device). Checkpoint problems raise paligemma.CheckpointError.
     """
     if backend not in paligemma.BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(paligemma.BACKENDS)}")
-    device = device or default_device()
+    torch_device = device or default_device()
     folder = resolve_checkpoint(model if model is not None else paligemma.DEMO_CHECKPOINT)
     label = "embedded demo model" if model is None else str(model)
     fallback = None
     if backend == "onnx":
         try:
-            pipeline = paligemma.load(folder, device=device, backend="onnx", onnx_dir=onnx_dir)
+            pipeline = paligemma.load(folder, device=device or "auto", backend="onnx", onnx_dir=onnx_dir)
             seconds = warm(pipeline) if warm_up else 0.0
-            return Backend(pipeline, "onnx", describe_onnx(pipeline), label, folder, device, warm_up_s=seconds)
+            return Backend(pipeline, "onnx", describe_onnx(pipeline), label, folder, torch_device, warm_up_s=seconds)
         except Exception as e:  # noqa: BLE001 - any failure of the ONNX path falls back to torch, said on the page
             fallback = f"ONNX Runtime could not run this model ({type(e).__name__}: {e}); eager PyTorch serves instead."
             logger.warning("%s", fallback, exc_info=True)
-    pipeline = paligemma.load(folder, device=device)
+    pipeline = paligemma.load(folder, device=torch_device)
     seconds = warm(pipeline) if warm_up else 0.0
-    return Backend(pipeline, "torch", describe_torch(pipeline), label, folder, device, fallback, seconds)
+    return Backend(pipeline, "torch", describe_torch(pipeline), label, folder, torch_device, fallback, seconds)
 
 
 def warm(pipeline: paligemma.Pipeline) -> float:
