@@ -250,5 +250,8 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
 
 def launch(app: gr.Blocks, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
     """Serve `app` with the demo's upload limit. host and port default to Gradio's own (GRADIO_SERVER_NAME and
-    GRADIO_SERVER_PORT, which Hugging Face Spaces sets)."""
-    return app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, **kwargs)
+    GRADIO_SERVER_PORT, which Hugging Face Spaces sets). show_error: a payload Gradio itself refuses (a file path the
+    client did not upload, a malformed file object) is answered with Gradio's one-line reason rather than a bare
+    "Error"; the handler's own errors are messages already."""
+    return app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, show_error=True,
+                      **kwargs)

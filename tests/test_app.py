@@ -3,11 +3,13 @@ of shipped examples, every kind of bad input answered with a message, concurrenc
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import subprocess
 import sys
 import time
+import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -284,6 +286,24 @@ def test_app_keeps_answering_after_bad_input(client, direct, bad_image_paths):
             generate(client, path, **SHORT)
     image, entry = example("caption en")
     assert generate(client, image)[0] == direct[entry["file"]]
+
+
+def raw_call(url: str, data: list) -> str:
+    """POST to the generate endpoint without gradio_client (as any HTTP client can) and return the event stream."""
+    request = urllib.request.Request(url + "gradio_api/call/generate", json.dumps({"data": data}).encode(),
+                                     {"Content-Type": "application/json"})
+    event = json.loads(urllib.request.urlopen(request, timeout=60).read())["event_id"]
+    return urllib.request.urlopen(f"{url}gradio_api/call/generate/{event}", timeout=60).read().decode()
+
+
+@pytest.mark.parametrize("image,message", [
+    ({"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "not uploaded"),
+    ("/etc/passwd", "validation error"),
+    ({"url": "data:image/png;base64,!!!", "meta": {"_type": "gradio.FileData"}}, "not valid base64"),
+])
+def test_raw_payloads_that_are_not_uploads_get_a_message(server, image, message):
+    events = raw_call(server[1], [image, "caption en", "greedy", 1.0, 0.9, 0, 8, 0, False])
+    assert "event: error" in events and message in events and "Traceback" not in events
 
 
 # ---- backends and the entry point ---------------------------------------------------------------------------------
