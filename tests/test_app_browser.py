@@ -76,6 +76,14 @@ def test_page_shows_the_backend(page):
     assert "ONNX Runtime" in banner and "embedded demo model" in banner
 
 
+def test_run_without_an_image_shows_a_message(page):
+    page.locator("#run").click()
+    page.get_by_text("no image: upload one, or pick an example below").first.wait_for()
+    assert "Traceback" not in page.content()
+    page.locator(".toast-close").first.click()  # so that the screenshots below show the page, not the toast
+    page.locator(".toast-body").first.wait_for(state="detached")
+
+
 def test_caption_streams_into_the_page(page, backend):
     image, _ = example("caption en")
     expected = direct_answer(backend, image, "caption en")
