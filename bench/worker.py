@@ -108,8 +108,7 @@ def torch_runner(spec: dict):
 def compiled_runner(spec: dict):
     from .static_engine import compiled_pipeline
 
-    pipe = compiled_pipeline(spec["checkpoint"], device=spec["device"], dtype=getattr(torch, spec["dtype"]),
-                             max_new_tokens=spec["new_tokens"])
+    pipe = compiled_pipeline(spec["checkpoint"], device=spec["device"], dtype=getattr(torch, spec["dtype"]))
     return pipeline_runner(pipe, spec, f"paligemma static cache + torch.compile (CUDA graphs) {torch.__version__}")
 
 

@@ -1,0 +1,64 @@
+"""The benchmark's smoke mode, so that it cannot rot: a tiny model, one run, every CPU runtime. No timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXACT_RUNTIMES = ("transformers", "torch", "onnx")  # float32: the greedy tokens must be transformers' own
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out, cache = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("bench_cache")
+    done = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out), "--cache-dir", str(cache)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_smoke_writes_table_json_and_plot(smoke):
+    out, stdout = smoke
+    assert (out / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "cpu.md").read_text()
+    assert stdout.strip().endswith(table.strip().splitlines()[-1])  # the table is printed last
+    for runtime in ("transformers", "torch", "onnx", "onnx-int8"):
+        assert f"| {runtime}: " in table
+
+
+def test_smoke_tokens_agree_with_transformers(smoke):
+    out, _ = smoke
+    report = json.loads((out / "cpu.json").read_text())
+    (workload,) = report["workloads"]
+    rows = {row["runtime"]: row for row in workload["rows"]}
+    assert set(rows) == {"transformers", "torch", "onnx", "onnx-int8"}
+    assert not [row["error"] for row in rows.values() if "error" in row]
+    reference = rows["transformers"]["tokens"]
+    assert len(reference) == workload["new_tokens"]
+    for runtime in EXACT_RUNTIMES:
+        row = rows[runtime]
+        assert row["tokens"] == reference, runtime
+        assert row["same_prompt"] and row["tokens_agree"] and row["repeatable"]
+        assert row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0 and row["peak_rss_mb"] > 0
+    # int8 may pick other tokens; it must still produce them all, and the table must say whether they agree.
+    assert len(rows["onnx-int8"]["tokens"]) == workload["new_tokens"]
+    assert isinstance(rows["onnx-int8"]["tokens_agree"], bool)
+
+
+@pytest.mark.parametrize("variant", ["pg1", "pg2"])
+def test_static_cache_decode_matches_eager(reference_factory, images, variant):
+    """The CUDA mode's decode step (static cache, slot masks), run eagerly here: same greedy tokens as the eager
+    engine, on a padded batch and, for PaliGemma 2, a sliding window shorter than the prompt."""
+    import paligemma
+    from bench.static_engine import compiled_pipeline
+
+    folder, _ = reference_factory(variant)
+    prompts = ["caption en", "answer en how many shapes are there?"]
+    expected = paligemma.load(folder).generate(images[:2], prompts, max_new_tokens=12)
+    static = compiled_pipeline(folder, device="cpu", dtype="float32", compile=False)
+    for _ in range(2):  # the second request reuses the cache and the step
+        got = static.generate(images[:2], prompts, max_new_tokens=12)
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
