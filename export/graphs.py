@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from paligemma.config import PaliGemmaConfig
@@ -115,17 +114,8 @@ class ConcatCache:
 
 
 def next_token_logits(model: PaliGemmaForConditionalGeneration, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [B, C] -> float32 logits [B, V].
-
-    F.linear on a 2-D input exports as Gemm(transB=1) on the embedding matrix itself; `hidden @ W.T` would export
-    a Transpose of the 257216-row matrix that exporters and ONNX Runtime fold into a second copy of it.
-    """
-    decoder = model.decoder
-    logits = F.linear(hidden, decoder.embed_tokens.weight).float()
-    cap = decoder.config.final_logit_softcapping
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap  # Gemma 2's final logit softcap, as in GemmaModel.logits
-    return logits
+    """hidden [B, C] -> logits [B, V], float32 whatever the export dtype (what sampling reads)."""
+    return model.decoder.logits(hidden).float()
 
 
 class VisionEncoderGraph(nn.Module):

@@ -65,7 +65,8 @@ def session_options(threads: int | None, shared: tuple[list, list] | None) -> or
         # The decoder weights live in one buffer that both sessions read. Pre-packing would give each session
         # its own re-laid-out copy of every MatMul weight, doubling the memory; without it MLAS packs per call.
         options.add_session_config_entry("session.disable_prepacking", "1")
-        options.add_external_initializers(*shared)
+        for name, value in zip(*shared):  # used in place, not copied (add_external_initializers copies)
+            options.add_initializer(name, value)
     return options
 
 
