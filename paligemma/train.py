@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -189,11 +190,17 @@ def train(
     def checkpoint(step: int):
         if out_dir is None or save is None:
             return
-        for directory in (out_dir / f"step-{step:06d}", out_dir / "last"):
-            directory.mkdir(parents=True, exist_ok=True)
-            save(directory)
-            extra = {f"{n}.{k}": v for n, m in extra_modules.items() for k, v in m.state_dict().items()}
-            save_training_state(directory, step, optimizer, extra)
+        directory = out_dir / f"step-{step:06d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        save(directory)
+        extra = {f"{n}.{k}": v for n, m in extra_modules.items() for k, v in m.state_dict().items()}
+        save_training_state(directory, step, optimizer, extra)
+        # `last` is replaced only once complete, so an interruption never leaves a half-written checkpoint there.
+        staging = out_dir / "last.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(directory, staging)
+        shutil.rmtree(out_dir / "last", ignore_errors=True)
+        staging.rename(out_dir / "last")
 
     bar = None
     if options.progress:

@@ -176,13 +176,19 @@ class AuxiliaryHeads(nn.Module):
         return sum(losses) / len(losses), box_loss
 
 
-def synthetic_batches(processor, grid: int, images_per_step: int, seed: int):
-    """batches(step): scenes step * images_per_step ... of the stream `seed`, each with its questions."""
+def synthetic_batches(processor, grid: int, images_per_step: int, seed: int, jpeg_fraction: float = 0.25):
+    """batches(step): scenes step * images_per_step ... of the stream `seed`, each with its questions; a
+    `jpeg_fraction` of them saved as JPEG at a quality from 50 to 95 first."""
 
     def batches(step: int) -> dict:
         chosen = [S.render_scene(seed, step * images_per_step + j) for j in range(images_per_step)]
-        rows = [(scene.image, prefix, suffix) for j, scene in enumerate(chosen)
-                for prefix, suffix in questions(scene, random.Random(f"questions:{seed}:{step}:{j}"))]
+        rows = []
+        for j, scene in enumerate(chosen):
+            rng = random.Random(f"questions:{seed}:{step}:{j}")
+            image = scene.image
+            if rng.random() < jpeg_fraction:  # robustness to JPEG artefacts (the card allows a 3-point loss at q75)
+                image = E.as_jpeg(image, rng.randint(50, 95))
+            rows += [(image, prefix, suffix) for prefix, suffix in questions(scene, rng)]
         batch = T.training_batch(processor, *map(list, zip(*rows)))
         batch["pixel_values"] = batch["pixel_values"][:: len(rows) // len(chosen)]  # one per scene
         targets = [patch_targets(s, grid) for s in chosen]
