@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import report
+from . import report, worker
 from .worker import CPU_RUNTIMES, CUDA_RUNTIMES
 from .workloads import PROMPT, WORKLOADS, checkpoint_key
 
@@ -39,7 +40,7 @@ TARGETS = {
     "wide": {"onnx": dict(decode=1.2, ttft=1.5), "onnx-int8": dict(decode=3.0, ttft=1.5)},
     "full3b": {"torch-compiled": dict(decode_tokens_per_s=400, ttft_ms=20)},
 }
-EXPORTS = {"onnx": [], "onnx-int8": ["--quantize", "int8"]}
+EXPORTS = {"onnx": None, "onnx-int8": "int8"}  # runtime -> quantization
 
 
 def parse_args(argv):
@@ -59,10 +60,12 @@ def parse_args(argv):
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help=f"built checkpoints and ONNX exports (default {DEFAULT_CACHE})")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed to each runtime's process")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every runtime and export in this process (faster; peak memory is not measured)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.workloads = args.workloads or "tiny"
-        args.runs, args.warmup, args.new_tokens = 1, 0, min(args.new_tokens, 16)
+        args.runs, args.warmup, args.new_tokens, args.in_process = 1, 0, min(args.new_tokens, 16), True
     args.workloads = (args.workloads or ("full3b" if args.cuda else "demo,wide")).split(",")
     allowed = CUDA_RUNTIMES if args.cuda else CPU_RUNTIMES
     args.runtimes = args.runtimes.split(",") if args.runtimes else list(allowed)
@@ -94,37 +97,57 @@ def machine(cuda: bool) -> dict:
     return info
 
 
-def run_process(command: list[str], timeout: float, log) -> str | None:
-    """Runs a command from the repository root; None when it succeeds, else the tail of its output."""
+class StepFailed(RuntimeError):
+    """A worker or export process failed; the message is the tail of its output."""
+
+
+def run_process(command: list[str], timeout: float) -> None:
+    """Runs a command from the repository root; raises StepFailed with the tail of its output if it fails."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return f"timed out after {timeout:.0f}s: {' '.join(command)}"
+        raise StepFailed(f"timed out after {timeout:.0f}s: {' '.join(command)}") from None
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
-        log("\n".join("    " + line for line in tail))
-        return "\n".join(tail) or f"exit status {done.returncode}"
-    return None
+        raise StepFailed("\n".join(tail) or f"exit status {done.returncode}")
 
 
-def ensure_export(folder: Path, runtime: str, args, log) -> tuple[Path | None, str | None]:
-    """The ONNX export a runtime reads, made once per checkpoint (in its own process) and cached."""
+def ensure_export(folder: Path, runtime: str, args, log) -> Path:
+    """The ONNX export a runtime reads, made once per checkpoint and cached (in a process of its own unless
+    --in-process)."""
     dtype = "float16" if args.cuda else "float32"
     variant = "int8" if runtime == "onnx-int8" else dtype
     target = args.cache_dir / "onnx" / f"{folder.name}-{checkpoint_key(folder)}-{variant}"
     if (target / "manifest.json").exists():
-        return target, None
+        return target
     log(f"  exporting {folder.name} to ONNX ({variant}) in {target}")
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    command = [sys.executable, "-m", "export", "--model", str(folder), "--output", str(staging), "--no-validate",
-               "--dtype", dtype, *EXPORTS[runtime]]
-    error = run_process(command, args.timeout, log)
-    if error:
-        return None, f"export failed: {error}"
+    start = time.perf_counter()
+    if args.in_process:
+        from export.onnx_export import export_model
+
+        logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice on pre-processing
+        export_model(folder, staging, dtype=dtype, quantize=EXPORTS[runtime], validate=False, progress=False,
+                     log=lambda message: None)
+    else:
+        command = [sys.executable, "-m", "export", "--model", str(folder), "--output", str(staging), "--no-validate",
+                   "--dtype", dtype] + (["--quantize", EXPORTS[runtime]] if EXPORTS[runtime] else [])
+        run_process(command, args.timeout)
     staging.rename(target)
-    return target, None
+    log(f"  exported in {time.perf_counter() - start:.0f}s")
+    return target
+
+
+def measure(spec: dict, args, tmp: Path) -> dict:
+    """One runtime's measurements: in a process of its own (so peak memory is its own), or in this one."""
+    if args.in_process:
+        return dict(worker.measure(spec), peak_rss_mb=None)
+    spec_path, result_path = tmp / f"{spec['runtime']}.spec.json", tmp / f"{spec['runtime']}.json"
+    spec_path.write_text(json.dumps(spec))
+    run_process([sys.executable, "-m", "bench.worker", str(spec_path), str(result_path)], args.timeout)
+    return json.loads(result_path.read_text())
 
 
 def bench_workload(name: str, args, log) -> dict:
@@ -135,20 +158,20 @@ def bench_workload(name: str, args, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for runtime in args.runtimes:
             log(f"  {name}: {runtime}")
-            onnx_dir, error = (None, None)
-            if runtime.startswith("onnx"):
-                onnx_dir, error = ensure_export(folder, runtime, args, log)
-            if error is None:
-                spec = dict(runtime=runtime, checkpoint=str(folder), onnx_dir=str(onnx_dir) if onnx_dir else None,
-                            prompt=PROMPT, new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
-                            threads=args.threads, device=device, dtype=dtype)
-                spec_path, result_path = Path(tmp) / f"{runtime}.spec.json", Path(tmp) / f"{runtime}.json"
-                spec_path.write_text(json.dumps(spec))
-                error = run_process([sys.executable, "-m", "bench.worker", str(spec_path), str(result_path)],
-                                    args.timeout, log)
-            results.append(dict(runtime=runtime, error=error) if error else json.loads(result_path.read_text()))
+            start = time.perf_counter()
+            spec = dict(runtime=runtime, checkpoint=str(folder), onnx_dir=None, prompt=PROMPT,
+                        new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                        device=device, dtype=dtype)
+            try:
+                if runtime.startswith("onnx"):
+                    spec["onnx_dir"] = str(ensure_export(folder, runtime, args, log))
+                results.append(measure(spec, args, Path(tmp)))
+            except Exception as e:  # one runtime failing must not hide the others' figures
+                log(f"    failed: {e}")
+                results.append(dict(runtime=runtime, error=f"{type(e).__name__}: {e}"))
+            log(f"  {runtime} took {time.perf_counter() - start:.0f}s")
     return dict(name=name, description=workload.description, checkpoint=str(folder), new_tokens=args.new_tokens,
-                runs=args.runs, warmup=args.warmup, threads=args.threads,
+                runs=args.runs, warmup=args.warmup, threads=args.threads, in_process=args.in_process,
                 rows=report.summarize(results, TARGETS.get(name, {})), raw=results)
 
 

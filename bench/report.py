@@ -31,7 +31,7 @@ def summarize(results: list[dict], targets: dict) -> list[dict]:
             ref_ttft = statistics.median(reference["ttft_s"])
             ref_decode = statistics.median(reference["decode_tokens_per_s"])
             row.update(ttft_speedup=ref_ttft / row["ttft_s"], decode_speedup=row["decode_tokens_per_s"] / ref_decode,
-                       memory_ratio=row["peak_rss_mb"] / reference["peak_rss_mb"],
+                       memory_ratio=row["peak_rss_mb"] / reference["peak_rss_mb"] if row["peak_rss_mb"] else None,
                        same_prompt=r["prompt_ids"] == reference["prompt_ids"],
                        agreeing_tokens=agreeing_prefix(r["tokens"], reference["tokens"]))
             row["tokens_agree"] = row["same_prompt"] and row["agreeing_tokens"] == len(reference["tokens"])
@@ -79,13 +79,13 @@ def markdown_table(workload: dict) -> str:
         reference = row["runtime"] == REFERENCE
         ttft = f"{row['ttft_s'] * 1000:.0f} ms"
         decode = f"{row['decode_tokens_per_s']:.1f} tok/s"
-        memory = f"{row['peak_rss_mb']:.0f} MB RSS"
+        memory = f"{row['peak_rss_mb']:.0f} MB RSS" if row["peak_rss_mb"] else "not measured (one process)"
         if row.get("peak_gpu_mb") is not None:
             memory += f", {row['peak_gpu_mb']:.0f} MB GPU"
         if "ttft_speedup" in row and not reference:
             ttft += f" ({row['ttft_speedup']:.2f}x faster)"
             decode += f" ({row['decode_speedup']:.2f}x)"
-            memory += f" ({row['memory_ratio']:.2f}x)"
+            memory += f" ({row['memory_ratio']:.2f}x)" if row["memory_ratio"] else ""
         if reference:
             agree = "reference"
         elif "tokens_agree" not in row:

@@ -59,6 +59,7 @@ def transformers_runner(spec: dict):
     from transformers import PaliGemmaForConditionalGeneration
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     folder = Path(spec["checkpoint"])
     model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
