@@ -2,7 +2,7 @@
 the runtime shown, and an optional check against eager torch. `create_app()` builds it; `launch()` serves it.
 
 API (gradio_client): `generate` takes (image, prompt, decoding, temperature, top_p, top_k, max_new_tokens, seed,
-check_torch), every input after the prompt with a default, and returns (answer, annotated image, detections,
+check_torch), every input after the prompt with a default, and returns (answer, annotated image, boxes,
 timings, torch check). The server validates every value itself; a bad one is answered with a message, never a
 traceback.
 """
@@ -34,7 +34,7 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_UPLOAD = "10mb"
 MAX_PROMPT_CHARS = 1000
 CONCURRENCY_LIMIT = 2  # requests generating at once; the rest wait in the queue
-MAX_QUEUE = 32  # requests waiting beyond that are turned away with "queue full"
+MAX_QUEUE = 32  # at most this many wait; more are turned away with "queue full"
 # name: (lowest, highest, whole number); the sliders use the same ranges, and the server checks them again.
 LIMITS = {
     "temperature": (0.0, 2.0, False),
