@@ -8,8 +8,10 @@ decode graph's past inputs, and left a Transpose on every weight for ONNX Runtim
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -23,7 +25,6 @@ from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from paligemma.config import PaliGemmaConfig
-from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.weights import load_model, resolve_checkpoint
 
 from .graphs import GRAPH_ORDER, graph_modules, graph_specs
@@ -163,43 +164,63 @@ def set_metadata(model: onnx.ModelProto, graph: str, meta: dict[str, str]) -> No
     model.producer_name = "paligemma-export"
 
 
-def store_shared(models: dict[str, onnx.ModelProto], folder: Path, data_name: str, progress: bool) -> dict:
-    """Move the weights of `models` into one external data file, each distinct tensor once (by content), at
-    page-aligned offsets; rewrite every model to reference it. Returns the table name -> offset, length, type, shape."""
-    table: dict[str, dict] = {}
-    by_content: dict[bytes, str] = {}
-    total = sum(len(tensor_bytes(t)) for m in models.values() for t in m.graph.initializer)
-    with open(folder / data_name, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {data_name}",
-                                                 disable=not progress) as bar:
-        for model in models.values():
-            renames = {}
-            for tensor in model.graph.initializer:
-                raw = tensor_bytes(tensor)
-                bar.update(len(raw))
-                if len(raw) < EXTERNAL_MIN_BYTES:
-                    continue
-                key = hashlib.blake2b(raw, digest_size=32).digest() + f"{tensor.data_type}{list(tensor.dims)}".encode()
-                if key not in by_content:
-                    name = tensor.name
-                    while name in table:  # a different tensor under the same name
-                        name += "_"
-                    f.write(b"\0" * (-f.tell() % ALIGNMENT))
-                    table[name] = dict(offset=f.tell(), length=len(raw), data_type=tensor.data_type, shape=list(tensor.dims))
-                    f.write(raw)
-                    by_content[key] = name
-                name = by_content[key]
-                if name != tensor.name:
-                    renames[tensor.name] = name
-                    tensor.name = name
-                entry = table[name]
-                tensor.ClearField("raw_data")
-                del tensor.float_data[:], tensor.int32_data[:], tensor.int64_data[:], tensor.double_data[:]
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                del tensor.external_data[:]
-                for k, v in (("location", data_name), ("offset", entry["offset"]), ("length", entry["length"])):
-                    tensor.external_data.add(key=k, value=str(v))
-            rename_inputs(model.graph, renames)
-    return table
+class SharedData:
+    """One external data file for several graphs: each distinct tensor (by content) is written once, at a
+    page-aligned offset, and every graph holding it is rewritten to reference it there under one name. Graphs are
+    added one at a time, so only one is in memory during an export. `table`: name -> offset, length, type, shape."""
+
+    def __init__(self, path: Path, progress: bool):
+        self.path = path
+        self.file = open(path, "wb")
+        self.progress = progress
+        self.table: dict[str, dict] = {}
+        self.by_content: dict[bytes, str] = {}
+
+    def add(self, model: onnx.ModelProto, what: str) -> None:
+        renames = {}
+        for tensor in tqdm(model.graph.initializer, desc=f"{what} weights -> {self.path.name}", disable=not self.progress):
+            raw = tensor_bytes(tensor)
+            if len(raw) < EXTERNAL_MIN_BYTES:
+                continue
+            key = hashlib.blake2b(raw, digest_size=32).digest() + f"{tensor.data_type}{list(tensor.dims)}".encode()
+            if key not in self.by_content:
+                name = tensor.name
+                while name in self.table:  # a different tensor under the same name
+                    name += "_"
+                self.file.write(b"\0" * (-self.file.tell() % ALIGNMENT))
+                self.table[name] = dict(offset=self.file.tell(), length=len(raw), data_type=tensor.data_type,
+                                        shape=list(tensor.dims))
+                self.file.write(raw)
+                self.by_content[key] = name
+            name = self.by_content[key]
+            if name != tensor.name:
+                renames[tensor.name] = name
+                tensor.name = name
+            entry = self.table[name]
+            tensor.ClearField("raw_data")
+            del tensor.float_data[:], tensor.int32_data[:], tensor.int64_data[:], tensor.double_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for k, v in (("location", self.path.name), ("offset", entry["offset"]), ("length", entry["length"])):
+                tensor.external_data.add(key=k, value=str(v))
+        rename_inputs(model.graph, renames)
+
+    def __enter__(self) -> "SharedData":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.file.close()
+
+
+@contextlib.contextmanager
+def quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def quantize_int8(model: onnx.ModelProto, workdir: Path, name: str) -> onnx.ModelProto:
@@ -244,8 +265,12 @@ def export_model(
                 torch_version=torch.__version__)
     specs, modules, inputs = graph_specs(config), graph_modules(model), example_inputs(config, torch_dtype)
     embed_name = next(n for n, p in modules["prefill"].named_parameters() if n.endswith("embed_tokens.weight"))
-    models = {}
-    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
+    for path in output.iterdir():  # an earlier export's files
+        if path.is_file() and (path.suffix == ".onnx" or path.name.endswith(".data")):
+            path.unlink()
+    shared = SharedData(output / SHARED_DATA_NAME, progress)
+    vision_data, vision_bytes = None, 0
+    with shared, tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
         steps = tqdm(GRAPH_ORDER, desc="exporting", disable=not progress)
         for name in steps:
             steps.set_postfix_str(name)
@@ -256,26 +281,23 @@ def export_model(
                 tie_lm_head(graph, embed_name, config.text.vocab_size)
             name_folded_weights(graph)
             if quantize == "int8":
-                graph = quantize_int8(graph, workdir, name)
+                with quiet_root_logger():  # the quantizer's advice to pre-process, logged on the root logger
+                    graph = quantize_int8(graph, workdir, name)
             set_metadata(graph, name, meta)
-            models[name] = graph
-        for path in output.iterdir():  # an earlier export's files
-            if path.is_file() and (path.suffix == ".onnx" or path.name.endswith(".data")):
-                path.unlink()
-        vision = models.pop("vision_encoder")
-        vision_bytes = sum(len(tensor_bytes(t)) for t in vision.graph.initializer)
-        vision_data = None
-        if vision.ByteSize() > PROTOBUF_LIMIT:
-            vision_data = "vision_encoder.onnx.data"
-            onnx.save(vision, str(output / "vision_encoder.onnx"), save_as_external_data=True, location=vision_data,
-                      size_threshold=EXTERNAL_MIN_BYTES)
-        else:
-            onnx.save(vision, str(output / "vision_encoder.onnx"))
-        del vision
-        shared = store_shared(models, output, SHARED_DATA_NAME, progress)
-        for name, graph in models.items():
-            onnx.save(graph, str(output / f"{name}.onnx"))
-    del models
+            path = output / f"{name}.onnx"
+            if name == "vision_encoder":
+                vision_bytes = sum(len(tensor_bytes(t)) for t in graph.graph.initializer)
+                if graph.ByteSize() > PROTOBUF_LIMIT:
+                    vision_data = f"{name}.onnx.data"
+                    onnx.save(graph, str(path), save_as_external_data=True, location=vision_data,
+                              size_threshold=EXTERNAL_MIN_BYTES)
+                else:
+                    onnx.save(graph, str(path))
+            else:
+                shared.add(graph, name)
+                onnx.save(graph, str(path))
+            del graph
+            shutil.rmtree(workdir)
     for name in GRAPH_ORDER:
         try:
             onnx.checker.check_model(str(output / f"{name}.onnx"), full_check=True)
@@ -288,9 +310,9 @@ def export_model(
     (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     files = [f"{n}.onnx" for n in GRAPH_ORDER] + [SHARED_DATA_NAME] + ([vision_data] if vision_data else [])
     manifest = dict(
-        meta, source=str(folder), ir_version=IR_VERSION, weight_bytes=vision_bytes + sum(e["length"] for e in shared.values()),
+        meta, source=str(folder), ir_version=IR_VERSION, weight_bytes=vision_bytes + sum(e["length"] for e in shared.table.values()),
         graphs={name: spec.describe() for name, spec in specs.items()},
-        shared_data=dict(file=SHARED_DATA_NAME, tensors=shared),
+        shared_data=dict(file=SHARED_DATA_NAME, tensors=shared.table),
         files={f: dict(size=(output / f).stat().st_size, sha256=file_sha256(output / f)) for f in files},
     )
     (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
