@@ -51,7 +51,9 @@ def parse_args(argv):
     parser.add_argument("--runtimes", help=f"comma-separated; CPU: {', '.join(CPU_RUNTIMES)}; "
                                            f"CUDA: {', '.join(CUDA_RUNTIMES)} (default: all)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per runtime; the median is reported")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first, in each process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="start every runtime's process this many times, taking turns (evens out a shared machine)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: all cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one run, few tokens: checks that it all works")
@@ -65,7 +67,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.smoke:
         args.workloads = args.workloads or "tiny"
-        args.runs, args.warmup, args.new_tokens, args.in_process = 1, 0, min(args.new_tokens, 16), True
+        args.runs, args.rounds, args.warmup, args.in_process = 1, 1, 0, True
+        args.new_tokens = min(args.new_tokens, 16)
     args.workloads = (args.workloads or ("full3b" if args.cuda else "demo,wide")).split(",")
     allowed = CUDA_RUNTIMES if args.cuda else CPU_RUNTIMES
     args.runtimes = args.runtimes.split(",") if args.runtimes else list(allowed)
@@ -75,8 +78,8 @@ def parse_args(argv):
     for name in args.runtimes:
         if name not in allowed:
             parser.error(f"unknown runtime '{name}' for {'--cuda' if args.cuda else 'CPU'}; choose from {', '.join(allowed)}")
-    if args.runs < 1 or args.warmup < 0 or args.new_tokens < 2:
-        parser.error("--runs must be >= 1, --warmup >= 0 and --new-tokens >= 2")
+    if args.runs < 1 or args.rounds < 1 or args.warmup < 0 or args.new_tokens < 2:
+        parser.error("--runs and --rounds must be >= 1, --warmup >= 0 and --new-tokens >= 2")
     return args
 
 
@@ -110,6 +113,8 @@ def run_process(command: list[str], timeout: float) -> None:
         raise StepFailed(f"timed out after {timeout:.0f}s: {' '.join(command)}") from None
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
+        if done.returncode < 0:  # no traceback: killed, e.g. by the kernel when memory ran out
+            tail.append(f"killed by signal {-done.returncode} (out of memory?)")
         raise StepFailed("\n".join(tail) or f"exit status {done.returncode}")
 
 
@@ -151,28 +156,49 @@ def measure(spec: dict, args, tmp: Path) -> dict:
 
 
 def bench_workload(name: str, args, log) -> dict:
+    """Every runtime on one workload. With several rounds the runtimes take turns (round 1: each runtime, round 2:
+    each again, ...), so that a change in the machine's load during the run weighs on all of them alike."""
     workload = WORKLOADS[name]
     device, dtype = ("cuda", "bfloat16") if args.cuda else ("cpu", "float32")
     folder = workload.prepare(args.cache_dir, dtype=getattr(torch, dtype), device=device, log=log)
-    results = []
+    rounds: dict[str, list[dict]] = {runtime: [] for runtime in args.runtimes}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        for runtime in args.runtimes:
-            log(f"  {name}: {runtime}")
-            start = time.perf_counter()
-            spec = dict(runtime=runtime, checkpoint=str(folder), onnx_dir=None, prompt=PROMPT,
-                        new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                        device=device, dtype=dtype)
-            try:
-                if runtime.startswith("onnx"):
-                    spec["onnx_dir"] = str(ensure_export(folder, runtime, args, log))
-                results.append(measure(spec, args, Path(tmp)))
-            except Exception as e:  # one runtime failing must not hide the others' figures
-                log(f"    failed: {e}")
-                results.append(dict(runtime=runtime, error=f"{type(e).__name__}: {e}"))
-            log(f"  {runtime} took {time.perf_counter() - start:.0f}s")
+        for round_ in range(args.rounds):
+            for runtime in args.runtimes:
+                if rounds[runtime] and "error" in rounds[runtime][0]:
+                    continue
+                log(f"  {name}: {runtime}" + (f" (round {round_ + 1} of {args.rounds})" if args.rounds > 1 else ""))
+                start = time.perf_counter()
+                spec = dict(runtime=runtime, checkpoint=str(folder), onnx_dir=None, prompt=PROMPT,
+                            new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                            device=device, dtype=dtype)
+                try:
+                    if runtime.startswith("onnx"):
+                        spec["onnx_dir"] = str(ensure_export(folder, runtime, args, log))
+                    rounds[runtime].append(measure(spec, args, Path(tmp)))
+                except Exception as e:  # one runtime failing must not hide the others' figures
+                    log(f"    failed: {e}")
+                    rounds[runtime] = [dict(runtime=runtime, error=f"{type(e).__name__}: {e}")]
+                log(f"  {runtime} took {time.perf_counter() - start:.0f}s")
+    results = [merge_rounds(r) for r in rounds.values()]
     return dict(name=name, description=workload.description, checkpoint=str(folder), new_tokens=args.new_tokens,
-                runs=args.runs, warmup=args.warmup, threads=args.threads, in_process=args.in_process,
+                runs=args.runs * args.rounds, rounds=args.rounds, warmup=args.warmup, threads=args.threads, in_process=args.in_process,
                 rows=report.summarize(results, TARGETS.get(name, {})), raw=results)
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One runtime's rounds as one result: all timed runs, the highest peak memory, tokens repeatable across rounds."""
+    first = rounds[0]
+    if "error" in first or len(rounds) == 1:
+        return first
+    merged = dict(first, ttft_s=[t for r in rounds for t in r["ttft_s"]],
+                  decode_tokens_per_s=[t for r in rounds for t in r["decode_tokens_per_s"]],
+                  load_s=max(r["load_s"] for r in rounds),
+                  repeatable=all(r["repeatable"] and r["tokens"] == first["tokens"] for r in rounds))
+    for key in ("peak_rss_mb", "peak_gpu_mb"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        merged[key] = max(values) if values else None
+    return merged
 
 
 def main(argv=None) -> int:

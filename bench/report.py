@@ -68,13 +68,14 @@ def markdown_table(workload: dict) -> str:
     """The table for one workload; a speed figure whose tokens disagree with transformers is struck through."""
     rows = workload["rows"]
     lines = [f"**{workload['description']}** ({workload['new_tokens']} new tokens, median of {workload['runs']} "
-             f"run(s) after {workload['warmup']} warm-up)", "",
+             f"run(s) after {workload['warmup']} warm-up"
+             + (f", runtimes taking turns over {workload['rounds']} rounds)" if workload.get("rounds", 1) > 1 else ")"), "",
              "| runtime | time to first token | decode | peak memory | greedy tokens vs transformers | target |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         name = f"{row['runtime']}: {row['info']}" if row.get("info") else row["runtime"]
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error'].splitlines()[-1][:160]} | | | | |")
+            lines.append(f"| {name} | failed: {error_line(row['error'])} | | | | |")
             continue
         reference = row["runtime"] == REFERENCE
         ttft = f"{row['ttft_s'] * 1000:.0f} ms"
@@ -101,6 +102,13 @@ def markdown_table(workload: dict) -> str:
         target = row.get("target")
         lines.append(f"| {name} | {ttft} | {decode} | {memory} | {agree} | {target_verdict(row, target) if target else ''} |")
     return "\n".join(lines)
+
+
+def error_line(error: str) -> str:
+    """The line of a failure's output that says what went wrong (progress bars and warnings skipped)."""
+    lines = [line.split("\r")[-1].strip() for line in error.splitlines() if line.strip()]
+    named = [line for line in lines if "Error" in line or "error" in line or "Killed" in line or "signal" in line]
+    return ((named or lines or ["unknown error"])[-1])[:200].replace("|", "/")
 
 
 def target_verdict(row: dict, target: dict) -> str:

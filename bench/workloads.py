@@ -85,6 +85,9 @@ class Workload:
         config = PaliGemmaConfig.from_dict(config_dict(self.shape, self.vision_layers, self.text_layers))
         model = random_model(config, dtype, device, self.std, self.embed_std, self.attn_out_std)
         save_checkpoint(model, staging)
+        del model
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the runtimes, in their own processes, need the memory
         build_tokenizer(config.image_token_index).save(str(staging / "tokenizer.json"))
         os.replace(staging, folder)
         return folder
