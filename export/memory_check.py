@@ -125,8 +125,8 @@ def measure(onnx_dir: Path, mode: str, threads: int | None) -> dict:
     inputs = prompt_inputs(config)
     before = rss_bytes()
     start = time.perf_counter()
-    if mode == "shared":
-        model = OnnxModel(onnx_dir, config, threads=threads)
+    if mode in ("shared", "shared_prepacked"):
+        model = OnnxModel(onnx_dir, config, threads=threads, prepack=mode == "shared_prepacked")
     else:  # ONNX Runtime's defaults: every session reads its own weights from the data file and pre-packs them
         model = OnnxModel.__new__(OnnxModel)
         model.manifest, model.config, model.float_type = manifest, config, np.float32
@@ -195,13 +195,13 @@ def main(argv=None) -> int:
         print(f"ORT vs torch max abs diff: prefill {diffs['prefill']:.3g}, decode {diffs['decode']:.3g}; torch eager: "
               f"prefill {diffs['torch_prefill_s']:.2f}s, decode {diffs['torch_decode_tokens_per_s']:.2f} tokens/s")
         results = {}
-        for mode in ("shared", "ort_defaults"):
+        for mode in ("shared", "shared_prepacked", "ort_defaults"):
             command = [sys.executable, "-m", "export.memory_check", "--measure", str(onnx_dir), "--mode", mode]
             if args.threads:
                 command += ["--threads", str(args.threads)]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[mode] = r = json.loads(out.strip().splitlines()[-1])
-            print(f"{mode:>12}: weights {r['weight_bytes'] / 1e9:.2f} GB, RSS added by loading "
+            print(f"{mode:>16}: weights {r['weight_bytes'] / 1e9:.2f} GB, RSS added by loading "
                   f"{(r['rss_loaded'] - r['rss_before']) / 1e9:.2f} GB ({r['load_ratio']:.2f}x), after a run "
                   f"{(r['rss_after_run'] - r['rss_before']) / 1e9:.2f} GB ({r['run_ratio']:.2f}x); load {r['load_s']:.1f}s, "
                   f"prefill {r['prefill_s']:.2f}s, decode {r['decode_tokens_per_s']:.2f} tokens/s "

@@ -51,7 +51,7 @@ def choose_providers(device: str) -> list:
     return ["CPUExecutionProvider"]
 
 
-def session_options(threads: int | None, shared: tuple[list, list] | None) -> ort.SessionOptions:
+def session_options(threads: int | None, shared: tuple[list, list] | None, prepack: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     # All graph optimizations: they fuse LayerNorm, GELU and attention patterns in place and copy no weights
     # (measured: export/memory_check.py).
@@ -63,8 +63,10 @@ def session_options(threads: int | None, shared: tuple[list, list] | None) -> or
     options.log_severity_level = 3  # errors only: ONNX Runtime's warnings about unused initializers are noise here
     if shared is not None:
         # The decoder weights live in one buffer that both sessions read. Pre-packing would give each session
-        # its own re-laid-out copy of every MatMul weight, doubling the memory; without it MLAS packs per call.
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        # its own re-laid-out copy of every MatMul weight (3x the weights in all). Without it a single row (batch 1
+        # decode) runs as fast; several rows re-pack weights per call: batched CPU decode is slower (memory_check).
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         for name, value in zip(*shared):  # used in place, not copied (add_external_initializers copies)
             options.add_initializer(name, value)
     return options
@@ -74,7 +76,7 @@ class OnnxModel:
     """The sessions of one export. Calling it gives a fresh OnnxEngine (what Pipeline's engine_factory needs)."""
 
     def __init__(self, onnx_dir, config: PaliGemmaConfig, device: str = "cpu", fingerprint: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, prepack: bool = False):
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
@@ -84,7 +86,7 @@ class OnnxModel:
         self._shared_arrays = shared_arrays  # the sessions read these buffers: keep them alive
         self.sessions = {}
         for name in GRAPH_ORDER:
-            options = session_options(threads, shared if name != "vision_encoder" else None)
+            options = session_options(threads, shared if name != "vision_encoder" else None, prepack)
             self.sessions[name] = self._session(name, options, providers)
         self.providers = self.sessions["decode"].get_providers()
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -209,10 +211,12 @@ def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Pa
     return target
 
 
-def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int | None = None) -> Pipeline:
+def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int | None = None,
+                       prepack: bool = False) -> Pipeline:
     """A Pipeline generating with ONNX Runtime: from the export in `onnx_dir` (checked against the checkpoint's
     config hash and weights), or from the export cache, exporting on first use. `folder` may also be an export
-    directory itself."""
+    directory itself. `prepack` trades memory (each decoder session re-lays out its own copy of the weights) for
+    faster batched decoding on CPU."""
     folder = Path(folder)
     try:
         config = PaliGemmaConfig.from_json_file(folder / "config.json")
@@ -224,5 +228,5 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
         fingerprint = weights_fingerprint(folder)
         if onnx_dir is None:
             onnx_dir = cached_export(folder, config, fingerprint)
-    model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads)
+    model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, prepack=prepack)
     return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)
