@@ -1,9 +1,10 @@
 """torch -> ONNX: the three graphs, weights stored once, metadata, int8 quantization, checks and validation.
 
-Exporter: TorchScript (`torch.onnx.export(dynamo=False)`). It traces batch, sequence and past length as dynamic axes
-and folds every Linear weight's transpose at export time, so ONNX Runtime has nothing left to copy at load. The dynamo
-exporter (torch 2.13) took 20x longer on the tiny model, could not turn `dynamic_axes` into `dynamic_shapes` for the
-decode graph's past inputs, and left a Transpose on every weight for ONNX Runtime to fold into a copy at load.
+Exporter: TorchScript (`torch.onnx.export(dynamo=False)`), which traces batch, sequence and past length as dynamic
+axes. Its constant folding is off: it would hold the model's weights twice more in memory; the weight transposes
+nn.Linear exports are folded here instead, one tensor at a time, so ONNX Runtime has nothing left to copy at load.
+The dynamo exporter (torch 2.13) took 20x longer on the tiny model, could not turn `dynamic_axes` into
+`dynamic_shapes` for the decode graph's past inputs, and left a Transpose on every weight.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def trace_to_onnx(module: torch.nn.Module, inputs, spec, path: Path, opset: int)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings about shape reads
         torch.onnx.export(
-            module, inputs, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            module, inputs, str(path), dynamo=False, opset_version=opset, do_constant_folding=False,
             input_names=[i.name for i in spec.inputs], output_names=[o.name for o in spec.outputs],
             dynamic_axes=spec.dynamic_axes(),
         )
@@ -100,44 +101,48 @@ def rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
                 node.input[i] = renames[name]
 
 
-def tie_lm_head(model: onnx.ModelProto, embed_name: str, vocab_size: int) -> None:
-    """Store the tied embedding once: the output projection becomes Gemm(hidden, embedding, transB=1) instead of a
-    MatMul on the transposed copy that constant folding made, which is dropped.
+def tie_lm_head(model: onnx.ModelProto, embed_name: str) -> None:
+    """Store the tied embedding once: the output projection, exported as MatMul(hidden, Transpose(embedding)), becomes
+    Gemm(hidden, embedding, transB=1), so no transposed copy of the 257216-row matrix is ever made.
 
     Measured on ONNX Runtime's CPU kernels without weight pre-packing, [B, 2048] x the 257216-row matrix: Gemm with
     transB on the [V, C] embedding takes as long as MatMul on a [C, V] copy for one row and half as long for 2 to 4
     rows (MatMul re-packs the whole matrix per call when more than one row comes)."""
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    embed = tensor_array(initializers[embed_name])
-    # Columns spread over the vocabulary identify the transposed copy (a full strided compare takes minutes at 3B).
-    columns = np.linspace(0, vocab_size - 1, num=min(vocab_size, 512)).astype(np.int64)
+    transposes = {n.output[0]: n for n in graph.node if n.op_type == "Transpose" and n.input[0] == embed_name}
     for node in graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if (weight is not None and list(weight.dims) == [embed.shape[1], vocab_size]
-                and np.array_equal(tensor_array(weight)[:, columns], embed[columns].T)):
+        if node.op_type == "MatMul" and node.input[1] in transposes:
+            graph.node.remove(transposes[node.input[1]])
             node.op_type = "Gemm"
             node.input[1] = embed_name
             node.attribute.append(onnx.helper.make_attribute("transB", 1))
-            graph.initializer.remove(weight)
             return
     raise OnnxExportError("the exported graph has no output projection on the embedding matrix; the graph layout changed")
 
 
-def name_folded_weights(model: onnx.ModelProto) -> None:
-    """Constant folding names weights `onnx::MatMul_123`; name them after the layer that reads them, so the prefill
-    and decode graphs call one weight by one name."""
-    consumers = {}
-    for node in model.graph.node:
+def fold_weight_transposes(model: onnx.ModelProto) -> None:
+    """Replace each Transpose of a weight (how nn.Linear exports) by the transposed weight, one tensor at a time.
+
+    The exporter's own constant folding would do this with the whole model's weights in memory twice more; left to
+    ONNX Runtime, every session would fold its own copy at load. The transposed weight is named `<weight>_transposed`."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    uses = {}
+    for node in graph.node:
         for name in node.input:
-            consumers.setdefault(name, node)
-    renames = {}
-    for tensor in model.graph.initializer:
-        if tensor.name.startswith("onnx::") and tensor.name in consumers:
-            node = consumers[tensor.name]
-            renames[tensor.name] = node.name.strip("/").replace("/", ".") + ".weight"
-            tensor.name = renames[tensor.name]
-    rename_inputs(model.graph, renames)
+            uses[name] = uses.get(name, 0) + 1
+    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in initializers]:
+        source = initializers[node.input[0]]
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        array = np.ascontiguousarray(tensor_array(source).transpose(perm))
+        name = source.name + "_transposed"
+        graph.initializer.append(numpy_helper.from_array(array, name))
+        del array
+        graph.node.remove(node)
+        rename_inputs(graph, {node.output[0]: name})
+        uses[source.name] -= 1
+        if uses[source.name] == 0:
+            graph.initializer.remove(source)
 
 
 def set_metadata(model: onnx.ModelProto, graph: str, meta: dict[str, str]) -> None:
@@ -261,8 +266,8 @@ def export_model(
             workdir.mkdir()
             graph = trace_to_onnx(modules[name], inputs[name], specs[name], workdir / f"{name}.onnx", opset)
             if name != "vision_encoder" and quantize is None:
-                tie_lm_head(graph, embed_name, config.text.vocab_size)
-            name_folded_weights(graph)
+                tie_lm_head(graph, embed_name)
+            fold_weight_transposes(graph)
             if quantize == "int8":
                 with quiet_root_logger():  # the quantizer's advice to pre-process, logged on the root logger
                     graph = quantize_int8(graph, workdir, name)
