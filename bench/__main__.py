@@ -28,7 +28,7 @@ import torch
 
 from . import report, worker
 from .worker import CPU_RUNTIMES, CUDA_RUNTIMES
-from .workloads import PROMPT, WORKLOADS, checkpoint_key
+from .workloads import PROMPT, WORKLOADS, export_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -123,7 +123,7 @@ def ensure_export(folder: Path, runtime: str, args, log) -> Path:
     --in-process)."""
     dtype = "float16" if args.cuda else "float32"
     variant = "int8" if runtime == "onnx-int8" else dtype
-    target = args.cache_dir / "onnx" / f"{folder.name}-{checkpoint_key(folder)}-{variant}"
+    target = args.cache_dir / "onnx" / f"{folder.name}-{export_key(folder)}-{variant}"
     if (target / "manifest.json").exists():
         return target
     log(f"  exporting {folder.name} to ONNX ({variant}) in {target}")

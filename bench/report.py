@@ -42,6 +42,11 @@ def summarize(results: list[dict], targets: dict) -> list[dict]:
     return rows
 
 
+def threads_text(workload: dict) -> str:
+    threads = workload.get("threads")
+    return f"{threads} thread{'s' if threads != 1 else ''}" if threads else "threads: all cores"
+
+
 def agreeing_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -67,7 +72,7 @@ def target_text(target: dict) -> str:
 def markdown_table(workload: dict) -> str:
     """The table for one workload; a speed figure whose tokens disagree with transformers is struck through."""
     rows = workload["rows"]
-    lines = [f"**{workload['description']}** ({workload['new_tokens']} new tokens, median of {workload['runs']} "
+    lines = [f"**{workload['description']}** ({workload['new_tokens']} new tokens, {threads_text(workload)}, median of {workload['runs']} "
              f"run(s) after {workload['warmup']} warm-up"
              + (f", runtimes taking turns over {workload['rounds']} rounds)" if workload.get("rounds", 1) > 1 else ")"), "",
              "| runtime | time to first token | decode | peak memory | greedy tokens vs transformers | target |",
@@ -156,7 +161,7 @@ def plot_ratios(path: Path, report: dict) -> None:
                       + [v for r in rows for k, v in r.get("target", {}).items() if k in ("ttft", "decode")])
         scale = plot_w / (largest * 1.1)
         x0 = margin + label_w
-        draw.text((margin, top), panel["description"], fill="black", font=font)
+        draw.text((margin, top), f"{panel['description']}, {threads_text(panel)}", fill="black", font=font)
         y = top + 26
         for row in rows:
             draw.text((margin, y + bar_h // 2), row["runtime"] + ("" if row.get("tokens_agree", True) else " (tokens differ)"),

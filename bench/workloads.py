@@ -168,10 +168,14 @@ def request_image(size: int = 224) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def checkpoint_key(folder: Path) -> str:
-    """A short key that changes when the checkpoint's config or weights change (names cached exports)."""
+def export_key(folder: Path) -> str:
+    """A short key naming a cached export: it changes with the checkpoint's config or weights and with the exporter's
+    source (export/*.py), so that an improved exporter is measured, not a stale export."""
+    import export
     from export.manifest import weights_fingerprint
 
-    config = json.loads((Path(folder) / "config.json").read_text())
-    text = json.dumps(config, sort_keys=True) + weights_fingerprint(Path(folder))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(json.loads((Path(folder) / "config.json").read_text()), sort_keys=True).encode())
+    digest.update(weights_fingerprint(Path(folder)).encode())
+    for source in sorted(Path(export.__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
