@@ -82,8 +82,8 @@ class OnnxModel:
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
         self.float_type = FLOAT_TYPES[self.manifest["dtype"]]
         providers = choose_providers(device)
-        shared_arrays, shared = self._load_shared()
-        self._shared_arrays = shared_arrays  # the sessions read these buffers: keep them alive
+        buffers, shared = self._load_shared()
+        self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
         self.sessions = {}
         for name in GRAPH_ORDER:
             options = session_options(threads, shared if name != "vision_encoder" else None, prepack)
