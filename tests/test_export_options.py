@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -66,6 +67,8 @@ def test_export_cache_made_on_first_use_then_reused(checkpoint, tmp_path, monkey
 def test_export_folder_alone_is_loadable(checkpoint, tmp_path):
     """The export carries config, tokenizer and manifest: another machine needs nothing else."""
     out = tmp_path / "onnx"
-    assert main(["--model", str(checkpoint), "--output", str(out), "--no-validate"]) == 0
+    assert main(["--model", str(checkpoint), "--output", str(out), "--no-validate", "--opset", "17"]) == 0
+    graph = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [17]
     expected = paligemma.load(checkpoint).generate(IMAGE, "caption en", max_new_tokens=6).token_ids
     assert paligemma.load(out, backend="onnx").generate(IMAGE, "caption en", max_new_tokens=6).token_ids == expected
