@@ -10,6 +10,7 @@ import math
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
@@ -160,8 +161,8 @@ class GemmaModel(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The output projection is tied to the embedding matrix.
-        logits = hidden @ self.embed_tokens.weight.T
+        # The output projection is tied to the embedding matrix (F.linear reads it as is, with no transposed copy).
+        logits = F.linear(hidden, self.embed_tokens.weight)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
