@@ -101,7 +101,6 @@ def test_caption_of_a_shipped_example(client, backend):
 def test_detect_returns_boxes_that_match_the_scene(client):
     image, entry = example("detect circle ; triangle")
     answer, annotated, boxes, _, _ = generate(client, image, entry["prompt"])
-    assert answer == entry["answer"]
     expected = [s for s in entry["shapes"] if s["shape"] in ("circle", "triangle")]
     assert [b["label"] for b in boxes] == [s["shape"] for s in expected]
     for box, shape in zip(boxes, expected):
