@@ -55,9 +55,13 @@ def page(url):
         browser.close()
 
 
-def run(page, image: Path, prompt: str):
+def upload(page, image: Path):
     page.locator("#image input[type=file]").set_input_files(str(image))
     page.locator(f'#image img[src*="{image.name}"]').first.wait_for()  # uploaded: the preview shows the new file
+
+
+def run(page, image: Path, prompt: str):
+    upload(page, image)
     page.locator("#prompt textarea").fill(prompt)
     page.locator("#run").click()
 
@@ -98,10 +102,14 @@ def test_caption_streams_into_the_page(page, backend):
     page.screenshot(path=str(ARTIFACTS / "app_caption.png"), full_page=True)
 
 
-def test_detection_draws_boxes(page, backend):
+def test_detect_preset_draws_boxes(page, backend):
     image, entry = example("detect circle ; triangle")
     expected = direct_answer(backend, image, entry["prompt"])
-    run(page, image, entry["prompt"])
+    upload(page, image)
+    page.get_by_label("Detect").check()  # the task preset fills the prompt
+    page.wait_for_function("expected => document.querySelector('#prompt textarea').value === expected",
+                           arg=entry["prompt"])
+    page.locator("#run").click()
     page.wait_for_function(
         "expected => document.querySelector('#answer textarea').value === expected", arg=expected, polling=20,
     )
