@@ -238,7 +238,12 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
             gr.Examples(rows, inputs=[image, prompt], label="Examples: scenes of the embedded model's task",
                         cache_examples=False)
 
-        task.change(lambda name: presets.get(name, ""), task, prompt, api_visibility="private")
+        def preset_of(text):
+            return next((name for name, preset in presets.items() if preset == (text or "").strip()), None)
+
+        # A preset fills the prompt (input: on the user's clicks only); any prompt selects its preset, or none.
+        task.input(lambda name: presets[name], task, prompt, api_visibility="private")
+        prompt.change(preset_of, prompt, task, api_visibility="private")
         inputs = [image, prompt, decoding, temperature, top_p, top_k, max_new_tokens, seed, check_torch]
         outputs = [answer, annotated, boxes, timings, check]
         # preprocess=False: the handler receives the values as sent and checks each itself (see read_image).
