@@ -151,8 +151,10 @@ def measure(spec: dict) -> dict:
     warmups = [run() for _ in range(spec["warmup"])]
     runs = [run() for _ in range(spec["runs"])]
     tokens = [r["tokens"] for r in warmups + runs]
+    config = json.loads((Path(spec["checkpoint"]) / "config.json").read_text())
+    eos = config.get("text_config", {}).get("eos_token_id", config.get("eos_token_id", 1))
     return dict(
-        runtime=spec["runtime"], info=info, load_s=load_s,
+        runtime=spec["runtime"], info=info, load_s=load_s, eos_token_ids=eos if isinstance(eos, list) else [eos],
         ttft_s=[r["ttft_s"] for r in runs], decode_tokens_per_s=[r["decode_tokens_per_s"] for r in runs],
         tokens=runs[0]["tokens"], repeatable=all(t == tokens[0] for t in tokens),
         prompt_ids=runs[0]["prompt_ids"], peak_rss_mb=peak_rss_mb(),

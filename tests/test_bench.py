@@ -46,7 +46,7 @@ def test_smoke_tokens_agree_with_transformers(smoke):
         assert row["peak_rss_mb"] is None  # smoke mode runs everything in one process: no per-runtime memory
     # int8 may pick other tokens; it must still produce them all, and the table must say whether they agree.
     assert len(rows["onnx-int8"]["tokens"]) == workload["new_tokens"]
-    assert isinstance(rows["onnx-int8"]["tokens_agree"], bool)
+    assert isinstance(rows["onnx-int8"]["tokens_agree"], bool) and isinstance(rows["onnx-int8"]["answer_agrees"], bool)
 
 
 @pytest.mark.parametrize("variant", ["pg1", "pg2"])
