@@ -65,7 +65,6 @@ def test_held_out_scenes_meet_the_targets(clean_metrics, metric):
     assert clean_metrics[metric] >= TARGETS[metric], clean_metrics
 
 
-@NOT_YET
 def test_jpeg_quality_75_loses_at_most_3_points(clean_metrics):
     jpeg = run_evaluation("--jpeg-quality", "75")
     for metric in TARGETS:
