@@ -271,7 +271,7 @@ def main(argv=None):
     parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: the vision tower on the patch targets")
     parser.add_argument("--vision-images", type=int, default=32, help="images per stage 1 step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=3000, help="stage 2: the whole model on the task")
+    parser.add_argument("--steps", type=int, default=4000, help="stage 2: the whole model on the task")
     parser.add_argument("--images-per-step", type=int, default=12, help="stage 2; each image is asked 4 questions")
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=100)
