@@ -163,7 +163,9 @@ class Pipeline:
             delta = decoder.step(token)
             text += delta
             yield StreamUpdate(delta, text, list(ids), times[0], decode_rate(times, len(ids)))
-        yield StreamUpdate("", text, ids, times[0] if times else 0.0, decode_rate(times, len(ids)), finished=True)
+        final = self.processor.decode(ids)  # flushes a piece held back at the very end
+        rest = final[len(text):] if final.startswith(text) else ""
+        yield StreamUpdate(rest, text + rest, ids, times[0] if times else 0.0, decode_rate(times, len(ids)), finished=True)
 
 
 def decode_rate(times: list[float], num_tokens: int) -> float:

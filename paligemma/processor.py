@@ -10,14 +10,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tokenizers import Tokenizer, decoders
+from tokenizers import Tokenizer
 
 from .config import PaliGemmaConfig
 
@@ -45,11 +44,10 @@ def load_image(image) -> Image.Image:
         if isinstance(source, Path) and not source.is_file():
             raise InputError(f"image file {source} does not exist")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                opened = Image.open(source)
-                opened.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            opened = Image.open(source)  # reads the header only: the size is known before any pixel is decoded
+            check_size(opened)
+            opened.load()
+        except Image.DecompressionBombError:
             raise InputError("the image is too large to decode safely (a decompression bomb?); use a smaller image") from None
         except UnidentifiedImageError:
             raise InputError("the file is not an image Pillow can read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from None
@@ -57,12 +55,16 @@ def load_image(image) -> Image.Image:
             raise InputError(f"the image is corrupt or truncated ({e}); re-save or re-upload it") from None
     else:
         raise InputError(f"cannot read an image from a {type(image).__name__}; pass a PIL image, a path or bytes")
-    width, height = opened.size
+    check_size(opened)
+    return to_rgb(ImageOps.exif_transpose(opened))
+
+
+def check_size(image: Image.Image) -> None:
+    width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise InputError(f"the image is {width}x{height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit; downscale it first")
     if width < 1 or height < 1:
         raise InputError(f"the image is {width}x{height}; it needs at least one pixel")
-    return to_rgb(ImageOps.exif_transpose(opened))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -193,13 +195,24 @@ class PaliGemmaProcessor:
 
 
 class TextStream:
-    """Turns generated ids into text pieces as they come, never splitting a multi-byte character."""
+    """Turns generated ids into text pieces as they come. Each step decodes only the few ids since the last
+    emitted piece (with one piece of context, so spaces and merges come out as in a full decode), and holds a
+    piece back while it ends in an incomplete multi-byte character."""
 
     def __init__(self, processor: PaliGemmaProcessor):
         self.processor = processor
-        self.decoder = decoders.DecodeStream(skip_special_tokens=False)
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the context piece
+        self.read_offset = 0  # end of what has been emitted
 
     def step(self, token_id: int) -> str:
         if token_id in self.processor.hidden_ids:
             return ""
-        return self.decoder.step(self.processor.tokenizer, int(token_id)) or ""
+        self.ids.append(int(token_id))
+        decode = self.processor.decode
+        emitted = decode(self.ids[self.prefix_offset : self.read_offset])
+        text = decode(self.ids[self.prefix_offset :])
+        if len(text) <= len(emitted) or text.endswith("\ufffd") or not text.startswith(emitted):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(emitted) :]

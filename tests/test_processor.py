@@ -126,3 +126,18 @@ def test_load_image_accepts_paths_bytes_and_arrays(tmp_path):
         image = load_image(source)
         assert image.mode == "RGB" and image.size == (30, 20)
         assert np.array_equal(np.asarray(image), array)
+
+
+def test_stream_decoding_handles_split_multibyte_characters(processors):
+    ours, _ = processors
+    tok = ours.tokenizer
+    byte = lambda b: tok.token_to_id(f"<0x{b:02X}>")
+    word = lambda w: tok.encode(w, add_special_tokens=False).ids
+    complete = word("▁dog") + [byte(0xE6), byte(0x97), byte(0xA5)] + word("▁cat")  # E6 97 A5 is one character
+    dangling = word("▁dog") + [byte(0xE6), byte(0x97)] + word("▁cat") + word("▁dog")  # a character that never ends
+    for ids in (complete, dangling):
+        stream = ours.stream_decoder()
+        pieces = [stream.step(i) for i in ids]
+        assert "".join(pieces) == ours.decode(ids)
+        assert pieces[-1] != ""  # text after a broken character still streams
+    assert "日" in ours.decode(complete)
