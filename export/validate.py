@@ -1,7 +1,9 @@
 """ONNX Runtime against torch, graph by graph, on random and real inputs.
 
 Tolerances on the max abs difference, scaled by max(1, largest reference value) for float16 and int8:
-- float32: 1e-4 absolute. Both sides compute in float32; only summation order differs.
+- float32: 1e-4 absolute on the logits (prefill and decode, run end to end: ONNX Runtime's own image embeddings feed
+  its prefill). The image embeddings are not logits and their scale is the model's (tens for the demo model), so
+  the vision graph is held to 1e-4 relative to its largest value: float32 rounding, ~1e-7 per operation.
 - float16: 2e-2 relative. float16 keeps 11 significant bits (~5e-4 per rounding) and rounding compounds over the
   layers; ONNX Runtime and torch round at different points.
 - int8: 0.25 relative. Dynamic quantization rounds every weight and activation to 256 levels; logits move by
@@ -77,7 +79,8 @@ def validate_export(model: PaliGemmaForConditionalGeneration, onnx_dir, log=prin
                 record("decode", got, expected)
     failed = []
     for name, diff in diffs.items():
-        limit = tolerance * (scales[name] if relative else 1.0)
+        scaled = relative or name == "vision_encoder"
+        limit = tolerance * (scales[name] if scaled else 1.0)
         log(f"validation {name}: max abs diff {diff:.3g} (tolerance {limit:.3g}, max |torch| {scales[name]:.3g})")
         if not diff <= limit:
             failed.append(f"{name} {diff:.3g} > {limit:.3g}")

@@ -45,7 +45,7 @@ def test_transformers_reads_the_checkpoint_and_agrees():
 
 
 def run_evaluation(*extra):
-    command = [sys.executable, "-m", "shapes.evaluate", "--num-scenes", "60", "--seed", "1", "--json", *extra]
+    command = [sys.executable, "-m", "shapes.evaluate", "--num-scenes", "200", "--seed", "1", "--json", *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -56,8 +56,9 @@ def clean_metrics():
     return run_evaluation()
 
 
-NOT_YET = pytest.mark.xfail(reason="the shipped checkpoint does not reach this target yet (issue 3)")
-REACHED = ("count_accuracy", "color_count_accuracy")
+# 200 scenes: at 60, one scene moves a metric by 1.7 points, too coarse for the 3-point JPEG check.
+NOT_YET = pytest.mark.xfail(reason="the shipped checkpoint finds every object in 85.5% of scenes, short of 90% (issue 3)")
+REACHED = ("caption_accuracy", "count_accuracy", "color_count_accuracy", "mean_iou")
 
 
 @pytest.mark.parametrize("metric", [m if m in REACHED else pytest.param(m, marks=NOT_YET) for m in TARGETS])
