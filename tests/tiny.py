@@ -9,6 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
 
+# transformers' PaliGemmaProcessor over a tokenizer.json; the benchmark builds its reference the same way.
+from bench.worker import transformers_processor as reference_processor  # noqa: F401
+
 CORPUS = [
     "caption en", "answer en what is in the image?", "detect cat ; dog", "segment the red car",
     "a cat sitting on a bench", "two dogs play in the snow", "how many shapes are there?",
@@ -91,19 +94,6 @@ def rewrite_layout(folder: Path, layout: str) -> None:
     if layout == "tf4":
         renamed["lm_head.weight"] = renamed["model.language_model.embed_tokens.weight"].clone()
     save_file(renamed, str(path), metadata={"format": "pt"})
-
-
-def reference_processor(folder: Path, image_size: int, num_image_tokens: int):
-    """transformers' PaliGemmaProcessor over the same tokenizer.json."""
-    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="<bos>",
-                                        eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", padding_side="left")
-    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size},
-                                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    image_processor.image_seq_length = num_image_tokens
-    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def config_json(folder: Path) -> dict:
