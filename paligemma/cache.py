@@ -32,8 +32,3 @@ class KVCache:
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (e.g. drop finished sequences)."""
-        self.keys = self.keys[:, rows]
-        self.values = self.values[:, rows]
