@@ -1,0 +1,74 @@
+"""shapes.train, the demo model's recipe: its questions are the task's answers, its patch targets sit under the
+shapes, its soft targets narrow on schedule, and the command runs, resumes and exports a loadable checkpoint."""
+
+import random
+
+import pytest
+import torch
+
+import paligemma
+from paligemma.train import IGNORE
+from shapes import scenes as S
+from shapes import train as R
+
+
+def test_every_question_is_answered_as_the_task_card_says():
+    asked = 0
+    for index in range(300):
+        scene = S.render_scene(0, index)
+        truth = dict(S.task_pairs(scene))
+        for prefix, suffix in R.questions(scene, random.Random(index)):
+            assert truth[prefix] == suffix, (index, prefix)
+            asked += 1
+    assert asked == 4 * 300
+
+
+def test_questions_are_mostly_detections_of_kinds_present_and_seldom_repeated():
+    detections = empty = repeated = 0
+    for index in range(1000):
+        scene = S.render_scene(0, index)
+        pairs = R.questions(scene, random.Random(index))
+        prefixes = [p for p, _ in pairs]
+        repeated += len(set(prefixes)) < len(prefixes)
+        detections += sum(p.startswith("detect") for p in prefixes)
+        empty += sum(s == "" for _, s in pairs)
+    assert repeated / 1000 < R.ANY_DETECT_PROMPT  # only a draw of any prompt may repeat one already asked
+    assert 0.55 < detections / 4000 < 0.7  # two or three of four questions
+    assert 0 < empty / 4000 < 0.03  # empty answers are taught, but rarely (see ANY_DETECT_PROMPT)
+
+
+def test_patch_targets_lie_under_the_shapes():
+    scene = S.render_scene(0, 7)
+    grid = 8
+    classes, bins = R.patch_targets(scene, grid)
+    kind = list(R.AUX_HEADS).index("kind")
+    cell = S.CANVAS / grid
+    for rank, shape in enumerate(scene.shapes):
+        y, x = (shape.box[0] + shape.box[2]) / 2, (shape.box[1] + shape.box[3]) / 2
+        patch = int(y // cell) * grid + int(x // cell)
+        assert classes[kind, patch] == 1 + R.KINDS.index((shape.color, shape.shape))
+        assert bins[:, patch].tolist() == [S.to_bin(c) for c in shape.box]
+    background = (classes[kind] == 0).nonzero()[:, 0]
+    assert len(background) > 0 and (bins[:, background] == IGNORE).all()
+
+
+def test_soft_targets_narrow_from_start_to_final():
+    widths = [R.loc_sigma_at(step, 100, 2.0, 0.5) for step in range(101)]
+    assert widths[0] == pytest.approx(2.0) and widths[-1] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(widths, widths[1:]))
+
+
+def test_recipe_command_trains_resumes_and_exports(tmp_path):
+    run = tmp_path / "run"
+    small = ["--out", str(run), "--vision-images", "2", "--images-per-step", "2", "--eval-every", "0",
+             "--save-every", "1", "--no-progress", "--threads", "1"]
+    R.main(small + ["--vision-steps", "2", "--steps", "2"])
+    first = paligemma.load(str(run / "last")).model.state_dict()
+    R.main(small + ["--vision-steps", "2", "--steps", "3"])  # the same run, one more stage 2 step
+    log = (run / "log.txt").read_text()
+    assert "resumed from" in log and "at step 2" in log
+    assert log.count("stage 1 (vision tower") == 1  # stage 1 was not run again
+    R.main(["--out", str(run), "--export", str(tmp_path / "exported")])
+    exported = paligemma.load(str(tmp_path / "exported")).model.state_dict()
+    assert set(exported) == set(first)
+    assert any(not torch.equal(exported[k], first[k]) for k in first)  # the third step changed the weights
