@@ -1,6 +1,7 @@
 """Metrics of the shapes task on held-out scenes, and the command that prints them.
 
     python -m shapes.evaluate [--model PATH] [--num-scenes 500] [--seed 1] [--jpeg-quality 75] [--json]
+                              [--backend torch|onnx [--onnx-dir DIR]]
 
 Per scene the model is asked:
 - `caption en`: exactly right or not (caption_accuracy);
@@ -144,20 +145,26 @@ def main(argv=None):
     parser.add_argument("--jpeg-quality", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="onnx: the exported graphs through ONNX Runtime (exported and cached on first use)")
+    parser.add_argument("--onnx-dir", default=None, help="with --backend onnx: an export folder to use instead")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--check-targets", action="store_true", help="exit 1 when a metric misses the task card's target")
     args = parser.parse_args(argv)
 
     import paligemma
 
-    pipe = paligemma.load(args.model, device=args.device)
+    if args.onnx_dir and args.backend != "onnx":
+        parser.error("--onnx-dir needs --backend onnx")
+    pipe = paligemma.load(args.model, device=args.device, backend=args.backend, onnx_dir=args.onnx_dir)
 
     def generate(images, prompts):
         return [r.text for r in pipe.generate(images, prompts, max_new_tokens=max_new_tokens())]
 
     started = time.time()
     metrics = evaluate(generate, S.render_scenes(args.seed, args.num_scenes), args.batch_size, args.jpeg_quality)
-    metrics.update(seed=args.seed, jpeg_quality=args.jpeg_quality, seconds=round(time.time() - started, 1))
+    metrics.update(seed=args.seed, jpeg_quality=args.jpeg_quality, backend=args.backend,
+                   seconds=round(time.time() - started, 1))
     missed = [k for k, target in TARGETS.items() if metrics[k] < target]
     if args.json:
         print(json.dumps(metrics))

@@ -1,6 +1,10 @@
 """The embedded demo checkpoint through ONNX Runtime: the same answers as torch on held-out scenes, hence the same
 accuracy; int8 loses at most 2 points on any metric."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 import paligemma
@@ -31,6 +35,7 @@ def results(tmp_path_factory):
         onnx_dir = tmp_path_factory.mktemp(f"demo_{quantize or 'float32'}")
         export_model(paligemma.DEMO_CHECKPOINT, onnx_dir, quantize=quantize, progress=False, log=lambda *_: None)
         out[quantize or "float32"] = run(paligemma.load(backend="onnx", onnx_dir=onnx_dir), scenes)
+        out[f"{quantize or 'float32'}_dir"] = onnx_dir
     return out
 
 
@@ -43,3 +48,13 @@ def test_onnx_gives_torchs_answers_and_accuracy(results):
 @pytest.mark.parametrize("metric", list(TARGETS))
 def test_int8_loses_at_most_two_points(results, metric):
     assert results["int8"][0][metric] >= results["torch"][0][metric] - 0.02, (results["int8"][0], results["torch"][0])
+
+
+def test_evaluation_command_runs_the_onnx_export(results):
+    command = [sys.executable, "-m", "shapes.evaluate", "--num-scenes", str(NUM_SCENES), "--seed", "1", "--json",
+               "--backend", "onnx", "--onnx-dir", str(results["float32_dir"])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    assert metrics["backend"] == "onnx"
+    assert {k: metrics[k] for k in TARGETS} == {k: results["torch"][0][k] for k in TARGETS}
