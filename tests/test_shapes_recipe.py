@@ -33,7 +33,7 @@ def test_questions_are_mostly_detections_of_kinds_present_and_seldom_repeated():
         detections += sum(p.startswith("detect") for p in prefixes)
         empty += sum(s == "" for _, s in pairs)
     assert repeated / 1000 < R.ANY_DETECT_PROMPT  # only a draw of any prompt may repeat one already asked
-    assert 0.55 < detections / 4000 < 0.7  # two or three of four questions
+    assert 0.5 < detections / 4000 < 0.6  # two of four questions, sometimes three
     assert 0 < empty / 4000 < 0.03  # empty answers are taught, but rarely (see ANY_DETECT_PROMPT)
 
 
