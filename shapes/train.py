@@ -323,6 +323,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--init-from", help="fine-tune: start stage 2 from this checkpoint (no stage 1; fresh "
+                        "auxiliary heads and optimizer)")
     parser.add_argument("--export", help="instead of training, copy OUT/last's checkpoint files to this folder")
     args = parser.parse_args(argv)
 
@@ -357,7 +359,7 @@ def main(argv=None):
     log(f"run: {json.dumps(vars(args))}")
     vision_dir = out / "vision"
     vision_step, full_step = stage_state(vision_dir), stage_state(out)
-    if full_step is None and (vision_step or 0) < args.vision_steps:
+    if full_step is None and not args.init_from and (vision_step or 0) < args.vision_steps:
         if vision_step is None:
             model = PaliGemmaForConditionalGeneration(config)
             initialize(model, tokenizer, args.seed)
@@ -372,9 +374,9 @@ def main(argv=None):
                 resume=vision_dir / "last" if vision_step is not None else None, extra_modules={"aux": heads}, log=log)
 
     resume = out / "last" if full_step is not None else None
-    start = resume or vision_dir / "last"
+    start = resume or Path(args.init_from or vision_dir / "last")
     model = load_model(start, dtype=torch.float32)
-    if resume is None:  # stage 2 starts from stage 1's weights and heads, with a fresh optimizer
+    if resume is None and not args.init_from:  # stage 2 starts from stage 1's weights and heads, fresh optimizer
         _, extra = T.load_training_state(vision_dir / "last", torch.optim.AdamW([torch.zeros(1)]))
         heads.load_state_dict({k[len("aux.") :]: v for k, v in extra.items()})
     log(f"stage 2 (whole model, task + patch targets) from {start}")

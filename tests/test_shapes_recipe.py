@@ -72,3 +72,16 @@ def test_recipe_command_trains_resumes_and_exports(tmp_path):
     exported = paligemma.load(str(tmp_path / "exported")).model.state_dict()
     assert set(exported) == set(first)
     assert any(not torch.equal(exported[k], first[k]) for k in first)  # the third step changed the weights
+
+
+def test_recipe_fine_tunes_a_checkpoint_without_stage_1(tmp_path):
+    run = tmp_path / "tuned"
+    R.main(["--out", str(run), "--init-from", str(paligemma.DEMO_CHECKPOINT), "--steps", "1", "--images-per-step",
+            "2", "--eval-every", "0", "--no-progress", "--threads", "1", "--aux-weight", "0"])
+    log = (run / "log.txt").read_text()
+    assert "stage 1" not in log and f"from {paligemma.DEMO_CHECKPOINT}" in log
+    tuned = paligemma.load(str(run / "last")).model.state_dict()
+    shipped = paligemma.load().model.state_dict()
+    assert any(not torch.equal(tuned[k], shipped[k]) for k in shipped)
+    # One warm-up step moves each weight by about the learning rate: the run started from the shipped weights.
+    assert max((tuned[k] - shipped[k]).abs().max().item() for k in shipped) < 1e-3
