@@ -2,12 +2,14 @@
 
     python -m shapes.train --out runs/shapes          # rerun the same command to resume
     python -m shapes.train --out runs/shapes --export paligemma/demo_checkpoint   # copy the last checkpoint
+    python -m shapes.train --out runs/tuned --init-from CHECKPOINT ...            # fine-tune (stage 2 only)
 
 What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibration):
 - 112 px images in 14 px patches (64 image tokens), narrow towers (width 192, 4 + 4 layers, ~4 M parameters).
 - Hand initialization: 2D sinusoidal patch positions in the vision tower, and the 1,024 location embeddings
   (tied with the output layer) as sinusoids of the bin index, so neighbouring bins start close.
-- Gaussian soft targets over neighbouring location bins.
+- Gaussian soft targets over neighbouring location bins, narrowing over stage 2 (wide: neighbouring bins learn
+  together; narrow at the end: a peaked first location token, which greedy decoding needs to prefer a box to <eos>).
 - Two stages: first the vision tower alone on the auxiliary patch targets below (cheap: no decoder), then the
   whole model on the tasks with the patch targets kept as an auxiliary loss.
 - Each image is embedded once and asked several questions (caption, a count, two detections), so the vision
