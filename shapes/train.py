@@ -378,6 +378,9 @@ def main(argv=None):
     resume = out / "last" if full_step is not None else None
     start = resume or Path(args.init_from or vision_dir / "last")
     model = load_model(start, dtype=torch.float32)
+    if (model.config.text, model.config.vision) != (config.text, config.vision):
+        raise SystemExit(f"{start} is not a model of this recipe (its text or vision config differs from "
+                         "shapes.train's); fine-tune other checkpoints with `python -m paligemma train`")
     if resume is None and not args.init_from:  # stage 2 starts from stage 1's weights and heads, fresh optimizer
         _, extra = T.load_training_state(vision_dir / "last", torch.optim.AdamW([torch.zeros(1)]))
         heads.load_state_dict({k[len("aux.") :]: v for k, v in extra.items()})

@@ -85,3 +85,17 @@ def test_recipe_fine_tunes_a_checkpoint_without_stage_1(tmp_path):
     assert any(not torch.equal(tuned[k], shipped[k]) for k in shipped)
     # One warm-up step moves each weight by about the learning rate: the run started from the shipped weights.
     assert max((tuned[k] - shipped[k]).abs().max().item() for k in shipped) < 1e-3
+
+
+def test_fine_tuning_refuses_a_model_of_another_shape(tmp_path):
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.model import PaliGemmaForConditionalGeneration
+    from paligemma.weights import save_checkpoint
+    from shapes.tokenizer import build_shapes_tokenizer
+
+    config = R.model_config(build_shapes_tokenizer())
+    config["text_config"]["num_hidden_layers"] = 2
+    save_checkpoint(PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict(config)), tmp_path / "other")
+    with pytest.raises(SystemExit, match="not a model of this recipe"):
+        R.main(["--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "other"), "--steps", "1",
+                "--no-progress"])
