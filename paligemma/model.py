@@ -118,6 +118,25 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         marks the prefix (full attention), 1 the suffix (causal); None means all prefix. Without a cache S = T.
         `last_only` returns the last position's logits only ([B, 1, V]), all that generation needs.
         """
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids,
+                                    image_embeddings=image_embeddings, positions=positions, cache=cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.decoder.logits(hidden)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        *,
+        image_embeddings: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KeyValueStore | None = None,
+    ) -> torch.Tensor:
+        """The decoder's final normed hidden states [B, T, C] (what `forward` turns into logits; training
+        projects only the positions that have labels)."""
         B, T = input_ids.shape
         if pixel_values is not None:
             if image_embeddings is not None:
@@ -132,10 +151,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             positions = positions_from_mask(attention_mask, T)
         x = self.embed(input_ids, image_embeddings)
         masks = {window: self.additive_mask(attention_mask, token_type_ids, T, window, x.dtype) for window in self.windows}
-        hidden = self.decoder(x, positions, masks, cache)
-        if last_only:
-            hidden = hidden[:, -1:]
-        return self.decoder.logits(hidden)
+        return self.decoder(x, positions, masks, cache)
 
     @staticmethod
     def additive_mask(attention_mask, token_type_ids, num_new, window, dtype) -> torch.Tensor:

@@ -61,16 +61,22 @@ def suffix_loss(
     logits: torch.Tensor, labels: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0
 ) -> torch.Tensor:
     """Mean cross-entropy of the suffix labels, the logits at t - 1 predicting labels[t]; -100 is ignored.
+    See token_loss for `loc_range` and `loc_sigma`."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    return token_loss(logits[:, :-1][keep], targets[keep], loc_range, loc_sigma)
+
+
+def token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0
+) -> torch.Tensor:
+    """Mean cross-entropy of logits [M, V] against target ids [M].
 
     Computed in float32 with log_softmax (stable for any logit scale). With `loc_range` = (first loc id,
     number of loc tokens) and loc_sigma > 0, a loc label's target is a Gaussian over the neighbouring bins
     (standard deviation loc_sigma bins) instead of a single bin.
     """
-    predicted = logits[:, :-1]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    log_probs = F.log_softmax(predicted[keep].float(), dim=-1)  # [M, V]
-    targets = targets[keep]
+    log_probs = F.log_softmax(logits.float(), dim=-1)  # [M, V]
     nll = -log_probs.gather(1, targets[:, None])[:, 0]
     if loc_range is not None and loc_sigma > 0:
         first, count = loc_range
@@ -98,12 +104,12 @@ def learning_rate(step: int, total: int, peak: float, warmup: int, final_ratio: 
 
 def save_training_state(directory: Path, step: int, optimizer: torch.optim.Optimizer, extra: dict[str, torch.Tensor]):
     """Optimizer moments and extra tensors (e.g. auxiliary heads) as safetensors, the step as JSON."""
-    tensors = {f"extra.{k}": v.detach().contiguous() for k, v in extra.items()}
+    tensors = {f"extra.{k}": v.detach().contiguous().cpu() for k, v in extra.items()}
     scalars = {}
     for i, (param, state) in enumerate(_param_states(optimizer)):
         for key, value in state.items():
             if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"optimizer.{i}.{key}"] = value.contiguous()
+                tensors[f"optimizer.{i}.{key}"] = value.contiguous().cpu()
             else:
                 scalars[f"{i}.{key}"] = float(value)
     save_file(tensors, str(directory / STATE_TENSORS))

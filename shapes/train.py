@@ -12,8 +12,9 @@ What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibr
   together; narrow at the end: a peaked first location token, which greedy decoding needs to prefer a box to <eos>).
 - Two stages: first the vision tower alone on the auxiliary patch targets below (cheap: no decoder), then the
   whole model on the tasks with the patch targets kept as an auxiliary loss.
-- Each image is embedded once and asked several questions (caption, a count, two detections), so the vision
-  tower's cost is shared.
+- Each image is embedded once and asked six questions (a caption, both counts, three detections), packed into
+  one decoder sequence that shares the 64 image tokens (shapes/packing.py: 2.5x cheaper per question); the last
+  `--steps - --packed-steps` steps unpack them into one sequence per question, the exact attention of inference.
 - Auxiliary per-patch targets on the projected image embeddings, used in training only and not part of the
   checkpoint: each patch predicts the color and kind of the shape under it, that shape's rank from the left
   (overall, among its kind, among each pair of kinds), the scene's counts, and its box as location tokens
@@ -42,6 +43,7 @@ from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 from shapes import evaluate as E
 from shapes import scenes as S
+from shapes.packing import packed_batch, packed_hidden
 from shapes.tokenizer import build_shapes_tokenizer
 
 WIDTH = 192
@@ -101,9 +103,7 @@ def initialize(model: PaliGemmaForConditionalGeneration, tokenizer, seed: int):
 # ---- training examples ----------------------------------------------------------------------------
 
 
-ANY_DETECT_PROMPT = 0.1  # share of fourth questions that may name absent kinds
-COUNT_QUESTION = 0.75  # share of images asked a count; the rest get a third detection (at 0.5 the color
-# counts had not started at step 2000: every answer "0")
+ANY_DETECT_PROMPT = 0.1  # share of last detections that may name absent kinds
 
 
 def loc_sigma_at(step: int, total: int, start: float, final: float) -> float:
@@ -115,9 +115,9 @@ def loc_sigma_at(step: int, total: int, start: float, final: float) -> float:
 
 
 def questions(scene, rng):
-    """The (prefix, suffix) pairs asked about one training image: a caption, a count or a third detection, two
-    detections. Detection gets the most practice: it is the last task learnt (listing every match left to right,
-    and stopping after the last one)."""
+    """The (prefix, suffix) pairs asked about one training image: a caption, both counts, three detections.
+    Detection gets the most practice: it is the last task learnt (listing every match left to right, and
+    stopping after the last one)."""
     present = list(dict.fromkeys(s.shape for s in scene.shapes))
     asked = set()
 
@@ -135,23 +135,19 @@ def questions(scene, rng):
         asked.add(kinds)
         return list(kinds)
 
-    if rng.random() < COUNT_QUESTION:
-        color = rng.choice(list(S.COLORS))
-        count = (S.COUNT_PROMPT, S.count_answer(scene)) if rng.random() < 0.3 else (
-            S.color_count_prompt(color), S.count_answer(scene, color))
-    else:
-        kinds = some_present_kinds()
-        count = (S.detect_prompt(kinds), S.detect_answer(scene, kinds))
-    covering = some_present_kinds()
-    # The fourth: mostly another detection of kinds present, sometimes any prompt (absent kinds -> empty answer).
+    # Half the colour questions name a colour present, so that "0" is not the answer most of the time.
+    colors = list(dict.fromkeys(s.color for s in scene.shapes)) if rng.random() < 0.5 else list(S.COLORS)
+    color = rng.choice(colors)
+    detections = [some_present_kinds(), some_present_kinds()]
+    # The last: mostly another detection of kinds present, sometimes any prompt (absent kinds -> empty answer).
     # Frequent empty answers teach <eos> a prior that outbids the first location token under greedy decoding
     # (seen at 30%: a tenth of the held-out detections came back empty with P(<eos>) ~ 0.05).
-    other = list(rng.choice(S.detect_prompts())) if rng.random() < ANY_DETECT_PROMPT else some_present_kinds()
+    detections.append(list(rng.choice(S.detect_prompts())) if rng.random() < ANY_DETECT_PROMPT else some_present_kinds())
     return [
         (S.CAPTION_PROMPT, S.caption(scene)),
-        count,
-        (S.detect_prompt(covering), S.detect_answer(scene, covering)),
-        (S.detect_prompt(other), S.detect_answer(scene, other)),
+        (S.COUNT_PROMPT, S.count_answer(scene)),
+        (S.color_count_prompt(color), S.count_answer(scene, color)),
+        *[(S.detect_prompt(kinds), S.detect_answer(scene, kinds)) for kinds in detections],
     ]
 
 
@@ -204,33 +200,42 @@ class AuxiliaryHeads(nn.Module):
                   for i, l in enumerate(logits) if (classes[:, i] != T.IGNORE).any()]
         box_queries = self.box(image_embeddings).view(B, N, 4, C)
         keep = bins.permute(0, 2, 1) != T.IGNORE  # [B, N, 4]
-        box_loss = torch.zeros(())
+        box_loss = torch.zeros((), device=image_embeddings.device)
         if keep.any():
             scores = box_queries[keep] @ loc_embeddings.T  # [M, 1024]
             target = bins.permute(0, 2, 1)[keep]
-            grid = torch.arange(loc_embeddings.shape[0], dtype=torch.float32)
+            grid = torch.arange(loc_embeddings.shape[0], dtype=torch.float32, device=scores.device)
             soft = torch.exp(-0.5 * ((grid[None] - target[:, None].float()) / loc_sigma) ** 2)
             soft = soft / soft.sum(-1, keepdim=True)
             box_loss = -(soft * F.log_softmax(scores.float(), -1)).sum(-1).mean()
         return sum(losses) / len(losses), box_loss
 
 
-def synthetic_batches(processor, grid: int, images_per_step: int, seed: int, loc_sigma, jpeg_fraction: float = 0.25):
-    """batches(step): scenes step * images_per_step ... of the stream `seed`, each with its questions; a
-    `jpeg_fraction` of them saved as JPEG at a quality from 50 to 95 first; `loc_sigma(step)` is the soft
-    targets' width for that step."""
+def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: int, packed_images: int,
+                      unpacked_images: int, jpeg_fraction: float = 0.25):
+    """batches(step): scenes of the stream `seed`, each with its questions: `packed_images` of them packed
+    into one sequence per image before `packed_steps`, `unpacked_images` in one sequence per question after;
+    a `jpeg_fraction` of the images saved as JPEG at a quality from 50 to 95 first; `loc_sigma(step)` is the
+    soft targets' width."""
 
     def batches(step: int) -> dict:
-        chosen = [S.render_scene(seed, step * images_per_step + j) for j in range(images_per_step)]
-        rows = []
+        count = packed_images if step < packed_steps else unpacked_images
+        first = min(step, packed_steps) * packed_images + max(0, step - packed_steps) * unpacked_images
+        chosen = [S.render_scene(seed, first + j) for j in range(count)]
+        images, asked = [], []
         for j, scene in enumerate(chosen):
             rng = random.Random(f"questions:{seed}:{step}:{j}")
             image = scene.image
             if rng.random() < jpeg_fraction:  # robustness to JPEG artefacts (the card allows a 3-point loss at q75)
                 image = E.as_jpeg(image, rng.randint(50, 95))
-            rows += [(image, prefix, suffix) for prefix, suffix in questions(scene, rng)]
-        batch = T.training_batch(processor, *map(list, zip(*rows)))
-        batch["pixel_values"] = batch["pixel_values"][:: len(rows) // len(chosen)]  # one per scene
+            images.append(image)
+            asked.append(questions(scene, rng))
+        if step < packed_steps:
+            batch = packed_batch(processor, images, asked)
+        else:
+            rows = [(image, prefix, suffix) for image, pairs in zip(images, asked) for prefix, suffix in pairs]
+            batch = T.training_batch(processor, *map(list, zip(*rows)))
+            batch["pixel_values"] = batch["pixel_values"][:: len(rows) // len(chosen)]  # one per scene
         targets = [patch_targets(s, grid) for s in chosen]
         batch["aux_classes"] = torch.stack([c for c, _ in targets])
         batch["aux_bins"] = torch.stack([b for _, b in targets])
@@ -246,12 +251,19 @@ def recipe_loss(heads: AuxiliaryHeads, loc_range, aux_weight: float):
     def loss_fn(model, batch):
         loc_sigma = batch["loc_sigma"]
         image_embeddings = model.embed_image(batch["pixel_values"])
-        per_image = batch["input_ids"].shape[0] // image_embeddings.shape[0]
-        logits = model(
-            batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
-            image_embeddings=image_embeddings.repeat_interleave(per_image, dim=0),
-        )
-        lm = T.suffix_loss(logits, batch["labels"], loc_range, loc_sigma)
+        if "segments" in batch:
+            hidden = packed_hidden(model, batch, image_embeddings)
+        else:
+            per_image = batch["input_ids"].shape[0] // image_embeddings.shape[0]
+            hidden = model.hidden_states(
+                batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+                image_embeddings=image_embeddings.repeat_interleave(per_image, dim=0),
+            )
+        # Logits only where there is a label: the hidden state at t - 1 predicts labels[t].
+        targets = batch["labels"][:, 1:]
+        keep = targets != T.IGNORE
+        logits = model.decoder.logits(hidden[:, :-1][keep])
+        lm = T.token_loss(logits, targets[keep], loc_range, loc_sigma)
         loc_embeddings = model.language_model.model.embed_tokens.weight[first : first + count]
         aux_classes, aux_box = heads.loss(image_embeddings, batch["aux_classes"], batch["aux_bins"], loc_embeddings,
                                           loc_sigma)
@@ -299,6 +311,11 @@ def vision_loss(heads: AuxiliaryHeads, loc_range, loc_sigma: float):
     return loss_fn
 
 
+def on_device(batches, device):
+    """batches(step) with its tensors moved to `device`."""
+    return lambda step: {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches(step).items()}
+
+
 def stage_state(directory: Path):
     """The step a stage's `last` checkpoint reached, or None when it has none."""
     state = directory / "last" / T.STATE_JSON
@@ -311,8 +328,12 @@ def main(argv=None):
     parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: the vision tower on the patch targets")
     parser.add_argument("--vision-images", type=int, default=32, help="images per stage 1 step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=3600, help="stage 2: the whole model on the task")
-    parser.add_argument("--images-per-step", type=int, default=12, help="stage 2; each image is asked 4 questions")
+    parser.add_argument("--steps", type=int, default=5400, help="stage 2: the whole model on the task")
+    parser.add_argument("--packed-steps", type=int, default=4500,
+                        help="stage 2 steps on packed sequences (an image and its 6 questions in one sequence); the "
+                        "rest use one sequence per question, as at inference")
+    parser.add_argument("--images-per-step", type=int, default=12, help="stage 2, packed; each image is asked 6 questions")
+    parser.add_argument("--unpacked-images-per-step", type=int, default=8, help="stage 2 after --packed-steps")
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--loc-sigma", type=float, default=2.0, help="soft targets over neighbouring bins (in bins)")
@@ -324,6 +345,7 @@ def main(argv=None):
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--init-from", help="fine-tune: start stage 2 from this checkpoint (no stage 1; fresh "
                         "auxiliary heads and optimizer)")
@@ -347,7 +369,7 @@ def main(argv=None):
     tokenizer_path = out / "tokenizer.json"
     tokenizer.save(str(tokenizer_path))
     config = PaliGemmaConfig.from_dict(model_config(tokenizer))
-    heads = AuxiliaryHeads(config.text.hidden_size)
+    heads = AuxiliaryHeads(config.text.hidden_size).to(args.device)
     processor = PaliGemmaProcessor(tokenizer, config)
     grid = config.vision.image_size // config.vision.patch_size
     loc_range = T.loc_range_of(tokenizer)
@@ -365,19 +387,20 @@ def main(argv=None):
         if vision_step is None:
             model = PaliGemmaForConditionalGeneration(config)
             initialize(model, tokenizer, args.seed)
+            model.to(args.device)
         else:
-            model = load_model(vision_dir / "last", dtype=torch.float32)
+            model = load_model(vision_dir / "last", device=args.device, dtype=torch.float32)
         log(f"stage 1 (vision tower, patch targets): {sum(p.numel() for p in model.parameters())} parameters")
         options = T.TrainOptions(steps=args.vision_steps, lr=args.vision_lr, warmup=args.warmup, clip_norm=1.0,
                                  save_every=args.save_every, seed=args.seed, progress=not args.no_progress)
-        T.train(model, vision_batches(grid, config.image_size, args.vision_images, args.seed),
+        T.train(model, on_device(vision_batches(grid, config.image_size, args.vision_images, args.seed), args.device),
                 vision_loss(heads, loc_range, args.loc_sigma), options, out_dir=vision_dir,
                 save=lambda d: save_model(model, tokenizer_path, d),
                 resume=vision_dir / "last" if vision_step is not None else None, extra_modules={"aux": heads}, log=log)
 
     resume = out / "last" if full_step is not None else None
     start = resume or Path(args.init_from or vision_dir / "last")
-    model = load_model(start, dtype=torch.float32)
+    model = load_model(start, device=args.device, dtype=torch.float32)
     if (model.config.text, model.config.vision) != (config.text, config.vision):
         raise SystemExit(f"{start} is not a model of this recipe (its text or vision config differs from "
                          "shapes.train's); fine-tune other checkpoints with `python -m paligemma train`")
@@ -396,7 +419,9 @@ def main(argv=None):
                              eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                              progress=not args.no_progress)
     sigma = lambda step: loc_sigma_at(step, args.steps, args.loc_sigma, args.final_loc_sigma)  # noqa: E731
-    T.train(model, synthetic_batches(processor, grid, args.images_per_step, args.seed, sigma),
+    batches = synthetic_batches(processor, grid, args.seed, sigma, args.packed_steps, args.images_per_step,
+                                args.unpacked_images_per_step)
+    T.train(model, on_device(batches, args.device),
             recipe_loss(heads, loc_range, args.aux_weight), options, out_dir=out,
             save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate, resume=resume,
             extra_modules={"aux": heads}, log=log)
