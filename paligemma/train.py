@@ -67,6 +67,17 @@ def suffix_loss(
     return token_loss(logits[:, :-1][keep], targets[keep], loc_range, loc_sigma)
 
 
+def labelled_loss(
+    model, hidden: torch.Tensor, labels: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0
+) -> torch.Tensor:
+    """suffix_loss from the decoder's hidden states [B, T, C], projected to logits only where there is a label
+    (a real PaliGemma's 257k-entry vocabulary would otherwise take T x 257k floats per sequence, mostly for the
+    image tokens)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    return token_loss(model.decoder.logits(hidden[:, :-1][keep]), targets[keep], loc_range, loc_sigma)
+
+
 def token_loss(
     logits: torch.Tensor, targets: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0
 ) -> torch.Tensor:
@@ -290,8 +301,9 @@ def lm_loss(loc_range=None, loc_sigma=0.0):
     """The plain objective: suffix cross-entropy of the model's logits."""
 
     def loss_fn(model, batch):
-        logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["token_type_ids"])
-        return suffix_loss(logits, batch["labels"], loc_range, loc_sigma), {}
+        hidden = model.hidden_states(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                     batch["token_type_ids"])
+        return labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma), {}
 
     return loss_fn
 

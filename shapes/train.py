@@ -259,11 +259,7 @@ def recipe_loss(heads: AuxiliaryHeads, loc_range, aux_weight: float):
                 batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
                 image_embeddings=image_embeddings.repeat_interleave(per_image, dim=0),
             )
-        # Logits only where there is a label: the hidden state at t - 1 predicts labels[t].
-        targets = batch["labels"][:, 1:]
-        keep = targets != T.IGNORE
-        logits = model.decoder.logits(hidden[:, :-1][keep])
-        lm = T.token_loss(logits, targets[keep], loc_range, loc_sigma)
+        lm = T.labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma)
         loc_embeddings = model.language_model.model.embed_tokens.weight[first : first + count]
         aux_classes, aux_box = heads.loss(image_embeddings, batch["aux_classes"], batch["aux_bins"], loc_embeddings,
                                           loc_sigma)

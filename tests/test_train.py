@@ -99,6 +99,20 @@ def test_padded_batch_loss_equals_rows_alone(setup):
         assert lm(model, both).item() == pytest.approx(alone, rel=1e-5)
 
 
+def test_loss_from_labelled_positions_equals_the_loss_of_all_logits(setup):
+    """Training projects only the labelled positions to logits; the loss must be that of the full forward."""
+    tokenizer, config, processor = setup
+    model = fresh_model(config).eval()
+    batch = scene_batches(processor)(0)
+    loc = T.loc_range_of(tokenizer)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["token_type_ids"])
+        for sigma in (0.0, 2.0):
+            expected = T.suffix_loss(logits, batch["labels"], loc, sigma)
+            got = T.lm_loss(loc, sigma)(model, batch)[0]
+            assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_soft_loc_targets_reward_near_misses(setup):
     tokenizer, config, _ = setup
     first, count = T.loc_range_of(tokenizer)
