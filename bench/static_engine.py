@@ -17,7 +17,7 @@ from torch import nn
 
 import paligemma
 from paligemma.generate import Pipeline
-from paligemma.model import PaliGemmaForConditionalGeneration, positions_from_mask
+from paligemma.model import PaliGemmaForConditionalGeneration, additive, positions_from_mask
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import load_model
 
@@ -92,8 +92,7 @@ class DecodeStep(nn.Module):
         masks = {}
         for window in self.windows:
             allowed = written if window is None else written & (self.cache.slots > index - window)
-            blocked = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
-            masks[window] = blocked[:, None, None, None, :]  # [B, 1, 1, T=1, S]
+            masks[window] = additive(allowed, x.dtype)[:, None, None, None, :]  # [B, 1, 1, T=1, S]
         hidden = self.model.decoder(x, positions, masks, DecodeStore(self.cache, index))
         return self.model.decoder.logits(hidden[:, -1])
 

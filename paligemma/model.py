@@ -45,6 +45,11 @@ def prefix_lm_mask(
     return allowed[:, None, None]
 
 
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one attention takes: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def positions_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
     """Positions of the last `num_new` tokens [B, T]: real tokens count from 1, as PaliGemma numbers them;
     left padding does not move them."""
@@ -155,5 +160,4 @@ class PaliGemmaForConditionalGeneration(nn.Module):
 
     @staticmethod
     def additive_mask(attention_mask, token_type_ids, num_new, window, dtype) -> torch.Tensor:
-        allowed = prefix_lm_mask(attention_mask, token_type_ids, num_new, window)
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return additive(prefix_lm_mask(attention_mask, token_type_ids, num_new, window), dtype)

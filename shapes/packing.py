@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from paligemma.model import additive
 from paligemma.processor import load_image, preprocess_image
 from paligemma.train import IGNORE
 
@@ -77,6 +78,5 @@ def packed_hidden(model, batch: dict, image_embeddings: torch.Tensor) -> torch.T
     if model.windows != {None}:
         raise ValueError("packed sequences are built for full-attention decoders; this one has sliding windows")
     x = model.embed(batch["input_ids"], image_embeddings)
-    allowed = packed_mask(batch["segments"], batch["token_type_ids"])
-    additive = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
-    return model.decoder(x, batch["positions"], {None: additive})
+    mask = additive(packed_mask(batch["segments"], batch["token_type_ids"]), x.dtype)
+    return model.decoder(x, batch["positions"], {None: mask})
