@@ -78,6 +78,13 @@ def labelled_loss(
     return token_loss(model.decoder.logits(hidden[:, :-1][keep]), targets[keep], loc_range, loc_sigma)
 
 
+def soft_bin_targets(bins: torch.Tensor, count: int, sigma: float) -> torch.Tensor:
+    """[M, count] distributions: a Gaussian of standard deviation `sigma` bins around each target bin [M]."""
+    grid = torch.arange(count, device=bins.device, dtype=torch.float32)
+    soft = torch.exp(-0.5 * ((grid - bins.float()[:, None]) / sigma) ** 2)
+    return soft / soft.sum(-1, keepdim=True)
+
+
 def token_loss(
     logits: torch.Tensor, targets: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0
 ) -> torch.Tensor:
@@ -93,10 +100,7 @@ def token_loss(
         first, count = loc_range
         is_loc = (targets >= first) & (targets < first + count)
         if is_loc.any():
-            bins = torch.arange(count, device=logits.device, dtype=torch.float32)
-            centers = (targets[is_loc] - first).float()[:, None]
-            soft = torch.exp(-0.5 * ((bins - centers) / loc_sigma) ** 2)
-            soft = soft / soft.sum(-1, keepdim=True)
+            soft = soft_bin_targets(targets[is_loc] - first, count, loc_sigma)
             nll = nll.clone()
             nll[is_loc] = -(soft * log_probs[is_loc, first : first + count]).sum(-1)
     return nll.mean()

@@ -12,9 +12,10 @@ What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibr
   together; narrow at the end: a peaked first location token, which greedy decoding needs to prefer a box to <eos>).
 - Two stages: first the vision tower alone on the auxiliary patch targets below (cheap: no decoder), then the
   whole model on the tasks with the patch targets kept as an auxiliary loss.
-- Each image is embedded once and asked six questions (a caption, both counts, three detections), packed into
-  one decoder sequence that shares the 64 image tokens (shapes/packing.py: 2.5x cheaper per question); the last
-  `--steps - --packed-steps` steps unpack them into one sequence per question, the exact attention of inference.
+- Each image is embedded once and asked seven questions (a caption, both counts, four detections: detection is
+  learnt last), packed into one decoder sequence that shares the 64 image tokens (shapes/packing.py: 2.5x cheaper
+  per question). Steps after `--packed-steps` (none by default) would unpack them into one sequence per question,
+  the exact attention of inference; measured, they taught nothing packed steps did not, at 3.6x the cost.
 - Auxiliary per-patch targets on the projected image embeddings, used in training only and not part of the
   checkpoint: each patch predicts the color and kind of the shape under it, that shape's rank from the left
   (overall, among its kind, among each pair of kinds), the scene's counts, and its box as location tokens
@@ -114,8 +115,8 @@ def loc_sigma_at(step: int, total: int, start: float, final: float) -> float:
     return final + (start - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def questions(scene, rng):
-    """The (prefix, suffix) pairs asked about one training image: a caption, both counts, three detections.
+def questions(scene, rng, detections: int = 3):
+    """The (prefix, suffix) pairs asked about one training image: a caption, both counts, `detections` detections.
     Detection gets the most practice: it is the last task learnt (listing every match left to right, and
     stopping after the last one)."""
     present = list(dict.fromkeys(s.shape for s in scene.shapes))
@@ -138,16 +139,16 @@ def questions(scene, rng):
     # Half the colour questions name a colour present, so that "0" is not the answer most of the time.
     colors = list(dict.fromkeys(s.color for s in scene.shapes)) if rng.random() < 0.5 else list(S.COLORS)
     color = rng.choice(colors)
-    detections = [some_present_kinds(), some_present_kinds()]
+    asked_kinds = [some_present_kinds() for _ in range(detections - 1)]
     # The last: mostly another detection of kinds present, sometimes any prompt (absent kinds -> empty answer).
     # Frequent empty answers teach <eos> a prior that outbids the first location token under greedy decoding
     # (seen at 30%: a tenth of the held-out detections came back empty with P(<eos>) ~ 0.05).
-    detections.append(list(rng.choice(S.detect_prompts())) if rng.random() < ANY_DETECT_PROMPT else some_present_kinds())
+    asked_kinds.append(list(rng.choice(S.detect_prompts())) if rng.random() < ANY_DETECT_PROMPT else some_present_kinds())
     return [
         (S.CAPTION_PROMPT, S.caption(scene)),
         (S.COUNT_PROMPT, S.count_answer(scene)),
         (S.color_count_prompt(color), S.count_answer(scene, color)),
-        *[(S.detect_prompt(kinds), S.detect_answer(scene, kinds)) for kinds in detections],
+        *[(S.detect_prompt(kinds), S.detect_answer(scene, kinds)) for kinds in asked_kinds],
     ]
 
 
@@ -203,16 +204,13 @@ class AuxiliaryHeads(nn.Module):
         box_loss = torch.zeros((), device=image_embeddings.device)
         if keep.any():
             scores = box_queries[keep] @ loc_embeddings.T  # [M, 1024]
-            target = bins.permute(0, 2, 1)[keep]
-            grid = torch.arange(loc_embeddings.shape[0], dtype=torch.float32, device=scores.device)
-            soft = torch.exp(-0.5 * ((grid[None] - target[:, None].float()) / loc_sigma) ** 2)
-            soft = soft / soft.sum(-1, keepdim=True)
+            soft = T.soft_bin_targets(bins.permute(0, 2, 1)[keep], loc_embeddings.shape[0], loc_sigma)
             box_loss = -(soft * F.log_softmax(scores.float(), -1)).sum(-1).mean()
         return sum(losses) / len(losses), box_loss
 
 
 def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: int, packed_images: int,
-                      unpacked_images: int, jpeg_fraction: float = 0.25):
+                      unpacked_images: int, detections: int = 3, jpeg_fraction: float = 0.25):
     """batches(step): scenes of the stream `seed`, each with its questions: `packed_images` of them packed
     into one sequence per image before `packed_steps`, `unpacked_images` in one sequence per question after;
     a `jpeg_fraction` of the images saved as JPEG at a quality from 50 to 95 first; `loc_sigma(step)` is the
@@ -229,7 +227,7 @@ def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: 
             if rng.random() < jpeg_fraction:  # robustness to JPEG artefacts (the card allows a 3-point loss at q75)
                 image = E.as_jpeg(image, rng.randint(50, 95))
             images.append(image)
-            asked.append(questions(scene, rng))
+            asked.append(questions(scene, rng, detections))
         if step < packed_steps:
             batch = packed_batch(processor, images, asked)
         else:
@@ -325,10 +323,11 @@ def main(argv=None):
     parser.add_argument("--vision-images", type=int, default=32, help="images per stage 1 step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
     parser.add_argument("--steps", type=int, default=5400, help="stage 2: the whole model on the task")
-    parser.add_argument("--packed-steps", type=int, default=4500,
-                        help="stage 2 steps on packed sequences (an image and its 6 questions in one sequence); the "
+    parser.add_argument("--detections", type=int, default=4, help="detection questions per image (stage 2)")
+    parser.add_argument("--packed-steps", type=int, default=5400,
+                        help="stage 2 steps on packed sequences (an image and its questions in one sequence); the "
                         "rest use one sequence per question, as at inference")
-    parser.add_argument("--images-per-step", type=int, default=12, help="stage 2, packed; each image is asked 6 questions")
+    parser.add_argument("--images-per-step", type=int, default=12, help="stage 2, packed; each image is asked 3 + --detections questions")
     parser.add_argument("--unpacked-images-per-step", type=int, default=8, help="stage 2 after --packed-steps")
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -416,7 +415,7 @@ def main(argv=None):
                              progress=not args.no_progress)
     sigma = lambda step: loc_sigma_at(step, args.steps, args.loc_sigma, args.final_loc_sigma)  # noqa: E731
     batches = synthetic_batches(processor, grid, args.seed, sigma, args.packed_steps, args.images_per_step,
-                                args.unpacked_images_per_step)
+                                args.unpacked_images_per_step, args.detections)
     T.train(model, on_device(batches, args.device),
             recipe_loss(heads, loc_range, args.aux_weight), options, out_dir=out,
             save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate, resume=resume,

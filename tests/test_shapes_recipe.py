@@ -12,30 +12,32 @@ from shapes import scenes as S
 from shapes import train as R
 
 
-def test_every_question_is_answered_as_the_task_card_says():
+@pytest.mark.parametrize("detections", [3, 4])
+def test_every_question_is_answered_as_the_task_card_says(detections):
     asked = 0
     for index in range(300):
         scene = S.render_scene(0, index)
         truth = dict(S.task_pairs(scene))
-        for prefix, suffix in R.questions(scene, random.Random(index)):
+        for prefix, suffix in R.questions(scene, random.Random(index), detections):
             assert truth[prefix] == suffix, (index, prefix)
             asked += 1
-    assert asked == 6 * 300
+    assert asked == (3 + detections) * 300
 
 
-def test_questions_are_half_detections_of_kinds_present_and_seldom_repeated():
-    detections = empty = repeated = color_zero = 0
+@pytest.mark.parametrize("detections", [3, 4])
+def test_questions_are_mostly_detections_of_kinds_present_and_seldom_repeated(detections):
+    detections_asked = empty = repeated = color_zero = 0
     for index in range(1000):
         scene = S.render_scene(0, index)
-        pairs = R.questions(scene, random.Random(index))
+        pairs = R.questions(scene, random.Random(index), detections)
         prefixes = [p for p, _ in pairs]
         repeated += len(set(prefixes)) < len(prefixes)
-        detections += sum(p.startswith("detect") for p in prefixes)
+        detections_asked += sum(p.startswith("detect") for p in prefixes)
         empty += sum(s == "" for _, s in pairs)
         color_zero += sum(s == "0" for p, s in pairs if p.startswith("answer") and p != S.COUNT_PROMPT)
     assert repeated / 1000 < R.ANY_DETECT_PROMPT  # only a draw of any prompt may repeat one already asked
-    assert detections == 3 * 1000
-    assert 0 < empty / 6000 < 0.02  # empty answers are taught, but rarely (see ANY_DETECT_PROMPT)
+    assert detections_asked == detections * 1000
+    assert 0 < empty / ((3 + detections) * 1000) < 0.02  # empty answers are taught, but rarely (see ANY_DETECT_PROMPT)
     assert 0.2 < color_zero / 1000 < 0.4  # a colour count answered "0" a third of the time, not most of it
 
 

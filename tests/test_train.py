@@ -130,6 +130,14 @@ def test_soft_loc_targets_reward_near_misses(setup):
     assert exact < T.suffix_loss(near, labels, (first, count), 3.0)
 
 
+def test_soft_bin_targets_are_gaussians_over_the_bins_cut_at_the_edges():
+    bins = torch.tensor([0, 500, 1023])
+    soft = T.soft_bin_targets(bins, 1024, 2.0)
+    density = torch.distributions.Normal(bins.double()[:, None], 2.0).log_prob(torch.arange(1024.0).double()).exp()
+    torch.testing.assert_close(soft.double(), density / density.sum(-1, keepdim=True), rtol=0, atol=1e-7)
+    assert soft.argmax(-1).tolist() == [0, 500, 1023] and soft[0, 0] > soft[1, 500]  # the edge keeps its mass
+
+
 def test_learning_rate_schedule():
     lrs = [T.learning_rate(s, 100, 1e-3, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
