@@ -76,13 +76,23 @@ def _draw(draw, shape, color, box):
         draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=rgb)
 
 
+def _background_and_count(rng):
+    """A scene's first draws: its background gray level and its number of shapes."""
+    background = rng.choice([255, 255, rng.randint(215, 245)])
+    return background, rng.randint(1, 3)
+
+
+def shape_count(seed, index=0):
+    """How many shapes the scene `index` of the stream `seed` holds, without drawing it."""
+    return _background_and_count(random.Random(f"shapes:{seed}:{index}"))[1]
+
+
 def render_scene(seed, index=0):
     """The scene number `index` of the stream `seed`; the same (seed, index) always gives the same scene."""
     rng = random.Random(f"shapes:{seed}:{index}")
-    background = rng.choice([255, 255, rng.randint(215, 245)])
+    background, count = _background_and_count(rng)
     image = Image.new("RGB", (CANVAS, CANVAS), (background,) * 3)
     draw = ImageDraw.Draw(image)
-    count = rng.randint(1, 3)
     shapes = [Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), box) for box in _place(rng, count)]
     for s in shapes:
         _draw(draw, s.shape, s.color, s.box)

@@ -12,10 +12,10 @@ What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibr
   together; narrow at the end: a peaked first location token, which greedy decoding needs to prefer a box to <eos>).
 - Two stages: first the vision tower alone on the auxiliary patch targets below (cheap: no decoder), then the
   whole model on the tasks with the patch targets kept as an auxiliary loss.
-- Each image is embedded once and asked seven questions (a caption, both counts, four detections: detection is
-  learnt last), packed into one decoder sequence that shares the 64 image tokens (shapes/packing.py: 2.5x cheaper
-  per question). Steps after `--packed-steps` (none by default) would unpack them into one sequence per question,
-  the exact attention of inference; measured, they taught nothing packed steps did not, at 3.6x the cost.
+- Each image is embedded once and asked six questions (a caption, both counts, `--detections` = 3 detections),
+  packed into one decoder sequence that shares the 64 image tokens (shapes/packing.py: 2.5x cheaper per
+  question); the last `--steps - --packed-steps` steps unpack them into one sequence per question, the exact
+  attention of inference.
 - Auxiliary per-patch targets on the projected image embeddings, used in training only and not part of the
   checkpoint: each patch predicts the color and kind of the shape under it, that shape's rank from the left
   (overall, among its kind, among each pair of kinds), the scene's counts, and its box as location tokens
@@ -143,7 +143,8 @@ def questions(scene, rng, detections: int = 3):
     # The last: mostly another detection of kinds present, sometimes any prompt (absent kinds -> empty answer).
     # Frequent empty answers teach <eos> a prior that outbids the first location token under greedy decoding
     # (seen at 30%: a tenth of the held-out detections came back empty with P(<eos>) ~ 0.05).
-    asked_kinds.append(list(rng.choice(S.detect_prompts())) if rng.random() < ANY_DETECT_PROMPT else some_present_kinds())
+    last = list(rng.choice(S.detect_prompts())) if rng.random() < ANY_DETECT_PROMPT else some_present_kinds()
+    asked_kinds.append(last)
     return [
         (S.CAPTION_PROMPT, S.caption(scene)),
         (S.COUNT_PROMPT, S.count_answer(scene)),
@@ -209,17 +210,29 @@ class AuxiliaryHeads(nn.Module):
         return sum(losses) / len(losses), box_loss
 
 
+def scene_index(seed: int, slot: int, shape_weights) -> int:
+    """The index in the stream `seed` of the scene for training slot `slot`: the slot itself when
+    `shape_weights` (relative frequencies of scenes of 1, 2 and 3 shapes) is uniform, as the generator draws;
+    otherwise a shape count drawn by the weights, then the first scene holding it in the slot's own stretch
+    of the stream (64 indexes above 20,000,000, clear of the plain slots and of stage 1's scenes)."""
+    if len(set(shape_weights)) == 1:
+        return slot
+    want = random.Random(f"shape count:{seed}:{slot}").choices([1, 2, 3], weights=shape_weights)[0]
+    base = 20_000_000 + slot * 64
+    return next((i for i in range(base, base + 64) if S.shape_count(seed, i) == want), base)
+
+
 def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: int, packed_images: int,
-                      unpacked_images: int, detections: int = 3, jpeg_fraction: float = 0.25):
-    """batches(step): scenes of the stream `seed`, each with its questions: `packed_images` of them packed
-    into one sequence per image before `packed_steps`, `unpacked_images` in one sequence per question after;
-    a `jpeg_fraction` of the images saved as JPEG at a quality from 50 to 95 first; `loc_sigma(step)` is the
-    soft targets' width."""
+                      unpacked_images: int, detections: int = 3, shape_weights=(1, 1, 1), jpeg_fraction: float = 0.25):
+    """batches(step): scenes of the stream `seed` (their shape counts weighted by `shape_weights`, see
+    scene_index), each with its questions: `packed_images` of them packed into one sequence per image before
+    `packed_steps`, `unpacked_images` in one sequence per question after; a `jpeg_fraction` of the images
+    saved as JPEG at a quality from 50 to 95 first; `loc_sigma(step)` is the soft targets' width."""
 
     def batches(step: int) -> dict:
         count = packed_images if step < packed_steps else unpacked_images
         first = min(step, packed_steps) * packed_images + max(0, step - packed_steps) * unpacked_images
-        chosen = [S.render_scene(seed, first + j) for j in range(count)]
+        chosen = [S.render_scene(seed, scene_index(seed, first + j, shape_weights)) for j in range(count)]
         images, asked = [], []
         for j, scene in enumerate(chosen):
             rng = random.Random(f"questions:{seed}:{step}:{j}")
@@ -316,6 +329,17 @@ def stage_state(directory: Path):
     return json.loads(state.read_text())["step"] if state.exists() else None
 
 
+def parse_shape_weights(text: str) -> tuple[float, ...]:
+    """argparse type of --shape-weights: three non-negative numbers, not all zero."""
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three non-negative weights, not all zero, e.g. 1,2,3")
+    return weights
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="run folder (rerun the same command to resume it)")
@@ -323,11 +347,15 @@ def main(argv=None):
     parser.add_argument("--vision-images", type=int, default=32, help="images per stage 1 step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
     parser.add_argument("--steps", type=int, default=5400, help="stage 2: the whole model on the task")
-    parser.add_argument("--detections", type=int, default=4, help="detection questions per image (stage 2)")
-    parser.add_argument("--packed-steps", type=int, default=5400,
+    parser.add_argument("--detections", type=int, default=3, help="detection questions per image (stage 2)")
+    parser.add_argument("--shape-weights", type=parse_shape_weights, default=(1, 1, 1),
+                        help="stage 2: relative frequencies of scenes of 1, 2 and 3 shapes, e.g. 1,2,3 (default: "
+                        "uniform, as the generator draws them)")
+    parser.add_argument("--packed-steps", type=int, default=4500,
                         help="stage 2 steps on packed sequences (an image and its questions in one sequence); the "
                         "rest use one sequence per question, as at inference")
-    parser.add_argument("--images-per-step", type=int, default=12, help="stage 2, packed; each image is asked 3 + --detections questions")
+    parser.add_argument("--images-per-step", type=int, default=12,
+                        help="stage 2, packed; each image is asked 3 + --detections questions")
     parser.add_argument("--unpacked-images-per-step", type=int, default=8, help="stage 2 after --packed-steps")
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -346,6 +374,8 @@ def main(argv=None):
                         "auxiliary heads and optimizer)")
     parser.add_argument("--export", help="instead of training, copy OUT/last's checkpoint files to this folder")
     args = parser.parse_args(argv)
+    if args.detections < 1:
+        parser.error(f"--detections {args.detections}: ask at least one detection per image")
 
     from paligemma.weights import load_model
 
@@ -415,7 +445,7 @@ def main(argv=None):
                              progress=not args.no_progress)
     sigma = lambda step: loc_sigma_at(step, args.steps, args.loc_sigma, args.final_loc_sigma)  # noqa: E731
     batches = synthetic_batches(processor, grid, args.seed, sigma, args.packed_steps, args.images_per_step,
-                                args.unpacked_images_per_step, args.detections)
+                                args.unpacked_images_per_step, args.detections, args.shape_weights)
     T.train(model, on_device(batches, args.device),
             recipe_loss(heads, loc_range, args.aux_weight), options, out_dir=out,
             save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate, resume=resume,

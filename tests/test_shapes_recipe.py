@@ -41,6 +41,28 @@ def test_questions_are_mostly_detections_of_kinds_present_and_seldom_repeated(de
     assert 0.2 < color_zero / 1000 < 0.4  # a colour count answered "0" a third of the time, not most of it
 
 
+def test_shape_weights_set_how_often_scenes_of_1_2_3_shapes_are_trained_on():
+    assert [R.scene_index(0, slot, (1, 1, 1)) for slot in range(5)] == [0, 1, 2, 3, 4]  # uniform: the plain stream
+    slots = range(3000)
+    indexes = [R.scene_index(0, slot, (1, 2, 3)) for slot in slots]
+    assert indexes == [R.scene_index(0, slot, (1, 2, 3)) for slot in slots]  # a pure function of the slot
+    assert len(set(indexes)) == len(indexes) and min(indexes) >= 20_000_000  # no scene twice, none of stage 1's
+    shares = [sum(S.shape_count(0, i) == n for i in indexes) / len(indexes) for n in (1, 2, 3)]
+    assert shares == pytest.approx([1 / 6, 2 / 6, 3 / 6], abs=0.03)
+    assert {len(S.render_scene(0, R.scene_index(0, slot, (0, 0, 1))).shapes) for slot in range(50)} == {3}
+
+
+@pytest.mark.parametrize("option, message", [
+    *[(["--shape-weights", text], "give three non-negative weights") for text in ["1,2", "1,-1,1", "0,0,0", "a,b,c"]],
+    (["--detections", "0"], "ask at least one detection per image"),
+])
+def test_bad_recipe_options_are_refused_with_a_message(option, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        R.main(["--out", str(tmp_path / "run"), *option])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_patch_targets_lie_under_the_shapes():
     scene = S.render_scene(0, 7)
     grid = 8

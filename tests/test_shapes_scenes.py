@@ -18,6 +18,12 @@ def test_same_seed_same_scene_and_other_seeds_differ():
     assert [S.render_scene(3, i).shapes for i in range(10)] != [S.render_scene(4, i).shapes for i in range(10)]
 
 
+def test_shape_count_is_the_drawn_scene_s_without_drawing_it():
+    counts = [S.shape_count(5, index) for index in range(300)]
+    assert counts == [len(S.render_scene(5, index).shapes) for index in range(300)]
+    assert set(counts) == {1, 2, 3}
+
+
 def test_scenes_obey_the_card():
     counts = set()
     for scene in SCENES:
