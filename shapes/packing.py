@@ -12,6 +12,10 @@ training did not teach them either (measured in shapes/README.md; detection, whi
 of three kinds, stays near 0.89).
 
 Cost: an image asked six questions takes N + 6 x ~25 tokens instead of 6 x (N + ~25).
+
+Questions picked by `alone` get a row of their own instead, with the image tokens seeing the prompt: the
+exact attention of inference (their own copy of the image's embeddings, computed once per image). The recipe
+uses it for the detections, which need the prompt-conditioned image features, and packs the rest.
 """
 
 from __future__ import annotations
@@ -25,11 +29,19 @@ from paligemma.train import IGNORE
 IMAGE, PADDING = 0, -1  # segment ids; questions are 1, 2, ...
 
 
-def packed_batch(processor, images, questions_per_image) -> dict[str, torch.Tensor]:
+def packed_batch(processor, images, questions_per_image, alone=None) -> dict[str, torch.Tensor]:
     """images[i] asked questions_per_image[i] = [(prefix, suffix), ...] -> right-padded input_ids, labels,
-    positions, segments, token_type_ids [B, T] and pixel_values [B, 3, S, S]."""
+    positions, segments, token_type_ids [R, T], the image of each row `row_image` and whether its image
+    tokens see its prompt `image_sees_prompt` [R], and pixel_values [len(images), 3, S, S]. A question for
+    which `alone(prefix)` is true gets a row of its own, ordered after its image's packed row."""
+    alone = alone or (lambda prefix: False)
+    groups = []  # (image index, questions in one row, image sees prompt)
+    for image, questions in enumerate(questions_per_image):
+        together = [q for q in questions if not alone(q[0])]
+        groups += [(image, together, False)] if together else []
+        groups += [(image, [q], True) for q in questions if alone(q[0])]
     rows = []
-    for questions in questions_per_image:
+    for _, questions, _ in groups:
         ids, types, segments, positions = [], [], [], []
         for number, (prefix, suffix) in enumerate(questions, 1):
             question_ids, question_types = processor.prompt_ids(prefix, suffix)
@@ -54,15 +66,18 @@ def packed_batch(processor, images, questions_per_image) -> dict[str, torch.Tens
     for i, row in enumerate(rows):
         for key, values in zip(("input_ids", "token_type_ids", "segments", "positions"), row):
             batch[key][i, : len(values)] = torch.tensor(values)
+    batch["row_image"] = torch.tensor([image for image, _, _ in groups], dtype=torch.long)
+    batch["image_sees_prompt"] = torch.tensor([sees for _, _, sees in groups], dtype=torch.bool)
     is_suffix = (batch["token_type_ids"] == 1) & (batch["segments"] != PADDING)
     batch["labels"] = batch["input_ids"].masked_fill(~is_suffix, IGNORE)
     batch["pixel_values"] = torch.stack([preprocess_image(load_image(image), processor.image_size) for image in images])
     return batch
 
 
-def packed_mask(segments: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+def packed_mask(segments: torch.Tensor, token_type_ids: torch.Tensor, image_sees_prompt=None) -> torch.Tensor:
     """Which keys each token may attend to, bool [B, 1, 1, T, T]: the image (every token, the image tokens
-    included, sees all of it), and within its own question the prompt and the answer up to itself."""
+    included, sees all of it), and within its own question the prompt and the answer up to itself; in rows
+    where `image_sees_prompt` [B] (rows of one question), the image tokens see the prompt too."""
     T = segments.shape[1]
     positions = torch.arange(T, device=segments.device)
     causal = positions[None, :] <= positions[:, None]  # [query, key]
@@ -71,14 +86,18 @@ def packed_mask(segments: torch.Tensor, token_type_ids: torch.Tensor) -> torch.T
     key_is_image = (segments == IMAGE)[:, None, :]
     key_is_real = (segments != PADDING)[:, None, :]
     allowed = (key_is_image | (same_question & (key_in_prefix | causal[None]))) & key_is_real
+    if image_sees_prompt is not None:
+        query_is_image = (segments == IMAGE)[:, :, None]
+        allowed |= image_sees_prompt[:, None, None] & query_is_image & key_in_prefix & key_is_real
     return allowed[:, None, None]
 
 
 def packed_hidden(model, batch: dict, image_embeddings: torch.Tensor) -> torch.Tensor:
-    """The decoder's final hidden states [B, T, C] for a packed batch (logits are left to the caller, who
-    needs them at the label positions only)."""
+    """The decoder's final hidden states [R, T, C] for a packed batch from its images' embeddings (logits are
+    left to the caller, who needs them at the label positions only)."""
     if model.windows != {None}:
         raise ValueError("packed sequences are built for full-attention decoders; this one has sliding windows")
-    x = model.embed(batch["input_ids"], image_embeddings)
-    mask = additive(packed_mask(batch["segments"], batch["token_type_ids"]), x.dtype)
+    x = model.embed(batch["input_ids"], image_embeddings[batch["row_image"]])
+    allowed = packed_mask(batch["segments"], batch["token_type_ids"], batch["image_sees_prompt"])
+    mask = additive(allowed, x.dtype)
     return model.decoder(x, batch["positions"], {None: mask})

@@ -223,12 +223,19 @@ def scene_index(seed: int, slot: int, shape_weights) -> int:
     return next((i for i in range(base, base + 64) if S.shape_count(seed, i) == want), base)
 
 
+def is_detection(prefix: str) -> bool:
+    return prefix.startswith("detect ")
+
+
 def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: int, packed_images: int,
-                      unpacked_images: int, detections: int = 3, shape_weights=(1, 1, 1), jpeg_fraction: float = 0.25):
+                      unpacked_images: int, detections: int = 3, shape_weights=(1, 1, 1), jpeg_fraction: float = 0.25,
+                      unpack_detections: bool = False):
     """batches(step): scenes of the stream `seed` (their shape counts weighted by `shape_weights`, see
     scene_index), each with its questions: `packed_images` of them packed into one sequence per image before
-    `packed_steps`, `unpacked_images` in one sequence per question after; a `jpeg_fraction` of the images
-    saved as JPEG at a quality from 50 to 95 first; `loc_sigma(step)` is the soft targets' width."""
+    `packed_steps` (with `unpack_detections`, only the caption and counts: each detection gets a sequence of
+    its own), `unpacked_images` in one sequence per question after; a `jpeg_fraction` of the images saved as
+    JPEG at a quality from 50 to 95 first; `loc_sigma(step)` is the soft targets' width."""
+    alone = is_detection if unpack_detections else None
 
     def batches(step: int) -> dict:
         count = packed_images if step < packed_steps else unpacked_images
@@ -243,7 +250,7 @@ def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: 
             images.append(image)
             asked.append(questions(scene, rng, detections))
         if step < packed_steps:
-            batch = packed_batch(processor, images, asked)
+            batch = packed_batch(processor, images, asked, alone)
         else:
             rows = [(image, prefix, suffix) for image, pairs in zip(images, asked) for prefix, suffix in pairs]
             batch = T.training_batch(processor, *map(list, zip(*rows)))
@@ -355,6 +362,9 @@ def main(argv=None):
     parser.add_argument("--packed-steps", type=int, default=4500,
                         help="stage 2 steps on packed sequences (an image and its questions in one sequence); the "
                         "rest use one sequence per question, as at inference")
+    parser.add_argument("--unpack-detections", action="store_true",
+                        help="packed steps pack only the caption and counts; each detection gets a sequence of its "
+                        "own where the image tokens see the prompt, as at inference")
     parser.add_argument("--images-per-step", type=int, default=12,
                         help="stage 2, packed; each image is asked 3 + --detections questions")
     parser.add_argument("--unpacked-images-per-step", type=int, default=8, help="stage 2 after --packed-steps")
@@ -446,7 +456,8 @@ def main(argv=None):
                              progress=not args.no_progress)
     sigma = lambda step: loc_sigma_at(step, args.steps, args.loc_sigma, args.final_loc_sigma)  # noqa: E731
     batches = synthetic_batches(processor, grid, args.seed, sigma, args.packed_steps, args.images_per_step,
-                                args.unpacked_images_per_step, args.detections, args.shape_weights)
+                                args.unpacked_images_per_step, args.detections, args.shape_weights,
+                                unpack_detections=args.unpack_detections)
     T.train(model, on_device(batches, args.device),
             recipe_loss(heads, loc_range, args.aux_weight), options, out_dir=out,
             save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate, resume=resume,

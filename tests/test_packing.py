@@ -71,6 +71,50 @@ def test_a_packed_question_equals_the_unpacked_sequence_with_image_tokens_blind_
         assert (full[:N] - hidden[:N]).abs().max() > 1e-3
 
 
+def test_a_question_packed_alone_is_the_inference_sequence(setup):
+    """`alone` questions get their own row where the image tokens see the prompt: exactly the model's own
+    prefix-LM forward of that question, every position included."""
+    model, processor, scenes, asked = setup
+    prefix, suffix = asked[0][3]
+    with torch.no_grad():
+        batch = packed_batch(processor, [scenes[0].image], [[(prefix, suffix)]], alone=lambda p: True)
+        embeddings = model.embed_image(batch["pixel_values"])
+        hidden = packed_hidden(model, batch, embeddings)[0]
+        plain = processor([scenes[0].image], [prefix], [suffix])
+        expected = model.hidden_states(plain["input_ids"], attention_mask=plain["attention_mask"],
+                                       token_type_ids=plain["token_type_ids"], image_embeddings=embeddings)[0]
+    assert batch["input_ids"][0].tolist() == plain["input_ids"][0].tolist()
+    torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=0)
+
+
+def test_mixed_rows_score_each_question_as_its_own_kind_of_row(setup):
+    """Detections alone, the rest packed, for two images at once: each answer's states equal those of the
+    question in a batch of its own, and each row embeds its own image."""
+    model, processor, scenes, asked = setup
+    detection = lambda prefix: prefix.startswith("detect ")  # noqa: E731
+    with torch.no_grad():
+        batch = packed_batch(processor, [s.image for s in scenes], asked, alone=detection)
+        hidden = packed_hidden(model, batch, model.embed_image(batch["pixel_values"]))
+        row = 0
+        for image, scene in enumerate(scenes):
+            packed = [pair for pair in asked[image] if not detection(pair[0])]
+            single = [pair for pair in asked[image] if detection(pair[0])]
+            assert batch["row_image"][row : row + 1 + len(single)].tolist() == [image] * (1 + len(single))
+            assert batch["image_sees_prompt"][row : row + 1 + len(single)].tolist() == [False] + [True] * len(single)
+            for number, pair in enumerate(packed, 1):
+                own = packed_batch(processor, [scene.image], [[pair]])
+                expected = packed_hidden(model, own, model.embed_image(own["pixel_values"]))
+                torch.testing.assert_close(answer_states(hidden, batch, row, number),
+                                           answer_states(expected, own, 0, 1), atol=1e-5, rtol=0)
+            for offset, pair in enumerate(single, 1):
+                own = packed_batch(processor, [scene.image], [[pair]], alone=detection)
+                expected = packed_hidden(model, own, model.embed_image(own["pixel_values"]))
+                length = int((batch["segments"][row + offset] != -1).sum())
+                torch.testing.assert_close(hidden[row + offset, :length], expected[0, :length], atol=1e-5, rtol=0)
+            row += 1 + len(single)
+        assert row == batch["input_ids"].shape[0]
+
+
 def test_labels_are_the_answers_in_order_and_nothing_else(setup):
     _, processor, scenes, asked = setup
     batch = packed_batch(processor, [s.image for s in scenes], asked)

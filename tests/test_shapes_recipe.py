@@ -84,6 +84,33 @@ def test_soft_targets_narrow_from_start_to_final():
     assert all(a >= b for a, b in zip(widths, widths[1:]))
 
 
+def test_unpacked_detections_ask_the_same_questions_in_rows_of_their_own():
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.processor import PaliGemmaProcessor
+    from shapes.tokenizer import build_shapes_tokenizer
+
+    tokenizer = build_shapes_tokenizer()
+    processor = PaliGemmaProcessor(tokenizer, PaliGemmaConfig.from_dict(R.model_config(tokenizer)))
+    make = lambda unpack: R.synthetic_batches(processor, 8, 0, lambda step: 1.0, 10, 3, 2,  # noqa: E731
+                                              unpack_detections=unpack)
+    packed, mixed = make(False)(4), make(True)(4)
+    assert packed["input_ids"].shape[0] == 3 and mixed["input_ids"].shape[0] == 3 * (1 + 3)
+    assert torch.equal(mixed["pixel_values"], packed["pixel_values"])  # one per image, the same images
+    assert torch.equal(mixed["aux_classes"], packed["aux_classes"])
+    assert mixed["row_image"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    for row, sees in enumerate(mixed["image_sees_prompt"].tolist()):
+        prompt = tokenizer.decode(mixed["input_ids"][row][mixed["token_type_ids"][row] == 0].tolist())
+        assert ("detect" in prompt) == sees and ("caption" in prompt) != sees
+    # Each image is asked the same questions, split across its rows.
+    def answers(batch, image):
+        rows = (batch["row_image"] == image).nonzero()[:, 0].tolist()
+        return sorted(tuple(batch["labels"][r][(batch["segments"][r] == k) & (batch["labels"][r] != IGNORE)].tolist())
+                      for r in rows for k in set(batch["segments"][r].tolist()) - {-1, 0})
+
+    for image in range(3):
+        assert len(answers(mixed, image)) == 6 and answers(mixed, image) == answers(packed, image)
+
+
 def test_recipe_command_trains_resumes_and_exports(tmp_path):
     run = tmp_path / "run"
     small = ["--out", str(run), "--vision-images", "2", "--images-per-step", "2", "--unpacked-images-per-step", "1",
@@ -103,7 +130,7 @@ def test_recipe_command_trains_resumes_and_exports(tmp_path):
 def test_recipe_fine_tunes_a_checkpoint_without_stage_1(tmp_path):
     run = tmp_path / "tuned"
     R.main(["--out", str(run), "--init-from", str(paligemma.DEMO_CHECKPOINT), "--steps", "1", "--images-per-step",
-            "2", "--eval-every", "0", "--no-progress", "--threads", "1", "--aux-weight", "0"])
+            "2", "--eval-every", "0", "--no-progress", "--threads", "1", "--aux-weight", "0", "--unpack-detections"])
     log = (run / "log.txt").read_text()
     assert "stage 1" not in log and f"from {paligemma.DEMO_CHECKPOINT}" in log
     tuned = paligemma.load(str(run / "last")).model.state_dict()
