@@ -120,6 +120,8 @@ def questions(scene, rng, detections: int = 3):
     """The (prefix, suffix) pairs asked about one training image: a caption, both counts, `detections` detections.
     Detection gets the most practice: it is the last task learnt (listing every match left to right, and
     stopping after the last one)."""
+    if detections < 1:
+        raise ValueError(f"detections={detections}: ask at least one detection per image")
     present = list(dict.fromkeys(s.shape for s in scene.shapes))
     asked = set()
 

@@ -84,6 +84,11 @@ def test_soft_targets_narrow_from_start_to_final():
     assert all(a >= b for a, b in zip(widths, widths[1:]))
 
 
+def test_questions_refuse_fewer_than_one_detection():
+    with pytest.raises(ValueError, match="at least one detection"):
+        R.questions(S.render_scene(0, 0), random.Random(0), 0)
+
+
 def test_unpacked_detections_ask_the_same_questions_in_rows_of_their_own():
     from paligemma.config import PaliGemmaConfig
     from paligemma.processor import PaliGemmaProcessor
