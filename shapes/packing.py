@@ -14,8 +14,10 @@ of three kinds, stays near 0.89).
 Cost: an image asked six questions takes N + 6 x ~25 tokens instead of 6 x (N + ~25).
 
 Questions picked by `alone` get a row of their own instead, with the image tokens seeing the prompt: the
-exact attention of inference (their own copy of the image's embeddings, computed once per image). The recipe
-uses it for the detections, which need the prompt-conditioned image features, and packs the rest.
+exact attention of inference (their own copy of the image's embeddings, computed once per image).
+`shapes.train --unpack-detections` uses it for the detections, which need prompt-conditioned image features;
+measured, that path learns slowly and the packed questions then suffer from image tokens that read prompts
+(shapes/README.md), so the default recipe does not.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibr
   question); the last `--steps - --packed-steps` steps unpack them into one sequence per question, the exact
   attention of inference. Packed steps cannot teach image features that depend on the prompt, which listing
   two of three kinds in a detection needs (measured in shapes/README.md): detection tops out near 0.89.
+  `--unpack-detections` gives each detection a sequence of its own from the start: the path opens, but in the
+  same 80 minutes it learnt much less (detection 0.70, captions 0.62), so it is not the default.
 - Auxiliary per-patch targets on the projected image embeddings, used in training only and not part of the
   checkpoint: each patch predicts the color and kind of the shape under it, that shape's rank from the left
   (overall, among its kind, among each pair of kinds), the scene's counts, and its box as location tokens
