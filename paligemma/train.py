@@ -68,14 +68,16 @@ def suffix_loss(
 
 
 def labelled_loss(
-    model, hidden: torch.Tensor, labels: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0
+    model, hidden: torch.Tensor, labels: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """suffix_loss from the decoder's hidden states [B, T, C], projected to logits only where there is a label
     (a real PaliGemma's 257k-entry vocabulary would otherwise take T x 257k floats per sequence, mostly for the
-    image tokens)."""
+    image tokens). `weights` [B, T], if given, weighs each label (see token_loss)."""
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    return token_loss(model.decoder.logits(hidden[:, :-1][keep]), targets[keep], loc_range, loc_sigma)
+    kept_weights = None if weights is None else weights[:, 1:][keep]
+    return token_loss(model.decoder.logits(hidden[:, :-1][keep]), targets[keep], loc_range, loc_sigma, kept_weights)
 
 
 def soft_bin_targets(bins: torch.Tensor, count: int, sigma: float) -> torch.Tensor:
@@ -86,9 +88,10 @@ def soft_bin_targets(bins: torch.Tensor, count: int, sigma: float) -> torch.Tens
 
 
 def token_loss(
-    logits: torch.Tensor, targets: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0
+    logits: torch.Tensor, targets: torch.Tensor, loc_range: tuple[int, int] | None = None, loc_sigma: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of logits [M, V] against target ids [M].
+    """Mean cross-entropy of logits [M, V] against target ids [M] (weighted by `weights` [M] if given).
 
     Computed in float32 with log_softmax (stable for any logit scale). With `loc_range` = (first loc id,
     number of loc tokens) and loc_sigma > 0, a loc label's target is a Gaussian over the neighbouring bins
@@ -103,7 +106,9 @@ def token_loss(
             soft = soft_bin_targets(targets[is_loc] - first, count, loc_sigma)
             nll = nll.clone()
             nll[is_loc] = -(soft * log_probs[is_loc, first : first + count]).sum(-1)
-    return nll.mean()
+    if weights is None:
+        return nll.mean()
+    return (nll * weights).sum() / weights.sum()
 
 
 # ---- schedule, optimizer state ------------------------------------------------------------------

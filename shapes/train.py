@@ -268,7 +268,19 @@ def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: 
     return batches
 
 
-def recipe_loss(heads: AuxiliaryHeads, loc_range, aux_weight: float):
+def decision_weights(labels: torch.Tensor, loc_range, weight: float) -> torch.Tensor:
+    """[B, T] label weights: `weight` on the tokens where a detection answer decides what comes next, 1 elsewhere.
+    The decisions are each box's first location token (y_min: which shape is listed next, where the last
+    failures start) and the token after each box's label (" ;" or <eos>: another box, or stop)."""
+    first, count = loc_range
+    is_loc = (labels >= first) & (labels < first + count)
+    before = F.pad(is_loc, (1, 0))[:, :-1]  # the previous label is a location token
+    two_before = F.pad(is_loc, (2, 0))[:, :-2]
+    decides = (is_loc & ~before) | (two_before & ~before & ~is_loc & (labels != T.IGNORE))
+    return 1.0 + (weight - 1.0) * decides.float()
+
+
+def recipe_loss(heads: AuxiliaryHeads, loc_range, aux_weight: float, decision_weight: float = 1.0):
     first, count = loc_range
 
     def loss_fn(model, batch):
@@ -282,7 +294,8 @@ def recipe_loss(heads: AuxiliaryHeads, loc_range, aux_weight: float):
                 batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
                 image_embeddings=image_embeddings.repeat_interleave(per_image, dim=0),
             )
-        lm = T.labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma)
+        weights = decision_weights(batch["labels"], loc_range, decision_weight) if decision_weight != 1 else None
+        lm = T.labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma, weights)
         loc_embeddings = model.language_model.model.embed_tokens.weight[first : first + count]
         aux_classes, aux_box = heads.loss(image_embeddings, batch["aux_classes"], batch["aux_bins"], loc_embeddings,
                                           loc_sigma)
@@ -378,6 +391,9 @@ def main(argv=None):
     parser.add_argument("--final-loc-sigma", type=float, default=0.5,
                         help="stage 2 narrows the soft targets from --loc-sigma to this (cosine)")
     parser.add_argument("--aux-weight", type=float, default=0.5)
+    parser.add_argument("--decision-weight", type=float, default=1.0,
+                        help="loss weight of each box's first location token and of the token after its label "
+                        "(see decision_weights)")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-scenes", type=int, default=48)
     parser.add_argument("--save-every", type=int, default=250)
@@ -389,6 +405,8 @@ def main(argv=None):
                         "auxiliary heads and optimizer)")
     parser.add_argument("--export", help="instead of training, copy OUT/last's checkpoint files to this folder")
     args = parser.parse_args(argv)
+    if args.decision_weight <= 0:
+        parser.error(f"--decision-weight {args.decision_weight}: give a positive weight (1 weighs every token alike)")
     if args.detections < 1:
         parser.error(f"--detections {args.detections}: ask at least one detection per image")
 
@@ -463,7 +481,7 @@ def main(argv=None):
                                 args.unpacked_images_per_step, args.detections, args.shape_weights,
                                 unpack_detections=args.unpack_detections)
     T.train(model, on_device(batches, args.device),
-            recipe_loss(heads, loc_range, args.aux_weight), options, out_dir=out,
+            recipe_loss(heads, loc_range, args.aux_weight, args.decision_weight), options, out_dir=out,
             save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate, resume=resume,
             extra_modules={"aux": heads}, log=log)
 

@@ -55,6 +55,7 @@ def test_shape_weights_set_how_often_scenes_of_1_2_3_shapes_are_trained_on():
 @pytest.mark.parametrize("option, message", [
     *[(["--shape-weights", text], "give three non-negative weights") for text in ["1,2", "1,-1,1", "0,0,0", "a,b,c"]],
     (["--detections", "0"], "ask at least one detection per image"),
+    (["--decision-weight", "0"], "give a positive weight"),
 ])
 def test_bad_recipe_options_are_refused_with_a_message(option, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -82,6 +83,41 @@ def test_soft_targets_narrow_from_start_to_final():
     widths = [R.loc_sigma_at(step, 100, 2.0, 0.5) for step in range(101)]
     assert widths[0] == pytest.approx(2.0) and widths[-1] == pytest.approx(0.5)
     assert all(a >= b for a, b in zip(widths, widths[1:]))
+
+
+def test_decision_weights_fall_on_each_boxs_first_location_token_and_the_token_after_its_label():
+    from paligemma.train import loc_range_of, training_batch
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.processor import PaliGemmaProcessor
+    from shapes.tokenizer import build_shapes_tokenizer
+
+    tokenizer = build_shapes_tokenizer()
+    processor = PaliGemmaProcessor(tokenizer, PaliGemmaConfig.from_dict(R.model_config(tokenizer)))
+    scene = next(s for s in S.render_scenes(2, 50) if len({x.shape for x in s.shapes}) == 1 and len(s.shapes) == 2)
+    kind = scene.shapes[0].shape
+    batch = training_batch(processor, [scene.image] * 2, [S.detect_prompt([kind]), S.CAPTION_PROMPT],
+                           [S.detect_answer(scene, [kind]), S.caption(scene)])
+    weights = R.decision_weights(batch["labels"], loc_range_of(tokenizer), 3.0)
+    labels = batch["labels"][0]
+    answer = [tokenizer.id_to_token(i) for i in labels[labels != IGNORE].tolist()]
+    weighed = weights[0][labels != IGNORE].tolist()
+    # <loc> x4, kind, " ;", " ", <loc> x4, kind, <eos>: the two first locations, the " ;" and the <eos>.
+    assert [t for t, w in zip(answer, weighed) if w == 3.0] == [answer[0], answer[5], answer[7], answer[12]]
+    assert answer[5] == "\u2581;" and answer[12] == "<eos>" and answer[7].startswith("<loc")
+    assert sorted(set(weighed)) == [1.0, 3.0]
+    assert (weights[1] == 1.0).all()  # a caption has no decisions
+    assert (weights[0][labels == IGNORE] == 1.0).all()
+
+
+def test_weighted_token_loss_is_the_weighted_mean():
+    from paligemma.train import token_loss
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(5, 11), torch.randint(0, 11, (5,))
+    each = torch.stack([token_loss(logits[i : i + 1], targets[i : i + 1]) for i in range(5)])
+    weights = torch.tensor([1.0, 4.0, 1.0, 0.5, 2.0])
+    torch.testing.assert_close(token_loss(logits, targets, weights=weights), (each * weights).sum() / weights.sum())
+    torch.testing.assert_close(token_loss(logits, targets, weights=torch.ones(5)), token_loss(logits, targets))
 
 
 def test_questions_refuse_fewer_than_one_detection():
