@@ -55,11 +55,11 @@ def teacher_forced(model, processor, rows, near: int = 25, batch_size: int = 64)
     for start in range(0, len(rows), batch_size):
         kinds, images, prompts, answers = map(list, zip(*rows[start : start + batch_size]))
         plain = T.training_batch(processor, images, prompts, answers)
+        image_embeddings = model.embed_image(plain["pixel_values"])  # one row per question either way
         hidden = model.hidden_states(plain["input_ids"], attention_mask=plain["attention_mask"],
-                                     token_type_ids=plain["token_type_ids"],
-                                     image_embeddings=model.embed_image(plain["pixel_values"]))
+                                     token_type_ids=plain["token_type_ids"], image_embeddings=image_embeddings)
         blind = packed_batch(processor, images, [[(p, a)] for p, a in zip(prompts, answers)])
-        blind_hidden = packed_hidden(model, blind, model.embed_image(blind["pixel_values"]))
+        blind_hidden = packed_hidden(model, blind, image_embeddings)
         for way, (predicted, labels) in enumerate([predictions(hidden, plain["labels"]),
                                                    predictions(blind_hidden, blind["labels"])]):
             is_loc = (labels >= first) & (labels < first + count)

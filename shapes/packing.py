@@ -76,7 +76,7 @@ def packed_batch(processor, images, questions_per_image, alone=None) -> dict[str
     return batch
 
 
-def packed_mask(segments: torch.Tensor, token_type_ids: torch.Tensor, image_sees_prompt=None) -> torch.Tensor:
+def packed_mask(segments: torch.Tensor, token_type_ids: torch.Tensor, image_sees_prompt: torch.Tensor) -> torch.Tensor:
     """Which keys each token may attend to, bool [B, 1, 1, T, T]: the image (every token, the image tokens
     included, sees all of it), and within its own question the prompt and the answer up to itself; in rows
     where `image_sees_prompt` [B] (rows of one question), the image tokens see the prompt too."""
@@ -87,10 +87,9 @@ def packed_mask(segments: torch.Tensor, token_type_ids: torch.Tensor, image_sees
     key_in_prefix = (token_type_ids == 0)[:, None, :]
     key_is_image = (segments == IMAGE)[:, None, :]
     key_is_real = (segments != PADDING)[:, None, :]
+    query_is_image = (segments == IMAGE)[:, :, None]
     allowed = (key_is_image | (same_question & (key_in_prefix | causal[None]))) & key_is_real
-    if image_sees_prompt is not None:
-        query_is_image = (segments == IMAGE)[:, :, None]
-        allowed |= image_sees_prompt[:, None, None] & query_is_image & key_in_prefix & key_is_real
+    allowed |= image_sees_prompt[:, None, None] & query_is_image & key_in_prefix & key_is_real
     return allowed[:, None, None]
 
 
