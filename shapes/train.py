@@ -1,8 +1,8 @@
 """The recipe of the embedded demo model: a small PaliGemma trained from scratch on scenes drawn on the fly.
 
     python -m shapes.train --out runs/shapes          # rerun the same command to resume
-    python -m shapes.train --out runs/shapes --export paligemma/demo_checkpoint   # copy the last checkpoint
-    python -m shapes.train --out runs/tuned --init-from CHECKPOINT ...            # fine-tune (stage 2 only)
+    python -m shapes.train --out runs/shapes --export paligemma/demo_checkpoint   # copy the run's model
+    python -m shapes.train --out runs/tuned --init-from CHECKPOINT --polish-steps 0 ...   # fine-tune (stage 2 only)
 
 What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibration):
 - 112 px images in 14 px patches (64 image tokens), narrow towers (width 192, 4 + 4 layers, ~4 M parameters).
@@ -19,6 +19,10 @@ What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibr
   two of three kinds in a detection needs (measured in shapes/README.md): detection tops out near 0.89.
   `--unpack-detections` gives each detection a sequence of its own from the start: the path opens, but in the
   same 80 minutes it learnt much less (detection 0.70, captions 0.62), so it is not the default.
+- A third stage polishes the model (`--polish-steps`, in OUT/polish; the run's model is then OUT/polish/last): a
+  short second schedule, unpacked, with three-shape scenes weighted up and, per box, the loss on its first location
+  token (which shape comes next) and on the token after its label (another box or stop) weighted 4x
+  (`decision_weights`): those two are where the remaining detection failures start (shapes/README.md).
 - Auxiliary per-patch targets on the projected image embeddings, used in training only and not part of the
   checkpoint: each patch predicts the color and kind of the shape under it, that shape's rank from the left
   (overall, among its kind, among each pair of kinds), the scene's counts, and its box as location tokens
@@ -348,6 +352,16 @@ def on_device(batches, device):
     return lambda step: {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches(step).items()}
 
 
+POLISH_WARMUP = 50
+POLISH_LOC_SIGMA = 1.0  # stage 3 starts from narrower soft targets than stage 2 (its boxes are placed already)
+
+
+def final_checkpoint(out: Path) -> Path:
+    """The run's model: stage 3's last checkpoint when the run has one, else stage 2's."""
+    polished = out / "polish" / "last"
+    return polished if (polished / "model.safetensors").exists() else out / "last"
+
+
 def stage_state(directory: Path):
     """The step a stage's `last` checkpoint reached, or None when it has none."""
     state = directory / "last" / T.STATE_JSON
@@ -371,7 +385,7 @@ def main(argv=None):
     parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: the vision tower on the patch targets")
     parser.add_argument("--vision-images", type=int, default=32, help="images per stage 1 step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=5400, help="stage 2: the whole model on the task")
+    parser.add_argument("--steps", type=int, default=4800, help="stage 2: the whole model on the task")
     parser.add_argument("--detections", type=int, default=3, help="detection questions per image (stage 2)")
     parser.add_argument("--shape-weights", type=parse_shape_weights, default=(1, 1, 1),
                         help="stage 2: relative frequencies of scenes of 1, 2 and 3 shapes, e.g. 1,2,3 (default: "
@@ -394,6 +408,13 @@ def main(argv=None):
     parser.add_argument("--decision-weight", type=float, default=1.0,
                         help="loss weight of each box's first location token and of the token after its label "
                         "(see decision_weights)")
+    parser.add_argument("--polish-steps", type=int, default=650,
+                        help="stage 3: a second, short schedule from stage 2's weights, one sequence per question, "
+                        "with the soft targets narrowed from 1 bin, no auxiliary loss and fresh AdamW (0: none)")
+    parser.add_argument("--polish-lr", type=float, default=5e-4)
+    parser.add_argument("--polish-shape-weights", type=parse_shape_weights, default=(1, 2, 3),
+                        help="stage 3's --shape-weights: three-shape scenes, the hard ones, weighted up")
+    parser.add_argument("--polish-decision-weight", type=float, default=4.0, help="stage 3's --decision-weight")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-scenes", type=int, default=48)
     parser.add_argument("--save-every", type=int, default=250)
@@ -402,11 +423,16 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--init-from", help="fine-tune: start stage 2 from this checkpoint (no stage 1; fresh "
-                        "auxiliary heads and optimizer)")
-    parser.add_argument("--export", help="instead of training, copy OUT/last's checkpoint files to this folder")
+                        "auxiliary heads and optimizer; stage 3 follows unless --polish-steps 0)")
+    parser.add_argument("--export", help="instead of training, copy the run's model (OUT/polish/last, or OUT/last "
+                        "without stage 3) to this folder")
     args = parser.parse_args(argv)
-    if args.decision_weight <= 0:
-        parser.error(f"--decision-weight {args.decision_weight}: give a positive weight (1 weighs every token alike)")
+    for name in ("decision_weight", "polish_decision_weight"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give a positive weight (1 weighs every "
+                         "token alike)")
+    if args.polish_steps < 0:
+        parser.error(f"--polish-steps {args.polish_steps}: give 0 (no stage 3) or more")
     if args.detections < 1:
         parser.error(f"--detections {args.detections}: ask at least one detection per image")
 
@@ -416,9 +442,10 @@ def main(argv=None):
     if args.export:
         target = Path(args.export)
         target.mkdir(parents=True, exist_ok=True)
+        source = final_checkpoint(out)
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            shutil.copy(out / "last" / name, target / name)
-        print(f"copied {out / 'last'} to {target}")
+            shutil.copy(source / name, target / name)
+        print(f"copied {source} to {target}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -456,8 +483,12 @@ def main(argv=None):
                 save=lambda d: save_model(model, tokenizer_path, d),
                 resume=vision_dir / "last" if vision_step is not None else None, extra_modules={"aux": heads}, log=log)
 
+    polish_dir = out / "polish"
+    polish_step = stage_state(polish_dir) if args.polish_steps else None
     resume = out / "last" if full_step is not None else None
     start = resume or Path(args.init_from or vision_dir / "last")
+    if polish_step is not None:  # stage 2 is done: stage 3 resumes from its own checkpoint
+        start = polish_dir / "last"
     model = load_model(start, device=args.device, dtype=torch.float32)
     if (model.config.text, model.config.vision) != (config.text, config.vision):
         raise SystemExit(f"{start} is not a model of this recipe (its text or vision config differs from "
@@ -465,7 +496,6 @@ def main(argv=None):
     if resume is None and not args.init_from:  # stage 2 starts from stage 1's weights and heads, fresh optimizer
         _, extra = T.load_training_state(vision_dir / "last", torch.optim.AdamW([torch.zeros(1)]))
         heads.load_state_dict({k[len("aux.") :]: v for k, v in extra.items()})
-    log(f"stage 2 (whole model, task + patch targets) from {start}")
     held_out = S.render_scenes(args.seed + 1000, args.eval_scenes)
     pipe = Pipeline(model, processor)
 
@@ -473,17 +503,28 @@ def main(argv=None):
         texts = lambda images, prompts: [r.text for r in pipe.generate(images, prompts, max_new_tokens=E.max_new_tokens())]  # noqa: E731
         return E.evaluate(texts, held_out, 96)
 
-    options = T.TrainOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, clip_norm=1.0,
-                             eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                             progress=not args.no_progress)
-    sigma = lambda step: loc_sigma_at(step, args.steps, args.loc_sigma, args.final_loc_sigma)  # noqa: E731
-    batches = synthetic_batches(processor, grid, args.seed, sigma, args.packed_steps, args.images_per_step,
-                                args.unpacked_images_per_step, args.detections, args.shape_weights,
-                                unpack_detections=args.unpack_detections)
-    T.train(model, on_device(batches, args.device),
-            recipe_loss(heads, loc_range, args.aux_weight, args.decision_weight), options, out_dir=out,
-            save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate, resume=resume,
-            extra_modules={"aux": heads}, log=log)
+    def stage(steps, lr, warmup, loc_sigma, packed_steps, shape_weights, aux_weight, decision_weight, out_dir,
+              resume):
+        options = T.TrainOptions(steps=steps, lr=lr, warmup=warmup, clip_norm=1.0, eval_every=args.eval_every,
+                                 save_every=args.save_every, seed=args.seed, progress=not args.no_progress)
+        sigma = lambda step: loc_sigma_at(step, steps, loc_sigma, args.final_loc_sigma)  # noqa: E731
+        batches = synthetic_batches(processor, grid, args.seed, sigma, packed_steps, args.images_per_step,
+                                    args.unpacked_images_per_step, args.detections, shape_weights,
+                                    unpack_detections=args.unpack_detections)
+        T.train(model, on_device(batches, args.device), recipe_loss(heads, loc_range, aux_weight, decision_weight),
+                options, out_dir=out_dir, save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate,
+                resume=resume, extra_modules={"aux": heads}, log=log)
+
+    if polish_step is None:
+        log(f"stage 2 (whole model, task + patch targets) from {start}")
+        stage(args.steps, args.lr, args.warmup, args.loc_sigma, args.packed_steps, args.shape_weights,
+              args.aux_weight, args.decision_weight, out, resume)
+    if args.polish_steps:
+        log(f"stage 3 (polish: unpacked, decisions weighted {args.polish_decision_weight}) from "
+            f"{polish_dir / 'last' if polish_step is not None else out / 'last'}")
+        stage(args.polish_steps, args.polish_lr, POLISH_WARMUP, POLISH_LOC_SIGMA, 0, args.polish_shape_weights, 0.0,
+              args.polish_decision_weight, polish_dir, polish_dir / "last" if polish_step is not None else None)
+    log(f"model: {final_checkpoint(out)}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ def test_shape_weights_set_how_often_scenes_of_1_2_3_shapes_are_trained_on():
     *[(["--shape-weights", text], "give three non-negative weights") for text in ["1,2", "1,-1,1", "0,0,0", "a,b,c"]],
     (["--detections", "0"], "ask at least one detection per image"),
     (["--decision-weight", "0"], "give a positive weight"),
+    (["--polish-decision-weight", "-1"], "give a positive weight"),
+    (["--polish-steps", "-1"], "give 0 (no stage 3) or more"),
+    (["--polish-shape-weights", "1,2"], "give three non-negative weights"),
 ])
 def test_bad_recipe_options_are_refused_with_a_message(option, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -155,10 +158,11 @@ def test_unpacked_detections_ask_the_same_questions_in_rows_of_their_own():
 def test_recipe_command_trains_resumes_and_exports(tmp_path):
     run = tmp_path / "run"
     small = ["--out", str(run), "--vision-images", "2", "--images-per-step", "2", "--unpacked-images-per-step", "1",
-             "--packed-steps", "1", "--eval-every", "0", "--save-every", "1", "--no-progress", "--threads", "1"]
-    R.main(small + ["--vision-steps", "2", "--steps", "2"])  # a packed step, then an unpacked one
+             "--packed-steps", "1", "--eval-every", "0", "--save-every", "1", "--no-progress", "--threads", "1",
+             "--vision-steps", "2"]
+    R.main(small + ["--steps", "2", "--polish-steps", "0"])  # a packed step, then an unpacked one
     first = paligemma.load(str(run / "last")).model.state_dict()
-    R.main(small + ["--vision-steps", "2", "--steps", "3"])  # the same run, one more stage 2 step
+    R.main(small + ["--steps", "3", "--polish-steps", "0"])  # the same run, one more stage 2 step
     log = (run / "log.txt").read_text()
     assert "resumed from" in log and "at step 2" in log
     assert log.count("stage 1 (vision tower") == 1  # stage 1 was not run again
@@ -168,10 +172,34 @@ def test_recipe_command_trains_resumes_and_exports(tmp_path):
     assert any(not torch.equal(exported[k], first[k]) for k in first)  # the third step changed the weights
 
 
+def test_recipe_command_polishes_in_a_third_stage_that_resumes(tmp_path):
+    run = tmp_path / "run"
+    small = ["--out", str(run), "--vision-images", "2", "--images-per-step", "2", "--unpacked-images-per-step", "1",
+             "--packed-steps", "1", "--eval-every", "0", "--save-every", "1", "--no-progress", "--threads", "1",
+             "--vision-steps", "1", "--steps", "2"]
+    R.main(small + ["--polish-steps", "1"])
+    stage_2 = paligemma.load(str(run / "last")).model.state_dict()
+    polished = paligemma.load(str(run / "polish" / "last")).model.state_dict()
+    assert any(not torch.equal(polished[k], stage_2[k]) for k in stage_2)  # stage 3 trained from stage 2's weights
+    assert max((polished[k] - stage_2[k]).abs().max().item() for k in stage_2) < 1e-3  # one small warm-up step
+    R.main(small + ["--polish-steps", "2"])  # resumes stage 3 alone
+    log = (run / "log.txt").read_text()
+    assert log.count("stage 2 (whole model") == 1 and log.count("stage 3 (polish") == 2
+    assert f"resumed from {run / 'polish' / 'last'} at step 1" in log
+    assert torch.equal(paligemma.load(str(run / "last")).model.state_dict()[next(iter(stage_2))],
+                       stage_2[next(iter(stage_2))])  # stage 2's checkpoint is left as it was
+    R.main(["--out", str(run), "--export", str(tmp_path / "exported")])
+    exported = paligemma.load(str(tmp_path / "exported")).model.state_dict()
+    final = paligemma.load(str(run / "polish" / "last")).model.state_dict()
+    assert all(torch.equal(exported[k], final[k]) for k in final)  # the export is the polished model
+    assert any(not torch.equal(final[k], polished[k]) for k in final)  # the resumed step trained
+
+
 def test_recipe_fine_tunes_a_checkpoint_without_stage_1(tmp_path):
     run = tmp_path / "tuned"
     R.main(["--out", str(run), "--init-from", str(paligemma.DEMO_CHECKPOINT), "--steps", "1", "--images-per-step",
-            "2", "--eval-every", "0", "--no-progress", "--threads", "1", "--aux-weight", "0", "--unpack-detections"])
+            "2", "--eval-every", "0", "--no-progress", "--threads", "1", "--aux-weight", "0", "--unpack-detections",
+            "--polish-steps", "0"])
     log = (run / "log.txt").read_text()
     assert "stage 1" not in log and f"from {paligemma.DEMO_CHECKPOINT}" in log
     tuned = paligemma.load(str(run / "last")).model.state_dict()
