@@ -487,11 +487,10 @@ def main(argv=None):
                 resume=vision_dir / "last" if vision_step is not None else None, extra_modules={"aux": heads}, log=log)
 
     polish_dir = out / "polish"
-    polish_step = stage_state(polish_dir) if args.polish_steps else None
+    # Once stage 3 has a checkpoint, stage 2 is done: the run resumes stage 3 from it.
+    polish_resume = polish_dir / "last" if args.polish_steps and stage_state(polish_dir) is not None else None
     resume = out / "last" if full_step is not None else None
-    start = resume or Path(args.init_from or vision_dir / "last")
-    if polish_step is not None:  # stage 2 is done: stage 3 resumes from its own checkpoint
-        start = polish_dir / "last"
+    start = polish_resume or resume or Path(args.init_from or vision_dir / "last")
     model = load_model(start, device=args.device, dtype=torch.float32)
     if (model.config.text, model.config.vision) != (config.text, config.vision):
         raise SystemExit(f"{start} is not a model of this recipe (its text or vision config differs from "
@@ -518,15 +517,15 @@ def main(argv=None):
                 options, out_dir=out_dir, save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate,
                 resume=resume, extra_modules={"aux": heads}, log=log)
 
-    if polish_step is None:
+    if polish_resume is None:
         log(f"stage 2 (whole model, task + patch targets) from {start}")
         stage(args.steps, args.lr, args.warmup, args.loc_sigma, args.packed_steps, args.shape_weights,
               args.aux_weight, args.decision_weight, out, resume)
     if args.polish_steps:
         log(f"stage 3 (polish: unpacked, decisions weighted {args.polish_decision_weight}) from "
-            f"{polish_dir / 'last' if polish_step is not None else out / 'last'}")
+            f"{polish_resume or out / 'last'}")
         stage(args.polish_steps, args.polish_lr, POLISH_WARMUP, POLISH_LOC_SIGMA, 0, args.polish_shape_weights, 0.0,
-              args.polish_decision_weight, polish_dir, polish_dir / "last" if polish_step is not None else None)
+              args.polish_decision_weight, polish_dir, polish_resume)
     log(f"model: {final_checkpoint(out)}")
 
 
