@@ -35,6 +35,10 @@ class StaticCache(nn.Module):
         self.register_buffer("values", torch.zeros(shape, device=parameter.device, dtype=parameter.dtype))
         self.register_buffer("real", torch.ones(batch_size, capacity, device=parameter.device, dtype=torch.bool))
         self.register_buffer("slots", torch.arange(capacity, device=parameter.device))
+        for buffer in self.buffers():
+            # Written in place by the compiled step: a fixed address lets CUDA graphs keep them instead of copying
+            # (or skipping the graph over a mutated input).
+            torch._dynamo.mark_static_address(buffer)
 
     @property
     def batch_size(self) -> int:

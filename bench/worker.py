@@ -21,7 +21,7 @@ import torch
 from .workloads import request_image
 
 CPU_RUNTIMES = ("transformers", "torch", "onnx", "onnx-int8")
-CUDA_RUNTIMES = ("transformers", "transformers-static", "torch-compiled", "onnx")
+CUDA_RUNTIMES = ("transformers", "transformers-static", "torch", "torch-compiled", "onnx")
 
 
 class TimingStreamer:
@@ -159,8 +159,17 @@ def measure(spec: dict) -> dict:
         tokens=runs[0]["tokens"], repeatable=all(t == tokens[0] for t in tokens),
         prompt_ids=runs[0]["prompt_ids"], peak_rss_mb=peak_rss_mb(),
         peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        threads=torch.get_num_threads(), python=platform.python_version(),
+        threads=torch.get_num_threads(), python=platform.python_version(), compile=compile_counters(),
     )
+
+
+def compile_counters() -> dict:
+    """What torch.compile did in this process (empty when nothing was compiled): graph breaks, recompilations and
+    skipped CUDA graphs each cost decode speed, so the result says how many there were."""
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"]["unique_graphs"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]} if counters["stats"]["unique_graphs"] else {}
 
 
 def main(argv=None) -> int:
