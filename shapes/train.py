@@ -172,29 +172,31 @@ AUX_HEADS = {"kind": 1 + len(KINDS), "rank": 3, "rank_in_kind": 3, **{f"rank_in_
 
 
 def patch_targets(scene, grid: int):
-    """Per patch (row-major) class targets for AUX_HEADS [heads, grid * grid] and loc bins of the shape's box [4, N]."""
+    """Per patch (row-major) class targets for AUX_HEADS [heads, grid * grid] and loc bins of the shape's box [4, N].
+    A patch takes the targets of the shape whose box holds its center (of the last one, should two boxes hold it);
+    the counts are the scene's, in every patch."""
     cell = S.CANVAS / grid
+    head = {name: i for i, name in enumerate(AUX_HEADS)}
     classes = torch.full((len(AUX_HEADS), grid * grid), T.IGNORE, dtype=torch.long)
     bins = torch.full((4, grid * grid), T.IGNORE, dtype=torch.long)
-    names = list(AUX_HEADS)
     shapes = scene.shapes
-    for p in range(grid * grid):
-        y, x = (p // grid + 0.5) * cell, (p % grid + 0.5) * cell
-        row = {"count": len(shapes) - 1}
-        row.update({f"count_{c}": sum(s.color == c for s in shapes) for c in S.COLORS})
-        row.update({f"count_{k}": sum(s.shape == k for s in shapes) for k in S.SHAPES})
-        row["kind"] = 0
-        for rank, s in enumerate(shapes):
-            if s.box[0] <= y < s.box[2] and s.box[1] <= x < s.box[3]:
-                row["kind"] = 1 + KINDS.index((s.color, s.shape))
-                row["rank"] = rank
-                row["rank_in_kind"] = [o for o in shapes if o.shape == s.shape].index(s)
-                for a, b in PAIRS:
-                    if s.shape in (a, b):
-                        row[f"rank_in_{a}_{b}"] = [o for o in shapes if o.shape in (a, b)].index(s)
-                bins[:, p] = torch.tensor([S.to_bin(c) for c in s.box])
-        for name, value in row.items():
-            classes[names.index(name), p] = value
+    classes[head["count"]] = len(shapes) - 1
+    for c in S.COLORS:
+        classes[head[f"count_{c}"]] = sum(s.color == c for s in shapes)
+    for k in S.SHAPES:
+        classes[head[f"count_{k}"]] = sum(s.shape == k for s in shapes)
+    classes[head["kind"]] = 0
+    centers = (torch.arange(grid, dtype=torch.float64) + 0.5) * cell
+    y, x = centers.repeat_interleave(grid), centers.repeat(grid)  # patch p's center: row p // grid, column p % grid
+    for rank, s in enumerate(shapes):
+        inside = (s.box[0] <= y) & (y < s.box[2]) & (s.box[1] <= x) & (x < s.box[3])
+        classes[head["kind"], inside] = 1 + KINDS.index((s.color, s.shape))
+        classes[head["rank"], inside] = rank
+        classes[head["rank_in_kind"], inside] = [o for o in shapes if o.shape == s.shape].index(s)
+        for a, b in PAIRS:
+            if s.shape in (a, b):
+                classes[head[f"rank_in_{a}_{b}"], inside] = [o for o in shapes if o.shape in (a, b)].index(s)
+        bins[:, inside] = torch.tensor([S.to_bin(c) for c in s.box])[:, None]
     return classes, bins
 
 
@@ -349,9 +351,6 @@ def vision_loss(heads: AuxiliaryHeads, loc_range, loc_sigma: float):
     return loss_fn
 
 
-def on_device(batches, device):
-    """batches(step) with its tensors moved to `device`."""
-    return lambda step: {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches(step).items()}
 
 
 POLISH_WARMUP = 50
@@ -424,6 +423,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--workers", type=int,
+                        help="processes that draw the next steps' scenes while a step trains (default: on a GPU "
+                             "cores - 1, at most 8; on a CPU 0, which draws them between steps)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--init-from", help="fine-tune: start stage 2 from this checkpoint (no stage 1; fresh "
                         "auxiliary heads and optimizer; stage 3 follows if --polish-steps is given)")
@@ -438,6 +440,10 @@ def main(argv=None):
         parser.error(f"--polish-steps {args.polish_steps}: give 0 (no stage 3) or more")
     if args.detections < 1:
         parser.error(f"--detections {args.detections}: ask at least one detection per image")
+    if args.workers is None:
+        args.workers = T.default_workers(args.device)
+    if args.workers < 0:
+        parser.error(f"--workers {args.workers}: give 0 (draw scenes between steps) or more processes")
 
     from paligemma.weights import load_model
 
@@ -480,8 +486,9 @@ def main(argv=None):
             model = load_model(vision_dir / "last", device=args.device, dtype=torch.float32)
         log(f"stage 1 (vision tower, patch targets): {sum(p.numel() for p in model.parameters())} parameters")
         options = T.TrainOptions(steps=args.vision_steps, lr=args.vision_lr, warmup=args.warmup, clip_norm=1.0,
-                                 save_every=args.save_every, seed=args.seed, progress=not args.no_progress)
-        T.train(model, on_device(vision_batches(grid, config.image_size, args.vision_images, args.seed), args.device),
+                                 save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
+                                 workers=args.workers)
+        T.train(model, vision_batches(grid, config.image_size, args.vision_images, args.seed),
                 vision_loss(heads, loc_range, args.loc_sigma), options, out_dir=vision_dir,
                 save=lambda d: save_model(model, tokenizer_path, d),
                 resume=vision_dir / "last" if vision_step is not None else None, extra_modules={"aux": heads}, log=log)
@@ -508,12 +515,13 @@ def main(argv=None):
     def stage(steps, lr, warmup, loc_sigma, packed_steps, shape_weights, aux_weight, decision_weight, out_dir,
               resume):
         options = T.TrainOptions(steps=steps, lr=lr, warmup=warmup, clip_norm=1.0, eval_every=args.eval_every,
-                                 save_every=args.save_every, seed=args.seed, progress=not args.no_progress)
+                                 save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
+                                 workers=args.workers)
         sigma = lambda step: loc_sigma_at(step, steps, loc_sigma, args.final_loc_sigma)  # noqa: E731
         batches = synthetic_batches(processor, grid, args.seed, sigma, packed_steps, args.images_per_step,
                                     args.unpacked_images_per_step, args.detections, shape_weights,
                                     unpack_detections=args.unpack_detections)
-        T.train(model, on_device(batches, args.device), recipe_loss(heads, loc_range, aux_weight, decision_weight),
+        T.train(model, batches, recipe_loss(heads, loc_range, aux_weight, decision_weight),
                 options, out_dir=out_dir, save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate,
                 resume=resume, extra_modules={"aux": heads}, log=log)
 
