@@ -149,7 +149,8 @@ def measure(spec: dict, args, tmp: Path) -> dict:
     """One runtime's measurements: in a process of its own (so peak memory is its own), or in this one."""
     if args.in_process:
         return dict(worker.measure(spec), peak_rss_mb=None)
-    spec_path, result_path = tmp / f"{spec['runtime']}.spec.json", tmp / f"{spec['runtime']}.json"
+    name = f"{spec['runtime']}-{spec['dtype']}"
+    spec_path, result_path = tmp / f"{name}.spec.json", tmp / f"{name}.json"
     spec_path.write_text(json.dumps(spec))
     run_process([sys.executable, "-m", "bench.worker", str(spec_path), str(result_path)], args.timeout)
     return json.loads(result_path.read_text())
@@ -175,7 +176,10 @@ def bench_workload(name: str, args, log) -> dict:
                 try:
                     if runtime.startswith("onnx"):
                         spec["onnx_dir"] = str(ensure_export(folder, runtime, args, log))
-                    rounds[runtime].append(measure(spec, args, Path(tmp)))
+                    result = measure(spec, args, Path(tmp))
+                    if args.cuda and not rounds[runtime]:
+                        result["check"] = float32_check(spec, args, Path(tmp))
+                    rounds[runtime].append(result)
                 except Exception as e:  # one runtime failing must not hide the others' figures
                     log(f"    failed: {e}")
                     rounds[runtime] = [dict(runtime=runtime, error=f"{type(e).__name__}: {e}")]
@@ -184,6 +188,14 @@ def bench_workload(name: str, args, log) -> dict:
     return dict(name=name, description=workload.description, checkpoint=str(folder), new_tokens=args.new_tokens,
                 runs=args.runs * args.rounds, rounds=args.rounds, warmup=args.warmup, threads=args.threads, in_process=args.in_process,
                 rows=report.summarize(results, TARGETS.get(name, {})), raw=results)
+
+
+def float32_check(spec: dict, args, tmp: Path) -> dict:
+    """The runtime's greedy tokens with the same weights in float32 (TF32 off). Random bfloat16 weights leave
+    near-ties that rounding flips, differently in every runtime (transformers' own two paths disagree), so in
+    CUDA mode the tokens that must agree with transformers' are these; the bfloat16 ones are reported beside."""
+    result = measure(dict(spec, dtype="float32", runs=1, warmup=0), args, tmp)
+    return dict(dtype="float32", tokens=result["tokens"], prompt_ids=result["prompt_ids"])
 
 
 def merge_rounds(rounds: list[dict]) -> dict:

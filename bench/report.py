@@ -27,6 +27,11 @@ def summarize(results: list[dict], targets: dict) -> list[dict]:
         row.update(ttft_s=statistics.median(r["ttft_s"]), decode_tokens_per_s=statistics.median(r["decode_tokens_per_s"]),
                    peak_rss_mb=r["peak_rss_mb"], peak_gpu_mb=r.get("peak_gpu_mb"), load_s=r["load_s"],
                    runs=len(r["ttft_s"]), repeatable=r["repeatable"], tokens=r["tokens"])
+        if reference is not None and "check" in reference and "check" in r:
+            # CUDA mode: the tokens that must agree are the float32 check's (see bench.__main__.float32_check).
+            check, ref_check = r["check"], reference["check"]
+            row.update(check_dtype=check["dtype"], check_agreeing_tokens=agreeing_prefix(check["tokens"], ref_check["tokens"]),
+                       check_agree=check["prompt_ids"] == ref_check["prompt_ids"] and check["tokens"] == ref_check["tokens"])
         if reference is not None:
             ref_ttft = statistics.median(reference["ttft_s"])
             ref_decode = statistics.median(reference["decode_tokens_per_s"])
@@ -98,7 +103,19 @@ def markdown_table(workload: dict) -> str:
             ttft += f" ({row['ttft_speedup']:.2f}x faster)"
             decode += f" ({row['decode_speedup']:.2f}x)"
             memory += f" ({row['memory_ratio']:.2f}x)" if row["memory_ratio"] else ""
-        if reference:
+        if "check_agree" in row:
+            check = f"{row['check_dtype']}: " + (f"identical ({row['check_agreeing_tokens']}/{len(row['tokens'])})"
+                                                 if row["check_agree"] else
+                                                 f"**DIFFER** after {row['check_agreeing_tokens']}/{len(row['tokens'])}")
+            if reference:
+                agree = f"reference ({check.split(':')[0]} check run)"
+            else:
+                agree = check + ("; bfloat16: identical" if row["tokens_agree"] else
+                                 f"; bfloat16: differ after {row['agreeing_tokens']}/{len(row['tokens'])}"
+                                 + (" (rounding)" if row["check_agree"] else ""))
+                if not row["check_agree"]:
+                    ttft, decode = f"~~{ttft}~~", f"~~{decode}~~"
+        elif reference:
             agree = "reference"
         elif "tokens_agree" not in row:
             agree = "no reference"
@@ -125,6 +142,14 @@ def error_line(error: str) -> str:
     return ((named or lines or ["unknown error"])[-1])[:200].replace("|", "/")
 
 
+def counts(row: dict) -> bool:
+    """Whether a row's speed counts: its tokens agree with transformers' (the float32 check's, where there is one;
+    else up to the answer's end-of-sequence). A row with no reference to compare counts."""
+    if "check_agree" in row:
+        return row["check_agree"]
+    return row.get("answer_agrees", True)
+
+
 def target_verdict(row: dict, target: dict) -> str:
     """'met' or the gap: the fraction of each target reached."""
     reached = []
@@ -138,7 +163,7 @@ def target_verdict(row: dict, target: dict) -> str:
         reached.append(("TTFT", target["ttft_ms"] / (row["ttft_s"] * 1000)))
     missed = [f"{what} at {fraction:.0%} of target" for what, fraction in reached if fraction < 1]
     verdict = "met" if not missed else "; ".join(missed)
-    if row.get("answer_agrees") is False:
+    if not counts(row):
         verdict += " (tokens differ: does not count)"
     return f"{target_text(target)}: {verdict}"
 
@@ -173,7 +198,7 @@ def plot_ratios(path: Path, report: dict) -> None:
         draw.text((margin, top), f"{panel['description']}, {threads_text(panel)}", fill="black", font=font)
         y = top + 26
         for row in rows:
-            draw.text((margin, y + bar_h // 2), row["runtime"] + ("" if row.get("answer_agrees", True) else " (tokens differ)"),
+            draw.text((margin, y + bar_h // 2), row["runtime"] + ("" if counts(row) else " (tokens differ)"),
                       fill="black", font=small)
             for i, key in enumerate(("ttft", "decode")):
                 value = row[f"{key}_speedup"]

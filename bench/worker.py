@@ -145,6 +145,9 @@ def measure(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     cuda = spec["device"].startswith("cuda")
+    if cuda:  # float32 means float32 (the token check relies on it); bfloat16 is unaffected
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     start = time.perf_counter()
     run, info = RUNNERS[spec["runtime"]](spec)
     load_s = time.perf_counter() - start

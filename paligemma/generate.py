@@ -93,13 +93,15 @@ class Pipeline:
         self.processor = processor
         self.engine_factory = engine_factory or (lambda: TorchEngine(model))
         self.stop_ids = set(processor.config.eos_token_ids)
+        self.read_ahead: bool | None = None  # queue each decode step before reading the last tokens (None: on a GPU)
 
     @property
     def config(self):
         return self.processor.config
 
     def _run(self, images, prompts, params: SamplingParams) -> Iterator[tuple[torch.Tensor, float]]:
-        """Yields the next token of every row [B] and its time, until every row has ended or the budget is spent."""
+        """Yields the next token of every row [B] (on the CPU) and the request's start time, until every row has
+        ended or the budget is spent."""
         start = time.perf_counter()
         inputs = self.processor(images, prompts)
         prompt_length = inputs["input_ids"].shape[1]
@@ -111,17 +113,30 @@ class Pipeline:
             )
         engine = self.engine_factory()
         logits = engine.prefill(inputs, params.max_new_tokens)
-        generator = params.generator(logits.device)
-        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        stop = torch.tensor(sorted(self.stop_ids), device=logits.device)
+        device = logits.device
+        # On a GPU, the next step is queued before the host reads this step's tokens, so the GPU never waits for
+        # the host's bookkeeping; a row's end is then seen one step late, which costs at most one unused step.
+        ahead = device.type == "cuda" if self.read_ahead is None else self.read_ahead
+        generator = params.generator(device)
+        stop = torch.tensor(sorted(self.stop_ids), device=device)
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+        tokens = sample(logits, params, generator)
         for step in range(params.max_new_tokens):
-            tokens = sample(logits, params, generator)
             tokens = tokens.masked_fill(done, self.processor.pad_id)
-            yield tokens, start
             done = done | torch.isin(tokens, stop)
-            if bool(done.all()) or step == params.max_new_tokens - 1:
+            last = step == params.max_new_tokens - 1
+            if ahead:
+                on_host, ended = copy_to_host(tokens), copy_to_host(done)
+                if not last:
+                    tokens = sample(engine.decode_step(tokens), params, generator)
+                on_host, ended = on_host.wait(), ended.wait()
+            else:
+                on_host, ended = tokens.cpu(), done.cpu()
+            yield on_host, start
+            if last or bool(ended.all()):
                 return
-            logits = engine.decode_step(tokens)
+            if not ahead:
+                tokens = sample(engine.decode_step(tokens), params, generator)
 
     def _finish(self, ids: list[int]) -> list[int]:
         for i, token in enumerate(ids):
@@ -166,6 +181,25 @@ class Pipeline:
         final = self.processor.decode(ids)  # flushes a piece held back at the very end
         rest = final[len(text):] if final.startswith(text) else ""
         yield StreamUpdate(rest, text + rest, ids, times[0] if times else 0.0, decode_rate(times, len(ids)), finished=True)
+
+
+class copy_to_host:
+    """A device tensor's copy into host memory, started now (on a GPU, without waiting for the device); `wait()`
+    returns it once it has landed, without waiting for work queued after the copy."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.device.type != "cuda":
+            self.tensor, self.event = tensor.cpu(), None
+            return
+        self.tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.tensor.copy_(tensor, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def wait(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor
 
 
 def decode_rate(times: list[float], num_tokens: int) -> float:
