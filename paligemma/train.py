@@ -203,8 +203,7 @@ class StepBatches(torch.utils.data.Dataset):
 def batch_stream(batches: Callable[[int], dict], start: int, stop: int, workers: int, device: torch.device):
     """The batches of steps start .. stop - 1 in order, on `device`. With workers, they are made in that many
     processes ahead of the step that needs them (a batch is a pure function of its step, so which process makes it
-    changes nothing): on a GPU the scenes would otherwise take longer to draw than a step to train, and on a CPU
-    drawing overlaps the step's matrix work."""
+    changes nothing): on a GPU, making a batch can take longer than training on it."""
     if workers:
         # fork: the batch function (often a closure) needs no pickling; the workers only draw and never touch a GPU.
         loader = torch.utils.data.DataLoader(StepBatches(batches, start, stop), batch_size=None, shuffle=False,
@@ -232,9 +231,10 @@ def train(
 ) -> int:
     """Runs steps start .. options.steps - 1; returns the last step done + 1.
 
-    `batches(step)` gives the batch of a step (a pure function of the step, so a resumed run sees the same
-    data), moved here to the model's device; `loss_fn(model, batch)` gives (loss, named floats to show). `save(directory)` writes the model
-    checkpoint; the optimizer moments and `extra_modules` (trained, not part of the checkpoint) go beside it.
+    `batches(step)` gives the batch of a step on the CPU (a pure function of the step, so a resumed run sees the
+    same data; `options.workers` processes make them ahead), moved here to the model's device; `loss_fn(model,
+    batch)` gives (loss, named floats to show). `save(directory)` writes the model checkpoint; the optimizer moments
+    and `extra_modules` (trained, not part of the checkpoint) go beside it.
     """
     torch.manual_seed(options.seed)
     extra_modules = extra_modules or {}
@@ -398,6 +398,8 @@ def add_train_arguments(parser):
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, help="processes that load the next batches while a step trains "
+                                                     "(default: on a GPU cores - 1, at most 8; on a CPU 0)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -406,6 +408,8 @@ def run_train(args):
     from .model import PaliGemmaForConditionalGeneration
     from .weights import load_model, save_checkpoint
 
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: give 0 (load batches between steps) or more processes")
     source = args.resume or args.model
     if source:
         model = load_model(source, device=args.device, dtype=torch.float32)
@@ -441,9 +445,10 @@ def run_train(args):
     options = TrainOptions(
         steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
+        workers=default_workers(args.device) if args.workers is None else args.workers,
     )
     train(
-        model, lambda step: to_device(make(step)), loss_fn, options, out_dir=Path(args.out),
+        model, make, loss_fn, options, out_dir=Path(args.out),
         save=lambda d: (save_checkpoint(model, d), tokenizer.save(str(d / "tokenizer.json"))),
         evaluate=evaluate, resume=Path(args.resume) if args.resume else None,
     )

@@ -59,6 +59,7 @@ def test_shape_weights_set_how_often_scenes_of_1_2_3_shapes_are_trained_on():
     (["--polish-decision-weight", "-1"], "give a positive weight"),
     (["--polish-steps", "-1"], "give 0 (no stage 3) or more"),
     (["--polish-shape-weights", "1,2"], "give three non-negative weights"),
+    (["--workers", "-1"], "give 0 (draw scenes between steps) or more"),
 ])
 def test_bad_recipe_options_are_refused_with_a_message(option, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -80,6 +81,29 @@ def test_patch_targets_lie_under_the_shapes():
         assert bins[:, patch].tolist() == [S.to_bin(c) for c in shape.box]
     background = (classes[kind] == 0).nonzero()[:, 0]
     assert len(background) > 0 and (bins[:, background] == IGNORE).all()
+
+
+def test_patch_targets_give_each_shape_its_ranks_and_every_patch_the_counts():
+    scene = next(s for s in (S.render_scene(0, i) for i in range(50))
+                 if len(s.shapes) == 3 and len({x.shape for x in s.shapes}) == 2)
+    grid, cell = 8, S.CANVAS / 8
+    classes, _ = R.patch_targets(scene, grid)
+    head = {name: i for i, name in enumerate(R.AUX_HEADS)}
+    assert (classes[head["count"]] == 2).all()
+    for color in S.COLORS:
+        assert (classes[head[f"count_{color}"]] == sum(x.color == color for x in scene.shapes)).all()
+    for kind in S.SHAPES:
+        assert (classes[head[f"count_{kind}"]] == sum(x.shape == kind for x in scene.shapes)).all()
+    for rank, shape in enumerate(scene.shapes):
+        y, x = (shape.box[0] + shape.box[2]) / 2, (shape.box[1] + shape.box[3]) / 2
+        patch = int(y // cell) * grid + int(x // cell)
+        same_kind = [o for o in scene.shapes if o.shape == shape.shape]
+        assert classes[head["rank"], patch] == rank
+        assert classes[head["rank_in_kind"], patch] == same_kind.index(shape)
+        for a, b in R.PAIRS:
+            pair = [o for o in scene.shapes if o.shape in (a, b)]
+            expected = pair.index(shape) if shape.shape in (a, b) else IGNORE
+            assert classes[head[f"rank_in_{a}_{b}"], patch] == expected
 
 
 def test_soft_targets_narrow_from_start_to_final():

@@ -191,6 +191,27 @@ def test_resume_continues_from_the_same_step(setup, tmp_path):
     assert any((v - expected[k]).abs().max() > 1e-4 for k, v in state_of(cold).items())
 
 
+def test_worker_processes_train_exactly_as_the_loop_alone(setup, tmp_path):
+    """Batches made ahead by worker processes are the steps' own, in order, from a resumed step too: the weights
+    equal those of the loop that makes each batch itself, and a stream that skipped a step would not."""
+    _, config, processor = setup
+    batches = scene_batches(processor)
+    results = {}
+    for name, workers, batch_of in [("alone", 0, batches), ("workers", 2, batches),
+                                    ("shifted", 0, lambda step: batches(step + 1))]:
+        model = fresh_model(config)
+        options = T.TrainOptions(steps=3, lr=2e-3, warmup=1, save_every=3, progress=False, workers=workers)
+        T.train(model, batch_of, T.lm_loss(), options, out_dir=tmp_path / name,
+                save=lambda d, m=model: save_checkpoint(m, d), log=lambda line: None)
+        resumed = load_model(tmp_path / name / "last", dtype=torch.float32)
+        T.train(resumed, batch_of, T.lm_loss(), T.TrainOptions(steps=5, lr=2e-3, warmup=1, progress=False, workers=workers),
+                resume=tmp_path / name / "last", log=lambda line: None)
+        results[name] = state_of(resumed)
+    for key, value in results["workers"].items():
+        torch.testing.assert_close(value, results["alone"][key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(v, results["alone"][k]) for k, v in results["shifted"].items())
+
+
 def test_trained_checkpoint_loads_in_transformers(setup, tmp_path):
     from transformers import PaliGemmaForConditionalGeneration as Reference
 
