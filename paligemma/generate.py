@@ -126,7 +126,7 @@ class Pipeline:
             done = done | torch.isin(tokens, stop)
             last = step == params.max_new_tokens - 1
             if ahead:
-                on_host, ended = copy_to_host(tokens), copy_to_host(done)
+                on_host, ended = HostCopy(tokens), HostCopy(done)
                 if not last:
                     tokens = sample(engine.decode_step(tokens), params, generator)
                 on_host, ended = on_host.wait(), ended.wait()
@@ -183,7 +183,7 @@ class Pipeline:
         yield StreamUpdate(rest, text + rest, ids, times[0] if times else 0.0, decode_rate(times, len(ids)), finished=True)
 
 
-class copy_to_host:
+class HostCopy:
     """A device tensor's copy into host memory, started now (on a GPU, without waiting for the device); `wait()`
     returns it once it has landed, without waiting for work queued after the copy."""
 
