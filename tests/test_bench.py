@@ -75,3 +75,10 @@ def test_runtime_in_its_own_process_reports_peak_memory(tmp_path):
     (row,) = json.loads((out / "cpu.json").read_text())["workloads"][0]["rows"]
     assert row["runtime"] == "torch" and len(row["tokens"]) == 4 and row["peak_rss_mb"] > 0
     assert "no reference" in (out / "cpu.md").read_text()
+
+
+def test_cuda_breakdown_says_what_it_needs():
+    """The GPU breakdown cannot run here; without a GPU (or a checkpoint) it says so instead of failing in torch."""
+    done = subprocess.run([sys.executable, "-m", "bench.cuda_breakdown"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "usage: python -m bench.cuda_breakdown CHECKPOINT" in done.stderr
