@@ -108,7 +108,7 @@ def markdown_table(workload: dict) -> str:
                                                  if row["check_agree"] else
                                                  f"**DIFFER** after {row['check_agreeing_tokens']}/{len(row['tokens'])}")
             if reference:
-                agree = f"reference ({check.split(':')[0]} check run)"
+                agree = f"reference ({row['check_dtype']} check run)"
             else:
                 agree = check + ("; bfloat16: identical" if row["tokens_agree"] else
                                  f"; bfloat16: differ after {row['agreeing_tokens']}/{len(row['tokens'])}"

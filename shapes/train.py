@@ -168,6 +168,7 @@ KINDS = [(c, s) for c in S.COLORS for s in S.SHAPES]
 # Auxiliary classification heads: name -> number of classes (-100 where a head does not apply).
 AUX_HEADS = {"kind": 1 + len(KINDS), "rank": 3, "rank_in_kind": 3, **{f"rank_in_{a}_{b}": 3 for a, b in PAIRS},
              "count": 3, **{f"count_{c}": 4 for c in S.COLORS}, **{f"count_{s}": 4 for s in S.SHAPES}}
+HEAD_ROW = {name: i for i, name in enumerate(AUX_HEADS)}  # a head's row in patch_targets' classes
 
 
 def patch_targets(scene, grid: int):
@@ -175,7 +176,7 @@ def patch_targets(scene, grid: int):
     A patch takes the targets of the shape whose box holds its center (of the last one, should two boxes hold it);
     the counts are the scene's, in every patch."""
     cell = S.CANVAS / grid
-    head = {name: i for i, name in enumerate(AUX_HEADS)}
+    head = HEAD_ROW
     classes = torch.full((len(AUX_HEADS), grid * grid), T.IGNORE, dtype=torch.long)
     bins = torch.full((4, grid * grid), T.IGNORE, dtype=torch.long)
     shapes = scene.shapes
@@ -350,8 +351,6 @@ def vision_loss(heads: AuxiliaryHeads, loc_range, loc_sigma: float):
     return loss_fn
 
 
-
-
 POLISH_WARMUP = 50
 POLISH_LOC_SIGMA = 1.0  # stage 3 starts from narrower soft targets than stage 2 (its boxes are placed already)
 
@@ -426,7 +425,7 @@ def main(argv=None):
                              "cores - 1, at most 8; on a CPU 0, which draws them between steps)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--init-from", help="fine-tune: start stage 2 from this checkpoint (no stage 1; fresh "
-                        "auxiliary heads and optimizer; stage 3 follows if --polish-steps is given)")
+                        "auxiliary heads and optimizer; stage 3 follows unless --polish-steps 0)")
     parser.add_argument("--export", help="instead of training, copy the run's model (OUT/polish/last, or OUT/last "
                         "without stage 3) to this folder")
     args = parser.parse_args(argv)
