@@ -1,7 +1,9 @@
 """PaliGemma as ONNX: three graphs (vision_encoder, prefill, decode) and an ONNX Runtime generation loop behind the
 same pipeline interface as torch. See export/README.md for the graphs' contract."""
 
-from .manifest import EXPORTER_VERSION, OnnxExportError
+from paligemma.errors import OnnxExportError
+
+from .manifest import EXPORTER_VERSION
 
 __all__ = ["EXPORTER_VERSION", "OnnxExportError", "export_model", "load_onnx_pipeline"]
 

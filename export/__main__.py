@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from paligemma.weights import CheckpointError
+from paligemma.errors import CheckpointError, OnnxExportError
 
-from .manifest import OnnxExportError
 from .onnx_export import DEFAULT_OPSET, DTYPES, export_model
 
 

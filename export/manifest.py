@@ -8,16 +8,13 @@ import json
 from pathlib import Path
 
 from paligemma.config import PaliGemmaConfig
+from paligemma.errors import OnnxExportError
 from paligemma.weights import weight_files
 
 EXPORTER_VERSION = "1"  # bump when the graphs' contract or layout changes
 MANIFEST_NAME = "manifest.json"
 SHARED_DATA_NAME = "decoder.onnx.data"  # weights of prefill.onnx and decode.onnx, stored once
 METADATA_PREFIX = "paligemma."
-
-
-class OnnxExportError(RuntimeError):
-    """An export that cannot be made or used as it is; the message names the file and what to do."""
 
 
 def config_hash(config: PaliGemmaConfig) -> str:

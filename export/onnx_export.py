@@ -26,10 +26,11 @@ from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from paligemma.config import PaliGemmaConfig
+from paligemma.errors import OnnxExportError
 from paligemma.weights import load_model, resolve_checkpoint
 
 from .graphs import GRAPH_ORDER, graph_modules, graph_specs
-from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME, OnnxExportError,
+from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
                        config_hash, file_sha256, weights_fingerprint)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}

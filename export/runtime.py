@@ -17,13 +17,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from paligemma.config import ConfigError, PaliGemmaConfig
+from paligemma.config import PaliGemmaConfig
+from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
 from paligemma.generate import Pipeline
 from paligemma.processor import PaliGemmaProcessor
-from paligemma.weights import CheckpointError
 
 from .graphs import GRAPH_ORDER, cache_names
-from .manifest import (MANIFEST_NAME, METADATA_PREFIX, OnnxExportError, check_export, config_hash,
+from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
 
 logger = logging.getLogger(__name__)

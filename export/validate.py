@@ -20,7 +20,7 @@ from paligemma.generate import TorchEngine
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 
-from .manifest import OnnxExportError
+from paligemma.errors import OnnxExportError
 
 TOLERANCES = {("float32", "none"): (1e-4, False), ("float16", "none"): (2e-2, True), ("float32", "int8"): (0.25, True)}
 DECODE_STEPS = 8

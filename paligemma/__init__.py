@@ -5,18 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import ConfigError, PaliGemmaConfig
+from .config import PaliGemmaConfig
+from .errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from .generate import GenerationResult, Pipeline, StreamUpdate, TorchEngine
-from .processor import Detection, InputError, PaliGemmaProcessor, parse_detections
+from .processor import Detection, PaliGemmaProcessor, parse_detections
 from .sampling import SamplingParams
-from .weights import CheckpointError, load_model, resolve_checkpoint
+from .weights import load_model, resolve_checkpoint
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
 BACKENDS = ("torch", "onnx")
 
 __all__ = [
     "load", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor", "SamplingParams",
-    "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "DEMO_CHECKPOINT", "TorchEngine",
+    "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError", "DEMO_CHECKPOINT", "TorchEngine",
 ]
 
 

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 SUPPORTED_ACTIVATIONS = GELU_TANH_NAMES + ("gelu",)
 TEXT_MODEL_TYPES = ("gemma", "gemma2")
-
-
-class ConfigError(ValueError):
-    """A config.json that this implementation cannot build a model from."""
 
 
 def _require(d: dict, key: str, where: str) -> Any:

@@ -13,7 +13,8 @@ import torch
 
 from .cache import KVCache
 from .model import PaliGemmaForConditionalGeneration, positions_from_mask
-from .processor import InputError, PaliGemmaProcessor
+from .errors import InputError
+from .processor import PaliGemmaProcessor
 from .sampling import SamplingParams, sample
 
 

@@ -19,16 +19,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from .config import PaliGemmaConfig
+from .errors import CheckpointError, InputError
 
 IMAGE_TOKEN = "<image>"
 LOC_TOKEN = re.compile(r"<loc(\d{4})>")
 DETECTION = re.compile(r"((?:<loc\d{4}>){4})\s*([^;<]*?)\s*(?:;|$)")
 MAX_IMAGE_PIXELS = 64_000_000  # past this a decoded image takes gigabytes: refuse rather than thrash
 NUM_LOC_BINS = 1024
-
-
-class InputError(ValueError):
-    """Input a user gave that cannot be processed; the message says why and what to do."""
 
 
 def load_image(image) -> Image.Image:
@@ -124,8 +121,6 @@ class PaliGemmaProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, config: PaliGemmaConfig | None = None) -> "PaliGemmaProcessor":
-        from .weights import CheckpointError
-
         folder = Path(folder)
         config = config or PaliGemmaConfig.from_json_file(folder / "config.json")
         path = folder / "tokenizer.json"

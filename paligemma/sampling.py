@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
+from .errors import shown
+
 MAX_NEW_TOKENS_LIMIT = 4096
+# Logits are divided by max(temperature, this): a float32 still holds it, so no temperature the checks accept turns
+# a logit into inf or nan. At this temperature only the largest logits keep any probability: sampling is greedy.
+MIN_TEMPERATURE = 1e-30
+
+
+def whole_number(value):
+    """`value` as an int when it is one (numpy integers too), else None; booleans are not numbers here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def real_number(value):
+    """`value` as a float when it is a finite real number within float range (numpy scalars too), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int with more digits than a float holds
+        return None
+    return number if number == number and abs(number) != float("inf") else None
 
 
 @dataclass(frozen=True)
@@ -20,18 +44,21 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(name, value, rule):
-            raise ValueError(f"{name}={value!r} is out of range: {rule}")
+            raise ValueError(f"{name}={shown(value)} is out of range: {rule}")
 
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            bad("max_new_tokens", self.max_new_tokens, f"use a whole number from 1 to {MAX_NEW_TOKENS_LIMIT}")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100 or self.temperature != self.temperature:
-            bad("temperature", self.temperature, "use a number from 0 (greedy) to 100")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            bad("top_p", self.top_p, "use a number in (0, 1]; 1 disables top-p")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", self.top_k, "use a whole number >= 0; 0 disables top-k")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            bad("seed", self.seed, "use a whole number >= 0, or None for a random seed")
+        def check(name, number, valid, rule):
+            if number is None or not valid(number):
+                bad(name, getattr(self, name), rule)
+            object.__setattr__(self, name, number)  # numpy scalars become plain Python numbers
+
+        check("max_new_tokens", whole_number(self.max_new_tokens), lambda n: 1 <= n <= MAX_NEW_TOKENS_LIMIT,
+              f"use a whole number from 1 to {MAX_NEW_TOKENS_LIMIT}")
+        check("temperature", real_number(self.temperature), lambda t: 0 <= t <= 100, "use a number from 0 (greedy) to 100")
+        check("top_p", real_number(self.top_p), lambda p: 0 < p <= 1, "use a number in (0, 1]; 1 disables top-p")
+        check("top_k", whole_number(self.top_k), lambda k: k >= 0, "use a whole number >= 0; 0 disables top-k")
+        if self.seed is not None:
+            check("seed", whole_number(self.seed), lambda s: 0 <= s < 2**63,
+                  "use a whole number from 0 to 2**63 - 1, or None for a random seed")
 
     @property
     def greedy(self) -> bool:
@@ -50,7 +77,9 @@ class SamplingParams:
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Scaled logits [B, V] (float32) with the tokens outside top-k / top-p set to -inf."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted so the largest is 0 before scaling: a tiny temperature sends the others towards -inf, never to nan.
+    logits = (logits - logits.max(-1, keepdim=True).values) / max(temperature, MIN_TEMPERATURE)
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

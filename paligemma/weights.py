@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, PaliGemmaConfig
+from .config import PaliGemmaConfig
+from .errors import CheckpointError, ConfigError
 from .model import PaliGemmaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ PREFIX_RENAMES = (
     ("vision_tower.vision_model.", "vision_tower.vision_model."),
     ("vision_tower.", "vision_tower.vision_model."),
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as it is; the message says what is wrong and what to do."""
 
 
 def canonical_key(key: str) -> str:
