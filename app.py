@@ -1,13 +1,13 @@
 """Serve the PaliGemma demo: `python app.py [--backend onnx|torch] [--model PATH_OR_ID] [--host H] [--port P] [--share]`."""
 
-import argparse
 import logging
 import os
 
 from demo import create_app, launch, load_backend
-from paligemma import CheckpointError
+from paligemma import CheckpointError, OnnxExportError
+from paligemma.cli import ArgumentParser
 
-parser = argparse.ArgumentParser(description=__doc__)
+parser = ArgumentParser(prog="app.py", description=__doc__)
 parser.add_argument("--backend", choices=["onnx", "torch"], default=os.environ.get("PALIGEMMA_BACKEND", "onnx"))
 parser.add_argument("--model", default=os.environ.get("PALIGEMMA_MODEL"),
                     help="checkpoint folder or Hub repo id (env PALIGEMMA_MODEL); default: the embedded demo model")
@@ -15,12 +15,18 @@ parser.add_argument("--onnx-dir", default=os.environ.get("PALIGEMMA_ONNX_DIR"), 
 parser.add_argument("--host", help="address to listen on (default 127.0.0.1, or GRADIO_SERVER_NAME)")
 parser.add_argument("--port", type=int, help="port (default 7860, or GRADIO_SERVER_PORT)")
 parser.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+parser.add_argument("--torch-check", choices=["auto", "on", "off"], default=os.environ.get("PALIGEMMA_TORCH_CHECK", "auto"),
+                    help="let visitors check answers against eager torch, which loads a float32 copy of the model "
+                         "(env PALIGEMMA_TORCH_CHECK; auto: only when that copy is under 1 GiB)")
 
 if __name__ == "__main__":
     args = parser.parse_args()
+    if args.onnx_dir and args.backend != "onnx":
+        parser.error(f"--onnx-dir is served by --backend onnx only, and --backend is {args.backend}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         backend = load_backend(args.model, args.backend, onnx_dir=args.onnx_dir)
-    except CheckpointError as e:
+    except (CheckpointError, OnnxExportError) as e:
         parser.exit(2, f"app.py: {e}\n")
-    launch(create_app(backend), host=args.host, port=args.port, share=args.share)
+    torch_check = {"auto": None, "on": True, "off": False}[args.torch_check]
+    launch(create_app(backend, torch_check=torch_check), host=args.host, port=args.port, share=args.share)

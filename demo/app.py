@@ -13,17 +13,20 @@ import base64
 import binascii
 import json
 import logging
-import math
+import os
 import random
+import stat
 import time
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder as gradio_upload_folder
 from PIL import Image
 
 import paligemma
 from paligemma.processor import load_image
-from paligemma.sampling import MAX_NEW_TOKENS_LIMIT
+from paligemma.errors import shown
+from paligemma.sampling import MAX_NEW_TOKENS_LIMIT, real_number, whole_number
 
 from .backends import Backend, TorchCheck, check_against_torch, load_backend
 from .draw import draw_detections
@@ -31,11 +34,13 @@ from .draw import draw_detections
 logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
-MAX_UPLOAD = "10mb"
+MAX_UPLOAD_BYTES = 10 * 2**20  # uploads, and images sent inline as data: URLs
+UPLOAD_KEEP_S = 3600  # uploads and answers' images older than this are deleted (checked every 10 minutes)
 MAX_PROMPT_CHARS = 1000
 CONCURRENCY_LIMIT = 2  # requests generating at once; the rest wait in the queue
 MAX_QUEUE = 32  # at most this many wait; more are turned away with "queue full"
 # name: (lowest, highest, whole number); the sliders use the same ranges, and the server checks them again.
+# max_new_tokens is bounded by the model too (decoding_limits).
 LIMITS = {
     "temperature": (0.0, 2.0, False),
     "top_p": (0.05, 1.0, False),
@@ -56,38 +61,92 @@ PRESETS = {
 }
 
 
-def read_image(value) -> Image.Image:
-    """The uploaded image (Gradio's file payload, a path or bytes) as upright RGB, or InputError saying what is wrong.
+def read_request_image(value) -> Image.Image:
+    """The image a request sends, as upright RGB, or InputError saying what is wrong.
 
-    The event runs without Gradio's preprocessing: gr.Image would open the file with Pillow first and fail on a
-    corrupt file, an SVG or a decompression bomb without a message the user can read."""
+    A request names its image, and names are never trusted: the image is read only from a file that Gradio itself
+    received by upload (a path inside its upload folder, resolved, a regular file, within the upload limit) or from
+    a `data:` URL within the same limit. Any other path, and any URL, is refused unopened, with one message whether
+    or not it exists. The event runs without Gradio's preprocessing, which would open the file with Pillow first and
+    fail on a corrupt file, an SVG or a decompression bomb without a message the user can read."""
+    if value is None or value == "" or (isinstance(value, dict) and not value.get("path") and not value.get("url")):
+        raise paligemma.InputError("no image: upload one, or pick an example below")
     if isinstance(value, dict):
         value = value.get("path") or value.get("url")
-    if value is None or value == "":
-        raise paligemma.InputError("no image: upload one, or pick an example below")
-    if isinstance(value, str) and value.startswith("data:"):
-        try:
-            value = base64.b64decode(value.partition(",")[2], validate=True)
-        except (binascii.Error, ValueError):
-            raise paligemma.InputError("the image data URL is not valid base64; upload the file instead") from None
-    if is_svg(value):
+    if not isinstance(value, str):
+        raise paligemma.InputError(f"the image must be an uploaded file, got {type(value).__name__}")
+    if value.startswith("data:"):
+        return read_image(data_url_bytes(value))
+    if "://" in value or not os.path.isabs(value):
+        raise paligemma.InputError(NOT_UPLOADED)
+    return read_image(uploaded_file_bytes(value))
+
+
+NOT_UPLOADED = ("the image is not a file uploaded to this server; upload it (the page, or gradio_client's "
+                "handle_file): paths and URLs named in a request are never opened")
+
+
+def uploaded_file_bytes(path: str) -> bytes:
+    """The bytes of a file in Gradio's upload folder; InputError for anything else."""
+    uploads = Path(gradio_upload_folder()).resolve()
+    try:
+        resolved = Path(os.path.realpath(path))
+    except (ValueError, OSError):  # a NUL byte, a loop of links
+        raise paligemma.InputError(NOT_UPLOADED) from None
+    if resolved == uploads or not resolved.is_relative_to(uploads):
+        raise paligemma.InputError(NOT_UPLOADED)
+    try:
+        # O_NONBLOCK: a FIFO or device never blocks the worker (it is refused below as not a regular file).
+        descriptor = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise paligemma.InputError("the uploaded image is no longer on the server (uploads are kept for "
+                                   f"{UPLOAD_KEEP_S // 60} minutes); upload it again") from None
+    except OSError:
+        raise paligemma.InputError(NOT_UPLOADED) from None
+    with os.fdopen(descriptor, "rb") as file:
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise paligemma.InputError(NOT_UPLOADED)
+        if status.st_size > MAX_UPLOAD_BYTES:
+            raise paligemma.InputError(too_large(status.st_size))
+        return file.read(MAX_UPLOAD_BYTES + 1)
+
+
+def data_url_bytes(url: str) -> bytes:
+    """The bytes of a base64 `data:` URL within the upload limit (checked before decoding)."""
+    header, _, payload = url.partition(",")
+    if len(payload) > 4 * (MAX_UPLOAD_BYTES // 3 + 1):
+        raise paligemma.InputError(too_large(len(payload) * 3 // 4))
+    if not header.endswith(";base64"):
+        raise paligemma.InputError("the image data URL is not base64 (data:image/png;base64,...); upload the file instead")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise paligemma.InputError("the image data URL is not valid base64; upload the file instead") from None
+
+
+def too_large(size: int) -> str:
+    return f"the image is {size / 2**20:.1f} MB, over this server's {MAX_UPLOAD_BYTES / 2**20:.0f} MB limit; send a smaller file"
+
+
+def read_image(data) -> Image.Image:
+    """An image from bytes (or a trusted local path: the shipped examples) as upright RGB, or InputError."""
+    if is_svg(data):
         raise paligemma.InputError("SVG is a vector format the model cannot read; export it as PNG or JPEG first")
-    return load_image(value)
+    return load_image(data)
 
 
 def is_svg(value) -> bool:
     if isinstance(value, (bytes, bytearray)):
-        head = bytes(value[:1024])
-    else:
-        path = Path(value)
-        if path.suffix.lower() in (".svg", ".svgz"):
-            return True
-        try:
-            with open(path, "rb") as file:
-                head = file.read(1024)
-        except OSError:
-            return False
-    return b"<svg" in head.lower()
+        return b"<svg" in bytes(value[:1024]).lower()
+    path = Path(value)
+    if path.suffix.lower() in (".svg", ".svgz"):
+        return True
+    try:
+        with open(path, "rb") as file:
+            return b"<svg" in file.read(1024).lower()
+    except OSError:
+        return False
 
 
 def read_prompt(value) -> str:
@@ -99,30 +158,42 @@ def read_prompt(value) -> str:
     return prompt
 
 
-def read_number(name: str, value):
-    low, high, whole = LIMITS[name]
+def decoding_limits(config: paligemma.PaliGemmaConfig) -> dict:
+    """LIMITS, with max_new_tokens at most what the model's positions leave after the image and a one-token prompt
+    (`<bos>`, the prompt, and its newline): a longer prompt is still refused with its own message."""
+    low, high, whole = LIMITS["max_new_tokens"]
+    room = config.text.max_position_embeddings - config.num_image_tokens - 3
+    return {**LIMITS, "max_new_tokens": (low, max(low, min(high, room)), whole)}
+
+
+def read_number(name: str, value, limits: dict = LIMITS):
+    low, high, whole = limits[name]
     kind = "a whole number" if whole else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise paligemma.InputError(f"{name} must be {kind} from {low} to {high}, got {value!r}")
-    if whole and value != int(value):
-        raise paligemma.InputError(f"{name} must be a whole number, got {value!r}")
-    if not low <= value <= high:
-        raise paligemma.InputError(f"{name}={value!r} is out of range: use {kind} from {low} to {high}")
-    return int(value) if whole else float(value)
+    number = whole_number(value) if whole else None  # exact, however large
+    if number is None:
+        number = real_number(value)
+        if number is None:
+            raise paligemma.InputError(f"{name} must be {kind} from {low} to {high}, got {shown(value)}")
+        if whole and not number.is_integer():
+            raise paligemma.InputError(f"{name} must be a whole number, got {shown(value)}")
+        number = int(number) if whole else number
+    if not low <= number <= high:
+        raise paligemma.InputError(f"{name}={shown(value)} is out of range: use {kind} from {low} to {high}")
+    return number
 
 
-def read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed) -> dict:
+def read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed, limits: dict = LIMITS) -> dict:
     """The keyword arguments of Pipeline.stream, each value checked; a sampled run without a seed gets a random one
     so that it can be repeated (and checked against torch)."""
-    if decoding not in dict(DECODING).values():
-        raise paligemma.InputError(f"decoding must be one of {', '.join(dict(DECODING).values())}, got {decoding!r}")
+    if not isinstance(decoding, str) or decoding not in dict(DECODING).values():
+        raise paligemma.InputError(f"decoding must be one of {', '.join(dict(DECODING).values())}, got {shown(decoding)}")
     params = dict(
         do_sample=decoding == "sample",
-        temperature=read_number("temperature", temperature),
-        top_p=read_number("top_p", top_p),
-        top_k=read_number("top_k", top_k),
-        max_new_tokens=read_number("max_new_tokens", max_new_tokens),
-        seed=None if seed is None or seed == "" else read_number("seed", seed),
+        temperature=read_number("temperature", temperature, limits),
+        top_p=read_number("top_p", top_p, limits),
+        top_k=read_number("top_k", top_k, limits),
+        max_new_tokens=read_number("max_new_tokens", max_new_tokens, limits),
+        seed=None if seed is None or seed == "" else read_number("seed", seed, limits),
     )
     if params["do_sample"] and params["seed"] is None:
         params["seed"] = random.randrange(2**31)
@@ -132,13 +203,12 @@ def read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed) -> 
 
 def format_timings(backend: Backend, update, params: dict, total_s: float | None = None) -> str:
     """The runtime and speed line; `total_s` is given once generation has finished."""
-    count = f"{len(update.token_ids)} tokens " + ("so far" if total_s is None else f"in {total_s:.2f} s")
-    parts = [
-        f"**{backend.runtime}**",
-        f"time to first token **{update.ttft_s * 1000:.0f} ms**",
-        f"decode **{update.decode_tokens_per_s:.1f} tokens/s**",
-        count,
-    ]
+    tokens = len(update.token_ids)
+    count = f"{tokens} token{'' if tokens == 1 else 's'} " + ("so far" if total_s is None else f"in {total_s:.2f} s")
+    parts = [f"**{backend.runtime}**", f"time to first token **{update.ttft_s * 1000:.0f} ms**"]
+    if tokens > 1:  # a rate needs two tokens
+        parts.append(f"decode **{update.decode_tokens_per_s:.1f} tokens/s**")
+    parts.append(count)
     if params["do_sample"]:
         parts.append(f"seed {params['seed']}")
     return " · ".join(parts)
@@ -172,19 +242,28 @@ def example_rows() -> list[list[str]]:
 
 
 def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCURRENCY_LIMIT,
-               max_queue: int = MAX_QUEUE) -> gr.Blocks:
-    """The demo page around `backend` (by default the embedded model on ONNX Runtime, falling back to torch)."""
+               max_queue: int = MAX_QUEUE, torch_check: bool | None = None,
+               delete_cache: tuple[int, int] = (600, UPLOAD_KEEP_S)) -> gr.Blocks:
+    """The demo page around `backend` (by default the embedded model on ONNX Runtime, falling back to torch).
+
+    `torch_check` lets requests ask for the check against eager torch, which loads a float32 copy of the model
+    beside the served one: None allows it only where that copy is small (Backend.torch_check_fits). Uploads and
+    answers' images are deleted `delete_cache` = (every, older than) seconds."""
     backend = backend or load_backend()
     presets = PRESETS_DEMO if backend.is_demo_model else PRESETS
+    limits = decoding_limits(backend.pipeline.config)
+    allow_check = backend.torch_check_fits() if torch_check is None else torch_check
 
     def generate(image, prompt, decoding="greedy", temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=64, seed=0,
                  check_torch=False):
         try:
-            picture = read_image(image)
+            picture = read_request_image(image)
             prompt = read_prompt(prompt)
-            params = read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed)
+            params = read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed, limits)
             if not isinstance(check_torch, bool):
-                raise paligemma.InputError(f"check_torch must be true or false, got {check_torch!r}")
+                raise paligemma.InputError(f"check_torch must be true or false, got {shown(check_torch)}")
+            if check_torch and not allow_check:
+                raise paligemma.InputError(CHECK_OFF)
             yield "", None, None, f"**{backend.runtime}** · generating…", ""
             start = time.perf_counter()
             for update in backend.pipeline.stream(picture, prompt, **params):
@@ -206,7 +285,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
             raise gr.Error("generation failed on the server (details are in its log); try again, or another image "
                            "or prompt", title="Server error", print_exception=False) from None
 
-    with gr.Blocks(title="PaliGemma · ONNX Runtime demo", analytics_enabled=False) as app:
+    with gr.Blocks(title="PaliGemma · ONNX Runtime demo", analytics_enabled=False, delete_cache=delete_cache) as app:
         gr.Markdown("# PaliGemma in the browser\nAn image and a prompt in; the answer streams out, with detected "
                     "objects drawn on the image.")
         gr.Markdown(banner(backend), elem_id="backend")
@@ -221,9 +300,12 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
                     temperature = gr.Slider(*LIMITS["temperature"][:2], value=1.0, step=0.05, label="Temperature")
                     top_p = gr.Slider(*LIMITS["top_p"][:2], value=0.9, step=0.05, label="Top-p")
                     top_k = gr.Slider(*LIMITS["top_k"][:2], value=0, step=1, label="Top-k (0: off)")
-                    max_new_tokens = gr.Slider(*LIMITS["max_new_tokens"][:2], value=64, step=1, label="Max new tokens")
+                    max_new_tokens = gr.Slider(*limits["max_new_tokens"][:2], value=min(64, limits["max_new_tokens"][1]),
+                                               step=1, label="Max new tokens")
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed (sampling)")
-                check_torch = gr.Checkbox(False, label="Check against eager torch (tokens and logits)")
+                check_torch = gr.Checkbox(False, label="Check against eager torch (tokens and logits)" if allow_check
+                                          else f"Check against eager torch: {CHECK_OFF}", interactive=allow_check,
+                                          elem_id="check_torch")
                 run = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=1):
                 answer = gr.Textbox(label="Answer", lines=3, interactive=False, buttons=["copy"], elem_id="answer")
@@ -253,10 +335,14 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
     return app
 
 
+CHECK_OFF = ("off on this server (it loads a second, float32 copy of the model); the operator can enable it "
+             "with `python app.py --torch-check on`")
+
+
 def launch(app: gr.Blocks, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
     """Serve `app` with the demo's upload limit. host and port default to Gradio's own (GRADIO_SERVER_NAME and
     GRADIO_SERVER_PORT, which Hugging Face Spaces sets). show_error: a payload Gradio itself refuses (a file path the
     client did not upload, a malformed file object) is answered with Gradio's one-line reason rather than a bare
     "Error"; the handler's own errors are messages already."""
-    return app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, show_error=True,
+    return app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES, show_error=True,
                       **kwargs)

@@ -4,6 +4,7 @@ otherwise, warmed up before the first visitor; and the check of a served answer 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -12,11 +13,23 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 import paligemma
-from paligemma.weights import resolve_checkpoint
+from paligemma.weights import resolve_checkpoint, weight_files
 
 logger = logging.getLogger(__name__)
+
+TORCH_CHECK_AUTO_BYTES = 1 << 30  # float32 weights of the torch copy the check may load unasked-for by the operator
+
+
+def float32_weight_bytes(folder: Path) -> int:
+    """The checkpoint's weights in float32, from the safetensors headers (no tensor is read)."""
+    total = 0
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            total += sum(4 * math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
 
 
 @dataclass
@@ -33,6 +46,11 @@ class Backend:
     warm_up_s: float = 0.0
     _reference: paligemma.Pipeline | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def torch_check_fits(self) -> bool:
+        """Whether the check against eager torch is cheap enough to offer to every visitor: the served pipeline is
+        eager torch already, or the float32 copy it loads stays under TORCH_CHECK_AUTO_BYTES."""
+        return self.name == "torch" or float32_weight_bytes(self.folder) <= TORCH_CHECK_AUTO_BYTES
 
     @property
     def is_demo_model(self) -> bool:
@@ -57,11 +75,15 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
     """Load `model` (a folder or Hub repo id; None is the embedded demo model) for `backend`.
 
     "onnx" exports the model on first use (or reads `onnx_dir`) and runs it with ONNX Runtime; if that fails for any
-    reason, eager torch serves instead and `Backend.fallback` says why. `device` None picks the GPU when there is
+    reason, eager torch serves instead and `Backend.fallback` says why, except that an `onnx_dir` the operator named
+    and that is refused (stale, damaged) raises paligemma.OnnxExportError. `device` None picks the GPU when there is
     one (ONNX Runtime's CUDA provider, or torch's CUDA device). Checkpoint problems raise paligemma.CheckpointError.
     """
     if backend not in paligemma.BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(paligemma.BACKENDS)}")
+    if onnx_dir is not None and backend != "onnx":
+        raise ValueError(f"an export folder is served by backend 'onnx' only, and backend is '{backend}'; "
+                         "drop the export folder or use backend 'onnx'")
     torch_device = device or default_device()
     folder = resolve_checkpoint(model if model is not None else paligemma.DEMO_CHECKPOINT)
     label = "embedded demo model" if model is None else str(model)
@@ -72,6 +94,8 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
             seconds = warm(pipeline) if warm_up else 0.0
             return Backend(pipeline, "onnx", describe_onnx(pipeline), label, folder, torch_device, warm_up_s=seconds)
         except Exception as e:  # noqa: BLE001 - any failure of the ONNX path falls back to torch, said on the page
+            if onnx_dir is not None and isinstance(e, paligemma.OnnxExportError):
+                raise
             fallback = f"ONNX Runtime could not run this model ({type(e).__name__}: {e}); eager PyTorch serves instead."
             logger.warning("%s", fallback, exc_info=True)
     pipeline = paligemma.load(folder, device=torch_device)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from paligemma.cli import ArgumentParser
 from paligemma.errors import CheckpointError, OnnxExportError
 
 from .onnx_export import DEFAULT_OPSET, DTYPES, export_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description="Export PaliGemma to ONNX (three graphs).")
+    parser = ArgumentParser(prog="python -m export", description="Export PaliGemma to ONNX (three graphs).")
     parser.add_argument("--model", required=True, help="checkpoint folder or Hub repo id")
     parser.add_argument("--output", required=True, help="folder to write the graphs into")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float16 is for GPUs")

@@ -30,6 +30,9 @@ def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    if onnx_dir is not None and backend != "onnx":
+        raise ValueError(f"onnx_dir is read by backend 'onnx' only, and backend is '{backend}'; "
+                         "pass backend='onnx' (--backend onnx) or leave the export folder out")
     folder = resolve_checkpoint(path_or_repo_id if path_or_repo_id is not None else DEMO_CHECKPOINT)
     if backend == "onnx":
         # Imported here so the torch package does not depend on the export package.

@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from .cli import ArgumentParser
+
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder or Hub repo id (default: the embedded demo model)")
@@ -52,7 +54,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paligemma", description="PaliGemma 1 and 2 in PyTorch")
+    parser = ArgumentParser(prog="python -m paligemma", description="PaliGemma 1 and 2 in PyTorch")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(commands.add_parser("generate", help="answer a prompt about an image"))

@@ -150,6 +150,9 @@ class Pipeline:
         """One (image, prompt) -> GenerationResult; lists of images and prompts -> a list, generated as one batch."""
         params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
         batched = isinstance(prompt, (list, tuple))
+        if batched and not isinstance(image, (list, tuple)):
+            raise InputError(f"{len(prompt)} prompts came with one image ({type(image).__name__}); pass a list of "
+                             "images, one per prompt")
         images, prompts = (list(image), list(prompt)) if batched else ([image], [prompt])
         if not prompts:
             return []

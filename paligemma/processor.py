@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from .config import PaliGemmaConfig
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, shown
 
 IMAGE_TOKEN = "<image>"
 LOC_TOKEN = re.compile(r"<loc(\d{4})>")
@@ -33,13 +33,15 @@ def load_image(image) -> Image.Image:
     if isinstance(image, Image.Image):
         opened = image
     elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise InputError(f"an image array must be uint8 HxW or HxWxC, got {image.dtype} with shape {image.shape}")
-        opened = Image.fromarray(image)
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise InputError(f"an image array must be uint8, HxW (gray) or HxWxC with C = 1, 3 or 4 channels last; "
+                             f"got {image.dtype} with shape {image.shape}")
+        opened = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     elif isinstance(image, (bytes, bytearray, str, os.PathLike)):
         source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else Path(image)
         if isinstance(source, Path) and not source.is_file():
-            raise InputError(f"image file {source} does not exist")
+            what = "is a folder, not an image file" if source.is_dir() else "does not exist"
+            raise InputError(f"image file {source} {what}")
         try:
             opened = Image.open(source)  # reads the header only: the size is known before any pixel is decoded
             check_size(opened)
@@ -138,6 +140,11 @@ class PaliGemmaProcessor:
         return cls(tokenizer, config)
 
     def encode_text(self, text: str, what: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"the {what} holds {shown(e.object[e.start : e.end])}, which is not a character (a lone "
+                             "surrogate); remove it or send the text as UTF-8") from None
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         typed = sorted({self.tokenizer.id_to_token(i) for i in ids if i in self.control_ids})
         if typed:
@@ -148,6 +155,8 @@ class PaliGemmaProcessor:
         """Token ids and token types (0 prefix, 1 suffix) of one example."""
         if not isinstance(prompt, str):
             raise InputError(f"the prompt must be text, got {type(prompt).__name__}")
+        if suffix is not None and not isinstance(suffix, str):
+            raise InputError(f"the suffix must be text, got {type(suffix).__name__}")
         prefix = [self.image_token_id] * self.num_image_tokens + [self.bos_id] + self.encode_text(prompt + "\n", "prompt")
         rest = [] if suffix is None else self.encode_text(suffix, "suffix") + [self.eos_id]
         ids = prefix + rest
@@ -163,6 +172,8 @@ class PaliGemmaProcessor:
             prompts = [prompts]
         if not isinstance(images, (list, tuple)):
             images = [images]
+        if not isinstance(prompts, (list, tuple)):
+            raise InputError(f"prompts must be text or a list of texts, got {type(prompts).__name__}")
         if suffixes is not None and isinstance(suffixes, str):
             suffixes = [suffixes]
         if len(images) != len(prompts) or (suffixes is not None and len(suffixes) != len(prompts)):

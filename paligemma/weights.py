@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import PaliGemmaConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, shown
 from .model import PaliGemmaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -91,12 +91,8 @@ def download_from_hub(repo_id: str) -> Path:
 def weight_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
+        files = [folder / name for name in shard_names(index)]
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{folder}: shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}; "
                                   "download the complete checkpoint")
@@ -114,6 +110,24 @@ def weight_files(folder: Path) -> list[Path]:
             "can run arbitrary code; convert them to safetensors (safetensors.torch.save_file) or use a safetensors checkpoint"
         )
     raise CheckpointError(f"{folder} holds no *.safetensors weights")
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a safetensors index names: plain file names in the checkpoint's own folder, never a path
+    that leads out of it."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); "
+                              "download it again") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map each tensor name to a shard file name")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if Path(name).name != name or name in (".", "..") or "\\" in name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{index} names the shard {shown(name)}; shards must be *.safetensors files in "
+                                  "the checkpoint folder itself, named without a path")
+    return names
 
 
 def read_state_dict(files: list[Path], device: str | torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
@@ -139,7 +153,7 @@ def read_state_dict(files: list[Path], device: str | torch.device, dtype: torch.
                         raise CheckpointError(f"{file}: tensor {key} appears twice (also in {origin[name].name})")
                     state[name] = tensor
                     origin[name] = file
-        except SafetensorError as e:
+        except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it may be truncated: download it again") from None
     embed = state.get("language_model.model.embed_tokens.weight")
     for key, head in heads.items():
