@@ -318,7 +318,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
         rows = example_rows()
         if rows:
             gr.Examples(rows, inputs=[image, prompt], label="Examples: scenes of the embedded model's task",
-                        cache_examples=False)
+                        cache_examples=False, elem_id="examples")
 
         def preset_of(text):
             return next((name for name, preset in presets.items() if preset == (text or "").strip()), None)

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
+import onnx
+
 from paligemma.config import PaliGemmaConfig
-from paligemma.errors import OnnxExportError
+from paligemma.errors import OnnxExportError, shown
+
+from .integrity import file_sha256, has_sha256
 from paligemma.weights import weight_files
 
 EXPORTER_VERSION = "1"  # bump when the graphs' contract or layout changes
@@ -39,31 +44,65 @@ def weights_fingerprint(folder: Path, samples: int = 16, chunk: int = 1 << 16) -
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+REDO = "; export again with `python -m export --model <checkpoint> --output <dir>`"
 
 
 def read_manifest(onnx_dir: Path) -> dict:
+    """manifest.json, checked to have the fields and types a loader reads (file names plain, sizes whole numbers,
+    each shared tensor inside its data file); OnnxExportError otherwise."""
     path = Path(onnx_dir) / MANIFEST_NAME
-    if not path.exists():
+    if not path.is_file():
         raise OnnxExportError(f"{path} is missing: {onnx_dir} is not a complete export; run `python -m export` again")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise OnnxExportError(f"{path} is not valid JSON ({e}); the export is corrupt, run `python -m export` again") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise OnnxExportError(f"{path} is not valid JSON ({e}); the export is corrupt{REDO}") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise OnnxExportError(f"{path} is corrupt: {problem}{REDO}")
+    return manifest
 
 
-def check_export(onnx_dir: Path, config: PaliGemmaConfig, fingerprint: str | None = None, verify_data: bool = False) -> dict:
+def manifest_problem(manifest) -> str | None:
+    def whole(value, low=0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if not isinstance(manifest, dict):
+        return "it is not a JSON object"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "it lists no files"
+    for name, entry in files.items():
+        if Path(name).name != name or name in (".", "..") or "\\" in name:
+            return f"the file name {shown(name)} is not a plain name inside the export folder"
+        if not isinstance(entry, dict) or not whole(entry.get("size")) or not isinstance(entry.get("sha256"), str):
+            return f"the entry of {name} lacks a size or a sha256"
+    shared = manifest.get("shared_data")
+    if not isinstance(shared, dict) or shared.get("file") not in files or not isinstance(shared.get("tensors"), dict):
+        return "shared_data does not name a listed data file and its tensors"
+    size = files[shared["file"]]["size"]
+    for name, entry in shared["tensors"].items():
+        if not isinstance(entry, dict) or not all(whole(entry.get(k)) for k in ("offset", "length", "data_type")):
+            return f"the shared tensor {shown(name)} lacks an offset, length or data type"
+        if entry["offset"] + entry["length"] > size:
+            return f"the shared tensor {shown(name)} lies past the end of {shared['file']} ({size} bytes)"
+        shape = entry.get("shape")
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(entry["data_type"]).itemsize
+        except (KeyError, ValueError, TypeError):
+            return f"the shared tensor {shown(name)} has the unknown data type {entry['data_type']}"
+        if not isinstance(shape, list) or not all(whole(d) for d in shape) or math.prod(shape) * itemsize != entry["length"]:
+            return f"the shared tensor {shown(name)} has a shape that does not fill its {entry['length']} bytes"
+    return None
+
+
+def check_export(onnx_dir: Path, config: PaliGemmaConfig, fingerprint: str | None = None, progress: bool = True) -> dict:
     """The manifest of an export made from this config (and these weights, when a fingerprint is given), after
-    checking that every file it lists is there with its recorded size (and hash: .onnx files always, external
-    data when `verify_data`). Raises OnnxExportError naming the first problem."""
+    checking that every file it lists is there with its recorded size and sha256 (hashed once per file identity:
+    export/integrity.py). Raises OnnxExportError naming the first problem."""
     onnx_dir = Path(onnx_dir)
     manifest = read_manifest(onnx_dir)
-    redo = "; export again with `python -m export --model <checkpoint> --output <dir>`"
+    redo = REDO
     if manifest.get("exporter_version") != EXPORTER_VERSION:
         raise OnnxExportError(f"{onnx_dir / MANIFEST_NAME} was written by exporter version "
                               f"{manifest.get('exporter_version')}, this runtime reads version {EXPORTER_VERSION}{redo}")
@@ -79,10 +118,13 @@ def check_export(onnx_dir: Path, config: PaliGemmaConfig, fingerprint: str | Non
         if not path.exists():
             kind = "external data file" if not name.endswith(".onnx") else "graph"
             raise OnnxExportError(f"{path} is missing: the {kind} of this export is gone{redo}")
+        if not path.is_file():
+            raise OnnxExportError(f"{path} is not a file: the export is damaged{redo}")
         size = path.stat().st_size
         if size != entry["size"]:
             raise OnnxExportError(f"{path} is corrupt: {size} bytes where the export wrote {entry['size']} "
                                   f"(truncated or overwritten){redo}")
-        if (name.endswith(".onnx") or verify_data) and file_sha256(path) != entry["sha256"]:
-            raise OnnxExportError(f"{path} is corrupt: its sha256 differs from the one in {MANIFEST_NAME}{redo}")
+        if not has_sha256(path, entry["sha256"], progress):
+            raise OnnxExportError(f"{path} is corrupt: its sha256 differs from the one in {MANIFEST_NAME} "
+                                  f"(overwritten, or another export's file){redo}")
     return manifest

@@ -30,12 +30,14 @@ from paligemma.errors import OnnxExportError
 from paligemma.weights import load_model, resolve_checkpoint
 
 from .graphs import GRAPH_ORDER, graph_modules, graph_specs
+from .integrity import file_sha256
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
-                       config_hash, file_sha256, weights_fingerprint)
+                       config_hash, weights_fingerprint)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 QUANTIZATIONS = (None, "int8")
 DEFAULT_OPSET = 18
+OPSETS = range(14, 23)  # each exported and validated here (torch 2.13's TorchScript exporter, onnxruntime 1.31)
 # onnx 1.23 writes IR 14; onnxruntime 1.31 reads up to 13. 10 is what opset 18 needs and what older runtimes read.
 IR_VERSION = 10
 PROTOBUF_LIMIT = 2**31 - 1
@@ -242,9 +244,30 @@ def export_model(
         raise OnnxExportError(f"quantize '{quantize}' is not supported; use int8 or nothing")
     if quantize and dtype != "float32":
         raise OnnxExportError("int8 quantization starts from float32 weights; drop --dtype or --quantize")
-    folder = resolve_checkpoint(source)
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
+        raise OnnxExportError(f"opset {opset!r} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} "
+                              f"(default {DEFAULT_OPSET})")
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise OnnxExportError(f"--output {output} is a file; name a folder (it is created if missing)")
+    folder = resolve_checkpoint(source)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
+    try:
+        return write_export(folder, output, dtype, quantize, opset, validate, progress, log)
+    except BaseException:
+        # Nothing half-written may look like an export: remove what this run wrote (the whole folder if it made it).
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        else:
+            for path in output.iterdir():
+                if path.is_file() and (path.name == MANIFEST_NAME or path.name.endswith((".onnx", ".onnx.data"))):
+                    path.unlink()
+        raise
+
+
+def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, opset: int, validate: bool,
+                 progress: bool, log) -> dict:
     start = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     model = load_model(folder, dtype=torch_dtype)
@@ -254,6 +277,7 @@ def export_model(
                 torch_version=torch.__version__)
     specs, modules, inputs = graph_specs(config), graph_modules(model), example_inputs(config, torch_dtype)
     embed_name = next(n for n, p in modules["prefill"].named_parameters() if n.endswith("embed_tokens.weight"))
+    (output / MANIFEST_NAME).unlink(missing_ok=True)  # first: the folder is no export until the new manifest is written
     for path in output.iterdir():  # an earlier export's files
         if path.is_file() and (path.suffix == ".onnx" or path.name.endswith(".data")):
             path.unlink()

@@ -23,13 +23,12 @@ from paligemma.generate import Pipeline
 from paligemma.processor import PaliGemmaProcessor
 
 from .graphs import GRAPH_ORDER, cache_names
+from .integrity import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV: where callers look the variable up
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "PALIGEMMA_ONNX_CACHE"
-DEFAULT_CACHE = "~/.cache/paligemma-onnx"
 FLOAT_TYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -80,6 +79,9 @@ class OnnxModel:
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
+        if self.manifest.get("dtype") not in FLOAT_TYPES:
+            raise OnnxExportError(f"{self.onnx_dir / MANIFEST_NAME} records dtype {self.manifest.get('dtype')!r}; this "
+                                  f"runtime reads {' and '.join(FLOAT_TYPES)} exports; export again")
         self.float_type = FLOAT_TYPES[self.manifest["dtype"]]
         providers = choose_providers(device)
         buffers, shared = self._load_shared()
@@ -182,10 +184,6 @@ class OnnxEngine:
         }
         logits, *self.past = m.run("decode", feeds)
         return torch.from_numpy(logits.numpy())
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
 def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Path:

@@ -68,7 +68,7 @@ def run(page, image: Path, prompt: str):
 
 def wait_until_finished(page):
     """The last update of a run (after the answer is complete) writes the total time into the timings line."""
-    page.locator("#timings", has_text=re.compile(r"tokens in [0-9.]+ s")).wait_for()
+    page.locator("#timings", has_text=re.compile(r"tokens? in [0-9.]+ s")).wait_for()
 
 
 def answer_text(page) -> str:
@@ -117,3 +117,17 @@ def test_detect_preset_draws_boxes(page, backend):
     page.locator("#annotated img").first.wait_for()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app_detect.png"), full_page=True)
+
+
+def test_an_example_clicked_runs_from_the_upload_folder(page, backend):
+    """Examples reach the handler as Gradio's cached copies, the only files besides uploads it reads."""
+    image, entry = example("answer en")
+    expected = direct_answer(backend, image, entry["prompt"])
+    page.locator("#examples").get_by_text(entry["prompt"], exact=True).first.click()
+    page.wait_for_function("expected => document.querySelector('#prompt textarea').value === expected",
+                           arg=entry["prompt"])
+    page.locator("#run").click()
+    page.wait_for_function(
+        "expected => document.querySelector('#answer textarea').value === expected", arg=expected, polling=20,
+    )
+    wait_until_finished(page)

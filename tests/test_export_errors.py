@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import paligemma
-from export.manifest import SHARED_DATA_NAME, OnnxExportError, check_export, file_sha256
+from export.integrity import file_sha256
+from export.manifest import SHARED_DATA_NAME, OnnxExportError, check_export
 from paligemma.config import PaliGemmaConfig
 from export.onnx_export import export_model
 from tiny import build_reference
@@ -109,8 +110,7 @@ def test_missing_manifest(copy):
         paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir)
 
 
-def test_flipped_byte_in_external_data_found_by_full_verification(copy):
-    """Sizes are checked at every load; a same-size corruption of the weights needs the full hash (verify_data)."""
+def test_flipped_byte_in_external_data(copy):
     folder, onnx_dir = copy
     data = onnx_dir / SHARED_DATA_NAME
     raw = bytearray(data.read_bytes())
@@ -118,4 +118,4 @@ def test_flipped_byte_in_external_data_found_by_full_verification(copy):
     data.write_bytes(bytes(raw))
     config = PaliGemmaConfig.from_json_file(folder / "config.json")
     with pytest.raises(OnnxExportError, match=rf"{SHARED_DATA_NAME} is corrupt: its sha256 differs"):
-        check_export(onnx_dir, config, verify_data=True)
+        check_export(onnx_dir, config)
