@@ -212,7 +212,7 @@ class TextConfig:
             rope_theta=rope_theta,
             hidden_activation=_activation(d, where),
             max_position_embeddings=_int(d, "max_position_embeddings", where, 1, MAX_POSITIONS, 8192),
-            query_pre_attn_scalar=_float(d, "query_pre_attn_scalar", where, 256) if gemma2 else None,
+            query_pre_attn_scalar=_int(d, "query_pre_attn_scalar", where, 1, MAX_WIDTH, 256) if gemma2 else None,
             sliding_window=_int(d, "sliding_window", where, 1, MAX_POSITIONS, 4096) if gemma2 else None,
             attn_logit_softcapping=_float(d, "attn_logit_softcapping", where, 50.0) if gemma2 else None,
             final_logit_softcapping=_float(d, "final_logit_softcapping", where, 30.0) if gemma2 else None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,3 +37,29 @@ def serve(backend, **create_kwargs):
         yield app, f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+def raw_call(url: str, data: list, timeout: float = 120) -> str:
+    """POST to the generate endpoint without gradio_client (as any HTTP client can) and return the event stream."""
+    request = urllib.request.Request(url + "gradio_api/call/generate", json.dumps({"data": data}).encode(),
+                                     {"Content-Type": "application/json"})
+    event = json.loads(urllib.request.urlopen(request, timeout=timeout).read())["event_id"]
+    return urllib.request.urlopen(f"{url}gradio_api/call/generate/{event}", timeout=timeout).read().decode()
+
+
+def raw_upload(url: str, name: str, data: bytes, timeout: float = 60) -> str:
+    """POST a file to Gradio's upload route as a browser does (multipart form); returns the server's path for it."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", body,
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    (path,) = json.loads(urllib.request.urlopen(request, timeout=timeout).read())
+    return path
+
+
+def last_event(events: str) -> tuple[str, object]:
+    """The kind ("complete" or "error") and data of an event stream's last event."""
+    kind = [line[len("event: "):] for line in events.splitlines() if line.startswith("event: ")][-1]
+    data = [line[len("data: "):] for line in events.splitlines() if line.startswith("data: ")][-1]
+    return kind, json.loads(data)

@@ -20,7 +20,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import paligemma
-from app_server import EXAMPLES, example, free_port, serve
+from app_server import EXAMPLES, example, free_port, raw_call, serve
 from demo import app as demo_app
 from demo.backends import load_backend
 
@@ -285,14 +285,6 @@ def test_app_keeps_answering_after_bad_input(client, direct, bad_image_paths):
             generate(client, path, **SHORT)
     image, entry = example("caption en")
     assert generate(client, image)[0] == direct[entry["file"]]
-
-
-def raw_call(url: str, data: list) -> str:
-    """POST to the generate endpoint without gradio_client (as any HTTP client can) and return the event stream."""
-    request = urllib.request.Request(url + "gradio_api/call/generate", json.dumps({"data": data}).encode(),
-                                     {"Content-Type": "application/json"})
-    event = json.loads(urllib.request.urlopen(request, timeout=60).read())["event_id"]
-    return urllib.request.urlopen(f"{url}gradio_api/call/generate/{event}", timeout=60).read().decode()
 
 
 @pytest.mark.parametrize("image,message", [

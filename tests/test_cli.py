@@ -39,3 +39,17 @@ def test_errors_are_one_clear_line(tmp_path):
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0
     assert "config.json" in out.stderr
+
+
+def test_usage_mistakes_are_one_line(tmp_path):
+    for args in (("generate", "--prompt", "caption en"), ("generate", "--image", "x.png", "--prompt", "p", "--top-k", "many"),
+                 ("nonsense",)):
+        out = run(*args)
+        assert out.returncode == 2
+        assert out.stderr.strip().count("\n") == 0, out.stderr
+        assert out.stderr.startswith("python -m paligemma") and "--help" in out.stderr
+
+
+def test_an_export_folder_with_the_torch_backend_is_refused(tmp_path):
+    out = run("generate", "--image", "x.png", "--prompt", "caption en", "--onnx-dir", str(tmp_path))
+    assert out.returncode == 1 and "backend 'onnx' only" in out.stderr

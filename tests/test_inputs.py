@@ -82,3 +82,51 @@ def test_stream_yields_the_same_text_as_generate(pipe, images):
     assert updates[-1].finished and updates[-1].text == result.text
     assert "".join(u.delta for u in updates) == result.text
     assert updates[-1].token_ids == result.token_ids
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 30), (40, 30, 5), (40, 30, 2), (2, 3, 4, 3)])
+def test_image_arrays_of_a_wrong_layout_get_a_message(pipe, shape):
+    with pytest.raises(InputError, match=r"channels last.*shape \(" + ", ".join(map(str, shape))):
+        pipe.generate(np.zeros(shape, np.uint8), "caption en", max_new_tokens=2)
+
+
+def test_an_array_with_one_channel_is_read_as_gray(pipe):
+    gray = np.random.default_rng(0).integers(0, 256, (30, 40), dtype=np.uint8)
+    expected = pipe.generate(gray, "caption en", max_new_tokens=4).token_ids
+    assert pipe.generate(gray[..., None], "caption en", max_new_tokens=4).token_ids == expected
+
+
+def test_a_prompt_with_a_lone_surrogate_gets_a_message(pipe, images):
+    with pytest.raises(InputError, match="lone surrogate"):
+        pipe.generate(images[0], "caption \ud800 en", max_new_tokens=2)
+
+
+def test_a_folder_given_as_the_image_is_named_a_folder(pipe, tmp_path):
+    with pytest.raises(InputError, match="is a folder, not an image file"):
+        pipe.generate(str(tmp_path), "caption en", max_new_tokens=2)
+
+
+def test_one_image_path_for_a_list_of_prompts_is_refused_not_split_into_characters(pipe, images, tmp_path):
+    path = tmp_path / "image.png"
+    images[0].save(path)
+    with pytest.raises(InputError, match="2 prompts came with one image"):
+        pipe.generate(str(path), ["caption en", "caption es"], max_new_tokens=2)
+
+
+def test_numpy_integers_are_taken_as_numbers(pipe, images):
+    expected = pipe.generate(images[0], "caption en", max_new_tokens=5, do_sample=True, seed=3).token_ids
+    got = pipe.generate(images[0], "caption en", max_new_tokens=np.int64(5), do_sample=True, seed=np.uint32(3))
+    assert got.token_ids == expected
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-40, 1e-7])
+def test_a_tiny_temperature_samples_the_greedy_tokens(pipe, images, temperature):
+    """As the temperature goes to 0, sampling goes to the argmax: defined for every value the checks accept."""
+    greedy = pipe.generate(images[1], "caption en", max_new_tokens=8).token_ids
+    sampled = pipe.generate(images[1], "caption en", max_new_tokens=8, do_sample=True, temperature=temperature, seed=0)
+    assert sampled.token_ids == greedy
+
+
+def test_a_huge_seed_is_refused_without_echoing_it(pipe, images):
+    with pytest.raises(ValueError, match=r"seed=<an integer of 4001 digits> is out of range"):
+        pipe.generate(images[0], "caption en", do_sample=True, seed=10**4000)

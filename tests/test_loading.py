@@ -152,3 +152,78 @@ def test_saved_checkpoint_round_trips_through_transformers(reference_factory, tm
         expected = pipe.model(**inputs)
         assert torch.equal(again.model(**inputs), expected)
         assert (theirs(**inputs).logits - expected).abs().max().item() <= 1e-4
+
+
+def edit_config(folder, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+BAD_CONFIGS = {
+    # name: (change to config.json, what the message must say)
+    "ten million layers": (lambda c: c["text_config"].update(num_hidden_layers=10**7),
+                           r"text_config\.num_hidden_layers=10000000 is out of range: allowed 1 to 512"),
+    "text_config a string": (lambda c: c.update(text_config="gemma"), r"text_config must be a JSON object, got 'gemma'"),
+    "no attention heads": (lambda c: c["text_config"].update(num_attention_heads=0), r"num_attention_heads=0 is out of range"),
+    "width as a string": (lambda c: c["text_config"].update(hidden_size="64"), r"hidden_size must be a whole number, got '64'"),
+    "vision heads a float": (lambda c: c["vision_config"].update(num_attention_heads=2.5), r"must be a whole number, got 2\.5"),
+    "kv heads not dividing": (lambda c: c["text_config"].update(num_attention_heads=4, num_key_value_heads=3),
+                              "not a multiple of num_key_value_heads"),
+    "huge image": (lambda c: c["vision_config"].update(image_size=10**6), r"image_size=1000000 is out of range"),
+    "patches past the limit": (lambda c: c["vision_config"].update(image_size=8192, patch_size=1), "image tokens; allowed"),
+    "eps negative": (lambda c: c["text_config"].update(rms_norm_eps=-1), "rms_norm_eps=-1 must be positive"),
+    "nan theta": (lambda c: c["text_config"].update(rope_parameters={"rope_theta": "NaN"}), "rope_theta must be a finite number"),
+    "rope parameters a list": (lambda c: c["text_config"].update(rope_parameters=[1]), "rope_parameters must be a JSON object"),
+    "eos outside the vocabulary": (lambda c: c["text_config"].update(eos_token_id=10**9), "eos_token_id=1000000000 is out of range"),
+    "bos a string": (lambda c: c.update(bos_token_id="2"), "bos_token_id must be a whole number"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_a_config_with_a_bad_field_is_refused_up_front(checkpoint, name):
+    change, message = BAD_CONFIGS[name]
+    edit_config(checkpoint, change)
+    with pytest.raises(CheckpointError, match=message):
+        paligemma.load(checkpoint)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "must hold a JSON object, got a list"),
+    ("{\"model_type\": \"paligemm\u00e9\"}".encode("latin-1"), "is not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000, "is not valid JSON"),
+    (b"{" + b" " * (2 << 20) + b"}", "a config.json is a few kilobytes"),
+])
+def test_a_config_file_that_is_not_a_json_object_is_refused(checkpoint, content, message):
+    (checkpoint / "config.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        paligemma.load(checkpoint)
+
+
+def test_a_config_that_is_a_folder_is_refused(checkpoint):
+    (checkpoint / "config.json").unlink()
+    (checkpoint / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder, not a file"):
+        paligemma.load(checkpoint)
+
+
+@pytest.mark.parametrize("weight_map,message", [
+    (["model.safetensors"], "weight_map must map each tensor name to a shard file name"),
+    ({"a": 3}, "weight_map must map each tensor name to a shard file name"),
+    ({"a": "../other/model.safetensors"}, r"names the shard '\.\./other/model\.safetensors'; shards must be"),
+    ({"a": "/etc/passwd"}, "names the shard '/etc/passwd'"),
+    ({"a": "sub/model.safetensors"}, "named without a path"),
+    ({"a": "model.bin"}, r"shards must be \*\.safetensors files"),
+])
+def test_a_shard_index_may_name_only_files_in_the_checkpoint_folder(checkpoint, tmp_path, weight_map, message):
+    other = tmp_path / "other"  # a complete checkpoint next door: what "../other/..." would load
+    shutil.copytree(checkpoint, other)
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=message):
+        paligemma.load(checkpoint)
+
+
+def test_a_shard_index_that_is_not_json_is_refused(checkpoint):
+    (checkpoint / "model.safetensors.index.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(CheckpointError, match="is not a valid safetensors index"):
+        paligemma.load(checkpoint)
