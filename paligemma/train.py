@@ -35,6 +35,7 @@ import torch.utils.data
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from .locations import loc_range_of
 from .processor import PaliGemmaProcessor
 
 IGNORE = -100
@@ -358,14 +359,6 @@ def lm_loss(loc_range=None, loc_sigma=0.0):
         return labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma), {}
 
     return loss_fn
-
-
-def loc_range_of(tokenizer: Tokenizer) -> tuple[int, int] | None:
-    """(id of <loc0000>, 1024) when the 1024 loc tokens are consecutive, else None (no soft targets)."""
-    first = tokenizer.token_to_id("<loc0000>")
-    if first is None or any(tokenizer.token_to_id(f"<loc{i:04d}>") != first + i for i in range(1024)):
-        return None
-    return first, 1024
 
 
 def init_weights(model: torch.nn.Module, std: float = 0.02):

@@ -48,6 +48,7 @@ from torch import nn
 from paligemma import train as T
 from paligemma.config import PaliGemmaConfig
 from paligemma.generate import Pipeline
+from paligemma.locations import loc_range_of
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 from shapes import evaluate as E
@@ -103,10 +104,10 @@ def initialize(model: PaliGemmaForConditionalGeneration, tokenizer, seed: int):
         embeddings.copy_(table * 4.0)
         # Location tokens: sinusoids of the bin index with periods from 16 to 4096 bins, so that bins a few apart
         # have nearly the same embedding (and, tied to the output layer, nearly the same logit).
-        first = tokenizer.token_to_id("<loc0000>")
+        first, count = loc_range_of(tokenizer)
         tokens = model.language_model.model.embed_tokens.weight
-        loc = sinusoids(torch.arange(1024), tokens.shape[1], 16, 4096)
-        tokens[first : first + 1024] = loc * (0.02 * math.sqrt(tokens.shape[1]))
+        loc = sinusoids(torch.arange(count), tokens.shape[1], 16, 4096)
+        tokens[first : first + count] = loc * (0.02 * math.sqrt(tokens.shape[1]))
 
 
 # ---- training examples ----------------------------------------------------------------------------
@@ -463,7 +464,7 @@ def main(argv=None):
     heads = AuxiliaryHeads(config.text.hidden_size).to(args.device)
     processor = PaliGemmaProcessor(tokenizer, config)
     grid = config.vision.image_size // config.vision.patch_size
-    loc_range = T.loc_range_of(tokenizer)
+    loc_range = loc_range_of(tokenizer)
     log_file = open(out / "log.txt", "a")
 
     def log(line):
