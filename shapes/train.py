@@ -501,8 +501,7 @@ def main(argv=None):
         raise SystemExit(f"{start} is not a model of this recipe (its text or vision config differs from "
                          "shapes.train's); fine-tune other checkpoints with `python -m paligemma train`")
     if resume is None and not args.init_from:  # stage 2 starts from stage 1's weights and heads, fresh optimizer
-        _, extra = T.load_training_state(vision_dir / "last", torch.optim.AdamW([torch.zeros(1)]))
-        heads.load_state_dict({k[len("aux.") :]: v for k, v in extra.items()})
+        T.load_extra_modules(vision_dir / "last", {"aux": heads})
     held_out = S.render_scenes(args.seed + 1000, args.eval_scenes)
     pipe = Pipeline(model, processor)
 
