@@ -272,7 +272,8 @@ class TrainOptions:
 
 
 def train_step(model, loss_fn, batch: dict, optimizer, params, lr: float, clip_norm: float):
-    """One optimizer step at learning rate `lr`; returns (loss, loss_fn's named floats, gradient norm before clipping)."""
+    """One optimizer step at learning rate `lr`; returns (loss, loss_fn's named floats, gradient norm before
+    clipping)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, shown = loss_fn(model, batch)
@@ -286,10 +287,10 @@ def train_step(model, loss_fn, batch: dict, optimizer, params, lr: float, clip_n
 class Progress:
     """The smoothed loss on a progress bar, and a log line every 50 steps and at the last."""
 
-    def __init__(self, total: int, start: int, bar: bool, log: Callable[[str], None]):
+    def __init__(self, total: int, start: int, show_bar: bool, log: Callable[[str], None]):
         self.total, self.log = total, log
         self.bar = None
-        if bar:
+        if show_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, mininterval=2.0)
@@ -299,7 +300,8 @@ class Progress:
     def update(self, done: int, loss: float, lr: float, grad_norm: torch.Tensor, shown: dict):
         self.smoothed = loss if self.smoothed is None else 0.95 * self.smoothed + 0.05 * loss
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", **{k: f"{v:.3f}" for k, v in shown.items()})
+            shown_text = {k: f"{v:.3f}" for k, v in shown.items()}
+            self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", **shown_text)
             self.bar.update(1)
         if done % 50 == 0 or done == self.total:
             details = " ".join(f"{k} {v:.4f}" for k, v in shown.items())
