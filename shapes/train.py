@@ -371,7 +371,8 @@ class Run:
 
 
 def start_run(args) -> Run:
-    """Makes the run folder, with the recipe's tokenizer.json and the log it appends to; returns what its stages share."""
+    """Makes the run folder, with the recipe's tokenizer.json and the log it appends to; returns what its stages
+    share."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_shapes_tokenizer()
