@@ -27,6 +27,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 import paligemma
 from paligemma.config import PaliGemmaConfig
 from paligemma.gemma import RMSNorm
+from paligemma.locations import LOC_TOKENS, NUM_LOC_BINS, NUM_SEG_CODES, SEG_TOKENS
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.weights import save_checkpoint
 
@@ -34,7 +35,6 @@ BUILD_VERSION = "2"  # bump when a random checkpoint's recipe changes, so cached
 PROMPT = "caption en"
 SPACE = "\u2581"
 WORDS = ("caption", "en", "answer", "detect", "a", "the", "\n")
-NUM_LOC, NUM_SEG = 1024, 128
 EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "manifest.py")  # what an export is made by (export/)
 
 # Widths of paligemma-3b-pt-224 (REFERENCE.md); `layers` chooses how many of each tower to keep.
@@ -141,11 +141,9 @@ def build_tokenizer(image_token_index: int) -> Tokenizer:
         for piece in (word, SPACE + word):
             vocab.setdefault(piece, len(vocab))
     vocab.setdefault(SPACE, len(vocab))
-    loc_start = image_token_index - NUM_SEG - NUM_LOC
-    locs = [f"<loc{i:04d}>" for i in range(NUM_LOC)]
-    segs = [f"<seg{i:03d}>" for i in range(NUM_SEG)]
-    vocab.update({token: loc_start + i for i, token in enumerate(locs)})
-    vocab.update({token: loc_start + NUM_LOC + i for i, token in enumerate(segs)})
+    loc_start = image_token_index - NUM_SEG_CODES - NUM_LOC_BINS
+    vocab.update({token: loc_start + i for i, token in enumerate(LOC_TOKENS)})
+    vocab.update({token: loc_start + NUM_LOC_BINS + i for i, token in enumerate(SEG_TOKENS)})
     vocab["<image>"] = image_token_index
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Replace(" ", SPACE)
@@ -154,7 +152,7 @@ def build_tokenizer(image_token_index: int) -> Tokenizer:
     tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.Fuse()])
     specials = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in locs + segs])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in LOC_TOKENS + SEG_TOKENS])
     return tokenizer
 
 

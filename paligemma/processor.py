@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +19,10 @@ from tokenizers import Tokenizer
 
 from .config import PaliGemmaConfig
 from .errors import CheckpointError, InputError, shown
+from .locations import from_bin, parse_boxes
 
 IMAGE_TOKEN = "<image>"
-LOC_TOKEN = re.compile(r"<loc(\d{4})>")
-DETECTION = re.compile(r"((?:<loc\d{4}>){4})\s*([^;<]*?)\s*(?:;|$)")
 MAX_IMAGE_PIXELS = 64_000_000  # past this a decoded image takes gigabytes: refuse rather than thrash
-NUM_LOC_BINS = 1024
 
 
 def load_image(image) -> Image.Image:
@@ -97,12 +94,12 @@ class Detection:
 
 
 def parse_detections(text: str, width: int, height: int) -> list[Detection]:
-    """`<locY1><locX1><locY2><locX2> label ; ...` -> pixel boxes. Bins are over [0, 1023] on each side,
-    the inverse of big_vision's round(coordinate * 1023)."""
+    """`<locY1><locX1><locY2><locX2> label ; ...` -> pixel boxes (bins decoded as in paligemma.locations; a label
+    ends at ";" or the end of the text)."""
     detections = []
-    for locs, label in DETECTION.findall(text):
-        y1, x1, y2, x2 = (int(v) / (NUM_LOC_BINS - 1) for v in LOC_TOKEN.findall(locs))
-        detections.append(Detection(label.strip(), (x1 * width, y1 * height, x2 * width, y2 * height)))
+    for bins, label in parse_boxes(text, strict=True):
+        y1, x1, y2, x2 = (from_bin(b) for b in bins)
+        detections.append(Detection(label, (x1 * width, y1 * height, x2 * width, y2 * height)))
     return detections
 
 

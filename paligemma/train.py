@@ -26,6 +26,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,7 @@ import torch.utils.data
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from .locations import loc_range_of
 from .processor import PaliGemmaProcessor
 
 IGNORE = -100
@@ -113,7 +115,7 @@ def token_loss(
     return (nll * weights).sum() / weights.sum()
 
 
-# ---- schedule, optimizer state ------------------------------------------------------------------
+# ---- schedule, optimizer ------------------------------------------------------------------------
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int, final_ratio: float = 0.02) -> float:
@@ -124,9 +126,24 @@ def learning_rate(step: int, total: int, peak: float, warmup: int, final_ratio: 
     return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_training_state(directory: Path, step: int, optimizer: torch.optim.Optimizer, extra: dict[str, torch.Tensor]):
-    """Optimizer moments and extra tensors (e.g. auxiliary heads) as safetensors, the step as JSON."""
-    tensors = {f"extra.{k}": v.detach().contiguous().cpu() for k, v in extra.items()}
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices and embeddings only (not on biases and norm scales)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-8,
+    )
+
+
+# ---- checkpoints and resume ---------------------------------------------------------------------
+
+
+def save_training_state(directory: Path, step: int, optimizer: torch.optim.Optimizer,
+                        extra_modules: dict[str, torch.nn.Module]):
+    """Optimizer moments and the weights of `extra_modules` (e.g. auxiliary heads) as safetensors, the step as JSON."""
+    tensors = {f"extra.{name}.{k}": v.detach().contiguous().cpu()
+               for name, module in extra_modules.items() for k, v in module.state_dict().items()}
     scalars = {}
     for i, (param, state) in enumerate(_param_states(optimizer)):
         for key, value in state.items():
@@ -138,8 +155,8 @@ def save_training_state(directory: Path, step: int, optimizer: torch.optim.Optim
     (directory / STATE_JSON).write_text(json.dumps({"step": step, "optimizer_scalars": scalars}, indent=1))
 
 
-def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, torch.Tensor]]:
-    """The step and extra tensors saved by save_training_state; fills the optimizer's moments in place."""
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> int:
+    """The step saved by save_training_state; fills the optimizer's moments in place."""
     meta = json.loads((directory / STATE_JSON).read_text())
     tensors = load_file(str(directory / STATE_TENSORS))
     scalars = meta["optimizer_scalars"]
@@ -154,8 +171,15 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> tu
                 state[name] = torch.tensor(value)
         if state:
             optimizer.state[param] = state
-    extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return meta["step"], extra
+    return meta["step"]
+
+
+def load_extra_modules(directory: Path, modules: dict[str, torch.nn.Module]):
+    """Each module's weights as save_training_state wrote them under its name."""
+    tensors = load_file(str(directory / STATE_TENSORS))
+    for name, module in modules.items():
+        prefix = f"extra.{name}."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def _param_states(optimizer):
@@ -164,21 +188,30 @@ def _param_states(optimizer):
             yield p, optimizer.state.get(p, {})
 
 
-# ---- the loop -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoints:
+    """OUT_DIR/step-NNNNNN, and OUT_DIR/last a copy of the latest: the model as `save(directory)` writes it, with
+    the optimizer moments and `extra_modules` (trained, not part of the model) beside it."""
+
+    out_dir: Path
+    save: Callable[[Path], None]
+    optimizer: torch.optim.Optimizer
+    extra_modules: dict[str, torch.nn.Module]
+
+    def write(self, step: int):
+        directory = self.out_dir / f"step-{step:06d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save(directory)
+        save_training_state(directory, step, self.optimizer, self.extra_modules)
+        # `last` is replaced only once complete, so an interruption never leaves a half-written checkpoint there.
+        staging = self.out_dir / "last.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(directory, staging)
+        shutil.rmtree(self.out_dir / "last", ignore_errors=True)
+        staging.rename(self.out_dir / "last")
 
 
-@dataclass
-class TrainOptions:
-    steps: int
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    eval_every: int = 0
-    save_every: int = 0
-    seed: int = 0
-    progress: bool = True
-    workers: int = 0  # processes that make the next batches while a step trains (0: made between steps)
+# ---- batches ------------------------------------------------------------------------------------
 
 
 def default_workers(device: str) -> int:
@@ -214,7 +247,79 @@ def batch_stream(batches: Callable[[int], dict], start: int, stop: int, workers:
     else:
         stream = (batches(step) for step in range(start, stop))
     for batch in stream:
-        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        yield to_device(batch, device)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainOptions:
+    steps: int
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    eval_every: int = 0
+    save_every: int = 0
+    seed: int = 0
+    progress: bool = True
+    workers: int = 0  # processes that make the next batches while a step trains (0: made between steps)
+
+
+def train_step(model, loss_fn, batch: dict, optimizer, params, lr: float, clip_norm: float):
+    """One optimizer step at learning rate `lr`; returns (loss, loss_fn's named floats, gradient norm before
+    clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, shown = loss_fn(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    optimizer.step()
+    return loss.item(), shown, grad_norm
+
+
+class Progress:
+    """The smoothed loss on a progress bar, and a log line every 50 steps and at the last."""
+
+    def __init__(self, total: int, start: int, show_bar: bool, log: Callable[[str], None]):
+        self.total, self.log = total, log
+        self.bar = None
+        if show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, mininterval=2.0)
+        self.smoothed = None
+        self.started = time.time()
+
+    def update(self, done: int, loss: float, lr: float, grad_norm: torch.Tensor, shown: dict):
+        self.smoothed = loss if self.smoothed is None else 0.95 * self.smoothed + 0.05 * loss
+        if self.bar is not None:
+            shown_text = {k: f"{v:.3f}" for k, v in shown.items()}
+            self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", **shown_text)
+            self.bar.update(1)
+        if done % 50 == 0 or done == self.total:
+            details = " ".join(f"{k} {v:.4f}" for k, v in shown.items())
+            self.log(f"step {done} loss {self.smoothed:.4f} grad_norm {grad_norm:.3f} lr {lr:.2e} {details} "
+                     f"elapsed {time.time() - self.started:.0f}s")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def evaluation(model: torch.nn.Module, evaluate: Callable[[int], dict], step: int) -> dict:
+    """`evaluate(step)` with the model in eval mode and no gradients, then back in training mode."""
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate(step)
+    model.train()
+    return metrics
 
 
 def train(
@@ -240,74 +345,27 @@ def train(
     extra_modules = extra_modules or {}
     params = [p for p in model.parameters() if p.requires_grad]
     params += [p for m in extra_modules.values() for p in m.parameters()]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=options.lr, betas=(0.9, 0.98), eps=1e-8,
-    )
+    optimizer = adamw(params, options.lr, options.weight_decay)
     start = 0
     if resume is not None:
-        start, extra = load_training_state(Path(resume), optimizer)
-        for name, module in extra_modules.items():
-            module.load_state_dict({k[len(name) + 1 :]: v for k, v in extra.items() if k.startswith(name + ".")})
+        start = load_training_state(Path(resume), optimizer)
+        load_extra_modules(Path(resume), extra_modules)
         log(f"resumed from {resume} at step {start}")
-
-    def checkpoint(step: int):
-        if out_dir is None or save is None:
-            return
-        directory = out_dir / f"step-{step:06d}"
-        directory.mkdir(parents=True, exist_ok=True)
-        save(directory)
-        extra = {f"{n}.{k}": v for n, m in extra_modules.items() for k, v in m.state_dict().items()}
-        save_training_state(directory, step, optimizer, extra)
-        # `last` is replaced only once complete, so an interruption never leaves a half-written checkpoint there.
-        staging = out_dir / "last.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(directory, staging)
-        shutil.rmtree(out_dir / "last", ignore_errors=True)
-        staging.rename(out_dir / "last")
-
-    bar = None
-    if options.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=options.steps, initial=start, dynamic_ncols=True, mininterval=2.0)
+    checkpoints = None if out_dir is None or save is None else Checkpoints(out_dir, save, optimizer, extra_modules)
+    progress = Progress(options.steps, start, options.progress, log)
     model.train()
-    smoothed = None
-    started = time.time()
-    device = next(model.parameters()).device
-    stream = batch_stream(batches, start, options.steps, options.workers, device)
+    stream = batch_stream(batches, start, options.steps, options.workers, next(model.parameters()).device)
     for step, batch in zip(range(start, options.steps), stream):
         lr = learning_rate(step, options.steps, options.lr, options.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, shown = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, options.clip_norm)
-        optimizer.step()
-        value = loss.item()
-        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
-        if bar is not None:
-            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", **{k: f"{v:.3f}" for k, v in shown.items()})
-            bar.update(1)
+        loss, shown, grad_norm = train_step(model, loss_fn, batch, optimizer, params, lr, options.clip_norm)
         done = step + 1
-        if done % 50 == 0 or done == options.steps:
-            details = " ".join(f"{k} {v:.4f}" for k, v in shown.items())
-            log(f"step {done} loss {smoothed:.4f} grad_norm {grad_norm:.3f} lr {lr:.2e} {details} "
-                f"elapsed {time.time() - started:.0f}s")
+        progress.update(done, loss, lr, grad_norm, shown)
         if evaluate is not None and options.eval_every and done % options.eval_every == 0:
-            model.eval()
-            with torch.no_grad():
-                metrics = evaluate(done)
-            model.train()
-            log(f"eval step {done}: " + json.dumps(metrics))
-        if options.save_every and done % options.save_every == 0 or done == options.steps:
-            checkpoint(done)
+            log(f"eval step {done}: " + json.dumps(evaluation(model, evaluate, done)))
+        if checkpoints is not None and (options.save_every and done % options.save_every == 0 or done == options.steps):
+            checkpoints.write(done)
     stream.close()  # ends the worker processes
-    if bar is not None:
-        bar.close()
+    progress.close()
     model.eval()
     return options.steps
 
@@ -360,14 +418,6 @@ def lm_loss(loc_range=None, loc_sigma=0.0):
     return loss_fn
 
 
-def loc_range_of(tokenizer: Tokenizer) -> tuple[int, int] | None:
-    """(id of <loc0000>, 1024) when the 1024 loc tokens are consecutive, else None (no soft targets)."""
-    first = tokenizer.token_to_id("<loc0000>")
-    if first is None or any(tokenizer.token_to_id(f"<loc{i:04d}>") != first + i for i in range(1024)):
-        return None
-    return first, 1024
-
-
 def init_weights(model: torch.nn.Module, std: float = 0.02):
     """A fresh model: normal(0, std) matrices and embeddings, zero biases, LayerNorm scale 1, RMSNorm offset 0."""
     for name, p in model.named_parameters():
@@ -403,52 +453,67 @@ def add_train_arguments(parser):
     parser.add_argument("--no-progress", action="store_true")
 
 
-def run_train(args):
+@dataclass(frozen=True)
+class HeldOutLoss:
+    """train's `evaluate` on held-out records: the mean loss over `count` of their batches."""
+
+    model: torch.nn.Module
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+    batches: Callable[[int], dict]
+    count: int
+
+    def __call__(self, step: int) -> dict:
+        device = next(self.model.parameters()).device
+        losses = [self.loss_fn(self.model, to_device(self.batches(i), device))[0].item() for i in range(self.count)]
+        return {"eval_loss": sum(losses) / len(losses)}
+
+
+def save_with_tokenizer(model: torch.nn.Module, tokenizer: Tokenizer, directory: Path):
+    """A checkpoint folder: the model's config.json and model.safetensors, and tokenizer.json."""
+    from .weights import save_checkpoint
+
+    save_checkpoint(model, directory)
+    tokenizer.save(str(Path(directory) / "tokenizer.json"))
+
+
+def model_to_train(args) -> tuple[torch.nn.Module, Path]:
+    """The command's model and the path of its tokenizer.json: a checkpoint (--resume, else --model) or a fresh
+    model (--config and --tokenizer)."""
     from .config import PaliGemmaConfig
     from .model import PaliGemmaForConditionalGeneration
-    from .weights import load_model, save_checkpoint
+    from .weights import load_model
 
-    if args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers {args.workers}: give 0 (load batches between steps) or more processes")
     source = args.resume or args.model
     if source:
         model = load_model(source, device=args.device, dtype=torch.float32)
-        config = model.config
-        tokenizer_path = Path(args.tokenizer or Path(source) / "tokenizer.json")
-    elif args.config:
-        if not args.tokenizer:
-            raise ValueError("--config needs --tokenizer (a tokenizer.json whose ids fit the config's vocabulary)")
-        config = PaliGemmaConfig.from_json_file(args.config)
-        torch.manual_seed(args.seed)
-        model = PaliGemmaForConditionalGeneration(config)
-        init_weights(model)
-        model.to(args.device)
-        tokenizer_path = Path(args.tokenizer)
-    else:
+        return model, Path(args.tokenizer or Path(source) / "tokenizer.json")
+    if not args.config:
         raise ValueError("give --model (fine-tune a checkpoint) or --config with --tokenizer (train a fresh model)")
+    if not args.tokenizer:
+        raise ValueError("--config needs --tokenizer (a tokenizer.json whose ids fit the config's vocabulary)")
+    torch.manual_seed(args.seed)
+    model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_json_file(args.config))
+    init_weights(model)
+    return model.to(args.device), Path(args.tokenizer)
+
+
+def run_train(args):
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: give 0 (load batches between steps) or more processes")
+    model, tokenizer_path = model_to_train(args)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    processor = PaliGemmaProcessor(tokenizer, config)
-    records = read_jsonl(Path(args.data))
-    to_device = lambda b: {k: v.to(args.device) for k, v in b.items()}  # noqa: E731
-    make = jsonl_batches(records, processor, args.batch_size, args.seed)
+    processor = PaliGemmaProcessor(tokenizer, model.config)
+    batches = jsonl_batches(read_jsonl(Path(args.data)), processor, args.batch_size, args.seed)
     loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma)
     evaluate = None
     if args.eval_data:
         held_out = read_jsonl(Path(args.eval_data))
-        eval_batches = jsonl_batches(held_out, processor, args.batch_size, args.seed)
-        count = max(1, len(held_out) // args.batch_size)
-
-        def evaluate(step):
-            losses = [loss_fn(model, to_device(eval_batches(i)))[0].item() for i in range(count)]
-            return {"eval_loss": sum(losses) / len(losses)}
-
+        evaluate = HeldOutLoss(model, loss_fn, jsonl_batches(held_out, processor, args.batch_size, args.seed),
+                               count=max(1, len(held_out) // args.batch_size))
     options = TrainOptions(
         steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
         workers=default_workers(args.device) if args.workers is None else args.workers,
     )
-    train(
-        model, make, loss_fn, options, out_dir=Path(args.out),
-        save=lambda d: (save_checkpoint(model, d), tokenizer.save(str(d / "tokenizer.json"))),
-        evaluate=evaluate, resume=Path(args.resume) if args.resume else None,
-    )
+    train(model, batches, loss_fn, options, out_dir=Path(args.out), save=partial(save_with_tokenizer, model, tokenizer),
+          evaluate=evaluate, resume=Path(args.resume) if args.resume else None)

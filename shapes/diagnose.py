@@ -18,6 +18,7 @@ import collections
 import torch
 
 from paligemma import train as T
+from paligemma.locations import loc_range_of
 from shapes import evaluate as E
 from shapes import scenes as S
 from shapes.packing import packed_batch, packed_hidden
@@ -45,7 +46,7 @@ def questions(scene_list):
 def teacher_forced(model, processor, rows, near: int = 25, batch_size: int = 64):
     """{task: (exact as at inference, exact blind, count)} and, per box coordinate, the share within `near` bins
     (as at inference, detections of scenes with more than one shape)."""
-    first, count = T.loc_range_of(processor.tokenizer)
+    first, count = loc_range_of(processor.tokenizer)
     exact = collections.defaultdict(lambda: [0, 0, 0])
     close, boxes = torch.zeros(4), torch.zeros(4)
 

@@ -23,15 +23,14 @@ import argparse
 import io
 import json
 import random
-import re
 import sys
 import time
 
 from PIL import Image
 
+from paligemma import locations as L
 from shapes import scenes as S
 
-LOC_BOX = re.compile(r"((?:<loc\d{4}>){4})\s*([^;<]*)")
 TARGETS = {
     "caption_accuracy": 0.95,
     "count_accuracy": 0.95,
@@ -57,12 +56,9 @@ def requests(scene, seed_key):
 
 
 def parse_boxes(text, side=S.CANVAS):
-    """[(box, label)] from `<locY1><locX1><locY2><locX2> label ; ...` (box in pixels, see scenes.box_from_bins)."""
-    found = []
-    for locs, label in LOC_BOX.findall(text):
-        bins = [int(b) for b in re.findall(r"<loc(\d{4})>", locs)]
-        found.append((S.box_from_bins(bins, side), label.strip()))
-    return found
+    """[(box, label)] from `<locY1><locX1><locY2><locX2> label ; ...` (box in pixels, see scenes.box_from_bins).
+    Parsed loosely: a box followed directly by another box, with no " ;" between them, still counts."""
+    return [(S.box_from_bins(bins, side), label) for bins, label in L.parse_boxes(text, strict=False)]
 
 
 def iou(a, b):

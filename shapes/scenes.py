@@ -1,13 +1,13 @@
 """Synthetic scenes for the embedded demo model, and the task strings PaliGemma is trained on.
 
-Task card (issue 3): a 224 x 224 RGB canvas on a plain white or light-gray background holding 1 to 3
-shapes (circle, square, triangle pointing up), each filled in red, green, blue or yellow, 40 to 90 px
-across, not overlapping, their horizontal centers at least 20 px apart.
+The task card: a 224 x 224 RGB canvas on a plain white or light-gray background holding 1 to 3 shapes (circle,
+square, triangle pointing up), each filled in red, green, blue or yellow, 40 to 90 px across, not overlapping,
+their horizontal centers at least 20 px apart.
 
 Boxes are (y_min, x_min, y_max, x_max) in continuous pixel coordinates: a square drawn over the pixels
-x0 .. x0 + size - 1 has x_min = x0 and x_max = x0 + size. A coordinate c on a side of length L becomes
-the location bin round(c / L * 1023), as big_vision encodes it; `box_from_bins` inverts that with
-bin / 1023 * L (decoding with bin / 1024 * L, as the Hugging Face demo does, differs by at most 0.22 px
+x0 .. x0 + size - 1 has x_min = x0 and x_max = x0 + size. They become location tokens as paligemma.locations
+encodes them (a pixel coordinate c on a side of length L is the bin round(c / L * 1023)); `box_from_bins` inverts
+that with bin / 1023 * L (decoding with bin / 1024 * L, as the Hugging Face demo does, differs by at most 0.22 px
 on a 224 px side).
 """
 
@@ -15,6 +15,8 @@ import random
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from paligemma import locations as L
 
 CANVAS = 224
 SHAPES = ("circle", "square", "triangle")
@@ -26,7 +28,6 @@ COLORS = {
 }
 MIN_SIZE, MAX_SIZE = 40, 90
 MIN_CENTER_GAP = 20
-NUM_BINS = 1024
 
 
 @dataclass(frozen=True)
@@ -127,20 +128,18 @@ def count_answer(scene, color=None):
 
 
 def to_bin(coord, side=CANVAS):
-    return min(NUM_BINS - 1, max(0, round(coord / side * (NUM_BINS - 1))))
+    """The location bin of a pixel coordinate on a side of `side` pixels."""
+    return L.to_bin(coord / side)
 
 
 def box_from_bins(bins, side=CANVAS):
-    return tuple(b / (NUM_BINS - 1) * side for b in bins)
-
-
-def loc_tokens(box, side=CANVAS):
-    return "".join(f"<loc{to_bin(c, side):04d}>" for c in box)
+    """Pixel coordinates on a side of `side` pixels of location bins."""
+    return tuple(L.from_bin(b) * side for b in bins)
 
 
 def detect_answer(scene, names):
     """Every shape whose kind is in `names`, left to right, as `<locY1><locX1><locY2><locX2> kind`, joined by " ; "."""
-    return " ; ".join(f"{loc_tokens(s.box)} {s.shape}" for s in scene.shapes if s.shape in names)
+    return " ; ".join(f"{L.box_tokens(s.box, CANVAS, CANVAS)} {s.shape}" for s in scene.shapes if s.shape in names)
 
 
 def detect_prompts():

@@ -1,8 +1,8 @@
 """A small Gemma-style tokenizer.json for the shapes task, with PaliGemma's special tokens.
 
 Layout: `<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3 (as in Gemma), the task's words, then `<image>`,
-`<loc0000>`..`<loc1023>` and `<seg000>`..`<seg127>`. The loc and seg tokens are added tokens that are not
-normalized, so each stays one token wherever it appears (transformers#30824 is about splitting them).
+`<loc0000>`..`<loc1023>` and `<seg000>`..`<seg127>` (paligemma.locations). The loc and seg tokens are added
+tokens that are not normalized, so each stays one token wherever it appears, even next to a word.
 Spaces become "▁" as in Gemma; a word keeps the "▁" of the space before it ("caption▁en" -> "caption",
 "▁en"), so the vocabulary holds each word with and without it. No `<bos>` is added automatically: the
 processor puts exactly one after the image tokens.
@@ -15,10 +15,10 @@ import re
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from paligemma.locations import LOC_TOKENS, SEG_TOKENS
+
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 IMAGE_TOKEN = "<image>"
-LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(1024))
-SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(128))
 SPACE = "\u2581"
 
 # One piece per word, per punctuation mark, per newline; the space before a piece stays attached to it.

@@ -2,33 +2,34 @@
 
     python -m shapes.train --out runs/shapes          # rerun the same command to resume
     python -m shapes.train --out runs/shapes --export paligemma/demo_checkpoint   # copy the run's model
-    python -m shapes.train --out runs/tuned --init-from CHECKPOINT ...            # fine-tune (stage 2 only)
+    python -m shapes.train --out runs/tuned --init-from CHECKPOINT ...            # fine-tune (no stage 1)
 
-What makes it learn in CPU minutes where a naive recipe stalls (issue 3's calibration):
+Three stages, each resumable in a folder of its own:
+1. OUT/vision: the vision tower alone on the auxiliary patch targets below (cheap: no decoder).
+2. OUT: the whole model on the tasks, the patch targets kept as an auxiliary loss.
+3. OUT/polish (`--polish-steps`, 0 for none): a short second schedule that polishes detection; its last
+   checkpoint is then the run's model.
+
+What makes it learn in CPU minutes where a naive recipe stalls:
 - 112 px images in 14 px patches (64 image tokens), narrow towers (width 192, 4 + 4 layers, ~4 M parameters).
 - Hand initialization: 2D sinusoidal patch positions in the vision tower, and the 1,024 location embeddings
   (tied with the output layer) as sinusoids of the bin index, so neighbouring bins start close.
 - Gaussian soft targets over neighbouring location bins, narrowing over stage 2 (wide: neighbouring bins learn
   together; narrow at the end: a peaked first location token, which greedy decoding needs to prefer a box to <eos>).
-- Two stages: first the vision tower alone on the auxiliary patch targets below (cheap: no decoder), then the
-  whole model on the tasks with the patch targets kept as an auxiliary loss.
 - Each image is embedded once and asked six questions (a caption, both counts, `--detections` = 3 detections),
-  packed into one decoder sequence that shares the 64 image tokens (shapes/packing.py: 2.5x cheaper per
-  question); the last `--steps - --packed-steps` steps unpack them into one sequence per question, the exact
-  attention of inference. Packed steps cannot teach image features that depend on the prompt, which listing
-  two of three kinds in a detection needs (measured in shapes/README.md): detection tops out near 0.89.
-  `--unpack-detections` gives each detection a sequence of its own from the start: the path opens, but in the
-  same 80 minutes it learnt much less (detection 0.70, captions 0.62), so it is not the default.
-- A third stage polishes the model (`--polish-steps`, 650 by default, in OUT/polish; the run's model is then
-  OUT/polish/last): a short second schedule, unpacked, with three-shape scenes weighted up and, per box, the loss
-  on its first location token (which shape comes next) and on the token after its label (another box or stop)
-  weighted 4x (`decision_weights`): those two are where the remaining detection failures start. It lifts
-  detection from 0.896 to 0.902; the whole run took 83 minutes on a 2-core CPU (shapes/README.md).
+  packed into one decoder sequence that shares the 64 image tokens (shapes/packing.py: cheaper per question);
+  the last `--steps - --packed-steps` steps unpack them into one sequence per question, the exact attention of
+  inference, since packed steps cannot teach image features that depend on the prompt, which listing two of
+  three kinds in a detection needs. `--unpack-detections` gives each detection a sequence of its own from the
+  start instead (it learns more slowly, so it is not the default).
+- Stage 3 trains unpacked, with three-shape scenes weighted up and, per box, the loss on its first location token
+  (which shape comes next) and on the token after its label (another box or stop) weighted 4x
+  (`decision_weights`): those two are where the remaining detection failures start.
 - Auxiliary per-patch targets on the projected image embeddings, used in training only and not part of the
   checkpoint: each patch predicts the color and kind of the shape under it, that shape's rank from the left
   (overall, among its kind, among each pair of kinds), the scene's counts, and its box as location tokens
   scored against the tied location embeddings. They teach the vision tower what the decoder needs to read.
-The result is a plain PaliGemma checkpoint.
+The result is a plain PaliGemma checkpoint. shapes/README.md measures the recipe and the variants tried.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,8 +51,10 @@ from torch import nn
 from paligemma import train as T
 from paligemma.config import PaliGemmaConfig
 from paligemma.generate import Pipeline
+from paligemma.locations import loc_range_of
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
+from paligemma.weights import load_model
 from shapes import evaluate as E
 from shapes import scenes as S
 from shapes.packing import packed_batch, packed_hidden
@@ -103,10 +108,10 @@ def initialize(model: PaliGemmaForConditionalGeneration, tokenizer, seed: int):
         embeddings.copy_(table * 4.0)
         # Location tokens: sinusoids of the bin index with periods from 16 to 4096 bins, so that bins a few apart
         # have nearly the same embedding (and, tied to the output layer, nearly the same logit).
-        first = tokenizer.token_to_id("<loc0000>")
+        first, count = loc_range_of(tokenizer)
         tokens = model.language_model.model.embed_tokens.weight
-        loc = sinusoids(torch.arange(1024), tokens.shape[1], 16, 4096)
-        tokens[first : first + 1024] = loc * (0.02 * math.sqrt(tokens.shape[1]))
+        loc = sinusoids(torch.arange(count), tokens.shape[1], 16, 4096)
+        tokens[first : first + count] = loc * (0.02 * math.sqrt(tokens.shape[1]))
 
 
 # ---- training examples ----------------------------------------------------------------------------
@@ -118,7 +123,7 @@ ANY_DETECT_PROMPT = 0.1  # share of last detections that may name absent kinds
 def loc_sigma_at(step: int, total: int, start: float, final: float) -> float:
     """The soft targets' width at `step`: cosine from `start` to `final` bins over the run. Wide targets teach
     neighbouring bins to agree early; narrow ones at the end give a peaked first location token, which greedy
-    decoding needs to prefer a box over <eos> (at sigma 2 its best bin held only 1-4% of the mass)."""
+    decoding needs to prefer a box over <eos> (wide targets spread it over many bins)."""
     progress = min(1.0, step / max(1, total))
     return final + (start - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -152,7 +157,7 @@ def questions(scene, rng, detections: int = 3):
     asked_kinds = [some_present_kinds() for _ in range(detections - 1)]
     # The last: mostly another detection of kinds present, sometimes any prompt (absent kinds -> empty answer).
     # Frequent empty answers teach <eos> a prior that outbids the first location token under greedy decoding
-    # (seen at 30%: a tenth of the held-out detections came back empty with P(<eos>) ~ 0.05).
+    # (shapes/README.md, "How it was made").
     last = list(rng.choice(S.detect_prompts())) if rng.random() < ANY_DETECT_PROMPT else some_present_kinds()
     asked_kinds.append(last)
     return [
@@ -313,14 +318,95 @@ def recipe_loss(heads: AuxiliaryHeads, loc_range, aux_weight: float, decision_we
     return loss_fn
 
 
-# ---- command ---------------------------------------------------------------------------------------
+# ---- the run --------------------------------------------------------------------------------------
 
 
-def save_model(model, tokenizer_path: Path, directory: Path):
-    from paligemma.weights import save_checkpoint
+class RunLog:
+    """Prints each line and appends it, with the time, to the run's log.txt."""
 
-    save_checkpoint(model, directory)
-    shutil.copy(tokenizer_path, Path(directory) / "tokenizer.json")
+    def __init__(self, path: Path):
+        self.file = open(path, "a")
+
+    def __call__(self, line: str):
+        print(line, flush=True)
+        self.file.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+        self.file.flush()
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the stages of one run share: the command's options, the recipe's model config and processor, the
+    auxiliary heads (trained alongside the model in every stage, saved beside its checkpoints) and the log."""
+
+    args: argparse.Namespace
+    config: PaliGemmaConfig
+    processor: PaliGemmaProcessor
+    heads: AuxiliaryHeads
+    log: RunLog
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+    @property
+    def grid(self) -> int:
+        return self.config.vision.image_size // self.config.vision.patch_size
+
+    @property
+    def loc_range(self) -> tuple[int, int]:
+        return loc_range_of(self.processor.tokenizer)
+
+    def options(self, steps: int, lr: float, warmup: int, eval_every: int = 0) -> T.TrainOptions:
+        args = self.args
+        return T.TrainOptions(steps=steps, lr=lr, warmup=warmup, clip_norm=1.0, eval_every=eval_every,
+                              save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
+                              workers=args.workers)
+
+    def train(self, model, batches, loss_fn, options: T.TrainOptions, out_dir: Path, resume: Path | None,
+              evaluate=None):
+        """T.train with the run's checkpoints (model and tokenizer.json), heads and log."""
+        T.train(model, batches, loss_fn, options, out_dir=out_dir,
+                save=partial(T.save_with_tokenizer, model, self.processor.tokenizer), evaluate=evaluate,
+                resume=resume, extra_modules={"aux": self.heads}, log=self.log)
+
+
+def start_run(args) -> Run:
+    """Makes the run folder, with the recipe's tokenizer.json and the log it appends to; returns what its stages
+    share."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_shapes_tokenizer()
+    tokenizer.save(str(out / "tokenizer.json"))
+    config = PaliGemmaConfig.from_dict(model_config(tokenizer))
+    heads = AuxiliaryHeads(config.text.hidden_size).to(args.device)
+    return Run(args, config, PaliGemmaProcessor(tokenizer, config), heads, RunLog(out / "log.txt"))
+
+
+def stage_state(directory: Path):
+    """The step a stage's `last` checkpoint reached, or None when it has none."""
+    state = directory / "last" / T.STATE_JSON
+    return json.loads(state.read_text())["step"] if state.exists() else None
+
+
+def resume_point(directory: Path) -> Path | None:
+    """A stage's `last` checkpoint, to resume it from, when it has one."""
+    return directory / "last" if stage_state(directory) is not None else None
+
+
+def final_checkpoint(out: Path) -> Path:
+    """The run's model: stage 3's last checkpoint when the run has one, else stage 2's."""
+    polished = out / "polish" / "last"
+    return polished if (polished / "model.safetensors").exists() else out / "last"
+
+
+def export_model(source: Path, target: Path):
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(source / name, target / name)
+    print(f"copied {source} to {target}")
+
+
+# ---- stage 1: the vision tower alone ----------------------------------------------------------------
 
 
 def vision_batches(grid: int, image_size: int, images_per_step: int, seed: int):
@@ -351,20 +437,106 @@ def vision_loss(heads: AuxiliaryHeads, loc_range, loc_sigma: float):
     return loss_fn
 
 
+def needs_stage_1(out: Path, args) -> bool:
+    """Stage 1 runs unless a checkpoint is fine-tuned (--init-from), stage 2 has begun or stage 1 is complete."""
+    return not args.init_from and stage_state(out) is None and (stage_state(out / "vision") or 0) < args.vision_steps
+
+
+def train_vision(run: Run):
+    """Stage 1, in OUT/vision: the vision tower (and projector) on the patch targets, from a fresh model or resumed."""
+    args, vision_dir = run.args, run.out / "vision"
+    resume = resume_point(vision_dir)
+    if resume is None:
+        model = PaliGemmaForConditionalGeneration(run.config)
+        initialize(model, run.processor.tokenizer, args.seed)
+        model.to(args.device)
+    else:
+        model = load_model(resume, device=args.device, dtype=torch.float32)
+    run.log(f"stage 1 (vision tower, patch targets): {sum(p.numel() for p in model.parameters())} parameters")
+    run.train(model, vision_batches(run.grid, run.config.image_size, args.vision_images, args.seed),
+              vision_loss(run.heads, run.loc_range, args.loc_sigma),
+              run.options(args.vision_steps, args.vision_lr, args.warmup), vision_dir, resume)
+
+
+# ---- stages 2 and 3: the whole model on the task -----------------------------------------------------
+
+
 POLISH_WARMUP = 50
 POLISH_LOC_SIGMA = 1.0  # stage 3 starts from narrower soft targets than stage 2 (its boxes are placed already)
 
 
-def final_checkpoint(out: Path) -> Path:
-    """The run's model: stage 3's last checkpoint when the run has one, else stage 2's."""
-    polished = out / "polish" / "last"
-    return polished if (polished / "model.safetensors").exists() else out / "last"
+@dataclass(frozen=True)
+class Stage:
+    """The settings of a stage that trains the whole model on the task's questions."""
+
+    title: str  # how the log names it
+    out_dir: Path  # its checkpoints, step-NNNNNN and last
+    starts_from: Path  # the weights it starts from when it is not resumed
+    steps: int
+    lr: float
+    warmup: int
+    loc_sigma: float  # the soft targets' width at its start, narrowing to --final-loc-sigma
+    packed_steps: int  # its first steps pack each image's questions into one sequence
+    shape_weights: tuple[float, float, float]
+    aux_weight: float  # of the patch targets' loss
+    decision_weight: float  # of each box's decisions (decision_weights)
 
 
-def stage_state(directory: Path):
-    """The step a stage's `last` checkpoint reached, or None when it has none."""
-    state = directory / "last" / T.STATE_JSON
-    return json.loads(state.read_text())["step"] if state.exists() else None
+def task_stage(args) -> Stage:
+    """Stage 2, in OUT: the whole model on the tasks, packed then unpacked, the patch targets an auxiliary loss;
+    from stage 1's weights and heads (or --init-from's weights and fresh heads), with a fresh optimizer."""
+    out = Path(args.out)
+    return Stage("stage 2 (whole model, task + patch targets)", out, Path(args.init_from or out / "vision" / "last"),
+                 steps=args.steps, lr=args.lr, warmup=args.warmup, loc_sigma=args.loc_sigma,
+                 packed_steps=args.packed_steps, shape_weights=args.shape_weights, aux_weight=args.aux_weight,
+                 decision_weight=args.decision_weight)
+
+
+def polish_stage(args) -> Stage:
+    """Stage 3, in OUT/polish: a short second schedule from stage 2's weights with a fresh optimizer, unpacked,
+    without the auxiliary loss, with three-shape scenes and each box's decisions weighted up."""
+    out = Path(args.out)
+    return Stage(f"stage 3 (polish: unpacked, decisions weighted {args.polish_decision_weight})", out / "polish",
+                 out / "last", steps=args.polish_steps, lr=args.polish_lr, warmup=POLISH_WARMUP,
+                 loc_sigma=POLISH_LOC_SIGMA, packed_steps=0, shape_weights=args.polish_shape_weights, aux_weight=0.0,
+                 decision_weight=args.polish_decision_weight)
+
+
+@dataclass(frozen=True)
+class HeldOutScenes:
+    """train's `evaluate`: the task's metrics on held-out scenes, answered greedily as at inference."""
+
+    pipe: Pipeline
+    scenes: list
+
+    def __call__(self, step: int) -> dict:
+        return E.evaluate(self.answers, self.scenes, 96)
+
+    def answers(self, images, prompts) -> list[str]:
+        return [r.text for r in self.pipe.generate(images, prompts, max_new_tokens=E.max_new_tokens())]
+
+
+def load_recipe_model(path: Path, run: Run) -> PaliGemmaForConditionalGeneration:
+    model = load_model(path, device=run.args.device, dtype=torch.float32)
+    if (model.config.text, model.config.vision) != (run.config.text, run.config.vision):
+        raise SystemExit(f"{path} is not a model of this recipe (its text or vision config differs from "
+                         "shapes.train's); fine-tune other checkpoints with `python -m paligemma train`")
+    return model
+
+
+def train_task(run: Run, model, stage: Stage, resume: Path | None, evaluate: HeldOutScenes):
+    """Runs `stage` on `model`, resumed from `resume` if given."""
+    args = run.args
+    run.log(f"{stage.title} from {resume or stage.starts_from}")
+    loc_sigma = partial(loc_sigma_at, total=stage.steps, start=stage.loc_sigma, final=args.final_loc_sigma)
+    batches = synthetic_batches(run.processor, run.grid, args.seed, loc_sigma, stage.packed_steps,
+                                args.images_per_step, args.unpacked_images_per_step, args.detections,
+                                stage.shape_weights, unpack_detections=args.unpack_detections)
+    run.train(model, batches, recipe_loss(run.heads, run.loc_range, stage.aux_weight, stage.decision_weight),
+              run.options(stage.steps, stage.lr, stage.warmup, args.eval_every), stage.out_dir, resume, evaluate)
+
+
+# ---- command ---------------------------------------------------------------------------------------
 
 
 def parse_shape_weights(text: str) -> tuple[float, ...]:
@@ -378,7 +550,7 @@ def parse_shape_weights(text: str) -> tuple[float, ...]:
     return weights
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="run folder (rerun the same command to resume it)")
     parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: the vision tower on the patch targets")
@@ -441,97 +613,33 @@ def main(argv=None):
         args.workers = T.default_workers(args.device)
     if args.workers < 0:
         parser.error(f"--workers {args.workers}: give 0 (draw scenes between steps) or more processes")
+    return args
 
-    from paligemma.weights import load_model
 
-    out = Path(args.out)
+def main(argv=None):
+    args = parse_args(argv)
     if args.export:
-        target = Path(args.export)
-        target.mkdir(parents=True, exist_ok=True)
-        source = final_checkpoint(out)
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            shutil.copy(source / name, target / name)
-        print(f"copied {source} to {target}")
+        export_model(final_checkpoint(Path(args.out)), Path(args.export))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_shapes_tokenizer()
-    tokenizer_path = out / "tokenizer.json"
-    tokenizer.save(str(tokenizer_path))
-    config = PaliGemmaConfig.from_dict(model_config(tokenizer))
-    heads = AuxiliaryHeads(config.text.hidden_size).to(args.device)
-    processor = PaliGemmaProcessor(tokenizer, config)
-    grid = config.vision.image_size // config.vision.patch_size
-    loc_range = T.loc_range_of(tokenizer)
-    log_file = open(out / "log.txt", "a")
-
-    def log(line):
-        print(line, flush=True)
-        log_file.write(f"{time.strftime('%H:%M:%S')} {line}\n")
-        log_file.flush()
-
-    log(f"run: {json.dumps(vars(args))}")
-    vision_dir = out / "vision"
-    vision_step, full_step = stage_state(vision_dir), stage_state(out)
-    if full_step is None and not args.init_from and (vision_step or 0) < args.vision_steps:
-        if vision_step is None:
-            model = PaliGemmaForConditionalGeneration(config)
-            initialize(model, tokenizer, args.seed)
-            model.to(args.device)
-        else:
-            model = load_model(vision_dir / "last", device=args.device, dtype=torch.float32)
-        log(f"stage 1 (vision tower, patch targets): {sum(p.numel() for p in model.parameters())} parameters")
-        options = T.TrainOptions(steps=args.vision_steps, lr=args.vision_lr, warmup=args.warmup, clip_norm=1.0,
-                                 save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
-                                 workers=args.workers)
-        T.train(model, vision_batches(grid, config.image_size, args.vision_images, args.seed),
-                vision_loss(heads, loc_range, args.loc_sigma), options, out_dir=vision_dir,
-                save=lambda d: save_model(model, tokenizer_path, d),
-                resume=vision_dir / "last" if vision_step is not None else None, extra_modules={"aux": heads}, log=log)
-
-    polish_dir = out / "polish"
+    run = start_run(args)
+    run.log(f"run: {json.dumps(vars(args))}")
+    if needs_stage_1(run.out, args):
+        train_vision(run)
+    task, polish = task_stage(args), polish_stage(args)
+    task_resume = resume_point(task.out_dir)
     # Once stage 3 has a checkpoint, stage 2 is done: the run resumes stage 3 from it.
-    polish_resume = polish_dir / "last" if args.polish_steps and stage_state(polish_dir) is not None else None
-    resume = out / "last" if full_step is not None else None
-    start = polish_resume or resume or Path(args.init_from or vision_dir / "last")
-    model = load_model(start, device=args.device, dtype=torch.float32)
-    if (model.config.text, model.config.vision) != (config.text, config.vision):
-        raise SystemExit(f"{start} is not a model of this recipe (its text or vision config differs from "
-                         "shapes.train's); fine-tune other checkpoints with `python -m paligemma train`")
-    if resume is None and not args.init_from:  # stage 2 starts from stage 1's weights and heads, fresh optimizer
-        _, extra = T.load_training_state(vision_dir / "last", torch.optim.AdamW([torch.zeros(1)]))
-        heads.load_state_dict({k[len("aux.") :]: v for k, v in extra.items()})
-    held_out = S.render_scenes(args.seed + 1000, args.eval_scenes)
-    pipe = Pipeline(model, processor)
-
-    def evaluate(step):
-        texts = lambda images, prompts: [r.text for r in pipe.generate(images, prompts, max_new_tokens=E.max_new_tokens())]  # noqa: E731
-        return E.evaluate(texts, held_out, 96)
-
-    def stage(steps, lr, warmup, loc_sigma, packed_steps, shape_weights, aux_weight, decision_weight, out_dir,
-              resume):
-        options = T.TrainOptions(steps=steps, lr=lr, warmup=warmup, clip_norm=1.0, eval_every=args.eval_every,
-                                 save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
-                                 workers=args.workers)
-        sigma = lambda step: loc_sigma_at(step, steps, loc_sigma, args.final_loc_sigma)  # noqa: E731
-        batches = synthetic_batches(processor, grid, args.seed, sigma, packed_steps, args.images_per_step,
-                                    args.unpacked_images_per_step, args.detections, shape_weights,
-                                    unpack_detections=args.unpack_detections)
-        T.train(model, batches, recipe_loss(heads, loc_range, aux_weight, decision_weight),
-                options, out_dir=out_dir, save=lambda d: save_model(model, tokenizer_path, d), evaluate=evaluate,
-                resume=resume, extra_modules={"aux": heads}, log=log)
-
+    polish_resume = resume_point(polish.out_dir) if args.polish_steps else None
+    model = load_recipe_model(polish_resume or task_resume or task.starts_from, run)
+    if task_resume is None and not args.init_from:  # stage 2 starts from stage 1's heads too
+        T.load_extra_modules(run.out / "vision" / "last", {"aux": run.heads})
+    evaluate = HeldOutScenes(Pipeline(model, run.processor), S.render_scenes(args.seed + 1000, args.eval_scenes))
     if polish_resume is None:
-        log(f"stage 2 (whole model, task + patch targets) from {start}")
-        stage(args.steps, args.lr, args.warmup, args.loc_sigma, args.packed_steps, args.shape_weights,
-              args.aux_weight, args.decision_weight, out, resume)
+        train_task(run, model, task, task_resume, evaluate)
     if args.polish_steps:
-        log(f"stage 3 (polish: unpacked, decisions weighted {args.polish_decision_weight}) from "
-            f"{polish_resume or out / 'last'}")
-        stage(args.polish_steps, args.polish_lr, POLISH_WARMUP, POLISH_LOC_SIGMA, 0, args.polish_shape_weights, 0.0,
-              args.polish_decision_weight, polish_dir, polish_resume)
-    log(f"model: {final_checkpoint(out)}")
+        train_task(run, model, polish, polish_resume, evaluate)
+    run.log(f"model: {final_checkpoint(run.out)}")
 
 
 if __name__ == "__main__":

@@ -191,6 +191,34 @@ def test_resume_continues_from_the_same_step(setup, tmp_path):
     assert any((v - expected[k]).abs().max() > 1e-4 for k, v in state_of(cold).items())
 
 
+def test_extra_modules_are_saved_beside_each_checkpoint_and_restored_on_resume(setup, tmp_path):
+    """A module trained alongside the model (shapes' auxiliary heads) is in each checkpoint's training state, not in
+    the model, and a resumed run continues it from there; `last` is a complete copy of the latest step."""
+    _, config, processor = setup
+    batches = scene_batches(processor)
+
+    def with_head(head):
+        return lambda model, batch: (T.lm_loss()(model, batch)[0] + head(torch.ones(3)).square().sum(), {})
+
+    def run(head, steps, out, resume=None):
+        model = fresh_model(config) if resume is None else load_model(resume, dtype=torch.float32)
+        T.train(model, batches, with_head(head), T.TrainOptions(steps=steps, lr=1e-2, warmup=1, save_every=1,
+                progress=False), out_dir=out, save=lambda d: save_checkpoint(model, d), resume=resume,
+                extra_modules={"head": head}, log=lambda line: None)
+
+    torch.manual_seed(1)
+    straight, first_half, resumed = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    first_half.load_state_dict(straight.state_dict())
+    run(straight, 2, tmp_path / "straight")
+    run(first_half, 1, tmp_path / "half")
+    assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["last", "step-000001"]
+    T.load_extra_modules(tmp_path / "half" / "last", {"head": resumed})
+    torch.testing.assert_close(resumed.state_dict(), first_half.state_dict(), rtol=0, atol=0)
+    run(resumed, 2, tmp_path / "resumed", resume=tmp_path / "half" / "last")
+    torch.testing.assert_close(resumed.state_dict(), straight.state_dict(), rtol=0, atol=1e-6)
+    assert not torch.equal(resumed.weight, first_half.weight)  # the resumed step trained the head
+
+
 def test_worker_processes_train_exactly_as_the_loop_alone(setup, tmp_path):
     """Batches made ahead by worker processes are the steps' own, in order, from a resumed step too: the weights
     equal those of the loop that makes each batch itself, and a stream that skipped a step would not."""
