@@ -158,11 +158,13 @@ def read_prompt(value) -> str:
     return prompt
 
 
-def decoding_limits(config: paligemma.PaliGemmaConfig) -> dict:
-    """LIMITS, with max_new_tokens at most what the model's positions leave after the image and a one-token prompt
-    (`<bos>`, the prompt, and its newline): a longer prompt is still refused with its own message."""
+def decoding_limits(processor: paligemma.PaliGemmaProcessor, prompts) -> dict:
+    """LIMITS, with max_new_tokens at most what the model's positions leave after the image and the longest of
+    `prompts` (the task presets), so that every preset runs at the slider's end; a longer prompt typed in is refused
+    with its own message."""
     low, high, whole = LIMITS["max_new_tokens"]
-    room = config.text.max_position_embeddings - config.num_image_tokens - 3
+    longest = max(len(processor.prompt_ids(prompt)[0]) for prompt in prompts)
+    room = processor.config.text.max_position_embeddings - longest
     return {**LIMITS, "max_new_tokens": (low, max(low, min(high, room)), whole)}
 
 
@@ -251,7 +253,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
     answers' images are deleted `delete_cache` = (every, older than) seconds."""
     backend = backend or load_backend()
     presets = PRESETS_DEMO if backend.is_demo_model else PRESETS
-    limits = decoding_limits(backend.pipeline.config)
+    limits = decoding_limits(backend.pipeline.processor, presets.values())
     allow_check = backend.torch_check_fits() if torch_check is None else torch_check
 
     def generate(image, prompt, decoding="greedy", temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=64, seed=0,

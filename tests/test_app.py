@@ -349,3 +349,85 @@ def test_app_py_reports_a_bad_model_without_a_traceback():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "/no/such/checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_huge_seed_and_a_lone_surrogate_sent_as_raw_json_get_messages(server):
+    image, _ = example("caption en")
+    path = handle_file(str(image))
+    for data, message in (
+        ([{"path": str(image)}, "caption en", "sample", 1.0, 0.9, 0, 8, 10**4000, False], "seed must be a whole number"),
+        ([{"path": str(image)}, "caption \ud800 en", "greedy", 1.0, 0.9, 0, 8, 0, False], "lone surrogate"),
+    ):
+        body = json.dumps({"data": data})  # \ud800 stays an escape: the JSON itself is valid
+        request = urllib.request.Request(server[1] + "gradio_api/call/generate", body.encode(),
+                                         {"Content-Type": "application/json"})
+        event = json.loads(urllib.request.urlopen(request, timeout=60).read())["event_id"]
+        events = urllib.request.urlopen(f"{server[1]}gradio_api/call/generate/{event}", timeout=60).read().decode()
+        assert "event: error" in events and "Server error" not in events and "Traceback" not in events
+        assert message in events or "not a file uploaded" in events
+    del path
+
+
+def test_a_tiny_temperature_is_sampled_not_a_server_error(client, direct):
+    image, entry = example("caption en")
+    answer = generate(client, image, decoding="sample", temperature=1e-40, seed=0)[0]
+    assert answer == direct[entry["file"]]  # the limit of sampling as the temperature goes to 0 is greedy
+
+
+def test_the_max_new_tokens_slider_ends_where_the_model_has_room(server, backend):
+    app, _ = server
+    slider = next(b for b in app.blocks.values() if getattr(b, "label", None) == "Max new tokens")
+    assert slider.maximum < 256  # the embedded model has 256 positions, 64 of them taken by the image
+    image, _ = example("caption en")
+    picture = demo_app.read_image(str(image))
+    for prompt in demo_app.PRESETS_DEMO.values():  # every preset runs at the slider's end
+        result = backend.pipeline.generate(picture, prompt, max_new_tokens=int(slider.maximum))
+        assert result.token_ids
+    with pytest.raises(paligemma.InputError, match="exceeds the model's 256 positions"):
+        backend.pipeline.generate(picture, demo_app.PRESETS_DEMO["Count"], max_new_tokens=int(slider.maximum) + 1)
+
+
+def test_one_token_reads_one_token_without_a_rate(backend):
+    update = paligemma.StreamUpdate("2", "2", [123], ttft_s=0.05, decode_tokens_per_s=0.0, finished=True)
+    line = demo_app.format_timings(backend, update, {"do_sample": False}, 0.2)
+    assert "1 token in 0.20 s" in line and "tokens/s" not in line
+
+
+def test_the_torch_check_is_off_when_the_operator_turns_it_off(backend):
+    with serve(backend, torch_check=False) as (app, url):
+        box = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "check_torch")
+        assert not box.interactive and "--torch-check on" in box.label
+        image, _ = example("caption en")
+        assert_refused(lambda: generate(Client(url, verbose=False), image, check_torch=True, **SHORT),
+                       "off on this server")
+
+
+def test_the_torch_check_is_offered_by_default_only_for_small_models(backend, monkeypatch):
+    from demo import backends
+
+    assert backend.torch_check_fits()  # the embedded model: a few MB
+    monkeypatch.setattr(backends, "TORCH_CHECK_AUTO_BYTES", 1000)
+    assert not backend.torch_check_fits()
+    app = demo_app.create_app(backend)
+    box = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "check_torch")
+    assert not box.interactive
+
+
+def test_app_py_refuses_an_export_folder_with_the_torch_backend(tmp_path):
+    result = subprocess.run([sys.executable, "app.py", "--backend", "torch", "--onnx-dir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--onnx-dir is served by --backend onnx only" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_app_py_refuses_a_damaged_export_it_was_told_to_serve(backend, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "onnx"
+    shutil.copytree(backend.pipeline.engine_factory.onnx_dir, damaged)
+    data = damaged / "decoder.onnx.data"
+    data.write_bytes(bytes(data.stat().st_size))
+    result = subprocess.run([sys.executable, "app.py", "--onnx-dir", str(damaged)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "decoder.onnx.data is corrupt" in result.stderr
+    assert "Traceback" not in result.stderr

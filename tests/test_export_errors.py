@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -119,3 +121,115 @@ def test_flipped_byte_in_external_data(copy):
     config = PaliGemmaConfig.from_json_file(folder / "config.json")
     with pytest.raises(OnnxExportError, match=rf"{SHARED_DATA_NAME} is corrupt: its sha256 differs"):
         check_export(onnx_dir, config)
+
+
+def answer(folder, onnx_dir):
+    return paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir).generate(
+        Image.new("RGB", (20, 20), (10, 200, 30)), "caption en", max_new_tokens=2)
+
+
+def zero_fill(data):
+    data.write_bytes(bytes(data.stat().st_size))
+
+
+def overwrite_200_kb(data):
+    raw = bytearray(data.read_bytes())
+    start = min(4096, max(0, len(raw) - 200_000))
+    raw[start : start + 200_000] = bytes(min(200_000, len(raw) - start))
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [zero_fill, overwrite_200_kb])
+def test_same_size_damage_to_the_weights_is_refused_at_load(copy, damage):
+    folder, onnx_dir = copy
+    answer(folder, onnx_dir)  # verified once, so that the verdict of the intact file is remembered
+    damage(onnx_dir / SHARED_DATA_NAME)
+    with pytest.raises(OnnxExportError, match=rf"{SHARED_DATA_NAME} is corrupt: its sha256 differs"):
+        answer(folder, onnx_dir)
+
+
+def test_another_exports_data_file_of_the_same_size_is_refused(copy, tmp_path):
+    """Same config, other weights: the data files have one size; the graphs are the same too, apart from metadata."""
+    folder, onnx_dir = copy
+    other = tmp_path / "other"
+    build_reference(other, "pg1", seed=1)
+    export_model(other, tmp_path / "other_onnx", progress=False, validate=False, log=lambda *_: None)
+    swapped = tmp_path / "other_onnx" / SHARED_DATA_NAME
+    assert swapped.stat().st_size == (onnx_dir / SHARED_DATA_NAME).stat().st_size
+    shutil.copy2(swapped, onnx_dir / SHARED_DATA_NAME)  # copy2 keeps the other file's modification time
+    with pytest.raises(OnnxExportError, match=rf"{SHARED_DATA_NAME} is corrupt: its sha256 differs"):
+        answer(folder, onnx_dir)
+
+
+def test_a_verified_file_is_hashed_once_per_identity(copy, monkeypatch):
+    from export import integrity
+
+    folder, onnx_dir = copy
+    hashed = []
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    answer(folder, onnx_dir)
+    assert SHARED_DATA_NAME in hashed
+    hashed.clear()
+    answer(folder, onnx_dir)
+    assert hashed == []  # nothing changed: every verdict remembered
+    data = onnx_dir / SHARED_DATA_NAME
+    data.write_bytes(data.read_bytes())  # same bytes, rewritten: a new identity, hashed again
+    answer(folder, onnx_dir)
+    assert hashed == [SHARED_DATA_NAME]
+
+
+def test_verdicts_survive_the_process_in_the_export_cache(copy, monkeypatch, tmp_path):
+    from export import integrity
+
+    folder, onnx_dir = copy
+    monkeypatch.setenv(integrity.CACHE_ENV, str(tmp_path / "cache"))
+    answer(folder, onnx_dir)
+    assert (tmp_path / "cache" / integrity.VERDICTS_NAME).is_file()
+    monkeypatch.setattr(integrity, "_memo", {})  # as a new process starts
+    monkeypatch.setattr(integrity, "file_sha256", lambda *a: pytest.fail("hashed again"))
+    answer(folder, onnx_dir)
+
+
+def edit_manifest(onnx_dir, change):
+    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    change(manifest)
+    (onnx_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def first_tensor(manifest):
+    return next(iter(manifest["shared_data"]["tensors"].values()))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m.pop("files"), "it lists no files"),
+    (lambda m: m["files"].update({"../config.json": {"size": 1, "sha256": "0"}}), "is not a plain name"),
+    (lambda m: m["files"]["decode.onnx"].pop("sha256"), "lacks a size or a sha256"),
+    (lambda m: first_tensor(m).update(offset=10**12), "lies past the end of decoder.onnx.data"),
+    (lambda m: first_tensor(m).update(length=-1), "lacks an offset, length or data type"),
+    (lambda m: first_tensor(m).update(data_type=999), "unknown data type 999"),
+    (lambda m: first_tensor(m).update(shape=[1, 2]), "a shape that does not fill"),
+    (lambda m: m.update(shared_data=[]), "shared_data does not name"),
+    (lambda m: m.update(dtype="float64"), "records dtype 'float64'"),
+])
+def test_a_damaged_manifest_is_refused_naming_what_is_wrong(copy, change, message):
+    folder, onnx_dir = copy
+    edit_manifest(onnx_dir, change)
+    with pytest.raises(OnnxExportError, match=message):
+        answer(folder, onnx_dir)
+
+
+def test_a_manifest_that_is_not_an_object_is_refused(copy):
+    folder, onnx_dir = copy
+    (onnx_dir / "manifest.json").write_text("[]")
+    with pytest.raises(OnnxExportError, match="manifest.json is corrupt: it is not a JSON object"):
+        answer(folder, onnx_dir)
+
+
+def test_the_cli_refuses_a_damaged_export_with_exit_1(copy):
+    folder, onnx_dir = copy
+    zero_fill(onnx_dir / SHARED_DATA_NAME)
+    out = subprocess.run([sys.executable, "-m", "paligemma", "generate", "--model", str(folder), "--backend", "onnx",
+                          "--onnx-dir", str(onnx_dir), "--image", str(onnx_dir / "nothing.png"), "--prompt", "caption en"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and f"{SHARED_DATA_NAME} is corrupt" in out.stderr and out.stdout == ""

@@ -72,3 +72,47 @@ def test_export_folder_alone_is_loadable(checkpoint, tmp_path):
     assert [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [17]
     expected = paligemma.load(checkpoint).generate(IMAGE, "caption en", max_new_tokens=6).token_ids
     assert paligemma.load(out, backend="onnx").generate(IMAGE, "caption en", max_new_tokens=6).token_ids == expected
+
+
+def test_an_output_that_is_a_file_is_refused(checkpoint, tmp_path, capsys):
+    target = tmp_path / "model.onnx"
+    target.write_text("mine")
+    assert main(["--model", str(checkpoint), "--output", str(target)]) == 1
+    assert "is a file; name a folder" in capsys.readouterr().err and target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("opset", ["1", "13", "99"])
+def test_an_unsupported_opset_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys, opset):
+    out = tmp_path / "onnx"
+    assert main(["--model", str(checkpoint), "--output", str(out), "--opset", opset]) == 1
+    assert f"opset {opset} is not supported; use 14 to 22" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_export_that_fails_midway_leaves_nothing_that_looks_complete(checkpoint, tmp_path, monkeypatch):
+    from export import onnx_export, validate
+
+    def failing(*args, **kwargs):
+        raise paligemma.OnnxExportError("validation failed (on purpose)")
+
+    monkeypatch.setattr(validate, "validate_export", failing)
+    new, existing = tmp_path / "new", tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("kept")
+    for out in (new, existing):
+        with pytest.raises(paligemma.OnnxExportError, match="on purpose"):
+            onnx_export.export_model(checkpoint, out, progress=False, log=lambda *_: None)
+    assert not new.exists()
+    assert not [p.name for p in existing.iterdir() if p.name == MANIFEST_NAME or p.suffix in (".onnx", ".data")]
+    assert (existing / "notes.txt").read_text() == "kept"
+    with pytest.raises(paligemma.OnnxExportError, match="manifest.json is missing"):
+        paligemma.load(checkpoint, backend="onnx", onnx_dir=existing)
+
+
+def test_usage_mistakes_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "export", "--model", "m", "--output", "o", "--opset", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--help" in out.stderr
