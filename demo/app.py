@@ -30,6 +30,7 @@ from paligemma.sampling import MAX_NEW_TOKENS_LIMIT, real_number, whole_number
 
 from .backends import Backend, TorchCheck, check_against_torch, load_backend
 from .draw import draw_detections
+from .run_ahead import run_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
                 raise paligemma.InputError(CHECK_OFF)
             yield "", None, None, f"**{backend.runtime}** · generating…", ""
             start = time.perf_counter()
-            for update in backend.pipeline.stream(picture, prompt, **params):
+            for update in run_ahead(backend.pipeline.stream(picture, prompt, **params)):
                 yield update.text, gr.skip(), gr.skip(), format_timings(backend, update, params), gr.skip()
             speed = format_timings(backend, update, params, time.perf_counter() - start)
             detections = paligemma.parse_detections(update.text, *picture.size)

@@ -93,7 +93,9 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
             pipeline = paligemma.load(folder, device=device or "auto", backend="onnx", onnx_dir=onnx_dir)
             seconds = warm(pipeline) if warm_up else 0.0
             return Backend(pipeline, "onnx", describe_onnx(pipeline), label, folder, torch_device, warm_up_s=seconds)
-        except Exception as e:  # noqa: BLE001 - any failure of the ONNX path falls back to torch, said on the page
+        except paligemma.CheckpointError:
+            raise  # the checkpoint itself: torch would refuse it the same way
+        except Exception as e:  # noqa: BLE001 - any other failure of the ONNX path falls back to torch, said on the page
             if onnx_dir is not None and isinstance(e, paligemma.OnnxExportError):
                 raise
             fallback = f"ONNX Runtime could not run this model ({type(e).__name__}: {e}); eager PyTorch serves instead."

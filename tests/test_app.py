@@ -431,3 +431,12 @@ def test_app_py_refuses_a_damaged_export_it_was_told_to_serve(backend, tmp_path)
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "decoder.onnx.data is corrupt" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config", ['[1, 2]', '{"model_type": "paligemma", "text_config": "gemma"}'])
+def test_app_py_reports_a_bad_config_in_one_line(tmp_path, config):
+    (tmp_path / "config.json").write_text(config)
+    result = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "config.json" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr

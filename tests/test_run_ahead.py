@@ -1,0 +1,58 @@
+"""The page's stream runs ahead of the page: the model never waits for an update to be sent."""
+
+import threading
+
+import pytest
+
+from demo.run_ahead import run_ahead
+
+
+def counting(n, finished: threading.Event, produced: list):
+    for i in range(n):
+        produced.append(i)
+        yield i
+    finished.set()
+
+
+def test_the_stream_runs_to_its_end_while_the_consumer_holds_its_first_update():
+    finished, produced = threading.Event(), []
+    stream = run_ahead(counting(500, finished, produced))
+    first = next(stream)
+    assert finished.wait(timeout=60)  # in lockstep it would stand at the first update
+    rest = list(stream)
+    assert [first, *rest][-1] == 499 and len(rest) <= 1  # what piled up is merged into the newest
+
+
+def test_every_update_in_order_when_the_consumer_keeps_up_and_the_last_always():
+    seen = list(run_ahead(iter(range(50))))
+    assert seen == sorted(set(seen)) and seen[-1] == 49
+
+
+def test_an_error_in_the_stream_reaches_the_consumer_after_the_updates_before_it():
+    def failing():
+        yield "first"
+        raise ValueError("the prompt is empty")
+
+    stream = run_ahead(failing())
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        assert next(stream) == "first"
+        next(stream)
+
+
+def test_closing_stops_the_stream_and_closes_it():
+    closed, produced = threading.Event(), []
+
+    def endless():
+        try:
+            while True:
+                produced.append(1)
+                yield len(produced)
+        finally:
+            closed.set()
+
+    stream = run_ahead(endless())
+    next(stream)
+    stream.close()
+    assert closed.is_set()
+    count = len(produced)
+    assert len(produced) == count  # nothing runs after the close returned
