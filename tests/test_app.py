@@ -20,7 +20,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import paligemma
-from app_server import EXAMPLES, example, free_port, raw_call, serve
+from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, serve
 from demo import app as demo_app
 from demo.backends import load_backend
 
@@ -352,20 +352,14 @@ def test_app_py_reports_a_bad_model_without_a_traceback():
 
 
 def test_a_huge_seed_and_a_lone_surrogate_sent_as_raw_json_get_messages(server):
+    url = server[1]
     image, _ = example("caption en")
-    path = handle_file(str(image))
-    for data, message in (
-        ([{"path": str(image)}, "caption en", "sample", 1.0, 0.9, 0, 8, 10**4000, False], "seed must be a whole number"),
-        ([{"path": str(image)}, "caption \ud800 en", "greedy", 1.0, 0.9, 0, 8, 0, False], "lone surrogate"),
-    ):
-        body = json.dumps({"data": data})  # \ud800 stays an escape: the JSON itself is valid
-        request = urllib.request.Request(server[1] + "gradio_api/call/generate", body.encode(),
-                                         {"Content-Type": "application/json"})
-        event = json.loads(urllib.request.urlopen(request, timeout=60).read())["event_id"]
-        events = urllib.request.urlopen(f"{server[1]}gradio_api/call/generate/{event}", timeout=60).read().decode()
-        assert "event: error" in events and "Server error" not in events and "Traceback" not in events
-        assert message in events or "not a file uploaded" in events
-    del path
+    for prompt, decoding, seed, message in (("caption en", "sample", 10**4000, "seed must be a whole number"),
+                                            ("caption \ud800 en", "greedy", 0, "lone surrogate")):
+        upload = {"path": raw_upload(url, image.name, image.read_bytes()), "meta": {"_type": "gradio.FileData"}}
+        events = raw_call(url, [upload, prompt, decoding, 1.0, 0.9, 0, 8, seed, False])  # \ud800 is sent escaped
+        kind, data = last_event(events)
+        assert kind == "error" and message in data["error"] and data["title"] != "Server error", data
 
 
 def test_a_tiny_temperature_is_sampled_not_a_server_error(client, direct):
