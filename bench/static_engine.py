@@ -17,7 +17,8 @@ from torch import nn
 
 import paligemma
 from paligemma.generate import Pipeline
-from paligemma.model import PaliGemmaForConditionalGeneration, additive, positions_from_mask
+from paligemma.masks import additive, last_slots, token_positions
+from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import load_model
 
@@ -149,7 +150,7 @@ class StaticEngine:
         logits = self.model(input_ids, attention_mask=attention_mask, token_type_ids=inputs["token_type_ids"].to(self.device),
                             image_embeddings=image_embeddings, cache=PrefillStore(cache), last_only=True)
         self.index = torch.tensor([T], device=self.device)  # the slot the next token's key/value goes to
-        self.position = positions_from_mask(attention_mask, 1)
+        self.position = token_positions(attention_mask, last_slots(T, 1, self.device))
         self.capacity = cache.capacity
         return logits[:, -1]
 

@@ -12,7 +12,8 @@ from typing import Iterator, Protocol
 import torch
 
 from .cache import KVCache
-from .model import PaliGemmaForConditionalGeneration, positions_from_mask
+from .masks import last_slots, token_positions
+from .model import PaliGemmaForConditionalGeneration
 from .processor import InputError, PaliGemmaProcessor
 from .sampling import SamplingParams, sample
 
@@ -51,7 +52,7 @@ class TorchEngine:
             image_embeddings=image_embeddings, cache=self.cache, last_only=True,
         )
         self.cache.advance(T)
-        self.position = positions_from_mask(self.attention_mask[:, :T], 1)
+        self.position = token_positions(self.attention_mask[:, :T], last_slots(T, 1, self.device))
         return logits[:, -1]
 
     @torch.inference_mode()
