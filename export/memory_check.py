@@ -81,7 +81,7 @@ def build(workdir: Path) -> tuple[Path, Path]:
 
 def compare_with_torch(checkpoint: Path, onnx_dir: Path, threads: int | None) -> dict:
     """Max abs difference of prefill and decode logits, ORT vs torch, on 256 image tokens + a short prompt."""
-    from paligemma.generate import TorchEngine
+    from paligemma.engines import TorchEngine
     from paligemma.weights import load_model
 
     from .runtime import OnnxModel

@@ -19,6 +19,7 @@ import torch
 
 from paligemma.config import ConfigError, PaliGemmaConfig
 from paligemma.generate import Pipeline
+from paligemma.masks import extend_for_generation, last_slots, token_positions
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import CheckpointError
 
@@ -147,7 +148,8 @@ class OnnxModel:
 
 class OnnxEngine:
     """One request: prefill the prompt, then one decode step per token. The cache is the previous step's `present`
-    outputs fed back as OrtValues, never copied through numpy."""
+    outputs fed back as OrtValues, never copied through numpy. The decode graph's attention_mask and position_ids
+    come from the torch engines' own rule (paligemma.masks)."""
 
     def __init__(self, model: OnnxModel):
         self.model = model
@@ -155,29 +157,27 @@ class OnnxEngine:
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
         m = self.model
         input_ids = inputs["input_ids"].numpy().astype(np.int64)
-        attention_mask = inputs["attention_mask"].numpy().astype(np.int64)
-        B, T = input_ids.shape
         pixel_values = inputs["pixel_values"].numpy().astype(m.float_type)
         (image_embeddings,) = m.run("vision_encoder", {"pixel_values": pixel_values})
         logits, *self.past = m.run("prefill", {
-            "input_ids": input_ids, "image_embeddings": image_embeddings, "attention_mask": attention_mask,
+            "input_ids": input_ids, "image_embeddings": image_embeddings,
+            "attention_mask": inputs["attention_mask"].numpy().astype(np.int64),
             "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
         })
-        # The mask for the whole run, written once: generated tokens are real.
-        self.attention_mask = np.ones((B, T + max_new_tokens), dtype=np.int64)
-        self.attention_mask[:, :T] = attention_mask
-        self.length = T
-        self.position = np.maximum(attention_mask.sum(-1, keepdims=True), 1)  # positions count real tokens from 1
+        # The mask for the whole run, written once.
+        self.attention_mask, _ = extend_for_generation(inputs["attention_mask"].long(), inputs["token_type_ids"],
+                                                       max_new_tokens)
+        self.length = input_ids.shape[1]
         return torch.from_numpy(logits.numpy())
 
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         self.length += 1
-        self.position = self.position + 1
+        attention_mask = self.attention_mask[:, : self.length]
         feeds = {
             "input_ids": tokens.numpy().astype(np.int64).reshape(-1, 1),
-            "attention_mask": np.ascontiguousarray(self.attention_mask[:, : self.length]),
-            "position_ids": self.position,
+            "attention_mask": attention_mask.contiguous().numpy(),
+            "position_ids": token_positions(attention_mask, last_slots(self.length, 1)).numpy(),
             **dict(zip(m.past_names, self.past)),
         }
         logits, *self.past = m.run("decode", feeds)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from paligemma.generate import TorchEngine
+from paligemma.engines import TorchEngine
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 
