@@ -3,7 +3,7 @@ same pipeline interface as torch. See export/README.md for the graphs' contract.
 
 from .manifest import EXPORTER_VERSION, OnnxExportError
 
-__all__ = ["EXPORTER_VERSION", "OnnxExportError", "export_model", "load_onnx_pipeline"]
+__all__ = ["EXPORTER_VERSION", "OnnxExportError", "export_model", "export_and_validate", "load_onnx_pipeline"]
 
 
 def __getattr__(name):
@@ -12,6 +12,10 @@ def __getattr__(name):
         from .onnx_export import export_model
 
         return export_model
+    if name == "export_and_validate":
+        from .runtime import export_and_validate
+
+        return export_and_validate
     if name == "load_onnx_pipeline":
         from .runtime import load_onnx_pipeline
 

@@ -228,13 +228,13 @@ def quantize_int8(model: onnx.ModelProto, workdir: Path, name: str) -> onnx.Mode
 
 def export_model(
     source, output, *, dtype: str = "float32", quantize: str | None = None, opset: int = DEFAULT_OPSET,
-    validate: bool = True, progress: bool = True, log=print,
+    progress: bool = True, log=print,
 ) -> dict:
     """Export the checkpoint `source` (folder or Hub id) into `output`; returns the manifest.
 
     Writes vision_encoder.onnx, prefill.onnx and decode.onnx (weights of the last two in one shared
-    decoder.onnx.data), the tokenizer, config.json and manifest.json; checks every graph with onnx.checker and, with
-    `validate`, compares ONNX Runtime with torch and raises above tolerance."""
+    decoder.onnx.data), the tokenizer, config.json and manifest.json, and checks every graph with onnx.checker.
+    Comparing ONNX Runtime with torch is a step of its own: export.runtime.export_and_validate does both."""
     if dtype not in DTYPES:
         raise OnnxExportError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
     if quantize not in QUANTIZATIONS:
@@ -305,8 +305,4 @@ def export_model(
     )
     (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"exported {folder} to {output} ({dtype}{', int8' if quantize else ''}) in {time.perf_counter() - start:.1f}s")
-    if validate:
-        from .validate import validate_export
-
-        validate_export(model, output, log=log)
     return manifest

@@ -21,11 +21,12 @@ from paligemma.config import ConfigError, PaliGemmaConfig
 from paligemma.generate import Pipeline
 from paligemma.masks import extend_for_generation, last_slots, token_positions
 from paligemma.processor import PaliGemmaProcessor
-from paligemma.weights import CheckpointError
+from paligemma.weights import CheckpointError, load_model, resolve_checkpoint
 
 from .graphs import GRAPH_ORDER, cache_names
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, OnnxExportError, check_export, config_hash,
                        weights_fingerprint)
+from .validate import validate_export
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,17 @@ class OnnxEngine:
         return torch.from_numpy(logits.numpy())
 
 
+def export_and_validate(source, output, *, log=print, **options) -> dict:
+    """export_model(source, output, **options), then validate_export through this runtime's sessions: what
+    `python -m export` and the export cache run. Returns the manifest."""
+    from .onnx_export import DTYPES, export_model
+
+    manifest = export_model(source, output, log=log, **options)
+    model = load_model(resolve_checkpoint(source), dtype=DTYPES[manifest["dtype"]])
+    validate_export(model, OnnxModel(output, model.config), log=log)
+    return manifest
+
+
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
@@ -194,13 +206,11 @@ def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Pa
     target = cache_root() / key
     if (target / MANIFEST_NAME).exists():
         return target
-    from .onnx_export import export_model
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{key}.partial-{os.getpid()}")
     print(f"exporting {folder} to ONNX (first use; cached in {target})")
     try:
-        export_model(folder, staging, progress=True)
+        export_and_validate(folder, staging, progress=True)
         try:
             os.rename(staging, target)
         except OSError:  # another process finished the same export first

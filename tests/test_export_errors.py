@@ -18,7 +18,7 @@ def export(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pg1")
     build_reference(folder, "pg1")
     onnx_dir = tmp_path_factory.mktemp("pg1_onnx")
-    export_model(folder, onnx_dir, progress=False, validate=False, log=lambda *_: None)
+    export_model(folder, onnx_dir, progress=False, log=lambda *_: None)
     return folder, onnx_dir
 
 
@@ -60,7 +60,7 @@ def test_graph_from_another_export(copy, tmp_path):
     folder, onnx_dir = copy
     other = tmp_path / "other"
     build_reference(other, "pg2")
-    export_model(other, tmp_path / "other_onnx", progress=False, validate=False, log=lambda *_: None)
+    export_model(other, tmp_path / "other_onnx", progress=False, log=lambda *_: None)
     shutil.copy(tmp_path / "other_onnx" / "decode.onnx", onnx_dir / "decode.onnx")
     with pytest.raises(OnnxExportError, match=r"decode\.onnx is corrupt"):
         paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir)
