@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 ENGINES = ("eager", "static")
 CAPACITY_MULTIPLE = 128  # static caches hold a multiple of this many slots, so that few shapes are compiled
-WARM_UP_TOKENS = 128  # prompt and new tokens the load-time warm-up makes room for, beyond the image tokens
+ROOM = 512  # slots every static cache has beyond the image tokens (prompt, new tokens): one shape for most requests
 WARM_UP_RUNS = 2  # runs of the compiled step before its CUDA graph is recorded (the first compiles)
 
 
@@ -153,8 +153,8 @@ class StaticEngines:
     """The static engine's shared parts: the decode step (on CUDA compiled once, and recorded as a CUDA graph per
     cache) and a pool of caches. Calling it gives the engine of one request; an engine holds a cache of its own
     until it is dropped, so requests running at once never share one. A request takes the smallest free cache of its
-    batch size that fits, or a new one (capacity rounded up to CAPACITY_MULTIPLE slots; on CUDA a shape not seen
-    before compiles first, which is logged)."""
+    batch size that fits, or a new one of the image tokens + ROOM slots, or more for a longer request (rounded up to
+    CAPACITY_MULTIPLE; on CUDA a shape not seen before compiles first, which is logged)."""
 
     def __init__(self, model: PaliGemmaForConditionalGeneration):
         self.model = model
@@ -162,6 +162,7 @@ class StaticEngines:
         self.cuda_graphs = self.device.type == "cuda"
         step = DecodeStep(model)
         self.step = torch.compile(step, fullgraph=True, dynamic=False) if self.cuda_graphs else step
+        self.min_capacity = model.config.num_image_tokens + ROOM
         self.pool: list[PooledCache] = []
         self.lock = threading.Lock()
         self.warm_up_s = 0.0  # compiling and recording at load (warm_up), in seconds
@@ -169,13 +170,12 @@ class StaticEngines:
     def __call__(self) -> "StaticEngine":
         return StaticEngine(self)
 
-    def warm_up(self, batch_size: int = 1, tokens: int | None = None) -> float:
-        """Compile the step and record its graph for a cache of `tokens` slots (default: the image tokens plus
-        WARM_UP_TOKENS), so that the first request does not wait; returns the seconds it took."""
-        tokens = tokens or self.model.config.num_image_tokens + WARM_UP_TOKENS
+    def warm_up(self, batch_size: int = 1) -> float:
+        """Compile the step and record its graph for a cache of `batch_size` rows, so that the first request does not
+        wait; returns the seconds it took."""
         start = time.perf_counter()
         with self.lock:
-            self.pool.append(self.new_cache(batch_size, tokens))
+            self.pool.append(self.new_cache(batch_size, self.min_capacity))
         self.warm_up_s = time.perf_counter() - start
         logger.info("static engine: compiled and recorded the decode step in %.1f s", self.warm_up_s)
         return self.warm_up_s
@@ -194,7 +194,7 @@ class StaticEngines:
 
     @torch.no_grad()
     def new_cache(self, batch_size: int, needed: int) -> PooledCache:
-        capacity = -(-needed // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+        capacity = -(-max(needed, self.min_capacity) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
         cache = StaticCache(self.model.config.text, batch_size, capacity, self.device, self.dtype)
         if not self.cuda_graphs:
             return PooledCache(cache, direct_step(self.step, cache))
