@@ -134,8 +134,7 @@ def ensure_export(folder: Path, runtime: str, args, log) -> Path:
         from export.onnx_export import export_model
 
         logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice on pre-processing
-        export_model(folder, staging, dtype=dtype, quantize=EXPORTS[runtime], validate=False, progress=False,
-                     log=lambda message: None)
+        export_model(folder, staging, dtype=dtype, quantize=EXPORTS[runtime], progress=False, log=lambda message: None)
     else:
         command = [sys.executable, "-m", "export", "--model", str(folder), "--output", str(staging), "--no-validate",
                    "--dtype", dtype] + (["--quantize", EXPORTS[runtime]] if EXPORTS[runtime] else [])

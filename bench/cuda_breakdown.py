@@ -17,7 +17,6 @@ import torch
 
 import paligemma
 
-from .static_engine import compiled_pipeline
 from .workloads import PROMPT, request_image
 
 
@@ -50,22 +49,23 @@ def main(argv=None) -> int:
         print("usage: python -m bench.cuda_breakdown CHECKPOINT (needs an NVIDIA GPU)", file=sys.stderr)
         return 2
     folder, image = argv[0], request_image()
-    for name, load in [("compiled", lambda: compiled_pipeline(folder)),
-                       ("eager", lambda: paligemma.load(folder, device="cuda", dtype=torch.bfloat16))]:
-        pipe = load()
-        pipe.stop_ids = set()  # 64 tokens every time
+    for name, engine in [("compiled", "static"), ("eager", "eager")]:
+        pipe = paligemma.load(folder, device="cuda", dtype=torch.bfloat16, engine=engine)
+
+        def request():
+            return pipe.generate(image, PROMPT, max_new_tokens=64, stop_ids=())  # 64 tokens every time
+
         for _ in range(2):
-            pipe.generate(image, PROMPT, max_new_tokens=64)
+            request()
         inputs = pipe.processor([image], [PROMPT])
         print(name, "preprocessing", median_ms(lambda: pipe.processor([image], [PROMPT])))
         print(name, "prefill", median_ms(lambda: pipe.engine_factory().prefill(inputs, 64)))
-        print(name, "time to first token in generate, ms",
-              [round(pipe.generate(image, PROMPT, max_new_tokens=64).ttft_s * 1000, 1) for _ in range(5)])
+        print(name, "time to first token in generate, ms", [round(request().ttft_s * 1000, 1) for _ in range(5)])
         print(name, "decode without host reads, tok/s", [round(decode_only(pipe, inputs)) for _ in range(3)])
         for ahead in (False, True):
             pipe.read_ahead = ahead
-            print(name, f"generate, read_ahead={ahead}, tok/s",
-                  [round(pipe.generate(image, PROMPT, max_new_tokens=64).decode_tokens_per_s) for _ in range(3)])
+            rates = [round(request().decode_tokens_per_s) for _ in range(3)]
+            print(name, f"generate, read_ahead={ahead}, tok/s", rates)
         del pipe
         torch.cuda.empty_cache()
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .reference import transformers_processor
 from .workloads import request_image
 
 CPU_RUNTIMES = ("transformers", "torch", "onnx", "onnx-int8")
@@ -39,19 +40,6 @@ class TimingStreamer:
 
     def end(self):
         pass
-
-
-def transformers_processor(folder: Path, image_size: int, num_image_tokens: int):
-    """transformers' PaliGemmaProcessor over the checkpoint's tokenizer.json, as PaliGemma configures SigLIP's."""
-    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="<bos>",
-                                        eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", padding_side="left")
-    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size},
-                                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    image_processor.image_seq_length = num_image_tokens
-    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def transformers_runner(spec: dict):
@@ -87,12 +75,12 @@ def transformers_runner(spec: dict):
 
 def pipeline_runner(pipe, spec: dict, info: str):
     """The project's runtimes all sit behind paligemma.Pipeline, which times each request itself."""
-    pipe.stop_ids = set()  # generate exactly new_tokens tokens, as transformers is told to
     image, prompt = request_image(), spec["prompt"]
     prompt_ids = pipe.processor([image], [prompt])["input_ids"][0].tolist()
 
     def run():
-        result = pipe.generate(image, prompt, max_new_tokens=spec["new_tokens"])
+        # stop_ids=(): exactly new_tokens tokens, as transformers is told to generate
+        result = pipe.generate(image, prompt, max_new_tokens=spec["new_tokens"], stop_ids=())
         return dict(tokens=result.token_ids, prompt_ids=prompt_ids, ttft_s=result.ttft_s,
                     decode_tokens_per_s=result.decode_tokens_per_s)
 
@@ -102,14 +90,17 @@ def pipeline_runner(pipe, spec: dict, info: str):
 def torch_runner(spec: dict):
     import paligemma
 
-    pipe = paligemma.load(spec["checkpoint"], device=spec["device"], dtype=getattr(torch, spec["dtype"]))
+    pipe = paligemma.load(spec["checkpoint"], device=spec["device"], dtype=getattr(torch, spec["dtype"]),
+                          engine="eager")
     return pipeline_runner(pipe, spec, f"paligemma eager torch {torch.__version__}")
 
 
 def compiled_runner(spec: dict):
-    from .static_engine import compiled_pipeline
+    import paligemma
 
-    pipe = compiled_pipeline(spec["checkpoint"], device=spec["device"], dtype=getattr(torch, spec["dtype"]))
+    # The library's static engine: on CUDA it compiles and records its decode step while loading (in load_s).
+    pipe = paligemma.load(spec["checkpoint"], device=spec["device"], dtype=getattr(torch, spec["dtype"]),
+                          engine="static")
     return pipeline_runner(pipe, spec, f"paligemma static cache + torch.compile (CUDA graphs) {torch.__version__}")
 
 

@@ -1,5 +1,6 @@
-"""The pipeline the demo serves: ONNX Runtime when it runs (the export is made and cached on first use), eager torch
-otherwise, warmed up before the first visitor; and the check of a served answer against eager torch."""
+"""The pipeline the demo serves: ONNX Runtime when it runs (the export is made and cached on first use), torch
+otherwise (on a GPU its static engine, compiled while loading), warmed up before the first visitor; and the check of
+a served answer against eager torch."""
 
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ class Backend:
         return self.folder.resolve() == paligemma.DEMO_CHECKPOINT.resolve()
 
     def reference(self) -> paligemma.Pipeline:
-        """Eager torch on the same checkpoint, loaded on first use; the served pipeline itself when that is torch."""
+        """Eager torch on the same checkpoint: when torch serves, its own model under the eager engine; otherwise
+        loaded on first use."""
         if self.name == "torch":
-            return self.pipeline
+            return paligemma.Pipeline(self.pipeline.model, self.pipeline.processor)
         with self._lock:
             if self._reference is None:
-                self._reference = paligemma.load(self.folder, device=self.device, dtype=torch.float32)
+                self._reference = paligemma.load(self.folder, device=self.device, dtype=torch.float32, engine="eager")
         return self._reference
 
 
@@ -116,7 +118,11 @@ def warm(pipeline: paligemma.Pipeline) -> float:
 def describe_torch(pipeline: paligemma.Pipeline) -> str:
     parameter = next(pipeline.model.parameters())
     dtype = str(parameter.dtype).removeprefix("torch.")
-    return f"PyTorch {torch.__version__} eager ({parameter.device.type}, {dtype})"
+    engines = pipeline.engine_factory
+    if not isinstance(engines, paligemma.StaticEngines):
+        return f"PyTorch {torch.__version__} eager ({parameter.device.type}, {dtype})"
+    compiled = f", CUDA graphs, compiled in {engines.warm_up_s:.0f} s" if engines.cuda_graphs else ""
+    return f"PyTorch {torch.__version__} static cache{compiled} ({parameter.device.type}, {dtype})"
 
 
 def describe_onnx(pipeline) -> str:

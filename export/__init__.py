@@ -5,7 +5,7 @@ from paligemma.errors import OnnxExportError
 
 from .manifest import EXPORTER_VERSION
 
-__all__ = ["EXPORTER_VERSION", "OnnxExportError", "export_model", "load_onnx_pipeline"]
+__all__ = ["EXPORTER_VERSION", "OnnxExportError", "export_model", "export_and_validate", "load_onnx_pipeline"]
 
 
 def __getattr__(name):
@@ -14,6 +14,10 @@ def __getattr__(name):
         from .onnx_export import export_model
 
         return export_model
+    if name == "export_and_validate":
+        from .runtime import export_and_validate
+
+        return export_and_validate
     if name == "load_onnx_pipeline":
         from .runtime import load_onnx_pipeline
 

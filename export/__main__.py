@@ -8,6 +8,7 @@ from paligemma.cli import ArgumentParser
 from paligemma.errors import CheckpointError, OnnxExportError
 
 from .onnx_export import DEFAULT_OPSET, DTYPES, export_model
+from .runtime import export_and_validate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with torch")
     args = parser.parse_args(argv)
     try:
-        export_model(args.model, args.output, dtype=args.dtype, quantize=args.quantize, opset=args.opset,
-                     validate=not args.no_validate)
+        export = export_model if args.no_validate else export_and_validate
+        export(args.model, args.output, dtype=args.dtype, quantize=args.quantize, opset=args.opset)
     except (OnnxExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

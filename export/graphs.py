@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from paligemma.config import PaliGemmaConfig
-from paligemma.model import PaliGemmaForConditionalGeneration, positions_from_mask
+from paligemma.masks import TokenLayout
+from paligemma.model import PaliGemmaForConditionalGeneration
 
 
 @dataclass(frozen=True)
@@ -135,29 +136,25 @@ class PrefillGraph(nn.Module):
     def forward(self, input_ids, image_embeddings, attention_mask, token_type_ids):
         model = self.model
         cache = ConcatCache(None, model.config.text.num_hidden_layers)
-        x = model.embed(input_ids, image_embeddings)
-        hidden = self._hidden(x, attention_mask, token_type_ids, cache)
-        return (next_token_logits(model, hidden),) + cache.outputs()
-
-    def _hidden(self, x, attention_mask, token_type_ids, cache, positions=None):
-        model = self.model
-        T = x.shape[1]
-        if positions is None:
-            positions = positions_from_mask(attention_mask, T)
-        masks = {w: model.additive_mask(attention_mask, token_type_ids, T, w, x.dtype) for w in model.windows}
-        return model.decoder(x, positions, masks, cache)[:, -1]
+        layout = TokenLayout.last(attention_mask, token_type_ids, input_ids.shape[1])
+        hidden = model.run_decoder(input_ids, image_embeddings, layout, cache=cache)
+        return (next_token_logits(model, hidden[:, -1]),) + cache.outputs()
 
 
-class DecodeGraph(PrefillGraph):
+class DecodeGraph(nn.Module):
+    def __init__(self, model: PaliGemmaForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
     def forward(self, input_ids, attention_mask, position_ids, *past):
         model = self.model
         L = model.config.text.num_hidden_layers
         cache = ConcatCache([(past[2 * i], past[2 * i + 1]) for i in range(L)], L)
-        x = model.embed(input_ids)
-        # Generated tokens are suffix tokens: causal, so the prompt's token types no longer matter.
-        token_type_ids = torch.ones_like(attention_mask)
-        hidden = self._hidden(x, attention_mask, token_type_ids, cache, position_ids)
-        return (next_token_logits(model, hidden),) + cache.outputs()
+        # The new token is autoregressive, so the prompt's token types no longer matter: every past token is
+        # taken as autoregressive too, and the rule gives the same causal (and windowed) row.
+        layout = TokenLayout.last(attention_mask, torch.ones_like(attention_mask), 1)
+        hidden = model.run_decoder(input_ids, None, layout, position_ids, cache)
+        return (next_token_logits(model, hidden[:, -1]),) + cache.outputs()
 
 
 def graph_modules(model: PaliGemmaForConditionalGeneration) -> dict[str, nn.Module]:

@@ -73,7 +73,7 @@ def build(workdir: Path) -> tuple[Path, Path]:
         save_checkpoint(model, checkpoint)
         del model
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        export_model(checkpoint, onnx_dir, validate=False)
+        export_model(checkpoint, onnx_dir)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(f"export peak RSS {peak / 1e6:.1f} GB (process peak before the export {before / 1e6:.1f} GB)")
     return checkpoint, onnx_dir
@@ -81,7 +81,7 @@ def build(workdir: Path) -> tuple[Path, Path]:
 
 def compare_with_torch(checkpoint: Path, onnx_dir: Path, threads: int | None) -> dict:
     """Max abs difference of prefill and decode logits, ORT vs torch, on 256 image tokens + a short prompt."""
-    from paligemma.generate import TorchEngine
+    from paligemma.engines import TorchEngine
     from paligemma.weights import load_model
 
     from .runtime import OnnxModel

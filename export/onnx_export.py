@@ -231,13 +231,13 @@ def quantize_int8(model: onnx.ModelProto, workdir: Path, name: str) -> onnx.Mode
 
 def export_model(
     source, output, *, dtype: str = "float32", quantize: str | None = None, opset: int = DEFAULT_OPSET,
-    validate: bool = True, progress: bool = True, log=print,
+    progress: bool = True, log=print,
 ) -> dict:
     """Export the checkpoint `source` (folder or Hub id) into `output`; returns the manifest.
 
     Writes vision_encoder.onnx, prefill.onnx and decode.onnx (weights of the last two in one shared
-    decoder.onnx.data), the tokenizer, config.json and manifest.json; checks every graph with onnx.checker and, with
-    `validate`, compares ONNX Runtime with torch and raises above tolerance."""
+    decoder.onnx.data), the tokenizer, config.json and manifest.json, and checks every graph with onnx.checker.
+    Comparing ONNX Runtime with torch is a step of its own: export.runtime.export_and_validate does both."""
     if dtype not in DTYPES:
         raise OnnxExportError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
     if quantize not in QUANTIZATIONS:
@@ -251,23 +251,30 @@ def export_model(
     if output.exists() and not output.is_dir():
         raise OnnxExportError(f"--output {output} is a file; name a folder (it is created if missing)")
     folder = resolve_checkpoint(source)
+    with removed_on_failure(output):
+        output.mkdir(parents=True, exist_ok=True)
+        return write_export(folder, output, dtype, quantize, opset, progress, log)
+
+
+@contextlib.contextmanager
+def removed_on_failure(output: Path):
+    """Nothing half-written may look like an export: if the block fails, what an export writes into `output` is
+    removed (the folder itself if it did not exist before)."""
     created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
     try:
-        return write_export(folder, output, dtype, quantize, opset, validate, progress, log)
+        yield
     except BaseException:
-        # Nothing half-written may look like an export: remove what this run wrote (the whole folder if it made it).
         if created:
             shutil.rmtree(output, ignore_errors=True)
-        else:
+        elif output.is_dir():
             for path in output.iterdir():
                 if path.is_file() and (path.name == MANIFEST_NAME or path.name.endswith((".onnx", ".onnx.data"))):
                     path.unlink()
         raise
 
 
-def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, opset: int, validate: bool,
-                 progress: bool, log) -> dict:
+def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, opset: int, progress: bool,
+                 log) -> dict:
     start = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     model = load_model(folder, dtype=torch_dtype)
@@ -330,8 +337,4 @@ def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, o
     )
     (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"exported {folder} to {output} ({dtype}{', int8' if quantize else ''}) in {time.perf_counter() - start:.1f}s")
-    if validate:
-        from .validate import validate_export
-
-        validate_export(model, output, log=log)
     return manifest

@@ -20,12 +20,15 @@ import torch
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
 from paligemma.generate import Pipeline
+from paligemma.masks import extend_for_generation, last_slots, token_positions
 from paligemma.processor import PaliGemmaProcessor
+from paligemma.weights import load_model, resolve_checkpoint
 
 from .graphs import GRAPH_ORDER, cache_names
 from .integrity import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV: where callers look the variable up
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
+from .validate import validate_export
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +152,8 @@ class OnnxModel:
 
 class OnnxEngine:
     """One request: prefill the prompt, then one decode step per token. The cache is the previous step's `present`
-    outputs fed back as OrtValues, never copied through numpy."""
+    outputs fed back as OrtValues, never copied through numpy. The decode graph's attention_mask and position_ids
+    come from the torch engines' own rule (paligemma.masks)."""
 
     def __init__(self, model: OnnxModel):
         self.model = model
@@ -157,33 +161,43 @@ class OnnxEngine:
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
         m = self.model
         input_ids = inputs["input_ids"].numpy().astype(np.int64)
-        attention_mask = inputs["attention_mask"].numpy().astype(np.int64)
-        B, T = input_ids.shape
         pixel_values = inputs["pixel_values"].numpy().astype(m.float_type)
         (image_embeddings,) = m.run("vision_encoder", {"pixel_values": pixel_values})
         logits, *self.past = m.run("prefill", {
-            "input_ids": input_ids, "image_embeddings": image_embeddings, "attention_mask": attention_mask,
+            "input_ids": input_ids, "image_embeddings": image_embeddings,
+            "attention_mask": inputs["attention_mask"].numpy().astype(np.int64),
             "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
         })
-        # The mask for the whole run, written once: generated tokens are real.
-        self.attention_mask = np.ones((B, T + max_new_tokens), dtype=np.int64)
-        self.attention_mask[:, :T] = attention_mask
-        self.length = T
-        self.position = np.maximum(attention_mask.sum(-1, keepdims=True), 1)  # positions count real tokens from 1
+        # The mask for the whole run, written once.
+        self.attention_mask, _ = extend_for_generation(inputs["attention_mask"].long(), inputs["token_type_ids"],
+                                                       max_new_tokens)
+        self.length = input_ids.shape[1]
         return torch.from_numpy(logits.numpy())
 
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         self.length += 1
-        self.position = self.position + 1
+        attention_mask = self.attention_mask[:, : self.length]
         feeds = {
             "input_ids": tokens.numpy().astype(np.int64).reshape(-1, 1),
-            "attention_mask": np.ascontiguousarray(self.attention_mask[:, : self.length]),
-            "position_ids": self.position,
+            "attention_mask": attention_mask.contiguous().numpy(),
+            "position_ids": token_positions(attention_mask, last_slots(self.length, 1)).numpy(),
             **dict(zip(m.past_names, self.past)),
         }
         logits, *self.past = m.run("decode", feeds)
         return torch.from_numpy(logits.numpy())
+
+
+def export_and_validate(source, output, *, log=print, **options) -> dict:
+    """export_model(source, output, **options), then validate_export through this runtime's sessions: what
+    `python -m export` and the export cache run. Returns the manifest."""
+    from .onnx_export import DTYPES, export_model, removed_on_failure
+
+    with removed_on_failure(Path(output)):
+        manifest = export_model(source, output, log=log, **options)
+        model = load_model(resolve_checkpoint(source), dtype=DTYPES[manifest["dtype"]])
+        validate_export(model, OnnxModel(output, model.config), log=log)
+    return manifest
 
 
 def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Path:
@@ -192,13 +206,11 @@ def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Pa
     target = cache_root() / key
     if (target / MANIFEST_NAME).exists():
         return target
-    from .onnx_export import export_model
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{key}.partial-{os.getpid()}")
     print(f"exporting {folder} to ONNX (first use; cached in {target})")
     try:
-        export_model(folder, staging, progress=True)
+        export_and_validate(folder, staging, progress=True)
         try:
             os.rename(staging, target)
         except OSError:  # another process finished the same export first

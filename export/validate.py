@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from paligemma.generate import TorchEngine
+from paligemma.engines import TorchEngine
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 
@@ -39,12 +39,11 @@ def max_diff(got, expected) -> float:
     return float((torch.as_tensor(np.asarray(got)).float() - expected.float()).abs().max())
 
 
-def validate_export(model: PaliGemmaForConditionalGeneration, onnx_dir, log=print) -> dict[str, float]:
-    """Max abs difference per graph (vision_encoder, prefill, decode) between ONNX Runtime and torch; raises
-    OnnxExportError above tolerance."""
-    from .runtime import OnnxModel
-
-    onnx_model = OnnxModel(onnx_dir, model.config)
+def validate_export(model: PaliGemmaForConditionalGeneration, onnx_model, log=print) -> dict[str, float]:
+    """Max abs difference per graph (vision_encoder, prefill, decode) between torch and ONNX Runtime running the
+    export `onnx_model` has loaded (an export.runtime.OnnxModel: passed in, as the runtime sits above this module);
+    raises OnnxExportError above tolerance."""
+    onnx_dir = onnx_model.onnx_dir
     manifest = onnx_model.manifest
     tolerance, relative = TOLERANCES[manifest["dtype"], manifest["quantize"]]
     processor = PaliGemmaProcessor.from_pretrained(onnx_dir, model.config)

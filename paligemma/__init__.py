@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 from .config import PaliGemmaConfig
+from .engines import ENGINES, StaticEngines, TorchEngine, make_engines
 from .errors import CheckpointError, ConfigError, InputError, OnnxExportError
-from .generate import GenerationResult, Pipeline, StreamUpdate, TorchEngine
+from .generate import GenerationResult, Pipeline, StreamUpdate
 from .processor import Detection, PaliGemmaProcessor, parse_detections
 from .sampling import SamplingParams
 from .weights import load_model, resolve_checkpoint
@@ -17,27 +18,34 @@ BACKENDS = ("torch", "onnx")
 
 __all__ = [
     "load", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor", "SamplingParams",
-    "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError", "DEMO_CHECKPOINT", "TorchEngine",
+    "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError", "DEMO_CHECKPOINT",
+    "TorchEngine", "StaticEngines", "ENGINES",
 ]
 
 
 def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu", dtype=None, backend: str = "torch",
-         onnx_dir: str | os.PathLike | None = None) -> Pipeline:
+         onnx_dir: str | os.PathLike | None = None, engine: str | None = None) -> Pipeline:
     """A generation pipeline for a checkpoint folder or Hub repo id; with none, the embedded demo model.
 
-    backend "torch" runs eager PyTorch on `device`; "onnx" runs the exported graphs in `onnx_dir` with ONNX Runtime
-    (exported and cached on first use when no directory is given).
+    backend "torch" runs PyTorch on `device` with `engine` "eager" or "static" (static cache; on CUDA compiled and
+    replayed as CUDA graphs, here at load); None picks static on CUDA, eager elsewhere. "onnx" runs the exported
+    graphs in `onnx_dir` with ONNX Runtime (exported and cached on first use when no directory is given).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
     if onnx_dir is not None and backend != "onnx":
         raise ValueError(f"onnx_dir is read by backend 'onnx' only, and backend is '{backend}'; "
                          "pass backend='onnx' (--backend onnx) or leave the export folder out")
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"engine '{engine}' is not one of {', '.join(ENGINES)}")
+    if backend == "onnx" and engine is not None:
+        raise ValueError("engine is for backend 'torch'; ONNX Runtime has one engine")
     folder = resolve_checkpoint(path_or_repo_id if path_or_repo_id is not None else DEMO_CHECKPOINT)
     if backend == "onnx":
-        # Imported here so the torch package does not depend on the export package.
+        # The one import of this package from another (tests/test_imports.py): made here, on use, so that the torch
+        # package does not depend on the export package.
         from export.runtime import load_onnx_pipeline
 
         return load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device)
     model = load_model(folder, device=device, dtype=dtype)
-    return Pipeline(model, PaliGemmaProcessor.from_pretrained(folder, model.config))
+    return Pipeline(model, PaliGemmaProcessor.from_pretrained(folder, model.config), make_engines(model, engine))

@@ -24,6 +24,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    parser.add_argument("--engine", default=None, choices=["eager", "static"],
+                        help="torch engine (default: static, compiled with CUDA graphs, on cuda; eager on cpu)")
     parser.add_argument("--onnx-dir", default=None, help="exported graphs (backend onnx); default: the export cache")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -36,7 +38,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
-    pipe = paligemma.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, onnx_dir=args.onnx_dir)
+    pipe = paligemma.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                          onnx_dir=args.onnx_dir, engine=args.engine)
     sampling = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature is not None,
         temperature=args.temperature if args.temperature is not None else 1.0,

@@ -1,70 +1,22 @@
 """Generation as named steps: embed the image once, prefill the prompt into a KV cache, decode one token
-at a time. The loop (sampling, stopping, streaming, timing) is shared by every engine: eager torch here,
-ONNX Runtime in export/.
+at a time. The loop (sampling, stopping, streaming, timing) is shared by every engine: eager and static-cache torch
+(engines.py), ONNX Runtime in export/.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator
 
 import torch
 
-from .cache import KVCache
-from .model import PaliGemmaForConditionalGeneration, positions_from_mask
+from .engines import EngineFactory, TorchEngine
 from .errors import InputError
+from .model import PaliGemmaForConditionalGeneration
 from .processor import PaliGemmaProcessor
 from .sampling import SamplingParams, sample
-
-
-class Engine(Protocol):
-    """Runs the model for one batch: `prefill` the processed prompt, then `decode_step` one token per row.
-    Each returns the next-token logits [B, V]."""
-
-    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor: ...
-
-    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor: ...
-
-
-class TorchEngine:
-    """Eager torch with a preallocated KV cache; one instance per request."""
-
-    def __init__(self, model: PaliGemmaForConditionalGeneration):
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-
-    @torch.inference_mode()
-    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
-        input_ids = inputs["input_ids"].to(self.device)
-        B, T = input_ids.shape
-        capacity = T + max_new_tokens
-        self.cache = KVCache(self.model.config.text, B, capacity, self.device, self.dtype)
-        # Masks for the whole run, written once: generated tokens are real (1) and causal (type 1).
-        self.attention_mask = torch.ones(B, capacity, dtype=torch.long, device=self.device)
-        self.attention_mask[:, :T] = inputs["attention_mask"]
-        self.token_type_ids = torch.ones(B, capacity, dtype=torch.long, device=self.device)
-        self.token_type_ids[:, :T] = inputs["token_type_ids"]
-        image_embeddings = self.model.embed_image(inputs["pixel_values"].to(self.device, self.dtype))
-        logits = self.model(
-            input_ids, attention_mask=self.attention_mask[:, :T], token_type_ids=self.token_type_ids[:, :T],
-            image_embeddings=image_embeddings, cache=self.cache, last_only=True,
-        )
-        self.cache.advance(T)
-        self.position = positions_from_mask(self.attention_mask[:, :T], 1)
-        return logits[:, -1]
-
-    @torch.inference_mode()
-    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        S = self.cache.length + 1
-        self.position = self.position + 1
-        logits = self.model(
-            tokens.to(self.device)[:, None], attention_mask=self.attention_mask[:, :S],
-            token_type_ids=self.token_type_ids[:, :S], positions=self.position, cache=self.cache, last_only=True,
-        )
-        self.cache.advance(1)
-        return logits[:, -1]
 
 
 @dataclass
@@ -87,22 +39,29 @@ class StreamUpdate:
 
 
 class Pipeline:
-    """What `paligemma.load()` returns: the model, its processor and generation."""
+    """What `paligemma.load()` returns: the model, its processor and generation. `engine_factory` makes the engine of
+    each request (default: eager torch on `model`)."""
 
-    def __init__(self, model: PaliGemmaForConditionalGeneration | None, processor: PaliGemmaProcessor, engine_factory=None):
+    def __init__(self, model: PaliGemmaForConditionalGeneration | None, processor: PaliGemmaProcessor,
+                 engine_factory: EngineFactory | None = None):
         self.model = model
         self.processor = processor
-        self.engine_factory = engine_factory or (lambda: TorchEngine(model))
-        self.stop_ids = set(processor.config.eos_token_ids)
+        self.engine_factory: EngineFactory = engine_factory or functools.partial(TorchEngine, model)
         self.read_ahead: bool | None = None  # queue each decode step before reading the last tokens (None: on a GPU)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The model's end-of-sequence ids: where generation stops unless a call passes its own `stop_ids`."""
+        return frozenset(self.config.eos_token_ids)
 
     @property
     def config(self):
         return self.processor.config
 
-    def _run(self, images, prompts, params: SamplingParams) -> Iterator[tuple[torch.Tensor, float]]:
+    def _run(self, images, prompts, params: SamplingParams,
+             stop_ids: frozenset[int]) -> Iterator[tuple[torch.Tensor, float]]:
         """Yields the next token of every row [B] (on the CPU) and the request's start time, until every row has
-        ended or the budget is spent."""
+        ended (on one of `stop_ids`) or the budget is spent."""
         start = time.perf_counter()
         inputs = self.processor(images, prompts)
         prompt_length = inputs["input_ids"].shape[1]
@@ -119,7 +78,7 @@ class Pipeline:
         # the host's bookkeeping; a row's end is then seen one step late, which costs at most one unused step.
         ahead = device.type == "cuda" if self.read_ahead is None else self.read_ahead
         generator = params.generator(device)
-        stop = torch.tensor(sorted(self.stop_ids), device=device)
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
         tokens = sample(logits, params, generator)
         for step in range(params.max_new_tokens):
@@ -139,16 +98,20 @@ class Pipeline:
             if not ahead:
                 tokens = sample(engine.decode_step(tokens), params, generator)
 
-    def _finish(self, ids: list[int]) -> list[int]:
+    @staticmethod
+    def _finish(ids: list[int], stop_ids: frozenset[int]) -> list[int]:
         for i, token in enumerate(ids):
-            if token in self.stop_ids:
+            if token in stop_ids:
                 return ids[:i]
         return ids
 
     def generate(self, image, prompt, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
-        """One (image, prompt) -> GenerationResult; lists of images and prompts -> a list, generated as one batch."""
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_ids: Iterable[int] | None = None):
+        """One (image, prompt) -> GenerationResult; lists of images and prompts -> a list, generated as one batch.
+        A row ends at a token of `stop_ids` (default: the model's end-of-sequence ids; empty: never, so that exactly
+        max_new_tokens are generated)."""
         params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        stop = self.stop_ids if stop_ids is None else frozenset(stop_ids)
         batched = isinstance(prompt, (list, tuple))
         if batched and not isinstance(image, (list, tuple)):
             raise InputError(f"{len(prompt)} prompts came with one image ({type(image).__name__}); pass a list of "
@@ -157,26 +120,29 @@ class Pipeline:
         if not prompts:
             return []
         columns, times = [], []
-        for tokens, start in self._run(images, prompts, params):
+        for tokens, start in self._run(images, prompts, params, stop):
             columns.append(tokens.tolist())
             times.append(time.perf_counter() - start)
         results = []
         for row in range(len(prompts)):
-            ids = self._finish([column[row] for column in columns])
+            ids = self._finish([column[row] for column in columns], stop)
             results.append(GenerationResult(self.processor.decode(ids), ids, times[0], decode_rate(times, len(ids))))
         return results if batched else results[0]
 
     def stream(self, image, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[StreamUpdate]:
-        """Yields a StreamUpdate per generated token (`.delta` the new text, `.text` all so far); the last has finished=True."""
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               stop_ids: Iterable[int] | None = None) -> Iterator[StreamUpdate]:
+        """Yields a StreamUpdate per generated token (`.delta` the new text, `.text` all so far); the last has
+        finished=True. `stop_ids` as for generate."""
         params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        stop = self.stop_ids if stop_ids is None else frozenset(stop_ids)
         decoder = self.processor.stream_decoder()
         ids: list[int] = []
         text, times = "", []
-        for tokens, start in self._run([image], [prompt], params):
+        for tokens, start in self._run([image], [prompt], params, stop):
             times.append(time.perf_counter() - start)
             token = int(tokens[0])
-            if token in self.stop_ids:
+            if token in stop:
                 break
             ids.append(token)
             delta = decoder.step(token)

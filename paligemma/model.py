@@ -1,5 +1,5 @@
 """PaliGemma: SigLIP image features, projected to the decoder width, placed where the `<image>` tokens are,
-then a Gemma decoder with prefix-LM attention.
+then a Gemma decoder with prefix-LM attention (the rule in masks.py).
 
 Axes: B batch, T new tokens, S keys (cached + new), N image tokens, C decoder width, V vocabulary.
 """
@@ -11,49 +11,8 @@ from torch import nn
 
 from .config import PaliGemmaConfig
 from .gemma import GemmaForCausalLM, KeyValueStore
+from .masks import TokenLayout, additive
 from .siglip import SiglipVisionModel
-
-
-def prefix_lm_mask(
-    attention_mask: torch.Tensor, token_type_ids: torch.Tensor, num_new: int, window: int | None = None
-) -> torch.Tensor:
-    """Which keys each of the last `num_new` tokens may attend to: bool [B, 1, 1, T, S].
-
-    attention_mask [B, S] is 1 for real tokens and 0 for padding; token_type_ids [B, S] is 0 for the prefix
-    (image + prompt, attended bidirectionally) and 1 for the suffix (causal). With 3 prefix and 2 suffix tokens:
-
-        query \\ key  p p p s s
-        p            1 1 1 0 0
-        p            1 1 1 0 0
-        p            1 1 1 0 0
-        s            1 1 1 1 0
-        s            1 1 1 1 1
-
-    A sliding `window` w limits the causal part to keys k > q - w; prefix-to-prefix attention stays full, as
-    in the reference. Padding keys are never attended.
-    """
-    S = attention_mask.shape[1]
-    device = attention_mask.device
-    queries = torch.arange(S - num_new, S, device=device)[:, None]
-    keys = torch.arange(S, device=device)[None, :]
-    causal = keys <= queries
-    if window is not None:
-        causal = causal & (keys > queries - window)
-    is_prefix = token_type_ids == 0
-    both_prefix = is_prefix[:, S - num_new :, None] & is_prefix[:, None, :]
-    allowed = (causal[None] | both_prefix) & attention_mask.bool()[:, None, :]
-    return allowed[:, None, None]
-
-
-def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean attention mask as the additive one attention takes: 0 where allowed, the dtype's minimum elsewhere."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def positions_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
-    """Positions of the last `num_new` tokens [B, T]: real tokens count from 1, as PaliGemma numbers them;
-    left padding does not move them."""
-    return attention_mask.long().cumsum(-1).clamp(min=1)[:, -num_new:]
 
 
 class PaliGemmaMultiModalProjector(nn.Module):
@@ -152,12 +111,22 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros(B, S, dtype=torch.long, device=input_ids.device)
-        if positions is None:
-            positions = positions_from_mask(attention_mask, T)
-        x = self.embed(input_ids, image_embeddings)
-        masks = {window: self.additive_mask(attention_mask, token_type_ids, T, window, x.dtype) for window in self.windows}
-        return self.decoder(x, positions, masks, cache)
+        layout = TokenLayout.last(attention_mask, token_type_ids, T)
+        return self.run_decoder(input_ids, image_embeddings, layout, positions, cache)
 
-    @staticmethod
-    def additive_mask(attention_mask, token_type_ids, num_new, window, dtype) -> torch.Tensor:
-        return additive(prefix_lm_mask(attention_mask, token_type_ids, num_new, window), dtype)
+    def run_decoder(
+        self,
+        input_ids: torch.Tensor,
+        image_embeddings: torch.Tensor | None,
+        layout: TokenLayout,
+        positions: torch.Tensor | None = None,
+        cache: KeyValueStore | None = None,
+    ) -> torch.Tensor:
+        """Embed -> masks -> decoder, the one place they are put together (every path runs through here: this
+        model's forward, the exported graphs, the static-cache engine, packed training rows). input_ids [B, T];
+        `layout` describes the S keys for the rule in masks.py; positions [B, T] default to the layout's."""
+        x = self.embed(input_ids, image_embeddings)
+        masks = {window: additive(layout.allowed(window), x.dtype) for window in self.windows}
+        if positions is None:
+            positions = layout.positions()
+        return self.decoder(x, positions, masks, cache)

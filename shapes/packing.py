@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import torch
 
-from paligemma.model import additive
+from paligemma.masks import SHARED_SEGMENT, TokenLayout
 from paligemma.processor import load_image, preprocess_image
 from paligemma.train import IGNORE
 
-IMAGE, PADDING = 0, -1  # segment ids; questions are 1, 2, ...
+IMAGE, PADDING = SHARED_SEGMENT, -1  # segment ids (every question sees the image); questions are 1, 2, ...
 
 
 def packed_batch(processor, images, questions_per_image, alone=None) -> dict[str, torch.Tensor]:
@@ -76,21 +76,19 @@ def packed_batch(processor, images, questions_per_image, alone=None) -> dict[str
     return batch
 
 
-def packed_mask(segments: torch.Tensor, token_type_ids: torch.Tensor, image_sees_prompt: torch.Tensor) -> torch.Tensor:
-    """Which keys each token may attend to, bool [B, 1, 1, T, T]: the image (every token, the image tokens
-    included, sees all of it), and within its own question the prompt and the answer up to itself; in rows
-    where `image_sees_prompt` [B] (rows of one question), the image tokens see the prompt too."""
+def packed_layout(segments: torch.Tensor, token_type_ids: torch.Tensor, image_sees_prompt: torch.Tensor) -> TokenLayout:
+    """The attention rule's inputs (paligemma.masks) for packed rows [B, T]: every token sees the image (the shared
+    segment), and within its own question the prompt and the answer up to itself. Each question's first token
+    starts a block of its own, so the image tokens (block 0) do not see the prompts; in rows where
+    `image_sees_prompt` [B] (rows of one question) the question joins the image's segment and block, which is
+    exactly the prefix-LM of inference."""
     T = segments.shape[1]
-    positions = torch.arange(T, device=segments.device)
-    causal = positions[None, :] <= positions[:, None]  # [query, key]
-    same_question = segments[:, :, None] == segments[:, None, :]
-    key_in_prefix = (token_type_ids == 0)[:, None, :]
-    key_is_image = (segments == IMAGE)[:, None, :]
-    key_is_real = (segments != PADDING)[:, None, :]
-    query_is_image = (segments == IMAGE)[:, :, None]
-    allowed = (key_is_image | (same_question & (key_in_prefix | causal[None]))) & key_is_real
-    allowed |= image_sees_prompt[:, None, None] & query_is_image & key_in_prefix & key_is_real
-    return allowed[:, None, None]
+    previous = torch.cat([torch.full_like(segments[:, :1], PADDING), segments[:, :-1]], 1)
+    starts_question = (segments > IMAGE) & (segments != previous)
+    starts_question &= ~image_sees_prompt[:, None]
+    rule_segments = torch.where(image_sees_prompt[:, None], segments.clamp(max=IMAGE), segments)
+    autoregressive = (token_type_ids == 1) | starts_question
+    return TokenLayout(segments != PADDING, autoregressive, torch.arange(T, device=segments.device), rule_segments)
 
 
 def packed_hidden(model, batch: dict, image_embeddings: torch.Tensor) -> torch.Tensor:
@@ -98,7 +96,5 @@ def packed_hidden(model, batch: dict, image_embeddings: torch.Tensor) -> torch.T
     left to the caller, who needs them at the label positions only)."""
     if model.windows != {None}:
         raise ValueError("packed sequences are built for full-attention decoders; this one has sliding windows")
-    x = model.embed(batch["input_ids"], image_embeddings[batch["row_image"]])
-    allowed = packed_mask(batch["segments"], batch["token_type_ids"], batch["image_sees_prompt"])
-    mask = additive(allowed, x.dtype)
-    return model.decoder(x, batch["positions"], {None: mask})
+    layout = packed_layout(batch["segments"], batch["token_type_ids"], batch["image_sees_prompt"])
+    return model.run_decoder(batch["input_ids"], image_embeddings[batch["row_image"]], layout, batch["positions"])

@@ -4,7 +4,7 @@ import torch
 
 import paligemma
 from paligemma.cache import KVCache
-from paligemma.generate import TorchEngine
+from paligemma.engines import TorchEngine
 
 
 def cached_logits(pipe, inputs, continuation):

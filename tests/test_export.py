@@ -10,7 +10,7 @@ from PIL import Image
 import paligemma
 from export.graphs import GRAPH_ORDER
 from export.manifest import SHARED_DATA_NAME
-from export.onnx_export import export_model
+from export.runtime import export_and_validate
 from tiny import build_reference, reference_processor
 
 PROMPTS = ["caption en", "answer en what is in the image and where is it"]
@@ -32,7 +32,7 @@ def exported(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     reference = build_reference(folder, request.param)
     onnx_dir = tmp_path_factory.mktemp(f"{request.param}_onnx")
-    export_model(folder, onnx_dir, progress=False, log=quiet)  # validates against torch too
+    export_and_validate(folder, onnx_dir, progress=False, log=quiet)
     return folder, onnx_dir, reference, paligemma.load(folder), paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir)
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import paligemma
-from export.onnx_export import export_model
+from export.runtime import export_and_validate
 from shapes import scenes as S
 from shapes.evaluate import TARGETS, evaluate, max_new_tokens
 
@@ -33,7 +33,7 @@ def results(tmp_path_factory):
     out = {"torch": run(paligemma.load(), scenes)}
     for quantize in (None, "int8"):
         onnx_dir = tmp_path_factory.mktemp(f"demo_{quantize or 'float32'}")
-        export_model(paligemma.DEMO_CHECKPOINT, onnx_dir, quantize=quantize, progress=False, log=lambda *_: None)
+        export_and_validate(paligemma.DEMO_CHECKPOINT, onnx_dir, quantize=quantize, progress=False, log=lambda *_: None)
         out[quantize or "float32"] = run(paligemma.load(backend="onnx", onnx_dir=onnx_dir), scenes)
         out[f"{quantize or 'float32'}_dir"] = onnx_dir
     return out

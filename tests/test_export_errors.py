@@ -21,7 +21,7 @@ def export(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pg1")
     build_reference(folder, "pg1")
     onnx_dir = tmp_path_factory.mktemp("pg1_onnx")
-    export_model(folder, onnx_dir, progress=False, validate=False, log=lambda *_: None)
+    export_model(folder, onnx_dir, progress=False, log=lambda *_: None)
     return folder, onnx_dir
 
 
@@ -63,7 +63,7 @@ def test_graph_from_another_export(copy, tmp_path):
     folder, onnx_dir = copy
     other = tmp_path / "other"
     build_reference(other, "pg2")
-    export_model(other, tmp_path / "other_onnx", progress=False, validate=False, log=lambda *_: None)
+    export_model(other, tmp_path / "other_onnx", progress=False, log=lambda *_: None)
     shutil.copy(tmp_path / "other_onnx" / "decode.onnx", onnx_dir / "decode.onnx")
     with pytest.raises(OnnxExportError, match=r"decode\.onnx is corrupt"):
         paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir)
@@ -153,7 +153,7 @@ def test_another_exports_data_file_of_the_same_size_is_refused(copy, tmp_path):
     folder, onnx_dir = copy
     other = tmp_path / "other"
     build_reference(other, "pg1", seed=1)
-    export_model(other, tmp_path / "other_onnx", progress=False, validate=False, log=lambda *_: None)
+    export_model(other, tmp_path / "other_onnx", progress=False, log=lambda *_: None)
     swapped = tmp_path / "other_onnx" / SHARED_DATA_NAME
     assert swapped.stat().st_size == (onnx_dir / SHARED_DATA_NAME).stat().st_size
     shutil.copy2(swapped, onnx_dir / SHARED_DATA_NAME)  # copy2 keeps the other file's modification time

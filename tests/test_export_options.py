@@ -90,18 +90,18 @@ def test_an_unsupported_opset_is_refused_before_anything_is_written(checkpoint, 
 
 
 def test_an_export_that_fails_midway_leaves_nothing_that_looks_complete(checkpoint, tmp_path, monkeypatch):
-    from export import onnx_export, validate
+    from export import runtime
 
     def failing(*args, **kwargs):
         raise paligemma.OnnxExportError("validation failed (on purpose)")
 
-    monkeypatch.setattr(validate, "validate_export", failing)
+    monkeypatch.setattr(runtime, "validate_export", failing)
     new, existing = tmp_path / "new", tmp_path / "existing"
     existing.mkdir()
     (existing / "notes.txt").write_text("kept")
     for out in (new, existing):
         with pytest.raises(paligemma.OnnxExportError, match="on purpose"):
-            onnx_export.export_model(checkpoint, out, progress=False, log=lambda *_: None)
+            runtime.export_and_validate(checkpoint, out, progress=False, log=lambda *_: None)
     assert not new.exists()
     assert not [p.name for p in existing.iterdir() if p.name == MANIFEST_NAME or p.suffix in (".onnx", ".data")]
     assert (existing / "notes.txt").read_text() == "kept"

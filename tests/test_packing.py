@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from paligemma.config import PaliGemmaConfig
-from paligemma.model import PaliGemmaForConditionalGeneration, positions_from_mask, prefix_lm_mask
+from paligemma.masks import TokenLayout, additive
+from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.train import IGNORE
 from shapes import scenes as S
@@ -59,11 +60,11 @@ def test_a_packed_question_equals_the_unpacked_sequence_with_image_tokens_blind_
         # The same question through the model's own prefix-LM mask, with one change: image queries skip the prompt.
         plain = processor([scenes[0].image], [prefix], [suffix])
         length = plain["input_ids"].shape[1]
-        allowed = prefix_lm_mask(plain["attention_mask"], plain["token_type_ids"], length)
+        layout = TokenLayout.last(plain["attention_mask"], plain["token_type_ids"], length)
+        allowed = layout.allowed()
         allowed[..., :N, N:] = False
-        additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        expected = model.decoder(model.embed(plain["input_ids"], embeddings),
-                                 positions_from_mask(plain["attention_mask"], length), {None: additive})[0]
+        expected = model.decoder(model.embed(plain["input_ids"], embeddings), layout.positions(),
+                                 {None: additive(allowed, torch.float32)})[0]
         torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=0)
         # Without that change the image tokens read the prompt, so the states differ: the approximation is real.
         full = model.hidden_states(plain["input_ids"], attention_mask=plain["attention_mask"],

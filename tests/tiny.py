@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
 
 # transformers' PaliGemmaProcessor over a tokenizer.json; the benchmark builds its reference the same way.
-from bench.worker import transformers_processor as reference_processor  # noqa: F401
+from bench.reference import transformers_processor as reference_processor  # noqa: F401
 
 CORPUS = [
     "caption en", "answer en what is in the image?", "detect cat ; dog", "segment the red car",

@@ -1,0 +1,106 @@
+"""Imports go one way: no cycle among the project's modules (function-level imports included), and paligemma knows
+nothing of export, demo, bench or shapes but for one documented import made on use."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("paligemma", "export", "demo", "bench", "shapes")
+# paligemma.load(backend="onnx") imports the ONNX runtime inside the function: the only way up.
+THE_WAY_UP = ("paligemma", "export.runtime")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
+    """The dotted names an import statement reaches: `import a.b`, `from a import b` (a.b, or a when b is a name),
+    relative ones resolved."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    base = node.module or ""
+    if node.level:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[: len(package) - node.level + 1]
+        base = ".".join(package + ([base] if base else []))
+    return [f"{base}.{alias.name}" for alias in node.names] + [base]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (where an import reaches into another top-level package, that
+    package's __init__ too: Python runs it first)."""
+    modules = project_modules()
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for target in imported(node, name, path.name == "__init__.py"):
+                if target not in modules or target == name:
+                    continue
+                graph[name].add(target)
+                top = target.split(".")[0]
+                if top != name.split(".")[0]:
+                    graph[name].add(top)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_sees_function_level_and_relative_imports():
+    graph = import_graph()
+    assert THE_WAY_UP[1] in graph[THE_WAY_UP[0]]  # inside load()
+    assert "export.onnx_export" in graph["export.runtime"]  # inside export_and_validate()
+    assert "paligemma.masks" in graph["paligemma.model"]  # from .masks import ...
+    assert "paligemma" in graph["bench.worker"]  # import paligemma, inside a function
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    graph[THE_WAY_UP[0]] -= {THE_WAY_UP[1], "export"}  # export.runtime, and the export package it sits in
+    assert cycles(graph) == []
+
+
+def test_no_cycle_is_a_check_that_can_fail():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_paligemma_imports_no_other_package_but_the_one_way_up():
+    upward = {(name, target) for name, targets in import_graph().items() if name.split(".")[0] == "paligemma"
+              for target in targets if target.split(".")[0] != "paligemma"}
+    assert upward == {THE_WAY_UP, ("paligemma", "export")}  # export.runtime, and the export package it sits in
