@@ -64,29 +64,11 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         image = image_embeddings.to(text.dtype).gather(1, index[..., None].expand(-1, -1, text.shape[-1]))
         return torch.where(is_image[..., None], image, text)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        *,
-        image_embeddings: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        cache: KeyValueStore | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits [B, T, V] for input_ids [B, T].
-
-        attention_mask and token_type_ids cover the cached tokens and the new ones ([B, S]); token_type_ids 0
-        marks the prefix (full attention), 1 the suffix (causal); None means all prefix. Without a cache S = T.
-        `last_only` returns the last position's logits only ([B, 1, V]), all that generation needs.
-        """
-        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, token_type_ids,
-                                    image_embeddings=image_embeddings, positions=positions, cache=cache)
-        if last_only:
-            hidden = hidden[:, -1:]
-        return self.decoder.logits(hidden)
+    def forward(self, input_ids: torch.Tensor, *inputs, last_only: bool = False, **named_inputs) -> torch.Tensor:
+        """Logits [B, T, V] for input_ids [B, T], from `hidden_states` with the same inputs. `last_only` returns the
+        last position's logits only ([B, 1, V]), all that generation needs."""
+        hidden = self.hidden_states(input_ids, *inputs, **named_inputs)
+        return self.decoder.logits(hidden[:, -1:] if last_only else hidden)
 
     def hidden_states(
         self,
@@ -99,8 +81,11 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KeyValueStore | None = None,
     ) -> torch.Tensor:
-        """The decoder's final normed hidden states [B, T, C] (what `forward` turns into logits; training
-        projects only the positions that have labels)."""
+        """The decoder's final normed hidden states [B, T, C] for input_ids [B, T] (what `forward` turns into logits;
+        training projects only the positions that have labels).
+
+        attention_mask and token_type_ids cover the cached tokens and the new ones ([B, S]); token_type_ids 0
+        marks the prefix (full attention), 1 the suffix (causal); None means all prefix. Without a cache S = T."""
         B, T = input_ids.shape
         if pixel_values is not None:
             if image_embeddings is not None:

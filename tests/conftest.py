@@ -45,3 +45,20 @@ def random_image(seed: int, width: int = 40, height: int = 30) -> Image.Image:
 @pytest.fixture
 def images():
     return [random_image(1), random_image(2, 64, 48), random_image(3, 17, 90)]
+
+
+@pytest.fixture(scope="session")
+def backend():
+    """What the demo app serves by default: the embedded model on ONNX Runtime, loaded once per test session."""
+    from demo.backends import load_backend
+
+    return load_backend(None, "onnx")
+
+
+@pytest.fixture(scope="session")
+def server(backend):
+    """(app, url): the demo app for `backend`, served in-process on a free port."""
+    from app_server import serve
+
+    with serve(backend) as (app, url):
+        yield app, url

@@ -31,17 +31,6 @@ SHORT = dict(max_new_tokens=8)  # enough to show that a request ran, for the tes
 
 
 @pytest.fixture(scope="module")
-def backend():
-    return load_backend(None, "onnx")
-
-
-@pytest.fixture(scope="module")
-def server(backend):
-    with serve(backend) as (app, url):
-        yield app, url
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return Client(server[1], verbose=False)
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 import paligemma
-from app_server import example, serve
+from app_server import example
 from demo.app import read_image
-from demo.backends import load_backend
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -27,14 +26,8 @@ TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
-def backend():
-    return load_backend(None, "onnx")
-
-
-@pytest.fixture(scope="module")
-def url(backend):
-    with serve(backend) as (_, url):
-        yield url
+def url(server):
+    return server[1]
 
 
 def direct_answer(backend, image: Path, prompt: str) -> str:
@@ -64,6 +57,16 @@ def run(page, image: Path, prompt: str):
     upload(page, image)
     page.locator("#prompt textarea").fill(prompt)
     page.locator("#run").click()
+
+
+def run_filled_prompt(page, prompt: str, expected: str):
+    """Once the page has filled `prompt` in (a preset, an example), Run, and wait for the finished `expected` answer."""
+    page.wait_for_function("expected => document.querySelector('#prompt textarea').value === expected", arg=prompt)
+    page.locator("#run").click()
+    page.wait_for_function(
+        "expected => document.querySelector('#answer textarea').value === expected", arg=expected, polling=20,
+    )
+    wait_until_finished(page)
 
 
 def wait_until_finished(page):
@@ -107,13 +110,7 @@ def test_detect_preset_draws_boxes(page, backend):
     expected = direct_answer(backend, image, entry["prompt"])
     upload(page, image)
     page.get_by_label("Detect").check()  # the task preset fills the prompt
-    page.wait_for_function("expected => document.querySelector('#prompt textarea').value === expected",
-                           arg=entry["prompt"])
-    page.locator("#run").click()
-    page.wait_for_function(
-        "expected => document.querySelector('#answer textarea').value === expected", arg=expected, polling=20,
-    )
-    wait_until_finished(page)
+    run_filled_prompt(page, entry["prompt"], expected)
     page.locator("#annotated img").first.wait_for()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "app_detect.png"), full_page=True)
@@ -124,10 +121,4 @@ def test_an_example_clicked_runs_from_the_upload_folder(page, backend):
     image, entry = example("answer en")
     expected = direct_answer(backend, image, entry["prompt"])
     page.locator("#examples").get_by_text(entry["prompt"], exact=True).first.click()
-    page.wait_for_function("expected => document.querySelector('#prompt textarea').value === expected",
-                           arg=entry["prompt"])
-    page.locator("#run").click()
-    page.wait_for_function(
-        "expected => document.querySelector('#answer textarea').value === expected", arg=expected, polling=20,
-    )
-    wait_until_finished(page)
+    run_filled_prompt(page, entry["prompt"], expected)

@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 import paligemma
-from app_server import EXAMPLES, last_event, raw_call, raw_upload, serve
+from app_server import EXAMPLES, last_event, raw_call, raw_upload
 from demo import app as demo_app
-from demo.backends import load_backend
 
 pytestmark = pytest.mark.skipif(not (paligemma.DEMO_CHECKPOINT / "config.json").exists(),
                                 reason="the embedded demo checkpoint is not in the tree yet")
@@ -130,14 +129,8 @@ def json_safe(value):
     return value
 
 
-@pytest.fixture(scope="module")
-def url():
-    backend = load_backend(None, "onnx")
-    with serve(backend) as (_, url):
-        yield url
-
-
-def test_the_app_answers_random_requests_with_a_result_or_a_message(url):
+def test_the_app_answers_random_requests_with_a_result_or_a_message(server):
+    url = server[1]
     rng = random.Random(99)
     outcomes = {"complete": 0, "error": 0}
     deadline = time.monotonic() + TIME_BUDGET_S
