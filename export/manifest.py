@@ -13,7 +13,7 @@ import onnx
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError, shown
 
-from .integrity import file_sha256, has_sha256
+from .integrity import has_sha256
 from paligemma.weights import weight_files
 
 EXPORTER_VERSION = "1"  # bump when the graphs' contract or layout changes

@@ -3,13 +3,11 @@ of shipped examples, every kind of bad input answered with a message, concurrenc
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 import subprocess
 import sys
 import time
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
