@@ -13,7 +13,7 @@ import onnx
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError, shown
 
-from .integrity import has_sha256
+from .integrity import sha256_of
 from paligemma.weights import weight_files
 
 EXPORTER_VERSION = "1"  # bump when the graphs' contract or layout changes
@@ -124,7 +124,7 @@ def check_export(onnx_dir: Path, config: PaliGemmaConfig, fingerprint: str | Non
         if size != entry["size"]:
             raise OnnxExportError(f"{path} is corrupt: {size} bytes where the export wrote {entry['size']} "
                                   f"(truncated or overwritten){redo}")
-        if not has_sha256(path, entry["sha256"], progress):
+        if sha256_of(path, progress) != entry["sha256"]:
             raise OnnxExportError(f"{path} is corrupt: its sha256 differs from the one in {MANIFEST_NAME} "
                                   f"(overwritten, or another export's file){redo}")
     return manifest

@@ -30,7 +30,7 @@ from paligemma.errors import OnnxExportError
 from paligemma.weights import load_model, resolve_checkpoint
 
 from .graphs import GRAPH_ORDER, graph_modules, graph_specs
-from .integrity import file_sha256
+from .integrity import sha256_of
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
                        config_hash, weights_fingerprint)
 
@@ -333,7 +333,7 @@ def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, o
         meta, source=str(folder), ir_version=IR_VERSION, weight_bytes=vision_bytes + sum(e["length"] for e in shared.table.values()),
         graphs={name: spec.describe() for name, spec in specs.items()},
         shared_data=dict(file=SHARED_DATA_NAME, tensors=shared.table),
-        files={f: dict(size=(output / f).stat().st_size, sha256=file_sha256(output / f)) for f in files},
+        files={f: dict(size=(output / f).stat().st_size, sha256=sha256_of(output / f)) for f in files},
     )
     (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"exported {folder} to {output} ({dtype}{', int8' if quantize else ''}) in {time.perf_counter() - start:.1f}s")

@@ -185,7 +185,7 @@ def test_verdicts_survive_the_process_in_the_export_cache(copy, monkeypatch, tmp
     folder, onnx_dir = copy
     monkeypatch.setenv(integrity.CACHE_ENV, str(tmp_path / "cache"))
     answer(folder, onnx_dir)
-    assert (tmp_path / "cache" / integrity.VERDICTS_NAME).is_file()
+    assert (tmp_path / "cache" / integrity.DIGESTS_NAME).is_file()
     monkeypatch.setattr(integrity, "_memo", {})  # as a new process starts
     monkeypatch.setattr(integrity, "file_sha256", lambda *a: pytest.fail("hashed again"))
     answer(folder, onnx_dir)
@@ -233,3 +233,14 @@ def test_the_cli_refuses_a_damaged_export_with_exit_1(copy):
                           "--onnx-dir", str(onnx_dir), "--image", str(onnx_dir / "nothing.png"), "--prompt", "caption en"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and f"{SHARED_DATA_NAME} is corrupt" in out.stderr and out.stdout == ""
+
+
+def test_the_first_load_after_an_export_hashes_nothing(export, tmp_path, monkeypatch):
+    """The exporter's own hashing, for the manifest, is remembered for the files it wrote."""
+    from export import integrity
+
+    folder, _ = export
+    onnx_dir = tmp_path / "fresh"
+    export_model(folder, onnx_dir, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(integrity, "file_sha256", lambda *a: pytest.fail("hashed again"))
+    assert answer(folder, onnx_dir).token_ids
