@@ -142,7 +142,7 @@ def overwrite_200_kb(data):
 @pytest.mark.parametrize("damage", [zero_fill, overwrite_200_kb])
 def test_same_size_damage_to_the_weights_is_refused_at_load(copy, damage):
     folder, onnx_dir = copy
-    answer(folder, onnx_dir)  # verified once, so that the verdict of the intact file is remembered
+    answer(folder, onnx_dir)  # hashed once, so that the intact file's digest is remembered
     damage(onnx_dir / SHARED_DATA_NAME)
     with pytest.raises(OnnxExportError, match=rf"{SHARED_DATA_NAME} is corrupt: its sha256 differs"):
         answer(folder, onnx_dir)
@@ -172,14 +172,14 @@ def test_a_verified_file_is_hashed_once_per_identity(copy, monkeypatch):
     assert SHARED_DATA_NAME in hashed
     hashed.clear()
     answer(folder, onnx_dir)
-    assert hashed == []  # nothing changed: every verdict remembered
+    assert hashed == []  # nothing changed: every digest remembered
     data = onnx_dir / SHARED_DATA_NAME
     data.write_bytes(data.read_bytes())  # same bytes, rewritten: a new identity, hashed again
     answer(folder, onnx_dir)
     assert hashed == [SHARED_DATA_NAME]
 
 
-def test_verdicts_survive_the_process_in_the_export_cache(copy, monkeypatch, tmp_path):
+def test_digests_survive_the_process_in_the_export_cache(copy, monkeypatch, tmp_path):
     from export import integrity
 
     folder, onnx_dir = copy
