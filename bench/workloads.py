@@ -22,18 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 import paligemma
 from paligemma.config import PaliGemmaConfig
 from paligemma.gemma import RMSNorm
-from paligemma.locations import LOC_TOKENS, NUM_LOC_BINS, NUM_SEG_CODES, SEG_TOKENS
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.weights import save_checkpoint
+from shapes.tokenizer import build_tokenizer
 
 BUILD_VERSION = "2"  # bump when a random checkpoint's recipe changes, so cached ones are rebuilt
 PROMPT = "caption en"
-SPACE = "\u2581"
 WORDS = ("caption", "en", "answer", "detect", "a", "the", "\n")
 EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "manifest.py")  # what an export is made by (export/)
 
@@ -89,7 +87,7 @@ class Workload:
         del model
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()  # the runtimes, in their own processes, need the memory
-        build_tokenizer(config.image_token_index).save(str(staging / "tokenizer.json"))
+        build_tokenizer(WORDS, config.image_token_index).save(str(staging / "tokenizer.json"))
         os.replace(staging, folder)
         return folder
 
@@ -131,29 +129,6 @@ def random_model(config: PaliGemmaConfig, dtype: torch.dtype, device, std: float
                 scale = {"embed_tokens": embed_std, "o_proj": attn_out_std}.get(module_name.rsplit(".", 1)[-1], std)
                 p.normal_(0.0, scale, generator=generator)
     return model.eval()
-
-
-def build_tokenizer(image_token_index: int) -> Tokenizer:
-    """A word-level tokenizer with Gemma's special ids (<pad> 0, <eos> 1, <bos> 2, <unk> 3), a few words, and the
-    loc, seg and image tokens at PaliGemma's ids counted back from `image_token_index`."""
-    vocab = {token: i for i, token in enumerate(("<pad>", "<eos>", "<bos>", "<unk>"))}
-    for word in WORDS:
-        for piece in (word, SPACE + word):
-            vocab.setdefault(piece, len(vocab))
-    vocab.setdefault(SPACE, len(vocab))
-    loc_start = image_token_index - NUM_SEG_CODES - NUM_LOC_BINS
-    vocab.update({token: loc_start + i for i, token in enumerate(LOC_TOKENS)})
-    vocab.update({token: loc_start + NUM_LOC_BINS + i for i, token in enumerate(SEG_TOKENS)})
-    vocab["<image>"] = image_token_index
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Replace(" ", SPACE)
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(rf"{SPACE}?[A-Za-z0-9]+|{SPACE}?[^A-Za-z0-9{SPACE}]|{SPACE}"),
-                                                   behavior="isolated")
-    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.Fuse()])
-    specials = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in LOC_TOKENS + SEG_TOKENS])
-    return tokenizer
 
 
 def request_image(size: int = 224) -> Image.Image:

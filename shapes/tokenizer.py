@@ -34,17 +34,22 @@ def words_of(texts):
     return list(seen)
 
 
-def build_tokenizer(words):
+def build_tokenizer(words, image_token_index: int | None = None):
     """A tokenizers.Tokenizer over `words` (plain strings such as "red", "?" or "\\n") with PaliGemma's special tokens.
 
     Ids: `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3, then each word bare and with a leading "▁", then "▁",
-    then `<image>`, `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`.
+    then `<image>`, `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`; or, with `image_token_index`, the loc and seg
+    tokens just below it and `<image>` at it, where PaliGemma's own vocabulary has them (benchmark models).
     """
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in words:
         for piece in (word, SPACE + word):
             vocab.setdefault(piece, len(vocab))
     vocab.setdefault(SPACE, len(vocab))
+    if image_token_index is not None:
+        loc_start = image_token_index - len(SEG_TOKENS) - len(LOC_TOKENS)
+        vocab.update({token: loc_start + i for i, token in enumerate(LOC_TOKENS + SEG_TOKENS)})
+        vocab[IMAGE_TOKEN] = image_token_index
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Replace(" ", SPACE)
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_PIECE), behavior="isolated")
