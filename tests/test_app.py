@@ -74,6 +74,7 @@ def test_queue_and_upload_limits(server):
     assert app._queue.max_size == demo_app.MAX_QUEUE
     assert app._queue.default_concurrency_limit == demo_app.CONCURRENCY_LIMIT
     assert app.max_file_size == 10 * 1024 * 1024
+    assert app.delete_cache == (600, 3600)  # uploads and answers' images go after an hour (test_app_security.py)
 
 
 def test_caption_of_a_shipped_example(client, backend):
