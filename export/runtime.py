@@ -20,7 +20,7 @@ import torch
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
 from paligemma.generate import Pipeline
-from paligemma.masks import extend_for_generation, last_slots, token_positions
+from paligemma.masks import extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import load_model, resolve_checkpoint
 
@@ -168,9 +168,10 @@ class OnnxEngine:
             "attention_mask": inputs["attention_mask"].numpy().astype(np.int64),
             "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
         })
-        # The mask for the whole run, written once.
+        # The mask and positions for the whole run, written once.
         self.attention_mask, _ = extend_for_generation(inputs["attention_mask"].long(), inputs["token_type_ids"],
                                                        max_new_tokens)
+        self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
         self.length = input_ids.shape[1]
         return torch.from_numpy(logits.numpy())
 
@@ -181,7 +182,7 @@ class OnnxEngine:
         feeds = {
             "input_ids": tokens.numpy().astype(np.int64).reshape(-1, 1),
             "attention_mask": attention_mask.contiguous().numpy(),
-            "position_ids": token_positions(attention_mask, last_slots(self.length, 1)).numpy(),
+            "position_ids": self.positions[:, self.length - 1 : self.length],
             **dict(zip(m.past_names, self.past)),
         }
         logits, *self.past = m.run("decode", feeds)
