@@ -209,7 +209,7 @@ def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Pa
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{key}.partial-{os.getpid()}")
-    print(f"exporting {folder} to ONNX (first use; cached in {target})")
+    logger.info("exporting %s to ONNX (first use; cached in %s)", folder, target)
     try:
         export_and_validate(folder, staging, progress=True)
         try:

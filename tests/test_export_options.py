@@ -50,15 +50,17 @@ def test_cli_reports_a_bad_checkpoint(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_export_cache_made_on_first_use_then_reused(checkpoint, tmp_path, monkeypatch, capsys):
+def test_export_cache_made_on_first_use_then_reused(checkpoint, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    caplog.set_level("INFO", logger="export.runtime")
     first = paligemma.load(checkpoint, backend="onnx")
-    assert "exporting" in capsys.readouterr().out
+    assert "exporting" in caplog.text
+    caplog.clear()
     (cached,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert (cached / MANIFEST_NAME).exists()
     stamp = (cached / "decode.onnx").stat().st_mtime_ns
     second = paligemma.load(checkpoint, backend="onnx")
-    assert "exporting" not in capsys.readouterr().out
+    assert "exporting" not in caplog.text
     assert (cached / "decode.onnx").stat().st_mtime_ns == stamp
     assert first.generate(IMAGE, "caption en", max_new_tokens=6).token_ids == \
         second.generate(IMAGE, "caption en", max_new_tokens=6).token_ids
