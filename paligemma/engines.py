@@ -238,20 +238,27 @@ class StaticEngine:
         return logits
 
 
+def default_engine(device: torch.device) -> str:
+    return "static" if device.type == "cuda" else "eager"
+
+
 def make_engines(model: PaliGemmaForConditionalGeneration, engine: str | None = None) -> EngineFactory:
     """The engine factory for `engine` ("eager" or "static"; None: static on CUDA, eager elsewhere). On CUDA the
-    static engine compiles and records its decode step here, once (StaticEngines.warm_up_s says how long)."""
-    device = parameter_of(model).device
-    engine = engine or ("static" if device.type == "cuda" else "eager")
-    if engine not in ENGINES:
-        raise ValueError(f"engine '{engine}' is not one of {', '.join(ENGINES)}")
-    if engine == "eager":
+    static engine compiles and records its decode step here, once (StaticEngines.warm_up_s says how long); if that
+    fails where the static engine was only the default, the eager engine serves, with a warning."""
+    chosen = engine or default_engine(parameter_of(model).device)
+    if chosen not in ENGINES:
+        raise ValueError(f"engine '{chosen}' is not one of {', '.join(ENGINES)}")
+    if chosen == "eager":
         return functools.partial(TorchEngine, model)
     engines = StaticEngines(model)
     if engines.cuda_graphs:
         try:
             engines.warm_up()
         except Exception as e:  # torch.compile raises many types (a missing compiler, a backend failure, ...)
-            raise RuntimeError(f"the static engine could not compile its decode step ({type(e).__name__}: {e}); "
-                               "load with engine='eager'") from e
+            reason = f"the static engine could not compile its decode step ({type(e).__name__}: {e})"
+            if engine == "static":
+                raise RuntimeError(f"{reason}; load with engine='eager'") from e
+            logger.warning("%s; the eager engine serves instead", reason)
+            return functools.partial(TorchEngine, model)
     return engines

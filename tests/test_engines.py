@@ -102,3 +102,25 @@ def test_stop_ids_are_a_call_argument(reference_factory, images):
 def test_generated_tokens_extend_the_masks_as_real_and_autoregressive():
     mask, types = extend_for_generation(torch.tensor([[0, 1, 1]]), torch.tensor([[0, 0, 0]]), 2)
     assert mask.tolist() == [[0, 1, 1, 1, 1]] and types.tolist() == [[0, 0, 0, 1, 1]]
+
+
+def test_a_static_engine_that_cannot_compile_falls_back_to_eager_unless_asked_for(reference_factory, monkeypatch, caplog):
+    """On CUDA the default engine compiles at load; a failing compiler must not stop a default load."""
+    from paligemma import engines
+
+    class Uncompilable(StaticEngines):
+        def __init__(self, model):
+            super().__init__(model)
+            self.cuda_graphs = True  # as on a GPU
+
+        def warm_up(self, batch_size=1):
+            raise RuntimeError("no C compiler")
+
+    folder, _ = reference_factory("pg1")
+    model = paligemma.load(folder).model
+    monkeypatch.setattr(engines, "StaticEngines", Uncompilable)
+    monkeypatch.setattr(engines, "default_engine", lambda device: "static")  # as on CUDA
+    with pytest.raises(RuntimeError, match="could not compile its decode step .*no C compiler.*engine='eager'"):
+        engines.make_engines(model, "static")
+    factory = engines.make_engines(model)
+    assert isinstance(factory(), TorchEngine) and "the eager engine serves instead" in caplog.text
