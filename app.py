@@ -15,6 +15,10 @@ parser.add_argument("--onnx-dir", default=os.environ.get("PALIGEMMA_ONNX_DIR"), 
 parser.add_argument("--host", help="address to listen on (default 127.0.0.1, or GRADIO_SERVER_NAME)")
 parser.add_argument("--port", type=int, help="port (default 7860, or GRADIO_SERVER_PORT)")
 parser.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+parser.add_argument("--threads", type=int, default=None,
+                    help="ONNX Runtime intra-op threads per request (default: chosen for the machine and the model)")
+parser.add_argument("--concurrency", type=int, default=None,
+                    help="requests generating at once (default: chosen with the threads; the rest wait in the queue)")
 parser.add_argument("--torch-check", choices=["auto", "on", "off"], default=os.environ.get("PALIGEMMA_TORCH_CHECK", "auto"),
                     help="let visitors check answers against eager torch, which loads a float32 copy of the model "
                          "(env PALIGEMMA_TORCH_CHECK; auto: only when that copy is under 1 GiB)")
@@ -23,10 +27,17 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.onnx_dir and args.backend != "onnx":
         parser.error(f"--onnx-dir is served by --backend onnx only, and --backend is {args.backend}")
+    if args.threads is not None and args.backend != "onnx":
+        parser.error("--threads sets ONNX Runtime's threads; with --backend torch, set OMP_NUM_THREADS")
+    for name in ("threads", "concurrency"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        backend = load_backend(args.model, args.backend, onnx_dir=args.onnx_dir)
+        backend = load_backend(args.model, args.backend, onnx_dir=args.onnx_dir, threads=args.threads,
+                               requests=args.concurrency)
     except (CheckpointError, OnnxExportError) as e:
         parser.exit(2, f"app.py: {e}\n")
     torch_check = {"auto": None, "on": True, "off": False}[args.torch_check]
-    launch(create_app(backend, torch_check=torch_check), host=args.host, port=args.port, share=args.share)
+    app = create_app(backend, concurrency_limit=args.concurrency, torch_check=torch_check)
+    launch(app, host=args.host, port=args.port, share=args.share)

@@ -38,7 +38,6 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_UPLOAD_BYTES = 10 * 2**20  # uploads, and images sent inline as data: URLs
 UPLOAD_KEEP_S = 3600  # uploads and answers' images older than this are deleted (checked every 10 minutes)
 MAX_PROMPT_CHARS = 1000
-CONCURRENCY_LIMIT = 2  # requests generating at once; the rest wait in the queue
 MAX_QUEUE = 32  # at most this many wait; more are turned away with "queue full"
 # name: (lowest, highest, whole number); the sliders use the same ranges, and the server checks them again.
 # max_new_tokens is bounded by the model too (decoding_limits).
@@ -229,6 +228,9 @@ def format_check(check: TorchCheck, processor) -> str:
 
 def banner(backend: Backend) -> str:
     text = f"**Model:** {backend.model} · **Runtime:** {backend.runtime}"
+    plan = getattr(backend.pipeline.engine_factory, "thread_plan", None)  # ONNX Runtime's (export/threads.py)
+    if plan is not None:
+        text += f" · {plan.describe()}"
     if backend.warm_up_s:
         text += f" · warmed up in {backend.warm_up_s * 1000:.0f} ms"
     if backend.fallback:
@@ -244,12 +246,13 @@ def example_rows() -> list[list[str]]:
     return [[str(EXAMPLES_DIR / entry["file"]), entry["prompt"]] for entry in json.loads(manifest.read_text())]
 
 
-def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCURRENCY_LIMIT,
+def create_app(backend: Backend | None = None, *, concurrency_limit: int | None = None,
                max_queue: int = MAX_QUEUE, torch_check: bool | None = None,
                delete_cache: tuple[int, int] = (600, UPLOAD_KEEP_S)) -> gr.Blocks:
     """The demo page around `backend` (by default the embedded model on ONNX Runtime, falling back to torch).
 
-    `torch_check` lets requests ask for the check against eager torch, which loads a float32 copy of the model
+    `concurrency_limit` requests generate at once (default: as many as the backend's thread plan runs well, e.g.
+    one per core for the embedded model on ONNX Runtime); the rest wait in the queue. `torch_check` lets requests ask for the check against eager torch, which loads a float32 copy of the model
     beside the served one: None allows it only where that copy is small (Backend.torch_check_fits). Uploads and
     answers' images are deleted `delete_cache` = (every, older than) seconds."""
     backend = backend or load_backend()
@@ -334,7 +337,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int = CONCU
         # preprocess=False: the handler receives the values as sent and checks each itself (see read_image).
         run.click(generate, inputs, outputs, api_name="generate", preprocess=False)
         prompt.submit(generate, inputs, outputs, api_visibility="private", preprocess=False)
-    app.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
+    app.queue(default_concurrency_limit=concurrency_limit or backend.concurrent_requests, max_size=max_queue)
     return app
 
 

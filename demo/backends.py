@@ -21,6 +21,7 @@ from paligemma.weights import resolve_checkpoint, weight_files
 
 logger = logging.getLogger(__name__)
 
+TORCH_CONCURRENT_REQUESTS = 2
 TORCH_CHECK_AUTO_BYTES = 1 << 30  # float32 weights of the torch copy the check may load unasked-for by the operator
 
 
@@ -54,6 +55,13 @@ class Backend:
         return self.name == "torch" or float32_weight_bytes(self.folder) <= TORCH_CHECK_AUTO_BYTES
 
     @property
+    def concurrent_requests(self) -> int:
+        """How many requests the app runs at once: ONNX Runtime's thread plan says (export/threads.py); eager torch
+        runs two, sharing torch's threads."""
+        plan = getattr(self.pipeline.engine_factory, "thread_plan", None)
+        return plan.concurrent_requests if plan is not None else TORCH_CONCURRENT_REQUESTS
+
+    @property
     def is_demo_model(self) -> bool:
         return self.folder.resolve() == paligemma.DEMO_CHECKPOINT.resolve()
 
@@ -73,7 +81,8 @@ def default_device() -> str:
 
 
 def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", *, onnx_dir: str | os.PathLike | None = None,
-                 device: str | None = None, warm_up: bool = True) -> Backend:
+                 device: str | None = None, warm_up: bool = True, threads: int | None = None,
+                 requests: int | None = None) -> Backend:
     """Load `model` (a folder or Hub repo id; None is the embedded demo model) for `backend`.
 
     "onnx" exports the model on first use (or reads `onnx_dir`) and runs it with ONNX Runtime; if that fails for any
@@ -92,7 +101,10 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
     fallback = None
     if backend == "onnx":
         try:
-            pipeline = paligemma.load(folder, device=device or "auto", backend="onnx", onnx_dir=onnx_dir)
+            from export.runtime import load_onnx_pipeline  # here: a broken onnxruntime install falls back too
+
+            pipeline = load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device or "auto", threads=threads,
+                                          requests=requests)
             seconds = warm(pipeline) if warm_up else 0.0
             return Backend(pipeline, "onnx", describe_onnx(pipeline), label, folder, torch_device, warm_up_s=seconds)
         except paligemma.CheckpointError:

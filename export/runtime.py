@@ -28,6 +28,7 @@ from .graphs import GRAPH_ORDER, cache_names
 from .integrity import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV: where callers look the variable up
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
+from .threads import ThreadPlan, plan_threads
 from .validate import validate_export
 
 logger = logging.getLogger(__name__)
@@ -53,15 +54,16 @@ def choose_providers(device: str) -> list:
     return ["CPUExecutionProvider"]
 
 
-def session_options(threads: int | None, shared: tuple[list, list] | None, prepack: bool = False) -> ort.SessionOptions:
+def session_options(plan: ThreadPlan, shared: tuple[list, list] | None, prepack: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     # All graph optimizations: they fuse LayerNorm, GELU and attention patterns in place and copy no weights
     # (measured: export/memory_check.py).
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # One request runs one graph at a time; all cores go to the operators inside it.
+    # One request runs one graph at a time; the plan's threads go to the operators inside it (export/threads.py).
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = plan.intra_op_threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if plan.spinning else "0")
     options.log_severity_level = 3  # errors only: ONNX Runtime's warnings about unused initializers are noise here
     if shared is not None:
         # The decoder weights live in one buffer that both sessions read. Pre-packing would give each session
@@ -78,7 +80,7 @@ class OnnxModel:
     """The sessions of one export. Calling it gives a fresh OnnxEngine (what Pipeline's engine_factory needs)."""
 
     def __init__(self, onnx_dir, config: PaliGemmaConfig, device: str = "cpu", fingerprint: str | None = None,
-                 threads: int | None = None, prepack: bool = False):
+                 threads: int | None = None, requests: int | None = None, prepack: bool = False):
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
@@ -86,12 +88,14 @@ class OnnxModel:
             raise OnnxExportError(f"{self.onnx_dir / MANIFEST_NAME} records dtype {self.manifest.get('dtype')!r}; this "
                                   f"runtime reads {' and '.join(FLOAT_TYPES)} exports; export again")
         self.float_type = FLOAT_TYPES[self.manifest["dtype"]]
+        decoder_bytes = sum(entry["length"] for entry in self.manifest["shared_data"]["tensors"].values())
+        self.thread_plan = plan_threads(decoder_bytes, threads=threads, requests=requests)
         providers = choose_providers(device)
         buffers, shared = self._load_shared()
         self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
         self.sessions = {}
         for name in GRAPH_ORDER:
-            options = session_options(threads, shared if name != "vision_encoder" else None, prepack)
+            options = session_options(self.thread_plan, shared if name != "vision_encoder" else None, prepack)
             self.sessions[name] = self._session(name, options, providers)
         self.providers = self.sessions["decode"].get_providers()
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -223,11 +227,12 @@ def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Pa
 
 
 def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int | None = None,
-                       prepack: bool = False) -> Pipeline:
+                       requests: int | None = None, prepack: bool = False) -> Pipeline:
     """A Pipeline generating with ONNX Runtime: from the export in `onnx_dir` (checked against the checkpoint's
     config hash and weights), or from the export cache, exporting on first use. `folder` may also be an export
-    directory itself. `prepack` trades memory (each decoder session re-lays out its own copy of the weights) for
-    faster batched decoding on CPU."""
+    directory itself. `threads` (intra-op, per request) and `requests` (how many run at once) override the plan
+    chosen for the machine and the model (export/threads.py; `pipeline.engine_factory.thread_plan`). `prepack`
+    trades memory (each decoder session re-lays out its own copy of the weights) for faster batched decoding on CPU."""
     folder = Path(folder)
     try:
         config = PaliGemmaConfig.from_json_file(folder / "config.json")
@@ -239,5 +244,6 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
         fingerprint = weights_fingerprint(folder)
         if onnx_dir is None:
             onnx_dir = cached_export(folder, config, fingerprint)
-    model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, prepack=prepack)
+    model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, requests=requests,
+                      prepack=prepack)
     return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)

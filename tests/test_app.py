@@ -69,10 +69,10 @@ def test_api_endpoint_generate_takes_image_and_prompt_first_with_defaults_for_th
     assert endpoint["returns"][0]["label"] == "Answer"
 
 
-def test_queue_and_upload_limits(server):
+def test_queue_and_upload_limits(server, backend):
     app, _ = server
     assert app._queue.max_size == demo_app.MAX_QUEUE
-    assert app._queue.default_concurrency_limit == demo_app.CONCURRENCY_LIMIT
+    assert app._queue.default_concurrency_limit == backend.concurrent_requests
     assert app.max_file_size == 10 * 1024 * 1024
     assert app.delete_cache == (600, 3600)  # uploads and answers' images go after an hour (test_app_security.py)
 
@@ -289,14 +289,12 @@ def test_raw_payloads_that_are_not_uploads_get_a_message(server, image, message)
 
 
 def test_falls_back_to_torch_when_onnx_runtime_cannot_run_and_says_so(monkeypatch):
-    load = paligemma.load
+    from export import runtime
 
-    def failing_onnx(*args, backend="torch", **kwargs):
-        if backend == "onnx":
-            raise RuntimeError("no usable execution provider")
-        return load(*args, backend=backend, **kwargs)
+    def failing_onnx(*args, **kwargs):
+        raise RuntimeError("no usable execution provider")
 
-    monkeypatch.setattr(paligemma, "load", failing_onnx)
+    monkeypatch.setattr(runtime, "load_onnx_pipeline", failing_onnx)
     backend = load_backend(None, "onnx", warm_up=False)
     assert backend.name == "torch" and "no usable execution provider" in backend.fallback
     app = demo_app.create_app(backend)
@@ -422,3 +420,16 @@ def test_app_py_reports_a_bad_config_in_one_line(tmp_path, config):
                             text=True, timeout=120)
     assert result.returncode == 2 and "config.json" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+
+
+@pytest.mark.parametrize("args,message", [(["--threads", "0"], "--threads must be at least 1"),
+                                          (["--backend", "torch", "--threads", "2"], "set OMP_NUM_THREADS")])
+def test_app_py_refuses_bad_thread_settings_in_one_line(args, message):
+    result = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_the_banner_shows_the_thread_plan(backend):
+    app = demo_app.create_app(backend)
+    banner = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "backend")
+    assert backend.pipeline.engine_factory.thread_plan.describe() in banner.value

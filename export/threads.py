@@ -1,0 +1,47 @@
+"""How ONNX Runtime's threads are set: intra-op threads per session, spinning, and how many requests run at once,
+chosen together from the machine's cores and the model's size.
+
+A small model's operators are too small to split: on the 2-core machine here the embedded model (6 M parameters)
+decodes ~2x faster on one intra-op thread than on two, and two requests at once, one thread each, answer ~40% more
+requests per second than two threads each (export/README.md "Threads"). A large model's matrix products do split
+well, so one request takes every core. Spinning (threads busy-waiting between operators) only pays when nothing
+else wants the cores; with several requests at once it takes cores from the others.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+SMALL_MODEL_BYTES = 256 * 2**20  # decoder weights below this: one intra-op thread per request
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    intra_op_threads: int  # per session; a request runs one session at a time
+    spinning: bool
+    concurrent_requests: int  # how many requests should run at once (the app's concurrency limit)
+
+    def describe(self) -> str:
+        return (f"{self.intra_op_threads} thread{'s' if self.intra_op_threads > 1 else ''} per request, "
+                f"{self.concurrent_requests} at once{', spinning' if self.spinning else ''}")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def plan_threads(weight_bytes: int, cores: int | None = None, threads: int | None = None,
+                 requests: int | None = None) -> ThreadPlan:
+    """The settings for a model of `weight_bytes` on `cores` (default: the cores this process may use); `threads`
+    and `requests` override the choice, and the rest follows from them."""
+    cores = cores or available_cores()
+    for name, value in (("threads", threads), ("requests", requests)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r}: use a whole number of at least 1")
+    if threads is None:
+        per_request = 1 if weight_bytes < SMALL_MODEL_BYTES else cores
+        threads = per_request if requests is None else max(1, cores // requests)
+    if requests is None:
+        requests = max(1, cores // threads)
+    return ThreadPlan(threads, spinning=requests == 1 and threads > 1, concurrent_requests=requests)
