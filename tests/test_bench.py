@@ -66,3 +66,11 @@ def test_cuda_breakdown_says_what_it_needs():
     done = subprocess.run([sys.executable, "-m", "bench.cuda_breakdown"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "usage: python -m bench.cuda_breakdown CHECKPOINT" in done.stderr
+
+
+def test_thread_settings_are_measured_side_by_side(capsys):
+    from bench.threads import SETTINGS, main
+
+    assert main(["--new-tokens", "2", "--runs", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(SETTINGS) and all("tok/s" in line and "requests/s" in line for line in lines)
