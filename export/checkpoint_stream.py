@@ -9,6 +9,7 @@ is an error naming the shard.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ class CheckpointStream:
             return first
         whole = torch.empty(self.tensors[name].shape, dtype=first.dtype)
         row = 0
-        for block in (first, *blocks):
+        for block in itertools.chain([first], blocks):  # one block at a time, not all unpacked
             whole[row : row + len(block)] = block
             row += len(block)
         return whole

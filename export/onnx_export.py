@@ -40,7 +40,7 @@ from .graphs import GRAPH_ORDER, graph_modules, graph_specs
 from .integrity import file_sha256
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
                        config_hash, weights_fingerprint)
-from .streaming import EXTERNAL_MIN_BYTES, WeightWriter, hollow_model, rename_inputs
+from .streaming import EXTERNAL_MIN_BYTES, WeightsAsInputs, WeightWriter, hollow_model, rename_inputs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 QUANTIZATIONS = (None, "int8")
@@ -80,17 +80,14 @@ def example_inputs(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, tup
     }
 
 
-def trace_to_onnx(module: torch.nn.Module, inputs, spec, path: Path, opset: int, export_params: bool) -> onnx.ModelProto:
-    """The traced graph; without `export_params` its weights are inputs named `model.<parameter>`, one per
-    parameter: keeping them as inputs turns off the exporter's de-duplication of equal-valued initializers, which
-    would merge a hollow model's (all equal, unwritten) parameters."""
+def trace_to_onnx(module: torch.nn.Module, inputs, spec, path: Path, opset: int, weight_names=()) -> onnx.ModelProto:
+    """The traced graph; `weight_names` name the trailing inputs of a WeightsAsInputs module."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings about shape reads
         torch.onnx.export(
             module, inputs, str(path), dynamo=False, opset_version=opset, do_constant_folding=False,
-            export_params=export_params, keep_initializers_as_inputs=not export_params or None,
-            input_names=[i.name for i in spec.inputs], output_names=[o.name for o in spec.outputs],
-            dynamic_axes=spec.dynamic_axes(),
+            input_names=[i.name for i in spec.inputs] + list(weight_names),
+            output_names=[o.name for o in spec.outputs], dynamic_axes=spec.dynamic_axes(),
         )
     return onnx.load(str(path))  # with any external data the exporter wrote beside it
 
@@ -304,8 +301,12 @@ def write_graphs(model, source: CheckpointStream, folder: Path, output: Path, dt
             steps.set_postfix_str(name)
             workdir = Path(tmp) / name
             workdir.mkdir()
-            graph = trace_to_onnx(modules[name], inputs[name], specs[name], workdir / f"{name}.onnx", opset,
-                                  export_params=quantize is not None)
+            if quantize is None:
+                module = WeightsAsInputs(modules[name])
+                graph = trace_to_onnx(module, module.example_inputs(inputs[name]), specs[name],
+                                      workdir / f"{name}.onnx", opset, module.names)
+            else:
+                graph = trace_to_onnx(modules[name], inputs[name], specs[name], workdir / f"{name}.onnx", opset)
             if name != "vision_encoder" and quantize is None:
                 tie_lm_head(graph, embed_name)
             if quantize is None:

@@ -1,9 +1,11 @@
 """Graphs traced without the weights, then given them straight from the checkpoint, one tensor at a time.
 
-The graphs are traced (`export_params=False`) on a hollow model: its parameters have the right shapes and dtype
-but uninitialized storage that is never written, so those pages never become resident (reading them maps the
-kernel's zero page); the tracer records operations, not values. Each weight is then an input of the traced graph,
-named `model.<parameter>`; it becomes an initializer whose bytes are copied from the safetensors file into the
+The graphs are traced on a hollow model: its parameters have the right shapes and dtype but uninitialized storage
+that is never written, so those pages never become resident (reading them maps the kernel's zero page); the tracer
+records operations, not values. The parameters are passed to the graph as inputs (`WeightsAsInputs`), not held as
+parameters: the exporter's shape inference converts every parameter it sees into an ONNX tensor, which on the
+3B-wide benchmark model made the whole decoder's weights (3 GB) resident again. Each weight input, named
+`model.<parameter>`, then becomes an initializer whose bytes are copied from the safetensors file into the
 export's data file in blocks of rows, converted to the export dtype on the way (bfloat16 checkpoints included).
 Weight transposes (how nn.Linear exports) are folded here, one matrix at a time, and the tied output projection is
 a Gemm(transB=1) on the embedding itself, so the largest matrix is streamed and never held whole.
@@ -16,6 +18,8 @@ from typing import Callable
 import onnx
 import torch
 from onnx import numpy_helper
+
+from torch import nn
 
 from paligemma.config import PaliGemmaConfig
 from paligemma.model import PaliGemmaForConditionalGeneration
@@ -32,6 +36,35 @@ def hollow_model(config: PaliGemmaConfig, dtype: torch.dtype) -> PaliGemmaForCon
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(config).to(dtype)
     return model.to_empty(device="cpu").eval()
+
+
+class WeightsAsInputs(nn.Module):
+    """A graph module whose parameters come in as trailing inputs, in `names` order. The module is held outside
+    nn.Module's registry, so the exporter sees no parameters at all; during the call each input takes its
+    parameter's slot (torch.func.functional_call does the same but refuses to run under the tracer)."""
+
+    def __init__(self, graph_module: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "graph_module", graph_module)
+        self.names = [name for name, _ in graph_module.named_parameters()]
+
+    def forward(self, *inputs):
+        count = len(inputs) - len(self.names)
+        slots = []
+        for name, tensor in zip(self.names, inputs[count:]):
+            owner, _, leaf = name.rpartition(".")
+            owner = self.graph_module.get_submodule(owner)
+            slots.append((owner, leaf, owner._parameters[leaf]))
+            owner._parameters[leaf] = tensor
+        try:
+            return self.graph_module(*inputs[:count])
+        finally:
+            for owner, leaf, parameter in slots:
+                owner._parameters[leaf] = parameter
+
+    def example_inputs(self, graph_inputs: tuple) -> tuple:
+        parameters = dict(self.graph_module.named_parameters())
+        return (*graph_inputs, *(parameters[name] for name in self.names))
 
 
 def rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
@@ -78,12 +111,14 @@ class WeightWriter:
         folded = fold_input_transposes(g, set(weights))
         used = {name for node in g.node for name in node.input}
         tensors = {w: (w, None) for w in weights if w in used} | folded
-        renames = {}
+        renames, added = {}, set()
         for name, (weight, perm) in self.progress(tensors.items(), what):
             parameter = weight.removeprefix(TRACED_PREFIX)
             initializer = self.initializer(name, parameter, perm, store)
             renames[name] = initializer.name
-            g.initializer.append(initializer)
+            if initializer.name not in added:  # equal tensors (norms at identity) share one stored name
+                added.add(initializer.name)
+                g.initializer.append(initializer)
         rename_inputs(g, {k: v for k, v in renames.items() if k != v})
         for item in [i for i in g.input if i.name in weights]:
             g.input.remove(item)
