@@ -9,7 +9,6 @@ is an error naming the shard.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-BLOCK_BYTES = 64 << 20  # rows are read and converted in blocks of about this size
+BLOCK_BYTES = 16 << 20  # rows are read and converted in blocks of about this size
 REDOWNLOAD = "download it again"
 
 
@@ -108,32 +107,33 @@ class CheckpointStream:
 
     def blocks(self, name: str, dtype: torch.dtype | None, tensor: StoredTensor | None = None) -> Iterator[torch.Tensor]:
         """The tensor as consecutive blocks of rows, each converted to `dtype` (floating-point tensors only; None
-        keeps the stored type)."""
+        keeps the stored type). The blocks share one buffer: each is valid until the next is read."""
         tensor = tensor or self.tensors[name]
         rows = tensor.shape[0] if tensor.shape else 1
-        per_block = max(1, BLOCK_BYTES // max(1, tensor.row_bytes))
+        per_block = min(rows, max(1, BLOCK_BYTES // max(1, tensor.row_bytes)))
+        raw = torch.empty(per_block * tensor.row_bytes, dtype=torch.uint8)
+        convert = dtype is not None and tensor.dtype.is_floating_point and tensor.dtype != dtype
+        converted = torch.empty((per_block, *tensor.shape[1:]), dtype=dtype) if convert else None
         with open(tensor.file, "rb") as f:
             f.seek(tensor.start)
             for first in range(0, rows, per_block):
                 count = min(per_block, rows - first)
-                raw = torch.empty(count * tensor.row_bytes, dtype=torch.uint8)
-                if f.readinto(raw.numpy()) != raw.numel():
+                chunk = raw[: count * tensor.row_bytes]
+                if f.readinto(chunk.numpy()) != chunk.numel():
                     raise CheckpointError(f"{tensor.file} ended inside tensor {name}: the shard was truncated or "
                                           f"replaced while it was read; {REDOWNLOAD}")
-                block = raw.view(tensor.dtype).reshape((count, *tensor.shape[1:]) if tensor.shape else ())
-                if dtype is not None and block.is_floating_point() and block.dtype != dtype:
-                    block = block.to(dtype)
-                yield block
+                block = chunk.view(tensor.dtype).reshape((count, *tensor.shape[1:]) if tensor.shape else ())
+                yield converted[:count].copy_(block) if convert else block
 
     def read(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
-        """The whole tensor, filled block by block (never two copies of it)."""
-        blocks = self.blocks(name, dtype)
-        first = next(blocks)
-        if first.shape == self.tensors[name].shape:
-            return first
-        whole = torch.empty(self.tensors[name].shape, dtype=first.dtype)
+        """The whole tensor, filled block by block."""
+        stored = self.tensors[name]
+        whole = None
         row = 0
-        for block in itertools.chain([first], blocks):  # one block at a time, not all unpacked
-            whole[row : row + len(block)] = block
+        for block in self.blocks(name, dtype):
+            if whole is None:
+                whole = torch.empty(stored.shape, dtype=block.dtype)
+            block = block.reshape(-1, *stored.shape[1:])
+            whole.view(-1, *stored.shape[1:])[row : row + len(block)] = block
             row += len(block)
         return whole

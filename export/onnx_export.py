@@ -197,15 +197,8 @@ def quantize_int8(model: onnx.ModelProto, workdir: Path, name: str) -> onnx.Mode
     return onnx.load(str(target))
 
 
-def export_model(
-    source, output, *, dtype: str = "float32", quantize: str | None = None, opset: int = DEFAULT_OPSET,
-    progress: bool = True, log=print,
-) -> dict:
-    """Export the checkpoint `source` (folder or Hub id) into `output`; returns the manifest.
-
-    Writes vision_encoder.onnx, prefill.onnx and decode.onnx (weights of the last two in one shared
-    decoder.onnx.data), the tokenizer, config.json and manifest.json, and checks every graph with onnx.checker.
-    Comparing ONNX Runtime with torch is a step of its own: export.runtime.export_and_validate does both."""
+def check_options(output, dtype: str, quantize: str | None, opset: int) -> None:
+    """Refuses a bad option before anything is written or computed."""
     if dtype not in DTYPES:
         raise OnnxExportError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
     if quantize not in QUANTIZATIONS:
@@ -215,9 +208,21 @@ def export_model(
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
         raise OnnxExportError(f"opset {opset!r} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} "
                               f"(default {DEFAULT_OPSET})")
-    output = Path(output)
-    if output.exists() and not output.is_dir():
+    if Path(output).exists() and not Path(output).is_dir():
         raise OnnxExportError(f"--output {output} is a file; name a folder (it is created if missing)")
+
+
+def export_model(
+    source, output, *, dtype: str = "float32", quantize: str | None = None, opset: int = DEFAULT_OPSET,
+    progress: bool = True, log=print,
+) -> dict:
+    """Export the checkpoint `source` (folder or Hub id) into `output`; returns the manifest.
+
+    Writes vision_encoder.onnx, prefill.onnx and decode.onnx (weights of the last two in one shared
+    decoder.onnx.data), the tokenizer, config.json and manifest.json, and checks every graph with onnx.checker.
+    Comparing ONNX Runtime with torch is a step of its own: export.runtime.export_and_validate does both."""
+    check_options(output, dtype, quantize, opset)
+    output = Path(output)
     folder = resolve_checkpoint(source)
     with removed_on_failure(output):
         output.mkdir(parents=True, exist_ok=True)

@@ -192,12 +192,16 @@ class OnnxEngine:
 def export_and_validate(source, output, *, log=print, **options) -> dict:
     """export_model(source, output, **options), then validate_export through this runtime's sessions: what
     `python -m export` and the export cache run. Returns the manifest."""
-    from .onnx_export import export_model, removed_on_failure
+    from .onnx_export import DEFAULT_OPSET, check_options, export_model, removed_on_failure
 
+    dtype = options.get("dtype", "float32")
+    check_options(output, dtype, options.get("quantize"), options.get("opset", DEFAULT_OPSET))
+    folder = resolve_checkpoint(source)
     with removed_on_failure(Path(output)):
-        manifest = export_model(source, output, log=log, **options)
-        # One after the other, so that the torch model and ONNX Runtime's weights are never in memory together.
-        reference = torch_reference(resolve_checkpoint(source), Path(output), manifest["dtype"])
+        # One step at a time, the torch reference first (while this process holds nothing large), so that the
+        # torch model, the export's working memory and ONNX Runtime's weights are never in memory together.
+        reference = torch_reference(folder, dtype)
+        manifest = export_model(folder, output, log=log, **options)
         config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
         validate_export(reference, OnnxModel(output, config), log=log)
     return manifest

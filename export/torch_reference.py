@@ -1,11 +1,11 @@
 """The torch side of the export's validation, recorded in a process of its own.
 
-    python -m export.torch_reference CHECKPOINT EXPORT_DIR DTYPE OUT
+    python -m export.torch_reference CHECKPOINT DTYPE OUT
 
 The torch model and ONNX Runtime's copy of the weights would need twice the weights' memory side by side; here the
 child loads the model, records what torch gives on the validation requests (image embeddings, prefill logits, the
-greedy tokens and the logits of each decode step) into OUT, and exits, returning its memory before ONNX Runtime
-loads the export in the parent. The child reads the weights tensor by tensor (export/checkpoint_stream.py) so
+greedy tokens and the logits of each decode step) into OUT, and exits, returning its memory before the parent
+exports and ONNX Runtime loads the export. The child reads the weights tensor by tensor (export/checkpoint_stream.py) so
 that it holds them once.
 """
 
@@ -60,23 +60,23 @@ def record(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcess
     return dict(requests=requests, runs=runs)
 
 
-def torch_reference(checkpoint: Path, onnx_dir: Path, dtype: str) -> dict:
+def torch_reference(checkpoint: Path, dtype: str) -> dict:
     """record() for the checkpoint, run in a child process; OnnxExportError with the child's error if it fails."""
     with tempfile.TemporaryDirectory(prefix="paligemma-reference-") as tmp:
         out = Path(tmp) / "reference.pt"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
-        done = subprocess.run([sys.executable, "-m", "export.torch_reference", str(checkpoint), str(onnx_dir), dtype,
-                               str(out)], capture_output=True, text=True, env=env)
+        done = subprocess.run([sys.executable, "-m", "export.torch_reference", str(checkpoint), dtype, str(out)],
+                              capture_output=True, text=True, env=env)
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-            raise OnnxExportError(f"the torch reference for validating {onnx_dir} failed: {last[0]}")
+            raise OnnxExportError(f"the torch reference for validating the export of {checkpoint} failed: {last[0]}")
         return torch.load(out, weights_only=True)
 
 
 def main(argv: list[str]) -> int:
-    checkpoint, onnx_dir, dtype, out = argv
+    checkpoint, dtype, out = argv
     model = load_streamed(Path(checkpoint), getattr(torch, dtype))
-    processor = PaliGemmaProcessor.from_pretrained(Path(onnx_dir), model.config)
+    processor = PaliGemmaProcessor.from_pretrained(Path(checkpoint), model.config)
     torch.save(record(model, processor), out)
     return 0
 

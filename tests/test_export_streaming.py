@@ -20,12 +20,13 @@ from paligemma.errors import CheckpointError, OnnxExportError
 from tiny import build_reference
 
 BOUND = 1.4  # peak RSS above a process that only imports the libraries, in float32 weight bytes
-# Weights dominate: a 64k x 512 embedding (134 MB in float32) on one small layer per tower.
+# Weights dominate: a 128k x 1024 embedding (537 MB in float32) on one small layer per tower. Smaller models
+# drown in fixed costs (the torch, tracer and ONNX Runtime set-up, ~150 MB) that do not grow with the weights.
 WEIGHT_HEAVY = dict(
     vision=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, patch_size=14, image_size=28),
-    text=dict(hidden_size=512, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
-              vocab_size=65536),
-    image_token_index=65500,
+    text=dict(hidden_size=1024, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+              vocab_size=131072),
+    image_token_index=131000,
 )
 IMAGE = Image.new("RGB", (24, 24), (200, 30, 90))
 
@@ -67,7 +68,7 @@ def test_export_with_validation_stays_within_the_weights_bound(weight_heavy, tmp
     baseline = peak_rss_kb([sys.executable, "-c", "import export.onnx_export, export.runtime, export.torch_reference"])
     peak = peak_rss_kb([sys.executable, "-m", "export", "--model", str(folder), "--output", str(out)])
     weight_bytes = json.loads((out / MANIFEST_NAME).read_text())["weight_bytes"]
-    assert weight_bytes > 100e6
+    assert weight_bytes > 500e6
     added = (peak - baseline) * 1024
     assert added <= BOUND * weight_bytes, f"{added / 1e6:.0f} MB above the baseline for {weight_bytes / 1e6:.0f} MB"
 
