@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from paligemma.engines import TorchEngine
-from paligemma.errors import OnnxExportError
+from paligemma.errors import CheckpointError, OnnxExportError
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 
@@ -75,7 +75,11 @@ def torch_reference(checkpoint: Path, dtype: str) -> dict:
 
 def main(argv: list[str]) -> int:
     checkpoint, dtype, out = argv
-    model = load_streamed(Path(checkpoint), getattr(torch, dtype))
+    try:
+        model = load_streamed(Path(checkpoint), getattr(torch, dtype))
+    except CheckpointError as e:  # the parent reports the last line of stderr
+        print(e, file=sys.stderr)
+        return 1
     processor = PaliGemmaProcessor.from_pretrained(Path(checkpoint), model.config)
     torch.save(record(model, processor), out)
     return 0

@@ -108,6 +108,17 @@ def test_a_truncated_shard_is_refused_before_anything_is_written(checkpoint, tmp
     assert not out.exists()
 
 
+def test_the_command_names_a_truncated_shard_and_writes_nothing(checkpoint, tmp_path, capsys):
+    from export.__main__ import main
+
+    shard = checkpoint / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    out = tmp_path / "onnx"
+    assert main(["--model", str(checkpoint), "--output", str(out)]) == 1
+    assert f"{shard} is truncated" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_shard_truncated_mid_export_is_named_and_the_partial_export_removed(checkpoint, tmp_path, monkeypatch):
     shard = checkpoint / "model.safetensors"
     trace = onnx_export.trace_to_onnx
