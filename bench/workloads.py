@@ -33,7 +33,8 @@ from shapes.tokenizer import build_tokenizer
 BUILD_VERSION = "2"  # bump when a random checkpoint's recipe changes, so cached ones are rebuilt
 PROMPT = "caption en"
 WORDS = ("caption", "en", "answer", "detect", "a", "the", "\n")
-EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "manifest.py")  # what an export is made by (export/)
+EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "streaming.py", "checkpoint_stream.py", "external_data.py",
+                    "manifest.py")  # what an export is made by (export/)
 
 # Widths of paligemma-3b-pt-224 (REFERENCE.md); `layers` chooses how many of each tower to keep.
 PALIGEMMA_3B = dict(

@@ -1,8 +1,12 @@
-"""torch -> ONNX: the three graphs, weights stored once, metadata, int8 quantization, checks and validation.
+"""torch -> ONNX: the three graphs, weights stored once, metadata, int8 quantization, checks.
 
 Exporter: TorchScript (`torch.onnx.export(dynamo=False)`), which traces batch, sequence and past length as dynamic
-axes. Its constant folding is off: it would hold the model's weights twice more in memory; the weight transposes
-nn.Linear exports are folded here instead, one tensor at a time, so ONNX Runtime has nothing left to copy at load.
+axes. float32 and float16 exports stream (export/streaming.py): the graphs are traced on a hollow model and each
+weight is copied from the checkpoint into the data file on its own, so the export holds about one matrix of
+weights at a time, whatever the model's size. int8 still takes the whole-graph path: the model is loaded, traced
+with its weights, and `quantize_dynamic` rewrites each graph in memory (quantizing tensor by tensor is to come).
+The exporter's constant folding is off on both paths: it would hold the weights twice more; weight transposes are
+folded here, one tensor at a time, so ONNX Runtime has nothing left to copy at load.
 The dynamo exporter (torch 2.13) took 20x longer on the tiny model, could not turn `dynamic_axes` into
 `dynamic_shapes` for the decode graph's past inputs, and left a Transpose on every weight.
 """
@@ -10,7 +14,7 @@ The dynamo exporter (torch 2.13) took 20x longer on the tiny model, could not tu
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
 import json
 import logging
 import shutil
@@ -27,12 +31,16 @@ from tqdm.auto import tqdm
 
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError
+from paligemma.errors import CheckpointError, ConfigError
 from paligemma.weights import load_model, resolve_checkpoint
 
+from .checkpoint_stream import CheckpointStream
+from .external_data import ExternalData
 from .graphs import GRAPH_ORDER, graph_modules, graph_specs
 from .integrity import sha256_of
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
                        config_hash, weights_fingerprint)
+from .streaming import EXTERNAL_MIN_BYTES, WeightsAsInputs, WeightWriter, hollow_model, rename_inputs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 QUANTIZATIONS = (None, "int8")
@@ -41,8 +49,6 @@ OPSETS = range(14, 23)  # each exported and validated here (torch 2.13's TorchSc
 # onnx 1.23 writes IR 14; onnxruntime 1.31 reads up to 13. 10 is what opset 18 needs and what older runtimes read.
 IR_VERSION = 10
 PROTOBUF_LIMIT = 2**31 - 1
-EXTERNAL_MIN_BYTES = 1024  # smaller tensors (shapes, scalars) stay inside the graph
-ALIGNMENT = 4096  # page-aligned offsets let runtimes map the data file
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -74,13 +80,14 @@ def example_inputs(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, tup
     }
 
 
-def trace_to_onnx(module: torch.nn.Module, inputs, spec, path: Path, opset: int) -> onnx.ModelProto:
+def trace_to_onnx(module: torch.nn.Module, inputs, spec, path: Path, opset: int, weight_names=()) -> onnx.ModelProto:
+    """The traced graph; `weight_names` name the trailing inputs of a WeightsAsInputs module."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings about shape reads
         torch.onnx.export(
             module, inputs, str(path), dynamo=False, opset_version=opset, do_constant_folding=False,
-            input_names=[i.name for i in spec.inputs], output_names=[o.name for o in spec.outputs],
-            dynamic_axes=spec.dynamic_axes(),
+            input_names=[i.name for i in spec.inputs] + list(weight_names),
+            output_names=[o.name for o in spec.outputs], dynamic_axes=spec.dynamic_axes(),
         )
     return onnx.load(str(path))  # with any external data the exporter wrote beside it
 
@@ -95,13 +102,6 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     """A read-only view of the tensor's bytes (no copy of a multi-gigabyte matrix)."""
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     return np.frombuffer(tensor_bytes(tensor), dtype=dtype).reshape(tuple(tensor.dims))
-
-
-def rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
 
 
 def tie_lm_head(model: onnx.ModelProto, embed_name: str) -> None:
@@ -155,52 +155,20 @@ def set_metadata(model: onnx.ModelProto, graph: str, meta: dict[str, str]) -> No
     model.producer_name = "paligemma-export"
 
 
-class SharedData:
-    """One external data file for several graphs: each distinct tensor (by content) is written once, at a
-    page-aligned offset, and every graph holding it is rewritten to reference it there under one name. Graphs are
-    added one at a time, so only one is in memory during an export. `table`: name -> offset, length, type, shape."""
-
-    def __init__(self, path: Path, progress: bool):
-        self.path = path
-        self.file = open(path, "wb")
-        self.progress = progress
-        self.table: dict[str, dict] = {}
-        self.by_content: dict[bytes, str] = {}
-
-    def add(self, model: onnx.ModelProto, what: str) -> None:
-        renames = {}
-        for tensor in tqdm(model.graph.initializer, desc=f"{what} weights -> {self.path.name}", disable=not self.progress):
-            raw = tensor_bytes(tensor)
-            if len(raw) < EXTERNAL_MIN_BYTES:
-                continue
-            key = hashlib.blake2b(raw, digest_size=32).digest() + f"{tensor.data_type}{list(tensor.dims)}".encode()
-            if key not in self.by_content:
-                name = tensor.name
-                while name in self.table:  # a different tensor under the same name
-                    name += "_"
-                self.file.write(b"\0" * (-self.file.tell() % ALIGNMENT))
-                self.table[name] = dict(offset=self.file.tell(), length=len(raw), data_type=tensor.data_type,
-                                        shape=list(tensor.dims))
-                self.file.write(raw)
-                self.by_content[key] = name
-            name = self.by_content[key]
-            if name != tensor.name:
-                renames[tensor.name] = name
-                tensor.name = name
-            entry = self.table[name]
-            tensor.ClearField("raw_data")
-            del tensor.float_data[:], tensor.int32_data[:], tensor.int64_data[:], tensor.double_data[:]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for k, v in (("location", self.path.name), ("offset", entry["offset"]), ("length", entry["length"])):
-                tensor.external_data.add(key=k, value=str(v))
-        rename_inputs(model.graph, renames)
-
-    def __enter__(self) -> "SharedData":
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.file.close()
+def externalize(model: onnx.ModelProto, data: ExternalData, what: str, progress: bool) -> None:
+    """Moves the graph's initializers (of at least EXTERNAL_MIN_BYTES) into `data`, each distinct tensor once: the
+    int8 path, whose quantizer works on whole graphs in memory."""
+    renames = {}
+    initializers = model.graph.initializer
+    for i, tensor in enumerate(tqdm(list(initializers), desc=f"{what} weights -> {data.path.name}", disable=not progress)):
+        array = tensor_array(tensor)
+        if array.nbytes < EXTERNAL_MIN_BYTES:
+            continue
+        name = data.write(tensor.name, [array], list(tensor.dims))
+        if name != tensor.name:
+            renames[tensor.name] = name
+        initializers[i].CopyFrom(data.initializer(name))
+    rename_inputs(model.graph, renames)
 
 
 @contextlib.contextmanager
@@ -229,15 +197,8 @@ def quantize_int8(model: onnx.ModelProto, workdir: Path, name: str) -> onnx.Mode
     return onnx.load(str(target))
 
 
-def export_model(
-    source, output, *, dtype: str = "float32", quantize: str | None = None, opset: int = DEFAULT_OPSET,
-    progress: bool = True, log=print,
-) -> dict:
-    """Export the checkpoint `source` (folder or Hub id) into `output`; returns the manifest.
-
-    Writes vision_encoder.onnx, prefill.onnx and decode.onnx (weights of the last two in one shared
-    decoder.onnx.data), the tokenizer, config.json and manifest.json, and checks every graph with onnx.checker.
-    Comparing ONNX Runtime with torch is a step of its own: export.runtime.export_and_validate does both."""
+def check_options(output, dtype: str, quantize: str | None, opset: int) -> None:
+    """Refuses a bad option before anything is written or computed."""
     if dtype not in DTYPES:
         raise OnnxExportError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
     if quantize not in QUANTIZATIONS:
@@ -247,9 +208,21 @@ def export_model(
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
         raise OnnxExportError(f"opset {opset!r} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} "
                               f"(default {DEFAULT_OPSET})")
-    output = Path(output)
-    if output.exists() and not output.is_dir():
+    if Path(output).exists() and not Path(output).is_dir():
         raise OnnxExportError(f"--output {output} is a file; name a folder (it is created if missing)")
+
+
+def export_model(
+    source, output, *, dtype: str = "float32", quantize: str | None = None, opset: int = DEFAULT_OPSET,
+    progress: bool = True, log=print,
+) -> dict:
+    """Export the checkpoint `source` (folder or Hub id) into `output`; returns the manifest.
+
+    Writes vision_encoder.onnx, prefill.onnx and decode.onnx (weights of the last two in one shared
+    decoder.onnx.data), the tokenizer, config.json and manifest.json, and checks every graph with onnx.checker.
+    Comparing ONNX Runtime with torch is a step of its own: export.runtime.export_and_validate does both."""
+    check_options(output, dtype, quantize, opset)
+    output = Path(output)
     folder = resolve_checkpoint(source)
     with removed_on_failure(output):
         output.mkdir(parents=True, exist_ok=True)
@@ -273,11 +246,46 @@ def removed_on_failure(output: Path):
         raise
 
 
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    def size(tensor):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return int(next(e.value for e in tensor.external_data if e.key == "length"))
+        return len(tensor_bytes(tensor))
+
+    return sum(size(t) for t in model.graph.initializer)
+
+
+def read_config(folder: Path) -> PaliGemmaConfig:
+    try:
+        return PaliGemmaConfig.from_json_file(folder / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, opset: int, progress: bool,
                  log) -> dict:
     start = time.perf_counter()
     torch_dtype = DTYPES[dtype]
-    model = load_model(folder, dtype=torch_dtype)
+    source = CheckpointStream(folder)
+    if quantize is None:
+        model = hollow_model(read_config(folder), torch_dtype)
+        source.check_against(model)
+    else:  # the quantizer rewrites whole graphs in memory: they are traced with their weights
+        model = load_model(folder, dtype=torch_dtype)
+    needed = sum(source.nbytes(name, torch_dtype) for name in source.tensors)
+    try:
+        return write_graphs(model, source, folder, output, dtype, quantize, opset, progress, log, start)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise OnnxExportError(f"no space left on the device holding {output} (ENOSPC) while writing the export "
+                              f"({e.filename or e}); it needs about {needed / 1e9:.2f} GB free there: free some space "
+                              "or choose another --output") from None
+
+
+def write_graphs(model, source: CheckpointStream, folder: Path, output: Path, dtype: str, quantize: str | None,
+                 opset: int, progress: bool, log, start: float) -> dict:
+    torch_dtype = DTYPES[dtype]
     config = model.config
     meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
                 exporter_version=EXPORTER_VERSION, dtype=dtype, quantize=quantize or "none", opset=opset,
@@ -288,7 +296,9 @@ def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, o
     for path in output.iterdir():  # an earlier export's files
         if path.is_file() and (path.suffix == ".onnx" or path.name.endswith(".data")):
             path.unlink()
-    shared = SharedData(output / SHARED_DATA_NAME, progress)
+    writer = WeightWriter(source, torch_dtype,
+                          lambda items, what: tqdm(list(items), desc=f"{what} weights", disable=not progress))
+    shared = ExternalData(output / SHARED_DATA_NAME)
     vision_data, vision_bytes = None, 0
     with shared, tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
         steps = tqdm(GRAPH_ORDER, desc="exporting", disable=not progress)
@@ -296,28 +306,41 @@ def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, o
             steps.set_postfix_str(name)
             workdir = Path(tmp) / name
             workdir.mkdir()
-            graph = trace_to_onnx(modules[name], inputs[name], specs[name], workdir / f"{name}.onnx", opset)
+            if quantize is None:
+                module = WeightsAsInputs(modules[name])
+                graph = trace_to_onnx(module, module.example_inputs(inputs[name]), specs[name],
+                                      workdir / f"{name}.onnx", opset, module.names)
+            else:
+                graph = trace_to_onnx(modules[name], inputs[name], specs[name], workdir / f"{name}.onnx", opset)
             if name != "vision_encoder" and quantize is None:
                 tie_lm_head(graph, embed_name)
-            fold_weight_transposes(graph)
-            if quantize == "int8":
+            if quantize is None:
+                inline = name == "vision_encoder" and writer.nbytes(graph) + graph.ByteSize() <= PROTOBUF_LIMIT
+                if name == "vision_encoder" and not inline:
+                    vision_data = f"{name}.onnx.data"
+                    with ExternalData(output / vision_data) as store:
+                        writer.attach(graph, name, store)
+                else:
+                    writer.attach(graph, name, None if inline else shared)
+            else:
+                fold_weight_transposes(graph)
                 with quiet_root_logger():  # the quantizer's advice to pre-process, logged on the root logger
                     graph = quantize_int8(graph, workdir, name)
+                if name != "vision_encoder":
+                    externalize(graph, shared, name, progress)
             set_metadata(graph, name, meta)
             path = output / f"{name}.onnx"
             if name == "vision_encoder":
-                vision_bytes = sum(len(tensor_bytes(t)) for t in graph.graph.initializer)
-                if graph.ByteSize() > PROTOBUF_LIMIT:
-                    vision_data = f"{name}.onnx.data"
-                    onnx.save(graph, str(path), save_as_external_data=True, location=vision_data,
-                              size_threshold=EXTERNAL_MIN_BYTES)
-                else:
-                    onnx.save(graph, str(path))
+                vision_bytes = initializer_bytes(graph)
+            if quantize is not None and name == "vision_encoder" and graph.ByteSize() > PROTOBUF_LIMIT:
+                vision_data = f"{name}.onnx.data"
+                onnx.save(graph, str(path), save_as_external_data=True, location=vision_data,
+                          size_threshold=EXTERNAL_MIN_BYTES)
             else:
-                shared.add(graph, name)
                 onnx.save(graph, str(path))
             del graph
             shutil.rmtree(workdir)
+    del model, modules
     for name in GRAPH_ORDER:
         try:
             onnx.checker.check_model(str(output / f"{name}.onnx"), full_check=True)

@@ -22,13 +22,14 @@ from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
 from paligemma.generate import Pipeline
 from paligemma.masks import extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
-from paligemma.weights import load_model, resolve_checkpoint
+from paligemma.weights import resolve_checkpoint
 
 from .graphs import GRAPH_ORDER, cache_names
 from .integrity import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV: where callers look the variable up
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
 from .threads import ThreadPlan, plan_threads
+from .torch_reference import torch_reference
 from .validate import validate_export
 
 logger = logging.getLogger(__name__)
@@ -196,12 +197,18 @@ class OnnxEngine:
 def export_and_validate(source, output, *, log=print, **options) -> dict:
     """export_model(source, output, **options), then validate_export through this runtime's sessions: what
     `python -m export` and the export cache run. Returns the manifest."""
-    from .onnx_export import DTYPES, export_model, removed_on_failure
+    from .onnx_export import DEFAULT_OPSET, check_options, export_model, removed_on_failure
 
+    dtype = options.get("dtype", "float32")
+    check_options(output, dtype, options.get("quantize"), options.get("opset", DEFAULT_OPSET))
+    folder = resolve_checkpoint(source)
     with removed_on_failure(Path(output)):
-        manifest = export_model(source, output, log=log, **options)
-        model = load_model(resolve_checkpoint(source), dtype=DTYPES[manifest["dtype"]])
-        validate_export(model, OnnxModel(output, model.config), log=log)
+        # One step at a time, the torch reference first (while this process holds nothing large), so that the
+        # torch model, the export's working memory and ONNX Runtime's weights are never in memory together.
+        reference = torch_reference(folder, dtype)
+        manifest = export_model(folder, output, log=log, **options)
+        config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
+        validate_export(reference, OnnxModel(output, config), log=log)
     return manifest
 
 

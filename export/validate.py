@@ -8,6 +8,10 @@ Tolerances on the max abs difference, scaled by max(1, largest reference value) 
   layers; ONNX Runtime and torch round at different points.
 - int8: 0.25 relative. Dynamic quantization rounds every weight and activation to 256 levels; logits move by
   several percent. What matters there is task accuracy, checked separately (at most 2 points lost).
+
+The torch side is recorded first (export/torch_reference.py, in its own process) and ONNX Runtime then replays the
+same requests and the same tokens: the torch model and ONNX Runtime's copy of the weights are never in memory at
+once.
 """
 
 from __future__ import annotations
@@ -16,11 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from paligemma.engines import TorchEngine
-from paligemma.model import PaliGemmaForConditionalGeneration
-from paligemma.processor import PaliGemmaProcessor
-
+from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError
+from paligemma.processor import PaliGemmaProcessor
 
 TOLERANCES = {("float32", "none"): (1e-4, False), ("float16", "none"): (2e-2, True), ("float32", "int8"): (0.25, True)}
 DECODE_STEPS = 8
@@ -35,20 +37,30 @@ def validation_images() -> list[Image.Image]:
     return [Image.fromarray(gradient), Image.fromarray(board)]
 
 
+def validation_requests(processor: PaliGemmaProcessor, config: PaliGemmaConfig) -> list[dict[str, torch.Tensor]]:
+    """A padded batch of two real images and prompts, and the same layout with random pixels and prompt tokens."""
+    generator = torch.Generator().manual_seed(0)
+    real = dict(processor(validation_images(), ["caption en", "answer en what is in the image and where is it"]))
+    random = dict(real)
+    random["pixel_values"] = torch.rand(2, *real["pixel_values"].shape[1:], generator=generator) * 2 - 1
+    text = random["attention_mask"].bool() & (random["input_ids"] != config.image_token_index)
+    vocab = min(config.text.vocab_size, config.image_token_index)
+    random["input_ids"] = torch.where(text, torch.randint(3, vocab, real["input_ids"].shape, generator=generator),
+                                      real["input_ids"])
+    return [real, random]
+
+
 def max_diff(got, expected) -> float:
     return float((torch.as_tensor(np.asarray(got)).float() - expected.float()).abs().max())
 
 
-def validate_export(model: PaliGemmaForConditionalGeneration, onnx_model, log=print) -> dict[str, float]:
-    """Max abs difference per graph (vision_encoder, prefill, decode) between torch and ONNX Runtime running the
-    export `onnx_model` has loaded (an export.runtime.OnnxModel: passed in, as the runtime sits above this module);
-    raises OnnxExportError above tolerance."""
-    onnx_dir = onnx_model.onnx_dir
+def validate_export(reference: dict, onnx_model, log=print) -> dict[str, float]:
+    """Max abs difference per graph (vision_encoder, prefill, decode) between the torch `reference`
+    (export.torch_reference.record) and ONNX Runtime running the export `onnx_model` has loaded (an
+    export.runtime.OnnxModel: passed in, as the runtime sits above this module), fed torch's tokens; raises
+    OnnxExportError above tolerance."""
     manifest = onnx_model.manifest
     tolerance, relative = TOLERANCES[manifest["dtype"], manifest["quantize"]]
-    processor = PaliGemmaProcessor.from_pretrained(onnx_dir, model.config)
-    dtype = next(model.parameters()).dtype
-    generator = torch.Generator().manual_seed(0)
     diffs: dict[str, float] = {"vision_encoder": 0.0, "prefill": 0.0, "decode": 0.0}
     scales: dict[str, float] = {name: 1.0 for name in diffs}
 
@@ -56,26 +68,14 @@ def validate_export(model: PaliGemmaForConditionalGeneration, onnx_model, log=pr
         diffs[name] = max(diffs[name], max_diff(got, expected))
         scales[name] = max(scales[name], float(expected.float().abs().max()))
 
-    real = processor(validation_images(), ["caption en", "answer en what is in the image and where is it"])
-    random_pixels = torch.rand(2, *real["pixel_values"].shape[1:], generator=generator) * 2 - 1
-    with torch.inference_mode():
-        for pixels in (real["pixel_values"], random_pixels):
-            (got,) = onnx_model.run("vision_encoder", {"pixel_values": pixels.numpy().astype(onnx_model.float_type)})
-            record("vision_encoder", got.numpy(), model.embed_image(pixels.to(dtype)))
-        random = dict(real)
-        text = random["attention_mask"].bool() & (random["input_ids"] != model.config.image_token_index)
-        vocab = min(model.config.text.vocab_size, model.config.image_token_index)
-        random["input_ids"] = torch.where(text, torch.randint(3, vocab, real["input_ids"].shape, generator=generator),
-                                          real["input_ids"])
-        random["pixel_values"] = random_pixels
-        for inputs in (real, random):
-            torch_engine, onnx_engine = TorchEngine(model), onnx_model()
-            expected, got = torch_engine.prefill(inputs, DECODE_STEPS), onnx_engine.prefill(inputs, DECODE_STEPS)
-            record("prefill", got, expected)
-            for _ in range(DECODE_STEPS):
-                tokens = expected.argmax(-1)
-                expected, got = torch_engine.decode_step(tokens), onnx_engine.decode_step(tokens)
-                record("decode", got, expected)
+    for inputs, run in zip(reference["requests"], reference["runs"]):
+        pixels = inputs["pixel_values"].numpy().astype(onnx_model.float_type)
+        (got,) = onnx_model.run("vision_encoder", {"pixel_values": pixels})
+        record("vision_encoder", got.numpy(), run["image_embeddings"])
+        engine = onnx_model()
+        record("prefill", engine.prefill(inputs, DECODE_STEPS), run["prefill"])
+        for tokens, expected in zip(run["tokens"], run["decode"]):
+            record("decode", engine.decode_step(tokens), expected)
     failed = []
     for name, diff in diffs.items():
         scaled = relative or name == "vision_encoder"
@@ -84,5 +84,5 @@ def validate_export(model: PaliGemmaForConditionalGeneration, onnx_model, log=pr
         if not diff <= limit:
             failed.append(f"{name} {diff:.3g} > {limit:.3g}")
     if failed:
-        raise OnnxExportError(f"{onnx_dir}: ONNX Runtime differs from torch above tolerance: {', '.join(failed)}")
+        raise OnnxExportError(f"{onnx_model.onnx_dir}: ONNX Runtime differs from torch above tolerance: {', '.join(failed)}")
     return diffs

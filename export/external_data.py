@@ -1,0 +1,74 @@
+"""One external data file for several graphs, written in place, one tensor (or block of rows) at a time.
+
+Each distinct tensor (by content) is written once, at a page-aligned offset (runtimes can map the file); a tensor
+whose bytes turn out to be already there is cut off again. Graphs reference it by name, offset and length.
+`table`: name -> offset, length, ONNX data type, shape (the manifest's `shared_data`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+import torch
+
+ALIGNMENT = 4096
+
+
+def numpy_view(block: torch.Tensor) -> np.ndarray:
+    """The block's bytes as numpy sees them (bfloat16, which numpy lacks, never reaches here: it is converted)."""
+    return block.contiguous().numpy()
+
+
+class ExternalData:
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
+        self.table: dict[str, dict] = {}
+        self.by_content: dict[bytes, str] = {}
+
+    def write(self, name: str, blocks: Iterable[torch.Tensor | np.ndarray], shape: list[int]) -> str:
+        """Writes the tensor given as blocks of rows; returns the name it is stored under (an earlier tensor's
+        when the bytes are the same)."""
+        end = self.file.tell()
+        self.file.write(b"\0" * (-end % ALIGNMENT))
+        offset = self.file.tell()
+        digest = hashlib.blake2b(digest_size=32)
+        data_type = None
+        for block in blocks:
+            array = numpy_view(block) if isinstance(block, torch.Tensor) else np.ascontiguousarray(block)
+            data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            digest.update(array.data)
+            self.file.write(array.data)
+        length = self.file.tell() - offset
+        key = digest.digest() + f"{data_type}{shape}".encode()
+        if key in self.by_content:  # the same bytes are stored already: cut this copy off
+            self.file.seek(end)
+            self.file.truncate()
+            return self.by_content[key]
+        while name in self.table:  # a different tensor under the same name
+            name += "_"
+        self.table[name] = dict(offset=offset, length=length, data_type=data_type, shape=list(shape))
+        self.by_content[key] = name
+        return name
+
+    def initializer(self, name: str) -> onnx.TensorProto:
+        """A graph initializer referencing the stored tensor `name`."""
+        entry = self.table[name]
+        tensor = onnx.TensorProto(name=name, data_type=entry["data_type"], dims=entry["shape"])
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", entry["offset"]), ("length", entry["length"])):
+            tensor.external_data.add(key=key, value=str(value))
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "ExternalData":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
