@@ -55,7 +55,8 @@ def choose_providers(device: str) -> list:
     return ["CPUExecutionProvider"]
 
 
-def session_options(plan: ThreadPlan, shared: tuple[list, list] | None, prepack: bool = False) -> ort.SessionOptions:
+def session_options(plan: ThreadPlan, shared: tuple[list, list] | None, prepack: bool = False,
+                    spinning: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     # All graph optimizations: they fuse LayerNorm, GELU and attention patterns in place and copy no weights
     # (measured: export/memory_check.py).
@@ -64,7 +65,8 @@ def session_options(plan: ThreadPlan, shared: tuple[list, list] | None, prepack:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = plan.intra_op_threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if plan.spinning else "0")
+    # Spinning is ONNX Runtime's default; off, as measured (export/threads.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3  # errors only: ONNX Runtime's warnings about unused initializers are noise here
     if shared is not None:
         # The decoder weights live in one buffer that both sessions read. Pre-packing would give each session
@@ -81,7 +83,8 @@ class OnnxModel:
     """The sessions of one export. Calling it gives a fresh OnnxEngine (what Pipeline's engine_factory needs)."""
 
     def __init__(self, onnx_dir, config: PaliGemmaConfig, device: str = "cpu", fingerprint: str | None = None,
-                 threads: int | None = None, requests: int | None = None, prepack: bool = False):
+                 threads: int | None = None, requests: int | None = None, prepack: bool = False,
+                 spinning: bool = False):
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
@@ -96,7 +99,7 @@ class OnnxModel:
         self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
         self.sessions = {}
         for name in GRAPH_ORDER:
-            options = session_options(self.thread_plan, shared if name != "vision_encoder" else None, prepack)
+            options = session_options(self.thread_plan, shared if name != "vision_encoder" else None, prepack, spinning)
             self.sessions[name] = self._session(name, options, providers)
         self.providers = self.sessions["decode"].get_providers()
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -234,11 +237,12 @@ def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Pa
 
 
 def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int | None = None,
-                       requests: int | None = None, prepack: bool = False) -> Pipeline:
+                       requests: int | None = None, prepack: bool = False, spinning: bool = False) -> Pipeline:
     """A Pipeline generating with ONNX Runtime: from the export in `onnx_dir` (checked against the checkpoint's
     config hash and weights), or from the export cache, exporting on first use. `folder` may also be an export
     directory itself. `threads` (intra-op, per request) and `requests` (how many run at once) override the plan
-    chosen for the machine and the model (export/threads.py; `pipeline.engine_factory.thread_plan`). `prepack`
+    chosen for the machine and the model (export/threads.py; `pipeline.engine_factory.thread_plan`); `spinning`
+    turns ONNX Runtime's busy-waiting threads back on (its default, slower here: bench/threads.py). `prepack`
     trades memory (each decoder session re-lays out its own copy of the weights) for faster batched decoding on CPU."""
     folder = Path(folder)
     try:
@@ -252,5 +256,5 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
         if onnx_dir is None:
             onnx_dir = cached_export(folder, config, fingerprint)
     model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, requests=requests,
-                      prepack=prepack)
+                      prepack=prepack, spinning=spinning)
     return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)

@@ -1,11 +1,11 @@
-"""How ONNX Runtime's threads are set: intra-op threads per session, spinning, and how many requests run at once,
-chosen together from the machine's cores and the model's size.
+"""How ONNX Runtime's threads are set: intra-op threads per session and how many requests run at once, chosen
+together from the machine's cores and the model's size (measured: export/README.md "Runtime choices").
 
-A small model's operators are too small to split: on the 2-core machine here the embedded model (6 M parameters)
-decodes ~2x faster on one intra-op thread than on two, and two requests at once, one thread each, answer ~40% more
-requests per second than two threads each (export/README.md "Threads"). A large model's matrix products do split
-well, so one request takes every core. Spinning (threads busy-waiting between operators) only pays when nothing
-else wants the cores; with several requests at once it takes cores from the others.
+A small model's operators are too small to split: the embedded model (6 M parameters) decodes faster on one
+intra-op thread than on two, and two requests at once, one thread each, answer more requests per second. A large
+model's matrix products do split: on the 3B-wide model two threads cut the time to first token by 40%, so one
+request takes every core. Spinning (threads busy-waiting between operators, ONNX Runtime's default) is off: it never
+helped here, and it takes the cores that another request, or the server, needs.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ SMALL_MODEL_BYTES = 256 * 2**20  # decoder weights below this: one intra-op thre
 @dataclass(frozen=True)
 class ThreadPlan:
     intra_op_threads: int  # per session; a request runs one session at a time
-    spinning: bool
     concurrent_requests: int  # how many requests should run at once (the app's concurrency limit)
 
     def describe(self) -> str:
         return (f"{self.intra_op_threads} thread{'s' if self.intra_op_threads > 1 else ''} per request, "
-                f"{self.concurrent_requests} at once{', spinning' if self.spinning else ''}")
+                f"{self.concurrent_requests} at once")
 
 
 def available_cores() -> int:
@@ -44,4 +43,4 @@ def plan_threads(weight_bytes: int, cores: int | None = None, threads: int | Non
         threads = per_request if requests is None else max(1, cores // requests)
     if requests is None:
         requests = max(1, cores // threads)
-    return ThreadPlan(threads, spinning=requests == 1 and threads > 1, concurrent_requests=requests)
+    return ThreadPlan(threads, concurrent_requests=requests)
