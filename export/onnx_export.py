@@ -273,6 +273,7 @@ def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, o
     else:  # the quantizer rewrites whole graphs in memory: they are traced with their weights
         model = load_model(folder, dtype=torch_dtype)
     needed = sum(source.nbytes(name, torch_dtype) for name in source.tensors)
+    check_free_space(output, needed)
     try:
         return write_graphs(model, source, folder, output, dtype, quantize, opset, progress, log, start)
     except OSError as e:
@@ -281,6 +282,17 @@ def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, o
         raise OnnxExportError(f"no space left on the device holding {output} (ENOSPC) while writing the export "
                               f"({e.filename or e}); it needs about {needed / 1e9:.2f} GB free there: free some space "
                               "or choose another --output") from None
+
+
+def check_free_space(output: Path, needed: int) -> None:
+    """Refuse before writing when the device cannot hold the weights (the data files' size; an earlier export's files
+    in `output`, replaced, count as free)."""
+    replaced = sum(p.stat().st_size for p in output.iterdir()
+                   if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".data")))
+    free = shutil.disk_usage(output).free + replaced
+    if free < needed:
+        raise OnnxExportError(f"{output} has {free / 1e9:.2f} GB free, and the export needs about {needed / 1e9:.2f} GB "
+                              "for its weights: free some space or choose another --output")
 
 
 def write_graphs(model, source: CheckpointStream, folder: Path, output: Path, dtype: str, quantize: str | None,

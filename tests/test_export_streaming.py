@@ -3,6 +3,7 @@ truncated shard or a full disk leave behind (nothing that looks like an export).
 
 import errno
 import json
+import shutil
 import subprocess
 import sys
 
@@ -165,3 +166,12 @@ def test_a_full_disk_is_reported_and_leaves_no_export(checkpoint, tmp_path, monk
             onnx_export.export_model(checkpoint, out, progress=False, log=quiet)
     assert not new.exists()
     assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+
+
+def test_too_little_free_space_is_refused_before_anything_is_written(checkpoint, tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(onnx_export.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    out = tmp_path / "onnx"
+    with pytest.raises(OnnxExportError, match=r"has 0\.00 GB free, and the export needs about .* GB for its weights"):
+        onnx_export.export_model(checkpoint, out, progress=False, log=quiet)
+    assert not out.exists()
