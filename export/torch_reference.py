@@ -4,7 +4,7 @@
 
 The torch model and ONNX Runtime's copy of the weights would need twice the weights' memory side by side; here the
 child loads the model, records what torch gives on the validation requests (image embeddings, prefill logits, the
-greedy tokens and the logits of each decode step) into OUT, and exits, returning its memory before the parent
+greedy tokens and the logits of each decode step) into OUT (safetensors), and exits, returning its memory before the parent
 exports and ONNX Runtime loads the export. The child reads the weights tensor by tensor (export/checkpoint_stream.py) so
 that it holds them once.
 """
@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from paligemma.engines import TorchEngine
 from paligemma.errors import CheckpointError, OnnxExportError
@@ -60,17 +61,41 @@ def record(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcess
     return dict(requests=requests, runs=runs)
 
 
+def save_record(recorded: dict, path: Path) -> None:
+    """record()'s tensors as one safetensors file (no pickle), under "{request}.{field}[.{step}]" names."""
+    tensors = {}
+    for i, (inputs, run) in enumerate(zip(recorded["requests"], recorded["runs"])):
+        tensors.update({f"{i}.request.{name}": value for name, value in inputs.items()})
+        tensors.update({f"{i}.{name}": run[name] for name in ("image_embeddings", "prefill")})
+        for name in ("tokens", "decode"):
+            tensors.update({f"{i}.{name}.{step}": value for step, value in enumerate(run[name])})
+    save_file({name: value.clone() for name, value in tensors.items()}, str(path))  # clones: no shared storage
+
+
+def load_record(path: Path) -> dict:
+    """What save_record wrote, as record() returned it."""
+    tensors = load_file(str(path))
+    requests, runs = [], []
+    for i in range(len({name.split(".")[0] for name in tensors})):
+        requests.append({name.split(".", 2)[2]: value for name, value in tensors.items()
+                         if name.startswith(f"{i}.request.")})
+        runs.append(dict(image_embeddings=tensors[f"{i}.image_embeddings"], prefill=tensors[f"{i}.prefill"],
+                         **{name: [tensors[f"{i}.{name}.{step}"] for step in range(DECODE_STEPS)]
+                            for name in ("tokens", "decode")}))
+    return dict(requests=requests, runs=runs)
+
+
 def torch_reference(checkpoint: Path, dtype: str) -> dict:
     """record() for the checkpoint, run in a child process; OnnxExportError with the child's error if it fails."""
     with tempfile.TemporaryDirectory(prefix="paligemma-reference-") as tmp:
-        out = Path(tmp) / "reference.pt"
+        out = Path(tmp) / "reference.safetensors"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
         done = subprocess.run([sys.executable, "-m", "export.torch_reference", str(checkpoint), dtype, str(out)],
                               capture_output=True, text=True, env=env)
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
             raise OnnxExportError(f"the torch reference for validating the export of {checkpoint} failed: {last[0]}")
-        return torch.load(out, weights_only=True)
+        return load_record(out)
 
 
 def main(argv: list[str]) -> int:
@@ -81,7 +106,7 @@ def main(argv: list[str]) -> int:
         print(e, file=sys.stderr)
         return 1
     processor = PaliGemmaProcessor.from_pretrained(Path(checkpoint), model.config)
-    torch.save(record(model, processor), out)
+    save_record(record(model, processor), out)
     return 0
 
 
