@@ -25,7 +25,7 @@ from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import resolve_checkpoint
 
 from .graphs import GRAPH_ORDER, cache_names
-from .integrity import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV: where callers look the variable up
+from .integrity import cache_root
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
 from .threads import ThreadPlan, plan_threads

@@ -10,7 +10,7 @@ from PIL import Image
 import paligemma
 from export.__main__ import main
 from export.manifest import MANIFEST_NAME
-from export.runtime import CACHE_ENV
+from export.integrity import CACHE_ENV
 from tiny import build_reference
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
