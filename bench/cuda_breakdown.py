@@ -1,6 +1,6 @@
 """Where the time to first token and the decode step go on a GPU, for the compiled and the eager torch paths.
 
-    python -m bench.cuda_breakdown CHECKPOINT     # e.g. ~/.cache/paligemma-bench/full3b-v2 after `python -m bench --cuda`
+    python -m bench.cuda_breakdown CHECKPOINT     # e.g. ~/.cache/paligemma-bench/full3b-v2-bfloat16 after `python -m bench --cuda`
 
 In one process, after two warm-up requests: preprocessing and prefill alone (medians of 7, synchronized), time to
 first token through `generate`, decode with no host reads at all (the GPU-bound rate), and `generate` with and

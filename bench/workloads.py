@@ -4,7 +4,9 @@
 - demo: the embedded demo model (paligemma/demo_checkpoint).
 - wide: PaliGemma-3B's widths (SigLIP So400m/14 at 224, Gemma 2B, the 257216-row vocabulary) with 2 layers per
   tower: the real model's per-layer and vocabulary costs in about 3 GB of float32.
-- full3b (CUDA mode): the whole PaliGemma-3B shape, 27 vision and 18 decoder layers, in bfloat16.
+- full3b: the whole PaliGemma-3B shape, 27 vision and 18 decoder layers (bfloat16 in CUDA mode, float32 on CPU),
+  written as the Hub ships it: `model-0000K-of-0000N.safetensors` shards of at most 5 GB and their index, one tensor
+  drawn at a time (11.7 GB in float32; the writer holds one shard).
 
 Random checkpoints get a small tokenizer.json with PaliGemma's id layout (`<loc0000>` at 256000, `<seg000>` at
 257024, `<image>` at 257152) but only a handful of words: ids without a token decode to nothing, which does not
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import paligemma
 from paligemma.config import PaliGemmaConfig
@@ -64,28 +67,33 @@ class Workload:
     std: float = 0.02
     embed_std: float = 0.002
     attn_out_std: float = 0.001
+    shard_bytes: int | None = None  # Hub-style shards of at most this size; None: one model.safetensors
 
-    def folder(self, cache_dir: Path) -> Path:
+    def folder(self, cache_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
         if self.shape is None:
             return paligemma.DEMO_CHECKPOINT
-        return Path(cache_dir) / f"{self.name}-v{BUILD_VERSION}"
+        suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+        return Path(cache_dir) / f"{self.name}-v{BUILD_VERSION}{suffix}"
 
     def prepare(self, cache_dir: Path, dtype: torch.dtype = torch.float32, device="cpu", log=print) -> Path:
         """The checkpoint folder, built (and cached) on first use."""
-        folder = self.folder(cache_dir)
+        folder = self.folder(cache_dir, dtype)
         if self.shape is None:
             if not (folder / "config.json").exists():
                 raise FileNotFoundError(f"{folder} holds no checkpoint yet: the demo model is not in this tree; "
                                         "choose another workload with --workloads")
             return folder
-        if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+        if (folder / "tokenizer.json").exists():  # written last
             return folder
         log(f"building the random '{self.name}' checkpoint in {folder} (once)")
         staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         config = PaliGemmaConfig.from_dict(config_dict(self.shape, self.vision_layers, self.text_layers))
-        model = random_model(config, dtype, device, self.std, self.embed_std, self.attn_out_std)
-        save_checkpoint(model, staging)
-        del model
+        if self.shard_bytes is not None:
+            save_random_shards(config, staging, dtype, self.shard_bytes, self.std, self.embed_std, self.attn_out_std)
+        else:
+            model = random_model(config, dtype, device, self.std, self.embed_std, self.attn_out_std)
+            save_checkpoint(model, staging)
+            del model
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()  # the runtimes, in their own processes, need the memory
         build_tokenizer(WORDS, config.image_token_index).save(str(staging / "tokenizer.json"))
@@ -97,8 +105,8 @@ WORKLOADS = {
     "tiny": Workload("tiny", "tiny random PaliGemma (smoke test)", TINY, std=0.2, embed_std=0.05, attn_out_std=0.2),
     "demo": Workload("demo", "embedded demo model (paligemma/demo_checkpoint)"),
     "wide": Workload("wide", "PaliGemma-3B widths, 2+2 layers, random", PALIGEMMA_3B),
-    "full3b": Workload("full3b", "PaliGemma-3B shape (27+18 layers), random bfloat16", PALIGEMMA_3B,
-                       vision_layers=27, text_layers=18),
+    "full3b": Workload("full3b", "PaliGemma-3B shape (27+18 layers), random, Hub-style shards", PALIGEMMA_3B,
+                       vision_layers=27, text_layers=18, shard_bytes=5 * 10**9),
 }
 
 
@@ -111,25 +119,70 @@ def config_dict(shape: dict, vision_layers: int, text_layers: int) -> dict:
                 image_token_index=shape["image_token_index"], eos_token_id=1)
 
 
+def initialize(module: torch.nn.Module, module_name: str, name: str, p: torch.Tensor, generator: torch.Generator,
+               std: float, embed_std: float, attn_out_std: float) -> None:
+    """Weights ~ N(0, std) (the embedding ~ N(0, embed_std), attention outputs ~ N(0, attn_out_std)), biases 0,
+    norms at identity (LayerNorm weight 1; Gemma's RMSNorm scales by 1 + w, so w = 0)."""
+    if isinstance(module, RMSNorm) or name == "bias":
+        p.zero_()
+    elif isinstance(module, torch.nn.LayerNorm):
+        p.fill_(1.0)
+    else:
+        scale = {"embed_tokens": embed_std, "o_proj": attn_out_std}.get(module_name.rsplit(".", 1)[-1], std)
+        p.normal_(0.0, scale, generator=generator)
+
+
 @torch.no_grad()
 def random_model(config: PaliGemmaConfig, dtype: torch.dtype, device, std: float, embed_std: float,
                  attn_out_std: float) -> PaliGemmaForConditionalGeneration:
-    """Weights ~ N(0, std) (the embedding ~ N(0, embed_std), attention outputs ~ N(0, attn_out_std)), biases 0,
-    norms at identity (LayerNorm weight 1; Gemma's RMSNorm scales by 1 + w, so w = 0)."""
+    """The model with `initialize`'s weights."""
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(config)
     model = model.to_empty(device=device).to(dtype)
     generator = torch.Generator(device).manual_seed(0)
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, RMSNorm) or name == "bias":
-                p.zero_()
-            elif isinstance(module, torch.nn.LayerNorm):
-                p.fill_(1.0)
-            else:
-                scale = {"embed_tokens": embed_std, "o_proj": attn_out_std}.get(module_name.rsplit(".", 1)[-1], std)
-                p.normal_(0.0, scale, generator=generator)
+            initialize(module, module_name, name, p, generator, std, embed_std, attn_out_std)
     return model.eval()
+
+
+@torch.no_grad()
+def save_random_shards(config: PaliGemmaConfig, directory: Path, dtype: torch.dtype, shard_bytes: int, std: float,
+                       embed_std: float, attn_out_std: float) -> None:
+    """`random_model`'s checkpoint written as the Hub ships large ones (shards of at most `shard_bytes` and
+    model.safetensors.index.json) without building the model: tensors are drawn one at a time, one shard is held."""
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    shards: list[list[str]] = [[]]
+    sizes = [0]
+    plan = []
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            nbytes = p.numel() * dtype.itemsize
+            if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
+                shards.append([]), sizes.append(0)
+            full = f"{module_name}.{name}"
+            shards[-1].append(full), plan.append((module, module_name, name, tuple(p.shape), len(shards) - 1))
+            sizes[-1] += nbytes
+    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    weight_map, current, state = {}, 0, {}
+    for module, module_name, name, shape, shard in plan + [(None, None, None, None, len(shards))]:
+        if shard != current:
+            save_file(state, str(directory / names[current]), metadata={"format": "pt"})
+            state, current = {}, shard
+        if module is None:
+            break
+        p = torch.empty(shape, dtype=dtype)
+        initialize(module, module_name, name, p, generator, std, embed_std, attn_out_std)
+        state[f"{module_name}.{name}"] = p
+        weight_map[f"{module_name}.{name}"] = names[shard]
+    index = dict(metadata=dict(total_size=sum(sizes)), weight_map=weight_map)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config_json = config.to_dict()
+    config_json["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
 
 
 def request_image(size: int = 224) -> Image.Image:
