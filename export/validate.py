@@ -24,7 +24,8 @@ from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError
 from paligemma.processor import PaliGemmaProcessor
 
-TOLERANCES = {("float32", "none"): (1e-4, False), ("float16", "none"): (2e-2, True), ("float32", "int8"): (0.25, True)}
+TOLERANCES = {("float32", "none"): (1e-4, False), ("float16", "none"): (2e-2, True), ("float32", "int8"): (0.25, True),
+              ("float32", "int4"): (1.0, True)}
 DECODE_STEPS = 8
 
 
