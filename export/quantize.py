@@ -90,7 +90,7 @@ def int4_rows(rows: np.ndarray, block_size: int = INT4_BLOCK_SIZE) -> tuple[np.n
 
 
 def quantized_rows(scheme: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return int8_rows(rows) if scheme == "int8" else int4_rows(rows)
+    return int8_rows(rows) if scheme == "int8" else int4_rows(rows, INT4_BLOCK_SIZE)
 
 
 def dequantize_int4(packed: np.ndarray, scale: np.ndarray, width: int) -> np.ndarray:
