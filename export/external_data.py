@@ -58,9 +58,9 @@ class ExternalData:
 
     def write_transposed(self, name: str, row_blocks: Iterable[np.ndarray], shape: list[int]) -> str:
         """Writes the [K, N] transpose of an [N, K] matrix given as consecutive blocks of its rows: each block lands
-        as a strip of columns through a memory map of the region (allocated first), unmapped after each strip, so neither the
-        matrix nor its transpose is ever held (how MatMulInteger's B is stored). Not deduplicated: these are
-        quantized matrices, each written once."""
+        as a strip of columns through a memory map of the region (allocated first), unmapped after each strip, so
+        neither the matrix nor its transpose is ever held (how MatMulInteger's B is stored). Not deduplicated:
+        these are quantized matrices, each written once."""
         end = self.file.tell()
         self.file.write(b"\0" * (-end % ALIGNMENT))
         offset = self.file.tell()

@@ -8,7 +8,9 @@ parameters: the exporter's shape inference converts every parameter it sees into
 `model.<parameter>`, then becomes an initializer whose bytes are copied from the safetensors file into the
 export's data file in blocks of rows, converted to the export dtype on the way (bfloat16 checkpoints included).
 Weight transposes (how nn.Linear exports) are folded here, one matrix at a time, and the tied output projection is
-a Gemm(transB=1) on the embedding itself, so the largest matrix is streamed and never held whole.
+a Gemm(transB=1) on the embedding itself, so the largest matrix is streamed and never held whole. With `quantize`,
+each MatMul/Gemm on a weight is rewritten to its quantized form and the weight quantized block by block as it is
+written (export/quantize.py).
 """
 
 from __future__ import annotations
