@@ -1,4 +1,4 @@
-"""python -m export --model PATH_OR_ID --output DIR [--dtype float32|float16] [--quantize int8] [--opset N]"""
+"""python -m export --model PATH_OR_ID --output DIR [--dtype float32|float16] [--quantize int8|int4] [--opset N]"""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from paligemma.cli import ArgumentParser
 from paligemma.errors import CheckpointError, OnnxExportError
 
 from .onnx_export import DEFAULT_OPSET, DTYPES, export_model
+from .quantize import QUANTIZATIONS
 from .runtime import export_and_validate
 
 
@@ -16,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="checkpoint folder or Hub repo id")
     parser.add_argument("--output", required=True, help="folder to write the graphs into")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float16 is for GPUs")
-    parser.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization of the MatMul weights (CPU)")
+    parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
+                        help="for CPUs: int8 (per-channel weights, activations quantized per call) or int4 (MatMulNBits "
+                             "blocks); every weight matrix, the output projection included")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with torch")
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ whose bytes turn out to be already there is cut off again. Graphs reference it b
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -53,6 +54,36 @@ class ExternalData:
             name += "_"
         self.table[name] = dict(offset=offset, length=length, data_type=data_type, shape=list(shape))
         self.by_content[key] = name
+        return name
+
+    def write_transposed(self, name: str, row_blocks: Iterable[np.ndarray], shape: list[int]) -> str:
+        """Writes the [K, N] transpose of an [N, K] matrix given as consecutive blocks of its rows: each block lands
+        as a strip of columns through a memory map of the region (allocated first), unmapped after each strip, so
+        neither the matrix nor its transpose is ever held (how MatMulInteger's B is stored). Not deduplicated:
+        these are quantized matrices, each written once."""
+        end = self.file.tell()
+        self.file.write(b"\0" * (-end % ALIGNMENT))
+        offset = self.file.tell()
+        K, N = shape
+        row, data_type = 0, None
+        for block in row_blocks:
+            if data_type is None:
+                data_type = onnx.helper.np_dtype_to_tensor_dtype(block.dtype)
+                length = K * N * block.dtype.itemsize
+                self.file.flush()
+                # allocated now: a full disk is an OSError here, not a SIGBUS when the map is written
+                os.posix_fallocate(self.file.fileno(), offset, length)
+            region = np.memmap(self.path, dtype=block.dtype, mode="r+", offset=offset, shape=(K, N))
+            region[:, row : row + len(block)] = block.T
+            region.flush()
+            del region
+            row += len(block)
+        if row != N:
+            raise ValueError(f"{name}: {row} rows written where its transpose has {N} columns")
+        self.file.seek(offset + length)
+        while name in self.table:
+            name += "_"
+        self.table[name] = dict(offset=offset, length=length, data_type=data_type, shape=list(shape))
         return name
 
     def initializer(self, name: str) -> onnx.TensorProto:

@@ -1,12 +1,11 @@
-"""torch -> ONNX: the three graphs, weights stored once, metadata, int8 quantization, checks.
+"""torch -> ONNX: the three graphs, weights stored once, metadata, checks.
 
 Exporter: TorchScript (`torch.onnx.export(dynamo=False)`), which traces batch, sequence and past length as dynamic
-axes. float32 and float16 exports stream (export/streaming.py): the graphs are traced on a hollow model and each
-weight is copied from the checkpoint into the data file on its own, so the export holds about one matrix of
-weights at a time, whatever the model's size. int8 still takes the whole-graph path: the model is loaded, traced
-with its weights, and `quantize_dynamic` rewrites each graph in memory (quantizing tensor by tensor is to come).
-The exporter's constant folding is off on both paths: it would hold the weights twice more; weight transposes are
-folded here, one tensor at a time, so ONNX Runtime has nothing left to copy at load.
+axes. Every export streams (export/streaming.py): the graphs are traced on a hollow model and each weight is copied
+from the checkpoint into the data file on its own, so the export holds about one matrix of weights at a time,
+whatever the model's size; int8 and int4 quantize each weight as it is written (export/quantize.py), with no
+whole-graph pass. The exporter's constant folding is off: it would hold the weights twice more; weight transposes
+are folded here, one tensor at a time, so ONNX Runtime has nothing left to copy at load.
 The dynamo exporter (torch 2.13) took 20x longer on the tiny model, could not turn `dynamic_axes` into
 `dynamic_shapes` for the decode graph's past inputs, and left a Transpose on every weight.
 """
@@ -16,23 +15,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError
 from paligemma.errors import CheckpointError, ConfigError
-from paligemma.weights import load_model, resolve_checkpoint
+from paligemma.weights import resolve_checkpoint
 
 from .checkpoint_stream import CheckpointStream
 from .external_data import ExternalData
@@ -40,10 +36,10 @@ from .graphs import GRAPH_ORDER, graph_modules, graph_specs
 from .integrity import sha256_of
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
                        config_hash, weights_fingerprint)
-from .streaming import EXTERNAL_MIN_BYTES, WeightsAsInputs, WeightWriter, hollow_model, rename_inputs
+from .quantize import QUANTIZATIONS
+from .streaming import WeightsAsInputs, WeightWriter, hollow_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
-QUANTIZATIONS = (None, "int8")
 DEFAULT_OPSET = 18
 OPSETS = range(14, 23)  # each exported and validated here (torch 2.13's TorchScript exporter, onnxruntime 1.31)
 # onnx 1.23 writes IR 14; onnxruntime 1.31 reads up to 13. 10 is what opset 18 needs and what older runtimes read.
@@ -92,18 +88,6 @@ def trace_to_onnx(module: torch.nn.Module, inputs, spec, path: Path, opset: int,
     return onnx.load(str(path))  # with any external data the exporter wrote beside it
 
 
-def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
-    if tensor.HasField("raw_data"):
-        return tensor.raw_data
-    return numpy_helper.to_array(tensor).tobytes()
-
-
-def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """A read-only view of the tensor's bytes (no copy of a multi-gigabyte matrix)."""
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return np.frombuffer(tensor_bytes(tensor), dtype=dtype).reshape(tuple(tensor.dims))
-
-
 def tie_lm_head(model: onnx.ModelProto, embed_name: str) -> None:
     """Store the tied embedding once: the output projection, exported as MatMul(hidden, Transpose(embedding)), becomes
     Gemm(hidden, embedding, transB=1), so no transposed copy of the 257216-row matrix is ever made.
@@ -123,31 +107,6 @@ def tie_lm_head(model: onnx.ModelProto, embed_name: str) -> None:
     raise OnnxExportError("the exported graph has no output projection on the embedding matrix; the graph layout changed")
 
 
-def fold_weight_transposes(model: onnx.ModelProto) -> None:
-    """Replace each Transpose of a weight (how nn.Linear exports) by the transposed weight, one tensor at a time.
-
-    The exporter's own constant folding would do this with the whole model's weights in memory twice more; left to
-    ONNX Runtime, every session would fold its own copy at load. The transposed weight is named `<weight>_transposed`."""
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    uses = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    for node in [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in initializers]:
-        source = initializers[node.input[0]]
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        array = np.ascontiguousarray(tensor_array(source).transpose(perm))
-        name = source.name + "_transposed"
-        graph.initializer.append(numpy_helper.from_array(array, name))
-        del array
-        graph.node.remove(node)
-        rename_inputs(graph, {node.output[0]: name})
-        uses[source.name] -= 1
-        if uses[source.name] == 0:
-            graph.initializer.remove(source)
-
-
 def set_metadata(model: onnx.ModelProto, graph: str, meta: dict[str, str]) -> None:
     model.ir_version = min(model.ir_version, IR_VERSION)
     del model.metadata_props[:]
@@ -155,56 +114,16 @@ def set_metadata(model: onnx.ModelProto, graph: str, meta: dict[str, str]) -> No
     model.producer_name = "paligemma-export"
 
 
-def externalize(model: onnx.ModelProto, data: ExternalData, what: str, progress: bool) -> None:
-    """Moves the graph's initializers (of at least EXTERNAL_MIN_BYTES) into `data`, each distinct tensor once: the
-    int8 path, whose quantizer works on whole graphs in memory."""
-    renames = {}
-    initializers = model.graph.initializer
-    for i, tensor in enumerate(tqdm(list(initializers), desc=f"{what} weights -> {data.path.name}", disable=not progress)):
-        array = tensor_array(tensor)
-        if array.nbytes < EXTERNAL_MIN_BYTES:
-            continue
-        name = data.write(tensor.name, [array], list(tensor.dims))
-        if name != tensor.name:
-            renames[tensor.name] = name
-        initializers[i].CopyFrom(data.initializer(name))
-    rename_inputs(model.graph, renames)
-
-
-@contextlib.contextmanager
-def quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def quantize_int8(model: onnx.ModelProto, workdir: Path, name: str) -> onnx.ModelProto:
-    """Dynamic int8 quantization of the MatMul weights (activations quantized per call).
-
-    Runs before the output projection is tied to the embedding: the quantizer rewrites Gemm(transB=1) as a MatMul by
-    transposing the weight in place, which would corrupt the token lookup that shares it. Untied, the projection is
-    its own int8 MatMul weight (a quarter of the float embedding) and the lookup keeps the float embedding."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    source, target = workdir / f"{name}.float.onnx", workdir / f"{name}.int8.onnx"
-    onnx.save(model, str(source), save_as_external_data=True, location=f"{name}.float.data")
-    quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-    return onnx.load(str(target))
-
-
 def check_options(output, dtype: str, quantize: str | None, opset: int) -> None:
     """Refuses a bad option before anything is written or computed."""
     if dtype not in DTYPES:
         raise OnnxExportError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
-    if quantize not in QUANTIZATIONS:
-        raise OnnxExportError(f"quantize '{quantize}' is not supported; use int8 or nothing")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise OnnxExportError(f"quantize '{quantize}' is not supported; use {' or '.join(QUANTIZATIONS)}, or leave it "
+                              "out for float weights")
     if quantize and dtype != "float32":
-        raise OnnxExportError("int8 quantization starts from float32 weights; drop --dtype or --quantize")
+        raise OnnxExportError(f"{quantize} quantization keeps float32 activations and scales; drop --dtype "
+                              f"{dtype} or --quantize")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
         raise OnnxExportError(f"opset {opset!r} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} "
                               f"(default {DEFAULT_OPSET})")
@@ -250,7 +169,7 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     def size(tensor):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             return int(next(e.value for e in tensor.external_data if e.key == "length"))
-        return len(tensor_bytes(tensor))
+        return len(tensor.raw_data)  # numpy_helper.from_array writes raw_data
 
     return sum(size(t) for t in model.graph.initializer)
 
@@ -267,11 +186,8 @@ def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, o
     start = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     source = CheckpointStream(folder)
-    if quantize is None:
-        model = hollow_model(read_config(folder), torch_dtype)
-        source.check_against(model)
-    else:  # the quantizer rewrites whole graphs in memory: they are traced with their weights
-        model = load_model(folder, dtype=torch_dtype)
+    model = hollow_model(read_config(folder), torch_dtype)
+    source.check_against(model)
     needed = sum(source.nbytes(name, torch_dtype) for name in source.tensors)
     check_free_space(output, needed)
     try:
@@ -309,7 +225,7 @@ def write_graphs(model, source: CheckpointStream, folder: Path, output: Path, dt
         if path.is_file() and (path.suffix == ".onnx" or path.name.endswith(".data")):
             path.unlink()
     writer = WeightWriter(source, torch_dtype,
-                          lambda items, what: tqdm(list(items), desc=f"{what} weights", disable=not progress))
+                          lambda items, what: tqdm(list(items), desc=f"{what} weights", disable=not progress), quantize)
     shared = ExternalData(output / SHARED_DATA_NAME)
     vision_data, vision_bytes = None, 0
     with shared, tempfile.TemporaryDirectory(dir=output, prefix=".export-") as tmp:
@@ -318,38 +234,22 @@ def write_graphs(model, source: CheckpointStream, folder: Path, output: Path, dt
             steps.set_postfix_str(name)
             workdir = Path(tmp) / name
             workdir.mkdir()
-            if quantize is None:
-                module = WeightsAsInputs(modules[name])
-                graph = trace_to_onnx(module, module.example_inputs(inputs[name]), specs[name],
-                                      workdir / f"{name}.onnx", opset, module.names)
-            else:
-                graph = trace_to_onnx(modules[name], inputs[name], specs[name], workdir / f"{name}.onnx", opset)
-            if name != "vision_encoder" and quantize is None:
+            module = WeightsAsInputs(modules[name])
+            graph = trace_to_onnx(module, module.example_inputs(inputs[name]), specs[name],
+                                  workdir / f"{name}.onnx", opset, module.names)
+            if name != "vision_encoder":
                 tie_lm_head(graph, embed_name)
-            if quantize is None:
-                inline = name == "vision_encoder" and writer.nbytes(graph) + graph.ByteSize() <= PROTOBUF_LIMIT
-                if name == "vision_encoder" and not inline:
-                    vision_data = f"{name}.onnx.data"
-                    with ExternalData(output / vision_data) as store:
-                        writer.attach(graph, name, store)
-                else:
-                    writer.attach(graph, name, None if inline else shared)
+            inline = name == "vision_encoder" and writer.nbytes(graph) + graph.ByteSize() <= PROTOBUF_LIMIT
+            if name == "vision_encoder" and not inline:
+                vision_data = f"{name}.onnx.data"
+                with ExternalData(output / vision_data) as store:
+                    writer.attach(graph, name, store)
             else:
-                fold_weight_transposes(graph)
-                with quiet_root_logger():  # the quantizer's advice to pre-process, logged on the root logger
-                    graph = quantize_int8(graph, workdir, name)
-                if name != "vision_encoder":
-                    externalize(graph, shared, name, progress)
+                writer.attach(graph, name, None if inline else shared)
             set_metadata(graph, name, meta)
-            path = output / f"{name}.onnx"
             if name == "vision_encoder":
                 vision_bytes = initializer_bytes(graph)
-            if quantize is not None and name == "vision_encoder" and graph.ByteSize() > PROTOBUF_LIMIT:
-                vision_data = f"{name}.onnx.data"
-                onnx.save(graph, str(path), save_as_external_data=True, location=vision_data,
-                          size_threshold=EXTERNAL_MIN_BYTES)
-            else:
-                onnx.save(graph, str(path))
+            onnx.save(graph, str(output / f"{name}.onnx"))
             del graph
             shutil.rmtree(workdir)
     del model, modules
@@ -371,5 +271,5 @@ def write_graphs(model, source: CheckpointStream, folder: Path, output: Path, dt
         files={f: dict(size=(output / f).stat().st_size, sha256=sha256_of(output / f)) for f in files},
     )
     (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-    log(f"exported {folder} to {output} ({dtype}{', int8' if quantize else ''}) in {time.perf_counter() - start:.1f}s")
+    log(f"exported {folder} to {output} ({dtype}{f', {quantize}' if quantize else ''}) in {time.perf_counter() - start:.1f}s")
     return manifest

@@ -8,13 +8,16 @@ parameters: the exporter's shape inference converts every parameter it sees into
 `model.<parameter>`, then becomes an initializer whose bytes are copied from the safetensors file into the
 export's data file in blocks of rows, converted to the export dtype on the way (bfloat16 checkpoints included).
 Weight transposes (how nn.Linear exports) are folded here, one matrix at a time, and the tied output projection is
-a Gemm(transB=1) on the embedding itself, so the largest matrix is streamed and never held whole.
+a Gemm(transB=1) on the embedding itself, so the largest matrix is streamed and never held whole. With `quantize`,
+each MatMul/Gemm on a weight is rewritten to its quantized form and the weight quantized block by block as it is
+written (export/quantize.py).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -26,6 +29,7 @@ from paligemma.model import PaliGemmaForConditionalGeneration
 
 from .checkpoint_stream import CheckpointStream
 from .external_data import ExternalData, numpy_view
+from .quantize import QuantizedMatMul, quantize_matmuls, quantized_rows
 
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors (norms of tiny models, scalars) stay inside the graph
 TRACED_PREFIX = "model."  # the graph modules hold the model as `self.model`
@@ -67,6 +71,11 @@ class WeightsAsInputs(nn.Module):
         return (*graph_inputs, *(parameters[name] for name in self.names))
 
 
+def embedding_input(weights: list[str]) -> str | None:
+    """The token embedding's input name, which the tied output projection (a Gemm) reads too."""
+    return next((w for w in weights if w.endswith("embed_tokens.weight")), None)
+
+
 def rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -92,10 +101,12 @@ class WeightWriter:
     ExternalData file, each written once however many graphs use it), smaller ones, or all of them when `store`
     is None, inside the graph."""
 
-    def __init__(self, source: CheckpointStream, dtype: torch.dtype, progress: Callable = lambda items, what: items):
+    def __init__(self, source: CheckpointStream, dtype: torch.dtype, progress: Callable = lambda items, what: items,
+                 quantize: str | None = None):
         self.source = source
         self.dtype = dtype
         self.progress = progress
+        self.quantize = quantize
         self.stored: dict[tuple[ExternalData, str], str] = {}  # (file, graph tensor) -> name in the file
 
     def nbytes(self, graph: onnx.ModelProto) -> int:
@@ -109,8 +120,12 @@ class WeightWriter:
         g = graph.graph
         weights = self.weight_inputs(graph)
         folded = fold_input_transposes(g, set(weights))
+        quantized = []
+        if self.quantize:
+            shapes = {w: self.source.tensors[w.removeprefix(TRACED_PREFIX)].shape for w in weights}
+            quantized = quantize_matmuls(graph, folded, embedding_input(weights), shapes, self.quantize, TRACED_PREFIX)
         used = {name for node in g.node for name in node.input}
-        tensors = {w: (w, None) for w in weights if w in used} | folded
+        tensors = {w: (w, None) for w in weights if w in used} | {k: v for k, v in folded.items() if k in used}
         renames, added = {}, set()
         for name, (weight, perm) in self.progress(tensors.items(), what):
             parameter = weight.removeprefix(TRACED_PREFIX)
@@ -118,6 +133,10 @@ class WeightWriter:
             renames[name] = initializer.name
             if initializer.name not in added:  # equal tensors (norms at identity) share one stored name
                 added.add(initializer.name)
+                g.initializer.append(initializer)
+        for target in self.progress(quantized, f"{what} {self.quantize}"):
+            for name, initializer in zip((target.weight, target.scale), self.quantized_initializers(target, store)):
+                renames[name] = initializer.name
                 g.initializer.append(initializer)
         rename_inputs(g, {k: v for k, v in renames.items() if k != v})
         for item in [i for i in g.input if i.name in weights]:
@@ -135,6 +154,30 @@ class WeightWriter:
             blocks = self.source.blocks(parameter, self.dtype) if perm is None else [self.tensor(parameter, perm)]
             self.stored[key] = store.write(name, blocks, shape)
         return store.initializer(self.stored[key])
+
+    def quantized_initializers(self, target: QuantizedMatMul, store: ExternalData | None) -> list[onnx.TensorProto]:
+        """The quantized weight and its scales, computed block by block of checkpoint rows while the weight is
+        written (the scales, 1/32 of the int4 weight's elements, are kept until it is done); each is written once
+        per file however many graphs use it."""
+        key = (store, target.weight)
+        if store is None or key not in self.stored:
+            scales = []
+
+            def weight_blocks():
+                for rows in self.source.blocks(target.parameter, torch.float32):
+                    q, scale = quantized_rows(target.scheme, rows.numpy())
+                    scales.append(scale)
+                    yield q
+
+            if store is None:
+                weight = np.concatenate(list(weight_blocks()))
+                weight = weight.T.copy() if target.scheme == "int8" else weight
+                return [numpy_helper.from_array(weight, target.weight),
+                        numpy_helper.from_array(np.concatenate(scales), target.scale)]
+            write = store.write_transposed if target.scheme == "int8" else store.write
+            self.stored[key] = write(target.weight, weight_blocks(), target.weight_shape)
+            self.stored[store, target.scale] = store.write(target.scale, [np.concatenate(scales)], target.scale_shape)
+        return [store.initializer(self.stored[key]), store.initializer(self.stored[store, target.scale])]
 
     def tensor(self, parameter: str, perm: list[int] | None) -> torch.Tensor:
         tensor = self.source.read(parameter, self.dtype)

@@ -31,7 +31,7 @@ def test_cli_int8_export_validates_and_generates(checkpoint, tmp_path, capsys):
         assert f"validation {graph}: max abs diff" in printed
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["quantize"] == "int8"
-    assert any(name.endswith("_quantized") for name in manifest["shared_data"]["tensors"])
+    assert any(name.endswith("_int8") for name in manifest["shared_data"]["tensors"])
     result = paligemma.load(checkpoint, backend="onnx", onnx_dir=out).generate(IMAGE, "caption en", max_new_tokens=8)
     assert len(result.token_ids) > 0
 

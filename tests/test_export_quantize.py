@@ -1,0 +1,172 @@
+"""int8 and int4 exports: they validate against float32 torch, their graphs really run quantized weights, the stored
+weights dequantize to the checkpoint's within the quantization's rounding (checked here with numpy, independently
+of the exporter), bad options and a shard truncated mid-export are refused, and an int4 export stays within the
+streaming memory bound."""
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file
+
+import paligemma
+from export import onnx_export
+from export.__main__ import main
+from export.manifest import MANIFEST_NAME, SHARED_DATA_NAME
+from export.runtime import export_and_validate
+from paligemma.errors import CheckpointError, OnnxExportError
+from paligemma.weights import canonical_key
+from test_export_streaming import BOUND, peak_rss_kb, quiet, weight_heavy  # noqa: F401 (a fixture)
+
+IMAGE = Image.new("RGB", (40, 30), (30, 160, 90))
+QUANTIZED_OPS = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
+BLOCK = 32  # the int4 block the exporter documents
+
+
+@pytest.fixture(scope="module", params=[("pg1", "int8"), ("pg1", "int4"), ("pg2", "int8"), ("pg2", "int4")],
+                ids=lambda p: "-".join(p))
+def exported(request, reference_factory, tmp_path_factory):
+    variant, scheme = request.param
+    folder, _ = reference_factory(variant)
+    out = tmp_path_factory.mktemp(f"{variant}_{scheme}")
+    lines = []
+    export_and_validate(folder, out, quantize=scheme, progress=False, log=lines.append)  # raises above tolerance
+    return folder, out, scheme, lines
+
+
+def graph(out, name):
+    return onnx.load(str(out / f"{name}.onnx"), load_external_data=False)
+
+
+def test_each_variant_validates_and_generates(exported):
+    folder, out, scheme, lines = exported
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert (manifest["dtype"], manifest["quantize"]) == ("float32", scheme)
+    for name in ("vision_encoder", "prefill", "decode"):
+        assert any(line.startswith(f"validation {name}: max abs diff") for line in lines)
+    result = paligemma.load(folder, backend="onnx", onnx_dir=out).generate(IMAGE, "caption en", max_new_tokens=6)
+    assert len(result.token_ids) > 0
+
+
+def test_every_weight_matmul_is_quantized(exported):
+    _, out, scheme, _ = exported
+    for name in ("vision_encoder", "prefill", "decode"):
+        g = graph(out, name).graph
+        initializers = {t.name for t in g.initializer}
+        ops = [n.op_type for n in g.node]
+        assert ops.count(QUANTIZED_OPS[scheme]) >= 7 if name != "vision_encoder" else ops.count(QUANTIZED_OPS[scheme]) >= 6
+        float_weight_matmuls = [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in initializers]
+        assert float_weight_matmuls == []
+        if name != "vision_encoder":  # the output projection on the embedding too; the lookup stays float
+            assert any(n.op_type == QUANTIZED_OPS[scheme] and "embed_tokens" in n.input[1] for n in g.node)
+            assert any(n.op_type == "Gather" and n.input[0].endswith("embed_tokens.weight") for n in g.node)
+    tensors = json.loads((out / MANIFEST_NAME).read_text())["shared_data"]["tensors"]
+    assert {e["data_type"] for e in tensors.values()} >= {onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT}
+
+
+def stored_tensors(out) -> dict[str, np.ndarray]:
+    """Every tensor of the export by name: the shared data file read through the manifest, and the vision graph's."""
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    data = np.fromfile(out / SHARED_DATA_NAME, dtype=np.uint8)
+    tensors = {}
+    for name, entry in manifest["shared_data"]["tensors"].items():
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(entry["data_type"])
+        tensors[name] = data[entry["offset"]: entry["offset"] + entry["length"]].view(dtype).reshape(entry["shape"])
+    vision = onnx.load(str(out / "vision_encoder.onnx"))
+    tensors.update({t.name: onnx.numpy_helper.to_array(t) for t in vision.graph.initializer})
+    return tensors
+
+
+def test_dequantized_weights_equal_the_checkpoint_within_the_rounding(exported):
+    folder, out, scheme, _ = exported
+    checkpoint = {canonical_key(k): v.astype(np.float32) for k, v in load_file(folder / "model.safetensors").items()}
+    tensors = stored_tensors(out)
+    quantized = [n for n in tensors if n.endswith(f"_{scheme}")]
+    linear = [k for k, v in checkpoint.items() if v.ndim == 2 and k.endswith(("proj.weight", "fc1.weight", "fc2.weight",
+                                                                              "linear.weight"))]
+    assert len(quantized) == len(linear) + 1  # every linear weight and the output projection, each stored once
+    for name in quantized:
+        weight = checkpoint[name.removeprefix("model.").removesuffix(f"_{scheme}")]  # [N, K]
+        q, scale = tensors[name], tensors[name + "_scale"]
+        if scheme == "int8":  # [K, N] uint8 around 128, one scale per output channel
+            assert q.dtype == np.uint8 and q.shape == weight.T.shape
+            step = scale[:, None]
+            error = np.abs((q.T.astype(np.float32) - 128) * step - weight)
+            assert np.all(error <= step / 2 * (1 + 1e-5) + 1e-12), name
+        else:  # [N, blocks, 16] uint8, two values a byte (low nibble first), zero point 8, a scale per block
+            N, K = weight.shape
+            blocks = -(-K // BLOCK)
+            assert q.dtype == np.uint8 and q.shape == (N, blocks, BLOCK // 2) and scale.shape == (N, blocks)
+            values = np.empty((N, blocks, BLOCK), np.float32)
+            values[..., 0::2], values[..., 1::2] = q & 0x0F, q >> 4
+            padded = np.zeros((N, blocks * BLOCK), np.float32)
+            padded[:, :K] = weight
+            padded = padded.reshape(N, blocks, BLOCK)
+            step = np.broadcast_to(np.abs(scale)[..., None], padded.shape)
+            error = np.abs((values - 8) * scale[..., None] - padded)
+            # the block's largest magnitude sits on -8 steps; on the other side +7 is the last level, so values
+            # past 7.5 steps are clipped there (within one step), every other value within half a step
+            clipped = padded / scale[..., None] > 7.5
+            assert np.all(error[~clipped] <= step[~clipped] / 2 * (1 + 1e-5) + 1e-12), name
+            assert np.all(error[clipped] <= step[clipped] * (1 + 1e-5)), name
+            assert np.all(values.reshape(N, -1)[:, K:] == 8)  # the padding is zero
+
+
+def test_a_width_that_is_not_a_multiple_of_the_block_is_padded(exported):
+    _, out, scheme, _ = exported
+    if scheme != "int4":
+        pytest.skip("int4 blocks only")
+    # the tiny vision MLP's fc2 reads 48 inputs: one full block of 32 and one padded
+    (fc2,) = [n for n in graph(out, "vision_encoder").graph.node
+              if n.op_type == "MatMulNBits" and "layers.0.mlp.fc2" in n.input[1]]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in fc2.attribute}
+    assert (attributes["K"], attributes["N"], attributes["block_size"]) == (48, 32, BLOCK)
+
+
+def test_an_unknown_quantization_is_refused(reference_factory, tmp_path, capsys):
+    folder, _ = reference_factory("pg1")
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--model", str(folder), "--output", str(tmp_path / "out"), "--quantize", "int3"])
+    assert exit_code.value.code == 2
+    assert "int3" in capsys.readouterr().err
+    with pytest.raises(OnnxExportError, match="quantize 'int3' is not supported; use int8 or int4"):
+        onnx_export.export_model(folder, tmp_path / "out", quantize="int3", progress=False, log=quiet)
+    with pytest.raises(OnnxExportError, match="drop --dtype float16 or --quantize"):
+        onnx_export.export_model(folder, tmp_path / "out", dtype="float16", quantize="int4", progress=False, log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_truncated_during_an_int4_export_is_named_and_the_partial_export_removed(tmp_path, monkeypatch):
+    from tiny import build_reference
+
+    folder = tmp_path / "pg1"
+    build_reference(folder, "pg1")
+    shard = folder / "model.safetensors"
+    trace = onnx_export.trace_to_onnx
+
+    def truncate_before_the_decoder(module, inputs, spec, *args, **kwargs):
+        if spec.name == "prefill":
+            with open(shard, "r+b") as f:
+                f.truncate(shard.stat().st_size // 2)
+        return trace(module, inputs, spec, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "trace_to_onnx", truncate_before_the_decoder)
+    out = tmp_path / "onnx"
+    with pytest.raises(CheckpointError, match=rf"{shard} ended inside tensor .*truncated"):
+        onnx_export.export_model(folder, out, quantize="int4", progress=False, log=quiet)
+    assert not out.exists()
+
+
+def test_an_int4_export_with_validation_stays_within_the_weights_bound(weight_heavy, tmp_path):  # noqa: F811
+    out = tmp_path / "onnx"
+    baseline = peak_rss_kb([sys.executable, "-c", "import export.onnx_export, export.runtime, export.torch_reference"])
+    peak = peak_rss_kb([sys.executable, "-m", "export", "--model", str(weight_heavy), "--output", str(out),
+                        "--quantize", "int4"])
+    assert (out / MANIFEST_NAME).exists()
+    float_bytes = sum(f.stat().st_size for f in weight_heavy.glob("*.safetensors"))  # float32 source
+    assert float_bytes > 500e6
+    added = (peak - baseline) * 1024
+    assert added <= BOUND * float_bytes, f"{added / 1e6:.0f} MB above the baseline for {float_bytes / 1e6:.0f} MB"
