@@ -26,12 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from paligemma.engines import TorchEngine
-from paligemma.gemma import GemmaModel
 from paligemma.errors import CheckpointError, OnnxExportError
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 
-from .checkpoint_stream import CheckpointStream, StoredTensor
+from .checkpoint_stream import CheckpointStream
 from .validate import DECODE_STEPS, validation_requests
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -49,28 +48,14 @@ def load_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalGe
     return model.eval()
 
 
-EMBEDDING = "language_model.model.embed_tokens.weight"
-
-
 def streamed_units(model: PaliGemmaForConditionalGeneration) -> dict[str, nn.Module]:
     """The modules whose weights are read on entry and dropped on exit, by name: every vision and decoder layer
-    (the weights that grow with depth). The rest stays resident (the patch and position embeddings, norms,
-    projector: a few MB even at 3B), the token embedding apart (layer_streamed)."""
+    (the weights that grow with depth). The rest stays resident: the token embedding (2.1 GB at 3B: read once
+    rather than twice per step, for the lookup and the tied output projection) and a few MB of patch and position
+    embeddings, norms and projector."""
     return {**{f"vision_tower.vision_model.encoder.layers.{i}": layer
                for i, layer in enumerate(model.vision_tower.vision_model.encoder.layers)},
             **{f"language_model.model.layers.{i}": layer for i, layer in enumerate(model.decoder.layers)}}
-
-
-def read_rows(stored: StoredTensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `rows` of a stored matrix, converted to `dtype`, read one by one (the embedding lookup's few hundred)."""
-    out = torch.empty((len(rows), *stored.shape[1:]), dtype=stored.dtype)
-    raw = out.view(torch.uint8).view(len(rows), -1)
-    with open(stored.file, "rb") as f:
-        for i, row in enumerate(rows.tolist()):
-            f.seek(stored.start + row * stored.row_bytes)
-            if f.readinto(raw[i].numpy()) != stored.row_bytes:
-                raise CheckpointError(f"{stored.file} ended inside {EMBEDDING}: the shard was truncated; download it again")
-    return out.to(dtype)
 
 
 def hollow(module: nn.Module) -> None:
@@ -81,9 +66,7 @@ def hollow(module: nn.Module) -> None:
 def layer_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
     """The model whose layers read their weights when its forward reaches them and drop them when it leaves, the
     model's own code running unchanged (forward hooks do the reading): what it computes is what load_streamed's model
-    computes, holding one layer at a time. The token embedding (the largest matrix, 2.1 GB at 3B) is never held
-    whole: the lookup reads the rows of the tokens it is given, and the tied output projection runs over the
-    matrix in blocks of rows (CheckpointStream.blocks), each block through the model's own `logits`."""
+    computes, holding one layer at a time besides what stays resident (streamed_units)."""
     from .onnx_export import read_config
 
     source = CheckpointStream(folder)
@@ -92,10 +75,9 @@ def layer_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalG
     source.check_against(model)
     model.requires_grad_(False)
     units = streamed_units(model)
-    embedding = model.decoder.embed_tokens
     resident = {name: tensor for name, tensor in source.tensors.items()
-                if name != EMBEDDING and not any(name.startswith(unit + ".") for unit in units)}
-    # Not strict: the units and the embedding stay on the meta device (check_against has checked every name and shape).
+                if not any(name.startswith(unit + ".") for unit in units)}
+    # Not strict: the units stay on the meta device (check_against has checked every name and shape).
     model.load_state_dict({name: source.read(name, dtype) for name in resident}, strict=False, assign=True)
 
     def load(prefix: str):
@@ -107,44 +89,31 @@ def layer_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalG
     for prefix, unit in units.items():
         unit.register_forward_pre_hook(load(prefix))
         unit.register_forward_hook(lambda module, args, output: hollow(module))
-
-    def look_up(module: nn.Embedding, args):
-        (input_ids,) = args
-        rows, index = input_ids.unique(return_inverse=True)  # the lookup over the rows read, renumbered
-        module.weight = nn.Parameter(read_rows(source.tensors[EMBEDDING], rows, dtype), requires_grad=False)
-        return (index,)
-
-    embedding.register_forward_pre_hook(look_up)
-    embedding.register_forward_hook(lambda module, args, output: hollow(module))
-    decoder = model.decoder
-
-    def logits(hidden: torch.Tensor) -> torch.Tensor:
-        pieces = []
-        for block in source.blocks(EMBEDDING, dtype):
-            embedding.weight = nn.Parameter(block, requires_grad=False)
-            pieces.append(GemmaModel.logits(decoder, hidden))
-        hollow(embedding)
-        return torch.cat(pieces, dim=-1)
-
-    decoder.logits = logits  # this instance's output projection, by blocks (the class's rule, applied per block)
     return model.eval()
 
 
 def record(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor) -> dict:
+    """Torch's image embeddings, prefill logits, greedy tokens and decode logits on the validation requests, one
+    run per request. The requests share one layout (validation_requests) and run as one batch, so that each step
+    passes over the weights once for all of them (the layer-streamed model reads every layer once per step)."""
     requests = validation_requests(processor, model.config)
+    batch = {name: torch.cat([inputs[name] for inputs in requests]) for name in requests[0]}
     dtype = next(model.parameters()).dtype
-    runs = []
     with torch.inference_mode():
-        for inputs in requests:
-            engine = TorchEngine(model)
-            logits = engine.prefill(inputs, DECODE_STEPS)
-            run = dict(image_embeddings=model.embed_image(inputs["pixel_values"].to(dtype)), prefill=logits,
-                       tokens=[], decode=[])
-            for _ in range(DECODE_STEPS):
-                run["tokens"].append(logits.argmax(-1))
-                logits = engine.decode_step(run["tokens"][-1])
-                run["decode"].append(logits)
-            runs.append(run)
+        engine = TorchEngine(model)
+        logits = engine.prefill(batch, DECODE_STEPS)
+        ran = dict(image_embeddings=model.embed_image(batch["pixel_values"].to(dtype)), prefill=logits,
+                   tokens=[], decode=[])
+        for _ in range(DECODE_STEPS):
+            ran["tokens"].append(logits.argmax(-1))
+            logits = engine.decode_step(ran["tokens"][-1])
+            ran["decode"].append(logits)
+    runs, first = [], 0
+    for inputs in requests:
+        rows = slice(first, first + len(inputs["input_ids"]))
+        first = rows.stop
+        runs.append({name: [step[rows] for step in value] if isinstance(value, list) else value[rows]
+                     for name, value in ran.items()})
     return dict(requests=requests, runs=runs)
 
 
