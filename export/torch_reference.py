@@ -147,10 +147,6 @@ def torch_reference(checkpoint: Path, dtype: str, streamed: bool = False) -> dic
     with tempfile.TemporaryDirectory(prefix="paligemma-reference-") as tmp:
         out = Path(tmp) / "reference.safetensors"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
-        if streamed:
-            # A fixed threshold: glibc's adaptive one rises past the per-layer tensors once the first is freed, after
-            # which each layer's weights come from a heap that fragments and keeps growing (measured: 2.3x the peak).
-            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
         command = [sys.executable, "-m", "export.torch_reference", str(checkpoint), dtype, str(out)]
         done = subprocess.run(command + (["--streamed"] if streamed else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:
