@@ -1,9 +1,11 @@
-"""Serve the PaliGemma demo: `python app.py [--backend onnx|torch] [--model PATH_OR_ID] [--host H] [--port P] [--share]`."""
+"""Serve the PaliGemma demo: `python app.py [--backend onnx|torch] [--model PATH_OR_ID] [--quantize int8|int4]
+[--host H] [--port P] [--share]`."""
 
 import logging
 import os
 
 from demo import create_app, launch, load_backend
+from export.variants import QUANTIZED
 from paligemma import CheckpointError, OnnxExportError
 from paligemma.cli import ArgumentParser
 
@@ -11,6 +13,9 @@ parser = ArgumentParser(prog="app.py", description=__doc__)
 parser.add_argument("--backend", choices=["onnx", "torch"], default=os.environ.get("PALIGEMMA_BACKEND", "onnx"))
 parser.add_argument("--model", default=os.environ.get("PALIGEMMA_MODEL"),
                     help="checkpoint folder or Hub repo id (env PALIGEMMA_MODEL); default: the embedded demo model")
+parser.add_argument("--quantize", default=os.environ.get("PALIGEMMA_QUANTIZE") or None,
+                    help="serve the model's int8 or int4 ONNX export (made into the cache on first use; env "
+                         "PALIGEMMA_QUANTIZE); default: float32")
 parser.add_argument("--onnx-dir", default=os.environ.get("PALIGEMMA_ONNX_DIR"), help="serve this export as it is")
 parser.add_argument("--host", help="address to listen on (default 127.0.0.1, or GRADIO_SERVER_NAME)")
 parser.add_argument("--port", type=int, help="port (default 7860, or GRADIO_SERVER_PORT)")
@@ -27,6 +32,10 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.onnx_dir and args.backend != "onnx":
         parser.error(f"--onnx-dir is served by --backend onnx only, and --backend is {args.backend}")
+    if args.quantize not in (None, *QUANTIZED):
+        parser.error(f"--quantize {args.quantize!r} is not one of {', '.join(QUANTIZED)} (or set nothing for float32)")
+    if args.quantize is not None and args.backend != "onnx":
+        parser.error(f"--quantize {args.quantize} is served by --backend onnx only, and --backend is {args.backend}")
     if args.threads is not None and args.backend != "onnx":
         parser.error("--threads sets ONNX Runtime's threads; with --backend torch, set OMP_NUM_THREADS")
     for name in ("threads", "concurrency"):
@@ -35,7 +44,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         backend = load_backend(args.model, args.backend, onnx_dir=args.onnx_dir, threads=args.threads,
-                               requests=args.concurrency)
+                               requests=args.concurrency, quantize=args.quantize)
     except (CheckpointError, OnnxExportError) as e:
         parser.exit(2, f"app.py: {e}\n")
     torch_check = {"auto": None, "on": True, "off": False}[args.torch_check]

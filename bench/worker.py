@@ -21,7 +21,7 @@ import torch
 from .reference import transformers_processor
 from .workloads import request_image
 
-CPU_RUNTIMES = ("transformers", "torch", "onnx", "onnx-int8")
+CPU_RUNTIMES = ("transformers", "torch", "onnx", "onnx-int8", "onnx-int4")
 CUDA_RUNTIMES = ("transformers", "transformers-static", "torch", "torch-compiled", "onnx")
 
 
@@ -108,12 +108,13 @@ def onnx_runner(spec: dict):
     import onnxruntime
 
     from export.runtime import load_onnx_pipeline
+    from export.variants import exported_variant
 
     pipe = load_onnx_pipeline(spec["checkpoint"], onnx_dir=spec["onnx_dir"], device=spec["device"],
                               threads=spec.get("threads"))
     model = pipe.engine_factory
     providers = ", ".join(p.removesuffix("ExecutionProvider") for p in model.providers)
-    precision = "int8" if model.manifest["quantize"] == "int8" else model.manifest["dtype"]
+    precision = exported_variant(model.manifest)
     info = f"onnxruntime {onnxruntime.__version__} {precision} ({providers})"
     return pipeline_runner(pipe, spec, info)
 
@@ -125,6 +126,7 @@ RUNNERS = {
     "torch-compiled": compiled_runner,
     "onnx": onnx_runner,
     "onnx-int8": onnx_runner,
+    "onnx-int4": onnx_runner,
 }
 
 

@@ -37,7 +37,7 @@ BUILD_VERSION = "2"  # bump when a random checkpoint's recipe changes, so cached
 PROMPT = "caption en"
 WORDS = ("caption", "en", "answer", "detect", "a", "the", "\n")
 EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "streaming.py", "checkpoint_stream.py", "external_data.py",
-                    "manifest.py")  # what an export is made by (export/)
+                    "manifest.py", "quantize.py")  # what an export is made by (export/; those present)
 
 # Widths of paligemma-3b-pt-224 (REFERENCE.md); `layers` chooses how many of each tower to keep.
 PALIGEMMA_3B = dict(
@@ -196,14 +196,13 @@ def request_image(size: int = 224) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def export_key(folder: Path) -> str:
-    """A short key naming a cached export: it changes with the checkpoint's config or weights and with the exporter's
-    source, so that an improved exporter is measured, not a stale export."""
+def exporter_source_digest() -> str:
+    """A digest of the exporter's source, which the benchmark's export cache adds to its key, so that an improved
+    exporter is measured, not a stale export."""
     import export
-    from export.manifest import weights_fingerprint
 
-    digest = hashlib.sha256(json.dumps(json.loads((Path(folder) / "config.json").read_text()), sort_keys=True).encode())
-    digest.update(weights_fingerprint(Path(folder)).encode())
-    for name in EXPORTER_SOURCES:
-        digest.update((Path(export.__file__).parent / name).read_bytes())
+    digest = hashlib.sha256()
+    for path in (Path(export.__file__).parent / name for name in EXPORTER_SOURCES):
+        if path.exists():
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:12]

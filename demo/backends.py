@@ -82,19 +82,23 @@ def default_device() -> str:
 
 def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", *, onnx_dir: str | os.PathLike | None = None,
                  device: str | None = None, warm_up: bool = True, threads: int | None = None,
-                 requests: int | None = None) -> Backend:
+                 requests: int | None = None, quantize: str | None = None) -> Backend:
     """Load `model` (a folder or Hub repo id; None is the embedded demo model) for `backend`.
 
     "onnx" exports the model on first use (or reads `onnx_dir`) and runs it with ONNX Runtime; if that fails for any
     reason, eager torch serves instead and `Backend.fallback` says why, except that an `onnx_dir` the operator named
     and that is refused (stale, damaged) raises paligemma.OnnxExportError. `device` None picks the GPU when there is
     one (ONNX Runtime's CUDA provider, or torch's CUDA device). Checkpoint problems raise paligemma.CheckpointError.
+    `quantize` ("int8" or "int4", ONNX only) serves that quantized export, made into the cache on first use; it is
+    asked for to fit the memory, so a failure raises rather than falling back to a float32 torch model.
     """
     if backend not in paligemma.BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(paligemma.BACKENDS)}")
     if onnx_dir is not None and backend != "onnx":
         raise ValueError(f"an export folder is served by backend 'onnx' only, and backend is '{backend}'; "
                          "drop the export folder or use backend 'onnx'")
+    if quantize is not None and backend != "onnx":
+        raise ValueError(f"a quantized model ({quantize}) is served by backend 'onnx' only, and backend is '{backend}'")
     torch_device = device or default_device()
     folder = resolve_checkpoint(model if model is not None else paligemma.DEMO_CHECKPOINT)
     label = "embedded demo model" if model is None else str(model)
@@ -104,13 +108,13 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
             from export.runtime import load_onnx_pipeline  # here: a broken onnxruntime install falls back too
 
             pipeline = load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device or "auto", threads=threads,
-                                          requests=requests)
+                                          requests=requests, quantize=quantize)
             seconds = warm(pipeline) if warm_up else 0.0
             return Backend(pipeline, "onnx", describe_onnx(pipeline), label, folder, torch_device, warm_up_s=seconds)
         except paligemma.CheckpointError:
             raise  # the checkpoint itself: torch would refuse it the same way
         except Exception as e:  # noqa: BLE001 - any other failure of the ONNX path falls back to torch, said on the page
-            if onnx_dir is not None and isinstance(e, paligemma.OnnxExportError):
+            if (onnx_dir is not None and isinstance(e, paligemma.OnnxExportError)) or quantize is not None:
                 raise
             fallback = f"ONNX Runtime could not run this model ({type(e).__name__}: {e}); eager PyTorch serves instead."
             logger.warning("%s", fallback, exc_info=True)
@@ -139,12 +143,18 @@ def describe_torch(pipeline: paligemma.Pipeline) -> str:
 
 
 def describe_onnx(pipeline) -> str:
+    """e.g. "ONNX Runtime 1.23.2 int4 (CPUExecutionProvider)": the version, the export's variant, the providers."""
     import onnxruntime
 
-    providers = getattr(pipeline.engine_factory, "providers", None)  # export.runtime.OnnxModel
-    if not providers:
-        return f"ONNX Runtime {onnxruntime.__version__}"
-    return f"ONNX Runtime {onnxruntime.__version__} ({', '.join(providers)})"
+    from export.variants import exported_variant
+
+    model = pipeline.engine_factory  # export.runtime.OnnxModel
+    described = f"ONNX Runtime {onnxruntime.__version__}"
+    manifest = getattr(model, "manifest", None)
+    if manifest is not None:
+        described += f" {exported_variant(manifest)}"
+    providers = getattr(model, "providers", None)
+    return f"{described} ({', '.join(providers)})" if providers else described
 
 
 @dataclass(frozen=True)

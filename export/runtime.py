@@ -11,6 +11,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -26,9 +27,10 @@ from paligemma.weights import resolve_checkpoint
 
 from .graphs import GRAPH_ORDER, cache_names
 from .integrity import cache_root
-from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
+from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
 from .threads import ThreadPlan, plan_threads
+from .variants import exported_variant, variant_name
 from .torch_reference import torch_reference
 from .validate import validate_export
 
@@ -207,25 +209,43 @@ def export_and_validate(source, output, *, log=print, **options) -> dict:
     folder = resolve_checkpoint(source)
     with removed_on_failure(Path(output)):
         # One step at a time, the torch reference first (while this process holds nothing large), so that the
-        # torch model, the export's working memory and ONNX Runtime's weights are never in memory together.
-        reference = torch_reference(folder, dtype)
+        # torch model, the export's working memory and ONNX Runtime's weights are never in memory together. The
+        # reference streams the layers (export/README.md "Streaming export"): its peak stays below ONNX Runtime's
+        # even when a 4-bit export holds an eighth of the float32 weights.
+        reference = torch_reference(folder, dtype, streamed=True)
         manifest = export_model(folder, output, log=log, **options)
         config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
         validate_export(reference, OnnxModel(output, config), log=log)
     return manifest
 
 
-def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Path:
-    """The export of this checkpoint in the export cache, made on first use (with progress bars)."""
-    key = hashlib.sha256((config_hash(config) + fingerprint).encode()).hexdigest()[:24]
-    target = cache_root() / key
+def cache_entry(config: PaliGemmaConfig, fingerprint: str, dtype: str = "float32", quantize: str | None = None,
+                salt: str = "") -> str:
+    """The folder name of an export in a cache: it changes with the config, the weights, the dtype, the quantization
+    and the exporter's version (and `salt`: the benchmark adds its exporter's source), and ends in the variant's
+    name so that a listing says which is which."""
+    parts = (config_hash(config), fingerprint, dtype, quantize or "none", EXPORTER_VERSION, salt)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24] + "-" + variant_name(dtype, quantize)
+
+
+def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str, dtype: str = "float32",
+                  quantize: str | None = None, *, root: Path | None = None, salt: str = "",
+                  make: Callable[[Path], None] | None = None) -> Path:
+    """The export of this checkpoint as `dtype` / `quantize` in the export cache (`root`, default cache_root()),
+    made on first use, into a staging folder renamed into place once complete, by `make(staging)`: by default
+    export_and_validate with progress bars (the benchmark passes its own, which skips validation)."""
+    entry = cache_entry(config, fingerprint, dtype, quantize, salt)
+    target = Path(root or cache_root()) / entry
     if (target / MANIFEST_NAME).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f"{key}.partial-{os.getpid()}")
-    logger.info("exporting %s to ONNX (first use; cached in %s)", folder, target)
+    staging = target.with_name(f"{entry}.partial-{os.getpid()}")
+    logger.info("exporting %s to ONNX as %s (first use; cached in %s)", folder, variant_name(dtype, quantize), target)
     try:
-        export_and_validate(folder, staging, progress=True)
+        if make is None:
+            export_and_validate(folder, staging, dtype=dtype, quantize=quantize, progress=True)
+        else:
+            make(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process finished the same export first
@@ -237,13 +257,16 @@ def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str) -> Pa
 
 
 def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int | None = None,
-                       requests: int | None = None, prepack: bool = False, spinning: bool = False) -> Pipeline:
+                       requests: int | None = None, prepack: bool = False, spinning: bool = False,
+                       quantize: str | None = None) -> Pipeline:
     """A Pipeline generating with ONNX Runtime: from the export in `onnx_dir` (checked against the checkpoint's
     config hash and weights), or from the export cache, exporting on first use. `folder` may also be an export
     directory itself. `threads` (intra-op, per request) and `requests` (how many run at once) override the plan
     chosen for the machine and the model (export/threads.py; `pipeline.engine_factory.thread_plan`); `spinning`
     turns ONNX Runtime's busy-waiting threads back on (its default, slower here: bench/threads.py). `prepack`
-    trades memory (each decoder session re-lays out its own copy of the weights) for faster batched decoding on CPU."""
+    trades memory (each decoder session re-lays out its own copy of the weights) for faster batched decoding on CPU.
+    `quantize` ("int8" or "int4") picks the quantized export from the cache (made on first use); an export
+    folder given as `folder` or `onnx_dir` must be that variant."""
     folder = Path(folder)
     try:
         config = PaliGemmaConfig.from_json_file(folder / "config.json")
@@ -254,7 +277,11 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
     else:
         fingerprint = weights_fingerprint(folder)
         if onnx_dir is None:
-            onnx_dir = cached_export(folder, config, fingerprint)
+            onnx_dir = cached_export(folder, config, fingerprint, quantize=quantize)
     model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, requests=requests,
                       prepack=prepack, spinning=spinning)
+    if quantize is not None and exported_variant(model.manifest) != quantize:
+        raise OnnxExportError(f"{onnx_dir} is a {exported_variant(model.manifest)} export, not the {quantize} one asked "
+                              f"for; export it with `python -m export --quantize {quantize}`, or load the checkpoint "
+                              "folder without onnx_dir (the cache makes it)")
     return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)

@@ -1,12 +1,15 @@
 """The torch side of the export's validation, recorded in a process of its own.
 
-    python -m export.torch_reference CHECKPOINT DTYPE OUT
+    python -m export.torch_reference CHECKPOINT DTYPE OUT [--streamed]
 
 The torch model and ONNX Runtime's copy of the weights would need twice the weights' memory side by side; here the
-child loads the model, records what torch gives on the validation requests (image embeddings, prefill logits, the
-greedy tokens and the logits of each decode step) into OUT (safetensors), and exits, returning its memory before the parent
-exports and ONNX Runtime loads the export. The child reads the weights tensor by tensor (export/checkpoint_stream.py) so
-that it holds them once.
+child records what torch gives on the validation requests (image embeddings, prefill logits, the greedy tokens and
+the logits of each decode step) into OUT (safetensors), and exits, returning its memory before the parent exports
+and ONNX Runtime loads the export. The child reads the weights tensor by tensor (export/checkpoint_stream.py), and
+either holds them once (the whole model) or, `--streamed`, one layer at a time (layer_streamed): each layer's
+tensors are read when the model's own forward reaches it and dropped when it leaves, every decode step passing over
+all the layers again (the reads come from the page cache), so that a 4-bit export of a model whose float32 weights
+exceed the machine's memory can still be checked against float32 torch.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from torch import nn
 
 from paligemma.engines import TorchEngine
 from paligemma.errors import CheckpointError, OnnxExportError
@@ -43,21 +48,72 @@ def load_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalGe
     return model.eval()
 
 
+def streamed_units(model: PaliGemmaForConditionalGeneration) -> dict[str, nn.Module]:
+    """The modules whose weights are read on entry and dropped on exit, by name: every vision and decoder layer
+    (the weights that grow with depth). The rest stays resident: the token embedding (2.1 GB at 3B: read once
+    rather than twice per step, for the lookup and the tied output projection) and a few MB of patch and position
+    embeddings, norms and projector."""
+    return {**{f"vision_tower.vision_model.encoder.layers.{i}": layer
+               for i, layer in enumerate(model.vision_tower.vision_model.encoder.layers)},
+            **{f"language_model.model.layers.{i}": layer for i, layer in enumerate(model.decoder.layers)}}
+
+
+def hollow(module: nn.Module) -> None:
+    """Back to the meta device: the module's weights are released."""
+    module.to_empty(device="meta")
+
+
+def layer_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
+    """The model whose layers read their weights when its forward reaches them and drop them when it leaves, the
+    model's own code running unchanged (forward hooks do the reading): what it computes is what load_streamed's model
+    computes, holding one layer at a time besides what stays resident (streamed_units)."""
+    from .onnx_export import read_config
+
+    source = CheckpointStream(folder)
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(read_config(folder))
+    source.check_against(model)
+    model.requires_grad_(False)
+    units = streamed_units(model)
+    resident = {name: tensor for name, tensor in source.tensors.items()
+                if not any(name.startswith(unit + ".") for unit in units)}
+    # Not strict: the units stay on the meta device (check_against has checked every name and shape).
+    model.load_state_dict({name: source.read(name, dtype) for name in resident}, strict=False, assign=True)
+
+    def load(prefix: str):
+        def hook(module: nn.Module, args):
+            module.load_state_dict({name: source.read(f"{prefix}.{name}", dtype) for name, _ in module.named_parameters()},
+                                   strict=True, assign=True)
+        return hook
+
+    for prefix, unit in units.items():
+        unit.register_forward_pre_hook(load(prefix))
+        unit.register_forward_hook(lambda module, args, output: hollow(module))
+    return model.eval()
+
+
 def record(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor) -> dict:
+    """Torch's image embeddings, prefill logits, greedy tokens and decode logits on the validation requests, one
+    run per request. The requests share one layout (validation_requests) and run as one batch, so that each step
+    passes over the weights once for all of them (the layer-streamed model reads every layer once per step)."""
     requests = validation_requests(processor, model.config)
+    batch = {name: torch.cat([inputs[name] for inputs in requests]) for name in requests[0]}
     dtype = next(model.parameters()).dtype
-    runs = []
     with torch.inference_mode():
-        for inputs in requests:
-            engine = TorchEngine(model)
-            logits = engine.prefill(inputs, DECODE_STEPS)
-            run = dict(image_embeddings=model.embed_image(inputs["pixel_values"].to(dtype)), prefill=logits,
-                       tokens=[], decode=[])
-            for _ in range(DECODE_STEPS):
-                run["tokens"].append(logits.argmax(-1))
-                logits = engine.decode_step(run["tokens"][-1])
-                run["decode"].append(logits)
-            runs.append(run)
+        engine = TorchEngine(model)
+        logits = engine.prefill(batch, DECODE_STEPS)
+        ran = dict(image_embeddings=model.embed_image(batch["pixel_values"].to(dtype)), prefill=logits,
+                   tokens=[], decode=[])
+        for _ in range(DECODE_STEPS):
+            ran["tokens"].append(logits.argmax(-1))
+            logits = engine.decode_step(ran["tokens"][-1])
+            ran["decode"].append(logits)
+    runs, first = [], 0
+    for inputs in requests:
+        rows = slice(first, first + len(inputs["input_ids"]))
+        first = rows.stop
+        runs.append({name: [step[rows] for step in value] if isinstance(value, list) else value[rows]
+                     for name, value in ran.items()})
     return dict(requests=requests, runs=runs)
 
 
@@ -85,13 +141,14 @@ def load_record(path: Path) -> dict:
     return dict(requests=requests, runs=runs)
 
 
-def torch_reference(checkpoint: Path, dtype: str) -> dict:
-    """record() for the checkpoint, run in a child process; OnnxExportError with the child's error if it fails."""
+def torch_reference(checkpoint: Path, dtype: str, streamed: bool = False) -> dict:
+    """record() for the checkpoint, run in a child process, on the whole model or layer by layer (`streamed`);
+    OnnxExportError with the child's error if it fails."""
     with tempfile.TemporaryDirectory(prefix="paligemma-reference-") as tmp:
         out = Path(tmp) / "reference.safetensors"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
-        done = subprocess.run([sys.executable, "-m", "export.torch_reference", str(checkpoint), dtype, str(out)],
-                              capture_output=True, text=True, env=env)
+        command = [sys.executable, "-m", "export.torch_reference", str(checkpoint), dtype, str(out)]
+        done = subprocess.run(command + (["--streamed"] if streamed else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
             raise OnnxExportError(f"the torch reference for validating the export of {checkpoint} failed: {last[0]}")
@@ -99,14 +156,16 @@ def torch_reference(checkpoint: Path, dtype: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    checkpoint, dtype, out = argv
+    streamed = "--streamed" in argv
+    checkpoint, dtype, out = [arg for arg in argv if arg != "--streamed"]
     try:
-        model = load_streamed(Path(checkpoint), getattr(torch, dtype))
+        model = (layer_streamed if streamed else load_streamed)(Path(checkpoint), getattr(torch, dtype))
+        processor = PaliGemmaProcessor.from_pretrained(Path(checkpoint), model.config)
+        recorded = record(model, processor)  # a streamed model reads its shards here too
     except CheckpointError as e:  # the parent reports the last line of stderr
         print(e, file=sys.stderr)
         return 1
-    processor = PaliGemmaProcessor.from_pretrained(Path(checkpoint), model.config)
-    save_record(record(model, processor), out)
+    save_record(recorded, out)
     return 0
 
 

@@ -11,6 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 EXACT_RUNTIMES = ("transformers", "torch", "onnx")  # float32: the greedy tokens must be transformers' own
 
 
+def quantized_runtimes() -> tuple[str, ...]:
+    """The quantized ONNX runtimes the smoke mode runs: those whose export the exporter makes (int4 comes with the
+    tensor-by-tensor quantizer)."""
+    from export.onnx_export import QUANTIZATIONS
+
+    return ("onnx-int8",) + (("onnx-int4",) if "int4" in QUANTIZATIONS else ())
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out, cache = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("bench_cache")
@@ -25,7 +33,7 @@ def test_smoke_writes_table_json_and_plot(smoke):
     assert (out / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "cpu.md").read_text()
     assert stdout.strip().endswith(table.strip().splitlines()[-1])  # the table is printed last
-    for runtime in ("transformers", "torch", "onnx", "onnx-int8"):
+    for runtime in EXACT_RUNTIMES + quantized_runtimes():
         assert f"| {runtime}: " in table
 
 
@@ -34,7 +42,7 @@ def test_smoke_tokens_agree_with_transformers(smoke):
     report = json.loads((out / "cpu.json").read_text())
     (workload,) = report["workloads"]
     rows = {row["runtime"]: row for row in workload["rows"]}
-    assert set(rows) == {"transformers", "torch", "onnx", "onnx-int8"}
+    assert set(rows) == {*EXACT_RUNTIMES, *quantized_runtimes()}
     assert not [row["error"] for row in rows.values() if "error" in row]
     reference = rows["transformers"]["tokens"]
     assert len(reference) == workload["new_tokens"]
@@ -44,9 +52,11 @@ def test_smoke_tokens_agree_with_transformers(smoke):
         assert row["same_prompt"] and row["tokens_agree"] and row["repeatable"]
         assert row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0
         assert row["peak_rss_mb"] is None  # smoke mode runs everything in one process: no per-runtime memory
-    # int8 may pick other tokens; it must still produce them all, and the table must say whether they agree.
-    assert len(rows["onnx-int8"]["tokens"]) == workload["new_tokens"]
-    assert isinstance(rows["onnx-int8"]["tokens_agree"], bool) and isinstance(rows["onnx-int8"]["answer_agrees"], bool)
+    # Quantized runtimes may pick other tokens; they must still produce them all, and the table must say whether
+    # they agree.
+    for runtime in quantized_runtimes():
+        assert len(rows[runtime]["tokens"]) == workload["new_tokens"]
+        assert isinstance(rows[runtime]["tokens_agree"], bool) and isinstance(rows[runtime]["answer_agrees"], bool)
 
 
 def test_runtime_in_its_own_process_reports_peak_memory(tmp_path):
@@ -74,3 +84,24 @@ def test_thread_settings_are_measured_side_by_side(capsys):
     assert main(["--new-tokens", "2", "--runs", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(SETTINGS) and all("tok/s" in line and "requests/s" in line for line in lines)
+
+
+def test_a_checkpoint_in_hub_style_shards_runs_every_runtime(tmp_path, monkeypatch):
+    """What `--workloads full3b` does on a CPU (a float32 checkpoint in Hub-style shards and their index, exported
+    and run by every runtime), on the tiny shape with 1 + 1 layers cut into several shards."""
+    import bench.__main__ as bench_main
+    from bench.workloads import TINY, WORKLOADS, Workload
+
+    sharded = Workload("sharded", "tiny, Hub-style shards", TINY, vision_layers=1, text_layers=1, std=0.2,
+                       embed_std=0.05, attn_out_std=0.2, shard_bytes=100_000)
+    monkeypatch.setitem(WORKLOADS, "sharded", sharded)
+    out = tmp_path / "out"
+    assert bench_main.main(["--workloads", "sharded", "--smoke", "--out", str(out), "--cache-dir", str(tmp_path)]) == 0
+    folder = sharded.folder(tmp_path)
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 3 and (folder / "model.safetensors.index.json").exists()
+    rows = {row["runtime"]: row for row in json.loads((out / "cpu.json").read_text())["workloads"][0]["rows"]}
+    assert set(rows) == {*EXACT_RUNTIMES, *quantized_runtimes()}
+    for runtime in EXACT_RUNTIMES:
+        assert rows[runtime]["tokens"] == rows["transformers"]["tokens"], runtime
+    exports = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "onnx").iterdir() if p.is_dir())
+    assert exports == sorted(["float32", *(name.removeprefix("onnx-") for name in quantized_runtimes())])

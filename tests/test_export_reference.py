@@ -1,0 +1,105 @@
+"""The layer-streamed torch reference (export.torch_reference.layer_streamed) records what the whole model records,
+holding one layer at a time."""
+
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.workloads import Workload
+from export.torch_reference import layer_streamed, load_streamed, record, torch_reference
+from export.validate import DECODE_STEPS, validation_requests
+from paligemma.engines import TorchEngine
+from paligemma.processor import PaliGemmaProcessor
+
+# Weights spread over layers (~55 MB each, 6 of them) and a 34 MB embedding (resident in the streamed reference):
+# 0.37 GB in all, of which the streamed reference holds the embedding and one layer.
+LAYERED = dict(
+    vision=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, patch_size=14, image_size=28),
+    text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+              vocab_size=8192),
+    image_token_index=8100,
+)
+
+
+def quiet(*_):
+    pass
+
+
+def recorded(folder, load):
+    model = load(folder, torch.float32)
+    return record(model, PaliGemmaProcessor.from_pretrained(folder, model.config))
+
+
+def assert_same_record(got: dict, expected: dict) -> None:
+    for got_run, run in zip(got["runs"], expected["runs"], strict=True):
+        assert [t.tolist() for t in got_run["tokens"]] == [t.tolist() for t in run["tokens"]]
+        for name in ("image_embeddings", "prefill"):
+            torch.testing.assert_close(got_run[name], run[name], rtol=0, atol=1e-5)
+        for got_step, step in zip(got_run["decode"], run["decode"], strict=True):
+            torch.testing.assert_close(got_step, step, rtol=0, atol=1e-5)
+
+
+def one_request_at_a_time(folder) -> dict:
+    """What record() gives, run on the whole model request by request (record runs them as one batch)."""
+    model = load_streamed(folder, torch.float32)
+    requests = validation_requests(PaliGemmaProcessor.from_pretrained(folder, model.config), model.config)
+    runs = []
+    with torch.inference_mode():
+        for inputs in requests:
+            engine = TorchEngine(model)
+            logits = engine.prefill(inputs, DECODE_STEPS)
+            run = dict(image_embeddings=model.embed_image(inputs["pixel_values"]), prefill=logits, tokens=[], decode=[])
+            for _ in range(DECODE_STEPS):
+                run["tokens"].append(logits.argmax(-1))
+                logits = engine.decode_step(run["tokens"][-1])
+                run["decode"].append(logits)
+            runs.append(run)
+    return dict(requests=requests, runs=runs)
+
+
+@pytest.mark.parametrize("variant", ["pg1", "pg2"])
+def test_the_layer_streamed_record_is_the_whole_models(reference_factory, variant):
+    folder, _ = reference_factory(variant, "hub")  # the hub layout stores a tied lm_head as well
+    whole = one_request_at_a_time(folder)
+    assert_same_record(recorded(folder, load_streamed), whole)
+    assert_same_record(recorded(folder, layer_streamed), whole)
+
+
+def test_the_child_process_records_the_same_streamed_or_not(reference_factory):
+    folder, _ = reference_factory("pg2")
+    assert_same_record(torch_reference(folder, "float32", streamed=True), torch_reference(folder, "float32"))
+
+
+def peak_rss_bytes(code: str) -> int:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.strip().splitlines()[-1]) * 1024
+
+
+PROBE = """import resource, sys, torch
+from pathlib import Path
+from export import torch_reference
+from paligemma.processor import PaliGemmaProcessor
+folder = Path(sys.argv[-1]) if len(sys.argv) > 1 else Path({folder!r})
+model = getattr(torch_reference, {load!r})(folder, torch.float32)
+torch_reference.record(model, PaliGemmaProcessor.from_pretrained(folder, model.config))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_the_layer_streamed_reference_holds_one_layer_not_the_model(tmp_path_factory):
+    workload = Workload("layered", "weights spread over layers", LAYERED, vision_layers=1, text_layers=6)
+    folder = workload.prepare(tmp_path_factory.mktemp("layered"), log=quiet)
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    baseline = peak_rss_bytes("import resource, export.torch_reference; "
+                              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    whole = peak_rss_bytes(PROBE.format(folder=str(folder), load="load_streamed")) - baseline
+    streamed = peak_rss_bytes(PROBE.format(folder=str(folder), load="layer_streamed")) - baseline
+    sizes = f"whole model +{whole / 1e6:.0f} MB, streamed +{streamed / 1e6:.0f} MB, weights {weights / 1e6:.0f} MB"
+    # Above a process that only imports (whose peak, at import, hides part of what is held later): the whole model
+    # shows, the streamed reference holds a small part of it.
+    assert whole - streamed > 0.5 * weights, sizes
+    assert streamed < 0.3 * weights, sizes
