@@ -9,6 +9,7 @@ from .config import PaliGemmaConfig
 from .engines import ENGINES, StaticEngines, TorchEngine, make_engines
 from .errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from .generate import GenerationResult, Pipeline, StreamUpdate
+from .mask_decoder import MaskDecoder
 from .processor import Detection, PaliGemmaProcessor, parse_detections
 from .sampling import SamplingParams
 from .weights import load_model, resolve_checkpoint
@@ -19,7 +20,7 @@ BACKENDS = ("torch", "onnx")
 __all__ = [
     "load", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor", "SamplingParams",
     "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError", "DEMO_CHECKPOINT",
-    "TorchEngine", "StaticEngines", "ENGINES",
+    "TorchEngine", "StaticEngines", "ENGINES", "MaskDecoder",
 ]
 
 
