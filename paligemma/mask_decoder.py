@@ -22,6 +22,10 @@ Flax's `ConvTranspose(kernel 4, strides 2, padding=2, transpose_kernel=True)` pa
 each side, which is PyTorch's `ConvTranspose2d(kernel_size=4, stride=2, padding=1)` (4 - 1 - 2 = 1): both double
 the side exactly. The published file also holds the encoder (`encoder.{0,2,4,6,10}`, `encoder.{8,9}.net.{0,2,4}`),
 which only turns masks into codes (training); loading accepts and ignores exactly those names.
+
+`parse_segmentations` turns an answer's masks into image-sized boolean masks as big_vision's segmentation
+evaluator does: the box in whole pixels (int of y_min * height, ...), the 64 x 64 logits resized into it with
+Pillow's bilinear filter, a pixel in the mask where the resized logit is > 0.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from .errors import CheckpointError
+from .locations import from_bin, parse_masks
+from .processor import Detection
 
-NUM_CODES = 16  # per mask: a 4 x 4 grid
-GRID = 4
+GRID = 4  # the 16 codes of a mask, row by row
 MASK_SIZE = 64
 # The encoder arrays a full VQ-VAE file carries beside the decoder (big_vision's encode_to_codebook_indices).
 ENCODER_KEY = re.compile(r"encoder\.(?:(?:0|2|4|6|10)|(?:8|9)\.net\.(?:0|2|4))\.(?:weight|bias)")
@@ -179,3 +185,35 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     except Exception as e:  # zipfile and safetensors raise their own types for truncated files
         raise CheckpointError(f"{path} is not a readable array file ({type(e).__name__}: {e}); download it again") from None
     raise CheckpointError(f"{path}: a mask decoder is read from .npz or .safetensors, not {path.suffix or 'a file without suffix'}")
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation(Detection):
+    """A detection with its mask: bool [height, width] of the original image, True inside the object."""
+    mask: np.ndarray
+
+
+def parse_segmentations(text: str, width: int, height: int, decoder) -> list[Segmentation]:
+    """Each well-formed mask of a `segment ...` answer (paligemma.locations.parse_masks): label, box in pixels
+    (x_min, y_min, x_max, y_max, as parse_detections gives it) and its mask pasted into the box. `decoder` is a
+    MaskDecoder, or anything with its `mask_logits(codes [N, 16]) -> [N, 64, 64]` (the ONNX one)."""
+    found = parse_masks(text)
+    if not found:
+        return []
+    logits = decoder.mask_logits(np.array([codes for _, codes, _ in found], dtype=np.int64))
+    segmentations = []
+    for (bins, _, label), mask_logits in zip(found, logits):
+        y1, x1, y2, x2 = (from_bin(b) for b in bins)
+        box = (x1 * width, y1 * height, x2 * width, y2 * height)
+        segmentations.append(Segmentation(label, box, paste_mask(mask_logits, box, width, height)))
+    return segmentations
+
+
+def paste_mask(logits: np.ndarray, box, width: int, height: int) -> np.ndarray:
+    """bool [height, width]: the logits [64, 64] resized into the box's whole pixels (bilinear), > 0."""
+    x0, y0, x1, y1 = (int(c) for c in box)
+    mask = np.zeros((height, width), dtype=bool)
+    if x1 > x0 and y1 > y0:
+        resized = Image.fromarray(np.asarray(logits, dtype=np.float32)).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
+        mask[y0:y1, x0:x1] = np.asarray(resized) > 0
+    return mask
