@@ -40,6 +40,7 @@ from .graphs import GRAPH_ORDER, graph_modules, graph_specs
 from .integrity import sha256_of
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
                        config_hash, weights_fingerprint)
+from .mask_decoder import add_mask_decoder
 from .streaming import EXTERNAL_MIN_BYTES, WeightsAsInputs, WeightWriter, hollow_model, rename_inputs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -226,7 +227,8 @@ def export_model(
     folder = resolve_checkpoint(source)
     with removed_on_failure(output):
         output.mkdir(parents=True, exist_ok=True)
-        return write_export(folder, output, dtype, quantize, opset, progress, log)
+        manifest = write_export(folder, output, dtype, quantize, opset, progress, log)
+        return add_mask_decoder(folder, output, manifest, opset, IR_VERSION, log)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from .graphs import GRAPH_ORDER, cache_names
 from .integrity import cache_root
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
+from .mask_decoder import load_onnx_mask_decoder
 from .threads import ThreadPlan, plan_threads
 from .torch_reference import torch_reference
 from .validate import validate_export
@@ -257,4 +258,5 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
             onnx_dir = cached_export(folder, config, fingerprint)
     model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, requests=requests,
                       prepack=prepack, spinning=spinning)
-    return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)
+    return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model,
+                    mask_decoder=load_onnx_mask_decoder(onnx_dir))
