@@ -4,8 +4,8 @@ the runtime shown, and an optional check against eager torch. `create_app()` bui
 API (gradio_client): `generate` takes (image, prompt, decoding, temperature, top_p, top_k, max_new_tokens, seed,
 check_torch), every input after the prompt with a default, and returns (answer, annotated image, boxes,
 timings, torch check). Boxes: [{"label", "box": [x0, y0, x1, y1] pixels}], with "mask" (COCO RLE: coco_rle) on a
-segmentation's entry when the model ships a mask decoder. The server validates every value itself; a bad one is answered with a message, never a
-traceback.
+segmentation's entry when the model ships a mask decoder. The server validates every value itself; a bad one is
+answered with a message, never a traceback.
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
+import safetensors.torch
 import torch
 from PIL import Image
 from torch import nn
@@ -163,28 +165,28 @@ class MaskDecoder(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the decoder's arrays (the published names) as safetensors."""
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}, str(path))
+        safetensors.torch.save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}, str(path))
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """The named arrays of an .npz (allow_pickle=False: object arrays are refused) or a .safetensors file."""
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: pass the mask decoder file (vae-oid.npz or mask_decoder.safetensors)")
+        raise CheckpointError(f"{path} does not exist: pass the mask decoder file (vae-oid.npz or "
+                              "mask_decoder.safetensors)")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 return {name: archive[name] for name in archive.files}
         if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            return load_file(str(path))
+            return safetensors.numpy.load_file(str(path))
     except ValueError as e:  # pickled object arrays, a corrupt archive or header
-        raise CheckpointError(f"{path} is not a readable array file ({e}); only plain numeric arrays are loaded") from None
+        raise CheckpointError(f"{path} is not a readable array file ({e}); only plain numeric arrays are "
+                              "loaded") from None
     except Exception as e:  # zipfile and safetensors raise their own types for truncated files
-        raise CheckpointError(f"{path} is not a readable array file ({type(e).__name__}: {e}); download it again") from None
-    raise CheckpointError(f"{path}: a mask decoder is read from .npz or .safetensors, not {path.suffix or 'a file without suffix'}")
+        raise CheckpointError(f"{path} is not a readable array file ({type(e).__name__}: {e}); "
+                              "download it again") from None
+    raise CheckpointError(f"{path}: a mask decoder is read from .npz or .safetensors, "
+                          f"not {path.suffix or 'a file without suffix'}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,6 +216,7 @@ def paste_mask(logits: np.ndarray, box, width: int, height: int) -> np.ndarray:
     x0, y0, x1, y1 = (int(c) for c in box)
     mask = np.zeros((height, width), dtype=bool)
     if x1 > x0 and y1 > y0:
-        resized = Image.fromarray(np.asarray(logits, dtype=np.float32)).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
+        resized = Image.fromarray(np.asarray(logits, dtype=np.float32)).resize((x1 - x0, y1 - y0),
+                                                                               Image.Resampling.BILINEAR)
         mask[y0:y1, x0:x1] = np.asarray(resized) > 0
     return mask

@@ -96,7 +96,8 @@ def test_safetensors_with_the_same_keys_loads_the_same(tiny_file, tmp_path):
 
 def test_the_encoder_arrays_of_a_full_vae_file_are_accepted(tmp_path):
     arrays = random_arrays(TINY)
-    encoder = {f"encoder.{n}.{p}": np.zeros(2, np.float32) for n in (0, 2, 4, 6, 10, "8.net.0", "9.net.4") for p in ("weight", "bias")}
+    encoder = {f"encoder.{n}.{p}": np.zeros(2, np.float32)
+               for n in (0, 2, 4, 6, 10, "8.net.0", "9.net.4") for p in ("weight", "bias")}
     np.savez(tmp_path / "vae.npz", **arrays, **encoder)
     assert MaskDecoder.from_file(tmp_path / "vae.npz").config == TINY
 

@@ -96,7 +96,8 @@ def test_a_broken_token_in_the_run_drops_that_box_only():
     assert [d.label for d in parse_detections(broken + " ; " + good, 64, 64)] == ["triangle"]
 
 
-@pytest.mark.parametrize("bins", [(100, 200, 1100, 400), (100, 200, 300, 4000), (300, 200, 100, 400), (100, 400, 300, 400)])
+@pytest.mark.parametrize("bins", [(100, 200, 1100, 400), (100, 200, 300, 4000),  # past the image's side
+                                  (300, 200, 100, 400), (100, 400, 300, 400)])  # inverted, empty
 def test_a_box_outside_the_image_or_inverted_is_no_mask(bins):
     text = answer(bins, CODES, "circle")
     assert parse_segmentations(text, 100, 80, constant_decoder(1.0)) == []
