@@ -87,7 +87,7 @@ def box_mask(mask: np.ndarray, box) -> np.ndarray:
     """float [64, 64] in [0, 1]: `mask` inside the whole-pixel box (y_min, x_min, y_max, x_max), resized bilinearly."""
     y0, x0, y1, x1 = (int(c) for c in box)
     crop = Image.fromarray(mask[y0:y1, x0:x1].astype(np.float32))
-    return np.asarray(crop.resize((MASK_SIZE, MASK_SIZE), Image.Resampling.BILINEAR))
+    return np.array(crop.resize((MASK_SIZE, MASK_SIZE), Image.Resampling.BILINEAR))
 
 
 def random_example(rng: random.Random, jitter: int = 2) -> tuple[np.ndarray, np.ndarray, tuple]:
