@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from paligemma import locations as L
 from paligemma.mask_decoder import MASK_SIZE, MaskDecoder, MaskDecoderConfig, ResBlock, paste_mask
 from paligemma.weights import MASK_DECODER_NAME
 
@@ -101,6 +102,23 @@ def random_example(rng: random.Random, jitter: int = 2) -> tuple[np.ndarray, np.
 
 def batch(rng: random.Random, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([random_example(rng)[1] for _ in range(size)]))
+
+
+def segment_prompt(names) -> str:
+    return "segment " + " ; ".join(names)
+
+
+@torch.no_grad()
+def segment_answer(scene: S.Scene, names, model: ShapesVQVAE) -> str:
+    """The training target of `segment_prompt(names)`: every shape whose kind is in `names`, left to right, as its
+    box's location tokens, its mask's 16 codes and its kind, joined by " ; " (empty when none is there)."""
+    shapes = [s for s in scene.shapes if s.shape in names]
+    if not shapes:
+        return ""
+    targets = torch.from_numpy(np.stack([box_mask(shape_mask(s.shape, s.box), s.box) for s in shapes]))
+    _, codes = model.encode(targets)
+    return " ; ".join(L.box_tokens(s.box, S.CANVAS, S.CANVAS) + "".join(L.SEG_TOKENS[c] for c in row) + f" {s.shape}"
+                      for s, row in zip(shapes, codes.tolist()))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

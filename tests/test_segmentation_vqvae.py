@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from paligemma import MaskDecoder
+from paligemma import MaskDecoder, parse_detections, parse_segmentations
 from paligemma.mask_decoder import MaskDecoderConfig
 from shapes import scenes as S
-from shapes.vqvae import ShapesVQVAE, box_mask, random_example, shape_mask
+from shapes.vqvae import ShapesVQVAE, box_mask, random_example, segment_answer, segment_prompt, shape_mask
 
 
 def test_shape_masks_are_the_pixels_the_scene_paints():
@@ -48,3 +48,19 @@ def test_encoding_gives_sixteen_codes_and_a_loss_that_trains():
     loss, _ = model.loss(masks)
     loss.backward()
     assert model.encoder[0].weight.grad.abs().sum() > 0 and model._vq_vae._embedding.grad.abs().sum() > 0
+
+
+def test_segment_answers_read_back_as_the_scene_shapes():
+    torch.manual_seed(0)
+    model = ShapesVQVAE(MaskDecoderConfig(embedding_dim=8, width=16)).eval()
+    kinds = lambda scene: tuple(dict.fromkeys(x.shape for x in scene.shapes))
+    scene = next(s for s in (S.render_scene(0, i) for i in range(50)) if len(kinds(s)) == 2)
+    names, [absent] = kinds(scene), [k for k in S.SHAPES if k not in kinds(scene)]
+    assert segment_prompt(names) == "segment " + " ; ".join(names)
+    text = segment_answer(scene, names, model)
+    found = parse_segmentations(text, S.CANVAS, S.CANVAS, model)
+    assert [f.label for f in found] == [x.shape for x in scene.shapes]
+    assert [d.box for d in parse_detections(text, S.CANVAS, S.CANVAS)] == [f.box for f in found]
+    for f, x in zip(found, scene.shapes):  # the box as detection encodes it: within a bin of the truth
+        assert np.allclose(f.box, (x.box[1], x.box[0], x.box[3], x.box[2]), atol=S.CANVAS / 1023)
+    assert segment_answer(scene, (absent,), model) == ""
