@@ -11,6 +11,7 @@ every other) and describes the graph under "mask_decoder".
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,10 +22,12 @@ import torch
 from paligemma.errors import OnnxExportError
 from paligemma.locations import NUM_MASK_CODES
 from paligemma.mask_decoder import MASK_SIZE, MaskDecoder
-from paligemma.weights import MASK_DECODER_NAME
+from paligemma.weights import MASK_DECODER_NAME, load_mask_decoder
 
 from .integrity import sha256_of
 from .manifest import MANIFEST_NAME
+
+logger = logging.getLogger(__name__)
 
 GRAPH_FILE = "mask_decoder.onnx"
 INPUT, OUTPUT = "codes", "mask_logits"
@@ -102,11 +105,19 @@ class OnnxMaskDecoder:
         return self.session.run([OUTPUT], {INPUT: np.asarray(codes, dtype=np.int64)})[0]
 
 
-def load_onnx_mask_decoder(onnx_dir: str | os.PathLike) -> OnnxMaskDecoder | None:
-    """The export's mask decoder when its manifest lists one (checked with the export's other files), else None."""
+def load_onnx_mask_decoder(onnx_dir: str | os.PathLike, folder: str | os.PathLike | None = None):
+    """The export's mask decoder when its manifest lists one (checked with the export's other files); else the
+    checkpoint `folder`'s own (torch) when it ships one, as with an export made before the decoder was added (the
+    weights fingerprint covers the model's weights only); else None."""
     manifest_path = Path(onnx_dir) / MANIFEST_NAME
     try:
         listed = GRAPH_FILE in json.loads(manifest_path.read_text(encoding="utf-8")).get("files", {})
     except (OSError, ValueError, AttributeError):
-        return None  # no readable manifest: the export's own loading reports that
-    return OnnxMaskDecoder(Path(onnx_dir) / GRAPH_FILE) if listed else None
+        listed = False  # no readable manifest: the export's own loading reports that
+    if listed:
+        return OnnxMaskDecoder(Path(onnx_dir) / GRAPH_FILE)
+    if folder is not None and (Path(folder) / MASK_DECODER_NAME).exists():
+        logger.warning("%s has no %s but the checkpoint %s ships a mask decoder: masks are decoded with torch; "
+                       "export again to carry it", onnx_dir, GRAPH_FILE, folder)
+        return load_mask_decoder(folder)
+    return None

@@ -259,4 +259,4 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
     model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, requests=requests,
                       prepack=prepack, spinning=spinning)
     return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model,
-                    mask_decoder=load_onnx_mask_decoder(onnx_dir))
+                    mask_decoder=load_onnx_mask_decoder(onnx_dir, folder))

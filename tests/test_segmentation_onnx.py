@@ -63,7 +63,12 @@ def test_export_carries_the_checkpoint_decoder_and_the_onnx_pipeline_uses_it(tmp
     assert (onnx_found.mask != torch_found.mask).mean() < 0.01  # only logits within 1e-4 of 0 may flip
 
 
-def test_an_export_without_a_decoder_has_none(tmp_path):
+def test_an_export_without_a_decoder_has_none_or_the_checkpoint_one(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"files": {"decode.onnx": {}}}))
     assert load_onnx_mask_decoder(tmp_path) is None
     assert load_onnx_mask_decoder(tmp_path / "absent") is None
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    assert load_onnx_mask_decoder(tmp_path, folder) is None
+    random_decoder(MaskDecoderConfig(embedding_dim=6, width=8)).save(folder / MASK_DECODER_NAME)
+    assert isinstance(load_onnx_mask_decoder(tmp_path, folder), MaskDecoder)  # an export older than the decoder
