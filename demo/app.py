@@ -3,8 +3,9 @@ the runtime shown, and an optional check against eager torch. `create_app()` bui
 
 API (gradio_client): `generate` takes (image, prompt, decoding, temperature, top_p, top_k, max_new_tokens, seed,
 check_torch), every input after the prompt with a default, and returns (answer, annotated image, boxes,
-timings, torch check). The server validates every value itself; a bad one is answered with a message, never a
-traceback.
+timings, torch check). Boxes: [{"label", "box": [x0, y0, x1, y1] pixels}], with "mask" (COCO RLE: coco_rle) on a
+segmentation's entry when the model ships a mask decoder. The server validates every value itself; a bad one is
+answered with a message, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 from gradio.utils import get_upload_folder as gradio_upload_folder
 from PIL import Image
 
@@ -203,6 +205,34 @@ def read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed, lim
     return params
 
 
+def found_objects(text: str, picture: Image.Image, mask_decoder) -> list[paligemma.Detection]:
+    """The answer's boxes, each that has a mask (a segmentation answer, when the model ships a mask decoder) as its
+    paligemma.Segmentation."""
+    detections = paligemma.parse_detections(text, *picture.size)
+    if mask_decoder is None:
+        return detections
+    masks = {(s.label, s.box): s for s in paligemma.parse_segmentations(text, *picture.size, mask_decoder)}
+    return [masks.get((d.label, d.box), d) for d in detections]
+
+
+def box_entry(detection: paligemma.Detection) -> dict:
+    """An API box entry: label and box, and for a segmentation its mask as COCO run-length encoding."""
+    entry = {"label": detection.label, "box": [round(c, 1) for c in detection.box]}
+    if isinstance(detection, paligemma.Segmentation):
+        entry["mask"] = coco_rle(detection.mask)
+    return entry
+
+
+def coco_rle(mask) -> dict:
+    """COCO's uncompressed run-length encoding of a bool [height, width] mask: {"size": [height, width], "counts":
+    lengths of alternating runs of 0s and 1s, column by column, the first a run of 0s (possibly empty)}, which
+    pycocotools (mask.frPyObjects) and most tools read; a few hundred numbers for a blob in a large image."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + counts}
+
+
 def format_timings(backend: Backend, update, params: dict, total_s: float | None = None) -> str:
     """The runtime and speed line; `total_s` is given once generation has finished."""
     tokens = len(update.token_ids)
@@ -275,8 +305,8 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
             for update in run_ahead(backend.pipeline.stream(picture, prompt, **params)):
                 yield update.text, gr.skip(), gr.skip(), format_timings(backend, update, params), gr.skip()
             speed = format_timings(backend, update, params, time.perf_counter() - start)
-            detections = paligemma.parse_detections(update.text, *picture.size)
-            found = [{"label": d.label, "box": [round(c, 1) for c in d.box]} for d in detections]
+            detections = found_objects(update.text, picture, backend.pipeline.mask_decoder)
+            found = [box_entry(d) for d in detections]
             verdict = ""
             if check_torch:
                 verdict = format_check(check_against_torch(backend, picture, prompt, update.token_ids, **params),

@@ -36,6 +36,7 @@ from .graphs import GRAPH_ORDER, graph_modules, graph_specs
 from .integrity import sha256_of
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
                        config_hash, weights_fingerprint)
+from .mask_decoder import add_mask_decoder
 from .quantize import QUANTIZATIONS
 from .streaming import WeightsAsInputs, WeightWriter, hollow_model
 
@@ -145,7 +146,8 @@ def export_model(
     folder = resolve_checkpoint(source)
     with removed_on_failure(output):
         output.mkdir(parents=True, exist_ok=True)
-        return write_export(folder, output, dtype, quantize, opset, progress, log)
+        manifest = write_export(folder, output, dtype, quantize, opset, progress, log)
+        return add_mask_decoder(folder, output, manifest, opset, IR_VERSION, log)
 
 
 @contextlib.contextmanager

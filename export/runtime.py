@@ -29,6 +29,7 @@ from .graphs import GRAPH_ORDER, cache_names
 from .integrity import cache_root
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
+from .mask_decoder import load_onnx_mask_decoder
 from .threads import ThreadPlan, plan_threads
 from .variants import exported_variant, variant_name
 from .torch_reference import torch_reference
@@ -284,4 +285,5 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
         raise OnnxExportError(f"{onnx_dir} is a {exported_variant(model.manifest)} export, not the {quantize} one asked "
                               f"for; export it with `python -m export --quantize {quantize}`, or load the checkpoint "
                               "folder without onnx_dir (the cache makes it)")
-    return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)
+    return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model,
+                    mask_decoder=load_onnx_mask_decoder(onnx_dir, folder))

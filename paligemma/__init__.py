@@ -9,9 +9,10 @@ from .config import PaliGemmaConfig
 from .engines import ENGINES, StaticEngines, TorchEngine, make_engines
 from .errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from .generate import GenerationResult, Pipeline, StreamUpdate
+from .mask_decoder import MaskDecoder, Segmentation, parse_segmentations
 from .processor import Detection, PaliGemmaProcessor, parse_detections
 from .sampling import SamplingParams
-from .weights import load_model, resolve_checkpoint
+from .weights import load_mask_decoder, load_model, resolve_checkpoint
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
 BACKENDS = ("torch", "onnx")
@@ -19,7 +20,8 @@ BACKENDS = ("torch", "onnx")
 __all__ = [
     "load", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor", "SamplingParams",
     "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError", "DEMO_CHECKPOINT",
-    "TorchEngine", "StaticEngines", "ENGINES",
+    "TorchEngine", "StaticEngines", "ENGINES", "MaskDecoder",
+    "Segmentation", "parse_segmentations",
 ]
 
 
@@ -48,4 +50,5 @@ def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu
 
         return load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device)
     model = load_model(folder, device=device, dtype=dtype)
-    return Pipeline(model, PaliGemmaProcessor.from_pretrained(folder, model.config), make_engines(model, engine))
+    return Pipeline(model, PaliGemmaProcessor.from_pretrained(folder, model.config), make_engines(model, engine),
+                    mask_decoder=load_mask_decoder(folder))

@@ -40,12 +40,14 @@ class StreamUpdate:
 
 class Pipeline:
     """What `paligemma.load()` returns: the model, its processor and generation. `engine_factory` makes the engine of
-    each request (default: eager torch on `model`)."""
+    each request (default: eager torch on `model`). `mask_decoder` turns a segmentation answer's codes into masks
+    (paligemma.parse_segmentations): the checkpoint's, or None when it ships none."""
 
     def __init__(self, model: PaliGemmaForConditionalGeneration | None, processor: PaliGemmaProcessor,
-                 engine_factory: EngineFactory | None = None):
+                 engine_factory: EngineFactory | None = None, mask_decoder=None):
         self.model = model
         self.processor = processor
+        self.mask_decoder = mask_decoder
         self.engine_factory: EngineFactory = engine_factory or functools.partial(TorchEngine, model)
         self.read_ahead: bool | None = None  # queue each decode step before reading the last tokens (None: on a GPU)
 

@@ -21,12 +21,14 @@ from safetensors.torch import save_file
 
 from .config import PaliGemmaConfig
 from .errors import CheckpointError, ConfigError, shown
+from .mask_decoder import MaskDecoder
 from .model import PaliGemmaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+MASK_DECODER_NAME = "mask_decoder.safetensors"  # a checkpoint that segments ships its mask decoder beside its weights
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some exporters saved that are derived, not learned.
 DERIVED_BUFFERS = ("vision_tower.vision_model.embeddings.position_ids",)
@@ -100,7 +102,7 @@ def weight_files(folder: Path) -> list[Path]:
     single = folder / WEIGHTS_NAME
     if single.exists():
         return [single]
-    shards = sorted(folder.glob("*.safetensors"))
+    shards = sorted(p for p in folder.glob("*.safetensors") if p.name != MASK_DECODER_NAME)
     if shards:
         return shards
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -110,6 +112,12 @@ def weight_files(folder: Path) -> list[Path]:
             "can run arbitrary code; convert them to safetensors (safetensors.torch.save_file) or use a safetensors checkpoint"
         )
     raise CheckpointError(f"{folder} holds no *.safetensors weights")
+
+
+def load_mask_decoder(folder: str | os.PathLike) -> MaskDecoder | None:
+    """The checkpoint's mask decoder (MASK_DECODER_NAME in its folder), or None when it ships none."""
+    path = Path(folder) / MASK_DECODER_NAME
+    return MaskDecoder.from_file(path) if path.exists() else None
 
 
 def shard_names(index: Path) -> list[str]:
