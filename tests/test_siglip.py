@@ -214,3 +214,26 @@ def test_bad_inputs_get_clear_errors(loaded):
         model.text_embeddings(torch.zeros(1, TEXT_LENGTH + 1, dtype=torch.long))
     with pytest.raises(paligemma.InputError, match=r"pixel_values must be \[batch, 3, 28, 28\]"):
         model.image_embeddings(torch.zeros(1, 3, 32, 32))
+
+
+def test_spiece_model_tokenizes_as_transformers_siglip_tokenizer(tmp_path):
+    """Published SigLIP checkpoints ship spiece.model only: canonicalized, encoded, </s> appended, padded."""
+    import io
+
+    import sentencepiece
+    from transformers import SiglipTokenizer as ReferenceTokenizer
+
+    from paligemma.siglip_config import SiglipTextConfig
+    from tiny_siglip import CORPUS
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([text.lower() for text in CORPUS] * 20), model_writer=model, vocab_size=40,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (tmp_path / "spiece.model").write_bytes(model.getvalue())
+    texts = ["A Red circle!", "  two   green, triangles. ", "a photo of a cat " * 10, "Über naïve"]
+    expected = ReferenceTokenizer(vocab_file=str(tmp_path / "spiece.model"))(
+        texts, padding="max_length", max_length=16, truncation=True).input_ids
+    config = SiglipTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                              vocab_size=40, max_position_embeddings=16, pad_token_id=1)  # pad = </s>, as published
+    assert paligemma.SiglipTokenizer.from_pretrained(tmp_path, config)(texts).tolist() == expected
