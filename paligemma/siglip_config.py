@@ -15,6 +15,10 @@ from .config import (MAX_CONFIG_BYTES, MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX
 from .errors import ConfigError
 
 SIGLIP_MODEL_TYPES = ("siglip", "paligemma")
+# transformers' SiglipVisionConfig defaults (google/siglip-base-patch16-224's sizes), which published SigLIP
+# config.json files leave out; PaliGemma files always spell them.
+SIGLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              patch_size=16, image_size=224)
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,11 @@ class SiglipConfig:
         if model_type not in SIGLIP_MODEL_TYPES:
             raise ConfigError(f"model_type '{model_type}' is not supported here: load_siglip reads SigLIP checkpoints "
                               "(model_type 'siglip') and the vision tower of PaliGemma ones (model_type 'paligemma')")
-        vision = VisionConfig.from_dict(_mapping(d, "vision_config", "config.json"))
+        vision_dict = _mapping(d, "vision_config", "config.json")
         if model_type == "paligemma":
-            return cls(vision=vision, text=None, source="paligemma")
+            return cls(vision=VisionConfig.from_dict(vision_dict), text=None, source="paligemma")
+        given = {key: value for key, value in vision_dict.items() if value is not None}
+        vision = VisionConfig.from_dict({**SIGLIP_VISION_DEFAULTS, **given})
         if not vision.vision_use_head:
             raise ConfigError("vision_config.vision_use_head is false: a SigLIP model needs its vision pooling head to "
                               "compare images with texts")

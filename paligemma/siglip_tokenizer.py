@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from .errors import CheckpointError, InputError, shown
-from .siglip_config import SiglipTextConfig
+from .errors import CheckpointError, ConfigError, InputError, shown
+from .siglip_config import SiglipConfig, SiglipTextConfig
+from .weights import resolve_checkpoint
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "spiece.model"
@@ -43,8 +44,17 @@ class SiglipTokenizer:
         self.source = source
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, config: SiglipTextConfig) -> "SiglipTokenizer":
-        folder = Path(folder)
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, config: SiglipTextConfig | None = None) -> "SiglipTokenizer":
+        """The tokenizer of a SigLIP checkpoint folder or Hub id; `config` (its text config) is read from its
+        config.json when not given."""
+        folder = resolve_checkpoint(path_or_repo_id)
+        if config is None:
+            try:
+                config = SiglipConfig.from_json_file(folder / "config.json").text
+            except ConfigError as e:
+                raise CheckpointError(str(e)) from None
+            if config is None:
+                raise CheckpointError(f"{folder} is a PaliGemma checkpoint: it has no SigLIP text tower to tokenize for")
         length = config.max_position_embeddings
         if (folder / TOKENIZER_JSON).is_file():
             return cls._from_tokenizer_json(folder / TOKENIZER_JSON, config)

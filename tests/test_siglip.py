@@ -237,3 +237,20 @@ def test_spiece_model_tokenizes_as_transformers_siglip_tokenizer(tmp_path):
     config = SiglipTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
                               vocab_size=40, max_position_embeddings=16, pad_token_id=1)  # pad = </s>, as published
     assert paligemma.SiglipTokenizer.from_pretrained(tmp_path, config)(texts).tolist() == expected
+
+
+def test_a_published_style_config_takes_transformers_defaults():
+    """google/siglip-base-patch16-224's config.json spells only what differs from transformers' defaults."""
+    from transformers import SiglipConfig as ReferenceConfig
+
+    published = {"model_type": "siglip", "text_config": {"model_type": "siglip_text_model"},
+                 "vision_config": {"model_type": "siglip_vision_model", "patch_size": 16}}
+    ours, reference = SiglipConfig.from_dict(published), ReferenceConfig(**{k: v for k, v in published.items()
+                                                                             if k != "model_type"})
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+                 "image_size", "layer_norm_eps", "hidden_act", "vision_use_head"):
+        assert getattr(ours.vision, name) == getattr(reference.vision_config, name), name
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                 "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id"):
+        assert getattr(ours.text, name) == getattr(reference.text_config, name), name
+    assert ours.text.embedding_size == reference.text_config.projection_size
