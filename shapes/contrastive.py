@@ -3,7 +3,7 @@
 with its caption under the sigmoid loss (paligemma.contrastive), then the tower (without the head) is handed to the
 PaliGemma stages: `python -m shapes.train --vision-init OUT/last` starts stage 1 from it instead of a random tower.
 
-    python -m shapes.contrastive --out runs/contrastive [--steps 600 --batch-size 64 --lr 1e-3] [--device cuda]
+    python -m shapes.contrastive --out runs/contrastive [--steps 300 --batch-size 32 --lr 1e-3] [--device cuda]
     python -m shapes.contrastive --evaluate runs/contrastive/last          # retrieval top-1 only
 
 Retrieval (the issue's protocol): each of 500 held-out scenes (seed 1) ranks 20 captions, its own and those of 19
@@ -152,8 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="run folder (checkpoints OUT/last, log OUT/log.txt); rerun to resume")
     parser.add_argument("--evaluate", help="a checkpoint to measure retrieval on, instead of training")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
