@@ -190,7 +190,7 @@ def test_a_paligemma_tower_loads_without_a_head(reference_factory):
         model.text_embeddings(torch.zeros(1, 4, dtype=torch.long))
 
 
-def test_the_embedded_checkpoint_tower_loads(tmp_path):
+def test_the_embedded_checkpoint_tower_loads():
     model = paligemma.load_siglip(paligemma.DEMO_CHECKPOINT)
     assert model.config.source == "paligemma" and not model.has_text_tower
 
