@@ -6,12 +6,16 @@ import os
 from pathlib import Path
 
 from .config import PaliGemmaConfig
+from .contrastive import chunked_sigmoid_loss, sigmoid_loss
 from .engines import ENGINES, StaticEngines, TorchEngine, make_engines
 from .errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from .generate import GenerationResult, Pipeline, StreamUpdate
 from .mask_decoder import MaskDecoder, Segmentation, parse_segmentations
 from .processor import Detection, PaliGemmaProcessor, parse_detections
 from .sampling import SamplingParams
+from .siglip_config import SiglipConfig
+from .siglip_model import SiglipModel, load_siglip
+from .siglip_tokenizer import SiglipTokenizer
 from .weights import load_mask_decoder, load_model, resolve_checkpoint
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
@@ -20,8 +24,8 @@ BACKENDS = ("torch", "onnx")
 __all__ = [
     "load", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor", "SamplingParams",
     "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError", "DEMO_CHECKPOINT",
-    "TorchEngine", "StaticEngines", "ENGINES", "MaskDecoder",
-    "Segmentation", "parse_segmentations",
+    "TorchEngine", "StaticEngines", "ENGINES", "MaskDecoder", "Segmentation", "parse_segmentations",
+    "load_siglip", "SiglipModel", "SiglipConfig", "SiglipTokenizer", "sigmoid_loss", "chunked_sigmoid_loss",
 ]
 
 

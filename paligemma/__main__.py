@@ -1,4 +1,5 @@
-"""Command line: `python -m paligemma generate ...` and `python -m paligemma train ...`."""
+"""Command line: `python -m paligemma generate ...`, `python -m paligemma train ...` and
+`python -m paligemma classify ...` (zero-shot with a SigLIP checkpoint)."""
 
 from __future__ import annotations
 
@@ -56,11 +57,69 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def checked_argument(check):
+    """An argparse type from a check that raises ValueError: its message becomes the one-line usage error."""
+
+    def argument(text: str):
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return argument
+
+
+def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
+    from .zero_shot import DEFAULT_TEMPLATE, check_template, parse_labels
+
+    parser.add_argument("--model", required=True, help="SigLIP checkpoint folder or Hub repo id (with a text tower)")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--labels", required=True, type=checked_argument(parse_labels),
+                        help='labels separated by commas, e.g. "a red circle,a blue square"')
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE, type=checked_argument(check_template),
+                        help=f"prompt each label is put in, at {{}} (default: {DEFAULT_TEMPLATE!r})")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from .siglip_config import SiglipConfig
+    from .siglip_model import load_siglip
+    from .siglip_tokenizer import SiglipTokenizer
+    from .weights import resolve_checkpoint
+    from .zero_shot import classify
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    folder = resolve_checkpoint(args.model)
+    config = SiglipConfig.from_json_file(folder / "config.json")
+    if not config.has_text_tower:  # before reading any weights
+        raise ValueError(f"{folder} is a PaliGemma checkpoint: it holds SigLIP's vision tower only, no text tower to "
+                         "compare labels with; pass a SigLIP checkpoint (model_type 'siglip', e.g. "
+                         "google/siglip-base-patch16-224)")
+    tokenizer = SiglipTokenizer.from_pretrained(folder, config.text)
+    model = load_siglip(folder, device=args.device, dtype=args.dtype)
+    scores = classify(model, tokenizer, args.image, args.labels, args.template)
+    if args.json:
+        print(json.dumps(dict(template=args.template, scores=[
+            dict(label=s.label, probability=round(s.probability, 6), logit=round(s.logit, 6)) for s in scores])))
+        return 0
+    width = max(len(s.label) for s in scores)
+    for s in sorted(scores, key=lambda s: -s.logit):
+        print(f"{s.label:<{width}}  {s.probability:8.4f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m paligemma", description="PaliGemma 1 and 2 in PyTorch")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(commands.add_parser("generate", help="answer a prompt about an image"))
+    add_classify_arguments(commands.add_parser("classify", help="zero-shot: score labels on an image with SigLIP"))
     train_parser = commands.add_parser("train", help="fine-tune a checkpoint or train one from a config")
     try:
         from .train import add_train_arguments, run_train
@@ -73,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "classify":
+            return run_classify(args)
         if run_train is None:
             raise RuntimeError("training is not available in this install")
         return run_train(args) or 0

@@ -1,6 +1,10 @@
-"""SigLIP vision tower: patches -> learned positions -> pre-norm transformer encoder -> post-norm.
+"""SigLIP's towers, sharing one pre-norm transformer layer.
 
-Axes: B batch, N patches, C width, H heads, D head dim.
+Vision: patches -> learned positions -> encoder -> post-norm [-> attention-pooling head].
+Text: tokens -> learned positions -> encoder (bidirectional) -> final norm -> Linear head on the last token.
+PaliGemma uses the vision tower's per-patch features, without the head; the whole SigLIP model is siglip_model.py.
+
+Axes: B batch, N patches (or T tokens), C width, H heads, D head dim.
 """
 
 from __future__ import annotations
@@ -10,6 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GELU_TANH_NAMES, VisionConfig
+from .siglip_config import SiglipTextConfig
+
+# The layers read only the fields both configs share (widths, heads, layers, activation, LayerNorm eps).
+TowerConfig = VisionConfig | SiglipTextConfig
 
 
 def gelu(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -31,7 +39,7 @@ class SiglipEmbeddings(nn.Module):
 
 
 class SiglipAttention(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: TowerConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -50,7 +58,7 @@ class SiglipAttention(nn.Module):
 
 
 class SiglipMLP(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: TowerConfig):
         super().__init__()
         self.activation = config.hidden_act
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
@@ -61,7 +69,7 @@ class SiglipMLP(nn.Module):
 
 
 class SiglipEncoderLayer(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: TowerConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = SiglipAttention(config)
@@ -74,7 +82,7 @@ class SiglipEncoderLayer(nn.Module):
 
 
 class SiglipEncoder(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: TowerConfig):
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
@@ -85,8 +93,8 @@ class SiglipEncoder(nn.Module):
 
 
 class SiglipPoolingHead(nn.Module):
-    """The attention-pooling head some configs declare (vision_use_head). PaliGemma reads the per-patch
-    features, so the head is never run; it exists so that such checkpoints load strictly."""
+    """SigLIP's attention-pooling head (vision_use_head): a learned probe attends over the patches, then a residual
+    MLP; its output is the image embedding. PaliGemma reads the per-patch features and never runs it."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -94,6 +102,13 @@ class SiglipPoolingHead(nn.Module):
         self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches [B, N, C] -> pooled [B, C]."""
+        probe = self.probe.expand(patches.shape[0], -1, -1)
+        pooled = self.attention(probe, patches, patches, need_weights=False)[0]
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0]
 
 
 class SiglipVisionTransformer(nn.Module):
@@ -119,3 +134,30 @@ class SiglipVisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_model(pixel_values)
+
+
+class SiglipTextEmbeddings(nn.Module):
+    def __init__(self, config: SiglipTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+
+
+class SiglipTextTransformer(nn.Module):
+    """Attribute names are the checkpoint's `text_model.*` keys."""
+
+    def __init__(self, config: SiglipTextConfig):
+        super().__init__()
+        self.embeddings = SiglipTextEmbeddings(config)
+        self.encoder = SiglipEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.embedding_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T], padded to the model's length -> text features [B, C]."""
+        states = self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+        # SigLIP pools the last position, which is padding for short texts: it was trained so (no attention mask).
+        return self.head(states[:, -1])

@@ -68,7 +68,7 @@ def download_from_hub(repo_id: str) -> Path:
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "spiece.model"])
     except GatedRepoError:
         raise CheckpointError(
             f"{repo_id} is gated: accept its license on huggingface.co, then log in with `hf auth login` "

@@ -54,6 +54,7 @@ from paligemma.generate import Pipeline
 from paligemma.locations import loc_range_of
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
+from paligemma.siglip_model import load_siglip
 from paligemma.weights import load_model
 from shapes import evaluate as E
 from shapes import scenes as S
@@ -449,6 +450,9 @@ def train_vision(run: Run):
     if resume is None:
         model = PaliGemmaForConditionalGeneration(run.config)
         initialize(model, run.processor.tokenizer, args.seed)
+        if args.vision_init:  # a tower pre-trained with the sigmoid loss (shapes/contrastive.py), its head dropped
+            tower = load_siglip(args.vision_init).vision_model.state_dict()
+            model.vision_tower.vision_model.load_state_dict({k: v for k, v in tower.items() if not k.startswith("head.")})
         model.to(args.device)
     else:
         model = load_model(resume, device=args.device, dtype=torch.float32)
@@ -556,6 +560,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: the vision tower on the patch targets")
     parser.add_argument("--vision-images", type=int, default=32, help="images per stage 1 step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
+    parser.add_argument("--vision-init", help="a SigLIP checkpoint from shapes.contrastive: stage 1 starts from its "
+                        "vision tower instead of a random one")
     parser.add_argument("--steps", type=int, default=5400, help="stage 2: the whole model on the task")
     parser.add_argument("--detections", type=int, default=3, help="detection questions per image (stage 2)")
     parser.add_argument("--shape-weights", type=parse_shape_weights, default=(1, 1, 1),

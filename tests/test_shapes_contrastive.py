@@ -1,0 +1,62 @@
+"""shapes/contrastive.py: the contrastive stage, its retrieval protocol, and the hand-over to shapes/train.py."""
+
+import json
+
+import torch
+
+import paligemma
+from paligemma.siglip_model import SiglipModel
+from shapes import contrastive as C
+from shapes import scenes as S
+from shapes import train as R
+from shapes.tokenizer import build_shapes_tokenizer
+
+
+def test_retrieval_ranks_its_own_caption_among_19_others_with_as_many_shapes():
+    scenes = S.render_scenes(1, 200)
+    captions, counts = [S.caption(s) for s in scenes], [len(s.shapes) for s in scenes]
+    rows = C.retrieval_candidates(captions, counts, seed=1)
+    assert len(rows) == 200
+    for i, row in enumerate(rows):
+        assert len(row) == 20 and row[0] == i
+        assert all(counts[j] == counts[i] and captions[j] != captions[i] for j in row[1:])
+        if counts[i] > 1:  # 19 different captions exist for two or three shapes
+            assert len({captions[j] for j in row}) == 20
+    assert rows == C.retrieval_candidates(captions, counts, seed=1)  # a seeded draw
+
+
+def test_captions_are_laid_out_as_siglip_texts():
+    tokenizer = build_shapes_tokenizer()
+    longest = "a yellow triangle, a yellow triangle and a yellow triangle"
+    ids = C.caption_ids(tokenizer, ["a red circle", longest])
+    assert ids.shape == (2, C.TEXT_LENGTH)
+    row = ids[0].tolist()
+    assert row[row.index(C.EOS_ID) + 1:] == [C.PAD_ID] * (C.TEXT_LENGTH - row.index(C.EOS_ID) - 1)
+    assert C.EOS_ID in ids[1].tolist()  # the longest caption fits with its <eos>
+
+
+def test_the_stage_trains_and_reports_retrieval(tmp_path, capsys):
+    out = tmp_path / "contrastive"
+    C.main(["--out", str(out), "--steps", "2", "--batch-size", "4", "--warmup", "1", "--eval-every", "0",
+            "--eval-scenes", "60"])
+    model = paligemma.load_siglip(out / "last")
+    assert model.has_text_tower and model.logit_bias.item() != -10.0  # trained from the paper's initialisation
+    assert "held-out retrieval" in (out / "log.txt").read_text()
+    C.main(["--evaluate", str(out / "last"), "--eval-scenes", "60"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= result["retrieval_top1"] <= 1.0 and set(result) > {"top1_3_shapes"}
+
+
+def test_shapes_train_starts_stage_1_from_the_contrastive_tower(tmp_path):
+    tokenizer = build_shapes_tokenizer()
+    siglip = SiglipModel(C.contrastive_config(tokenizer))
+    C.initialize(siglip, seed=5)
+    C.save_run_checkpoint(siglip, tokenizer, tmp_path / "tower")
+    run = tmp_path / "run"
+    R.main(["--out", str(run), "--vision-init", str(tmp_path / "tower"), "--vision-steps", "1", "--vision-lr", "0",
+            "--vision-images", "2", "--images-per-step", "2", "--unpacked-images-per-step", "1", "--packed-steps", "1",
+            "--steps", "1", "--polish-steps", "0", "--eval-every", "0", "--no-progress", "--threads", "1"])
+    stage_1 = paligemma.load(str(run / "vision" / "last")).model.vision_tower.vision_model.state_dict()
+    tower = {k: v for k, v in siglip.vision_model.state_dict().items() if not k.startswith("head.")}
+    assert set(stage_1) == set(tower)
+    assert all(torch.equal(stage_1[k], tower[k]) for k in tower)  # at learning rate 0 stage 1 keeps it as handed over
