@@ -53,8 +53,8 @@ class ChunkedExternalData:
         nbytes = math.prod(shape) * itemsize
         if nbytes > self.chunk_bytes:
             raise OnnxExportError(
-                f"{name} takes {nbytes / 1e9:.2f} GB, more than one external data file may hold for transformers.js "
-                f"({self.chunk_bytes / 1e9:.2f} GB); export it smaller: --dtype float16 or a quantization")
+                f"{name} takes {nbytes:,} bytes, more than one external data file may hold for transformers.js "
+                f"({self.chunk_bytes:,} bytes); export it smaller: --dtype float16 or a quantization")
         chunk = self.chunks[-1] if self.chunks else None
         used = chunk.file.tell() if chunk is not None else 0
         if chunk is None or (used > 0 and used + ALIGNMENT + nbytes > self.chunk_bytes):
