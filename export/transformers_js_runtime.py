@@ -13,6 +13,7 @@ import contextlib
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -27,8 +28,7 @@ from paligemma.weights import resolve_checkpoint
 
 from .graphs import cache_names
 from .manifest import METADATA_PREFIX, config_hash
-from .runtime import choose_providers, session_options
-from .threads import plan_threads
+from .threads import ThreadPlan, plan_threads
 from .transformers_js import SUFFIXES, export_transformers_js, graph_file, is_transformers_js_export
 from .transformers_js_graphs import GRAPH_ORDER
 
@@ -39,12 +39,22 @@ def variant_present(folder: Path, dtype: str) -> bool:
     return all((folder / "onnx" / graph_file(name, dtype)).exists() for name in GRAPH_ORDER)
 
 
+def default_options(plan: ThreadPlan) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = plan.intra_op_threads
+    options.log_severity_level = 3  # errors only
+    return options
+
+
 class TransformersJsModel:
     """The three sessions of one variant (float32 unless asked otherwise). Calling it gives a fresh engine.
     `manifest`, `float_type`, `onnx_dir` and `run` are what export.validate.validate_export reads."""
 
-    def __init__(self, folder, config: PaliGemmaConfig, dtype: str | None = None, device: str = "cpu",
-                 threads: int | None = None, requests: int | None = None):
+    def __init__(self, folder, config: PaliGemmaConfig, dtype: str | None = None, providers=("CPUExecutionProvider",),
+                 options: Callable[[ThreadPlan], ort.SessionOptions] | None = None, threads: int | None = None,
+                 requests: int | None = None):
+        """`providers` and `options` (plan -> SessionOptions) come from export.runtime when it loads this layout
+        (its provider choice and session settings; this module sits below it); the defaults run on the CPU."""
         self.onnx_dir = Path(folder)
         self.config = config
         if dtype is None:
@@ -59,13 +69,13 @@ class TransformersJsModel:
         self.float_type = np.float32  # transformers.js' files keep float32 inputs and outputs
         data = sum(p.stat().st_size for p in (self.onnx_dir / "onnx").glob(f"decoder_model_merged{SUFFIXES[dtype]}.onnx_data*"))
         self.thread_plan = plan_threads(data, threads=threads, requests=requests)
-        providers = choose_providers(device)
+        options = options or default_options
         expected = config_hash(config)
         self.sessions = {}
         for name in GRAPH_ORDER:
             path = self.onnx_dir / "onnx" / graph_file(name, dtype)
             try:
-                session = ort.InferenceSession(str(path), session_options(self.thread_plan, None), providers=providers)
+                session = ort.InferenceSession(str(path), options(self.thread_plan), providers=list(providers))
             except Exception as e:  # onnxruntime raises several pybind types (InvalidProtobuf, Fail, NoSuchFile)
                 raise OnnxExportError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}); "
                                       "export again with `python -m export --format transformers.js`") from None
@@ -135,16 +145,15 @@ class TransformersJsEngine:
         return torch.from_numpy(logits.numpy()[:, -1])
 
 
-def load_transformers_js_pipeline(folder, device: str = "cpu", dtype: str | None = None,
-                                  threads: int | None = None, requests: int | None = None) -> Pipeline:
+def load_transformers_js_pipeline(folder, dtype: str | None = None, **model_options) -> Pipeline:
     """A Pipeline generating with ONNX Runtime from a folder in transformers.js' layout (its own config.json and
-    tokenizer.json make the processor)."""
+    tokenizer.json make the processor); `model_options` go to TransformersJsModel."""
     folder = Path(folder)
     try:
         config = PaliGemmaConfig.from_json_file(folder / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    model = TransformersJsModel(folder, config, dtype=dtype, device=device, threads=threads, requests=requests)
+    model = TransformersJsModel(folder, config, dtype=dtype, **model_options)
     return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)
 
 
