@@ -16,7 +16,7 @@ env.localModelPath = new URL('./', import.meta.url).pathname;
 env.backends.onnx.wasm.wasmPaths = new URL('./vendor/', import.meta.url).href;
 
 // What the tests and the measurements read: the last run's inputs, answer and timings.
-const state = { image: null, busy: false, runs: [], firstAnswerMs: null, device: null, lastInputs: null };
+const state = { image: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null, lastInputs: null };
 window.paligemma = state;
 
 async function chooseDevice() {
@@ -122,6 +122,7 @@ async function main() {
         state.device = 'wasm';  // an adapter that cannot run the graphs: WebAssembly instead
         state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype: 'fp32', device: 'wasm' });
     }
+    state.loadedMs = performance.now();
     $('status').textContent = `Model loaded (${state.device}).`;
     $('example').addEventListener('change', () => setImage(`examples/${$('example').value}`));
     $('upload').addEventListener('change', async () => {
