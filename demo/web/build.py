@@ -49,7 +49,7 @@ custom_headers:
 ---
 
 The embedded PaliGemma demo model running entirely in the browser with transformers.js (onnxruntime-web,
-WebAssembly; WebGPU where present). Built by `python -m demo.web.build` from https://github.com/ (this project).
+WebAssembly; WebGPU where present). Built by `python -m demo.web.build` in the PaliGemma project (demo/web/).
 """
 
 
