@@ -246,7 +246,8 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
     trades memory (each decoder session re-lays out its own copy of the weights) for faster batched decoding on CPU."""
     folder = Path(folder)
     # transformers.js' layout (python -m export --format transformers.js) has an engine of its own.
-    from .transformers_js_runtime import is_transformers_js_export, load_transformers_js_pipeline
+    from .transformers_js import is_transformers_js_export
+    from .transformers_js_runtime import load_transformers_js_pipeline
 
     for candidate in (onnx_dir, folder):
         if candidate is not None and is_transformers_js_export(candidate):

@@ -18,7 +18,6 @@ failed export leaves nothing that looks complete (and an earlier variant in OUT 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -40,12 +39,10 @@ from .streaming import WeightsAsInputs, WeightWriter, hollow_model
 from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
 from .transformers_js_graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
 
-logger = logging.getLogger(__name__)
 
 FORMAT = "transformers.js"
 SUFFIXES = {"float32": "", "float16": "_fp16"}  # transformers.js' dtype -> file suffix (utils/dtypes.js)
 CONFIG_KEY = "transformers.js_config"
-LAYOUT_MARKER = Path("onnx") / "decoder_model_merged.onnx"  # how a folder in this layout is recognized
 
 
 def is_transformers_js_export(folder) -> bool:

@@ -29,7 +29,7 @@ from paligemma.weights import resolve_checkpoint
 from .graphs import cache_names
 from .manifest import METADATA_PREFIX, config_hash
 from .threads import ThreadPlan, plan_threads
-from .transformers_js import SUFFIXES, export_transformers_js, graph_file, is_transformers_js_export
+from .transformers_js import SUFFIXES, export_transformers_js, graph_file
 from .transformers_js_graphs import GRAPH_ORDER
 
 logger = logging.getLogger(__name__)

@@ -57,8 +57,9 @@ class BuildError(RuntimeError):
     pass
 
 
-def build(out: Path, rebuild: bool = False, log=print) -> Path:
-    """Writes the static site into `out` (the model export only when missing, or with `rebuild`)."""
+def build(out: Path, rebuild: bool = False, validate: bool = True, log=print) -> Path:
+    """Writes the static site into `out` (the model export only when missing, or with `rebuild`; `validate` compares
+    it with torch, as `python -m export` does)."""
     missing = [str(p) for p in RUNTIME_FILES if not p.exists()]
     if missing:
         raise BuildError(f"{missing[0]} is missing: install the npm packages first "
@@ -67,7 +68,7 @@ def build(out: Path, rebuild: bool = False, log=print) -> Path:
     model = out / "model"
     if rebuild or not (model / "config.json").exists():
         shutil.rmtree(model, ignore_errors=True)
-        export_transformers_js_checked(DEMO_CHECKPOINT, model, progress=False, log=log)
+        export_transformers_js_checked(DEMO_CHECKPOINT, model, validate=validate, progress=False, log=log)
     for name in PAGE_FILES:
         shutil.copy(WEB / name, out / name)
     vendor = out / "vendor"
