@@ -192,3 +192,20 @@ def test_the_command_writes_the_layout_and_validates_it(tmp_path, capsys):
     assert export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js"]) == 0
     assert "validation decode" in capsys.readouterr().out
     assert (out / "onnx" / "decoder_model_merged.onnx").exists()
+
+
+def test_the_embedded_models_float16_files_give_torch_tokens_in_both_loops(tmp_path):
+    """The trained model's answers are far from ties, so float16 weights keep float32 torch's greedy tokens."""
+    out = tmp_path / "fp16"
+    export_transformers_js(EMBEDDED, out, dtype="float16", progress=False, log=quiet)
+    assert sorted(p.name for p in (out / "onnx").glob("*.onnx")) == [
+        "decoder_model_merged_fp16.onnx", "embed_tokens_fp16.onnx", "vision_encoder_fp16.onnx"]
+    torch_pipe = paligemma.load()
+    pipe = paligemma.load(out, backend="onnx")
+    assert pipe.engine_factory.manifest["dtype"] == "float16"
+    for picture, prompt in requests("embedded"):
+        expected = torch_pipe.generate(picture, prompt, max_new_tokens=STEPS).token_ids
+        assert pipe.generate(picture, prompt, max_new_tokens=STEPS).token_ids == expected
+        pixel_values = torch_pipe.processor([picture], [prompt])["pixel_values"]
+        got = node_generate(out, pixel_values, prompt, tmp_path, STEPS, "--dtype", "fp16")
+        assert got["tokens"][: len(expected)] == expected and len(got["tokens"]) == len(expected) + 1, prompt
