@@ -209,3 +209,12 @@ def test_the_embedded_models_float16_files_give_torch_tokens_in_both_loops(tmp_p
         pixel_values = torch_pipe.processor([picture], [prompt])["pixel_values"]
         got = node_generate(out, pixel_values, prompt, tmp_path, STEPS, "--dtype", "fp16")
         assert got["tokens"][: len(expected)] == expected and len(got["tokens"]) == len(expected) + 1, prompt
+
+
+def test_quantizing_this_layout_is_refused_until_the_quantizer_lands(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js", "--quantize", "int8"])
+    assert exit_info.value.code == 2
+    assert "--quantize is not available with --format transformers.js" in capsys.readouterr().err
+    assert not out.exists()
