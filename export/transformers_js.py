@@ -32,8 +32,8 @@ from paligemma.errors import OnnxExportError
 from paligemma.weights import resolve_checkpoint
 
 from .checkpoint_stream import CheckpointStream
-from .onnx_export import (DEFAULT_OPSET, DTYPES, check_options, read_config, removed_on_failure, set_metadata,
-                          tie_lm_head, trace_to_onnx)
+from .onnx_export import (DEFAULT_OPSET, DTYPES, check_free_space, check_options, read_config, removed_on_failure,
+                          set_metadata, tie_lm_head, trace_to_onnx)
 from .manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
 from .streaming import WeightsAsInputs, WeightWriter, hollow_model
 from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
@@ -80,6 +80,10 @@ def write_folder(folder: Path, staging: Path, output: Path, dtype: str, opset: i
     source = CheckpointStream(folder)
     model = hollow_model(config, torch_dtype)
     source.check_against(model)
+    embedding = next(name for name in source.tensors if name.endswith("embed_tokens.weight"))
+    # Every weight once, and the embedding a second time: embed_tokens and the decoder's tied projection each hold it.
+    check_free_space(staging, sum(source.nbytes(n, torch_dtype) for n in source.tensors)
+                     + source.nbytes(embedding, torch_dtype))
     meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
                 exporter_version=EXPORTER_VERSION, dtype=dtype, format=FORMAT, opset=opset,
                 torch_version=torch.__version__)
