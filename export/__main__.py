@@ -1,4 +1,5 @@
-"""python -m export --model PATH_OR_ID --output DIR [--dtype float32|float16] [--quantize int8|int4] [--opset N]"""
+"""python -m export --model PATH_OR_ID --output DIR [--format three-graphs|transformers.js] [--dtype float32|float16]
+[--quantize int8|int4] [--opset N]"""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from paligemma.errors import CheckpointError, OnnxExportError
 from .onnx_export import DEFAULT_OPSET, DTYPES, export_model
 from .quantize import QUANTIZATIONS
 from .runtime import export_and_validate
+from .transformers_js_runtime import export_transformers_js_checked
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m export", description="Export PaliGemma to ONNX (three graphs).")
     parser.add_argument("--model", required=True, help="checkpoint folder or Hub repo id")
     parser.add_argument("--output", required=True, help="folder to write the graphs into")
+    parser.add_argument("--format", default="three-graphs", choices=["three-graphs", "transformers.js"],
+                        help="three-graphs: this project's runtime (default); transformers.js: its PaliGemma layout")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float16 is for GPUs")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
                         help="for CPUs: int8 (per-channel weights, activations quantized per call) or int4 (MatMulNBits "
@@ -24,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with torch")
     args = parser.parse_args(argv)
     try:
+        if args.format == "transformers.js":
+            if args.quantize:
+                parser.error("--quantize is not available with --format transformers.js yet; use --dtype float16")
+            export_transformers_js_checked(args.model, args.output, dtype=args.dtype, opset=args.opset,
+                                           validate=not args.no_validate)
+            return 0
         export = export_model if args.no_validate else export_and_validate
         export(args.model, args.output, dtype=args.dtype, quantize=args.quantize, opset=args.opset)
     except (OnnxExportError, CheckpointError) as e:

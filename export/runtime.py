@@ -269,6 +269,15 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
     `quantize` ("int8" or "int4") picks the quantized export from the cache (made on first use); an export
     folder given as `folder` or `onnx_dir` must be that variant."""
     folder = Path(folder)
+    # transformers.js' layout (python -m export --format transformers.js) has an engine of its own.
+    from .transformers_js import is_transformers_js_export
+    from .transformers_js_runtime import load_transformers_js_pipeline
+
+    for candidate in (onnx_dir, folder):
+        if candidate is not None and is_transformers_js_export(candidate):
+            return load_transformers_js_pipeline(candidate, providers=choose_providers(device),
+                                                 options=lambda plan: session_options(plan, None, prepack, spinning),
+                                                 threads=threads, requests=requests)
     try:
         config = PaliGemmaConfig.from_json_file(folder / "config.json")
     except ConfigError as e:

@@ -1,0 +1,151 @@
+// PaliGemma in the browser: the embedded model's export (transformers.js layout, ./model) run by transformers.js
+// on onnxruntime-web, WebGPU where the browser has an adapter, WebAssembly otherwise. Everything is served from
+// this folder (python -m demo.web.build): no CDN, no Hub.
+import {
+    AutoProcessor, PaliGemmaForConditionalGeneration, RawImage, TextStreamer, env,
+} from './vendor/transformers.min.js';
+
+const MAX_NEW_TOKENS = 32;
+const LOC = /((?:<loc\d{4}>){4})\s*([^;<]*)/g;
+const $ = (id) => document.getElementById(id);
+
+env.allowRemoteModels = false;
+env.allowLocalModels = true;
+// A path, not a URL: transformers.js looks a local model up only under a path (a URL counts as remote).
+env.localModelPath = new URL('./', import.meta.url).pathname;
+env.backends.onnx.wasm.wasmPaths = new URL('./vendor/', import.meta.url).href;
+
+// What the tests and the measurements read: the last run's inputs, answer and timings.
+const state = { image: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null, lastInputs: null };
+window.paligemma = state;
+
+async function chooseDevice() {
+    try {
+        if (navigator.gpu && (await navigator.gpu.requestAdapter())) return 'webgpu';
+    } catch { /* no usable adapter */ }
+    return 'wasm';
+}
+
+function showError(message) {
+    $('error').textContent = message;
+    $('error').hidden = !message;
+}
+
+function draw(image, text = '') {
+    const canvas = $('canvas');
+    const scale = Math.min(canvas.width / image.width, canvas.height / image.height);
+    const w = image.width * scale, h = image.height * scale;
+    const ctx = canvas.getContext('2d');
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    ctx.drawImage(image.toCanvas(), 0, 0, w, h);
+    ctx.lineWidth = 2;
+    ctx.font = '14px sans-serif';
+    for (const [, locs, label] of text.matchAll(LOC)) {
+        // <locY1><locX1><locY2><locX2>, bins of 1024 over each side, decoded as index / 1023 (paligemma.locations).
+        const [y1, x1, y2, x2] = [...locs.matchAll(/\d{4}/g)].map((m) => Number(m[0]) / 1023);
+        ctx.strokeStyle = ctx.fillStyle = '#e6007e';
+        ctx.strokeRect(x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h);
+        ctx.fillText(label.trim(), x1 * w + 3, y1 * h + 15);
+    }
+}
+
+async function setImage(source) {
+    try {
+        state.image = await RawImage.read(source);
+    } catch (e) {
+        state.image = null;
+        showError(`That file could not be read as an image (${e.message || e}); choose a PNG, JPEG or WebP picture.`);
+        return false;
+    }
+    showError('');
+    draw(state.image);
+    return true;
+}
+
+async function run(prompt) {
+    if (state.busy || !state.image) return null;
+    state.busy = true;
+    $('run').disabled = true;
+    const start = performance.now();
+    let firstTokenAt = null;
+    let count = 0;
+    $('output').textContent = '';
+    try {
+        // A leading <image> makes the processor expand it to image_seq_length tokens and put <bos> after them.
+        const inputs = await state.processor(state.image, '<image>' + prompt);
+        state.lastInputs = inputs;
+        const streamer = new TextStreamer(state.processor.tokenizer, {
+            skip_prompt: true,
+            skip_special_tokens: true,
+            callback_function: (text) => { $('output').textContent += text; },
+            token_callback_function: () => {
+                count += 1;
+                firstTokenAt ??= performance.now();
+            },
+        });
+        const output = await state.model.generate({ ...inputs, max_new_tokens: MAX_NEW_TOKENS, do_sample: false, streamer });
+        const end = performance.now();
+        const promptLength = inputs.input_ids.dims.at(-1);
+        const tokens = Array.from(output.slice(0, [promptLength, null]).data, Number);
+        const text = state.processor.batch_decode(output.slice(null, [promptLength, null]), { skip_special_tokens: true })[0];
+        $('output').textContent = text;
+        draw(state.image, text);
+        const decodeS = (end - firstTokenAt) / 1000;
+        const record = {
+            prompt, text, tokens, total_ms: end - start, ttft_ms: firstTokenAt - start,
+            tokens_per_s: count > 1 ? (count - 1) / decodeS : 0,
+        };
+        state.runs.push(record);
+        $('stats').textContent = `time to first token ${record.ttft_ms.toFixed(0)} ms · ` +
+            `${record.tokens_per_s.toFixed(1)} tokens/s · ${tokens.length} tokens in ${record.total_ms.toFixed(0)} ms · ${state.device}`;
+        return record;
+    } catch (e) {
+        showError(`The model could not answer: ${e.message || e}`);
+        return null;
+    } finally {
+        state.busy = false;
+        $('run').disabled = false;
+    }
+}
+
+async function main() {
+    const examples = await (await fetch('examples/examples.json')).json();
+    for (const example of examples) {
+        $('example').add(new Option(`${example.file} (${example.prompt})`, example.file));
+    }
+    state.device = await chooseDevice();
+    state.processor = await AutoProcessor.from_pretrained('model');
+    try {
+        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype: 'fp32', device: state.device });
+    } catch (e) {
+        if (state.device === 'wasm') throw e;
+        state.device = 'wasm';  // an adapter that cannot run the graphs: WebAssembly instead
+        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype: 'fp32', device: 'wasm' });
+    }
+    state.loadedMs = performance.now();
+    $('status').textContent = `Model loaded (${state.device}).`;
+    $('example').addEventListener('change', () => setImage(`examples/${$('example').value}`));
+    $('upload').addEventListener('change', async () => {
+        const file = $('upload').files[0];
+        if (file) await setImage(file);
+    });
+    for (const button of document.querySelectorAll('#presets button')) {
+        button.addEventListener('click', () => {
+            $('prompt').value = button.dataset.prompt;
+            run(button.dataset.prompt);
+        });
+    }
+    $('run').addEventListener('click', () => run($('prompt').value));
+    $('run').disabled = false;
+    // The first answer, so that a visitor sees the model work without a click.
+    await setImage(`examples/${examples[0].file}`);
+    await run($('prompt').value);
+    state.firstAnswerMs = performance.now();  // from the page's navigation start
+    $('status').textContent = `Model loaded (${state.device}); first answer in ${(state.firstAnswerMs / 1000).toFixed(2)} s.`;
+}
+
+main().catch((e) => {
+    console.error(e.stack);
+    $('status').textContent = 'The model could not be loaded.';
+    showError(`${e.message || e}`);
+});

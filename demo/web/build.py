@@ -1,0 +1,129 @@
+"""Builds the in-browser demo into one static folder and (with --serve) serves it locally.
+
+    python -m demo.web.build [--out demo/web/site] [--serve] [--port 8000] [--rebuild]
+
+The folder holds the page (index.html, app.js, style.css: committed in demo/web/), the embedded model exported in
+transformers.js' layout (model/), transformers.js' browser build and onnxruntime-web's WebAssembly files from the
+installed npm packages (vendor/; `npm ci --onnxruntime-node-install=skip` in demo/web first), the example scenes
+(examples/) and a README.md whose front matter makes the folder a static Hugging Face Space. All of it is built;
+nothing is fetched from a CDN or the Hub when the page runs. The server sends the cross-origin isolation headers
+that let onnxruntime-web run on several threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from export.transformers_js_runtime import export_transformers_js_checked
+from paligemma import DEMO_CHECKPOINT
+
+logger = logging.getLogger(__name__)
+
+WEB = Path(__file__).resolve().parent
+EXAMPLES = WEB.parent / "examples"
+NODE_MODULES = WEB / "node_modules"
+PAGE_FILES = ("index.html", "app.js", "style.css")
+# transformers.js' browser build bundles onnxruntime-web and loads its asyncify WebAssembly build at run time.
+RUNTIME_FILES = {
+    NODE_MODULES / "@huggingface/transformers/dist/transformers.min.js": "transformers.min.js",
+    NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.mjs": "ort-wasm-simd-threaded.asyncify.mjs",
+    NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.wasm": "ort-wasm-simd-threaded.asyncify.wasm",
+}
+ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
+SPACE_README = """---
+title: PaliGemma in the browser
+emoji: 🔷
+colorFrom: blue
+colorTo: gray
+sdk: static
+app_file: index.html
+custom_headers:
+  cross-origin-embedder-policy: require-corp
+  cross-origin-opener-policy: same-origin
+---
+
+The embedded PaliGemma demo model running entirely in the browser with transformers.js (onnxruntime-web,
+WebAssembly; WebGPU where present). Built by `python -m demo.web.build` in the PaliGemma project (demo/web/).
+"""
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def build(out: Path, rebuild: bool = False, validate: bool = True, log=print) -> Path:
+    """Writes the static site into `out` (the model export only when missing, or with `rebuild`; `validate` compares
+    it with torch, as `python -m export` does)."""
+    missing = [str(p) for p in RUNTIME_FILES if not p.exists()]
+    if missing:
+        raise BuildError(f"{missing[0]} is missing: install the npm packages first "
+                         "(cd demo/web && npm ci --onnxruntime-node-install=skip)")
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "model"
+    if rebuild or not (model / "config.json").exists():
+        shutil.rmtree(model, ignore_errors=True)
+        export_transformers_js_checked(DEMO_CHECKPOINT, model, validate=validate, progress=False, log=log)
+    for name in PAGE_FILES:
+        shutil.copy(WEB / name, out / name)
+    vendor = out / "vendor"
+    vendor.mkdir(exist_ok=True)
+    for source, name in RUNTIME_FILES.items():
+        shutil.copy(source, vendor / name)
+    examples = out / "examples"
+    examples.mkdir(exist_ok=True)
+    for path in [EXAMPLES / "examples.json", *sorted(EXAMPLES.glob("*.png"))]:
+        shutil.copy(path, examples / path.name)
+    (out / "README.md").write_text(SPACE_README)
+    log(f"built the page into {out}")
+    return out
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript",
+                      ".mjs": "text/javascript", ".wasm": "application/wasm", ".onnx": "application/octet-stream"}
+
+    def end_headers(self):
+        for key, value in ISOLATION_HEADERS.items():
+            self.send_header(key, value)
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+    def log_message(self, format, *args):
+        logger.debug(format, *args)
+
+
+def server(folder: Path, port: int = 0, host: str = "127.0.0.1") -> http.server.ThreadingHTTPServer:
+    """A local static server for the built folder (port 0: a free one; see `.server_address`)."""
+    return http.server.ThreadingHTTPServer((host, port), functools.partial(Handler, directory=str(folder)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo.web.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=WEB / "site", help="folder to build into (default demo/web/site)")
+    parser.add_argument("--serve", action="store_true", help="serve the folder on localhost after building")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--rebuild", action="store_true", help="export the model again")
+    args = parser.parse_args(argv)
+    try:
+        build(args.out, args.rebuild)
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.serve:
+        httpd = server(args.out, args.port)
+        print(f"serving {args.out} at http://127.0.0.1:{httpd.server_address[1]}/ (Ctrl+C stops)")
+        try:
+            httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""`python -m export --format transformers.js`: the folder transformers.js (and the onnx-community PaliGemma repos)
+load, written with the default export's streaming machinery.
+
+    OUT/config.json                 the model's config + transformers.js_config.use_external_data_format
+    OUT/preprocessor_config.json    SiglipImageProcessor as PaliGemma uses it (bicubic, 1/255, mean/std 0.5)
+    OUT/tokenizer.json              the checkpoint's, without a post-processor (see `tokenizer_json`)
+    OUT/tokenizer_config.json, generation_config.json
+    OUT/onnx/vision_encoder{suffix}.onnx, embed_tokens{suffix}.onnx, decoder_model_merged{suffix}.onnx
+    OUT/onnx/NAME{suffix}.onnx_data[_N]   their weights, in chunks under 2 GB (export/transformers_js_data.py)
+
+The graphs (export/transformers_js_graphs.py) are traced on the hollow model with the weights as inputs, and
+each weight goes through WeightWriter.attach into the graph's chunked data, block by block from the checkpoint:
+the same memory bound as the default export. Suffixes are transformers.js': "" float32, "_fp16".
+Everything is written into a staging folder inside OUT and moved into place at the end, config.json last, so a
+failed export leaves nothing that looks complete (and an earlier variant in OUT untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from tqdm.auto import tqdm
+
+from paligemma.errors import OnnxExportError
+from paligemma.weights import resolve_checkpoint
+
+from .checkpoint_stream import CheckpointStream
+from .onnx_export import (DEFAULT_OPSET, DTYPES, check_free_space, check_options, read_config, removed_on_failure,
+                          set_metadata, tie_lm_head, trace_to_onnx)
+from .manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
+from .streaming import WeightsAsInputs, WeightWriter, hollow_model
+from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
+from .transformers_js_graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
+
+
+FORMAT = "transformers.js"
+SUFFIXES = {"float32": "", "float16": "_fp16"}  # transformers.js' dtype -> file suffix (utils/dtypes.js)
+CONFIG_KEY = "transformers.js_config"
+
+
+def is_transformers_js_export(folder) -> bool:
+    folder = Path(folder)
+    return (folder / "config.json").exists() and any((folder / "onnx").glob("decoder_model_merged*.onnx"))
+
+
+def graph_file(name: str, dtype: str) -> str:
+    return f"{name}{SUFFIXES[dtype]}.onnx"
+
+
+def export_transformers_js(source, output, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
+                           chunk_bytes: int = CHUNK_BYTES, progress: bool = True, log=print) -> dict:
+    """Export the checkpoint `source` into `output` in transformers.js' layout; returns config.json's content."""
+    check_options(output, dtype, None, opset)
+    if dtype not in SUFFIXES:
+        raise OnnxExportError(f"dtype '{dtype}' has no transformers.js file suffix here; use {', '.join(SUFFIXES)}")
+    start = time.perf_counter()
+    output = Path(output)
+    folder = resolve_checkpoint(source)
+    with removed_on_failure(output):
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=output, prefix=".staging-") as staging:
+            staging = Path(staging)
+            config = write_folder(folder, staging, output, dtype, opset, chunk_bytes, progress)
+            publish(staging, output)
+    log(f"exported {folder} to {output} (transformers.js layout, {dtype}) in {time.perf_counter() - start:.1f}s")
+    return config
+
+
+def write_folder(folder: Path, staging: Path, output: Path, dtype: str, opset: int, chunk_bytes: int,
+                 progress: bool) -> dict:
+    torch_dtype = DTYPES[dtype]
+    config = read_config(folder)
+    source = CheckpointStream(folder)
+    model = hollow_model(config, torch_dtype)
+    source.check_against(model)
+    embedding = next(name for name in source.tensors if name.endswith("embed_tokens.weight"))
+    # Every weight once, and the embedding a second time: embed_tokens and the decoder's tied projection each hold it.
+    check_free_space(staging, sum(source.nbytes(n, torch_dtype) for n in source.tensors)
+                     + source.nbytes(embedding, torch_dtype))
+    meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
+                exporter_version=EXPORTER_VERSION, dtype=dtype, format=FORMAT, opset=opset,
+                torch_version=torch.__version__)
+    specs, modules, inputs = graph_specs(config), graph_modules(model), example_inputs(config)
+    writer = WeightWriter(source, torch_dtype,
+                          lambda items, what: tqdm(list(items), desc=f"{what} weights", disable=not progress))
+    (staging / "onnx").mkdir()
+    chunks = {}
+    for name in tqdm(GRAPH_ORDER, desc="exporting (transformers.js)", disable=not progress):
+        file = graph_file(name, dtype)
+        workdir = staging / f".trace-{name}"
+        workdir.mkdir()
+        module = WeightsAsInputs(modules[name])
+        graph = trace_to_onnx(module, module.example_inputs(inputs[name]), specs[name], workdir / file, opset,
+                              module.names)
+        if name == "decoder_model_merged":
+            tie_lm_head(graph, next(w for w in module.names if w.endswith("embed_tokens.weight")))
+        with ChunkedExternalData(staging / "onnx", file, chunk_bytes) as store:
+            writer.attach(graph, name, store)
+        chunks[file] = store.count
+        set_metadata(graph, name, meta)
+        onnx.save(graph, str(staging / "onnx" / file))
+        del graph
+        shutil.rmtree(workdir)
+        try:
+            onnx.checker.check_model(str(staging / "onnx" / file), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise OnnxExportError(f"{output / 'onnx' / file} fails onnx.checker: {e}") from None
+    write_json(staging / "tokenizer.json", tokenizer_json(folder))
+    write_json(staging / "tokenizer_config.json", tokenizer_config(config))
+    write_json(staging / "preprocessor_config.json", preprocessor_config(config))
+    write_json(staging / "generation_config.json", generation_config(config))
+    content = model_config(config, chunks, output / "config.json")
+    write_json(staging / "config.json", content)
+    return content
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Moves the staged files into `output`, config.json last: until it is replaced, the folder is the earlier one.
+    An earlier export of the same variant loses its data chunks first (it may have had more)."""
+    for graph in (staging / "onnx").glob("*.onnx"):
+        for stale in (output / "onnx").glob(graph.name + "_data*"):
+            stale.unlink()
+    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json")
+    for path in files:
+        target = output / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+
+
+def model_config(config, chunks: dict[str, int], existing: Path) -> dict:
+    """config.json: the model's own (explicit head_dim, num_key_value_heads, model_type in text_config), with
+    transformers.js' external data chunk counts per graph file, merged with an earlier variant's in the folder."""
+    content = config.to_dict()
+    counts = {}
+    if existing.exists():
+        try:
+            counts = json.loads(existing.read_text()).get(CONFIG_KEY, {}).get("use_external_data_format", {})
+        except (json.JSONDecodeError, AttributeError):
+            counts = {}
+    counts = {**counts, **{file: count for file, count in chunks.items()}}
+    content[CONFIG_KEY] = dict(use_external_data_format={f: c for f, c in sorted(counts.items()) if c})
+    return content
+
+
+def tokenizer_json(folder: Path) -> dict:
+    """The checkpoint's tokenizer.json without its post-processor: PaliGemma's processor places `<bos>` itself (after
+    the image tokens), and transformers.js' tokenizer call would add another one where Gemma's post-processor does."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise OnnxExportError(f"{folder} has no tokenizer.json, which transformers.js needs; copy it from the "
+                              "checkpoint's repo")
+    content = json.loads(path.read_text())
+    content["post_processor"] = None
+    return content
+
+
+def tokenizer_config(config) -> dict:
+    return dict(
+        tokenizer_class="PreTrainedTokenizer", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", add_bos_token=False, add_eos_token=False, padding_side="left",
+        model_max_length=config.text.max_position_embeddings,
+    )
+
+
+def preprocessor_config(config) -> dict:
+    size = config.image_size
+    return dict(
+        image_processor_type="SiglipImageProcessor", processor_class="PaliGemmaProcessor",
+        do_convert_rgb=True, do_resize=True, size=dict(height=size, width=size), resample=3,  # 3: bicubic
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        image_seq_length=config.num_image_tokens,
+    )
+
+
+def generation_config(config) -> dict:
+    eos = list(config.eos_token_ids)
+    return dict(bos_token_id=config.bos_token_id, eos_token_id=eos if len(eos) > 1 else eos[0],
+                pad_token_id=config.pad_token_id, do_sample=False)

@@ -1,0 +1,193 @@
+"""This project's ONNX Runtime loop over transformers.js' layout (export/transformers_js.py): the same Pipeline
+(sampling, stopping, streaming, padded batches) as the three-graph runtime, with an engine of its own.
+
+Per request: vision_encoder once, embed_tokens for the prompt with the image features copied into the `<image>`
+rows (as transformers.js does), decoder_model_merged on the whole prompt with an empty past, then one call per
+token. Unlike transformers.js 4.3.2's loop, every step gets the row's true attention mask and positions (the rule
+in paligemma.masks), so left-padded batches give each row its single-request answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from paligemma.config import PaliGemmaConfig
+from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
+from paligemma.generate import Pipeline
+from paligemma.masks import extend_for_generation, token_positions
+from paligemma.processor import PaliGemmaProcessor
+from paligemma.weights import resolve_checkpoint
+
+from .graphs import cache_names
+from .manifest import METADATA_PREFIX, config_hash
+from .threads import ThreadPlan, plan_threads
+from .transformers_js import SUFFIXES, export_transformers_js, graph_file
+from .transformers_js_graphs import GRAPH_ORDER
+
+logger = logging.getLogger(__name__)
+
+
+def variant_present(folder: Path, dtype: str) -> bool:
+    return all((folder / "onnx" / graph_file(name, dtype)).exists() for name in GRAPH_ORDER)
+
+
+def default_options(plan: ThreadPlan) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = plan.intra_op_threads
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+class TransformersJsModel:
+    """The three sessions of one variant (float32 unless asked otherwise). Calling it gives a fresh engine.
+    `manifest`, `float_type`, `onnx_dir` and `run` are what export.validate.validate_export reads."""
+
+    def __init__(self, folder, config: PaliGemmaConfig, dtype: str | None = None, providers=("CPUExecutionProvider",),
+                 options: Callable[[ThreadPlan], ort.SessionOptions] | None = None, threads: int | None = None,
+                 requests: int | None = None):
+        """`providers` and `options` (plan -> SessionOptions) come from export.runtime when it loads this layout
+        (its provider choice and session settings; this module sits below it); the defaults run on the CPU."""
+        self.onnx_dir = Path(folder)
+        self.config = config
+        if dtype is None:
+            dtype = next((d for d in SUFFIXES if variant_present(self.onnx_dir, d)), "float32")
+        if dtype not in SUFFIXES:
+            raise OnnxExportError(f"dtype '{dtype}' is not a transformers.js variant read here; use {', '.join(SUFFIXES)}")
+        if not variant_present(self.onnx_dir, dtype):
+            missing = [graph_file(n, dtype) for n in GRAPH_ORDER if not (self.onnx_dir / "onnx" / graph_file(n, dtype)).exists()]
+            raise OnnxExportError(f"{self.onnx_dir / 'onnx'} lacks {', '.join(missing)}: export the {dtype} variant "
+                                  "with `python -m export --format transformers.js`")
+        self.manifest = dict(dtype=dtype, quantize="none", format="transformers.js")
+        self.float_type = np.float32  # transformers.js' files keep float32 inputs and outputs
+        data = sum(p.stat().st_size for p in (self.onnx_dir / "onnx").glob(f"decoder_model_merged{SUFFIXES[dtype]}.onnx_data*"))
+        self.thread_plan = plan_threads(data, threads=threads, requests=requests)
+        options = options or default_options
+        expected = config_hash(config)
+        self.sessions = {}
+        for name in GRAPH_ORDER:
+            path = self.onnx_dir / "onnx" / graph_file(name, dtype)
+            try:
+                session = ort.InferenceSession(str(path), options(self.thread_plan), providers=list(providers))
+            except Exception as e:  # onnxruntime raises several pybind types (InvalidProtobuf, Fail, NoSuchFile)
+                raise OnnxExportError(f"{path} could not be loaded by ONNX Runtime ({type(e).__name__}: {e}); "
+                                      "export again with `python -m export --format transformers.js`") from None
+            recorded = session.get_modelmeta().custom_metadata_map.get(METADATA_PREFIX + "config_hash")
+            if recorded != expected:
+                raise OnnxExportError(f"{path} records config hash {str(recorded)[:12]}, not {expected[:12]} of "
+                                      f"{self.onnx_dir / 'config.json'}: it comes from another export; export again")
+            self.sessions[name] = session
+        self.providers = self.sessions["decoder_model_merged"].get_providers()
+        self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+        self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
+        logger.info("ONNX Runtime sessions for the transformers.js export %s (%s) on %s", self.onnx_dir, dtype,
+                    self.providers)
+
+    def run(self, name: str, feeds: dict) -> list[ort.OrtValue]:
+        """OrtValue inputs (the cache) pass without a copy; outputs stay OrtValues on the CPU."""
+        binding = self.sessions[name].io_binding()
+        for key, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(key, value)
+            else:
+                binding.bind_cpu_input(key, np.ascontiguousarray(value))
+        for output in self.output_names[name]:
+            binding.bind_output(output, "cpu")
+        self.sessions[name].run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def __call__(self) -> "TransformersJsEngine":
+        return TransformersJsEngine(self)
+
+
+class TransformersJsEngine:
+    def __init__(self, model: TransformersJsModel):
+        self.model = model
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        (embeds,) = self.model.run("embed_tokens", {"input_ids": input_ids})
+        return embeds.numpy()
+
+    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
+        m = self.model
+        input_ids = inputs["input_ids"].numpy().astype(np.int64)
+        (features,) = m.run("vision_encoder", {"pixel_values": inputs["pixel_values"].numpy().astype(np.float32)})
+        embeds = self.embed(input_ids)
+        is_image = input_ids == m.config.image_token_index
+        embeds[is_image] = features.numpy().reshape(-1, embeds.shape[-1])  # row by row, in order
+        self.attention_mask, _ = extend_for_generation(inputs["attention_mask"].long(), inputs["token_type_ids"],
+                                                       max_new_tokens)
+        self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
+        self.length = 0
+        t = m.config.text
+        empty = np.zeros((input_ids.shape[0], t.num_key_value_heads, 0, t.head_dim), dtype=np.float32)
+        self.past = [empty] * len(m.past_names)
+        return self._step(embeds)
+
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._step(self.embed(tokens.numpy().astype(np.int64).reshape(-1, 1)))
+
+    def _step(self, embeds: np.ndarray) -> torch.Tensor:
+        start, self.length = self.length, self.length + embeds.shape[1]
+        logits, *self.past = self.model.run("decoder_model_merged", {
+            "inputs_embeds": embeds,
+            "attention_mask": self.attention_mask[:, : self.length].contiguous().numpy(),
+            "position_ids": self.positions[:, start : self.length],
+            **dict(zip(self.model.past_names, self.past)),
+        })
+        return torch.from_numpy(logits.numpy()[:, -1])
+
+
+def load_transformers_js_pipeline(folder, dtype: str | None = None, **model_options) -> Pipeline:
+    """A Pipeline generating with ONNX Runtime from a folder in transformers.js' layout (its own config.json and
+    tokenizer.json make the processor); `model_options` go to TransformersJsModel."""
+    folder = Path(folder)
+    try:
+        config = PaliGemmaConfig.from_json_file(folder / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    model = TransformersJsModel(folder, config, dtype=dtype, **model_options)
+    return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)
+
+
+@contextlib.contextmanager
+def variant_removed_on_failure(output: Path, dtype: str):
+    """If the block fails, the folder goes if it was new; otherwise this variant's graphs and data go (an exported
+    variant that failed validation must not look usable), other variants stay."""
+    created = not output.exists()
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        else:
+            for name in GRAPH_ORDER:
+                for path in (output / "onnx").glob(graph_file(name, dtype) + "*"):
+                    path.unlink()
+        raise
+
+
+def export_transformers_js_checked(source, output, *, dtype: str = "float32", validate: bool = True, log=print,
+                                   **options) -> dict:
+    """export_transformers_js, then (unless `validate` is false) the default export's validation against torch,
+    run through this engine: the torch side recorded first in a child process, as for the three graphs."""
+    from .torch_reference import torch_reference
+    from .validate import validate_export
+
+    folder = resolve_checkpoint(source)
+    if not validate:
+        return export_transformers_js(folder, output, dtype=dtype, log=log, **options)
+    with variant_removed_on_failure(Path(output), dtype):
+        reference = torch_reference(folder, dtype)
+        content = export_transformers_js(folder, output, dtype=dtype, log=log, **options)
+        config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
+        validate_export(reference, TransformersJsModel(output, config, dtype=dtype), log=log)
+    return content
+

@@ -1,0 +1,220 @@
+"""`python -m export --format transformers.js`: the layout, this project's ONNX Runtime loop over it against torch
+(padded batches included), and transformers.js itself (Node, demo/web/generate.mjs) against torch, on the embedded
+model and tiny PaliGemma 1 (head_dim 24 != 64 / 4) and 2 (sliding window 6, shorter than every prompt; softcaps)."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+import paligemma
+from export.__main__ import main as export_main
+from export.checkpoint_stream import CheckpointStream
+from export.external_data import ALIGNMENT
+from export.transformers_js import export_transformers_js
+from export.transformers_js_runtime import TransformersJsModel, export_transformers_js_checked
+from paligemma.errors import CheckpointError, OnnxExportError
+
+ROOT = Path(__file__).resolve().parents[1]
+WEB = ROOT / "demo" / "web"
+EMBEDDED = ROOT / "paligemma" / "demo_checkpoint"
+PROMPTS = ["caption en", "answer en what is in the image and where is it"]
+STEPS = 16
+
+
+def quiet(*_):
+    pass
+
+
+def image(seed: int, width: int = 40, height: int = 30) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def requests(name: str):
+    """(image, prompt) pairs: the demo's scenes for the embedded model, random pixels for the tiny ones."""
+    if name == "embedded":
+        scenes = [Image.open(ROOT / "demo" / "examples" / f"scene_0{i}.png") for i in range(2)]
+        return [(scenes[0], "caption en"), (scenes[1], "detect red circle"), (scenes[1], "caption en")]
+    return [(image(seed), prompt) for seed, prompt in enumerate(PROMPTS)]
+
+
+@pytest.fixture(scope="module", params=["embedded", "pg1", "pg2"])
+def exported(request, reference_factory, tmp_path_factory):
+    """(name, checkpoint folder, export folder, torch pipeline, pipeline on the export)."""
+    folder = EMBEDDED if request.param == "embedded" else reference_factory(request.param)[0]
+    out = tmp_path_factory.mktemp(f"{request.param}_tjs")
+    export_transformers_js(folder, out, progress=False, log=quiet)
+    return request.param, folder, out, paligemma.load(folder), paligemma.load(out, backend="onnx")
+
+
+def node_generate(model: Path, pixel_values, prompt: str, tmp_path: Path, max_new_tokens: int = STEPS, *extra):
+    """transformers.js' greedy tokens (and its input ids) for these exact pixel values."""
+    if not (WEB / "node_modules" / "@huggingface" / "transformers").exists():
+        pytest.fail("transformers.js is not installed: run `npm ci --onnxruntime-node-install=skip` in demo/web")
+    pixels = tmp_path / "pixels.bin"
+    pixel_values.numpy().astype("<f4").tofile(pixels)
+    done = subprocess.run(["node", str(WEB / "generate.mjs"), "--model", str(model), "--pixels", str(pixels),
+                           "--prompt", prompt, "--max-new-tokens", str(max_new_tokens), *extra],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_folder_is_transformers_js_layout(exported):
+    _, _, out, torch_pipe, _ = exported
+    config = torch_pipe.config
+    content = json.loads((out / "config.json").read_text())
+    assert content["model_type"] == "paligemma" and content["image_token_index"] == config.image_token_index
+    text = content["text_config"]
+    assert (text["head_dim"], text["num_key_value_heads"]) == (config.text.head_dim, config.text.num_key_value_heads)
+    counts = content["transformers.js_config"]["use_external_data_format"]
+    for name in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
+        chunks = sorted(p.name for p in (out / "onnx").glob(f"{name}.onnx_data*"))
+        assert counts[f"{name}.onnx"] == len(chunks) >= 1
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["image_seq_length"] == config.num_image_tokens and pre["resample"] == 3
+    assert pre["size"] == {"height": config.image_size, "width": config.image_size}
+    decoder = onnx.load(str(out / "onnx" / "decoder_model_merged.onnx"), load_external_data=False).graph
+    inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in decoder.input}
+    assert list(inputs)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]  # no token_type_ids
+    K, D = config.text.num_key_value_heads, config.text.head_dim
+    assert inputs["past_key_values.0.key"] == ["batch_size", K, "past_sequence_length", D]
+    assert [o.name for o in decoder.output][:2] == ["logits", "present.0.key"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).exists()
+    assert not list(out.glob(".staging-*"))
+
+
+def test_onnx_runtime_logits_match_torch_on_the_export(exported):
+    _, _, _, torch_pipe, tjs_pipe = exported
+    assert isinstance(tjs_pipe.engine_factory, TransformersJsModel)
+    inputs = torch_pipe.processor([image(1)], [PROMPTS[1]])
+    window = torch_pipe.config.text.sliding_window
+    if window is not None:
+        assert inputs["input_ids"].shape[1] > window + 10  # the window cuts into the prompt
+    torch_engine, engine = torch_pipe.engine_factory(), tjs_pipe.engine_factory()
+    expected, got = torch_engine.prefill(inputs, STEPS), engine.prefill(inputs, STEPS)
+    assert (got - expected).abs().max().item() <= 1e-4
+    for _ in range(STEPS):
+        tokens = expected.argmax(-1)
+        expected, got = torch_engine.decode_step(tokens), engine.decode_step(tokens)
+        assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_greedy_tokens_match_torch_one_at_a_time_and_in_a_padded_batch(exported):
+    name, _, _, torch_pipe, tjs_pipe = exported
+    pairs = requests(name)
+    images, prompts = [i for i, _ in pairs], [p for _, p in pairs]
+    expected = [torch_pipe.generate(i, p, max_new_tokens=STEPS).token_ids for i, p in pairs]
+    assert [tjs_pipe.generate(i, p, max_new_tokens=STEPS).token_ids for i, p in pairs] == expected
+    batch = tjs_pipe.processor(images, prompts)
+    assert (batch["attention_mask"] == 0).any()  # prompts of different lengths: left padding
+    assert [r.token_ids for r in tjs_pipe.generate(images, prompts, max_new_tokens=STEPS)] == expected
+
+
+def test_transformers_js_in_node_gives_torch_tokens(exported, tmp_path):
+    name, _, out, torch_pipe, _ = exported
+    for picture, prompt in requests(name):
+        expected = torch_pipe.generate(picture, prompt, max_new_tokens=STEPS)
+        inputs = torch_pipe.processor([picture], [prompt])
+        got = node_generate(out, inputs["pixel_values"], prompt, tmp_path)
+        assert got["input_ids"] == inputs["input_ids"][0].tolist()  # transformers.js' processor builds our ids
+        tokens = got["tokens"]
+        if len(expected.token_ids) < STEPS:  # stopped early: transformers.js keeps the <eos> it stopped on
+            assert tokens[-1] in torch_pipe.stop_ids
+            tokens = tokens[:-1]
+        assert tokens == expected.token_ids, prompt
+
+
+def test_weights_split_into_chunks_load_in_onnx_runtime_and_transformers_js(reference_factory, tmp_path):
+    folder, _ = reference_factory("pg2")
+    out = tmp_path / "chunked"
+    source = CheckpointStream(folder)
+    chunk = max(source.nbytes(name, torch.float32) for name in source.tensors) + 2 * ALIGNMENT
+    export_transformers_js(folder, out, chunk_bytes=chunk, progress=False, log=quiet)
+    counts = json.loads((out / "config.json").read_text())["transformers.js_config"]["use_external_data_format"]
+    files = [f"decoder_model_merged.onnx_data{suffix}" for suffix in ["", "_1", "_2"]]
+    assert counts["decoder_model_merged.onnx"] == len(list((out / "onnx").glob("decoder_model_merged.onnx_data*"))) >= 3
+    assert all((out / "onnx" / f).stat().st_size <= chunk for f in files)
+    torch_pipe = paligemma.load(folder)
+    picture, prompt = image(0), PROMPTS[0]
+    expected = torch_pipe.generate(picture, prompt, max_new_tokens=STEPS).token_ids
+    assert paligemma.load(out, backend="onnx").generate(picture, prompt, max_new_tokens=STEPS).token_ids == expected
+    got = node_generate(out, torch_pipe.processor([picture], [prompt])["pixel_values"], prompt, tmp_path)
+    assert got["tokens"][: len(expected)] == expected
+
+
+def test_a_tensor_larger_than_a_chunk_is_refused_and_nothing_is_left(reference_factory, tmp_path):
+    folder, _ = reference_factory("pg1")
+    out = tmp_path / "out"
+    with pytest.raises(OnnxExportError, match="--dtype float16"):
+        export_transformers_js(folder, out, chunk_bytes=4096, progress=False, log=quiet)
+    assert not out.exists()
+
+
+def test_float16_variant_keeps_float32_io_validates_and_sits_beside_float32(reference_factory, tmp_path):
+    folder, _ = reference_factory("pg2")
+    out = tmp_path / "out"
+    export_transformers_js(folder, out, progress=False, log=quiet)
+    export_transformers_js_checked(folder, out, dtype="float16", progress=False, log=quiet)
+    counts = json.loads((out / "config.json").read_text())["transformers.js_config"]["use_external_data_format"]
+    assert {"decoder_model_merged.onnx", "decoder_model_merged_fp16.onnx"} <= set(counts)
+    graph = onnx.load(str(out / "onnx" / "decoder_model_merged_fp16.onnx"), load_external_data=False).graph
+    float32 = onnx.TensorProto.FLOAT
+    assert {i.type.tensor_type.elem_type for i in graph.input if i.name != "attention_mask" and "ids" not in i.name} == {float32}
+    assert {o.type.tensor_type.elem_type for o in graph.output} == {float32}
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    model = TransformersJsModel(out, paligemma.load(folder).config, dtype="float16")
+    assert model.manifest["dtype"] == "float16"
+
+
+def test_a_truncated_checkpoint_fails_and_leaves_nothing(reference_factory, tmp_path):
+    source, _ = reference_factory("pg1")
+    folder = tmp_path / "broken"
+    shutil.copytree(source, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError):
+        export_transformers_js(folder, out, progress=False, log=quiet)
+    assert not out.exists()
+
+
+def test_the_command_writes_the_layout_and_validates_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js"]) == 0
+    assert "validation decode" in capsys.readouterr().out
+    assert (out / "onnx" / "decoder_model_merged.onnx").exists()
+
+
+def test_the_embedded_models_float16_files_give_torch_tokens_in_both_loops(tmp_path):
+    """The trained model's answers are far from ties, so float16 weights keep float32 torch's greedy tokens."""
+    out = tmp_path / "fp16"
+    export_transformers_js(EMBEDDED, out, dtype="float16", progress=False, log=quiet)
+    assert sorted(p.name for p in (out / "onnx").glob("*.onnx")) == [
+        "decoder_model_merged_fp16.onnx", "embed_tokens_fp16.onnx", "vision_encoder_fp16.onnx"]
+    torch_pipe = paligemma.load()
+    pipe = paligemma.load(out, backend="onnx")
+    assert pipe.engine_factory.manifest["dtype"] == "float16"
+    for picture, prompt in requests("embedded"):
+        expected = torch_pipe.generate(picture, prompt, max_new_tokens=STEPS).token_ids
+        assert pipe.generate(picture, prompt, max_new_tokens=STEPS).token_ids == expected
+        pixel_values = torch_pipe.processor([picture], [prompt])["pixel_values"]
+        got = node_generate(out, pixel_values, prompt, tmp_path, STEPS, "--dtype", "fp16")
+        assert got["tokens"][: len(expected)] == expected and len(got["tokens"]) == len(expected) + 1, prompt
+
+
+def test_quantizing_this_layout_is_refused_until_the_quantizer_lands(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js", "--quantize", "int8"])
+    assert exit_info.value.code == 2
+    assert "--quantize is not available with --format transformers.js" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,123 @@
+"""The in-browser demo (demo/web, built by `python -m demo.web.build`) in Debian's chromium, driven by Playwright:
+transformers.js on onnxruntime-web's WebAssembly backend must give torch's greedy tokens for a caption and a
+detection, fed the pixel values the page itself computed (read back from the page: transformers.js' resize is not
+Pillow's), draw the boxes, and answer a bad upload with a message."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import paligemma
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+from demo.web.build import NODE_MODULES, build, server  # noqa: E402
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox"]
+TIMEOUT_MS = 90_000
+MAX_NEW_TOKENS = 32  # app.js
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    if not (NODE_MODULES / "@huggingface" / "transformers").exists():
+        pytest.fail("transformers.js is not installed: run `npm ci --onnxruntime-node-install=skip` in demo/web")
+    site = build(tmp_path_factory.mktemp("site"), validate=False, log=quiet)  # the test compares tokens itself
+    httpd = server(site)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.wait_for_function("window.paligemma && (window.paligemma.firstAnswerMs !== null"
+                               " || !document.getElementById('error').hidden)")
+        assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
+        yield page
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def torch_pipe():
+    return paligemma.load()
+
+
+def torch_greedy(pipe, pixel_values: list[float], prompt: str) -> list[int]:
+    """torch's greedy tokens for `prompt` and these exact pixel values, up to and with the stop token."""
+    size = pipe.config.image_size
+    inputs = pipe.processor([Image.new("RGB", (size, size))], [prompt])
+    inputs["pixel_values"] = torch.tensor(pixel_values, dtype=torch.float32).reshape(1, 3, size, size)
+    engine = pipe.engine_factory()
+    tokens = [int(engine.prefill(inputs, MAX_NEW_TOKENS).argmax(-1))]
+    while tokens[-1] not in pipe.stop_ids and len(tokens) < MAX_NEW_TOKENS:
+        tokens.append(int(engine.decode_step(torch.tensor(tokens[-1:])).argmax(-1)))
+    return tokens
+
+
+def last_run(page) -> dict:
+    return page.evaluate("""() => {
+        const s = window.paligemma;
+        return {...s.runs.at(-1), pixel_values: Array.from(s.lastInputs.pixel_values.data),
+                input_ids: Array.from(s.lastInputs.input_ids.data, Number)};
+    }""")
+
+
+def run_preset(page, prompt: str) -> dict:
+    count = page.evaluate("window.paligemma.runs.length")
+    page.locator(f'#presets button[data-prompt="{prompt}"]').click()
+    page.wait_for_function(f"window.paligemma.runs.length > {count}")
+    return last_run(page)
+
+
+def test_the_first_answer_is_a_caption_equal_to_torch(page, torch_pipe):
+    run = last_run(page)
+    assert run["prompt"] == "caption en"
+    assert run["input_ids"] == torch_pipe.processor([Image.new("RGB", (8, 8))], ["caption en"])["input_ids"][0].tolist()
+    assert run["tokens"] == torch_greedy(torch_pipe, run["pixel_values"], "caption en")
+    assert page.locator("#output").text_content() == run["text"] != ""
+    assert "tokens/s" in page.locator("#stats").text_content()
+
+
+def test_a_detection_equals_torch_and_its_boxes_are_drawn(page, torch_pipe):
+    page.locator("#example").select_option("scene_07.png")
+    page.wait_for_timeout(300)  # the image is read and drawn
+    run = run_preset(page, "detect circle ; triangle")
+    assert run["tokens"] == torch_greedy(torch_pipe, run["pixel_values"], "detect circle ; triangle")
+    assert "<loc" in run["text"]
+    drawn = page.evaluate("""() => {
+        const c = document.getElementById('canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i] === 0xe6 && d[i + 1] === 0x00 && d[i + 2] === 0x7e) n++;
+        return n;
+    }""")
+    assert drawn > 100  # the boxes' outlines in the box colour
+
+
+def test_a_bad_upload_gets_a_message(page, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("this is text, not a picture")
+    page.locator("#upload").set_input_files(str(bad))
+    page.locator("#error").wait_for(state="visible")
+    assert "could not be read as an image" in page.locator("#error").text_content()
