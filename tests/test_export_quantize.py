@@ -57,7 +57,7 @@ def test_every_weight_matmul_is_quantized(exported):
         g = graph(out, name).graph
         initializers = {t.name for t in g.initializer}
         ops = [n.op_type for n in g.node]
-        assert ops.count(QUANTIZED_OPS[scheme]) >= 7 if name != "vision_encoder" else ops.count(QUANTIZED_OPS[scheme]) >= 6
+        assert ops.count(QUANTIZED_OPS[scheme]) >= (6 if name == "vision_encoder" else 7)  # a layer's matrices at least
         float_weight_matmuls = [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in initializers]
         assert float_weight_matmuls == []
         if name != "vision_encoder":  # the output projection on the embedding too; the lookup stays float
