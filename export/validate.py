@@ -9,10 +9,10 @@ variants, and for those also on the relative rms difference, ||ONNX - torch|| / 
   layers; ONNX Runtime and torch round at different points.
 - int8: 0.15 relative max, 0.15 relative rms. Weights round to 255 levels per output channel, activations to 256
   per call. Measured (max, rms; worst graph): tiny PaliGemma 1 (random weights, std 0.2) 0.084, 0.071; tiny
-  PaliGemma 2 0.034, 0.031; embedded demo model 0.032, 0.021; 3B-wide model in export/README.md. The tiny random
+  PaliGemma 2 0.034, 0.031; embedded demo model 0.032, 0.021; 3B-wide random model 0.036, 0.078. The tiny random
   models amplify rounding most; the limit is about twice their worst.
 - int4: 1.0 relative max, 0.8 relative rms. Blocks of 32 weights round to 16 levels. Measured: tiny PaliGemma 1
-  0.77, 0.55; tiny PaliGemma 2 0.36, 0.32; embedded demo model 0.10, 0.076; 3B-wide in export/README.md. On the
+  0.77, 0.55; tiny PaliGemma 2 0.36, 0.32; embedded demo model 0.10, 0.076; 3B-wide random model 0.17, 0.25. On the
   random tiny models 4-bit rounding moves the logits by half their spread, so this limit catches a broken layout
   (an unrelated output is ~1.4 relative rms), not a loss of quality: what a quantization costs is measured on the
   task (500 scenes, export/README.md).
