@@ -86,6 +86,17 @@ class ExternalData:
         self.table[name] = dict(offset=offset, length=length, data_type=data_type, shape=list(shape))
         return name
 
+    def alias(self, name: str, stored: str, shape: list[int]) -> str:
+        """Another name for the stored tensor `stored`, read with another shape of the same size: two views of
+        one set of bytes (an int4 embedding's scales, as MatMulNBits and GatherBlockQuantized each want them)."""
+        entry = self.table[stored]
+        if int(np.prod(shape)) != int(np.prod(entry["shape"])):
+            raise ValueError(f"{name}: shape {shape} does not hold the {entry['shape']} of {stored}")
+        while name in self.table:
+            name += "_"
+        self.table[name] = dict(entry, shape=list(shape))
+        return name
+
     def initializer(self, name: str) -> onnx.TensorProto:
         """A graph initializer referencing the stored tensor `name`."""
         entry = self.table[name]

@@ -135,7 +135,8 @@ class WeightWriter:
                 added.add(initializer.name)
                 g.initializer.append(initializer)
         for target in self.progress(quantized, f"{what} {self.quantize}"):
-            for name, initializer in zip((target.weight, target.scale), self.quantized_initializers(target, store)):
+            names = (target.weight, target.scale) + ((target.lookup_scale,) if target.lookup_scale else ())
+            for name, initializer in zip(names, self.quantized_initializers(target, store)):
                 renames[name] = initializer.name
                 g.initializer.append(initializer)
         rename_inputs(g, {k: v for k, v in renames.items() if k != v})
@@ -156,9 +157,10 @@ class WeightWriter:
         return store.initializer(self.stored[key])
 
     def quantized_initializers(self, target: QuantizedMatMul, store: ExternalData | None) -> list[onnx.TensorProto]:
-        """The quantized weight and its scales, computed block by block of checkpoint rows while the weight is
-        written (the scales, 1/32 of the int4 weight's elements, are kept until it is done); each is written once
-        per file however many graphs use it."""
+        """The quantized weight and its scales (and, for an int4 lookup, the same scales as [N, blocks, 1]: an alias
+        of the same bytes), computed block by block of checkpoint rows while the weight is written (the scales,
+        1/32 of the int4 weight's elements, are kept until it is done); each is written once per file however many
+        graphs use it."""
         key = (store, target.weight)
         if store is None or key not in self.stored:
             scales = []
@@ -172,12 +174,21 @@ class WeightWriter:
             if store is None:
                 weight = np.concatenate(list(weight_blocks()))
                 weight = weight.T.copy() if target.scheme == "int8" else weight
-                return [numpy_helper.from_array(weight, target.weight),
-                        numpy_helper.from_array(np.concatenate(scales), target.scale)]
+                scale = np.concatenate(scales)
+                inline = [numpy_helper.from_array(weight, target.weight), numpy_helper.from_array(scale, target.scale)]
+                if target.lookup_scale:
+                    inline.append(numpy_helper.from_array(scale[..., None], target.lookup_scale))
+                return inline
             write = store.write_transposed if target.scheme == "int8" else store.write
             self.stored[key] = write(target.weight, weight_blocks(), target.weight_shape)
             self.stored[store, target.scale] = store.write(target.scale, [np.concatenate(scales)], target.scale_shape)
-        return [store.initializer(self.stored[key]), store.initializer(self.stored[store, target.scale])]
+        names = [self.stored[key], self.stored[store, target.scale]]
+        if target.lookup_scale:
+            if (store, target.lookup_scale) not in self.stored:
+                self.stored[store, target.lookup_scale] = store.alias(target.lookup_scale, names[1],
+                                                                      target.scale_shape + [1])
+            names.append(self.stored[store, target.lookup_scale])
+        return [store.initializer(name) for name in names]
 
     def tensor(self, parameter: str, perm: list[int] | None) -> torch.Tensor:
         tensor = self.source.read(parameter, self.dtype)
