@@ -1,7 +1,6 @@
 """The layer-streamed torch reference (export.torch_reference.layer_streamed) records what the whole model records,
 holding one layer at a time."""
 
-import resource
 import subprocess
 import sys
 
@@ -14,8 +13,8 @@ from export.validate import DECODE_STEPS, validation_requests
 from paligemma.engines import TorchEngine
 from paligemma.processor import PaliGemmaProcessor
 
-# Weights spread over layers (~55 MB each, 6 of them) and a 34 MB embedding (resident in the streamed reference):
-# 0.37 GB in all, of which the streamed reference holds the embedding and one layer.
+# Weights spread over layers (~55 MB each, 12 of them) and a 34 MB embedding (resident in the streamed reference):
+# 0.7 GB in all, of which the streamed reference holds the embedding and one layer.
 LAYERED = dict(
     vision=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, patch_size=14, image_size=28),
     text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
@@ -73,33 +72,52 @@ def test_the_child_process_records_the_same_streamed_or_not(reference_factory):
     assert_same_record(torch_reference(folder, "float32", streamed=True), torch_reference(folder, "float32"))
 
 
-def peak_rss_bytes(code: str) -> int:
+def growth_bytes(code: str) -> int:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    return int(done.stdout.strip().splitlines()[-1]) * 1024
+    return int(done.stdout.strip().splitlines()[-1])
 
 
-PROBE = """import resource, sys, torch
+# The peak of the process's anonymous resident memory (RssAnon, sampled every 2 ms) above its value once the
+# libraries are imported: the library code that the first operations page in (hundreds of MB of torch and MKL,
+# file-backed) is left out, and so are other processes' import-time peaks.
+PROBE = """import threading, time, torch
 from pathlib import Path
 from export import torch_reference
 from paligemma.processor import PaliGemmaProcessor
-folder = Path(sys.argv[-1]) if len(sys.argv) > 1 else Path({folder!r})
+
+def anonymous():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+start = peak = anonymous()
+done = False
+
+def sample():
+    global peak
+    while not done:
+        peak = max(peak, anonymous())
+        time.sleep(0.002)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+folder = Path({folder!r})
 model = getattr(torch_reference, {load!r})(folder, torch.float32)
 torch_reference.record(model, PaliGemmaProcessor.from_pretrained(folder, model.config))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+done = True
+sampler.join()
+print(max(peak, anonymous()) - start)
 """
 
 
 def test_the_layer_streamed_reference_holds_one_layer_not_the_model(tmp_path_factory):
-    workload = Workload("layered", "weights spread over layers", LAYERED, vision_layers=1, text_layers=6)
+    workload = Workload("layered", "weights spread over layers", LAYERED, vision_layers=1, text_layers=12)
     folder = workload.prepare(tmp_path_factory.mktemp("layered"), log=quiet)
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    baseline = peak_rss_bytes("import resource, export.torch_reference; "
-                              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    whole = peak_rss_bytes(PROBE.format(folder=str(folder), load="load_streamed")) - baseline
-    streamed = peak_rss_bytes(PROBE.format(folder=str(folder), load="layer_streamed")) - baseline
+    whole = growth_bytes(PROBE.format(folder=str(folder), load="load_streamed"))
+    streamed = growth_bytes(PROBE.format(folder=str(folder), load="layer_streamed"))
     sizes = f"whole model +{whole / 1e6:.0f} MB, streamed +{streamed / 1e6:.0f} MB, weights {weights / 1e6:.0f} MB"
-    # Above a process that only imports (whose peak, at import, hides part of what is held later): the whole model
-    # shows, the streamed reference holds a small part of it.
-    assert whole - streamed > 0.5 * weights, sizes
-    assert streamed < 0.3 * weights, sizes
+    assert whole > 0.9 * weights, sizes  # the probe sees the model when it is held
+    # Both share the same working memory (whole - weights, ~0.35 GB here, the same in both); beyond it the
+    # streamed reference holds the embedding (5%) and one layer (8%).
+    assert streamed - (whole - weights) < 0.4 * weights, sizes
