@@ -18,12 +18,13 @@ import onnxruntime as ort
 import torch
 
 from paligemma.config import PaliGemmaConfig
-from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
+from paligemma.errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from paligemma.generate import Pipeline
 from paligemma.masks import extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import resolve_checkpoint
 
+from . import fused as fused_graphs
 from .graphs import GRAPH_ORDER, cache_names
 from .integrity import cache_root
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
@@ -84,7 +85,7 @@ class OnnxModel:
 
     def __init__(self, onnx_dir, config: PaliGemmaConfig, device: str = "cpu", fingerprint: str | None = None,
                  threads: int | None = None, requests: int | None = None, prepack: bool = False,
-                 spinning: bool = False):
+                 spinning: bool = False, fused: bool | None = None):
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
@@ -108,7 +109,30 @@ class OnnxModel:
         self.device_id = providers[0][1]["device_id"] if self.device_type == "cuda" else 0
         self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
         self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
-        logger.info("ONNX Runtime sessions for %s on %s", self.onnx_dir, self.providers)
+        self.present_names = cache_names("present", config.text.num_hidden_layers)
+        self.fused_decode = self._fused_decode(fused, shared, providers, prepack, spinning)
+        logger.info("ONNX Runtime sessions for %s on %s (decode: %s)", self.onnx_dir, self.providers,
+                    "fused, in-place cache" if self.fused_decode else "as exported")
+
+    def _fused_decode(self, fused: bool | None, shared, providers, prepack: bool, spinning: bool):
+        """The fused decode session (export/fused.py), built here from the checked decode graph: None when
+        `fused` is False, or when it is None (auto) and the export or the provider cannot use it."""
+        if fused is False:
+            return None
+        reason = fused_graphs.unsupported(self.config, self.manifest["dtype"])
+        if reason is None and self.device_type != "cpu":
+            reason = "the CUDA provider: GroupQueryAttention there is float16 only"
+        if reason is not None:
+            if fused:
+                raise OnnxExportError(f"fused decode graph asked for, but it cannot serve this export: {reason}")
+            logger.info("decode graph as exported (the fused one cannot serve: %s)", reason)
+            return None
+        decode = onnx.load(self.onnx_dir / "decode.onnx", load_external_data=False)
+        graph = fused_graphs.fused_decode_model(decode, self.config)
+        options = session_options(self.thread_plan, shared, prepack, spinning)
+        # The graph is built in memory: its (overridden) external-data records resolve against the export.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.onnx_dir))
+        return ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
 
     def _load_shared(self):
         info = self.manifest["shared_data"]
@@ -159,21 +183,30 @@ class OnnxModel:
 
 
 class OnnxEngine:
-    """One request: prefill the prompt, then one decode step per token. The cache is the previous step's `present`
-    outputs fed back as OrtValues, never copied through numpy. The decode graph's attention_mask and position_ids
-    come from the torch engines' own rule (paligemma.masks)."""
+    """One request: prefill the prompt, then one decode step per token. The decode graph's attention_mask and
+    position_ids come from the torch engines' own rule (paligemma.masks).
+
+    With the fused decode graph (export/fused.py), the cache lives in buffers of a fixed capacity (prompt +
+    max_new_tokens slots) allocated at prefill, each row's real keys moved to its front; the graph writes each
+    new key and value in place. Every input and output is bound once, to arrays updated in place: a step writes
+    the tokens, advances positions and lengths by one and runs. The logits returned are a view of the engine's
+    logits buffer, valid until the next step (sampling reads them at once). Each engine owns its buffers, so
+    concurrent requests on one model share none. Without it (or for a batch whose padding is not on the left),
+    the cache is the previous step's `present` outputs fed back as OrtValues, never copied through numpy."""
 
     def __init__(self, model: OnnxModel):
         self.model = model
+        self.fused = False
 
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
         m = self.model
         input_ids = inputs["input_ids"].numpy().astype(np.int64)
         pixel_values = inputs["pixel_values"].numpy().astype(m.float_type)
         (image_embeddings,) = m.run("vision_encoder", {"pixel_values": pixel_values})
+        real = inputs["attention_mask"].numpy().astype(np.int64)
         logits, *self.past = m.run("prefill", {
             "input_ids": input_ids, "image_embeddings": image_embeddings,
-            "attention_mask": inputs["attention_mask"].numpy().astype(np.int64),
+            "attention_mask": real,
             "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
         })
         # The mask and positions for the whole run, written once.
@@ -181,11 +214,52 @@ class OnnxEngine:
                                                        max_new_tokens)
         self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
         self.length = input_ids.shape[1]
+        self.capacity = self.length + max_new_tokens
+        if m.fused_decode is not None and fused_graphs.left_padded(real):
+            self._bind_fused(real)
         return torch.from_numpy(logits.numpy())
 
+    def _bind_fused(self, real: np.ndarray) -> None:
+        m, (B, T) = self.model, real.shape
+        K, D = m.config.text.num_key_value_heads, m.config.text.head_dim
+        if self.capacity > fused_graphs.rotary_positions(m.config):
+            return  # positions past the fused graph's rotary tables: the exported graph serves this request
+        counts = real.sum(1)
+        self.buffers = []
+        for present in self.past:  # each row's real keys to the front of its buffer, once
+            rows = present.numpy()
+            buffer = np.zeros((B, K, self.capacity, D), dtype=np.float32)
+            for b, n in enumerate(counts):
+                buffer[b, :, :n] = rows[b, :, T - n :]
+            self.buffers.append(buffer)
+        self.past = None
+        self.input_ids = np.zeros((B, 1), dtype=np.int64)
+        self.position_ids = np.ascontiguousarray(self.positions[:, T : T + 1])
+        self.seqlens_k = counts.astype(np.int32)  # the slot each row's next token goes to
+        self.total_length = np.array(counts.max() + 1, dtype=np.int32)
+        self.logits = np.zeros((B, m.config.text.vocab_size), dtype=np.float32)
+        binding = m.fused_decode.io_binding()
+        values = {"input_ids": self.input_ids, "position_ids": self.position_ids, "seqlens_k": self.seqlens_k,
+                  "total_sequence_length": self.total_length}
+        # OrtValues over numpy arrays use the arrays' memory: writing the arrays changes the bound inputs.
+        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [*values.values(), self.logits, *self.buffers]]
+        for name, value in zip(values, self._values):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output("logits", self._values[len(values)])
+        for past, present, value in zip(m.past_names, m.present_names, self._values[len(values) + 1 :]):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: written in place
+        self.binding = binding
+        self.fused = True
+
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        m = self.model
+        if self.length >= self.capacity:
+            raise InputError(f"this request's cache holds {self.capacity} tokens (its prompt and max_new_tokens, "
+                             "allocated at prefill); to generate more, ask for more max_new_tokens")
         self.length += 1
+        if self.fused:
+            return self._fused_step(tokens)
+        m = self.model
         attention_mask = self.attention_mask[:, : self.length]
         feeds = {
             "input_ids": tokens.numpy().astype(np.int64).reshape(-1, 1),
@@ -195,6 +269,15 @@ class OnnxEngine:
         }
         logits, *self.past = m.run("decode", feeds)
         return torch.from_numpy(logits.numpy())
+
+    def _fused_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.input_ids[:, 0] = tokens.numpy()
+        self.model.fused_decode.run_with_iobinding(self.binding)
+        # Every row's next token is real: one slot and one position further.
+        self.seqlens_k += 1
+        self.position_ids += 1
+        self.total_length += 1
+        return torch.from_numpy(self.logits)
 
 
 def export_and_validate(source, output, *, log=print, **options) -> dict:
