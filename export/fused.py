@@ -24,9 +24,11 @@ Axes: B batch, M cache capacity (slots), C width, H query heads, K key/value hea
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from paligemma.config import PaliGemmaConfig
@@ -47,8 +49,9 @@ def unsupported(config: PaliGemmaConfig, dtype: str) -> str | None:
         return f"dtype {dtype}: the fused graph is float32 (ONNX Runtime has no fast float16 path on CPU)"
     if t.hidden_activation not in GELU_TANH | {"gelu"}:
         return f"activation {t.hidden_activation!r}"
-    if t.head_dim % 2:
-        return f"odd head_dim {t.head_dim}"
+    if t.head_dim % 16:
+        # GroupQueryAttention's rotary kernel on CPU refuses other sizes (every released PaliGemma has 256).
+        return f"head_dim {t.head_dim} is not a multiple of 16"
     if t.num_attention_heads % t.num_key_value_heads:
         return "query heads not a multiple of key/value heads"
     return None
@@ -202,3 +205,14 @@ def fused_decode_model(decode: onnx.ModelProto, config: PaliGemmaConfig) -> onnx
     for prop in decode.metadata_props:
         model.metadata_props.append(prop)
     return model
+
+
+def fused_session(onnx_dir: Path, config: PaliGemmaConfig, options: ort.SessionOptions,
+                  providers: list) -> ort.InferenceSession:
+    """A session of the fused decode graph of the export in `onnx_dir`, whose decode.onnx the caller has checked
+    against the manifest. `options` must supply the decoder weights (add_initializer, as the runtime does)."""
+    decode = onnx.load(Path(onnx_dir) / "decode.onnx", load_external_data=False)
+    graph = fused_decode_model(decode, config)
+    # The graph is built in memory: its (overridden) external-data records resolve against the export.
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_dir))
+    return ort.InferenceSession(graph.SerializeToString(), options, providers=providers)

@@ -127,12 +127,8 @@ class OnnxModel:
                 raise OnnxExportError(f"fused decode graph asked for, but it cannot serve this export: {reason}")
             logger.info("decode graph as exported (the fused one cannot serve: %s)", reason)
             return None
-        decode = onnx.load(self.onnx_dir / "decode.onnx", load_external_data=False)
-        graph = fused_graphs.fused_decode_model(decode, self.config)
         options = session_options(self.thread_plan, shared, prepack, spinning)
-        # The graph is built in memory: its (overridden) external-data records resolve against the export.
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.onnx_dir))
-        return ort.InferenceSession(graph.SerializeToString(), options, providers=providers)
+        return fused_graphs.fused_session(self.onnx_dir, self.config, options, providers)
 
     def _load_shared(self):
         info = self.manifest["shared_data"]
