@@ -151,7 +151,9 @@ def fused_decode_model(decode: onnx.ModelProto, config: PaliGemmaConfig) -> onnx
                    for p in "qkv")
         window = t.layer_window(i)
         attrs = dict(num_heads=H, kv_num_heads=K, scale=float(t.attention_scale), do_rotary=1, rotary_interleaved=0,
-                     local_window_size=-1 if window is None else window - 1)
+                     # ONNX Runtime's window size is the torch rule's w (keys at slots > query - w), as
+                     # measured against torch (tests/test_fused.py): not w - 1.
+                     local_window_size=-1 if window is None else window)
         if t.attn_logit_softcapping is not None:
             attrs["softcap"] = float(t.attn_logit_softcapping)
         b.nodes.append(helper.make_node(
