@@ -24,7 +24,7 @@ from paligemma.masks import extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import resolve_checkpoint
 
-from . import fused as fused_graphs
+from .fused import fused_session, left_padded, rotary_positions, unsupported
 from .graphs import GRAPH_ORDER, cache_names
 from .integrity import cache_root
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
@@ -119,7 +119,7 @@ class OnnxModel:
         `fused` is False, or when it is None (auto) and the export or the provider cannot use it."""
         if fused is False:
             return None
-        reason = fused_graphs.unsupported(self.config, self.manifest["dtype"])
+        reason = unsupported(self.config, self.manifest["dtype"])
         if reason is None and self.device_type != "cpu":
             reason = "the CUDA provider: GroupQueryAttention there is float16 only"
         if reason is not None:
@@ -128,7 +128,7 @@ class OnnxModel:
             logger.info("decode graph as exported (the fused one cannot serve: %s)", reason)
             return None
         options = session_options(self.thread_plan, shared, prepack, spinning)
-        return fused_graphs.fused_session(self.onnx_dir, self.config, options, providers)
+        return fused_session(self.onnx_dir, self.config, options, providers)
 
     def _load_shared(self):
         info = self.manifest["shared_data"]
@@ -211,14 +211,14 @@ class OnnxEngine:
         self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
         self.length = input_ids.shape[1]
         self.capacity = self.length + max_new_tokens
-        if m.fused_decode is not None and fused_graphs.left_padded(real):
+        if m.fused_decode is not None and left_padded(real):
             self._bind_fused(real)
         return torch.from_numpy(logits.numpy())
 
     def _bind_fused(self, real: np.ndarray) -> None:
         m, (B, T) = self.model, real.shape
         K, D = m.config.text.num_key_value_heads, m.config.text.head_dim
-        if self.capacity > fused_graphs.rotary_positions(m.config):
+        if self.capacity > rotary_positions(m.config):
             return  # positions past the fused graph's rotary tables: the exported graph serves this request
         counts = real.sum(1)
         self.buffers = []
