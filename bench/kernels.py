@@ -56,7 +56,8 @@ def decode_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, folde
     options = profiled(session_options(model.thread_plan, model._shared[1]), folder, "fused" if fused else "exported")
     saved = model.sessions["decode"], model.fused_decode
     if fused:
-        session = model.fused_decode = fused_session(model.onnx_dir, model.config, options, ["CPUExecutionProvider"])
+        session = model.fused_decode = fused_session(model.onnx_dir, model.config, "decode", options,
+                                                     ["CPUExecutionProvider"])
     else:
         session = model.sessions["decode"] = ort.InferenceSession(str(model.onnx_dir / "decode.onnx"), options,
                                                                   providers=["CPUExecutionProvider"])

@@ -1,6 +1,6 @@
 """Whole requests as the app makes them: one `generate` call per image (preprocessing, prefill, decoding until
 <eos> or max_new_tokens, detokenizing), greedy, for transformers, this project's eager torch engine and its ONNX
-Runtime loop (the decode graph fused, as the library loads it, and as exported), in one process, the runtimes
+Runtime loop (its graphs fused, as the library loads them, and as exported), in one process, the runtimes
 taking turns within each round. Prints each runtime's median per request and its ratio to transformers.
 
     python -m bench.requests                                # the embedded model, "caption en" on 8 drawn scenes
@@ -84,9 +84,9 @@ def main(argv=None) -> int:
         "transformers": transformers_request(folder, torch_pipe.stop_ids, n),
         "torch": pipeline_request(torch_pipe, n),
         "onnx": pipeline_request(onnx_pipe, n),
-        "onnx (decode as exported)": pipeline_request(Pipeline(None, onnx_pipe.processor, exported), n),
+        "onnx (graphs as exported)": pipeline_request(Pipeline(None, onnx_pipe.processor, exported), n),
     }
-    print(f"onnx: {onnx.thread_plan.describe()}, decode {'fused' if onnx.fused_decode else 'as exported'}; "
+    print(f"onnx: {onnx.thread_plan.describe()}, graphs {'fused' if onnx.fused_decode else 'as exported'}; "
           f"torch {torch.get_num_threads()} threads", flush=True)
     scenes = [s.image for s in render_scenes(0, args.scenes)]
     for run in runtimes.values():

@@ -78,120 +78,137 @@ def rotary_tables(config: PaliGemmaConfig) -> tuple[np.ndarray, np.ndarray]:
     return angles.cos().numpy(), angles.sin().numpy()
 
 
-class _Builder:
-    def __init__(self):
+class _Gemma:
+    """Writes a Gemma decoder as ONNX nodes: the parts the prefill and decode graphs share. `source` is an exported
+    graph of the decoder (loaded without its external data): its large initializers are referenced by name, with
+    their external-data records, for the session to bind to the shared buffers; the RMSNorm weights are small and
+    read from it, 1 + w folded in."""
+
+    def __init__(self, source: onnx.ModelProto, config: PaliGemmaConfig):
+        self.config, self.text = config, config.text
+        self.weights = {init.name: init for init in source.graph.initializer}
+        self.ir_version, self.metadata = source.ir_version, list(source.metadata_props)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
+        cos, sin = rotary_tables(config)
+        self.cos, self.sin = self.constant("rotary_cos", cos), self.constant("rotary_sin", sin)
+        self.embedding = self.big(f"{PREFIX}embed_tokens.weight")
 
-    def name(self, hint: str) -> str:
+    def op(self, op_type: str, inputs: list[str], hint: str, outputs: int | list[str] = 1, domain: str = "",
+           **attrs) -> list[str]:
         self.count += 1
-        return f"{hint}_{self.count}"
-
-    def op(self, op_type: str, inputs: list[str], hint: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
-        names = [self.name(f"{hint}_out{i}") for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(hint), domain=domain, **attrs))
+        names = outputs if isinstance(outputs, list) else [f"{hint}_{self.count}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{hint}_{self.count}", domain=domain, **attrs))
         return names
 
-    def constant(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(array, name))
+    def constant(self, name: str, value) -> str:
+        if name not in {i.name for i in self.initializers}:
+            self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
+
+    def big(self, name: str) -> str:
+        if name not in self.weights:
+            raise KeyError(f"the exported graph has no initializer {name}")
+        self.initializers.append(self.weights[name])
+        return name
+
+    def linear(self, x: str, module: str) -> str:
+        return self.op("MatMul", [x, self.big(f"{PREFIX}{module}.weight_transposed")], module.rsplit(".", 1)[-1])[0]
+
+    def _norm_weight(self, module: str) -> str:
+        w = numpy_helper.to_array(self.weights[f"{PREFIX}{module}.weight"]).astype(np.float32)
+        return self.constant(f"{PREFIX}{module}.weight_plus_one", (1.0 + w).astype(np.float32))
+
+    def rms(self, x: str, module: str) -> str:
+        return self.op("SimplifiedLayerNormalization", [x, self._norm_weight(module)], "norm", axis=-1,
+                       epsilon=float(self.text.rms_norm_eps), stash_type=1)[0]
+
+    def skip_rms(self, x: str, residual: str, module: str) -> tuple[str, str]:
+        """(rms(x + residual), x + residual)."""
+        normed, _, _, total = self.op("SkipSimplifiedLayerNormalization", [x, residual, self._norm_weight(module)],
+                                      "skipnorm", outputs=4, domain=MS, epsilon=float(self.text.rms_norm_eps))
+        return normed, total
+
+    def text_embedding(self, input_ids: str) -> str:
+        (gathered,) = self.op("Gather", [self.embedding, input_ids], "embed")
+        # Gemma scales text embeddings by sqrt(width), rounded to float32 as the model does.
+        return self.op("Mul", [gathered, self.constant("embedding_scale", np.float32(math.sqrt(self.text.hidden_size)))],
+                       "embed_scale")[0]
+
+    def layers(self, x: str, attention) -> tuple[str, str]:
+        """Every decoder layer over x [B, T, C]; attention(i, h) -> attention output [B, T, H * D] before o_proj.
+        Returns (the last layer's output, the residual stream), not yet added: the final norm fuses the add."""
+        t = self.text
+        pending = None  # a layer's output not yet added to x (its add is fused into the next norm)
+        for i in range(t.num_hidden_layers):
+            layer = f"layers.{i}"
+            if pending is None:
+                h = self.rms(x, f"{layer}.input_layernorm")
+            else:
+                h, x = self.skip_rms(pending, x, f"{layer}.input_layernorm")
+            attn = self.linear(attention(i, h), f"{layer}.self_attn.o_proj")
+            if t.is_gemma2:
+                attn = self.rms(attn, f"{layer}.post_attention_layernorm")
+                h, x = self.skip_rms(attn, x, f"{layer}.pre_feedforward_layernorm")
+            else:
+                h, x = self.skip_rms(attn, x, f"{layer}.post_attention_layernorm")
+            gate, up = self.linear(h, f"{layer}.mlp.gate_proj"), self.linear(h, f"{layer}.mlp.up_proj")
+            (act,) = self.op("FastGelu" if t.hidden_activation in GELU_TANH else "Gelu", [gate], "gelu", domain=MS)
+            pending = self.linear(self.op("Mul", [act, up], "glu")[0], f"{layer}.mlp.down_proj")
+            if t.is_gemma2:
+                pending = self.rms(pending, f"{layer}.post_feedforward_layernorm")
+        return pending, x
+
+    def logits(self, hidden: str) -> None:
+        """hidden [B, C] -> the output `logits` [B, V]. The output projection is tied to the embedding matrix:
+        Gemm reads it transposed, with no copy."""
+        cap = self.text.final_logit_softcapping
+        (raw,) = self.op("Gemm", [hidden, self.embedding], "lm_head", outputs=["logits"] if cap is None else 1,
+                         transB=1)
+        if cap is not None:
+            cap_name = self.constant("final_softcap", np.float32(cap))
+            (bounded,) = self.op("Tanh", [self.op("Div", [raw, cap_name], "softcap")[0]], "softcap")
+            self.op("Mul", [bounded, cap_name], "softcap", outputs=["logits"])
+
+    def model(self, name: str, inputs: list, outputs: list) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
+                                  producer_name="paligemma-export-fused")
+        model.ir_version = self.ir_version
+        model.metadata_props.extend(self.metadata)
+        return model
 
 
 def fused_decode_model(decode: onnx.ModelProto, config: PaliGemmaConfig) -> onnx.ModelProto:
-    """The fused decode graph. `decode` is the exported decode graph (loaded without its external data): its
-    large initializers are referenced by name, with their external-data records, for the session to bind to the
-    shared buffers; the RMSNorm weights are small and read from it, 1 + w folded in.
+    """The fused decode graph, from the exported one (`decode`, loaded without its external data).
 
     Inputs: input_ids [B, 1] int64, position_ids [B, 1] int64, seqlens_k [B] int32 (each row's slot for the new
     token: its real tokens so far), total_sequence_length [] int32 (max seqlens_k + 1), past_key_values.{i}.{key,value}
     [B, K, M, D]. Outputs: logits [B, V] float32, present.{i}.{key,value}: the same buffers, written in place."""
     t = config.text
-    C, H, K, D, L = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.num_hidden_layers
-    weights = {init.name: init for init in decode.graph.initializer}
-    b = _Builder()
-
-    def big(name: str) -> str:
-        if name not in weights:
-            raise KeyError(f"the decode graph has no initializer {name}")
-        b.initializers.append(weights[name])
-        return name
-
-    def norm_weight(module: str) -> str:
-        w = numpy_helper.to_array(weights[f"{PREFIX}{module}.weight"]).astype(np.float32)
-        return b.constant(f"{PREFIX}{module}.weight_plus_one", (1.0 + w).astype(np.float32))
-
-    eps = float(t.rms_norm_eps)
-
-    def rms(x: str, module: str) -> str:
-        return b.op("SimplifiedLayerNormalization", [x, norm_weight(module)], "norm", axis=-1, epsilon=eps,
-                    stash_type=1)[0]
-
-    def skip_rms(x: str, residual: str, module: str) -> tuple[str, str]:
-        """(rms(x + residual), x + residual)."""
-        normed, _, _, total = b.op("SkipSimplifiedLayerNormalization", [x, residual, norm_weight(module)],
-                                   "skipnorm", outputs=4, domain=MS, epsilon=eps)
-        return normed, total
-
-    cos, sin = rotary_tables(config)
-    cos_name, sin_name = b.constant("rotary_cos", cos), b.constant("rotary_sin", sin)
-    embed = big(f"{PREFIX}embed_tokens.weight")
-    scale = b.constant("embedding_scale", np.array(math.sqrt(C), dtype=np.float32))
-    (gathered,) = b.op("Gather", [embed, "input_ids"], "embed")
-    (x,) = b.op("Mul", [gathered, scale], "embed_scale")  # [B, 1, C]
-    pending = None  # the last layer's output not yet added to x (its add is fused into the next norm)
+    C, K, D, L = t.hidden_size, t.num_key_value_heads, t.head_dim, t.num_hidden_layers
+    g = _Gemma(decode, config)
     past, present = cache_names("past_key_values", L), cache_names("present", L)
-    for i in range(L):
-        layer = f"layers.{i}"
-        if pending is None:
-            h = rms(x, f"{layer}.input_layernorm")
-        else:
-            h, x = skip_rms(pending, x, f"{layer}.input_layernorm")
-        q, k, v = (b.op("MatMul", [h, big(f"{PREFIX}{layer}.self_attn.{p}_proj.weight_transposed")], f"{p}_proj")[0]
-                   for p in "qkv")
+
+    def attention(i: int, h: str) -> str:
+        q, k, v = (g.linear(h, f"layers.{i}.self_attn.{p}_proj") for p in "qkv")
         window = t.layer_window(i)
-        attrs = dict(num_heads=H, kv_num_heads=K, scale=float(t.attention_scale), do_rotary=1, rotary_interleaved=0,
+        attrs = dict(num_heads=t.num_attention_heads, kv_num_heads=K, scale=float(t.attention_scale), do_rotary=1,
+                     rotary_interleaved=0,
                      # ONNX Runtime's window size is the torch rule's w (keys at slots > query - w), as
                      # measured against torch (tests/test_fused.py): not w - 1.
                      local_window_size=-1 if window is None else window)
         if t.attn_logit_softcapping is not None:
             attrs["softcap"] = float(t.attn_logit_softcapping)
-        b.nodes.append(helper.make_node(
-            "GroupQueryAttention",
-            [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length", cos_name, sin_name,
-             "position_ids"],
-            [f"attention_{i}", present[2 * i], present[2 * i + 1]], name=f"attention_{i}", domain=MS, **attrs))
-        (attn,) = b.op("MatMul", [f"attention_{i}", big(f"{PREFIX}{layer}.self_attn.o_proj.weight_transposed")],
-                       "o_proj")
-        if t.is_gemma2:
-            attn = rms(attn, f"{layer}.post_attention_layernorm")
-            h, x = skip_rms(attn, x, f"{layer}.pre_feedforward_layernorm")
-        else:
-            h, x = skip_rms(attn, x, f"{layer}.post_attention_layernorm")
-        (gate,) = b.op("MatMul", [h, big(f"{PREFIX}{layer}.mlp.gate_proj.weight_transposed")], "gate_proj")
-        (up,) = b.op("MatMul", [h, big(f"{PREFIX}{layer}.mlp.up_proj.weight_transposed")], "up_proj")
-        if t.hidden_activation in GELU_TANH:
-            (act,) = b.op("FastGelu", [gate], "gelu", domain=MS)
-        else:
-            (act,) = b.op("Gelu", [gate], "gelu", domain=MS)
-        (prod,) = b.op("Mul", [act, up], "glu")
-        (pending,) = b.op("MatMul", [prod, big(f"{PREFIX}{layer}.mlp.down_proj.weight_transposed")], "down_proj")
-        if t.is_gemma2:
-            pending = rms(pending, f"{layer}.post_feedforward_layernorm")
-    hidden, _ = skip_rms(pending, x, "norm")
-    flat_shape = b.constant("flat_shape", np.array([-1, C], dtype=np.int64))
-    (flat,) = b.op("Reshape", [hidden, flat_shape], "flatten")
-    # The output projection is tied to the embedding matrix: Gemm reads it transposed, with no copy.
-    cap = t.final_logit_softcapping
-    logits_name = "logits" if cap is None else "raw_logits"
-    b.nodes.append(helper.make_node("Gemm", [flat, embed], [logits_name], name="lm_head", transB=1))
-    if cap is not None:
-        cap_name = b.constant("final_softcap", np.array(cap, dtype=np.float32))
-        (scaled,) = b.op("Div", [logits_name, cap_name], "softcap_div")
-        (bounded,) = b.op("Tanh", [scaled], "softcap_tanh")
-        b.nodes.append(helper.make_node("Mul", [bounded, cap_name], ["logits"], name="softcap_mul"))
+        out = g.op("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length",
+                                           g.cos, g.sin, "position_ids"],
+                   "attention", outputs=[f"attention_{i}", present[2 * i], present[2 * i + 1]], domain=MS, **attrs)
+        return out[0]
 
-    V = t.vocab_size
+    pending, x = g.layers(g.text_embedding("input_ids"), attention)  # [B, 1, C]
+    hidden, _ = g.skip_rms(pending, x, "norm")
+    g.logits(g.op("Reshape", [hidden, g.constant("flat_shape", np.array([-1, C], dtype=np.int64))], "flatten")[0])
     cache = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", K, "capacity", D])  # noqa: E731
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]),
@@ -199,22 +216,93 @@ def fused_decode_model(decode: onnx.ModelProto, config: PaliGemmaConfig) -> onnx
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ] + [cache(n) for n in past]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", V])] + [cache(n) for n in present]
-    graph = helper.make_graph(b.nodes, "fused_decode", inputs, outputs, b.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
-                              producer_name="paligemma-export-fused")
-    model.ir_version = decode.ir_version
-    for prop in decode.metadata_props:
-        model.metadata_props.append(prop)
-    return model
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", t.vocab_size])]
+    return g.model("fused_decode", inputs, outputs + [cache(n) for n in present])
 
 
-def fused_session(onnx_dir: Path, config: PaliGemmaConfig, options: ort.SessionOptions,
+def bias_name(window: int | None) -> str:
+    return "attention_bias" if window is None else f"window_{window}_bias"
+
+
+def fused_prefill_model(prefill: onnx.ModelProto, config: PaliGemmaConfig) -> onnx.ModelProto:
+    """The fused prefill graph, from the exported one. The prefix-LM mask is an input, made by the library's one
+    rule (paligemma/masks.py) per request: one additive bias per distinct window, as the torch model makes them;
+    attention is standard ops over it (exact; GroupQueryAttention is causal only). Rotary embedding is
+    com.microsoft RotaryEmbedding with the rule's positions.
+
+    Inputs: input_ids [B, T] int64, image_embeddings [B, N, C], position_ids [B, T] int64, attention_bias and
+    window_{w}_bias [B, 1, 1, T, T] float32 (0 or the float32 minimum). Outputs: logits [B, V] (the last token's),
+    present.{i}.{key,value} [B, K, T, D] (as the exported prefill's)."""
+    t = config.text
+    C, H, K, D, L = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.num_hidden_layers
+    g = _Gemma(prefill, config)
+    present = cache_names("present", L)
+    # The i-th <image> token of a row takes the row's i-th image embedding (as model.embed does).
+    text = g.text_embedding("input_ids")
+    (is_image,) = g.op("Equal", ["input_ids", g.constant("image_token", np.int64(config.image_token_index))], "image")
+    (count,) = g.op("CumSum", [g.op("Cast", [is_image], "image", to=TensorProto.INT64)[0],
+                               g.constant("axis_1", np.int64(1))], "image")
+    (index,) = g.op("Max", [g.op("Sub", [count, g.constant("one", np.int64(1))], "image")[0],
+                            g.constant("zero", np.int64(0))], "image")
+    last_axis = g.constant("last_axis", np.array([-1], dtype=np.int64))
+    (image,) = g.op("GatherND", ["image_embeddings", g.op("Unsqueeze", [index, last_axis], "image")[0]], "image",
+                    batch_dims=1)
+    (x,) = g.op("Where", [g.op("Unsqueeze", [is_image, last_axis], "image")[0], image, text], "merge")
+    G = H // K
+    q_shape = g.constant("q_shape", np.array([0, 0, K, G, D], dtype=np.int64))  # 0: the dimension as it is
+    kv_shape = g.constant("kv_shape", np.array([0, 0, K, D], dtype=np.int64))
+    out_shape = g.constant("out_shape", np.array([0, 0, H * D], dtype=np.int64))
+    axis_2 = g.constant("axis_2", np.array([2], dtype=np.int64))
+    scale = g.constant("attention_scale", np.float32(t.attention_scale))
+
+    def attention(i: int, h: str) -> str:
+        q, k, v = (g.linear(h, f"layers.{i}.self_attn.{p}_proj") for p in "qkv")
+        (q,) = g.op("RotaryEmbedding", [q, "position_ids", g.cos, g.sin], "rope", domain=MS, num_heads=H, interleaved=0)
+        (k,) = g.op("RotaryEmbedding", [k, "position_ids", g.cos, g.sin], "rope", domain=MS, num_heads=K, interleaved=0)
+        # Grouped-query attention without copying keys, as the torch model: [B, K, G, T, D] against [B, K, 1, T, D].
+        (q,) = g.op("Transpose", [g.op("Reshape", [q, q_shape], "q")[0]], "q", perm=[0, 2, 3, 1, 4])
+        (k,) = g.op("Reshape", [k, kv_shape], "k")  # [B, T, K, D]
+        g.op("Transpose", [k], "k", outputs=[present[2 * i]], perm=[0, 2, 1, 3])
+        g.op("Transpose", [g.op("Reshape", [v, kv_shape], "v")[0]], "v", outputs=[present[2 * i + 1]],
+             perm=[0, 2, 1, 3])
+        (keys,) = g.op("Unsqueeze", [g.op("Transpose", [k], "k", perm=[0, 2, 3, 1])[0], axis_2], "k")  # [B,K,1,D,T]
+        (scores,) = g.op("Mul", [g.op("MatMul", [q, keys], "scores")[0], scale], "scores")
+        if t.attn_logit_softcapping is not None:
+            cap = g.constant("attention_softcap", np.float32(t.attn_logit_softcapping))
+            (bounded,) = g.op("Tanh", [g.op("Div", [scores, cap], "softcap")[0]], "softcap")
+            (scores,) = g.op("Mul", [bounded, cap], "softcap")
+        (probs,) = g.op("Softmax", [g.op("Add", [scores, bias_name(t.layer_window(i))], "mask")[0]], "softmax", axis=-1)
+        values = g.op("Unsqueeze", [present[2 * i + 1], axis_2], "v")[0]
+        (out,) = g.op("MatMul", [probs, values], "attend")  # [B, K, G, T, D]
+        return g.op("Reshape", [g.op("Transpose", [out], "out", perm=[0, 3, 1, 2, 4])[0], out_shape], "out")[0]
+
+    pending, x = g.layers(x, attention)
+    last = g.constant("last", np.int64(-1))
+    hidden, _ = g.skip_rms(g.op("Gather", [pending, last], "last", axis=1)[0], g.op("Gather", [x, last], "last", axis=1)[0],
+                           "norm")
+    g.logits(hidden)
+    square = ["batch", 1, 1, "sequence", "sequence"]
+    windows = sorted({t.layer_window(i) for i in range(L)}, key=lambda w: -1 if w is None else w)
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("image_embeddings", TensorProto.FLOAT, ["batch", config.num_image_tokens, C]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+    ] + [helper.make_tensor_value_info(bias_name(w), TensorProto.FLOAT, square) for w in windows]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", t.vocab_size])] + [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", K, "sequence", D]) for n in present]
+    return g.model("fused_prefill", inputs, outputs)
+
+
+FUSED_GRAPHS = {"prefill": fused_prefill_model, "decode": fused_decode_model}
+
+
+def fused_session(onnx_dir: Path, config: PaliGemmaConfig, name: str, options: ort.SessionOptions,
                   providers: list) -> ort.InferenceSession:
-    """A session of the fused decode graph of the export in `onnx_dir`, whose decode.onnx the caller has checked
-    against the manifest. `options` must supply the decoder weights (add_initializer, as the runtime does)."""
-    decode = onnx.load(Path(onnx_dir) / "decode.onnx", load_external_data=False)
-    graph = fused_decode_model(decode, config)
+    """A session of the fused `name` graph ("prefill" or "decode") of the export in `onnx_dir`, whose {name}.onnx
+    the caller has checked against the manifest. `options` must supply the decoder weights (add_initializer, as the
+    runtime does)."""
+    source = onnx.load(Path(onnx_dir) / f"{name}.onnx", load_external_data=False)
+    graph = FUSED_GRAPHS[name](source, config)
     # The graph is built in memory: its (overridden) external-data records resolve against the export.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_dir))
     return ort.InferenceSession(graph.SerializeToString(), options, providers=providers)

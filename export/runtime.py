@@ -20,11 +20,11 @@ import torch
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from paligemma.generate import Pipeline
-from paligemma.masks import extend_for_generation, token_positions
+from paligemma.masks import TokenLayout, additive, extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import resolve_checkpoint
 
-from .fused import fused_session, left_padded, rotary_positions, unsupported
+from .fused import bias_name, fused_session, left_padded, rotary_positions, unsupported
 from .graphs import GRAPH_ORDER, cache_names
 from .integrity import cache_root
 from .manifest import (MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
@@ -110,25 +110,29 @@ class OnnxModel:
         self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
         self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
         self.present_names = cache_names("present", config.text.num_hidden_layers)
-        self.fused_decode = self._fused_decode(fused, shared, providers, prepack, spinning)
-        logger.info("ONNX Runtime sessions for %s on %s (decode: %s)", self.onnx_dir, self.providers,
-                    "fused, in-place cache" if self.fused_decode else "as exported")
+        self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
+        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, prepack, spinning)
+        if self.fused_prefill is not None:
+            self.output_names["fused_prefill"] = [o.name for o in self.fused_prefill.get_outputs()]
+        logger.info("ONNX Runtime sessions for %s on %s (%s)", self.onnx_dir, self.providers,
+                    "prefill and decode fused" if self.fused_decode else "graphs as exported")
 
-    def _fused_decode(self, fused: bool | None, shared, providers, prepack: bool, spinning: bool):
-        """The fused decode session (export/fused.py), built here from the checked decode graph: None when
-        `fused` is False, or when it is None (auto) and the export or the provider cannot use it."""
+    def _fused_sessions(self, fused: bool | None, shared, providers, prepack: bool, spinning: bool):
+        """The fused prefill and decode sessions (export/fused.py), built here from the checked graphs: (None, None)
+        when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
         if fused is False:
-            return None
+            return None, None
         reason = unsupported(self.config, self.manifest["dtype"])
         if reason is None and self.device_type != "cpu":
             reason = "the CUDA provider: GroupQueryAttention there is float16 only"
         if reason is not None:
             if fused:
                 raise OnnxExportError(f"fused decode graph asked for, but it cannot serve this export: {reason}")
-            logger.info("decode graph as exported (the fused one cannot serve: %s)", reason)
-            return None
-        options = session_options(self.thread_plan, shared, prepack, spinning)
-        return fused_session(self.onnx_dir, self.config, options, providers)
+            logger.info("graphs as exported (the fused ones cannot serve: %s)", reason)
+            return None, None
+        return tuple(fused_session(self.onnx_dir, self.config, name,
+                                   session_options(self.thread_plan, shared, prepack, spinning), providers)
+                     for name in ("prefill", "decode"))
 
     def _load_shared(self):
         info = self.manifest["shared_data"]
@@ -157,9 +161,10 @@ class OnnxModel:
         return session
 
     def run(self, name: str, feeds: dict) -> list[ort.OrtValue]:
-        """Runs a graph with IO binding: OrtValue inputs (a cache, image embeddings) are passed without a copy, and
-        outputs stay where the provider made them (on the GPU for CUDA) except the logits, which sampling reads."""
-        session = self.sessions[name]
+        """Runs a graph (one of the export's, or "fused_prefill") with IO binding: OrtValue inputs (a cache, image
+        embeddings) are passed without a copy, and outputs stay where the provider made them (on the GPU for CUDA)
+        except the logits, which sampling reads."""
+        session = self.fused_prefill if name == "fused_prefill" else self.sessions[name]
         binding = session.io_binding()
         for key, value in feeds.items():
             if isinstance(value, ort.OrtValue):
@@ -200,11 +205,21 @@ class OnnxEngine:
         pixel_values = inputs["pixel_values"].numpy().astype(m.float_type)
         (image_embeddings,) = m.run("vision_encoder", {"pixel_values": pixel_values})
         real = inputs["attention_mask"].numpy().astype(np.int64)
-        logits, *self.past = m.run("prefill", {
-            "input_ids": input_ids, "image_embeddings": image_embeddings,
-            "attention_mask": real,
-            "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
-        })
+        T = input_ids.shape[1]
+        if m.fused_prefill is not None and T <= rotary_positions(m.config):
+            # The prefix-LM mask and positions from the one rule (paligemma/masks.py), as the torch model makes them.
+            layout = TokenLayout.last(inputs["attention_mask"].long(), inputs["token_type_ids"].long(), T)
+            biases = {bias_name(w): additive(layout.allowed(w), torch.float32).numpy() for w in m.windows}
+            logits, *self.past = m.run("fused_prefill", {
+                "input_ids": input_ids, "image_embeddings": image_embeddings,
+                "position_ids": layout.positions().numpy(), **biases,
+            })
+        else:
+            logits, *self.past = m.run("prefill", {
+                "input_ids": input_ids, "image_embeddings": image_embeddings,
+                "attention_mask": real,
+                "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
+            })
         # The mask and positions for the whole run, written once.
         self.attention_mask, _ = extend_for_generation(inputs["attention_mask"].long(), inputs["token_type_ids"],
                                                        max_new_tokens)

@@ -1,4 +1,4 @@
-"""The fused decode graph (export/fused.py) and the in-place cache of OnnxEngine, against this project's torch model
+"""The fused prefill and decode graphs (export/fused.py) and the in-place cache of OnnxEngine, against this project's torch model
 on tiny random PaliGemma 1 and 2 checkpoints (head_dim 32: GroupQueryAttention's rotary needs a multiple of 16;
 PaliGemma 2's sliding window, 6, is shorter than every prompt, and it has both softcaps)."""
 
@@ -32,9 +32,9 @@ def pipes(request, tmp_path_factory):
     onnx_dir = tmp_path_factory.mktemp(f"fused_{request.param}_onnx")
     export_and_validate(folder, onnx_dir, progress=False, log=lambda *_: None)  # validated through the fused graph
     onnx_pipe = paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir)
-    assert onnx_pipe.engine_factory.fused_decode is not None
+    assert onnx_pipe.engine_factory.fused_decode is not None and onnx_pipe.engine_factory.fused_prefill is not None
     exported = OnnxModel(onnx_dir, onnx_pipe.config, fused=False)
-    assert exported.fused_decode is None
+    assert exported.fused_decode is None and exported.fused_prefill is None
     return paligemma.load(folder), onnx_pipe, exported
 
 
@@ -86,7 +86,7 @@ def test_fused_greedy_and_seeded_tokens_match_torch(pipes):
                                                                                       max_new_tokens=STEPS)]
 
 
-def test_fused_and_exported_decode_give_the_same_logits(pipes):
+def test_fused_and_exported_graphs_give_the_same_logits(pipes):
     torch_pipe, onnx_pipe, exported = pipes
     inputs = torch_pipe.processor([image(4), image(5, 64, 48)], PROMPTS)
     reference = run_steps(exported(), inputs, [torch.zeros(2, 1)] * STEPS)  # token 0 every step
