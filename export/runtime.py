@@ -127,7 +127,7 @@ class OnnxModel:
             reason = "the CUDA provider: GroupQueryAttention there is float16 only"
         if reason is not None:
             if fused:
-                raise OnnxExportError(f"fused decode graph asked for, but it cannot serve this export: {reason}")
+                raise OnnxExportError(f"fused graphs asked for, but they cannot serve this export: {reason}")
             logger.info("graphs as exported (the fused ones cannot serve: %s)", reason)
             return None, None
         return tuple(fused_session(self.onnx_dir, self.config, name,
