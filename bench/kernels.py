@@ -1,11 +1,11 @@
-"""Kernels per decoded token, counted with ONNX Runtime's profiler: the decode graph as exported beside the fused
-one (export/fused.py), on one request, with the kernels each runs by operator type.
+"""Kernels per decoded token (and in prefill), counted with ONNX Runtime's profiler: the graphs as exported beside
+the fused ones (export/fused.py), on one request, with the decode kernels by operator type.
 
     python -m bench.kernels                                # the embedded model, a detection answer
     python -m bench.kernels --model CHECKPOINT --onnx-dir EXPORT --new-tokens 16
 
 A kernel is one node's run as the profiler records it (an event of category "Node" ending in "_kernel_time"),
-counted inside each `model_run` of the decode session: what the CPU provider really runs after ONNX Runtime's own
+counted inside each `model_run` of a session: what the CPU provider really runs after ONNX Runtime's own
 graph optimizations, not the node count of the file.
 """
 
@@ -49,24 +49,26 @@ def profiled(options: ort.SessionOptions, folder: Path, name: str) -> ort.Sessio
     return options
 
 
-def decode_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, folder: Path) -> list[Counter]:
-    """Kernels of each decode step of one request, with the decode graph as exported or fused. The pipeline's
-    model gets a profiled decode session (the others are left as they are)."""
+def request_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, folder: Path) -> dict[str, list[Counter]]:
+    """Kernels of each prefill and decode run of one request, with the graphs as exported or fused. The pipeline's
+    model gets profiled prefill and decode sessions for the request, and its own back after."""
     model = pipe.engine_factory
-    options = profiled(session_options(model.thread_plan, model._shared[1]), folder, "fused" if fused else "exported")
-    saved = model.sessions["decode"], model.fused_decode
-    if fused:
-        session = model.fused_decode = fused_session(model.onnx_dir, model.config, "decode", options,
-                                                     ["CPUExecutionProvider"])
-    else:
-        session = model.sessions["decode"] = ort.InferenceSession(str(model.onnx_dir / "decode.onnx"), options,
-                                                                  providers=["CPUExecutionProvider"])
-        model.fused_decode = None
+    saved = dict(model.sessions), model.fused_prefill, model.fused_decode
+    sessions = {}
+    for graph in ("prefill", "decode"):
+        options = profiled(session_options(model.thread_plan, model._shared[1]), folder,
+                           f"{graph}-{'fused' if fused else 'exported'}")
+        if fused:
+            sessions[graph] = fused_session(model.onnx_dir, model.config, graph, options, ["CPUExecutionProvider"])
+        else:
+            sessions[graph] = model.sessions[graph] = ort.InferenceSession(
+                str(model.onnx_dir / f"{graph}.onnx"), options, providers=["CPUExecutionProvider"])
+    model.fused_prefill, model.fused_decode = (sessions["prefill"], sessions["decode"]) if fused else (None, None)
     try:
         pipe.generate(image, prompt, max_new_tokens=new_tokens, stop_ids=())
     finally:
-        model.sessions["decode"], model.fused_decode = saved
-    return kernels_per_run(Path(session.end_profiling()))
+        model.sessions, (model.fused_prefill, model.fused_decode) = saved[0], saved[1:]
+    return {graph: kernels_per_run(Path(session.end_profiling())) for graph, session in sessions.items()}
 
 
 def main(argv=None) -> int:
@@ -81,11 +83,12 @@ def main(argv=None) -> int:
     image = request_image(pipe.config.image_size)
     with tempfile.TemporaryDirectory() as folder:
         for fused in (False, True):
-            runs = decode_kernels(pipe, fused, image, args.prompt, args.new_tokens, Path(folder))
-            totals = [sum(c.values()) for c in runs]
-            ops = ", ".join(f"{op} {n}" for op, n in runs[-1].most_common())
-            print(f"decode graph {'fused' if fused else 'as exported'}: {statistics.median(totals):.0f} kernels per "
-                  f"token (median of {len(runs)} steps; min {min(totals)}, max {max(totals)}); by op: {ops}", flush=True)
+            runs = request_kernels(pipe, fused, image, args.prompt, args.new_tokens, Path(folder))
+            decode = [sum(c.values()) for c in runs["decode"]]
+            ops = ", ".join(f"{op} {n}" for op, n in runs["decode"][-1].most_common())
+            print(f"graphs {'fused' if fused else 'as exported'}: {statistics.median(decode):.0f} kernels per decoded "
+                  f"token (median of {len(decode)} steps; min {min(decode)}, max {max(decode)}), "
+                  f"{sum(runs['prefill'][-1].values())} in prefill; decode by op: {ops}", flush=True)
     return 0
 
 
