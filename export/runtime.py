@@ -122,7 +122,7 @@ class OnnxModel:
         when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
         if fused is False:
             return None, None
-        reason = unsupported(self.config, self.manifest["dtype"])
+        reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"))
         if reason is None and self.device_type != "cpu":
             reason = "the CUDA provider: GroupQueryAttention there is float16 only"
         if reason is not None:
