@@ -45,7 +45,7 @@ MIN_ROTARY_POSITIONS = 4096
 def unsupported(config: PaliGemmaConfig, dtype: str, quantize: str | None = None) -> str | None:
     """Why the fused graphs cannot serve this export, or None when they can."""
     t = config.text
-    if quantize:
+    if quantize not in (None, "none"):  # the manifest records "none" for float exports
         return f"a {quantize} export: its weights are quantized MatMuls the fused graphs do not write"
     if dtype != "float32":
         return f"dtype {dtype}: the fused graph is float32 (ONNX Runtime has no fast float16 path on CPU)"
