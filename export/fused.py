@@ -1,24 +1,26 @@
-"""A decode graph that does only a token's work, for ONNX Runtime on CPU: built at session start from the config
-and the exported decode graph's own weights (no file is written, so the export's manifest and its hashes stay as
-they are; the weights are the same shared, hash-checked tensors, referenced by name).
+"""Prefill and decode graphs that do only the model's work, for ONNX Runtime on CPU: built at session start from
+the config and the exported graphs' own weights (no file is written, so the export's manifest and its hashes stay
+as they are; the weights are the same shared, hash-checked tensors, referenced by name).
 
-Per layer it runs about 12 kernels where the traced graph runs ~86: every shape is a constant of the config
-(heads K and H, head dim D, widths; only the batch and the cache length are dynamic), Gemma's RMSNorm
-x * (1 + w) is SimplifiedLayerNormalization with 1 + w folded into a small stored copy of w, residual adds are
-fused into SkipSimplifiedLayerNormalization, GELU (tanh) is FastGelu, and rotary embedding, attention, Gemma 2's
-attention softcap and sliding window are one com.microsoft GroupQueryAttention over a preallocated cache that is
-its own past and present (written in place: no Concat).
+Every shape is a constant of the config (heads K and H, head dim D, widths; only the batch and the lengths are
+dynamic), Gemma's RMSNorm x * (1 + w) is SimplifiedLayerNormalization with 1 + w folded into a small stored copy
+of w, residual adds are fused into SkipSimplifiedLayerNormalization, GELU (tanh) is FastGelu. Decode: rotary
+embedding, attention, Gemma 2's attention softcap and sliding window are one com.microsoft GroupQueryAttention
+over a preallocated cache that is its own past and present (written in place: no Concat); 53 kernels per token on
+the embedded model where the traced graph runs 338. Prefill: RotaryEmbedding, then attention in standard ops over
+additive masks given as inputs, made by the library's one rule (paligemma/masks.py), so the prefix-LM mask and
+padding are exact; 127 kernels where the traced graph runs 350.
 
 GroupQueryAttention is causal over each row's first seqlens_k + 1 cache slots: it knows no padding. This
 project's batches are left-padded (paligemma/processor.py), so the engine moves each row's real keys to the
-front of its buffer once, after prefill (`compact_rows`); a row's keys then sit in slots 0..n-1 and the new one at
-slot n. For the decode token this is exact: it attends to every real earlier token (the prefix-LM rule gives the
-new token a causal row, paligemma/masks.py), and the sliding window counts slots back from the query, which the
-shift moves together (a padded slot inside the window was masked anyway). Positions are passed as position_ids,
-PaliGemma's count of real tokens from 1, so rotary is as in torch. Prefill keeps the exported graph with its
-exact prefix-LM mask.
+front of its buffer once, after prefill (OnnxEngine._bind_fused); a row's keys then sit in slots 0..n-1 and the
+new one at slot n. For the decode token this is exact: it attends to every real earlier token (the prefix-LM rule
+gives the new token a causal row), and the sliding window counts slots back from the query, which the shift moves
+together (a padded slot inside the window was masked anyway). Positions are passed as position_ids, PaliGemma's
+count of real tokens from 1, so rotary is as in torch.
 
-Axes: B batch, M cache capacity (slots), C width, H query heads, K key/value heads, D head dim, F MLP width.
+Axes: B batch, T prompt tokens, M cache capacity (slots), C width, H query heads, K key/value heads, G = H / K,
+D head dim.
 """
 
 from __future__ import annotations
