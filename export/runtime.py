@@ -190,8 +190,8 @@ class OnnxEngine:
     With the fused decode graph (export/fused.py), the cache lives in buffers of a fixed capacity (prompt +
     max_new_tokens slots) allocated at prefill, each row's real keys moved to its front; the graph writes each
     new key and value in place. Every input and output is bound once, to arrays updated in place: a step writes
-    the tokens, advances positions and lengths by one and runs. The logits returned are a view of the engine's
-    logits buffer, valid until the next step (sampling reads them at once). Each engine owns its buffers, so
+    the tokens, advances positions and lengths by one and runs. The logits are written into one bound buffer and
+    returned as a copy of it (callers may keep them). Each engine owns its buffers, so
     concurrent requests on one model share none. Without it (or for a batch whose padding is not on the left),
     the cache is the previous step's `present` outputs fed back as OrtValues, never copied through numpy."""
 
@@ -288,7 +288,9 @@ class OnnxEngine:
         self.seqlens_k += 1
         self.position_ids += 1
         self.total_length += 1
-        return torch.from_numpy(self.logits)
+        # A copy: callers may keep every step's logits (the app's torch check does); the graph writes the next
+        # step's into the same bound buffer.
+        return torch.from_numpy(self.logits.copy())
 
 
 def export_and_validate(source, output, *, log=print, **options) -> dict:
