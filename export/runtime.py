@@ -19,12 +19,13 @@ import onnxruntime as ort
 import torch
 
 from paligemma.config import PaliGemmaConfig
-from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
+from paligemma.errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from paligemma.generate import Pipeline
-from paligemma.masks import extend_for_generation, token_positions
+from paligemma.masks import TokenLayout, additive, extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import resolve_checkpoint
 
+from .fused import bias_name, fused_session, left_padded, rotary_positions, unsupported
 from .graphs import GRAPH_ORDER, cache_names
 from .integrity import cache_root
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
@@ -87,7 +88,7 @@ class OnnxModel:
 
     def __init__(self, onnx_dir, config: PaliGemmaConfig, device: str = "cpu", fingerprint: str | None = None,
                  threads: int | None = None, requests: int | None = None, prepack: bool = False,
-                 spinning: bool = False):
+                 spinning: bool = False, fused: bool | None = None):
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
@@ -115,7 +116,30 @@ class OnnxModel:
         self.device_id = providers[0][1]["device_id"] if self.device_type == "cuda" else 0
         self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
         self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
-        logger.info("ONNX Runtime sessions for %s on %s", self.onnx_dir, self.providers)
+        self.present_names = cache_names("present", config.text.num_hidden_layers)
+        self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
+        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, prepack, spinning)
+        if self.fused_prefill is not None:
+            self.output_names["fused_prefill"] = [o.name for o in self.fused_prefill.get_outputs()]
+        logger.info("ONNX Runtime sessions for %s on %s (%s)", self.onnx_dir, self.providers,
+                    "prefill and decode fused" if self.fused_decode else "graphs as exported")
+
+    def _fused_sessions(self, fused: bool | None, shared, providers, prepack: bool, spinning: bool):
+        """The fused prefill and decode sessions (export/fused.py), built here from the checked graphs: (None, None)
+        when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
+        if fused is False:
+            return None, None
+        reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"))
+        if reason is None and self.device_type != "cpu":
+            reason = "the CUDA provider: GroupQueryAttention there is float16 only"
+        if reason is not None:
+            if fused:
+                raise OnnxExportError(f"fused graphs asked for, but they cannot serve this export: {reason}")
+            logger.info("graphs as exported (the fused ones cannot serve: %s)", reason)
+            return None, None
+        return tuple(fused_session(self.onnx_dir, self.config, name,
+                                   session_options(self.thread_plan, shared, prepack, spinning), providers)
+                     for name in ("prefill", "decode"))
 
     def _load_shared(self):
         info = self.manifest["shared_data"]
@@ -144,9 +168,10 @@ class OnnxModel:
         return session
 
     def run(self, name: str, feeds: dict) -> list[ort.OrtValue]:
-        """Runs a graph with IO binding: OrtValue inputs (a cache, image embeddings) are passed without a copy, and
-        outputs stay where the provider made them (on the GPU for CUDA) except the logits, which sampling reads."""
-        session = self.sessions[name]
+        """Runs a graph (one of the export's, or "fused_prefill") with IO binding: OrtValue inputs (a cache, image
+        embeddings) are passed without a copy, and outputs stay where the provider made them (on the GPU for CUDA)
+        except the logits, which sampling reads."""
+        session = self.fused_prefill if name == "fused_prefill" else self.sessions[name]
         binding = session.io_binding()
         for key, value in feeds.items():
             if isinstance(value, ort.OrtValue):
@@ -166,33 +191,93 @@ class OnnxModel:
 
 
 class OnnxEngine:
-    """One request: prefill the prompt, then one decode step per token. The cache is the previous step's `present`
-    outputs fed back as OrtValues, never copied through numpy. The decode graph's attention_mask and position_ids
-    come from the torch engines' own rule (paligemma.masks)."""
+    """One request: prefill the prompt, then one decode step per token. The decode graph's attention_mask and
+    position_ids come from the torch engines' own rule (paligemma.masks).
+
+    With the fused decode graph (export/fused.py), the cache lives in buffers of a fixed capacity (prompt +
+    max_new_tokens slots) allocated at prefill, each row's real keys moved to its front; the graph writes each
+    new key and value in place. Every input and output is bound once, to arrays updated in place: a step writes
+    the tokens, advances positions and lengths by one and runs. The logits are written into one bound buffer and
+    returned as a copy of it (callers may keep them). Each engine owns its buffers, so
+    concurrent requests on one model share none. Without it (or for a batch whose padding is not on the left),
+    the cache is the previous step's `present` outputs fed back as OrtValues, never copied through numpy."""
 
     def __init__(self, model: OnnxModel):
         self.model = model
+        self.fused = False
 
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
         m = self.model
         input_ids = inputs["input_ids"].numpy().astype(np.int64)
         pixel_values = inputs["pixel_values"].numpy().astype(m.float_type)
         (image_embeddings,) = m.run("vision_encoder", {"pixel_values": pixel_values})
-        logits, *self.past = m.run("prefill", {
-            "input_ids": input_ids, "image_embeddings": image_embeddings,
-            "attention_mask": inputs["attention_mask"].numpy().astype(np.int64),
-            "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
-        })
+        real = inputs["attention_mask"].numpy().astype(np.int64)
+        T = input_ids.shape[1]
+        if m.fused_prefill is not None and T <= rotary_positions(m.config):
+            # The prefix-LM mask and positions from the one rule (paligemma/masks.py), as the torch model makes them.
+            layout = TokenLayout.last(inputs["attention_mask"].long(), inputs["token_type_ids"].long(), T)
+            biases = {bias_name(w): additive(layout.allowed(w), torch.float32).numpy() for w in m.windows}
+            logits, *self.past = m.run("fused_prefill", {
+                "input_ids": input_ids, "image_embeddings": image_embeddings,
+                "position_ids": layout.positions().numpy(), **biases,
+            })
+        else:
+            logits, *self.past = m.run("prefill", {
+                "input_ids": input_ids, "image_embeddings": image_embeddings,
+                "attention_mask": real,
+                "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
+            })
         # The mask and positions for the whole run, written once.
         self.attention_mask, _ = extend_for_generation(inputs["attention_mask"].long(), inputs["token_type_ids"],
                                                        max_new_tokens)
         self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
         self.length = input_ids.shape[1]
+        self.capacity = self.length + max_new_tokens
+        if m.fused_decode is not None and left_padded(real):
+            self._bind_fused(real)
         return torch.from_numpy(logits.numpy())
 
+    def _bind_fused(self, real: np.ndarray) -> None:
+        m, (B, T) = self.model, real.shape
+        K, D = m.config.text.num_key_value_heads, m.config.text.head_dim
+        if self.capacity > rotary_positions(m.config):
+            return  # positions past the fused graph's rotary tables: the exported graph serves this request
+        counts = real.sum(1)
+        self.buffers = []
+        for present in self.past:  # each row's real keys to the front of its buffer, once
+            rows = present.numpy()
+            buffer = np.zeros((B, K, self.capacity, D), dtype=np.float32)
+            for b, n in enumerate(counts):
+                buffer[b, :, :n] = rows[b, :, T - n :]
+            self.buffers.append(buffer)
+        self.past = None
+        self.input_ids = np.zeros((B, 1), dtype=np.int64)
+        self.position_ids = np.ascontiguousarray(self.positions[:, T : T + 1])
+        self.seqlens_k = counts.astype(np.int32)  # the slot each row's next token goes to
+        self.total_length = np.array(counts.max() + 1, dtype=np.int32)
+        self.logits = np.zeros((B, m.config.text.vocab_size), dtype=np.float32)
+        binding = m.fused_decode.io_binding()
+        values = {"input_ids": self.input_ids, "position_ids": self.position_ids, "seqlens_k": self.seqlens_k,
+                  "total_sequence_length": self.total_length}
+        # OrtValues over numpy arrays use the arrays' memory: writing the arrays changes the bound inputs.
+        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in [*values.values(), self.logits, *self.buffers]]
+        for name, value in zip(values, self._values):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output("logits", self._values[len(values)])
+        for past, present, value in zip(m.past_names, m.present_names, self._values[len(values) + 1 :]):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: written in place
+        self.binding = binding
+        self.fused = True
+
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        m = self.model
+        if self.length >= self.capacity:
+            raise InputError(f"this request's cache holds {self.capacity} tokens (its prompt and max_new_tokens, "
+                             "allocated at prefill); to generate more, ask for more max_new_tokens")
         self.length += 1
+        if self.fused:
+            return self._fused_step(tokens)
+        m = self.model
         attention_mask = self.attention_mask[:, : self.length]
         feeds = {
             "input_ids": tokens.numpy().astype(np.int64).reshape(-1, 1),
@@ -202,6 +287,17 @@ class OnnxEngine:
         }
         logits, *self.past = m.run("decode", feeds)
         return torch.from_numpy(logits.numpy())
+
+    def _fused_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.input_ids[:, 0] = tokens.numpy()
+        self.model.fused_decode.run_with_iobinding(self.binding)
+        # Every row's next token is real: one slot and one position further.
+        self.seqlens_k += 1
+        self.position_ids += 1
+        self.total_length += 1
+        # A copy: callers may keep every step's logits (the app's torch check does); the graph writes the next
+        # step's into the same bound buffer.
+        return torch.from_numpy(self.logits.copy())
 
 
 def export_and_validate(source, output, *, log=print, **options) -> dict:

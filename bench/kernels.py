@@ -1,0 +1,96 @@
+"""Kernels per decoded token (and in prefill), counted with ONNX Runtime's profiler: the graphs as exported beside
+the fused ones (export/fused.py), on one request, with the decode kernels by operator type.
+
+    python -m bench.kernels                                # the embedded model, a detection answer
+    python -m bench.kernels --model CHECKPOINT --onnx-dir EXPORT --new-tokens 16
+
+A kernel is one node's run as the profiler records it (an event of category "Node" ending in "_kernel_time"),
+counted inside each `model_run` of a session: what the CPU provider really runs after ONNX Runtime's own
+graph optimizations, not the node count of the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnxruntime as ort
+
+import paligemma
+from export.fused import fused_session
+from export.runtime import load_onnx_pipeline, session_options
+from paligemma.cli import ArgumentParser
+
+from .workloads import request_image
+
+
+def kernels_per_run(profile: Path) -> list[Counter]:
+    """For each run recorded in an ONNX Runtime profile file, the kernels it ran, counted by operator type."""
+    events = json.loads(Path(profile).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    counts = [Counter() for _ in runs]
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        for index, (start, end) in enumerate(runs):
+            if start <= event["ts"] <= end:
+                counts[index][event.get("args", {}).get("op_name", "?")] += 1
+                break
+    return counts
+
+
+def profiled(options: ort.SessionOptions, folder: Path, name: str) -> ort.SessionOptions:
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(folder) / name)
+    return options
+
+
+def request_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, folder: Path) -> dict[str, list[Counter]]:
+    """Kernels of each prefill and decode run of one request, with the graphs as exported or fused. The pipeline's
+    model gets profiled prefill and decode sessions for the request, and its own back after."""
+    model = pipe.engine_factory
+    saved = dict(model.sessions), model.fused_prefill, model.fused_decode
+    sessions = {}
+    for graph in ("prefill", "decode"):
+        options = profiled(session_options(model.thread_plan, model._shared[1]), folder,
+                           f"{graph}-{'fused' if fused else 'exported'}")
+        if fused:
+            sessions[graph] = fused_session(model.onnx_dir, model.config, graph, options, ["CPUExecutionProvider"])
+        else:
+            sessions[graph] = model.sessions[graph] = ort.InferenceSession(
+                str(model.onnx_dir / f"{graph}.onnx"), options, providers=["CPUExecutionProvider"])
+    model.fused_prefill, model.fused_decode = (sessions["prefill"], sessions["decode"]) if fused else (None, None)
+    try:
+        pipe.generate(image, prompt, max_new_tokens=new_tokens, stop_ids=())
+    finally:
+        model.sessions, (model.fused_prefill, model.fused_decode) = saved[0], saved[1:]
+    return {graph: kernels_per_run(Path(session.end_profiling())) for graph, session in sessions.items()}
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="python -m bench.kernels", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded demo model)")
+    parser.add_argument("--onnx-dir", default=None, help="its export (default: the export cache)")
+    parser.add_argument("--prompt", default="detect circle ; triangle")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    pipe = load_onnx_pipeline(args.model or paligemma.DEMO_CHECKPOINT, onnx_dir=args.onnx_dir, threads=1)
+    image = request_image(pipe.config.image_size)
+    with tempfile.TemporaryDirectory() as folder:
+        for fused in (False, True):
+            runs = request_kernels(pipe, fused, image, args.prompt, args.new_tokens, Path(folder))
+            decode = [sum(c.values()) for c in runs["decode"]]
+            ops = ", ".join(f"{op} {n}" for op, n in runs["decode"][-1].most_common())
+            print(f"graphs {'fused' if fused else 'as exported'}: {statistics.median(decode):.0f} kernels per decoded "
+                  f"token (median of {len(decode)} steps; min {min(decode)}, max {max(decode)}), "
+                  f"{sum(runs['prefill'][-1].values())} in prefill; decode by op: {ops}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""Prefill and decode graphs that do only the model's work, for ONNX Runtime on CPU: built at session start from
+the config and the exported graphs' own weights (no file is written, so the export's manifest and its hashes stay
+as they are; the weights are the same shared, hash-checked tensors, referenced by name).
+
+Every shape is a constant of the config (heads K and H, head dim D, widths; only the batch and the lengths are
+dynamic), Gemma's RMSNorm x * (1 + w) is SimplifiedLayerNormalization with 1 + w folded into a small stored copy
+of w, residual adds are fused into SkipSimplifiedLayerNormalization, GELU (tanh) is FastGelu. Decode: rotary
+embedding, attention, Gemma 2's attention softcap and sliding window are one com.microsoft GroupQueryAttention
+over a preallocated cache that is its own past and present (written in place: no Concat); 53 kernels per token on
+the embedded model where the traced graph runs 338. Prefill: RotaryEmbedding, then attention in standard ops over
+additive masks given as inputs, made by the library's one rule (paligemma/masks.py), so the prefix-LM mask and
+padding are exact; 127 kernels where the traced graph runs 350.
+
+GroupQueryAttention is causal over each row's first seqlens_k + 1 cache slots: it knows no padding. This
+project's batches are left-padded (paligemma/processor.py), so the engine moves each row's real keys to the
+front of its buffer once, after prefill (OnnxEngine._bind_fused); a row's keys then sit in slots 0..n-1 and the
+new one at slot n. For the decode token this is exact: it attends to every real earlier token (the prefix-LM rule
+gives the new token a causal row), and the sliding window counts slots back from the query, which the shift moves
+together (a padded slot inside the window was masked anyway). Positions are passed as position_ids, PaliGemma's
+count of real tokens from 1, so rotary is as in torch.
+
+Axes: B batch, T prompt tokens, M cache capacity (slots), C width, H query heads, K key/value heads, G = H / K,
+D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from paligemma.config import PaliGemmaConfig
+
+from .graphs import cache_names
+
+MS = "com.microsoft"
+GELU_TANH = {"gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"}
+PREFIX = "model.language_model.model."
+# Rows of the rotary tables: positions the fused graph can rotate (PaliGemma counts from 1).
+MIN_ROTARY_POSITIONS = 4096
+
+
+def unsupported(config: PaliGemmaConfig, dtype: str, quantize: str | None = None) -> str | None:
+    """Why the fused graphs cannot serve this export, or None when they can."""
+    t = config.text
+    if quantize not in (None, "none"):  # the manifest records "none" for float exports
+        return f"a {quantize} export: its weights are quantized MatMuls the fused graphs do not write"
+    if dtype != "float32":
+        return f"dtype {dtype}: the fused graph is float32 (ONNX Runtime has no fast float16 path on CPU)"
+    if t.hidden_activation not in GELU_TANH | {"gelu"}:
+        return f"activation {t.hidden_activation!r}"
+    if t.head_dim % 16:
+        # GroupQueryAttention's rotary kernel on CPU refuses other sizes (every released PaliGemma has 256).
+        return f"head_dim {t.head_dim} is not a multiple of 16"
+    if t.num_attention_heads % t.num_key_value_heads:
+        return "query heads not a multiple of key/value heads"
+    return None
+
+
+def left_padded(real: np.ndarray) -> bool:
+    """Whether every row of an attention_mask [B, T] is padding, then at least one real token (the layout whose
+    row compaction is exact; see the module's docstring)."""
+    T, counts = real.shape[1], real.sum(1)
+    return bool(np.all(counts > 0) and np.array_equal(real, np.arange(T) >= (T - counts)[:, None]))
+
+
+def rotary_positions(config: PaliGemmaConfig) -> int:
+    return max(MIN_ROTARY_POSITIONS, config.text.max_position_embeddings + 1)
+
+
+def rotary_tables(config: PaliGemmaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [positions, D / 2] in float32, computed as paligemma.gemma.rope_tables does (float32 angles)."""
+    import torch
+
+    t = config.text
+    inv_freq = 1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=torch.float32) / t.head_dim))
+    angles = torch.arange(rotary_positions(config), dtype=torch.float32)[:, None] * inv_freq
+    return angles.cos().numpy(), angles.sin().numpy()
+
+
+class _Gemma:
+    """Writes a Gemma decoder as ONNX nodes: the parts the prefill and decode graphs share. `source` is an exported
+    graph of the decoder (loaded without its external data): its large initializers are referenced by name, with
+    their external-data records, for the session to bind to the shared buffers; the RMSNorm weights are small and
+    read from it, 1 + w folded in."""
+
+    def __init__(self, source: onnx.ModelProto, config: PaliGemmaConfig):
+        self.config, self.text = config, config.text
+        self.weights = {init.name: init for init in source.graph.initializer}
+        self.ir_version, self.metadata = source.ir_version, list(source.metadata_props)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.count = 0
+        cos, sin = rotary_tables(config)
+        self.cos, self.sin = self.constant("rotary_cos", cos), self.constant("rotary_sin", sin)
+        self.embedding = self.big(f"{PREFIX}embed_tokens.weight")
+
+    def op(self, op_type: str, inputs: list[str], hint: str, outputs: int | list[str] = 1, domain: str = "",
+           **attrs) -> list[str]:
+        self.count += 1
+        names = outputs if isinstance(outputs, list) else [f"{hint}_{self.count}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{hint}_{self.count}", domain=domain, **attrs))
+        return names
+
+    def constant(self, name: str, value) -> str:
+        if name not in {i.name for i in self.initializers}:
+            self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def big(self, name: str) -> str:
+        if name not in self.weights:
+            raise KeyError(f"the exported graph has no initializer {name}")
+        self.initializers.append(self.weights[name])
+        return name
+
+    def linear(self, x: str, module: str) -> str:
+        return self.op("MatMul", [x, self.big(f"{PREFIX}{module}.weight_transposed")], module.rsplit(".", 1)[-1])[0]
+
+    def _norm_weight(self, module: str) -> str:
+        w = numpy_helper.to_array(self.weights[f"{PREFIX}{module}.weight"]).astype(np.float32)
+        return self.constant(f"{PREFIX}{module}.weight_plus_one", (1.0 + w).astype(np.float32))
+
+    def rms(self, x: str, module: str) -> str:
+        return self.op("SimplifiedLayerNormalization", [x, self._norm_weight(module)], "norm", axis=-1,
+                       epsilon=float(self.text.rms_norm_eps), stash_type=1)[0]
+
+    def skip_rms(self, x: str, residual: str, module: str) -> tuple[str, str]:
+        """(rms(x + residual), x + residual)."""
+        normed, _, _, total = self.op("SkipSimplifiedLayerNormalization", [x, residual, self._norm_weight(module)],
+                                      "skipnorm", outputs=4, domain=MS, epsilon=float(self.text.rms_norm_eps))
+        return normed, total
+
+    def text_embedding(self, input_ids: str) -> str:
+        (gathered,) = self.op("Gather", [self.embedding, input_ids], "embed")
+        # Gemma scales text embeddings by sqrt(width), rounded to float32 as the model does.
+        return self.op("Mul", [gathered, self.constant("embedding_scale", np.float32(math.sqrt(self.text.hidden_size)))],
+                       "embed_scale")[0]
+
+    def layers(self, x: str, attention) -> tuple[str, str]:
+        """Every decoder layer over x [B, T, C]; attention(i, h) -> attention output [B, T, H * D] before o_proj.
+        Returns (the last layer's output, the residual stream), not yet added: the final norm fuses the add."""
+        t = self.text
+        pending = None  # a layer's output not yet added to x (its add is fused into the next norm)
+        for i in range(t.num_hidden_layers):
+            layer = f"layers.{i}"
+            if pending is None:
+                h = self.rms(x, f"{layer}.input_layernorm")
+            else:
+                h, x = self.skip_rms(pending, x, f"{layer}.input_layernorm")
+            attn = self.linear(attention(i, h), f"{layer}.self_attn.o_proj")
+            if t.is_gemma2:
+                attn = self.rms(attn, f"{layer}.post_attention_layernorm")
+                h, x = self.skip_rms(attn, x, f"{layer}.pre_feedforward_layernorm")
+            else:
+                h, x = self.skip_rms(attn, x, f"{layer}.post_attention_layernorm")
+            gate, up = self.linear(h, f"{layer}.mlp.gate_proj"), self.linear(h, f"{layer}.mlp.up_proj")
+            (act,) = self.op("FastGelu" if t.hidden_activation in GELU_TANH else "Gelu", [gate], "gelu", domain=MS)
+            pending = self.linear(self.op("Mul", [act, up], "glu")[0], f"{layer}.mlp.down_proj")
+            if t.is_gemma2:
+                pending = self.rms(pending, f"{layer}.post_feedforward_layernorm")
+        return pending, x
+
+    def logits(self, hidden: str) -> None:
+        """hidden [B, C] -> the output `logits` [B, V]. The output projection is tied to the embedding matrix:
+        Gemm reads it transposed, with no copy."""
+        cap = self.text.final_logit_softcapping
+        (raw,) = self.op("Gemm", [hidden, self.embedding], "lm_head", outputs=["logits"] if cap is None else 1,
+                         transB=1)
+        if cap is not None:
+            cap_name = self.constant("final_softcap", np.float32(cap))
+            (bounded,) = self.op("Tanh", [self.op("Div", [raw, cap_name], "softcap")[0]], "softcap")
+            self.op("Mul", [bounded, cap_name], "softcap", outputs=["logits"])
+
+    def model(self, name: str, inputs: list, outputs: list) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
+                                  producer_name="paligemma-export-fused")
+        model.ir_version = self.ir_version
+        model.metadata_props.extend(self.metadata)
+        return model
+
+
+def fused_decode_model(decode: onnx.ModelProto, config: PaliGemmaConfig) -> onnx.ModelProto:
+    """The fused decode graph, from the exported one (`decode`, loaded without its external data).
+
+    Inputs: input_ids [B, 1] int64, position_ids [B, 1] int64, seqlens_k [B] int32 (each row's slot for the new
+    token: its real tokens so far), total_sequence_length [] int32 (max seqlens_k + 1), past_key_values.{i}.{key,value}
+    [B, K, M, D]. Outputs: logits [B, V] float32, present.{i}.{key,value}: the same buffers, written in place."""
+    t = config.text
+    C, K, D, L = t.hidden_size, t.num_key_value_heads, t.head_dim, t.num_hidden_layers
+    g = _Gemma(decode, config)
+    past, present = cache_names("past_key_values", L), cache_names("present", L)
+
+    def attention(i: int, h: str) -> str:
+        q, k, v = (g.linear(h, f"layers.{i}.self_attn.{p}_proj") for p in "qkv")
+        window = t.layer_window(i)
+        attrs = dict(num_heads=t.num_attention_heads, kv_num_heads=K, scale=float(t.attention_scale), do_rotary=1,
+                     rotary_interleaved=0,
+                     # ONNX Runtime's window size is the torch rule's w (keys at slots > query - w), as
+                     # measured against torch (tests/test_fused.py): not w - 1.
+                     local_window_size=-1 if window is None else window)
+        if t.attn_logit_softcapping is not None:
+            attrs["softcap"] = float(t.attn_logit_softcapping)
+        out = g.op("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length",
+                                           g.cos, g.sin, "position_ids"],
+                   "attention", outputs=[f"attention_{i}", present[2 * i], present[2 * i + 1]], domain=MS, **attrs)
+        return out[0]
+
+    pending, x = g.layers(g.text_embedding("input_ids"), attention)  # [B, 1, C]
+    hidden, _ = g.skip_rms(pending, x, "norm")
+    g.logits(g.op("Reshape", [hidden, g.constant("flat_shape", np.array([-1, C], dtype=np.int64))], "flatten")[0])
+    cache = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", K, "capacity", D])  # noqa: E731
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", 1]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ] + [cache(n) for n in past]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", t.vocab_size])]
+    return g.model("fused_decode", inputs, outputs + [cache(n) for n in present])
+
+
+def bias_name(window: int | None) -> str:
+    return "attention_bias" if window is None else f"window_{window}_bias"
+
+
+def fused_prefill_model(prefill: onnx.ModelProto, config: PaliGemmaConfig) -> onnx.ModelProto:
+    """The fused prefill graph, from the exported one. The prefix-LM mask is an input, made by the library's one
+    rule (paligemma/masks.py) per request: one additive bias per distinct window, as the torch model makes them;
+    attention is standard ops over it (exact; GroupQueryAttention is causal only). Rotary embedding is
+    com.microsoft RotaryEmbedding with the rule's positions.
+
+    Inputs: input_ids [B, T] int64, image_embeddings [B, N, C], position_ids [B, T] int64, attention_bias and
+    window_{w}_bias [B, 1, 1, T, T] float32 (0 or the float32 minimum). Outputs: logits [B, V] (the last token's),
+    present.{i}.{key,value} [B, K, T, D] (as the exported prefill's)."""
+    t = config.text
+    C, H, K, D, L = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.num_hidden_layers
+    g = _Gemma(prefill, config)
+    present = cache_names("present", L)
+    # The i-th <image> token of a row takes the row's i-th image embedding (as model.embed does).
+    text = g.text_embedding("input_ids")
+    (is_image,) = g.op("Equal", ["input_ids", g.constant("image_token", np.int64(config.image_token_index))], "image")
+    (count,) = g.op("CumSum", [g.op("Cast", [is_image], "image", to=TensorProto.INT64)[0],
+                               g.constant("axis_1", np.int64(1))], "image")
+    (index,) = g.op("Max", [g.op("Sub", [count, g.constant("one", np.int64(1))], "image")[0],
+                            g.constant("zero", np.int64(0))], "image")
+    last_axis = g.constant("last_axis", np.array([-1], dtype=np.int64))
+    (image,) = g.op("GatherND", ["image_embeddings", g.op("Unsqueeze", [index, last_axis], "image")[0]], "image",
+                    batch_dims=1)
+    (x,) = g.op("Where", [g.op("Unsqueeze", [is_image, last_axis], "image")[0], image, text], "merge")
+    G = H // K
+    q_shape = g.constant("q_shape", np.array([0, 0, K, G, D], dtype=np.int64))  # 0: the dimension as it is
+    kv_shape = g.constant("kv_shape", np.array([0, 0, K, D], dtype=np.int64))
+    out_shape = g.constant("out_shape", np.array([0, 0, H * D], dtype=np.int64))
+    axis_2 = g.constant("axis_2", np.array([2], dtype=np.int64))
+    scale = g.constant("attention_scale", np.float32(t.attention_scale))
+
+    def attention(i: int, h: str) -> str:
+        q, k, v = (g.linear(h, f"layers.{i}.self_attn.{p}_proj") for p in "qkv")
+        (q,) = g.op("RotaryEmbedding", [q, "position_ids", g.cos, g.sin], "rope", domain=MS, num_heads=H, interleaved=0)
+        (k,) = g.op("RotaryEmbedding", [k, "position_ids", g.cos, g.sin], "rope", domain=MS, num_heads=K, interleaved=0)
+        # Grouped-query attention without copying keys, as the torch model: [B, K, G, T, D] against [B, K, 1, T, D].
+        (q,) = g.op("Transpose", [g.op("Reshape", [q, q_shape], "q")[0]], "q", perm=[0, 2, 3, 1, 4])
+        (k,) = g.op("Reshape", [k, kv_shape], "k")  # [B, T, K, D]
+        g.op("Transpose", [k], "k", outputs=[present[2 * i]], perm=[0, 2, 1, 3])
+        g.op("Transpose", [g.op("Reshape", [v, kv_shape], "v")[0]], "v", outputs=[present[2 * i + 1]],
+             perm=[0, 2, 1, 3])
+        (keys,) = g.op("Unsqueeze", [g.op("Transpose", [k], "k", perm=[0, 2, 3, 1])[0], axis_2], "k")  # [B,K,1,D,T]
+        (scores,) = g.op("Mul", [g.op("MatMul", [q, keys], "scores")[0], scale], "scores")
+        if t.attn_logit_softcapping is not None:
+            cap = g.constant("attention_softcap", np.float32(t.attn_logit_softcapping))
+            (bounded,) = g.op("Tanh", [g.op("Div", [scores, cap], "softcap")[0]], "softcap")
+            (scores,) = g.op("Mul", [bounded, cap], "softcap")
+        (probs,) = g.op("Softmax", [g.op("Add", [scores, bias_name(t.layer_window(i))], "mask")[0]], "softmax", axis=-1)
+        values = g.op("Unsqueeze", [present[2 * i + 1], axis_2], "v")[0]
+        (out,) = g.op("MatMul", [probs, values], "attend")  # [B, K, G, T, D]
+        return g.op("Reshape", [g.op("Transpose", [out], "out", perm=[0, 3, 1, 2, 4])[0], out_shape], "out")[0]
+
+    pending, x = g.layers(x, attention)
+    last = g.constant("last", np.int64(-1))
+    hidden, _ = g.skip_rms(g.op("Gather", [pending, last], "last", axis=1)[0], g.op("Gather", [x, last], "last", axis=1)[0],
+                           "norm")
+    g.logits(hidden)
+    square = ["batch", 1, 1, "sequence", "sequence"]
+    windows = sorted({t.layer_window(i) for i in range(L)}, key=lambda w: -1 if w is None else w)
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("image_embeddings", TensorProto.FLOAT, ["batch", config.num_image_tokens, C]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+    ] + [helper.make_tensor_value_info(bias_name(w), TensorProto.FLOAT, square) for w in windows]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", t.vocab_size])] + [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", K, "sequence", D]) for n in present]
+    return g.model("fused_prefill", inputs, outputs)
+
+
+FUSED_GRAPHS = {"prefill": fused_prefill_model, "decode": fused_decode_model}
+
+
+def fused_session(onnx_dir: Path, config: PaliGemmaConfig, name: str, options: ort.SessionOptions,
+                  providers: list) -> ort.InferenceSession:
+    """A session of the fused `name` graph ("prefill" or "decode") of the export in `onnx_dir`, whose {name}.onnx
+    the caller has checked against the manifest. `options` must supply the decoder weights (add_initializer, as the
+    runtime does)."""
+    source = onnx.load(Path(onnx_dir) / f"{name}.onnx", load_external_data=False)
+    graph = FUSED_GRAPHS[name](source, config)
+    # The graph is built in memory: its (overridden) external-data records resolve against the export.
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_dir))
+    return ort.InferenceSession(graph.SerializeToString(), options, providers=providers)

@@ -1,0 +1,146 @@
+"""The fused prefill and decode graphs (export/fused.py) and the in-place cache of OnnxEngine, against this project's torch model
+on tiny random PaliGemma 1 and 2 checkpoints (head_dim 32: GroupQueryAttention's rotary needs a multiple of 16;
+PaliGemma 2's sliding window, 6, is shorter than every prompt, and it has both softcaps)."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import paligemma
+from export.fused import left_padded
+from export.runtime import OnnxModel, export_and_validate
+from paligemma.errors import InputError
+from tiny import build_reference
+
+PROMPTS = ["caption en", "answer en what is in the image and where is it"]
+STEPS = 16
+
+
+def image(seed: int, width: int = 40, height: int = 30) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module", params=["pg1", "pg2"])
+def pipes(request, tmp_path_factory):
+    """(torch pipeline, onnx pipeline with the fused decode graph, its OnnxModel with the graph as exported)."""
+    folder = tmp_path_factory.mktemp(f"fused_{request.param}")
+    build_reference(folder, request.param, text=dict(head_dim=32))
+    onnx_dir = tmp_path_factory.mktemp(f"fused_{request.param}_onnx")
+    export_and_validate(folder, onnx_dir, progress=False, log=lambda *_: None)  # validated through the fused graph
+    onnx_pipe = paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir)
+    assert onnx_pipe.engine_factory.fused_decode is not None and onnx_pipe.engine_factory.fused_prefill is not None
+    exported = OnnxModel(onnx_dir, onnx_pipe.config, fused=False)
+    assert exported.fused_decode is None and exported.fused_prefill is None
+    return paligemma.load(folder), onnx_pipe, exported
+
+
+def run_steps(engine, inputs, logits_from, steps=STEPS):
+    """Prefill and `steps` greedy decode steps fed the reference's tokens; the logits of every step, kept as
+    returned (as the app's torch check keeps them: each step's must stay its own)."""
+    out = [engine.prefill(inputs, steps)]
+    for i in range(steps):
+        out.append(engine.decode_step(logits_from[i].argmax(-1)))
+    return out
+
+
+@pytest.mark.parametrize("batch", ["single", "padded"])
+def test_fused_logits_match_torch(pipes, batch):
+    torch_pipe, onnx_pipe, _ = pipes
+    images, prompts = ([image(1)], [PROMPTS[1]]) if batch == "single" else ([image(4), image(5, 64, 48)], PROMPTS)
+    inputs = torch_pipe.processor(images, prompts)
+    window = torch_pipe.config.text.sliding_window
+    if window is not None:
+        assert inputs["input_ids"].shape[1] > window + 10  # the window cuts into the prompt
+    if batch == "padded":
+        assert inputs["attention_mask"][0].sum() < inputs["attention_mask"][1].sum()  # the first row is padded
+    torch_engine = torch_pipe.engine_factory()
+    expected = [torch_engine.prefill(inputs, STEPS)]
+    for i in range(STEPS):
+        expected.append(torch_engine.decode_step(expected[-1].argmax(-1)))
+    engine = onnx_pipe.engine_factory()
+    got = run_steps(engine, inputs, expected)
+    assert engine.fused
+    for step, (e, g) in enumerate(zip(expected, got)):
+        assert (g - e).abs().max().item() <= 1e-4, f"step {step}"
+
+
+def test_fused_greedy_and_seeded_tokens_match_torch(pipes):
+    torch_pipe, onnx_pipe, _ = pipes
+    for seed, prompt in enumerate(PROMPTS):
+        ours = onnx_pipe.generate(image(seed), prompt, max_new_tokens=STEPS)
+        assert len(ours.token_ids) > 4
+        assert ours.token_ids == torch_pipe.generate(image(seed), prompt, max_new_tokens=STEPS).token_ids
+    kwargs = dict(max_new_tokens=STEPS, do_sample=True, temperature=1.5, top_p=0.9)
+    outputs = []
+    for seed in (7, 8):
+        got = onnx_pipe.generate(image(3), PROMPTS[0], seed=seed, **kwargs)
+        assert got.token_ids == torch_pipe.generate(image(3), PROMPTS[0], seed=seed, **kwargs).token_ids
+        outputs.append(got.token_ids)
+    assert outputs[0] != outputs[1]  # the seed matters, so equality above is not luck
+    images = [image(4), image(5, 64, 48)]
+    ours = onnx_pipe.generate(images, PROMPTS, max_new_tokens=STEPS)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in torch_pipe.generate(images, PROMPTS,
+                                                                                      max_new_tokens=STEPS)]
+
+
+def test_fused_and_exported_graphs_give_the_same_logits(pipes):
+    torch_pipe, onnx_pipe, exported = pipes
+    inputs = torch_pipe.processor([image(4), image(5, 64, 48)], PROMPTS)
+    reference = run_steps(exported(), inputs, [torch.zeros(2, 1)] * STEPS)  # token 0 every step
+    fused = onnx_pipe.engine_factory()
+    got = run_steps(fused, inputs, [torch.zeros(2, 1)] * STEPS)
+    assert fused.fused
+    assert max((g - r).abs().max().item() for g, r in zip(got, reference)) <= 1e-4
+
+
+def test_generation_past_the_preallocated_cache_is_refused(pipes):
+    torch_pipe, onnx_pipe, _ = pipes
+    inputs = torch_pipe.processor([image(2)], [PROMPTS[0]])
+    engine = onnx_pipe.engine_factory()
+    logits = engine.prefill(inputs, 3)
+    for _ in range(3):
+        logits = engine.decode_step(logits.argmax(-1))
+    with pytest.raises(InputError, match="cache holds .* max_new_tokens"):
+        engine.decode_step(logits.argmax(-1))
+
+
+def test_concurrent_generations_do_not_share_buffers(pipes):
+    torch_pipe, onnx_pipe, _ = pipes
+    requests = [(image(10), PROMPTS[0]), (image(11, 64, 48), PROMPTS[1])]
+    expected = [torch_pipe.generate(i, p, max_new_tokens=STEPS).token_ids for i, p in requests]
+    # Interleaved by hand: two engines of one model, stepping in turn.
+    engines = [onnx_pipe.engine_factory() for _ in requests]
+    logits = [e.prefill(onnx_pipe.processor([i], [p]), STEPS) for e, (i, p) in zip(engines, requests)]
+    assert all(e.fused for e in engines)
+    assert not any(np.shares_memory(a, b) for a in engines[0].buffers + [engines[0].logits]
+                   for b in engines[1].buffers + [engines[1].logits])
+    tokens = [[int(lg.argmax())] for lg in logits]
+    for _ in range(STEPS - 1):
+        for index, engine in enumerate(engines):
+            tokens[index].append(int(engine.decode_step(torch.tensor([tokens[index][-1]])).argmax()))
+    for got, want in zip(tokens, expected):
+        assert got[: len(want)] == want
+    # And from two threads at once, through the pipeline.
+    results = [None, None]
+
+    def work(index):
+        for _ in range(2):
+            results[index] = onnx_pipe.generate(*requests[index], max_new_tokens=STEPS).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+
+
+def test_left_padded_tells_the_layouts_apart():
+    assert left_padded(np.array([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    assert not left_padded(np.array([[1, 1, 0, 0]]))  # right padding
+    assert not left_padded(np.array([[1, 0, 1, 1]]))  # a hole
+    assert not left_padded(np.array([[0, 0, 0, 0]]))  # no real token
