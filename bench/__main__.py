@@ -48,7 +48,7 @@ def default_runtimes(cuda: bool) -> list[str]:
     left out unless asked for by name)."""
     from export.onnx_export import QUANTIZATIONS
 
-    return [name for name in (CUDA_RUNTIMES if cuda else CPU_RUNTIMES) if EXPORTS.get(name) in QUANTIZATIONS]
+    return [name for name in (CUDA_RUNTIMES if cuda else CPU_RUNTIMES) if EXPORTS.get(name) in (None, *QUANTIZATIONS)]
 
 
 def parse_args(argv):
