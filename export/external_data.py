@@ -1,7 +1,8 @@
 """One external data file for several graphs, written in place, one tensor (or block of rows) at a time.
 
 Each distinct tensor (by content) is written once, at a page-aligned offset (runtimes can map the file); a tensor
-whose bytes turn out to be already there is cut off again. Graphs reference it by name, offset and length.
+whose bytes turn out to be already there is cut off again, its name kept as an alias of the same bytes (so that
+every parameter keeps its own name in the graphs). Graphs reference it by name, offset and length.
 `table`: name -> offset, length, ONNX data type, shape (the manifest's `shared_data`).
 """
 
@@ -46,10 +47,10 @@ class ExternalData:
             self.file.write(array.data)
         length = self.file.tell() - offset
         key = digest.digest() + f"{data_type}{shape}".encode()
-        if key in self.by_content:  # the same bytes are stored already: cut this copy off
+        if key in self.by_content:  # the same bytes are stored already: cut this copy off, keep the name
             self.file.seek(end)
             self.file.truncate()
-            return self.by_content[key]
+            return self.alias(name, self.by_content[key], shape)
         while name in self.table:  # a different tensor under the same name
             name += "_"
         self.table[name] = dict(offset=offset, length=length, data_type=data_type, shape=list(shape))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import load_external_data_for_tensor
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -306,6 +307,11 @@ def fused_session(onnx_dir: Path, config: PaliGemmaConfig, name: str, options: o
     the caller has checked against the manifest. `options` must supply the decoder weights (add_initializer, as the
     runtime does)."""
     source = onnx.load(Path(onnx_dir) / f"{name}.onnx", load_external_data=False)
+    for tensor in source.graph.initializer:  # the RMSNorm weights are read (1 + w folded in): bring their bytes in
+        if tensor.name.endswith("norm.weight") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(tensor, str(onnx_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     graph = FUSED_GRAPHS[name](source, config)
     # The graph is built in memory: its (overridden) external-data records resolve against the export.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_dir))

@@ -316,7 +316,14 @@ def export_and_validate(source, output, *, log=print, **options) -> dict:
         reference = torch_reference(folder, dtype, streamed=True)
         manifest = export_model(folder, output, log=log, **options)
         config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
-        validate_export(reference, OnnxModel(output, config), log=log)
+        # The graphs as written are what other runtimes read; the fused ones (export/fused.py), built from them at
+        # load, are what this runtime serves where they apply: both are held to torch, one after the other.
+        model = OnnxModel(output, config, fused=False)
+        validate_export(reference, model, log=log)
+        del model
+        if unsupported(config, manifest["dtype"], manifest["quantize"]) is None:
+            log("the fused prefill and decode graphs this runtime builds from them:")
+            validate_export(reference, OnnxModel(output, config, fused=True), log=log)
     return manifest
 
 

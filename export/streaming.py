@@ -131,7 +131,7 @@ class WeightWriter:
             parameter = weight.removeprefix(TRACED_PREFIX)
             initializer = self.initializer(name, parameter, perm, store)
             renames[name] = initializer.name
-            if initializer.name not in added:  # equal tensors (norms at identity) share one stored name
+            if initializer.name not in added:  # one initializer per stored name, however many inputs use it
                 added.add(initializer.name)
                 g.initializer.append(initializer)
         for target in self.progress(quantized, f"{what} {self.quantize}"):
