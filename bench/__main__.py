@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import subprocess
@@ -145,7 +144,6 @@ def ensure_export(folder: Path, runtime: str, args, log) -> Path:
         if args.in_process:
             from export.onnx_export import export_model
 
-            logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice on pre-processing
             export_model(folder, staging, dtype=dtype, quantize=quantize, progress=False, log=lambda message: None)
         else:
             command = [sys.executable, "-m", "export", "--model", str(folder), "--output", str(staging),

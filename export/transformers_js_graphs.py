@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from paligemma.config import PaliGemmaConfig
-from paligemma.masks import TokenLayout, additive, last_slots
+from paligemma.masks import TokenLayout, last_slots
 from paligemma.model import PaliGemmaForConditionalGeneration
 
 from .graphs import ConcatCache, GraphSpec, TensorSpec, cache_names
@@ -109,8 +109,7 @@ class MergedDecoderGraph(nn.Module):
         B, T, C = inputs_embeds.shape
         layout = merged_layout(attention_mask, T)
         x = inputs_embeds.to(dtype)
-        masks = {window: additive(layout.allowed(window), dtype) for window in model.windows}
-        hidden = model.decoder(x, position_ids, masks, cache)
+        hidden = model.decode_embeddings(x, layout, position_ids, cache)
         # Two-dimensional, so that the tied output projection exports as one Gemm on the embedding (no copy of it).
         logits = model.decoder.logits(hidden.reshape(B * T, C)).float().reshape(B, T, -1)
         return (logits,) + tuple(t.float() for t in cache.outputs())

@@ -110,7 +110,12 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         """Embed -> masks -> decoder, the one place they are put together (every path runs through here: this
         model's forward, the exported graphs, the static-cache engine, packed training rows). input_ids [B, T];
         `layout` describes the S keys for the rule in masks.py; positions [B, T] default to the layout's."""
-        x = self.embed(input_ids, image_embeddings)
+        return self.decode_embeddings(self.embed(input_ids, image_embeddings), layout, positions, cache)
+
+    def decode_embeddings(self, x: torch.Tensor, layout: TokenLayout, positions: torch.Tensor | None = None,
+                          cache: KeyValueStore | None = None) -> torch.Tensor:
+        """Masks -> decoder for embeddings x [B, T, C] already on the decoder's scale (run_decoder's second half;
+        the transformers.js layout, whose embeddings come from a graph of their own, starts here)."""
         masks = {window: additive(layout.allowed(window), x.dtype) for window in self.windows}
         if positions is None:
             positions = layout.positions()

@@ -105,7 +105,9 @@ def test_answer_streams_token_by_token(client, direct):
     answers = [output[0] for output in job.outputs()]
     assert final == direct[entry["file"]]
     partial = [a for a in answers if a and a != final]
-    assert len(partial) >= 3 and all(final.startswith(a) for a in partial)
+    # The page shows generation's newest update (demo/run_ahead.py), so how many partial answers arrive depends on
+    # the model's speed against the page's: the fused ONNX decode can finish a short caption in a few updates.
+    assert len(partial) >= 2 and len(set(partial)) == len(partial) and all(final.startswith(a) for a in partial)
 
 
 def test_check_against_torch_agrees(client):
