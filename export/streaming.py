@@ -134,7 +134,7 @@ class WeightWriter:
             if initializer.name not in added:  # one initializer per stored name, however many inputs use it
                 added.add(initializer.name)
                 g.initializer.append(initializer)
-        for target in self.progress(quantized, f"{what} {self.quantize}"):
+        for target in (self.progress(quantized, f"{what} {self.quantize}") if quantized else ()):
             names = (target.weight, target.scale) + ((target.lookup_scale,) if target.lookup_scale else ())
             for name, initializer in zip(names, self.quantized_initializers(target, store)):
                 renames[name] = initializer.name

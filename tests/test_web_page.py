@@ -101,7 +101,7 @@ def test_the_first_answer_is_a_caption_equal_to_torch(page, torch_pipe):
 
 def test_a_detection_equals_torch_and_its_boxes_are_drawn(page, torch_pipe):
     page.locator("#example").select_option("scene_07.png")
-    page.wait_for_timeout(300)  # the image is read and drawn
+    page.wait_for_function("(window.paligemma.imageSource || '').endsWith('scene_07.png') && !window.paligemma.busy")
     run = run_preset(page, "detect circle ; triangle")
     assert run["tokens"] == torch_greedy(torch_pipe, run["pixel_values"], "detect circle ; triangle")
     assert "<loc" in run["text"]

@@ -16,7 +16,7 @@ env.localModelPath = new URL('./', import.meta.url).pathname;
 env.backends.onnx.wasm.wasmPaths = new URL('./vendor/', import.meta.url).href;
 
 // What the tests and the measurements read: the last run's inputs, answer and timings.
-const state = { image: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null, lastInputs: null };
+const state = { image: null, imageSource: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null, lastInputs: null };
 window.paligemma = state;
 
 async function chooseDevice() {
@@ -58,6 +58,7 @@ async function setImage(source) {
         return false;
     }
     showError('');
+    state.imageSource = source;  // which picture is shown (the tests wait on it)
     draw(state.image);
     return true;
 }
