@@ -20,6 +20,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
@@ -150,9 +151,15 @@ def export_model(
         return add_mask_decoder(folder, output, manifest, opset, IR_VERSION, log)
 
 
+def export_files(output: Path) -> list[Path]:
+    """What the three-graph export writes into `output`: its manifest, graphs and data files."""
+    return [path for path in output.iterdir()
+            if path.is_file() and (path.name == MANIFEST_NAME or path.name.endswith((".onnx", ".onnx.data")))]
+
+
 @contextlib.contextmanager
-def removed_on_failure(output: Path):
-    """Nothing half-written may look like an export: if the block fails, what an export writes into `output` is
+def removed_on_failure(output: Path, written: Callable[[Path], list[Path]] = export_files):
+    """Nothing half-written may look like an export: if the block fails, the files `written(output)` lists are
     removed (the folder itself if it did not exist before)."""
     created = not output.exists()
     try:
@@ -161,9 +168,8 @@ def removed_on_failure(output: Path):
         if created:
             shutil.rmtree(output, ignore_errors=True)
         elif output.is_dir():
-            for path in output.iterdir():
-                if path.is_file() and (path.name == MANIFEST_NAME or path.name.endswith((".onnx", ".onnx.data"))):
-                    path.unlink()
+            for path in written(output):
+                path.unlink()
         raise
 
 

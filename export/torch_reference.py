@@ -77,8 +77,12 @@ def layer_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalG
     units = streamed_units(model)
     resident = {name: tensor for name, tensor in source.tensors.items()
                 if not any(name.startswith(unit + ".") for unit in units)}
-    # Not strict: the units stay on the meta device (check_against has checked every name and shape).
-    model.load_state_dict({name: source.read(name, dtype) for name in resident}, strict=False, assign=True)
+    # Every name and shape is checked (check_against); what is left unloaded must be exactly the streamed units'.
+    left = model.load_state_dict({name: source.read(name, dtype) for name in resident}, strict=False, assign=True)
+    streamed = [name for name in left.missing_keys if not any(name.startswith(unit + ".") for unit in units)]
+    if left.unexpected_keys or streamed:
+        raise CheckpointError(f"{folder}: tensors that do not fit the model's resident part: "
+                              f"{', '.join(left.unexpected_keys + streamed)}")
 
     def load(prefix: str):
         def hook(module: nn.Module, args):

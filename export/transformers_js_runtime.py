@@ -9,9 +9,7 @@ in paligemma.masks), so left-padded batches give each row its single-request ans
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +26,7 @@ from paligemma.weights import resolve_checkpoint
 
 from .graphs import cache_names
 from .manifest import METADATA_PREFIX, config_hash
+from .onnx_export import removed_on_failure
 from .threads import ThreadPlan, plan_threads
 from .transformers_js import SUFFIXES, export_transformers_js, graph_file
 from .transformers_js_graphs import GRAPH_ORDER
@@ -157,21 +156,13 @@ def load_transformers_js_pipeline(folder, dtype: str | None = None, **model_opti
     return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)
 
 
-@contextlib.contextmanager
 def variant_removed_on_failure(output: Path, dtype: str):
     """If the block fails, the folder goes if it was new; otherwise this variant's graphs and data go (an exported
     variant that failed validation must not look usable), other variants stay."""
-    created = not output.exists()
-    try:
-        yield
-    except BaseException:
-        if created:
-            shutil.rmtree(output, ignore_errors=True)
-        else:
-            for name in GRAPH_ORDER:
-                for path in (output / "onnx").glob(graph_file(name, dtype) + "*"):
-                    path.unlink()
-        raise
+    def variant_files(folder: Path) -> list[Path]:
+        return [path for name in GRAPH_ORDER for path in (folder / "onnx").glob(graph_file(name, dtype) + "*")]
+
+    return removed_on_failure(output, variant_files)
 
 
 def export_transformers_js_checked(source, output, *, dtype: str = "float32", validate: bool = True, log=print,

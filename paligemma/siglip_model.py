@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -22,7 +21,8 @@ from .contrastive import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 from .errors import CheckpointError, ConfigError, InputError
 from .siglip import SiglipTextTransformer, SiglipVisionTransformer
 from .siglip_config import SiglipConfig
-from .weights import DERIVED_BUFFERS, WEIGHTS_NAME, canonical_key, check_state_dict, parse_dtype, resolve_checkpoint, weight_files
+from .weights import (DERIVED_BUFFERS, WEIGHTS_NAME, canonical_key, check_state_dict, parse_dtype, read_tensors,
+                      resolve_checkpoint, weight_files)
 
 logger = logging.getLogger(__name__)
 
@@ -98,29 +98,15 @@ class SiglipModel(nn.Module):
 def read_tower_tensors(files: list[Path], config: SiglipConfig, device, dtype) -> tuple[dict, dict]:
     """The tensors the SigLIP model holds, under its names, and the file each came from. From a PaliGemma
     checkpoint only the vision tower's tensors are read (the decoder and projector are PaliGemma's own)."""
-    state, origin = {}, {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    if config.source == "paligemma":
-                        name = canonical_key(key)
-                        if name in DERIVED_BUFFERS or not name.startswith(PALIGEMMA_TOWER):
-                            continue
-                        name = "vision_model." + name[len(PALIGEMMA_TOWER):]
-                    elif key in SIGLIP_DERIVED_BUFFERS:
-                        continue
-                    else:
-                        name = key
-                    if name in state:
-                        raise CheckpointError(f"{file}: tensor {key} appears twice (also in {origin[name].name})")
-                    tensor = f.get_tensor(key)
-                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-                    origin[name] = file
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it may be truncated: "
-                                  "download it again") from None
-    return state, origin
+    def rename(key: str) -> str | None:
+        if config.source == "paligemma":
+            name = canonical_key(key)
+            if name in DERIVED_BUFFERS or not name.startswith(PALIGEMMA_TOWER):
+                return None
+            return "vision_model." + name[len(PALIGEMMA_TOWER):]
+        return None if key in SIGLIP_DERIVED_BUFFERS else key
+
+    return read_tensors(files, device, dtype, rename)
 
 
 def load_siglip(path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",

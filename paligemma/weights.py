@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,6 +34,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some exporters saved that are derived, not learned.
 DERIVED_BUFFERS = ("vision_tower.vision_model.embeddings.position_ids",)
 TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+HEAD_MARK = "\0head:"  # a separate head, read apart from the model's own names
 # Longest prefix first: each key is rewritten by the first prefix it starts with.
 PREFIX_RENAMES = (
     ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
@@ -138,31 +140,39 @@ def shard_names(index: Path) -> list[str]:
     return names
 
 
-def read_state_dict(files: list[Path], device: str | torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
-    """Tensors under canonical names, and the file each came from."""
+def read_tensors(files: list[Path], device: str | torch.device, dtype: torch.dtype,
+                 rename: Callable[[str], str | None]) -> tuple[dict, dict]:
+    """The tensors of `files` under `rename(key)` (None: not read), floating ones in `dtype`, and the file each came
+    from; a name met twice, or a file safetensors cannot read, is a CheckpointError naming it."""
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
-    heads: dict[str, torch.Tensor] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    if key in DERIVED_BUFFERS or canonical_key(key) in DERIVED_BUFFERS:
+                    name = rename(key)
+                    if name is None:
                         continue
-                    tensor = f.get_tensor(key)
-                    if tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    if key in TIED_HEADS:
-                        heads[key] = tensor
-                        origin[key] = file
-                        continue
-                    name = canonical_key(key)
                     if name in state:
                         raise CheckpointError(f"{file}: tensor {key} appears twice (also in {origin[name].name})")
-                    state[name] = tensor
+                    tensor = f.get_tensor(key)
+                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
                     origin[name] = file
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it may be truncated: download it again") from None
+    return state, origin
+
+
+def read_state_dict(files: list[Path], device: str | torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Tensors under canonical names, and the file each came from."""
+    def rename(key: str) -> str | None:
+        if key in DERIVED_BUFFERS or canonical_key(key) in DERIVED_BUFFERS:
+            return None
+        return HEAD_MARK + key if key in TIED_HEADS else canonical_key(key)  # heads: checked against the embedding
+
+    state, origin = read_tensors(files, device, dtype, rename)
+    heads = {name.removeprefix(HEAD_MARK): state.pop(name) for name in list(state) if name.startswith(HEAD_MARK)}
+    origin.update({key: origin.pop(HEAD_MARK + key) for key in heads})
     embed = state.get("language_model.model.embed_tokens.weight")
     for key, head in heads.items():
         # PaliGemma ties the output projection to the embedding; a separate head must be that same matrix.
