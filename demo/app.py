@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -233,6 +235,17 @@ def coco_rle(mask) -> dict:
     return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + counts}
 
 
+def staged_png(image: Image.Image, staging: Path) -> Path:
+    """`image` written as a PNG of its own for one answer, for Gradio to copy into its cache.
+
+    Why not hand Gradio the PIL image: it writes each image to a path named by the image's hash, truncating and
+    rewriting the file in place, so two requests with the same answer rewrite the file one of them is being served
+    (the client received a truncated image). A file path it copies under a temporary name and renames instead."""
+    path = Path(tempfile.mkdtemp(dir=staging)) / "detections.png"
+    image.save(path, format="PNG")
+    return path
+
+
 def format_timings(backend: Backend, update, params: dict, total_s: float | None = None) -> str:
     """The runtime and speed line; `total_s` is given once generation has finished."""
     tokens = len(update.token_ids)
@@ -289,9 +302,11 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
     presets = PRESETS_DEMO if backend.is_demo_model else PRESETS
     limits = decoding_limits(backend.pipeline.processor, presets.values())
     allow_check = backend.torch_check_fits() if torch_check is None else torch_check
+    staging = tempfile.TemporaryDirectory(prefix="paligemma-answers-")  # removed with the app (its finalizer)
 
     def generate(image, prompt, decoding="greedy", temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=64, seed=0,
                  check_torch=False):
+        drawn = None
         try:
             picture = read_request_image(image)
             prompt = read_prompt(prompt)
@@ -311,7 +326,8 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
             if check_torch:
                 verdict = format_check(check_against_torch(backend, picture, prompt, update.token_ids, **params),
                                        backend.pipeline.processor)
-            yield update.text, draw_detections(picture, detections), found, speed, verdict
+            drawn = staged_png(draw_detections(picture, detections), Path(staging.name))
+            yield update.text, str(drawn), found, speed, verdict
         except gr.Error:
             raise
         except (paligemma.InputError, paligemma.CheckpointError, ValueError) as e:
@@ -320,6 +336,9 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
             logger.exception("generation failed")
             raise gr.Error("generation failed on the server (details are in its log); try again, or another image "
                            "or prompt", title="Server error", print_exception=False) from None
+        finally:  # after the last answer was sent: Gradio has its own copy by then
+            if drawn is not None:
+                shutil.rmtree(drawn.parent, ignore_errors=True)
 
     with gr.Blocks(title="PaliGemma · ONNX Runtime demo", analytics_enabled=False, delete_cache=delete_cache) as app:
         gr.Markdown("# PaliGemma in the browser\nAn image and a prompt in; the answer streams out, with detected "
@@ -345,7 +364,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
                 run = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=1):
                 answer = gr.Textbox(label="Answer", lines=3, interactive=False, buttons=["copy"], elem_id="answer")
-                annotated = gr.Image(type="pil", format="png", label="Detections", interactive=False, height=320,
+                annotated = gr.Image(type="filepath", format="png", label="Detections", interactive=False, height=320,
                                      elem_id="annotated")
                 timings = gr.Markdown(label="Timings", elem_id="timings")
                 check = gr.Markdown(label="Torch check", elem_id="check")

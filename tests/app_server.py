@@ -39,6 +39,12 @@ def serve(backend, **create_kwargs):
         app.close()
 
 
+def request(image, prompt="caption en", max_new_tokens=8) -> list:
+    """The generate endpoint's nine inputs as a raw API call sends them: `image` (a FileData dict), `prompt`, and
+    greedy decoding of `max_new_tokens`."""
+    return [image, prompt, "greedy", 1.0, 0.9, 0, max_new_tokens, 0, False]
+
+
 def raw_call(url: str, data: list, timeout: float = 120) -> str:
     """POST to the generate endpoint without gradio_client (as any HTTP client can) and return the event stream."""
     request = urllib.request.Request(url + "gradio_api/call/generate", json.dumps({"data": data}).encode(),

@@ -18,7 +18,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import paligemma
-from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, serve
+from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, request, serve
 from demo import app as demo_app
 from demo.backends import load_backend
 
@@ -140,6 +140,28 @@ def test_eight_concurrent_requests_get_their_own_answers(server, direct):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(run, jobs))
     assert answers == [direct[entry["file"]] for entry in jobs]
+
+
+def test_an_answers_image_is_never_rewritten_by_a_later_equal_answer(server):
+    """Two visitors asking the same thing get the same drawn image: the file handed out to the first must not be
+    written again while the second is answered, or a download still reading it gets a truncated image."""
+    url = server[1]
+    image, entry = example("detect circle ; triangle")
+    inputs = request({"path": raw_upload(url, image.name, image.read_bytes()), "meta": {"_type": "gradio.FileData"}},
+                     entry["prompt"], max_new_tokens=64)
+    kind, first = last_event(raw_call(url, inputs))
+    assert kind == "complete", first
+    served = Path(first[1]["path"])
+    assert Image.open(served).size[0] >= 320
+    drawn = served.read_bytes()
+    reading = b"the bytes a download of the first answer is reading"
+    served.write_bytes(reading)
+    try:
+        kind, second = last_event(raw_call(url, inputs))
+        assert kind == "complete" and second[0] == first[0]
+        assert served.read_bytes() == reading
+    finally:  # the cache outlives this server: later answers are served from this file
+        served.write_bytes(drawn)
 
 
 # ---- bad input: each answered with a message, never a traceback, and the app keeps answering ----------------------

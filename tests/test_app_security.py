@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import paligemma
-from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload
+from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, request
 from demo import app as demo_app
 from export.threads import available_cores
 
@@ -28,10 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (paligemma.DEMO_CHECKPOINT / "config.json").exists(),
                                 reason="the embedded demo checkpoint is not in the tree yet")
 NOT_UPLOADED = "not a file uploaded to this server"
-
-
-def request(image, prompt="caption en", max_new_tokens=8):
-    return [image, prompt, "greedy", 1.0, 0.9, 0, max_new_tokens, 0, False]
 
 
 @pytest.fixture(scope="module")
