@@ -14,7 +14,7 @@ from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError, shown
 
 from .integrity import sha256_of
-from paligemma.weights import weight_files
+from paligemma.weights import MASK_DECODER_NAME, weight_files
 
 EXPORTER_VERSION = "2"  # bump when the graphs' contract or layout changes
 MANIFEST_NAME = "manifest.json"
@@ -30,9 +30,11 @@ def config_hash(config: PaliGemmaConfig) -> str:
 
 def weights_fingerprint(folder: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
     """A fast fingerprint of the checkpoint's weights: names, sizes, safetensors headers and `samples` evenly spaced
-    chunks of every file. Two checkpoints with one config (pt and mix, or a fine-tune) fingerprint differently."""
+    chunks of every file, the mask decoder's too (the export carries it as mask_decoder.onnx). Two checkpoints with one
+    config (pt and mix, or a fine-tune) fingerprint differently."""
     digest = hashlib.sha256()
-    for file in weight_files(Path(folder)):
+    decoder = Path(folder) / MASK_DECODER_NAME
+    for file in weight_files(Path(folder)) + ([decoder] if decoder.is_file() else []):
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
         with open(file, "rb") as f:

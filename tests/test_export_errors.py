@@ -12,6 +12,8 @@ import paligemma
 from export.integrity import file_sha256
 from export.manifest import SHARED_DATA_NAME, OnnxExportError, check_export
 from paligemma.config import PaliGemmaConfig
+from paligemma.mask_decoder import MaskDecoder, MaskDecoderConfig
+from paligemma.weights import MASK_DECODER_NAME
 from export.onnx_export import export_model
 from tiny import build_reference
 
@@ -57,6 +59,15 @@ def test_other_weights_with_the_same_config(copy, tmp_path):
     build_reference(other, "pg1", seed=1)
     with pytest.raises(OnnxExportError, match="exported from other weights"):
         paligemma.load(other, backend="onnx", onnx_dir=onnx_dir)
+
+
+def test_a_mask_decoder_added_beside_the_weights_makes_the_export_stale(copy, tmp_path):
+    folder, onnx_dir = copy
+    segmenting = tmp_path / "segmenting"
+    shutil.copytree(folder, segmenting)
+    MaskDecoder(MaskDecoderConfig(num_embeddings=128, embedding_dim=6, width=8)).save(segmenting / MASK_DECODER_NAME)
+    with pytest.raises(OnnxExportError, match="exported from other weights"):
+        paligemma.load(segmenting, backend="onnx", onnx_dir=onnx_dir)
 
 
 def test_graph_from_another_export(copy, tmp_path):
