@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="three-graphs: this project's runtime (default); transformers.js: its PaliGemma layout")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float16 is for GPUs")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
-                        help="for CPUs: int8 (per-channel weights, activations quantized per call) or int4 (MatMulNBits "
-                             "blocks); every weight matrix, the output projection included")
+                        help="for CPUs: int8 or int4, MatMulNBits blocks of 32 (activations quantized per block in the "
+                             "kernel); every weight matrix, the output projection included")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with torch")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from paligemma.errors import OnnxExportError, shown
 from .integrity import sha256_of
 from paligemma.weights import MASK_DECODER_NAME, weight_files
 
-EXPORTER_VERSION = "2"  # bump when the graphs' contract or layout changes
+EXPORTER_VERSION = "3"  # bump when the graphs' contract or layout changes
 MANIFEST_NAME = "manifest.json"
 SHARED_DATA_NAME = "decoder.onnx.data"  # weights of prefill.onnx and decode.onnx, stored once
 METADATA_PREFIX = "paligemma."

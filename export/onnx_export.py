@@ -38,7 +38,7 @@ from .integrity import sha256_of
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
                        config_hash, weights_fingerprint)
 from .mask_decoder import add_mask_decoder
-from .quantize import QUANTIZATIONS
+from .quantize import QUANTIZATIONS, SCHEMES, stored_nbytes
 from .streaming import WeightsAsInputs, WeightWriter, hollow_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -120,7 +120,7 @@ def check_options(output, dtype: str, quantize: str | None, opset: int) -> None:
     """Refuses a bad option before anything is written or computed."""
     if dtype not in DTYPES:
         raise OnnxExportError(f"dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
-    if quantize is not None and quantize not in QUANTIZATIONS:
+    if quantize is not None and quantize not in SCHEMES:  # QUANTIZATIONS and the internal standard-op int8
         raise OnnxExportError(f"quantize '{quantize}' is not supported; use {' or '.join(QUANTIZATIONS)}, or leave it "
                               "out for float weights")
     if quantize and dtype != "float32":
@@ -196,7 +196,7 @@ def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, o
     source = CheckpointStream(folder)
     model = hollow_model(read_config(folder), torch_dtype)
     source.check_against(model)
-    needed = sum(source.nbytes(name, torch_dtype) for name in source.tensors)
+    needed = export_nbytes(model, source, torch_dtype, quantize)
     check_free_space(output, needed)
     try:
         return write_graphs(model, source, folder, output, dtype, quantize, opset, progress, log, start)
@@ -206,6 +206,16 @@ def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, o
         raise OnnxExportError(f"no space left on the device holding {output} (ENOSPC) while writing the export "
                               f"({e.filename or e}); it needs about {needed / 1e9:.2f} GB free there: free some space "
                               "or choose another --output") from None
+
+
+def export_nbytes(model, source: CheckpointStream, dtype: torch.dtype, quantize: str | None) -> int:
+    """The data files' size: the weights in `dtype`, or as `quantize` stores the nn.Linear weights and the tied
+    embedding (what export/quantize.py rewrites)."""
+    linear = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    embedding = next(name for name in source.tensors if name.endswith("embed_tokens.weight"))
+    return stored_nbytes(quantize, {n: t.shape for n, t in source.tensors.items()},
+                         {n: source.nbytes(n, dtype) for n in source.tensors}, (linear | {embedding}) & set(source.tensors),
+                         embedding)
 
 
 def check_free_space(output: Path, needed: int) -> None:

@@ -31,6 +31,7 @@ from .integrity import cache_root
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
 from .mask_decoder import load_onnx_mask_decoder
+from .quantize import PREPACKED
 from .threads import ThreadPlan, plan_threads
 from .variants import exported_variant, variant_name
 from .torch_reference import torch_reference
@@ -100,9 +101,10 @@ class OnnxModel:
         self.thread_plan = plan_threads(decoder_bytes, threads=threads, requests=requests)
         providers = choose_providers(device)
         # MatMulNBits without its pre-packed form dequantizes its whole weight to float on every call (measured:
-        # +525 MB a call for a 131072 x 1024 weight, and int4 decoding 5x slower than float32); pre-packed it
-        # reads the 4-bit blocks, at the cost of a packed copy per session (an eighth of the float weight).
-        prepack = prepack or self.manifest.get("quantize") == "int4"
+        # +525 MB a call for a 131072 x 1024 weight, int4 decoding 5x slower than float32, an int8 GEMV 100x slower);
+        # pre-packed it reads the blocks, at the cost of a packed copy per session (int4: an eighth of the float
+        # weight, int8 a quarter).
+        prepack = prepack or self.manifest.get("quantize") in PREPACKED
         buffers, shared = self._load_shared()
         self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
         self.sessions = {}

@@ -157,10 +157,10 @@ class WeightWriter:
         return store.initializer(self.stored[key])
 
     def quantized_initializers(self, target: QuantizedMatMul, store: ExternalData | None) -> list[onnx.TensorProto]:
-        """The quantized weight and its scales (and, for an int4 lookup, the same scales as [N, blocks, 1]: an alias
-        of the same bytes), computed block by block of checkpoint rows while the weight is written (the scales,
-        1/32 of the int4 weight's elements, are kept until it is done); each is written once per file however many
-        graphs use it."""
+        """The quantized weight and its scales (and, for a quantized lookup, the same scales as [N, blocks, 1]: an
+        alias of the same bytes), computed block by block of checkpoint rows while the weight is written (the scales,
+        1/32 of a block-quantized weight's elements, are kept until it is done); each is written once per file
+        however many graphs use it."""
         key = (store, target.weight)
         if store is None or key not in self.stored:
             scales = []
@@ -173,13 +173,13 @@ class WeightWriter:
 
             if store is None:
                 weight = np.concatenate(list(weight_blocks()))
-                weight = weight.T.copy() if target.scheme == "int8" else weight
+                weight = weight.T.copy() if target.transposed else weight
                 scale = np.concatenate(scales)
                 inline = [numpy_helper.from_array(weight, target.weight), numpy_helper.from_array(scale, target.scale)]
                 if target.lookup_scale:
                     inline.append(numpy_helper.from_array(scale[..., None], target.lookup_scale))
                 return inline
-            write = store.write_transposed if target.scheme == "int8" else store.write
+            write = store.write_transposed if target.transposed else store.write
             self.stored[key] = write(target.weight, weight_blocks(), target.weight_shape)
             self.stored[store, target.scale] = store.write(target.scale, [np.concatenate(scales)], target.scale_shape)
         names = [self.stored[key], self.stored[store, target.scale]]

@@ -7,10 +7,15 @@ variants, and for those also on the relative rms difference, ||ONNX - torch|| / 
   the vision graph is held to 1e-4 relative to its largest value: float32 rounding, ~1e-7 per operation.
 - float16: 2e-2 relative. float16 keeps 11 significant bits (~5e-4 per rounding) and rounding compounds over the
   layers; ONNX Runtime and torch round at different points.
-- int8: 0.15 relative max, 0.15 relative rms. Weights round to 255 levels per output channel, activations to 256
-  per call. Measured (max, rms; worst graph): tiny PaliGemma 1 (random weights, std 0.2) 0.084, 0.071; tiny
-  PaliGemma 2 0.034, 0.031; embedded demo model 0.032, 0.021; 3B-wide random model 0.036, 0.078. The tiny random
-  models amplify rounding most; the limit is about twice their worst.
+- int8: 0.12 relative max, 0.12 relative rms. MatMulNBits, 8-bit blocks of 32 weights (256 levels), activations
+  quantized to int8 per block of 32 inside the kernel. Measured (max, rms; worst graph): tiny PaliGemma 1 (random
+  weights, std 0.2) 0.079, 0.062; tiny PaliGemma 2 0.074, 0.041; embedded demo model 0.020, 0.0125; weight-heavy
+  model 0.0057, 0.018; the full 3B shape (random weights) 0.041, 0.082. The limits are about 1.5x the worst of each.
+- int8_standard (the internal MatMulInteger chain, export/quantize.py): 0.15 relative max, 0.15 relative rms.
+  Weights round to 255 levels per output channel, activations to 256 per tensor per call. Measured: tiny
+  PaliGemma 1 0.10, 0.071; tiny PaliGemma 2 0.106, 0.074; embedded demo model 0.032, 0.021; weight-heavy model
+  0.011, 0.035; 3B-wide random model 0.036, 0.078; the full 3B shape 0.104, 0.216: above this limit, which is why
+  `--quantize int8` is MatMulNBits.
 - int4: 1.0 relative max, 0.8 relative rms. Blocks of 32 weights round to 16 levels. Measured: tiny PaliGemma 1
   0.77, 0.55; tiny PaliGemma 2 0.36, 0.32; embedded demo model 0.10, 0.076; 3B-wide random model 0.17, 0.25. On the
   random tiny models 4-bit rounding moves the logits by half their spread, so this limit catches a broken layout
@@ -32,9 +37,9 @@ from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError
 from paligemma.processor import PaliGemmaProcessor
 
-TOLERANCES = {("float32", "none"): (1e-4, False), ("float16", "none"): (2e-2, True), ("float32", "int8"): (0.15, True),
-              ("float32", "int4"): (1.0, True)}
-RMS_TOLERANCES = {"int8": 0.15, "int4": 0.8}  # ||ONNX - torch|| / ||torch|| over each graph's outputs
+TOLERANCES = {("float32", "none"): (1e-4, False), ("float16", "none"): (2e-2, True), ("float32", "int8"): (0.12, True),
+              ("float32", "int4"): (1.0, True), ("float32", "int8_standard"): (0.15, True)}
+RMS_TOLERANCES = {"int8": 0.12, "int4": 0.8, "int8_standard": 0.15}  # ||ONNX - torch|| / ||torch|| over each graph's outputs
 DECODE_STEPS = 8
 
 

@@ -1,9 +1,12 @@
-"""int8 and int4 exports: they validate against float32 torch, their graphs really run quantized weights, the stored
-weights dequantize to the checkpoint's within the quantization's rounding (checked here with numpy, independently
-of the exporter), bad options and a shard truncated mid-export are refused, and an int4 export stays within the
-streaming memory bound (the export itself; see the test for validation's side)."""
+"""int8 and int4 exports (MatMulNBits) and the internal standard-op int8 (MatMulInteger): they validate against
+float32 torch, their graphs really run quantized weights, the stored weights dequantize to the checkpoint's within
+the quantization's rounding (checked here with numpy, independently of the exporter), the token lookup reads the
+output projection's own bytes, the free-space check counts the quantized bytes, bad options and a shard truncated
+mid-export are refused, and an int4 export stays within the streaming memory bound (the export itself; see the test
+for validation's side)."""
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -22,12 +25,13 @@ from paligemma.weights import canonical_key
 from test_export_streaming import BOUND, peak_rss_kb, quiet, weight_heavy  # noqa: F401 (a fixture)
 
 IMAGE = Image.new("RGB", (40, 30), (30, 160, 90))
-QUANTIZED_OPS = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
-BLOCK = 32  # the int4 block the exporter documents
+QUANTIZED_OPS = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8_standard": "MatMulInteger"}
+BLOCKS = {"int8": 32, "int4": 32}  # (bits, block) the exporter documents for its MatMulNBits schemes
+BITS = {"int8": 8, "int4": 4}
 
 
-@pytest.fixture(scope="module", params=[("pg1", "int8"), ("pg1", "int4"), ("pg2", "int8"), ("pg2", "int4")],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[(variant, scheme) for variant in ("pg1", "pg2")
+                                        for scheme in ("int8", "int4", "int8_standard")], ids=lambda p: "-".join(p))
 def exported(request, reference_factory, tmp_path_factory):
     variant, scheme = request.param
     folder, _ = reference_factory(variant)
@@ -62,13 +66,19 @@ def test_every_weight_matmul_is_quantized(exported):
         assert float_weight_matmuls == []
         if name != "vision_encoder":  # the output projection on the embedding too
             assert any(n.op_type == QUANTIZED_OPS[scheme] and "embed_tokens" in n.input[1] for n in g.node)
-            if scheme == "int8":  # the lookup stays float: no gather reads MatMulInteger's transposed B
+            if scheme == "int8_standard":  # the lookup stays float: no gather reads MatMulInteger's transposed B
                 assert any(n.op_type == "Gather" and n.input[0].endswith("embed_tokens.weight") for n in g.node)
-            else:  # the lookup reads the projection's own int4 blocks: the embedding is stored once
+            else:  # the lookup reads the projection's own blocks: the embedding is stored once
                 lookup = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
                 projection = next(n for n in g.node if n.op_type == "MatMulNBits" and "embed_tokens" in n.input[1])
                 assert len(lookup) == 1 and lookup[0].input[0] == projection.input[1]
+                assert onnx.helper.get_attribute_value(
+                    next(a for a in lookup[0].attribute if a.name == "bits")) == BITS[scheme]
                 assert not any(i.endswith("embed_tokens.weight") for i in initializers)
+        for node in (n for n in g.node if n.op_type == "MatMulNBits"):
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert (attributes["bits"], attributes["block_size"], attributes["accuracy_level"]) == (
+                BITS[scheme], BLOCKS[scheme], 4)
     tensors = json.loads((out / MANIFEST_NAME).read_text())["shared_data"]["tensors"]
     assert {e["data_type"] for e in tensors.values()} >= {onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT}
 
@@ -97,39 +107,49 @@ def test_dequantized_weights_equal_the_checkpoint_within_the_rounding(exported):
     for name in quantized:
         weight = checkpoint[name.removeprefix("model.").removesuffix(f"_{scheme}")]  # [N, K]
         q, scale = tensors[name], tensors[name + "_scale"]
-        if scheme == "int8":  # [K, N] uint8 around 128, one scale per output channel
+        if scheme == "int8_standard":  # [K, N] uint8 around 128, one scale per output channel
             assert q.dtype == np.uint8 and q.shape == weight.T.shape
             step = scale[:, None]
             error = np.abs((q.T.astype(np.float32) - 128) * step - weight)
             assert np.all(error <= step / 2 * (1 + 1e-5) + 1e-12), name
-        else:  # [N, blocks, 16] uint8, two values a byte (low nibble first), zero point 8, a scale per block
-            N, K = weight.shape
-            blocks = -(-K // BLOCK)
-            assert q.dtype == np.uint8 and q.shape == (N, blocks, BLOCK // 2) and scale.shape == (N, blocks)
-            values = np.empty((N, blocks, BLOCK), np.float32)
+            continue
+        # [N, blocks, block * bits / 8] uint8 (4 bits: two values a byte, low nibble first), zero point
+        # 2^(bits - 1), a scale per block
+        N, K = weight.shape
+        bits, block = BITS[scheme], BLOCKS[scheme]
+        blocks, zero = -(-K // block), 2 ** (bits - 1)
+        assert q.dtype == np.uint8 and q.shape == (N, blocks, block * bits // 8) and scale.shape == (N, blocks)
+        values = np.empty((N, blocks, block), np.float32)
+        if bits == 4:
             values[..., 0::2], values[..., 1::2] = q & 0x0F, q >> 4
-            padded = np.zeros((N, blocks * BLOCK), np.float32)
-            padded[:, :K] = weight
-            padded = padded.reshape(N, blocks, BLOCK)
-            step = np.broadcast_to(np.abs(scale)[..., None], padded.shape)
-            error = np.abs((values - 8) * scale[..., None] - padded)
-            # the block's largest magnitude sits on -8 steps; on the other side +7 is the last level, so values
-            # past 7.5 steps are clipped there (within one step), every other value within half a step
-            clipped = padded / scale[..., None] > 7.5
-            assert np.all(error[~clipped] <= step[~clipped] / 2 * (1 + 1e-5) + 1e-12), name
-            assert np.all(error[clipped] <= step[clipped] * (1 + 1e-5)), name
-            assert np.all(values.reshape(N, -1)[:, K:] == 8)  # the padding is zero
+        else:
+            values[:] = q
+        padded = np.zeros((N, blocks * block), np.float32)
+        padded[:, :K] = weight
+        padded = padded.reshape(N, blocks, block)
+        step = np.broadcast_to(np.abs(scale)[..., None], padded.shape)
+        error = np.abs((values - zero) * scale[..., None] - padded)
+        # the block's largest magnitude sits on -zero steps; on the other side zero - 1 is the last level, so values
+        # past zero - 0.5 steps are clipped there (within one step), every other value within half a step
+        clipped = padded / scale[..., None] > zero - 0.5
+        assert np.all(error[~clipped] <= step[~clipped] / 2 * (1 + 1e-5) + 1e-12), name
+        assert np.all(error[clipped] <= step[clipped] * (1 + 1e-5)), name
+        largest = np.abs(padded).max(axis=2)  # lands on a level exactly: the scale is the block's own
+        np.testing.assert_allclose(np.abs(scale)[largest > 0] * zero, largest[largest > 0], rtol=1e-6)
+        assert np.all(values.reshape(N, -1)[:, K:] == zero)  # the padding is zero
 
 
 def test_a_width_that_is_not_a_multiple_of_the_block_is_padded(exported):
     _, out, scheme, _ = exported
-    if scheme != "int4":
-        pytest.skip("int4 blocks only")
-    # the tiny vision MLP's fc2 reads 48 inputs: one full block of 32 and one padded
+    if scheme not in BLOCKS:
+        pytest.skip("MatMulNBits blocks only")
+    # the tiny vision MLP's fc2 reads 48 inputs: one full block of 32 and one padded (the values the test above
+    # checks are zero), and the node keeps the true width
     (fc2,) = [n for n in graph(out, "vision_encoder").graph.node
               if n.op_type == "MatMulNBits" and "layers.0.mlp.fc2" in n.input[1]]
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in fc2.attribute}
-    assert (attributes["K"], attributes["N"], attributes["block_size"]) == (48, 32, BLOCK)
+    assert (attributes["K"], attributes["N"], attributes["block_size"]) == (48, 32, BLOCKS[scheme])
+    assert 48 % BLOCKS[scheme]
 
 
 def test_an_unknown_quantization_is_refused(reference_factory, tmp_path, capsys):
@@ -180,3 +200,38 @@ def test_an_int4_export_with_validation_stays_within_the_weights_bound(weight_he
     assert (out / SHARED_DATA_NAME).stat().st_size < 0.2 * float_bytes
     added = (peak - baseline) * 1024
     assert added <= BOUND * float_bytes, f"{added / 1e6:.0f} MB above the baseline for {float_bytes / 1e6:.0f} MB"
+
+
+def stored_bytes(out) -> int:
+    """The bytes of the tensors an export stores, each once (an alias of a shared tensor is not counted again)."""
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    shared = {(e["offset"], e["length"]) for e in manifest["shared_data"]["tensors"].values()}
+    graphs = [graph(out, name) for name in ("vision_encoder", "prefill", "decode")]
+    inline = {t.name: onnx.numpy_helper.to_array(t).nbytes for g in graphs for t in g.graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL}
+    return sum(length for _, length in shared) + sum(inline.values())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8_standard"])
+def test_the_free_space_check_counts_the_quantized_bytes(scheme, reference_factory, tmp_path, monkeypatch):
+    folder, _ = reference_factory("pg2")
+    float_bytes = (folder / "model.safetensors").stat().st_size
+    out = tmp_path / scheme
+    usage = shutil.disk_usage(tmp_path)
+    free = {"bytes": usage.free}
+    monkeypatch.setattr(onnx_export.shutil, "disk_usage", lambda path: usage._replace(free=free["bytes"]))
+    onnx_export.export_model(folder, out, quantize=scheme, progress=False, log=quiet)
+    written = stored_bytes(out)
+    assert written < 0.8 * float_bytes  # the standard scheme keeps a float embedding for its lookup
+    estimate = {}
+    check = onnx_export.check_free_space
+    monkeypatch.setattr(onnx_export, "check_free_space", lambda output, needed: (estimate.setdefault(scheme, needed),
+                                                                                 check(output, needed)))
+    # a disk with room for the quantized weights but not for float32 ones: the quantized export goes ahead
+    free["bytes"] = int(1.1 * written)
+    shutil.rmtree(out)
+    onnx_export.export_model(folder, out, quantize=scheme, progress=False, log=quiet)
+    assert abs(estimate[scheme] - written) <= 0.01 * written, (estimate, written)  # shape constants: not weights
+    with pytest.raises(OnnxExportError, match="the export needs about .* GB for its weights"):
+        onnx_export.export_model(folder, tmp_path / "float32", progress=False, log=quiet)
+    assert not (tmp_path / "float32").exists()
