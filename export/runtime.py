@@ -103,6 +103,7 @@ class OnnxModel:
         # +525 MB a call for a 131072 x 1024 weight, and int4 decoding 5x slower than float32); pre-packed it
         # reads the 4-bit blocks, at the cost of a packed copy per session (an eighth of the float weight).
         prepack = prepack or self.manifest.get("quantize") == "int4"
+        self.prepack, self.spinning = prepack, spinning  # as every session of this model is made (bench/kernels.py)
         buffers, shared = self._load_shared()
         self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
         self.sessions = {}
