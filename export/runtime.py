@@ -31,7 +31,7 @@ from .integrity import cache_root
 from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
                        weights_fingerprint)
 from .mask_decoder import load_onnx_mask_decoder
-from .threads import ThreadPlan, plan_threads
+from .threads import SMALL_MODEL_BYTES, ThreadPlan, plan_threads
 from .variants import exported_variant, variant_name
 from .torch_reference import torch_reference
 from .validate import validate_export
@@ -103,7 +103,12 @@ class OnnxModel:
         # +525 MB a call for a 131072 x 1024 weight, and int4 decoding 5x slower than float32); pre-packed it
         # reads the 4-bit blocks, at the cost of a packed copy per session (an eighth of the float weight).
         prepack = prepack or self.manifest.get("quantize") == "int4"
-        self.prepack, self.spinning = prepack, spinning  # as every session of this model is made (bench/kernels.py)
+        # Pre-packed, MLAS lays out each MatMul weight once instead of on every call: the embedded model's fused
+        # prefill and decode ran faster so (export/README.md "Fused decode graphs"), at the cost of a packed copy
+        # of the decoder weights in each of the two sessions, which only a small model affords.
+        fused_prepack = prepack or decoder_bytes < SMALL_MODEL_BYTES
+        # As this model's sessions are made (bench/kernels.py makes profiled copies of them).
+        self.prepack, self.fused_prepack, self.spinning = prepack, fused_prepack, spinning
         buffers, shared = self._load_shared()
         self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
         self.sessions = {}
@@ -119,7 +124,7 @@ class OnnxModel:
         self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
         self.present_names = cache_names("present", config.text.num_hidden_layers)
         self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
-        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, prepack, spinning)
+        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, fused_prepack, spinning)
         if self.fused_prefill is not None:
             self.output_names["fused_prefill"] = [o.name for o in self.fused_prefill.get_outputs()]
         logger.info("ONNX Runtime sessions for %s on %s (%s)", self.onnx_dir, self.providers,
