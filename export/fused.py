@@ -45,9 +45,13 @@ PREFIX = "model.language_model.model."
 MIN_ROTARY_POSITIONS = 4096
 
 
-def unsupported(config: PaliGemmaConfig, dtype: str, quantize: str | None = None) -> str | None:
-    """Why the fused graphs cannot serve this export, or None when they can."""
+def unsupported(config: PaliGemmaConfig, dtype: str, quantize: str | None = None,
+                device_type: str = "cpu") -> str | None:
+    """Why the fused graphs cannot serve this export on this provider ("cpu" or "cuda"), or None when they can."""
     t = config.text
+    if device_type != "cpu":
+        # Not run on a GPU here: the exported graphs (standard ops) serve the CUDA provider.
+        return "the CUDA provider: GroupQueryAttention there is float16 / bfloat16 only"
     if quantize not in (None, "none"):  # the manifest records "none" for float exports
         return f"a {quantize} export: its weights are quantized MatMuls the fused graphs do not write"
     if dtype != "float32":

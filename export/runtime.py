@@ -135,9 +135,7 @@ class OnnxModel:
         when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
         if fused is False:
             return None, None
-        reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"))
-        if reason is None and self.device_type != "cpu":
-            reason = "the CUDA provider: GroupQueryAttention there is float16 only"
+        reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"), self.device_type)
         if reason is not None:
             if fused:
                 raise OnnxExportError(f"fused graphs asked for, but they cannot serve this export: {reason}")
