@@ -199,7 +199,7 @@ class OnnxEngine:
     position_ids come from the torch engines' own rule (paligemma.masks).
 
     With the fused decode graph (export/fused.py), the cache lives in buffers of a fixed capacity (prompt +
-    max_new_tokens slots) allocated at prefill, each row's real keys moved to its front; the graph writes each
+    max_new_tokens slots) allocated at the first decode step, each row's real keys moved to its front; the graph writes each
     new key and value in place. Every input and output is bound once, to arrays updated in place: a step writes
     the tokens, advances positions and lengths by one and runs. The logits are written into one bound buffer and
     returned as a copy of it (callers may keep them). Each engine owns its buffers, so
@@ -209,6 +209,7 @@ class OnnxEngine:
     def __init__(self, model: OnnxModel):
         self.model = model
         self.fused = False
+        self._decoding = None  # prefill's inputs, until the first decode step prepares decoding from them
 
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
         m = self.model
@@ -231,15 +232,21 @@ class OnnxEngine:
                 "attention_mask": real,
                 "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
             })
-        # The mask and positions for the whole run, written once.
-        self.attention_mask, _ = extend_for_generation(inputs["attention_mask"].long(), inputs["token_type_ids"],
-                                                       max_new_tokens)
-        self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
         self.length = input_ids.shape[1]
         self.capacity = self.length + max_new_tokens
-        if m.fused_decode is not None and left_padded(real):
-            self._bind_fused(real)
+        # What only decoding needs is made at the first decode step, after the first token is out (a request of
+        # one token never makes it).
+        self._decoding = (inputs["attention_mask"], inputs["token_type_ids"], real, max_new_tokens)
         return torch.from_numpy(logits.numpy())
+
+    def _prepare_decoding(self) -> None:
+        attention_mask, token_type_ids, real, max_new_tokens = self._decoding
+        self._decoding = None
+        # The mask and positions for the whole run, written once.
+        self.attention_mask, _ = extend_for_generation(attention_mask.long(), token_type_ids, max_new_tokens)
+        self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
+        if self.model.fused_decode is not None and left_padded(real):
+            self._bind_fused(real)
 
     def _bind_fused(self, real: np.ndarray) -> None:
         m, (B, T) = self.model, real.shape
@@ -278,6 +285,8 @@ class OnnxEngine:
         if self.length >= self.capacity:
             raise InputError(f"this request's cache holds {self.capacity} tokens (its prompt and max_new_tokens, "
                              "allocated at prefill); to generate more, ask for more max_new_tokens")
+        if self._decoding is not None:
+            self._prepare_decoding()
         self.length += 1
         if self.fused:
             return self._fused_step(tokens)

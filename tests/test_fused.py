@@ -118,13 +118,13 @@ def test_concurrent_generations_do_not_share_buffers(pipes):
     # Interleaved by hand: two engines of one model, stepping in turn.
     engines = [onnx_pipe.engine_factory() for _ in requests]
     logits = [e.prefill(onnx_pipe.processor([i], [p]), STEPS) for e, (i, p) in zip(engines, requests)]
-    assert all(e.fused for e in engines)
-    assert not any(np.shares_memory(a, b) for a in engines[0].buffers + [engines[0].logits]
-                   for b in engines[1].buffers + [engines[1].logits])
     tokens = [[int(lg.argmax())] for lg in logits]
     for _ in range(STEPS - 1):
         for index, engine in enumerate(engines):
             tokens[index].append(int(engine.decode_step(torch.tensor([tokens[index][-1]])).argmax()))
+    assert all(e.fused for e in engines)
+    assert not any(np.shares_memory(a, b) for a in engines[0].buffers + [engines[0].logits]
+                   for b in engines[1].buffers + [engines[1].logits])
     for got, want in zip(tokens, expected):
         assert got[: len(want)] == want
     # And from two threads at once, through the pipeline.
