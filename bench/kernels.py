@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from export.fused import fused_session
 from export.runtime import load_onnx_pipeline, session_options
 from paligemma.cli import ArgumentParser
 
+from .timing import Spread
 from .workloads import request_image
 
 
@@ -56,7 +56,8 @@ def request_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, fold
     saved = dict(model.sessions), model.fused_prefill, model.fused_decode
     sessions = {}
     for graph in ("prefill", "decode"):
-        options = profiled(session_options(model.thread_plan, model._shared[1]), folder,
+        prepack = model.fused_prepack if fused else model.prepack
+        options = profiled(session_options(model.thread_plan, model._shared[1], prepack, model.spinning), folder,
                            f"{graph}-{'fused' if fused else 'exported'}")
         if fused:
             sessions[graph] = fused_session(model.onnx_dir, model.config, graph, options, ["CPUExecutionProvider"])
@@ -71,6 +72,14 @@ def request_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, fold
     return {graph: kernels_per_run(Path(session.end_profiling())) for graph, session in sessions.items()}
 
 
+def kernel_summary(runs: dict[str, list[Counter]]) -> dict:
+    """request_kernels' counts as figures: kernels per decoded token (the median over the steps, and their range),
+    in the last prefill, and the last step's by operator type."""
+    per_token = Spread.of(sum(c.values()) for c in runs["decode"])
+    return dict(decode_per_token=per_token.median, decode_range=[per_token.low, per_token.high],
+                decode_steps=per_token.count, prefill=sum(runs["prefill"][-1].values()), decode_ops=dict(runs["decode"][-1].most_common()))
+
+
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,12 +92,12 @@ def main(argv=None) -> int:
     image = request_image(pipe.config.image_size)
     with tempfile.TemporaryDirectory() as folder:
         for fused in (False, True):
-            runs = request_kernels(pipe, fused, image, args.prompt, args.new_tokens, Path(folder))
-            decode = [sum(c.values()) for c in runs["decode"]]
-            ops = ", ".join(f"{op} {n}" for op, n in runs["decode"][-1].most_common())
-            print(f"graphs {'fused' if fused else 'as exported'}: {statistics.median(decode):.0f} kernels per decoded "
-                  f"token (median of {len(decode)} steps; min {min(decode)}, max {max(decode)}), "
-                  f"{sum(runs['prefill'][-1].values())} in prefill; decode by op: {ops}", flush=True)
+            counts = kernel_summary(request_kernels(pipe, fused, image, args.prompt, args.new_tokens, Path(folder)))
+            low, high = counts["decode_range"]
+            ops = ", ".join(f"{op} {n}" for op, n in counts["decode_ops"].items())
+            print(f"graphs {'fused' if fused else 'as exported'}: {counts['decode_per_token']:.0f} kernels per decoded "
+                  f"token (min {low}, max {high} over {counts['decode_steps']} steps), {counts['prefill']} in prefill; "
+                  f"decode by op: {ops}", flush=True)
     return 0
 
 

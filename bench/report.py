@@ -7,10 +7,11 @@ decode as runtime / reference tokens per second. Memory is runtime / reference (
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .timing import Spread
 
 REFERENCE = "transformers"
 
@@ -24,17 +25,17 @@ def summarize(results: list[dict], targets: dict) -> list[dict]:
         if "error" in r:
             rows.append(dict(row, error=r["error"]))
             continue
-        row.update(ttft_s=statistics.median(r["ttft_s"]), decode_tokens_per_s=statistics.median(r["decode_tokens_per_s"]),
+        row.update(ttft_s=Spread.of(r["ttft_s"]).median, decode_tokens_per_s=Spread.of(r["decode_tokens_per_s"]).median,
                    peak_rss_mb=r["peak_rss_mb"], peak_gpu_mb=r.get("peak_gpu_mb"), load_s=r["load_s"],
-                   runs=len(r["ttft_s"]), repeatable=r["repeatable"], tokens=r["tokens"])
+                   runs=len(r["ttft_s"]), repeatable=r["repeatable"], tokens=r["tokens"], kernels=r.get("kernels"))
         if reference is not None and "check" in reference and "check" in r:
             # CUDA mode: the tokens that must agree are the float32 check's (see bench.__main__.float32_check).
             check, ref_check = r["check"], reference["check"]
             row.update(check_dtype=check["dtype"], check_agreeing_tokens=agreeing_prefix(check["tokens"], ref_check["tokens"]),
                        check_agree=check["prompt_ids"] == ref_check["prompt_ids"] and check["tokens"] == ref_check["tokens"])
         if reference is not None:
-            ref_ttft = statistics.median(reference["ttft_s"])
-            ref_decode = statistics.median(reference["decode_tokens_per_s"])
+            ref_ttft = Spread.of(reference["ttft_s"]).median
+            ref_decode = Spread.of(reference["decode_tokens_per_s"]).median
             row.update(ttft_speedup=ref_ttft / row["ttft_s"], decode_speedup=row["decode_tokens_per_s"] / ref_decode,
                        memory_ratio=row["peak_rss_mb"] / reference["peak_rss_mb"] if row["peak_rss_mb"] else None,
                        same_prompt=r["prompt_ids"] == reference["prompt_ids"],
@@ -86,12 +87,13 @@ def markdown_table(workload: dict) -> str:
     lines = [f"**{workload['description']}** ({workload['new_tokens']} new tokens, {threads_text(workload)}, median of {workload['runs']} "
              f"run(s) after {workload['warmup']} warm-up"
              + (f", runtimes taking turns over {workload['rounds']} rounds)" if workload.get("rounds", 1) > 1 else ")"), "",
-             "| runtime | time to first token | decode | peak memory | greedy tokens vs transformers | target |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| runtime | time to first token | decode | peak memory | greedy tokens vs transformers | target "
+             "| kernels per decoded token (in prefill) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         name = f"{row['runtime']}: {row['info']}" if row.get("info") else row["runtime"]
         if "error" in row:
-            lines.append(f"| {name} | failed: {error_line(row['error'])} | | | | |")
+            lines.append(f"| {name} | failed: {error_line(row['error'])} | | | | | |")
             continue
         reference = row["runtime"] == REFERENCE
         ttft = f"{row['ttft_s'] * 1000:.0f} ms"
@@ -131,8 +133,81 @@ def markdown_table(workload: dict) -> str:
         if not row["repeatable"]:
             agree += ", not repeatable across runs"
         target = row.get("target")
-        lines.append(f"| {name} | {ttft} | {decode} | {memory} | {agree} | {target_verdict(row, target) if target else ''} |")
+        kernels = row.get("kernels")
+        kernels = f"{kernels['decode_per_token']:.0f} ({kernels['prefill']})" if kernels else ""
+        lines.append(f"| {name} | {ttft} | {decode} | {memory} | {agree} | {target_verdict(row, target) if target else ''} "
+                     f"| {kernels} |")
     return "\n".join(lines)
+
+
+def summarize_requests(results: list[dict], targets: dict) -> list[dict]:
+    """Request mode: one row per runtime, its median seconds per request, its ratio to transformers (times faster)
+    and to the eager torch engine, and on how many scenes its answer is transformers'."""
+    by_name = {r["runtime"]: r for r in results if "error" not in r}
+    medians = {name: Spread.of(r["request_s"]) for name, r in by_name.items()}
+    rows = []
+    for r in results:
+        row = dict(runtime=r["runtime"], info=r.get("info", ""))
+        if "error" in r:
+            rows.append(dict(row, error=r["error"]))
+            continue
+        spread = medians[r["runtime"]]
+        row.update(request_s=spread.median, request_range_s=[spread.low, spread.high], requests=spread.count,
+                   peak_rss_mb=r["peak_rss_mb"], repeatable=r["repeatable"], answers=r["answers"])
+        for other, key in ((REFERENCE, "speedup"), ("torch", "speedup_over_torch")):
+            if other in medians:
+                row[key] = medians[other].median / spread.median
+        if REFERENCE in by_name:
+            reference = by_name[REFERENCE]["answers"]
+            row["same_answers"] = sum(a == b for a, b in zip(r["answers"], reference))
+            row["scenes"] = len(reference)
+        if r["runtime"] in targets:
+            row["target"] = targets[r["runtime"]]
+        rows.append(row)
+    return rows
+
+
+def requests_table(workload: dict) -> str:
+    """Request mode's table for one workload."""
+    lines = [f"**{workload['description']}**, whole requests (\"{workload['prompt']}\" on {workload['scenes']} drawn "
+             f"scenes, up to {workload['new_tokens']} new tokens, stopping at end-of-sequence; {threads_text(workload)}, "
+             f"median of {workload['runs']} request(s) after {workload['warmup']} warm-up"
+             + (f", runtimes taking turns over {workload['rounds']} rounds)" if workload.get("rounds", 1) > 1 else ")"),
+             "", "| runtime | per request | x faster than transformers | x faster than eager torch | peak memory "
+             "| answers equal to transformers' | target |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in workload["rows"]:
+        name = f"{row['runtime']}: {row['info']}" if row.get("info") else row["runtime"]
+        if "error" in row:
+            lines.append(f"| {name} | failed: {error_line(row['error'])} | | | | | |")
+            continue
+        low, high = row["request_range_s"]
+        per_request = f"{row['request_s'] * 1000:.1f} ms ({low * 1000:.1f}-{high * 1000:.1f})"
+        ratios = [f"{row[key]:.2f}x" if key in row else "" for key in ("speedup", "speedup_over_torch")]
+        memory = f"{row['peak_rss_mb']:.0f} MB RSS" if row["peak_rss_mb"] else "not measured (one process)"
+        if row["runtime"] == REFERENCE:
+            agree = "reference"
+        elif "same_answers" in row:
+            agree = f"{row['same_answers']}/{row['scenes']} scenes"
+        else:
+            agree = "no reference"
+        if not row["repeatable"]:
+            agree += ", not repeatable across runs"
+        lines.append(f"| {name} | {per_request} | {ratios[0]} | {ratios[1]} | {memory} | {agree} "
+                     f"| {requests_verdict(row, row['target']) if 'target' in row else ''} |")
+    return "\n".join(lines)
+
+
+def requests_verdict(row: dict, target: dict) -> str:
+    """Request mode's targets: x faster than transformers, and faster than eager torch."""
+    wanted = [(f">= {target['speedup']}x transformers", row.get("speedup"), target["speedup"])]
+    if target.get("faster_than_torch"):
+        wanted.append(("faster than eager torch", row.get("speedup_over_torch"), 1.0))
+    missed = [what for what, value, least in wanted if value is None or value < least]
+    text = ", ".join(what for what, _, _ in wanted)
+    verdict = "met" if not missed else "not met: " + ", ".join(missed)
+    if row.get("same_answers") != row.get("scenes"):
+        verdict += " (answers differ: does not count)"
+    return f"{text}: {verdict}"
 
 
 def error_line(error: str) -> str:

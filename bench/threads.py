@@ -8,14 +8,13 @@ spinning, one request's decode rate and time to first token, and requests per se
 from __future__ import annotations
 
 import argparse
-import statistics
 import threading
-import time
 
 import paligemma
 from export.runtime import load_onnx_pipeline
 from paligemma.cli import ArgumentParser
 
+from .timing import Spread, timed
 from .workloads import request_image
 
 SETTINGS = [(1, False), (2, False), (2, True)]  # (intra-op threads, spinning)
@@ -23,8 +22,7 @@ SETTINGS = [(1, False), (2, False), (2, True)]  # (intra-op threads, spinning)
 
 def one_request(pipe, image, prompt: str, new_tokens: int, runs: int) -> tuple[float, float]:
     results = [pipe.generate(image, prompt, max_new_tokens=new_tokens, stop_ids=()) for _ in range(runs)]
-    return (statistics.median(r.decode_tokens_per_s for r in results),
-            statistics.median(r.ttft_s * 1000 for r in results))
+    return Spread.of(r.decode_tokens_per_s for r in results).median, Spread.of(r.ttft_s * 1000 for r in results).median
 
 
 def two_at_once(pipe, image, prompt: str, new_tokens: int, runs: int) -> float:
@@ -32,13 +30,15 @@ def two_at_once(pipe, image, prompt: str, new_tokens: int, runs: int) -> float:
         for _ in range(runs):
             pipe.generate(image, prompt, max_new_tokens=new_tokens, stop_ids=())
 
-    workers = [threading.Thread(target=work) for _ in range(2)]
-    start = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return 2 * runs / (time.perf_counter() - start)
+    def both():
+        workers = [threading.Thread(target=work) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    _, seconds = timed(both)
+    return 2 * runs / seconds
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,10 @@ embedding, attention, Gemma 2's attention softcap and sliding window are one com
 over a preallocated cache that is its own past and present (written in place: no Concat); 53 kernels per token on
 the embedded model where the traced graph runs 338. Prefill: RotaryEmbedding, then attention in standard ops over
 additive masks given as inputs, made by the library's one rule (paligemma/masks.py), so the prefix-LM mask and
-padding are exact; 127 kernels where the traced graph runs 350.
+padding are exact; 127 kernels where the traced graph runs 350. Its last layer computes keys and values for
+every token (the cache) but queries, attention, o_proj and the MLP for the last token only, the one row the logits
+read (attention is row by row, so that row is as computed in full): a quarter of the embedded model's prefill
+MLP, half the 2-layer wide model's.
 
 GroupQueryAttention is causal over each row's first seqlens_k + 1 cache slots: it knows no padding. This
 project's batches are left-padded (paligemma/processor.py), so the engine moves each row's real keys to the
@@ -45,9 +48,13 @@ PREFIX = "model.language_model.model."
 MIN_ROTARY_POSITIONS = 4096
 
 
-def unsupported(config: PaliGemmaConfig, dtype: str, quantize: str | None = None) -> str | None:
-    """Why the fused graphs cannot serve this export, or None when they can."""
+def unsupported(config: PaliGemmaConfig, dtype: str, quantize: str | None = None,
+                device_type: str = "cpu") -> str | None:
+    """Why the fused graphs cannot serve this export on this provider ("cpu" or "cuda"), or None when they can."""
     t = config.text
+    if device_type != "cpu":
+        # Not run on a GPU here: the exported graphs (standard ops) serve the CUDA provider.
+        return "the CUDA provider: GroupQueryAttention there is float16 / bfloat16 only"
     if quantize not in (None, "none"):  # the manifest records "none" for float exports
         return f"a {quantize} export: its weights are quantized MatMuls the fused graphs do not write"
     if dtype != "float32":
@@ -141,9 +148,17 @@ class _Gemma:
         return self.op("Mul", [gathered, self.constant("embedding_scale", np.float32(math.sqrt(self.text.hidden_size)))],
                        "embed_scale")[0]
 
-    def layers(self, x: str, attention) -> tuple[str, str]:
+    def last_token(self, x: str, axis: int = 1) -> str:
+        """x's last position along `axis`, the axis kept (length 1)."""
+        return self.op("Slice", [x, self.constant("minus_one", np.array([-1], dtype=np.int64)),
+                                 self.constant("int64_max", np.array([2**63 - 1], dtype=np.int64)),
+                                 self.constant(f"axis_{axis}_list", np.array([axis], dtype=np.int64))], "last")[0]
+
+    def layers(self, x: str, attention, last_token_only: bool = False) -> tuple[str, str]:
         """Every decoder layer over x [B, T, C]; attention(i, h) -> attention output [B, T, H * D] before o_proj.
-        Returns (the last layer's output, the residual stream), not yet added: the final norm fuses the add."""
+        Returns (the last layer's output, the residual stream), not yet added: the final norm fuses the add.
+        With last_token_only, the last layer's attention returns the last token's row only ([B, 1, H * D]), and
+        the rest of that layer runs on that row: the logits read nothing else."""
         t = self.text
         pending = None  # a layer's output not yet added to x (its add is fused into the next norm)
         for i in range(t.num_hidden_layers):
@@ -153,6 +168,8 @@ class _Gemma:
             else:
                 h, x = self.skip_rms(pending, x, f"{layer}.input_layernorm")
             attn = self.linear(attention(i, h), f"{layer}.self_attn.o_proj")
+            if last_token_only and i == t.num_hidden_layers - 1:
+                x = self.last_token(x)
             if t.is_gemma2:
                 attn = self.rms(attn, f"{layer}.post_attention_layernorm")
                 h, x = self.skip_rms(attn, x, f"{layer}.pre_feedforward_layernorm")
@@ -261,8 +278,13 @@ def fused_prefill_model(prefill: onnx.ModelProto, config: PaliGemmaConfig) -> on
     scale = g.constant("attention_scale", np.float32(t.attention_scale))
 
     def attention(i: int, h: str) -> str:
-        q, k, v = (g.linear(h, f"layers.{i}.self_attn.{p}_proj") for p in "qkv")
-        (q,) = g.op("RotaryEmbedding", [q, "position_ids", g.cos, g.sin], "rope", domain=MS, num_heads=H, interleaved=0)
+        # The last layer's keys and values are every token's (they fill the cache), its queries the last token's
+        # only: the logits read that row alone, and attention is row by row, so the row is as computed in full.
+        last_layer = i == L - 1
+        q = g.linear(g.last_token(h) if last_layer else h, f"layers.{i}.self_attn.q_proj")
+        k, v = (g.linear(h, f"layers.{i}.self_attn.{p}_proj") for p in "kv")
+        q_positions = g.last_token("position_ids") if last_layer else "position_ids"
+        (q,) = g.op("RotaryEmbedding", [q, q_positions, g.cos, g.sin], "rope", domain=MS, num_heads=H, interleaved=0)
         (k,) = g.op("RotaryEmbedding", [k, "position_ids", g.cos, g.sin], "rope", domain=MS, num_heads=K, interleaved=0)
         # Grouped-query attention without copying keys, as the torch model: [B, K, G, T, D] against [B, K, 1, T, D].
         (q,) = g.op("Transpose", [g.op("Reshape", [q, q_shape], "q")[0]], "q", perm=[0, 2, 3, 1, 4])
@@ -276,12 +298,14 @@ def fused_prefill_model(prefill: onnx.ModelProto, config: PaliGemmaConfig) -> on
             cap = g.constant("attention_softcap", np.float32(t.attn_logit_softcapping))
             (bounded,) = g.op("Tanh", [g.op("Div", [scores, cap], "softcap")[0]], "softcap")
             (scores,) = g.op("Mul", [bounded, cap], "softcap")
-        (probs,) = g.op("Softmax", [g.op("Add", [scores, bias_name(t.layer_window(i))], "mask")[0]], "softmax", axis=-1)
+        bias = bias_name(t.layer_window(i))
+        bias = g.last_token(bias, axis=3) if last_layer else bias  # the last query's row of the mask
+        (probs,) = g.op("Softmax", [g.op("Add", [scores, bias], "mask")[0]], "softmax", axis=-1)
         values = g.op("Unsqueeze", [present[2 * i + 1], axis_2], "v")[0]
         (out,) = g.op("MatMul", [probs, values], "attend")  # [B, K, G, T, D]
         return g.op("Reshape", [g.op("Transpose", [out], "out", perm=[0, 3, 1, 2, 4])[0], out_shape], "out")[0]
 
-    pending, x = g.layers(x, attention)
+    pending, x = g.layers(x, attention, last_token_only=True)  # [B, 1, C]
     last = g.constant("last", np.int64(-1))
     hidden, _ = g.skip_rms(g.op("Gather", [pending, last], "last", axis=1)[0], g.op("Gather", [x, last], "last", axis=1)[0],
                            "norm")

@@ -32,7 +32,7 @@ from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_e
                        weights_fingerprint)
 from .mask_decoder import load_onnx_mask_decoder
 from .quantize import PREPACKED
-from .threads import ThreadPlan, plan_threads
+from .threads import SMALL_MODEL_BYTES, ThreadPlan, plan_threads
 from .variants import exported_variant, variant_name
 from .torch_reference import torch_reference
 from .validate import validate_export
@@ -105,6 +105,12 @@ class OnnxModel:
         # pre-packed it reads the blocks, at the cost of a packed copy per session (int4: an eighth of the float
         # weight, int8 a quarter).
         prepack = prepack or self.manifest.get("quantize") in PREPACKED
+        # Pre-packed, MLAS lays out each MatMul weight once instead of on every call: the embedded model's fused
+        # prefill and decode ran faster so (export/README.md "Fused decode graphs"), at the cost of a packed copy
+        # of the decoder weights in each of the two sessions, which only a small model affords.
+        fused_prepack = prepack or decoder_bytes < SMALL_MODEL_BYTES
+        # As this model's sessions are made (bench/kernels.py makes profiled copies of them).
+        self.prepack, self.fused_prepack, self.spinning = prepack, fused_prepack, spinning
         buffers, shared = self._load_shared()
         self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
         self.sessions = {}
@@ -120,7 +126,7 @@ class OnnxModel:
         self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
         self.present_names = cache_names("present", config.text.num_hidden_layers)
         self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
-        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, prepack, spinning)
+        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, fused_prepack, spinning)
         if self.fused_prefill is not None:
             self.output_names["fused_prefill"] = [o.name for o in self.fused_prefill.get_outputs()]
         logger.info("ONNX Runtime sessions for %s on %s (%s)", self.onnx_dir, self.providers,
@@ -131,9 +137,7 @@ class OnnxModel:
         when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
         if fused is False:
             return None, None
-        reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"))
-        if reason is None and self.device_type != "cpu":
-            reason = "the CUDA provider: GroupQueryAttention there is float16 only"
+        reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"), self.device_type)
         if reason is not None:
             if fused:
                 raise OnnxExportError(f"fused graphs asked for, but they cannot serve this export: {reason}")
@@ -197,7 +201,7 @@ class OnnxEngine:
     position_ids come from the torch engines' own rule (paligemma.masks).
 
     With the fused decode graph (export/fused.py), the cache lives in buffers of a fixed capacity (prompt +
-    max_new_tokens slots) allocated at prefill, each row's real keys moved to its front; the graph writes each
+    max_new_tokens slots) allocated at the first decode step, each row's real keys moved to its front; the graph writes each
     new key and value in place. Every input and output is bound once, to arrays updated in place: a step writes
     the tokens, advances positions and lengths by one and runs. The logits are written into one bound buffer and
     returned as a copy of it (callers may keep them). Each engine owns its buffers, so
@@ -207,6 +211,7 @@ class OnnxEngine:
     def __init__(self, model: OnnxModel):
         self.model = model
         self.fused = False
+        self._decoding = None  # prefill's inputs, until the first decode step prepares decoding from them
 
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
         m = self.model
@@ -229,15 +234,21 @@ class OnnxEngine:
                 "attention_mask": real,
                 "token_type_ids": inputs["token_type_ids"].numpy().astype(np.int64),
             })
-        # The mask and positions for the whole run, written once.
-        self.attention_mask, _ = extend_for_generation(inputs["attention_mask"].long(), inputs["token_type_ids"],
-                                                       max_new_tokens)
-        self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
         self.length = input_ids.shape[1]
         self.capacity = self.length + max_new_tokens
-        if m.fused_decode is not None and left_padded(real):
-            self._bind_fused(real)
+        # What only decoding needs is made at the first decode step, after the first token is out (a request of
+        # one token never makes it).
+        self._decoding = (inputs["attention_mask"], inputs["token_type_ids"], real, max_new_tokens)
         return torch.from_numpy(logits.numpy())
+
+    def _prepare_decoding(self) -> None:
+        attention_mask, token_type_ids, real, max_new_tokens = self._decoding
+        self._decoding = None
+        # The mask and positions for the whole run, written once.
+        self.attention_mask, _ = extend_for_generation(attention_mask.long(), token_type_ids, max_new_tokens)
+        self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
+        if self.model.fused_decode is not None and left_padded(real):
+            self._bind_fused(real)
 
     def _bind_fused(self, real: np.ndarray) -> None:
         m, (B, T) = self.model, real.shape
@@ -276,6 +287,8 @@ class OnnxEngine:
         if self.length >= self.capacity:
             raise InputError(f"this request's cache holds {self.capacity} tokens (its prompt and max_new_tokens, "
                              "allocated at prefill); to generate more, ask for more max_new_tokens")
+        if self._decoding is not None:
+            self._prepare_decoding()
         self.length += 1
         if self.fused:
             return self._fused_step(tokens)

@@ -52,11 +52,37 @@ def test_smoke_tokens_agree_with_transformers(smoke):
         assert row["same_prompt"] and row["tokens_agree"] and row["repeatable"]
         assert row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0
         assert row["peak_rss_mb"] is None  # smoke mode runs everything in one process: no per-runtime memory
+    # ONNX Runtime's kernels per decoded token, from its profiler: the fused graphs (float32) run fewer than the
+    # graphs as exported (int8 decodes with those); torch runtimes have none to count.
+    fused, exported = rows["onnx"]["kernels"], rows["onnx-int8"]["kernels"]
+    assert 0 < fused["decode_per_token"] < exported["decode_per_token"] and fused["prefill"] > 0
+    assert sum(fused["decode_ops"].values()) == fused["decode_per_token"] and "GroupQueryAttention" in fused["decode_ops"]
+    assert rows["transformers"]["kernels"] is None and rows["torch"]["kernels"] is None
     # Quantized runtimes may pick other tokens; they must still produce them all, and the table must say whether
     # they agree.
     for runtime in quantized_runtimes():
         assert len(rows[runtime]["tokens"]) == workload["new_tokens"]
         assert isinstance(rows[runtime]["tokens_agree"], bool) and isinstance(rows[runtime]["answer_agrees"], bool)
+
+
+def test_request_mode_times_whole_requests_and_compares_answers(tmp_path):
+    """--mode requests: whole generate calls on drawn scenes, stopping at end-of-sequence, each runtime's answers
+    held to transformers' scene by scene."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--mode", "requests", "--scenes", "2",
+                           "--runtimes", ",".join(EXACT_RUNTIMES), "--out", str(out), "--cache-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (workload,) = json.loads((out / "cpu-requests.json").read_text())["workloads"]
+    rows = {row["runtime"]: row for row in workload["rows"]}
+    assert set(rows) == set(EXACT_RUNTIMES) and workload["scenes"] == 2
+    for runtime in EXACT_RUNTIMES:
+        row = rows[runtime]
+        assert row["requests"] == 2 and row["request_s"] > 0 and row["same_answers"] == 2, runtime
+        assert all(len(answer) <= workload["new_tokens"] for answer in row["answers"])
+    assert rows["transformers"]["speedup"] == 1.0 and rows["torch"]["speedup_over_torch"] == 1.0
+    table = (out / "cpu-requests.md").read_text()
+    assert "| onnx: " in table and "2/2 scenes" in table and not (out / "cpu-requests.png").exists()
 
 
 def test_runtime_in_its_own_process_reports_peak_memory(tmp_path):
@@ -105,3 +131,12 @@ def test_a_checkpoint_in_hub_style_shards_runs_every_runtime(tmp_path, monkeypat
         assert rows[runtime]["tokens"] == rows["transformers"]["tokens"], runtime
     exports = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "onnx").iterdir() if p.is_dir())
     assert exports == sorted(["float32", *(name.removeprefix("onnx-") for name in quantized_runtimes())])
+
+
+def test_a_spread_is_the_median_range_and_count_of_its_figures():
+    from bench.timing import Spread
+
+    assert Spread.of([0.030, 0.010, 0.020, 0.500]) == Spread(0.025, 0.010, 0.500, 4)
+    assert Spread.of([0.0123, 0.0119, 0.0140]).text("ms", 1000) == "12.3 ms (median of 3; 11.9-14.0)"
+    with pytest.raises(ValueError, match="at least one run"):
+        Spread.of([])

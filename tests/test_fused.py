@@ -9,9 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import onnx
+
 import paligemma
-from export.fused import left_padded
+from export.fused import left_padded, unsupported
 from export.runtime import OnnxModel, export_and_validate
+from export.transformers_js import export_transformers_js
 from paligemma.errors import InputError
 from tiny import build_reference
 
@@ -115,13 +118,13 @@ def test_concurrent_generations_do_not_share_buffers(pipes):
     # Interleaved by hand: two engines of one model, stepping in turn.
     engines = [onnx_pipe.engine_factory() for _ in requests]
     logits = [e.prefill(onnx_pipe.processor([i], [p]), STEPS) for e, (i, p) in zip(engines, requests)]
-    assert all(e.fused for e in engines)
-    assert not any(np.shares_memory(a, b) for a in engines[0].buffers + [engines[0].logits]
-                   for b in engines[1].buffers + [engines[1].logits])
     tokens = [[int(lg.argmax())] for lg in logits]
     for _ in range(STEPS - 1):
         for index, engine in enumerate(engines):
             tokens[index].append(int(engine.decode_step(torch.tensor([tokens[index][-1]])).argmax()))
+    assert all(e.fused for e in engines)
+    assert not any(np.shares_memory(a, b) for a in engines[0].buffers + [engines[0].logits]
+                   for b in engines[1].buffers + [engines[1].logits])
     for got, want in zip(tokens, expected):
         assert got[: len(want)] == want
     # And from two threads at once, through the pipeline.
@@ -144,3 +147,25 @@ def test_left_padded_tells_the_layouts_apart():
     assert not left_padded(np.array([[1, 1, 0, 0]]))  # right padding
     assert not left_padded(np.array([[1, 0, 1, 1]]))  # a hole
     assert not left_padded(np.array([[0, 0, 0, 0]]))  # no real token
+
+
+def test_fused_graphs_serve_float32_exports_on_the_cpu_provider_only(pipes):
+    """Elsewhere the exported graphs serve: the CUDA provider (GroupQueryAttention there is float16 only),
+    float16 and quantized exports."""
+    config = pipes[0].config
+    assert unsupported(config, "float32", "none", "cpu") is None and pipes[1].engine_factory.device_type == "cpu"
+    assert "CUDA provider" in unsupported(config, "float32", "none", "cuda")
+    assert "float16" in unsupported(config, "float16", "none", "cpu")
+    assert "int8" in unsupported(config, "float32", "int8", "cpu")
+
+
+def test_the_transformers_js_layout_keeps_to_standard_ops(tmp_path):
+    """onnxruntime-web runs the transformers.js files as written: none of the fused graphs' contrib ops."""
+    folder = tmp_path / "checkpoint"
+    build_reference(folder, "pg2", text=dict(head_dim=32))
+    export_transformers_js(folder, tmp_path / "tjs", progress=False, log=lambda *_: None)
+    files = sorted((tmp_path / "tjs" / "onnx").glob("*.onnx"))
+    assert len(files) >= 3
+    for path in files:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        assert {node.domain for node in graph.node} <= {"", "ai.onnx"}, path.name
