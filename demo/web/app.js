@@ -16,7 +16,11 @@ env.localModelPath = new URL('./', import.meta.url).pathname;
 env.backends.onnx.wasm.wasmPaths = new URL('./vendor/', import.meta.url).href;
 
 // What the tests and the measurements read: the last run's inputs, answer and timings.
-const state = { image: null, imageSource: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null, lastInputs: null };
+// `marks`: milliseconds from the navigation start at each loading step (demo.web.measure_page prints them).
+const state = {
+    image: null, imageSource: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null,
+    lastInputs: null, marks: { moduleStart: performance.now() },
+};
 window.paligemma = state;
 
 async function chooseDevice() {
@@ -49,9 +53,9 @@ function draw(image, text = '') {
     }
 }
 
-async function setImage(source) {
+async function setImage(source, read = RawImage.read(source)) {
     try {
-        state.image = await RawImage.read(source);
+        state.image = await read;
     } catch (e) {
         state.image = null;
         showError(`That file could not be read as an image (${e.message || e}); choose a PNG, JPEG or WebP picture.`);
@@ -115,9 +119,24 @@ async function main() {
         $('example').add(new Option(`${example.file} (${example.prompt})`, example.file));
     }
     state.device = await chooseDevice();
+    if (state.device === 'wasm' && !location.search.includes('asyncify')) {
+        env.backends.onnx.wasm.wasmPaths = {
+            mjs: new URL('./vendor/ort-wasm-simd-threaded.mjs', import.meta.url).href,
+            wasm: new URL('./vendor/ort-wasm-simd-threaded.wasm', import.meta.url).href,
+        };
+        env.useWasmCache = false;
+    }
+    state.marks.deviceChosen = performance.now();
+    // The first example is read while the model loads.
+    const firstSource = `examples/${examples[0].file}`;
+    const firstImage = RawImage.read(firstSource);
+    firstImage.catch(() => {});  // setImage reports it
     state.processor = await AutoProcessor.from_pretrained('model');
+    state.marks.processorLoaded = performance.now();
     try {
-        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype: 'fp32', device: state.device });
+        const q = new URLSearchParams(location.search);
+        const so = q.get('opt') ? { graphOptimizationLevel: q.get('opt') } : {};
+        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype: q.get('dtype') || 'fp32', device: state.device, session_options: so });
     } catch (e) {
         if (state.device === 'wasm') throw e;
         state.device = 'wasm';  // an adapter that cannot run the graphs: WebAssembly instead
@@ -139,7 +158,8 @@ async function main() {
     $('run').addEventListener('click', () => run($('prompt').value));
     $('run').disabled = false;
     // The first answer, so that a visitor sees the model work without a click.
-    await setImage(`examples/${examples[0].file}`);
+    await setImage(firstSource, firstImage);
+    state.marks.imageShown = performance.now();
     await run($('prompt').value);
     state.firstAnswerMs = performance.now();  // from the page's navigation start
     $('status').textContent = `Model loaded (${state.device}); first answer in ${(state.firstAnswerMs / 1000).toFixed(2)} s.`;
