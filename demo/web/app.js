@@ -13,7 +13,20 @@ env.allowRemoteModels = false;
 env.allowLocalModels = true;
 // A path, not a URL: transformers.js looks a local model up only under a path (a URL counts as remote).
 env.localModelPath = new URL('./', import.meta.url).pathname;
-env.backends.onnx.wasm.wasmPaths = new URL('./vendor/', import.meta.url).href;
+env.backends.onnx.wasm.wasmPaths = new URL('./vendor/', import.meta.url).href;  // the asyncify build (WebGPU's)
+// The model variants the page holds (python -m demo.web.build), picked with ?dtype=: fp32 gives torch's answers.
+const DTYPES = ['fp32', 'q8'];
+
+// onnxruntime-web's plain WebAssembly build, where no WebGPU adapter is used: 14 MB instead of the asyncify build's
+// 27 MB, compiled much faster (demo/web/README.md). The URL pair keeps the streaming compile: with useWasmCache,
+// transformers.js would fetch the bytes itself and hand onnxruntime-web an ArrayBuffer.
+function useWasmBuild(name) {
+    env.backends.onnx.wasm.wasmPaths = {
+        mjs: new URL(`./vendor/${name}.mjs`, import.meta.url).href,
+        wasm: new URL(`./vendor/${name}.wasm`, import.meta.url).href,
+    };
+    env.useWasmCache = false;
+}
 
 // What the tests and the measurements read: the last run's inputs, answer and timings.
 // `marks`: milliseconds from the navigation start at each loading step (demo.web.measure_page prints them).
@@ -118,14 +131,12 @@ async function main() {
     for (const example of examples) {
         $('example').add(new Option(`${example.file} (${example.prompt})`, example.file));
     }
-    state.device = await chooseDevice();
-    if (state.device === 'wasm' && !location.search.includes('asyncify')) {
-        env.backends.onnx.wasm.wasmPaths = {
-            mjs: new URL('./vendor/ort-wasm-simd-threaded.mjs', import.meta.url).href,
-            wasm: new URL('./vendor/ort-wasm-simd-threaded.wasm', import.meta.url).href,
-        };
-        env.useWasmCache = false;
+    const dtype = new URLSearchParams(location.search).get('dtype') ?? 'fp32';
+    if (!DTYPES.includes(dtype)) {
+        throw new Error(`?dtype=${dtype} is not a variant this page holds; use ${DTYPES.join(' or ')}.`);
     }
+    state.device = await chooseDevice();
+    if (state.device === 'wasm') useWasmBuild('ort-wasm-simd-threaded');
     state.marks.deviceChosen = performance.now();
     // The first example is read while the model loads.
     const firstSource = `examples/${examples[0].file}`;
@@ -134,13 +145,11 @@ async function main() {
     state.processor = await AutoProcessor.from_pretrained('model');
     state.marks.processorLoaded = performance.now();
     try {
-        const q = new URLSearchParams(location.search);
-        const so = q.get('opt') ? { graphOptimizationLevel: q.get('opt') } : {};
-        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype: q.get('dtype') || 'fp32', device: state.device, session_options: so });
+        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype, device: state.device });
     } catch (e) {
         if (state.device === 'wasm') throw e;
         state.device = 'wasm';  // an adapter that cannot run the graphs: WebAssembly instead
-        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype: 'fp32', device: 'wasm' });
+        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype, device: 'wasm' });
     }
     state.loadedMs = performance.now();
     $('status').textContent = `Model loaded (${state.device}).`;
