@@ -4,7 +4,8 @@ rewritten to give exactly the unsplit graph's values:
 
 - the token lookup Gather(W, ids): each block i (rows s_i .. s_i + r_i) is gathered with the ids moved into its
   range, Gather(W_i, Clip(ids - s_i, 0, r_i - 1)), and Where(ids >= s_i, block i's rows, the earlier blocks' rows)
-  keeps, for every id, the rows of the block holding it: each output row is a copy of the same stored row;
+  keeps, for every id, the rows of the block holding it: each output row is a copy of the same stored row (for ids
+  in [0, V); the unsplit Gather's wrap-around of negative ids is not kept);
 - the tied output projection Gemm(hidden, W, transB=1): one Gemm on each block, Concat along the vocabulary: each
   logit is the same dot product of the same row (tests/test_transformers_js.py checks the logits are equal).
 
