@@ -29,10 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.format == "transformers.js":
-            if args.quantize:
-                parser.error("--quantize is not available with --format transformers.js yet; use --dtype float16")
-            export_transformers_js_checked(args.model, args.output, dtype=args.dtype, opset=args.opset,
-                                           validate=not args.no_validate)
+            export_transformers_js_checked(args.model, args.output, dtype=args.dtype, quantize=args.quantize,
+                                           opset=args.opset, validate=not args.no_validate)
             return 0
         export = export_model if args.no_validate else export_and_validate
         export(args.model, args.output, dtype=args.dtype, quantize=args.quantize, opset=args.opset)

@@ -397,7 +397,7 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
 
     for candidate in (onnx_dir, folder):
         if candidate is not None and is_transformers_js_export(candidate):
-            return load_transformers_js_pipeline(candidate, providers=choose_providers(device),
+            return load_transformers_js_pipeline(candidate, quantize=quantize, providers=choose_providers(device),
                                                  options=lambda plan: session_options(plan, None, prepack, spinning),
                                                  threads=threads, requests=requests)
     try:

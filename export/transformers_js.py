@@ -10,7 +10,9 @@ load, written with the default export's streaming machinery.
 
 The graphs (export/transformers_js_graphs.py) are traced on the hollow model with the weights as inputs, and
 each weight goes through WeightWriter.attach into the graph's chunked data, block by block from the checkpoint:
-the same memory bound as the default export. Suffixes are transformers.js': "" float32, "_fp16".
+the same memory bound as the default export, quantized on the way with `quantize` (export/quantize.py). A float
+weight larger than a chunk (the 3B float32 embedding) is stored as row blocks (export/transformers_js_split.py).
+Suffixes are transformers.js' (`VARIANTS`): "" float32, "_fp16", "_quantized" int8, "_q4" int4.
 Everything is written into a staging folder inside OUT and moved into place at the end, config.json last, so a
 failed export leaves nothing that looks complete (and an earlier variant in OUT untouched).
 """
@@ -22,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -35,14 +38,44 @@ from .checkpoint_stream import CheckpointStream
 from .onnx_export import (DEFAULT_OPSET, DTYPES, check_free_space, check_options, read_config, removed_on_failure,
                           set_metadata, tie_lm_head, trace_to_onnx)
 from .manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
-from .streaming import WeightsAsInputs, WeightWriter, hollow_model
+from .quantize import INT4_BLOCK_SIZE, MS_DOMAIN, QuantizedMatMul, quantize_lookup
+from .streaming import TRACED_PREFIX, WeightsAsInputs, WeightWriter, embedding_input, hollow_model, rename_inputs
 from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
 from .transformers_js_graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
+from .transformers_js_split import split_large_weights
 
 
 FORMAT = "transformers.js"
-SUFFIXES = {"float32": "", "float16": "_fp16"}  # transformers.js' dtype -> file suffix (utils/dtypes.js)
 CONFIG_KEY = "transformers.js_config"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One set of graph files in the folder: the weights' dtype and quantization, and transformers.js' name (its
+    `dtype` option) and file suffix for them (utils/dtypes.js, DEFAULT_DTYPE_SUFFIX_MAPPING)."""
+
+    dtype: str
+    quantize: str | None
+    name: str
+    suffix: str
+
+    @property
+    def label(self) -> str:
+        return self.dtype if self.quantize is None else f"{self.dtype}, {self.quantize}"
+
+
+# q4f16 (4-bit weights with float16 scales and activations, for WebGPU) is not written: export/quantize.py keeps
+# float32 scales, which MatMulNBits and GatherBlockQuantized then require of the activations (export/README.md).
+VARIANTS = (Variant("float32", None, "fp32", ""), Variant("float16", None, "fp16", "_fp16"),
+            Variant("float32", "int8", "q8", "_quantized"), Variant("float32", "int4", "q4", "_q4"))
+
+
+def find_variant(dtype: str = "float32", quantize: str | None = None) -> Variant:
+    for variant in VARIANTS:
+        if (variant.dtype, variant.quantize) == (dtype, quantize):
+            return variant
+    raise OnnxExportError(f"--dtype {dtype}{f' --quantize {quantize}' if quantize else ''} has no transformers.js "
+                          f"variant here; choose one of: {', '.join(v.label for v in VARIANTS)}")
 
 
 def is_transformers_js_export(folder) -> bool:
@@ -50,16 +83,16 @@ def is_transformers_js_export(folder) -> bool:
     return (folder / "config.json").exists() and any((folder / "onnx").glob("decoder_model_merged*.onnx"))
 
 
-def graph_file(name: str, dtype: str) -> str:
-    return f"{name}{SUFFIXES[dtype]}.onnx"
+def graph_file(name: str, variant: Variant) -> str:
+    return f"{name}{variant.suffix}.onnx"
 
 
-def export_transformers_js(source, output, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
-                           chunk_bytes: int = CHUNK_BYTES, progress: bool = True, log=print) -> dict:
+def export_transformers_js(source, output, *, dtype: str = "float32", quantize: str | None = None,
+                           opset: int = DEFAULT_OPSET, chunk_bytes: int = CHUNK_BYTES, progress: bool = True,
+                           log=print) -> dict:
     """Export the checkpoint `source` into `output` in transformers.js' layout; returns config.json's content."""
-    check_options(output, dtype, None, opset)
-    if dtype not in SUFFIXES:
-        raise OnnxExportError(f"dtype '{dtype}' has no transformers.js file suffix here; use {', '.join(SUFFIXES)}")
+    check_options(output, dtype, quantize, opset)
+    variant = find_variant(dtype, quantize)
     start = time.perf_counter()
     output = Path(output)
     folder = resolve_checkpoint(source)
@@ -67,33 +100,46 @@ def export_transformers_js(source, output, *, dtype: str = "float32", opset: int
         output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=output, prefix=".staging-") as staging:
             staging = Path(staging)
-            config = write_folder(folder, staging, output, dtype, opset, chunk_bytes, progress)
+            config = write_folder(folder, staging, output, variant, opset, chunk_bytes, progress)
             publish(staging, output)
-    log(f"exported {folder} to {output} (transformers.js layout, {dtype}) in {time.perf_counter() - start:.1f}s")
+    log(f"exported {folder} to {output} (transformers.js layout, {variant.label}) in "
+        f"{time.perf_counter() - start:.1f}s")
     return config
 
 
-def write_folder(folder: Path, staging: Path, output: Path, dtype: str, opset: int, chunk_bytes: int,
+def stored_bytes(source: CheckpointStream, name: str, dtype: torch.dtype, quantize: str | None) -> int:
+    """About what one checkpoint tensor takes in the data files: its matrices quantized (weights and scales)."""
+    nbytes = source.nbytes(name, dtype)
+    if quantize is None or len(source.tensors[name].shape) != 2:
+        return nbytes
+    values = nbytes // dtype.itemsize
+    return values + 4 * values // source.tensors[name].shape[1] if quantize == "int8" else \
+        values // 2 + 4 * -(-values // INT4_BLOCK_SIZE)
+
+
+def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, opset: int, chunk_bytes: int,
                  progress: bool) -> dict:
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = DTYPES[variant.dtype]
     config = read_config(folder)
     source = CheckpointStream(folder)
     model = hollow_model(config, torch_dtype)
     source.check_against(model)
     embedding = next(name for name in source.tensors if name.endswith("embed_tokens.weight"))
     # Every weight once, and the embedding a second time: embed_tokens and the decoder's tied projection each hold it.
-    check_free_space(staging, sum(source.nbytes(n, torch_dtype) for n in source.tensors)
-                     + source.nbytes(embedding, torch_dtype))
+    # (int4 stores both as 4-bit blocks; int8's lookup stays float.)
+    check_free_space(staging, sum(stored_bytes(source, n, torch_dtype, variant.quantize) for n in source.tensors)
+                     + stored_bytes(source, embedding, torch_dtype, "int4" if variant.quantize == "int4" else None))
     meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
-                exporter_version=EXPORTER_VERSION, dtype=dtype, format=FORMAT, opset=opset,
-                torch_version=torch.__version__)
+                exporter_version=EXPORTER_VERSION, dtype=variant.dtype, quantize=variant.quantize or "none",
+                format=FORMAT, opset=opset, torch_version=torch.__version__)
     specs, modules, inputs = graph_specs(config), graph_modules(model), example_inputs(config)
     writer = WeightWriter(source, torch_dtype,
-                          lambda items, what: tqdm(list(items), desc=f"{what} weights", disable=not progress))
+                          lambda items, what: tqdm(list(items), desc=f"{what} weights", disable=not progress),
+                          quantize=variant.quantize)
     (staging / "onnx").mkdir()
     chunks = {}
     for name in tqdm(GRAPH_ORDER, desc="exporting (transformers.js)", disable=not progress):
-        file = graph_file(name, dtype)
+        file = graph_file(name, variant)
         workdir = staging / f".trace-{name}"
         workdir.mkdir()
         module = WeightsAsInputs(modules[name])
@@ -102,6 +148,12 @@ def write_folder(folder: Path, staging: Path, output: Path, dtype: str, opset: i
         if name == "decoder_model_merged":
             tie_lm_head(graph, next(w for w in module.names if w.endswith("embed_tokens.weight")))
         with ChunkedExternalData(staging / "onnx", file, chunk_bytes) as store:
+            if variant.quantize == "int4" and name == "embed_tokens":
+                quantize_embed_tokens(graph, writer, store)
+            # What stays float and is larger than a chunk is split; attach quantizes the decoder's projection.
+            quantized = variant.quantize and name == "decoder_model_merged"
+            split_large_weights(graph, writer, store, chunk_bytes,
+                                skip={embedding_input(writer.weight_inputs(graph))} if quantized else set())
             writer.attach(graph, name, store)
         chunks[file] = store.count
         set_metadata(graph, name, meta)
@@ -119,6 +171,26 @@ def write_folder(folder: Path, staging: Path, output: Path, dtype: str, opset: i
     content = model_config(config, chunks, output / "config.json")
     write_json(staging / "config.json", content)
     return content
+
+
+def quantize_embed_tokens(graph: onnx.ModelProto, writer: WeightWriter, store: ChunkedExternalData) -> None:
+    """int4: the lookup reads the embedding's int4 blocks (GatherBlockQuantized), as the three-graph int4 export's
+    lookup does, so the int4 variant's embed_tokens holds 4-bit rows, not float ones (at 3B float32, 0.33 GB where a
+    float lookup took 2.1 GB). attach quantizes only MatMul and Gemm weights, and this graph has only the Gather."""
+    g = graph.graph
+    weight = embedding_input(writer.weight_inputs(graph))
+    rows, width = writer.source.tensors[weight.removeprefix(TRACED_PREFIX)].shape
+    name = weight + "_int4"
+    target = quantize_lookup(g, weight, QuantizedMatMul(weight.removeprefix(TRACED_PREFIX), "int4", name,
+                                                        name + "_scale", rows, width))
+    if target.lookup_scale is None:
+        raise OnnxExportError("embed_tokens has no token lookup on the embedding; the graph layout changed")
+    stored, _, lookup_scale = writer.quantized_initializers(target, store)
+    g.initializer.extend([stored, lookup_scale])  # the [N, blocks] scales alias these bytes; MatMulNBits is absent
+    rename_inputs(g, {k: v for k, v in ((target.weight, stored.name), (target.lookup_scale, lookup_scale.name))
+                      if k != v})
+    if not any(o.domain == MS_DOMAIN for o in graph.opset_import):
+        graph.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def publish(staging: Path, output: Path) -> None:

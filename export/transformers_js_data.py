@@ -28,6 +28,13 @@ def chunk_name(graph_file: str, index: int) -> str:
     return f"{graph_file}_data" + ("" if index == 0 else f"_{index}")
 
 
+def peek(blocks: Iterable) -> tuple:
+    """The first block, and all the blocks again."""
+    blocks = iter(blocks)
+    first = next(blocks)
+    return first, itertools.chain([first], blocks)
+
+
 class ChunkedExternalData:
     """The data files of one graph file `graph_file` (e.g. decoder_model_merged_fp16.onnx) in `folder`."""
 
@@ -47,22 +54,40 @@ class ChunkedExternalData:
         return [chunk.path.name for chunk in self.chunks]
 
     def write(self, name: str, blocks: Iterable[torch.Tensor | np.ndarray], shape: list[int]) -> str:
-        blocks = iter(blocks)
-        first = next(blocks)
+        first, blocks = peek(blocks)
+        stored = self.chunk_for(name, shape, first).write(name, blocks, shape)
+        self.holder[stored] = self.chunks[-1]
+        return stored
+
+    def write_transposed(self, name: str, row_blocks: Iterable[np.ndarray], shape: list[int]) -> str:
+        """ExternalData.write_transposed (int8 weights, as MatMulInteger's B) into the chunk that holds it."""
+        first, row_blocks = peek(row_blocks)
+        stored = self.chunk_for(name, shape, first).write_transposed(name, row_blocks, shape)
+        self.holder[stored] = self.chunks[-1]
+        return stored
+
+    def alias(self, name: str, stored: str, shape: list[int]) -> str:
+        """Another name (and shape) for the bytes of `stored`, in its chunk."""
+        chunk = self.holder[stored]
+        alias = chunk.alias(name, stored, shape)
+        self.holder[alias] = chunk
+        return alias
+
+    def chunk_for(self, name: str, shape: list[int], first: torch.Tensor | np.ndarray) -> ExternalData:
+        """The last chunk if the tensor fits after what it holds, else a new one (made the last)."""
         itemsize = first.element_size() if isinstance(first, torch.Tensor) else first.itemsize
         nbytes = math.prod(shape) * itemsize
         if nbytes > self.chunk_bytes:
             raise OnnxExportError(
                 f"{name} takes {nbytes:,} bytes, more than one external data file may hold for transformers.js "
-                f"({self.chunk_bytes:,} bytes); export it smaller: --dtype float16 or a quantization")
+                f"({self.chunk_bytes:,} bytes), and it is not a lookup or output projection that is stored in "
+                "row blocks; export it smaller: --dtype float16 or a quantization")
         chunk = self.chunks[-1] if self.chunks else None
         used = chunk.file.tell() if chunk is not None else 0
         if chunk is None or (used > 0 and used + ALIGNMENT + nbytes > self.chunk_bytes):
             chunk = ExternalData(self.folder / chunk_name(self.graph_file, len(self.chunks)))
             self.chunks.append(chunk)
-        stored = chunk.write(name, itertools.chain([first], blocks), shape)
-        self.holder[stored] = chunk
-        return stored
+        return chunk
 
     def initializer(self, name: str) -> onnx.TensorProto:
         return self.holder[name].initializer(name)

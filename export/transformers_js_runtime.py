@@ -28,14 +28,14 @@ from .graphs import cache_names
 from .manifest import METADATA_PREFIX, config_hash
 from .onnx_export import removed_on_failure
 from .threads import ThreadPlan, plan_threads
-from .transformers_js import SUFFIXES, export_transformers_js, graph_file
+from .transformers_js import VARIANTS, Variant, export_transformers_js, find_variant, graph_file
 from .transformers_js_graphs import GRAPH_ORDER
 
 logger = logging.getLogger(__name__)
 
 
-def variant_present(folder: Path, dtype: str) -> bool:
-    return all((folder / "onnx" / graph_file(name, dtype)).exists() for name in GRAPH_ORDER)
+def variant_present(folder: Path, variant: Variant) -> bool:
+    return all((folder / "onnx" / graph_file(name, variant)).exists() for name in GRAPH_ORDER)
 
 
 def default_options(plan: ThreadPlan) -> ort.SessionOptions:
@@ -46,33 +46,37 @@ def default_options(plan: ThreadPlan) -> ort.SessionOptions:
 
 
 class TransformersJsModel:
-    """The three sessions of one variant (float32 unless asked otherwise). Calling it gives a fresh engine.
-    `manifest`, `float_type`, `onnx_dir` and `run` are what export.validate.validate_export reads."""
+    """The three sessions of one variant (`dtype` and `quantize`; unless given, the first of VARIANTS the folder
+    holds). Calling it gives a fresh engine. `manifest`, `float_type`, `onnx_dir` and `run` are what
+    export.validate.validate_export reads."""
 
-    def __init__(self, folder, config: PaliGemmaConfig, dtype: str | None = None, providers=("CPUExecutionProvider",),
-                 options: Callable[[ThreadPlan], ort.SessionOptions] | None = None, threads: int | None = None,
-                 requests: int | None = None):
+    def __init__(self, folder, config: PaliGemmaConfig, dtype: str | None = None, quantize: str | None = None,
+                 providers=("CPUExecutionProvider",), options: Callable[[ThreadPlan], ort.SessionOptions] | None = None,
+                 threads: int | None = None, requests: int | None = None):
         """`providers` and `options` (plan -> SessionOptions) come from export.runtime when it loads this layout
         (its provider choice and session settings; this module sits below it); the defaults run on the CPU."""
         self.onnx_dir = Path(folder)
         self.config = config
-        if dtype is None:
-            dtype = next((d for d in SUFFIXES if variant_present(self.onnx_dir, d)), "float32")
-        if dtype not in SUFFIXES:
-            raise OnnxExportError(f"dtype '{dtype}' is not a transformers.js variant read here; use {', '.join(SUFFIXES)}")
-        if not variant_present(self.onnx_dir, dtype):
-            missing = [graph_file(n, dtype) for n in GRAPH_ORDER if not (self.onnx_dir / "onnx" / graph_file(n, dtype)).exists()]
-            raise OnnxExportError(f"{self.onnx_dir / 'onnx'} lacks {', '.join(missing)}: export the {dtype} variant "
-                                  "with `python -m export --format transformers.js`")
-        self.manifest = dict(dtype=dtype, quantize="none", format="transformers.js")
+        if dtype is None and quantize is None:
+            variant = next((v for v in VARIANTS if variant_present(self.onnx_dir, v)), VARIANTS[0])
+        else:
+            variant = find_variant(dtype or "float32", quantize)
+        if not variant_present(self.onnx_dir, variant):
+            missing = [graph_file(n, variant) for n in GRAPH_ORDER
+                       if not (self.onnx_dir / "onnx" / graph_file(n, variant)).exists()]
+            raise OnnxExportError(f"{self.onnx_dir / 'onnx'} lacks {', '.join(missing)}: export the {variant.label} "
+                                  "variant with `python -m export --format transformers.js`")
+        self.variant = variant
+        self.manifest = dict(dtype=variant.dtype, quantize=variant.quantize or "none", format="transformers.js")
         self.float_type = np.float32  # transformers.js' files keep float32 inputs and outputs
-        data = sum(p.stat().st_size for p in (self.onnx_dir / "onnx").glob(f"decoder_model_merged{SUFFIXES[dtype]}.onnx_data*"))
+        data = sum(p.stat().st_size for p in (self.onnx_dir / "onnx").glob(graph_file("decoder_model_merged", variant)
+                                                                              + "_data*"))
         self.thread_plan = plan_threads(data, threads=threads, requests=requests)
         options = options or default_options
         expected = config_hash(config)
         self.sessions = {}
         for name in GRAPH_ORDER:
-            path = self.onnx_dir / "onnx" / graph_file(name, dtype)
+            path = self.onnx_dir / "onnx" / graph_file(name, variant)
             try:
                 session = ort.InferenceSession(str(path), options(self.thread_plan), providers=list(providers))
             except Exception as e:  # onnxruntime raises several pybind types (InvalidProtobuf, Fail, NoSuchFile)
@@ -86,8 +90,8 @@ class TransformersJsModel:
         self.providers = self.sessions["decoder_model_merged"].get_providers()
         self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
         self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
-        logger.info("ONNX Runtime sessions for the transformers.js export %s (%s) on %s", self.onnx_dir, dtype,
-                    self.providers)
+        logger.info("ONNX Runtime sessions for the transformers.js export %s (%s) on %s", self.onnx_dir,
+                    variant.label, self.providers)
 
     def run(self, name: str, feeds: dict) -> list[ort.OrtValue]:
         """OrtValue inputs (the cache) pass without a copy; outputs stay OrtValues on the CPU."""
@@ -144,7 +148,8 @@ class TransformersJsEngine:
         return torch.from_numpy(logits.numpy()[:, -1])
 
 
-def load_transformers_js_pipeline(folder, dtype: str | None = None, **model_options) -> Pipeline:
+def load_transformers_js_pipeline(folder, dtype: str | None = None, quantize: str | None = None,
+                                  **model_options) -> Pipeline:
     """A Pipeline generating with ONNX Runtime from a folder in transformers.js' layout (its own config.json and
     tokenizer.json make the processor); `model_options` go to TransformersJsModel."""
     folder = Path(folder)
@@ -152,21 +157,21 @@ def load_transformers_js_pipeline(folder, dtype: str | None = None, **model_opti
         config = PaliGemmaConfig.from_json_file(folder / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    model = TransformersJsModel(folder, config, dtype=dtype, **model_options)
+    model = TransformersJsModel(folder, config, dtype=dtype, quantize=quantize, **model_options)
     return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)
 
 
-def variant_removed_on_failure(output: Path, dtype: str):
+def variant_removed_on_failure(output: Path, variant: Variant):
     """If the block fails, the folder goes if it was new; otherwise this variant's graphs and data go (an exported
     variant that failed validation must not look usable), other variants stay."""
     def variant_files(folder: Path) -> list[Path]:
-        return [path for name in GRAPH_ORDER for path in (folder / "onnx").glob(graph_file(name, dtype) + "*")]
+        return [path for name in GRAPH_ORDER for path in (folder / "onnx").glob(graph_file(name, variant) + "*")]
 
     return removed_on_failure(output, variant_files)
 
 
-def export_transformers_js_checked(source, output, *, dtype: str = "float32", validate: bool = True, log=print,
-                                   **options) -> dict:
+def export_transformers_js_checked(source, output, *, dtype: str = "float32", quantize: str | None = None,
+                                   validate: bool = True, log=print, **options) -> dict:
     """export_transformers_js, then (unless `validate` is false) the default export's validation against torch,
     run through this engine: the torch side recorded first in a child process, as for the three graphs."""
     from .torch_reference import torch_reference
@@ -174,11 +179,11 @@ def export_transformers_js_checked(source, output, *, dtype: str = "float32", va
 
     folder = resolve_checkpoint(source)
     if not validate:
-        return export_transformers_js(folder, output, dtype=dtype, log=log, **options)
-    with variant_removed_on_failure(Path(output), dtype):
+        return export_transformers_js(folder, output, dtype=dtype, quantize=quantize, log=log, **options)
+    with variant_removed_on_failure(Path(output), find_variant(dtype, quantize)):
         reference = torch_reference(folder, dtype)
-        content = export_transformers_js(folder, output, dtype=dtype, log=log, **options)
+        content = export_transformers_js(folder, output, dtype=dtype, quantize=quantize, log=log, **options)
         config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
-        validate_export(reference, TransformersJsModel(output, config, dtype=dtype), log=log)
+        validate_export(reference, TransformersJsModel(output, config, dtype=dtype, quantize=quantize), log=log)
     return content
 

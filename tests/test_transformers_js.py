@@ -1,6 +1,7 @@
 """`python -m export --format transformers.js`: the layout, this project's ONNX Runtime loop over it against torch
 (padded batches included), and transformers.js itself (Node, demo/web/generate.mjs) against torch, on the embedded
-model and tiny PaliGemma 1 (head_dim 24 != 64 / 4) and 2 (sliding window 6, shorter than every prompt; softcaps)."""
+model and tiny PaliGemma 1 (head_dim 24 != 64 / 4) and 2 (sliding window 6, shorter than every prompt; softcaps);
+the int8 and int4 variants; the embedding split into row blocks when it exceeds a chunk."""
 
 import json
 import shutil
@@ -151,10 +152,11 @@ def test_weights_split_into_chunks_load_in_onnx_runtime_and_transformers_js(refe
     assert got["tokens"][: len(expected)] == expected
 
 
-def test_a_tensor_larger_than_a_chunk_is_refused_and_nothing_is_left(reference_factory, tmp_path):
+def test_another_tensor_larger_than_a_chunk_is_refused_and_nothing_is_left(reference_factory, tmp_path):
+    """The patch embedding (75 kB) is neither a lookup nor a projection: it cannot be cut into row blocks."""
     folder, _ = reference_factory("pg1")
     out = tmp_path / "out"
-    with pytest.raises(OnnxExportError, match="--dtype float16"):
+    with pytest.raises(OnnxExportError, match="patch_embedding.*--dtype float16"):
         export_transformers_js(folder, out, chunk_bytes=4096, progress=False, log=quiet)
     assert not out.exists()
 
@@ -211,10 +213,62 @@ def test_the_embedded_models_float16_files_give_torch_tokens_in_both_loops(tmp_p
         assert got["tokens"][: len(expected)] == expected and len(got["tokens"]) == len(expected) + 1, prompt
 
 
-def test_quantizing_this_layout_is_refused_until_the_quantizer_lands(tmp_path, capsys):
+@pytest.mark.parametrize("quantize, name, suffix, ops", [
+    ("int8", "q8", "_quantized", {"vision_encoder": "MatMulInteger", "decoder_model_merged": "MatMulInteger"}),
+    ("int4", "q4", "_q4", {"vision_encoder": "MatMulNBits", "embed_tokens": "GatherBlockQuantized",
+                           "decoder_model_merged": "MatMulNBits"}),
+])
+def test_quantized_variants_validate_and_give_the_same_tokens_in_transformers_js_and_this_loop(
+        quantize, name, suffix, ops, tmp_path, capsys):
+    """The command validates the variant against torch (export/validate.py: the documented int8 / int4 tolerance);
+    transformers.js, given the variant's name, loads its files and gives this project's loop's tokens on them."""
+    from export.runtime import load_onnx_pipeline
+
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js", "--quantize", "int8"])
-    assert exit_info.value.code == 2
-    assert "--quantize is not available with --format transformers.js" in capsys.readouterr().err
-    assert not out.exists()
+    export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js", "--no-validate"])
+    assert export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js",
+                        "--quantize", quantize]) == 0
+    assert "validation decode" in capsys.readouterr().out
+    counts = json.loads((out / "config.json").read_text())["transformers.js_config"]["use_external_data_format"]
+    for graph in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
+        file = f"{graph}{suffix}.onnx"
+        assert counts[file] == len(list((out / "onnx").glob(f"{file}_data*"))) >= 1
+        assert counts[f"{graph}.onnx"] >= 1  # the float32 variant beside it keeps its entry
+        nodes = onnx.load(str(out / "onnx" / file), load_external_data=False).graph.node
+        if graph in ops:
+            assert ops[graph] in {n.op_type for n in nodes}, graph
+    pipe = load_onnx_pipeline(out, quantize=quantize)
+    assert pipe.engine_factory.manifest["quantize"] == quantize
+    torch_pipe = paligemma.load()
+    for picture, prompt in requests("embedded"):
+        expected = pipe.generate(picture, prompt, max_new_tokens=STEPS).token_ids
+        pixel_values = torch_pipe.processor([picture], [prompt])["pixel_values"]
+        got = node_generate(out, pixel_values, prompt, tmp_path, STEPS, "--dtype", name)
+        assert got["tokens"][: len(expected)] == expected and len(got["tokens"]) == len(expected) + 1, prompt
+
+
+def test_a_lookup_and_projection_larger_than_a_chunk_are_row_blocks_equal_to_the_whole(reference_factory, tmp_path):
+    folder, _ = reference_factory("pg1")
+    chunk = 100_000  # the embedding is 425,984 bytes (5 blocks); every other tensor fits
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    export_transformers_js(folder, whole, progress=False, log=quiet)
+    export_transformers_js(folder, split, chunk_bytes=chunk, progress=False, log=quiet)
+    assert all(p.stat().st_size <= chunk for p in (split / "onnx").glob("*.onnx_data*"))
+    lookup = onnx.load(str(split / "onnx" / "embed_tokens.onnx"), load_external_data=False).graph
+    decoder = onnx.load(str(split / "onnx" / "decoder_model_merged.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in lookup.node].count("Gather") == 5
+    assert sum(n.op_type == "Gemm" and "embed_tokens" in n.input[1] for n in decoder.node) == 5
+    torch_pipe = paligemma.load(folder)
+    pipes = [paligemma.load(out, backend="onnx") for out in (whole, split)]
+    inputs = torch_pipe.processor([image(1), image(2)], PROMPTS)
+    engines = [pipe.engine_factory() for pipe in pipes]
+    logits = [engine.prefill(inputs, STEPS) for engine in engines]
+    for _ in range(STEPS):
+        assert torch.equal(logits[0], logits[1])
+        tokens = torch.randint(0, torch_pipe.config.text.vocab_size, (2,))  # ids from every block
+        logits = [engine.decode_step(tokens) for engine in engines]
+    picture, prompt = image(0), PROMPTS[1]
+    expected = torch_pipe.generate(picture, prompt, max_new_tokens=STEPS).token_ids
+    assert pipes[1].generate(picture, prompt, max_new_tokens=STEPS).token_ids == expected
+    got = node_generate(split, torch_pipe.processor([picture], [prompt])["pixel_values"], prompt, tmp_path)
+    assert got["tokens"][: len(expected)] == expected

@@ -31,10 +31,14 @@ def quiet(*_):
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def site(tmp_path_factory):
     if not (NODE_MODULES / "@huggingface" / "transformers").exists():
         pytest.fail("transformers.js is not installed: run `npm ci --onnxruntime-node-install=skip` in demo/web")
-    site = build(tmp_path_factory.mktemp("site"), validate=False, log=quiet)  # the test compares tokens itself
+    return build(tmp_path_factory.mktemp("site"), validate=False, log=quiet)  # the tests compare tokens themselves
+
+
+@pytest.fixture(scope="module")
+def url(site):
     httpd = server(site)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -43,19 +47,31 @@ def url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(url):
+def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(url)
-        page.wait_for_function("window.paligemma && (window.paligemma.firstAnswerMs !== null"
-                               " || !document.getElementById('error').hidden)")
-        assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
-        yield page
+        yield browser
         browser.close()
+
+
+def open_page(browser, url: str):
+    """The page at `url`, once it has shown its first answer or an error."""
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_function("window.paligemma && (window.paligemma.firstAnswerMs !== null"
+                           " || !document.getElementById('error').hidden)")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, url):
+    page = open_page(browser, url)
+    assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
+    yield page
+    page.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +79,9 @@ def torch_pipe():
     return paligemma.load()
 
 
-def torch_greedy(pipe, pixel_values: list[float], prompt: str) -> list[int]:
-    """torch's greedy tokens for `prompt` and these exact pixel values, up to and with the stop token."""
+def greedy_tokens(pipe, pixel_values: list[float], prompt: str) -> list[int]:
+    """`pipe`'s (torch's, unless another pipeline is given) greedy tokens for `prompt` and these exact pixel
+    values, up to and with the stop token."""
     size = pipe.config.image_size
     inputs = pipe.processor([Image.new("RGB", (size, size))], [prompt])
     inputs["pixel_values"] = torch.tensor(pixel_values, dtype=torch.float32).reshape(1, 3, size, size)
@@ -94,7 +111,7 @@ def test_the_first_answer_is_a_caption_equal_to_torch(page, torch_pipe):
     run = last_run(page)
     assert run["prompt"] == "caption en"
     assert run["input_ids"] == torch_pipe.processor([Image.new("RGB", (8, 8))], ["caption en"])["input_ids"][0].tolist()
-    assert run["tokens"] == torch_greedy(torch_pipe, run["pixel_values"], "caption en")
+    assert run["tokens"] == greedy_tokens(torch_pipe, run["pixel_values"], "caption en")
     assert page.locator("#output").text_content() == run["text"] != ""
     assert "tokens/s" in page.locator("#stats").text_content()
 
@@ -103,7 +120,7 @@ def test_a_detection_equals_torch_and_its_boxes_are_drawn(page, torch_pipe):
     page.locator("#example").select_option("scene_07.png")
     page.wait_for_function("(window.paligemma.imageSource || '').endsWith('scene_07.png') && !window.paligemma.busy")
     run = run_preset(page, "detect circle ; triangle")
-    assert run["tokens"] == torch_greedy(torch_pipe, run["pixel_values"], "detect circle ; triangle")
+    assert run["tokens"] == greedy_tokens(torch_pipe, run["pixel_values"], "detect circle ; triangle")
     assert "<loc" in run["text"]
     drawn = page.evaluate("""() => {
         const c = document.getElementById('canvas');
@@ -121,3 +138,23 @@ def test_a_bad_upload_gets_a_message(page, tmp_path):
     page.locator("#upload").set_input_files(str(bad))
     page.locator("#error").wait_for(state="visible")
     assert "could not be read as an image" in page.locator("#error").text_content()
+
+
+def test_the_int8_variant_gives_this_projects_int8_tokens_on_the_same_files(browser, url, site):
+    """?dtype=q8: the page's int8 files; onnxruntime-web (MatMulInteger in WebAssembly) must give what this
+    project's ONNX Runtime loop gives on the same files and pixel values (int8 answers may differ from torch's by a
+    few location bins: demo/web/README.md)."""
+    from export.runtime import load_onnx_pipeline
+
+    page = open_page(browser, url + "?dtype=q8")
+    assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
+    pipe = load_onnx_pipeline(site / "model", quantize="int8")
+    run = last_run(page)
+    assert run["tokens"] == greedy_tokens(pipe, run["pixel_values"], "caption en")
+    page.close()
+
+
+def test_a_variant_the_page_lacks_gets_a_message(browser, url):
+    page = open_page(browser, url + "?dtype=q2")
+    assert "?dtype=q2 is not a variant this page holds; use fp32 or q8" in page.locator("#error").text_content()
+    page.close()

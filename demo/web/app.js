@@ -13,10 +13,27 @@ env.allowRemoteModels = false;
 env.allowLocalModels = true;
 // A path, not a URL: transformers.js looks a local model up only under a path (a URL counts as remote).
 env.localModelPath = new URL('./', import.meta.url).pathname;
-env.backends.onnx.wasm.wasmPaths = new URL('./vendor/', import.meta.url).href;
+env.backends.onnx.wasm.wasmPaths = new URL('./vendor/', import.meta.url).href;  // the asyncify build (WebGPU's)
+// The model variants the page holds (python -m demo.web.build), picked with ?dtype=: fp32 gives torch's answers.
+const DTYPES = ['fp32', 'q8'];
+
+// onnxruntime-web's plain WebAssembly build, where no WebGPU adapter is used: 14 MB instead of the asyncify build's
+// 27 MB, compiled much faster (demo/web/README.md). The URL pair keeps the streaming compile: with useWasmCache,
+// transformers.js would fetch the bytes itself and hand onnxruntime-web an ArrayBuffer.
+function useWasmBuild(name) {
+    env.backends.onnx.wasm.wasmPaths = {
+        mjs: new URL(`./vendor/${name}.mjs`, import.meta.url).href,
+        wasm: new URL(`./vendor/${name}.wasm`, import.meta.url).href,
+    };
+    env.useWasmCache = false;
+}
 
 // What the tests and the measurements read: the last run's inputs, answer and timings.
-const state = { image: null, imageSource: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null, lastInputs: null };
+// `marks`: milliseconds from the navigation start at each loading step (demo.web.measure_page prints them).
+const state = {
+    image: null, imageSource: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null,
+    lastInputs: null, marks: { moduleStart: performance.now() },
+};
 window.paligemma = state;
 
 async function chooseDevice() {
@@ -49,9 +66,9 @@ function draw(image, text = '') {
     }
 }
 
-async function setImage(source) {
+async function setImage(source, read = RawImage.read(source)) {
     try {
-        state.image = await RawImage.read(source);
+        state.image = await read;
     } catch (e) {
         state.image = null;
         showError(`That file could not be read as an image (${e.message || e}); choose a PNG, JPEG or WebP picture.`);
@@ -114,14 +131,25 @@ async function main() {
     for (const example of examples) {
         $('example').add(new Option(`${example.file} (${example.prompt})`, example.file));
     }
+    const dtype = new URLSearchParams(location.search).get('dtype') ?? 'fp32';
+    if (!DTYPES.includes(dtype)) {
+        throw new Error(`?dtype=${dtype} is not a variant this page holds; use ${DTYPES.join(' or ')}.`);
+    }
     state.device = await chooseDevice();
+    if (state.device === 'wasm') useWasmBuild('ort-wasm-simd-threaded');
+    state.marks.deviceChosen = performance.now();
+    // The first example is read while the model loads.
+    const firstSource = `examples/${examples[0].file}`;
+    const firstImage = RawImage.read(firstSource);
+    firstImage.catch(() => {});  // setImage reports it
     state.processor = await AutoProcessor.from_pretrained('model');
+    state.marks.processorLoaded = performance.now();
     try {
-        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype: 'fp32', device: state.device });
+        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype, device: state.device });
     } catch (e) {
         if (state.device === 'wasm') throw e;
         state.device = 'wasm';  // an adapter that cannot run the graphs: WebAssembly instead
-        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype: 'fp32', device: 'wasm' });
+        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype, device: 'wasm' });
     }
     state.loadedMs = performance.now();
     $('status').textContent = `Model loaded (${state.device}).`;
@@ -139,7 +167,8 @@ async function main() {
     $('run').addEventListener('click', () => run($('prompt').value));
     $('run').disabled = false;
     // The first answer, so that a visitor sees the model work without a click.
-    await setImage(`examples/${examples[0].file}`);
+    await setImage(firstSource, firstImage);
+    state.marks.imageShown = performance.now();
     await run($('prompt').value);
     state.firstAnswerMs = performance.now();  // from the page's navigation start
     $('status').textContent = `Model loaded (${state.device}); first answer in ${(state.firstAnswerMs / 1000).toFixed(2)} s.`;

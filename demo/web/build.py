@@ -3,7 +3,8 @@
     python -m demo.web.build [--out demo/web/site] [--serve] [--port 8000] [--rebuild]
 
 The folder holds the page (index.html, app.js, style.css: committed in demo/web/), the embedded model exported in
-transformers.js' layout (model/), transformers.js' browser build and onnxruntime-web's WebAssembly files from the
+transformers.js' layout (model/: float32 and int8), transformers.js' browser build and onnxruntime-web's WebAssembly
+files (the asyncify build WebGPU needs, and the plain one, smaller and faster to compile, for WebAssembly) from the
 installed npm packages (vendor/; `npm ci --onnxruntime-node-install=skip` in demo/web first), the example scenes
 (examples/) and a README.md whose front matter makes the folder a static Hugging Face Space. All of it is built;
 nothing is fetched from a CDN or the Hub when the page runs. The server sends the cross-origin isolation headers
@@ -20,6 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from export.transformers_js import find_variant, graph_file
 from export.transformers_js_runtime import export_transformers_js_checked
 from paligemma import DEMO_CHECKPOINT
 
@@ -34,7 +36,11 @@ RUNTIME_FILES = {
     NODE_MODULES / "@huggingface/transformers/dist/transformers.min.js": "transformers.min.js",
     NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.mjs": "ort-wasm-simd-threaded.asyncify.mjs",
     NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.asyncify.wasm": "ort-wasm-simd-threaded.asyncify.wasm",
+    NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.mjs": "ort-wasm-simd-threaded.mjs",
+    NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.wasm": "ort-wasm-simd-threaded.wasm",
 }
+# float32 (the page's default: torch's answers) and int8 (`?dtype=q8`: faster in WebAssembly, demo/web/README.md)
+MODEL_QUANTIZATIONS = (None, "int8")
 ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 SPACE_README = """---
 title: PaliGemma in the browser
@@ -66,9 +72,12 @@ def build(out: Path, rebuild: bool = False, validate: bool = True, log=print) ->
                          "(cd demo/web && npm ci --onnxruntime-node-install=skip)")
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
-    if rebuild or not (model / "config.json").exists():
+    variants = [find_variant(quantize=quantize) for quantize in MODEL_QUANTIZATIONS]
+    if rebuild or not all((model / "onnx" / graph_file("decoder_model_merged", v)).exists() for v in variants):
         shutil.rmtree(model, ignore_errors=True)
-        export_transformers_js_checked(DEMO_CHECKPOINT, model, validate=validate, progress=False, log=log)
+        for quantize in MODEL_QUANTIZATIONS:
+            export_transformers_js_checked(DEMO_CHECKPOINT, model, quantize=quantize, validate=validate,
+                                           progress=False, log=log)
     for name in PAGE_FILES:
         shutil.copy(WEB / name, out / name)
     vendor = out / "vendor"

@@ -1,9 +1,10 @@
 """Times the built page in Debian's chromium (WebAssembly backend), as a visitor sees it.
 
-    python -m demo.web.measure_page [--site demo/web/site] [--clicks 10]
+    python -m demo.web.measure_page [--site demo/web/site] [--clicks 10] [--query "?dtype=q8"]
 
-Prints: page opened -> model loaded, page opened -> first answer shown (both from the navigation start), and for
-the caption preset clicked `--clicks` times, click -> full answer (median and best) and its tokens/s.
+Prints: page opened -> model loaded, page opened -> first answer shown (both from the navigation start), where the
+load went (the page's marks, and when the runtime's .wasm file had arrived), and for the caption preset clicked
+`--clicks` times, click -> full answer (median and best) and its tokens/s. `--query` is added to the page's URL.
 Build the folder first: python -m demo.web.build.
 """
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.web.measure_page")
     parser.add_argument("--site", type=Path, default=WEB / "site")
     parser.add_argument("--clicks", type=int, default=10)
+    parser.add_argument("--query", default="", help='added to the URL, e.g. "?dtype=q8"')
     args = parser.parse_args(argv)
     httpd = server(args.site)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -34,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
         page = browser.new_page()
         page.set_default_timeout(120_000)
-        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/")
+        page.goto(f"http://127.0.0.1:{httpd.server_address[1]}/{args.query}")
         page.wait_for_function("window.paligemma && window.paligemma.firstAnswerMs !== null")
-        loaded, first = page.evaluate("[window.paligemma.loadedMs, window.paligemma.firstAnswerMs]")
+        loaded, first, marks = page.evaluate("[window.paligemma.loadedMs, window.paligemma.firstAnswerMs, "
+                                             "window.paligemma.marks]")
+        wasm = page.evaluate("performance.getEntriesByType('resource').filter(e => e.name.endsWith('.wasm'))"
+                             ".map(e => [e.name.split('/').at(-1), e.responseEnd])")
         runs = []
         for i in range(args.clicks):
             page.click('#presets button[data-prompt="caption en"]')
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     httpd.shutdown()
     totals = [r["total_ms"] / 1000 for r in runs]
     print(f"device {device}; page opened -> model loaded {loaded / 1000:.2f} s, -> first answer shown {first / 1000:.2f} s")
+    steps = sorted([*marks.items(), *((f"{name} arrived", end) for name, end in wasm)], key=lambda item: item[1])
+    print("  loading: " + ", ".join(f"{name} {ms / 1000:.2f} s" for name, ms in steps))
     print(f"caption ({len(runs[0]['tokens'])} tokens with <eos>), click -> full answer over {len(runs)} clicks: "
           f"median {statistics.median(totals):.3f} s, best {min(totals):.3f} s; time to first token median "
           f"{statistics.median(r['ttft_ms'] for r in runs) / 1000:.3f} s; decode median "
