@@ -4,11 +4,20 @@
     python -m shapes.train --out runs/shapes --export paligemma/demo_checkpoint   # copy the run's model
     python -m shapes.train --out runs/tuned --init-from CHECKPOINT ...            # fine-tune (no stage 1)
 
-Three stages, each resumable in a folder of its own:
+Stages, each resumable in a folder of its own:
+0. OUT/contrastive (`--contrastive-steps`, 0 for none; from scratch only): the vision tower and a small text tower
+   on scene / caption pairs with the sigmoid loss (shapes/contrastive.py); stage 1 starts from its tower.
 1. OUT/vision: the vision tower alone on the auxiliary patch targets below (cheap: no decoder).
+   OUT/vqvae (`--segment`, the default): the VQ-VAE of the masks (shapes/vqvae.py), trained once before stage 2;
+   its codes answer `segment {shape}` and its decoder is written beside every checkpoint (mask_decoder.safetensors).
 2. OUT: the whole model on the tasks, the patch targets kept as an auxiliary loss.
 3. OUT/polish (`--polish-steps`, 0 for none): a short second schedule that polishes detection; its last
    checkpoint is then the run's model.
+With `--init-from` a checkpoint of this recipe is fine-tuned from stage 2 on; one whose vocabulary predates the
+words appended since (shapes/tokenizer.py's APPENDED_WORDS: "segment") gets their embedding rows added at the end,
+every other id and weight unchanged. Training scenes (not the held-out ones) are drawn with `--augment`'s styles
+(scenes.training_style: shifted shades, other light backgrounds, canvas scale, soft edges, noise), half of them
+through JPEG; the last detection and the segmentation name an absent kind, answered empty, in `--absent-share`.
 
 What makes it learn in CPU minutes where a naive recipe stalls:
 - 112 px images in 14 px patches (64 image tokens), narrow towers (width 192, 4 + 4 layers, ~4 M parameters).
@@ -16,7 +25,8 @@ What makes it learn in CPU minutes where a naive recipe stalls:
   (tied with the output layer) as sinusoids of the bin index, so neighbouring bins start close.
 - Gaussian soft targets over neighbouring location bins, narrowing over stage 2 (wide: neighbouring bins learn
   together; narrow at the end: a peaked first location token, which greedy decoding needs to prefer a box to <eos>).
-- Each image is embedded once and asked six questions (a caption, both counts, `--detections` = 3 detections),
+- Each image is embedded once and asked six questions (a caption, both counts, `--detections` = 3 detections;
+  a seventh, a segmentation, with `--segment`),
   packed into one decoder sequence that shares the 64 image tokens (shapes/packing.py: cheaper per question);
   the last `--steps - --packed-steps` steps unpack them into one sequence per question, the exact attention of
   inference, since packed steps cannot teach image features that depend on the prompt, which listing two of
@@ -275,7 +285,7 @@ def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: 
     `packed_steps` (with `drawing.unpack_detections`, only the caption and counts: each detection gets a sequence
     of its own), `unpacked_images` in one sequence per question after; `loc_sigma(step)` is the soft targets'
     width."""
-    from shapes.vqvae import scene_codes
+    from shapes.vqvae import scenes_codes
 
     alone = is_detection if drawing.unpack_detections else None
     style = S.training_style if drawing.augment else None
@@ -286,14 +296,14 @@ def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: 
         chosen = [S.render_scene(seed, scene_index(seed, first + j, drawing.shape_weights), style)
                   for j in range(count)]
         images, asked = [], []
-        for j, scene in enumerate(chosen):
+        codes = scenes_codes(chosen, vqvae) if vqvae is not None else [None] * len(chosen)
+        for j, (scene, scene_codes) in enumerate(zip(chosen, codes)):
             rng = random.Random(f"questions:{seed}:{step}:{j}")
             image = scene.image
             if rng.random() < drawing.jpeg_fraction:  # robustness to JPEG artefacts
                 image = E.as_jpeg(image, rng.randint(*JPEG_QUALITIES))
             images.append(image)
-            codes = scene_codes(scene, vqvae) if vqvae is not None else None
-            asked.append(questions(scene, rng, drawing.detections, codes, drawing.absent_share))
+            asked.append(questions(scene, rng, drawing.detections, scene_codes, drawing.absent_share))
         if step < packed_steps:
             batch = packed_batch(processor, images, asked, alone)
         else:
@@ -505,13 +515,13 @@ def train_contrastive_stage(run: Run) -> Path:
 
 
 def train_vqvae_stage(run: Run):
-    """Stage 0, in OUT/vqvae: the VQ-VAE whose codes answer `segment` and whose decoder ships beside the checkpoint
-    (shapes/vqvae.py); trained once, then read back on every rerun."""
+    """In OUT/vqvae, before stage 2: the VQ-VAE whose codes answer `segment` and whose decoder ships beside the
+    checkpoints (shapes/vqvae.py); trained once, then read back on every rerun."""
     from shapes.vqvae import VQVAE_NAME, VQVAEOptions, evaluate, load_vqvae, save_vqvae, train
 
     args, directory = run.args, run.out / "vqvae"
     if not (directory / VQVAE_NAME).exists():
-        run.log(f"stage 0 (VQ-VAE of the masks): {args.vqvae_steps} steps")
+        run.log(f"VQ-VAE of the masks (the segmentation codes): {args.vqvae_steps} steps")
         started = time.perf_counter()
         model = train(VQVAEOptions(steps=args.vqvae_steps, seed=args.seed, progress=not args.no_progress))
         save_vqvae(model, directory)
@@ -697,7 +707,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with the sigmoid loss (shapes/contrastive.py, OUT/contrastive) before stage 1 (0: none)")
     parser.add_argument("--contrastive-batch", type=int, default=32)
     parser.add_argument("--contrastive-lr", type=float, default=2e-3)
-    parser.add_argument("--contrastive-same-count", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--contrastive-same-count", action=argparse.BooleanOptionalAction, default=False,
                         help="contrastive batches of scenes with as many shapes (every negative a hard one)")
     parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: the vision tower on the patch targets")
     parser.add_argument("--vision-images", type=int, default=32, help="images per stage 1 step")
@@ -783,8 +793,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     run = start_run(args)
     run.log(f"run: {json.dumps(vars(args))}")
-    if args.segment:
-        run = dataclasses.replace(run, vqvae=train_vqvae_stage(run))
     if needs_stage_1(run.out, args):
         train_vision(run)
     task, polish = task_stage(args), polish_stage(args)
@@ -792,6 +800,8 @@ def main(argv=None):
     # Once stage 3 has a checkpoint, stage 2 is done: the run resumes stage 3 from it.
     polish_resume = resume_point(polish.out_dir) if args.polish_steps else None
     model = load_recipe_model(polish_resume or task_resume or task.starts_from, run)
+    if args.segment:  # once the model to train is known to fit the recipe
+        run = dataclasses.replace(run, vqvae=train_vqvae_stage(run))
     if task_resume is None and not args.init_from:  # stage 2 starts from stage 1's heads too
         T.load_extra_modules(run.out / "vision" / "last", {"aux": run.heads})
     evaluate = HeldOutScenes(Pipeline(model, run.processor, mask_decoder=run.vqvae),

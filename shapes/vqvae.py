@@ -106,11 +106,18 @@ def batch(rng: random.Random, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([random_example(rng)[1] for _ in range(size)]))
 
 
-@torch.no_grad()
 def scene_codes(scene: S.Scene, model: ShapesVQVAE) -> list[list[int]]:
     """The 16 codes of each shape's mask (the drawn pixels in its true box, 64 x 64), left to right."""
-    targets = torch.from_numpy(np.stack([box_mask(shape_mask(s.shape, s.box), s.box) for s in scene.shapes]))
-    return model.encode(targets)[1].tolist()
+    return scenes_codes([scene], model)[0]
+
+
+@torch.no_grad()
+def scenes_codes(scene_list, model: ShapesVQVAE) -> list[list[list[int]]]:
+    """scene_codes of each scene, encoded in one batch."""
+    targets = torch.from_numpy(np.stack([box_mask(shape_mask(s.shape, s.box), s.box)
+                                         for scene in scene_list for s in scene.shapes]))
+    codes = iter(model.encode(targets)[1].tolist())
+    return [[next(codes) for _ in scene.shapes] for scene in scene_list]
 
 
 def segment_answer(scene: S.Scene, names, model: ShapesVQVAE) -> str:
