@@ -33,7 +33,7 @@ from paligemma.siglip_config import SiglipConfig
 from paligemma.siglip_model import SiglipModel, load_siglip, save_siglip
 from shapes import scenes as S
 from shapes.tokenizer import build_shapes_tokenizer
-from shapes.train import WIDTH, model_config, sinusoids
+from shapes.architecture import WIDTH, model_config, sinusoids
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ on a 224 px side).
 """
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
