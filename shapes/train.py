@@ -69,8 +69,8 @@ from paligemma.processor import PaliGemmaProcessor
 from paligemma.siglip_model import load_siglip
 from paligemma.weights import MASK_DECODER_NAME, load_model
 from shapes import evaluate as E
-from shapes.architecture import model_config, sinusoids
 from shapes import scenes as S
+from shapes.architecture import model_config, sinusoids
 from shapes.packing import packed_batch, packed_hidden
 from shapes.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, build_shapes_tokenizer
 
