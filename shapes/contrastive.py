@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from paligemma.siglip_config import SiglipConfig
 from paligemma.siglip_model import SiglipModel, load_siglip, save_siglip
 from shapes import scenes as S
 from shapes.tokenizer import build_shapes_tokenizer
-from shapes.train import WIDTH, model_config, sinusoids
+from shapes.architecture import WIDTH, model_config, sinusoids
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,11 @@ SCENE_OFFSET = 20_000_000
 RETRIEVAL_CANDIDATES = 20
 
 
-def contrastive_config(tokenizer: Tokenizer) -> SiglipConfig:
-    """The embedded model's vision tower with a pooling head, and a text tower half its depth."""
+def contrastive_config(tokenizer: Tokenizer, text_layers: int = 2) -> SiglipConfig:
+    """The embedded model's vision tower with a pooling head, and a text tower of `text_layers` (default: half its
+    depth)."""
     vision = dict(model_config(tokenizer)["vision_config"], vision_use_head=True)
-    text = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=4,
+    text = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=text_layers, num_attention_heads=4,
                 vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=TEXT_LENGTH, pad_token_id=PAD_ID,
                 eos_token_id=EOS_ID)
     return SiglipConfig.from_dict(dict(model_type="siglip", vision_config=vision, text_config=text))
@@ -82,9 +84,19 @@ def caption_ids(tokenizer: Tokenizer, captions: list[str]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def scene_batches(tokenizer: Tokenizer, image_size: int, batch_size: int, seed: int):
+def batch_indices(seed: int, step: int, batch_size: int, same_count: bool) -> list[int]:
+    """The scene indices of a step's batch: the next `batch_size` of the stream, or with `same_count` the first
+    `batch_size` of the step's own stretch of the stream (64 per scene) holding the step's number of shapes (1, 2, 3
+    in turn), so that every negative is one the retrieval protocol asks about: a caption of as many shapes."""
+    if not same_count:
+        return [SCENE_OFFSET + step * batch_size + j for j in range(batch_size)]
+    want, base = step % 3 + 1, SCENE_OFFSET + step * batch_size * 64
+    return [i for i in range(base, base + batch_size * 64) if S.shape_count(seed, i) == want][:batch_size]
+
+
+def scene_batches(tokenizer: Tokenizer, image_size: int, batch_size: int, seed: int, same_count: bool = False):
     def batches(step: int) -> dict:
-        chosen = [S.render_scene(seed, SCENE_OFFSET + step * batch_size + j) for j in range(batch_size)]
+        chosen = [S.render_scene(seed, i) for i in batch_indices(seed, step, batch_size, same_count)]
         return {"pixel_values": torch.stack([preprocess_image(s.image, image_size) for s in chosen]),
                 "input_ids": caption_ids(tokenizer, [S.caption(s) for s in chosen])}
 
@@ -148,6 +160,53 @@ def save_run_checkpoint(model: SiglipModel, tokenizer: Tokenizer, directory: Pat
     tokenizer.save(str(Path(directory) / "tokenizer.json"))
 
 
+@dataclass(frozen=True)
+class ContrastiveOptions:
+    """The contrastive stage's settings (the command's options; shapes.train --contrastive-steps runs it too)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 1e-4
+    text_layers: int = 2
+    same_count: bool = False  # every batch of scenes with as many shapes (see batch_indices)
+    eval_every: int = 200
+    eval_scenes: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 0
+    progress: bool = True
+
+
+def train_contrastive(out: Path, options: ContrastiveOptions, log) -> SiglipModel:
+    """Trains (or resumes, from OUT/last) the two towers in `out`; returns the trained model."""
+    tokenizer = build_shapes_tokenizer()
+    out.mkdir(parents=True, exist_ok=True)
+    resume = out / "last" if (out / "last" / T.STATE_JSON).exists() else None
+    if resume is None:
+        model = SiglipModel(contrastive_config(tokenizer, options.text_layers))
+        initialize(model, options.seed)
+    else:
+        model = load_siglip(resume, dtype=torch.float32)
+    model.to(options.device)
+    log(f"contrastive stage: {sum(p.numel() for p in model.parameters())} parameters, batch {options.batch_size}"
+        f"{' (same shape count)' if options.same_count else ''}, {options.steps} steps, lr {options.lr}, "
+        f"text tower {model.config.text.num_hidden_layers} layers")
+    train_options = T.TrainOptions(steps=options.steps, lr=options.lr, warmup=options.warmup,
+                                   weight_decay=options.weight_decay, eval_every=options.eval_every,
+                                   seed=options.seed, workers=options.workers, progress=options.progress)
+    start = time.perf_counter()
+    batches = scene_batches(tokenizer, model.config.vision.image_size, options.batch_size, options.seed,
+                            options.same_count)
+    T.train(model, batches, contrastive_loss, train_options, out_dir=out,
+            save=partial(save_run_checkpoint, model, tokenizer),
+            evaluate=lambda step: retrieval_top1(model, tokenizer, options.eval_scenes), resume=resume, log=log)
+    log(f"contrastive stage trained in {time.perf_counter() - start:.0f} s; held-out retrieval: "
+        f"{json.dumps(retrieval_top1(model, tokenizer, options.eval_scenes))}")
+    return model
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="run folder (checkpoints OUT/last, log OUT/log.txt); rerun to resume")
@@ -157,9 +216,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--text-layers", type=int, default=2, help="layers of the text tower")
+    parser.add_argument("--same-count", action="store_true",
+                        help="batches of scenes with as many shapes, so that every negative is a hard one")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--workers", type=int, default=0, help="processes drawing the next batches meanwhile")
     args = parser.parse_args(argv)
@@ -171,10 +234,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    tokenizer = build_shapes_tokenizer()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.evaluate:
         model = load_siglip(args.evaluate, device=args.device, dtype=torch.float32)
-        print(json.dumps(retrieval_top1(model, tokenizer, args.eval_scenes)))
+        print(json.dumps(retrieval_top1(model, build_shapes_tokenizer(), args.eval_scenes)))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,23 +249,11 @@ def main(argv=None) -> int:
         with log_file.open("a") as f:
             f.write(line + "\n")
 
-    resume = out / "last" if (out / "last" / T.STATE_JSON).exists() else None
-    if resume is None:
-        model = SiglipModel(contrastive_config(tokenizer))
-        initialize(model, args.seed)
-    else:
-        model = load_siglip(resume, dtype=torch.float32)
-    model.to(args.device)
-    log(f"contrastive stage: {sum(p.numel() for p in model.parameters())} parameters, batch {args.batch_size}, "
-        f"{args.steps} steps, lr {args.lr}")
-    options = T.TrainOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-                             eval_every=args.eval_every, seed=args.seed, workers=args.workers)
-    start = time.perf_counter()
-    T.train(model, scene_batches(tokenizer, model.config.vision.image_size, args.batch_size, args.seed),
-            contrastive_loss, options, out_dir=out, save=partial(save_run_checkpoint, model, tokenizer),
-            evaluate=lambda step: retrieval_top1(model, tokenizer, args.eval_scenes), resume=resume, log=log)
-    log(f"trained in {time.perf_counter() - start:.0f} s; held-out retrieval: "
-        f"{json.dumps(retrieval_top1(model, tokenizer, args.eval_scenes))}")
+    options = ContrastiveOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                                 weight_decay=args.weight_decay, text_layers=args.text_layers,
+                                 same_count=args.same_count, eval_every=args.eval_every, eval_scenes=args.eval_scenes,
+                                 seed=args.seed, device=args.device, workers=args.workers)
+    train_contrastive(out, options, log)
     return 0
 
 

@@ -36,7 +36,7 @@ def questions(scene_list):
             elif kind.startswith("color_count:"):
                 kind, answer = "color count", S.count_answer(scene, kind.split(":")[1])
             else:
-                kind = f"detect, {len(scene.shapes)} shapes"
+                kind = "detect, an absent kind" if kind == "absent" else f"detect, {len(scene.shapes)} shapes"
                 answer = S.detect_answer(scene, prompt[len("detect ") :].split(" ; "))
             rows.append((kind, scene.image, prompt, answer))
     return rows

@@ -34,12 +34,14 @@ def words_of(texts):
     return list(seen)
 
 
-def build_tokenizer(words, image_token_index: int | None = None):
+def build_tokenizer(words, image_token_index: int | None = None, appended=()):
     """A tokenizers.Tokenizer over `words` (plain strings such as "red", "?" or "\\n") with PaliGemma's special tokens.
 
     Ids: `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3, then each word bare and with a leading "▁", then "▁",
     then `<image>`, `<loc0000>`..`<loc1023>`, `<seg000>`..`<seg127>`; or, with `image_token_index`, the loc and seg
     tokens just below it and `<image>` at it, where PaliGemma's own vocabulary has them (benchmark models).
+    `appended` words (bare and with "▁") come last, after the seg tokens: a vocabulary extended that way keeps every
+    id it had, so a model trained on it can be extended and fine-tuned.
     """
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for word in words:
@@ -50,6 +52,14 @@ def build_tokenizer(words, image_token_index: int | None = None):
         loc_start = image_token_index - len(SEG_TOKENS) - len(LOC_TOKENS)
         vocab.update({token: loc_start + i for i, token in enumerate(LOC_TOKENS + SEG_TOKENS)})
         vocab[IMAGE_TOKEN] = image_token_index
+    elif appended:  # every id explicit in the model's vocabulary, so that the appended ones follow the seg tokens
+        for token in (IMAGE_TOKEN, *LOC_TOKENS, *SEG_TOKENS):
+            vocab[token] = len(vocab)
+    for word in appended:
+        for piece in (word, SPACE + word):
+            if piece in vocab:
+                raise ValueError(f"appended word {piece!r} is in the vocabulary already (id {vocab[piece]})")
+            vocab[piece] = max(vocab.values()) + 1
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Replace(" ", SPACE)
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_PIECE), behavior="isolated")
@@ -70,8 +80,14 @@ def shapes_words():
     return words_of(texts)
 
 
-def build_shapes_tokenizer():
-    return build_tokenizer(shapes_words())
+# Words the task gained after the first checkpoint shipped, appended so that the ids of the shipped model's tokens
+# do not move (shapes.train extends its embedding by their rows with --init-from).
+APPENDED_WORDS = ("segment",)
+
+
+def build_shapes_tokenizer(appended=APPENDED_WORDS):
+    """The shapes task's tokenizer; `appended=()` gives the vocabulary of the first shipped checkpoint (1,210)."""
+    return build_tokenizer(shapes_words(), appended=appended)
 
 
 def main(argv=None):

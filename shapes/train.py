@@ -4,11 +4,20 @@
     python -m shapes.train --out runs/shapes --export paligemma/demo_checkpoint   # copy the run's model
     python -m shapes.train --out runs/tuned --init-from CHECKPOINT ...            # fine-tune (no stage 1)
 
-Three stages, each resumable in a folder of its own:
+Stages, each resumable in a folder of its own:
+0. OUT/contrastive (`--contrastive-steps`, 0 for none; from scratch only): the vision tower and a small text tower
+   on scene / caption pairs with the sigmoid loss (shapes/contrastive.py); stage 1 starts from its tower.
 1. OUT/vision: the vision tower alone on the auxiliary patch targets below (cheap: no decoder).
+   OUT/vqvae (`--segment`, the default): the VQ-VAE of the masks (shapes/vqvae.py), trained once before stage 2;
+   its codes answer `segment {shape}` and its decoder is written beside every checkpoint (mask_decoder.safetensors).
 2. OUT: the whole model on the tasks, the patch targets kept as an auxiliary loss.
 3. OUT/polish (`--polish-steps`, 0 for none): a short second schedule that polishes detection; its last
    checkpoint is then the run's model.
+With `--init-from` a checkpoint of this recipe is fine-tuned from stage 2 on; one whose vocabulary predates the
+words appended since (shapes/tokenizer.py's APPENDED_WORDS: "segment") gets their embedding rows added at the end,
+every other id and weight unchanged. Training scenes (not the held-out ones) are drawn with `--augment`'s styles
+(scenes.training_style: shifted shades, other light backgrounds, canvas scale, soft edges, noise), half of them
+through JPEG; the last detection and the segmentation name an absent kind, answered empty, in `--absent-share`.
 
 What makes it learn in CPU minutes where a naive recipe stalls:
 - 112 px images in 14 px patches (64 image tokens), narrow towers (width 192, 4 + 4 layers, ~4 M parameters).
@@ -16,7 +25,8 @@ What makes it learn in CPU minutes where a naive recipe stalls:
   (tied with the output layer) as sinusoids of the bin index, so neighbouring bins start close.
 - Gaussian soft targets over neighbouring location bins, narrowing over stage 2 (wide: neighbouring bins learn
   together; narrow at the end: a peaked first location token, which greedy decoding needs to prefer a box to <eos>).
-- Each image is embedded once and asked six questions (a caption, both counts, `--detections` = 3 detections),
+- Each image is embedded once and asked six questions (a caption, both counts, `--detections` = 3 detections;
+  a seventh, a segmentation, with `--segment`),
   packed into one decoder sequence that shares the 64 image tokens (shapes/packing.py: cheaper per question);
   the last `--steps - --packed-steps` steps unpack them into one sequence per question, the exact attention of
   inference, since packed steps cannot teach image features that depend on the prompt, which listing two of
@@ -35,6 +45,7 @@ The result is a plain PaliGemma checkpoint. shapes/README.md measures the recipe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -46,54 +57,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from paligemma import train as T
 from paligemma.config import PaliGemmaConfig
 from paligemma.generate import Pipeline
-from paligemma.locations import loc_range_of
+from paligemma.locations import SEG_TOKENS, loc_range_of
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.siglip_model import load_siglip
-from paligemma.weights import load_model
+from paligemma.weights import MASK_DECODER_NAME, load_model
 from shapes import evaluate as E
 from shapes import scenes as S
+from shapes.architecture import model_config, sinusoids
 from shapes.packing import packed_batch, packed_hidden
-from shapes.tokenizer import build_shapes_tokenizer
-
-WIDTH = 192
-
-
-def model_config(tokenizer) -> dict:
-    vocab = tokenizer.get_vocab_size()
-    return {
-        "model_type": "paligemma",
-        "image_token_index": tokenizer.token_to_id("<image>"),
-        "projection_dim": WIDTH,
-        "hidden_size": WIDTH,
-        "vocab_size": vocab,
-        "pad_token_id": 0,
-        "bos_token_id": 2,
-        "eos_token_id": 1,
-        "text_config": {
-            "model_type": "gemma", "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 48, "vocab_size": vocab,
-            "max_position_embeddings": 256, "hidden_act": "gelu_pytorch_tanh",
-        },
-        "vision_config": {
-            "model_type": "siglip_vision_model", "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "patch_size": 14, "image_size": 112,
-            "vision_use_head": False, "projection_dim": WIDTH,
-        },
-    }
-
-
-def sinusoids(positions: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
-    """[len(positions), dim]: cos and sin of each position at dim / 2 periods spaced geometrically."""
-    periods = torch.logspace(math.log10(min_period), math.log10(max_period), dim // 2)
-    angles = 2 * math.pi * positions.float()[:, None] / periods[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=-1) * math.sqrt(2.0 / dim)
-
+from shapes.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, build_shapes_tokenizer
 
 def initialize(model: PaliGemmaForConditionalGeneration, tokenizer, seed: int):
     torch.manual_seed(seed)
@@ -118,7 +97,7 @@ def initialize(model: PaliGemmaForConditionalGeneration, tokenizer, seed: int):
 # ---- training examples ----------------------------------------------------------------------------
 
 
-ANY_DETECT_PROMPT = 0.1  # share of last detections that may name absent kinds
+ABSENT_SHARE = 0.15  # of images whose last detection (and, segmenting, whose segmentation) names an absent kind
 
 
 def loc_sigma_at(step: int, total: int, start: float, final: float) -> float:
@@ -129,16 +108,20 @@ def loc_sigma_at(step: int, total: int, start: float, final: float) -> float:
     return final + (start - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def questions(scene, rng, detections: int = 3):
-    """The (prefix, suffix) pairs asked about one training image: a caption, both counts, `detections` detections.
-    Detection gets the most practice: it is the last task learnt (listing every match left to right, and
-    stopping after the last one)."""
+def questions(scene, rng, detections: int = 3, codes=None, absent_share: float = ABSENT_SHARE):
+    """The (prefix, suffix) pairs asked about one training image: a caption, both counts, `detections` detections,
+    and with `codes` (each shape's 16 mask codes, shapes.vqvae.scene_codes) one segmentation. Detection gets the
+    most practice: it is the last task learnt (listing every match left to right, and stopping after the last one).
+    With probability `absent_share` the last detection, and the segmentation, each name a kind the scene does not
+    hold (answered empty); too many empty answers teach <eos> a prior that outbids the first location token under
+    greedy decoding (shapes/README.md, "How it was made")."""
     if detections < 1:
         raise ValueError(f"detections={detections}: ask at least one detection per image")
     present = list(dict.fromkeys(s.shape for s in scene.shapes))
+    absent = S.absent_kinds(scene)
     asked = set()
 
-    def some_present_kinds():
+    def some_present_kinds(asked):
         """One or two kinds present, not asked yet; failing that (one kind present), a prompt mixing a present
         kind with an absent one, which also teaches to skip shapes of kinds not asked for."""
         for _ in range(4):
@@ -152,21 +135,23 @@ def questions(scene, rng, detections: int = 3):
         asked.add(kinds)
         return list(kinds)
 
+    def kinds_to_ask(asked):
+        return [rng.choice(absent)] if absent and rng.random() < absent_share else some_present_kinds(asked)
+
     # Half the colour questions name a colour present, so that "0" is not the answer most of the time.
     colors = list(dict.fromkeys(s.color for s in scene.shapes)) if rng.random() < 0.5 else list(S.COLORS)
     color = rng.choice(colors)
-    asked_kinds = [some_present_kinds() for _ in range(detections - 1)]
-    # The last: mostly another detection of kinds present, sometimes any prompt (absent kinds -> empty answer).
-    # Frequent empty answers teach <eos> a prior that outbids the first location token under greedy decoding
-    # (shapes/README.md, "How it was made").
-    last = list(rng.choice(S.detect_prompts())) if rng.random() < ANY_DETECT_PROMPT else some_present_kinds()
-    asked_kinds.append(last)
-    return [
+    asked_kinds = [some_present_kinds(asked) for _ in range(detections - 1)] + [kinds_to_ask(asked)]
+    pairs = [
         (S.CAPTION_PROMPT, S.caption(scene)),
         (S.COUNT_PROMPT, S.count_answer(scene)),
         (S.color_count_prompt(color), S.count_answer(scene, color)),
         *[(S.detect_prompt(kinds), S.detect_answer(scene, kinds)) for kinds in asked_kinds],
     ]
+    if codes is not None:
+        kinds = kinds_to_ask(set())
+        pairs.append((S.segment_prompt(kinds), S.segment_answer(scene, kinds, codes)))
+    return pairs
 
 
 PAIRS = [("circle", "square"), ("circle", "triangle"), ("square", "triangle")]
@@ -245,28 +230,47 @@ def is_detection(prefix: str) -> bool:
     return prefix.startswith("detect ")
 
 
+@dataclass(frozen=True)
+class Drawing:
+    """How stage 2 and 3 draw their training scenes and what they ask of them (held-out scenes stay the card's)."""
+
+    detections: int = 3  # detection questions per image
+    shape_weights: tuple = (1, 1, 1)  # relative frequencies of scenes of 1, 2 and 3 shapes (scene_index)
+    augment: bool = True  # scenes.training_style: shifted shades, other backgrounds, canvas scale, soft edges, noise
+    jpeg_fraction: float = 0.5  # of images saved as JPEG at a quality in JPEG_QUALITIES first
+    absent_share: float = ABSENT_SHARE  # see questions
+    unpack_detections: bool = False
+
+
+JPEG_QUALITIES = (60, 95)
+
+
 def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: int, packed_images: int,
-                      unpacked_images: int, detections: int = 3, shape_weights=(1, 1, 1), jpeg_fraction: float = 0.25,
-                      unpack_detections: bool = False):
-    """batches(step): scenes of the stream `seed` (their shape counts weighted by `shape_weights`, see
-    scene_index), each with its questions: `packed_images` of them packed into one sequence per image before
-    `packed_steps` (with `unpack_detections`, only the caption and counts: each detection gets a sequence of
-    its own), `unpacked_images` in one sequence per question after; a `jpeg_fraction` of the images saved as
-    JPEG at a quality from 50 to 95 first; `loc_sigma(step)` is the soft targets' width."""
-    alone = is_detection if unpack_detections else None
+                      unpacked_images: int, drawing: Drawing = Drawing(), vqvae=None):
+    """batches(step): scenes of the stream `seed` (see Drawing), each with its questions (a segmentation too
+    with the `vqvae` whose codes answer it): `packed_images` of them packed into one sequence per image before
+    `packed_steps` (with `drawing.unpack_detections`, only the caption and counts: each detection gets a sequence
+    of its own), `unpacked_images` in one sequence per question after; `loc_sigma(step)` is the soft targets'
+    width."""
+    from shapes.vqvae import scenes_codes
+
+    alone = is_detection if drawing.unpack_detections else None
+    style = S.training_style if drawing.augment else None
 
     def batches(step: int) -> dict:
         count = packed_images if step < packed_steps else unpacked_images
         first = min(step, packed_steps) * packed_images + max(0, step - packed_steps) * unpacked_images
-        chosen = [S.render_scene(seed, scene_index(seed, first + j, shape_weights)) for j in range(count)]
+        chosen = [S.render_scene(seed, scene_index(seed, first + j, drawing.shape_weights), style)
+                  for j in range(count)]
         images, asked = [], []
-        for j, scene in enumerate(chosen):
+        codes = scenes_codes(chosen, vqvae) if vqvae is not None else [None] * len(chosen)
+        for j, (scene, scene_codes) in enumerate(zip(chosen, codes)):
             rng = random.Random(f"questions:{seed}:{step}:{j}")
             image = scene.image
-            if rng.random() < jpeg_fraction:  # robustness to JPEG artefacts (the card allows a 3-point loss at q75)
-                image = E.as_jpeg(image, rng.randint(50, 95))
+            if rng.random() < drawing.jpeg_fraction:  # robustness to JPEG artefacts
+                image = E.as_jpeg(image, rng.randint(*JPEG_QUALITIES))
             images.append(image)
-            asked.append(questions(scene, rng, detections))
+            asked.append(questions(scene, rng, drawing.detections, scene_codes, drawing.absent_share))
         if step < packed_steps:
             batch = packed_batch(processor, images, asked, alone)
         else:
@@ -283,14 +287,16 @@ def synthetic_batches(processor, grid: int, seed: int, loc_sigma, packed_steps: 
 
 
 def decision_weights(labels: torch.Tensor, loc_range, weight: float) -> torch.Tensor:
-    """[B, T] label weights: `weight` on the tokens where a detection answer decides what comes next, 1 elsewhere.
-    The decisions are each box's first location token (y_min: which shape is listed next, where the last
-    failures start) and the token after each box's label (" ;" or <eos>: another box, or stop)."""
+    """[B, T] label weights: `weight` on the tokens where a detection or segmentation answer decides what comes
+    next, 1 elsewhere. The decisions are each object's first location token (y_min: which shape is listed next,
+    where the last failures start) and the token after each object's label (" ;" or <eos>: another, or stop).
+    The seg tokens of a segmentation answer follow its location tokens directly."""
     first, count = loc_range
     is_loc = (labels >= first) & (labels < first + count)
-    before = F.pad(is_loc, (1, 0))[:, :-1]  # the previous label is a location token
-    two_before = F.pad(is_loc, (2, 0))[:, :-2]
-    decides = (is_loc & ~before) | (two_before & ~before & ~is_loc & (labels != T.IGNORE))
+    is_object = is_loc | ((labels >= first + count) & (labels < first + count + len(SEG_TOKENS)))
+    before = F.pad(is_object, (1, 0))[:, :-1]  # the previous label is a location or seg token
+    two_before = F.pad(is_object, (2, 0))[:, :-2]
+    decides = (is_loc & ~before) | (two_before & ~before & ~is_object & (labels != T.IGNORE))
     return 1.0 + (weight - 1.0) * decides.float()
 
 
@@ -344,6 +350,7 @@ class Run:
     processor: PaliGemmaProcessor
     heads: AuxiliaryHeads
     log: RunLog
+    vqvae: object = None  # shapes.vqvae.ShapesVQVAE whose codes answer `segment`, once stage 0 has trained it
 
     @property
     def out(self) -> Path:
@@ -365,10 +372,19 @@ class Run:
 
     def train(self, model, batches, loss_fn, options: T.TrainOptions, out_dir: Path, resume: Path | None,
               evaluate=None):
-        """T.train with the run's checkpoints (model and tokenizer.json), heads and log."""
+        """T.train with the run's checkpoints (model, tokenizer.json and, segmenting, the mask decoder), heads and
+        log."""
         T.train(model, batches, loss_fn, options, out_dir=out_dir,
-                save=partial(T.save_with_tokenizer, model, self.processor.tokenizer), evaluate=evaluate,
+                save=partial(save_recipe_checkpoint, model, self.processor.tokenizer, self.vqvae), evaluate=evaluate,
                 resume=resume, extra_modules={"aux": self.heads}, log=self.log)
+
+
+def save_recipe_checkpoint(model, tokenizer, vqvae, directory: Path):
+    """A checkpoint folder: config.json, model.safetensors, tokenizer.json and, with a `vqvae`, its decoder as
+    MASK_DECODER_NAME, so that every checkpoint of a segmenting run loads as a pipeline that draws masks."""
+    T.save_with_tokenizer(model, tokenizer, directory)
+    if vqvae is not None:
+        save_file(vqvae.decoder_state(), str(Path(directory) / MASK_DECODER_NAME))
 
 
 def start_run(args) -> Run:
@@ -376,7 +392,7 @@ def start_run(args) -> Run:
     share."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_shapes_tokenizer()
+    tokenizer = build_shapes_tokenizer() if args.segment else build_shapes_tokenizer(appended=())
     tokenizer.save(str(out / "tokenizer.json"))
     config = PaliGemmaConfig.from_dict(model_config(tokenizer))
     heads = AuxiliaryHeads(config.text.hidden_size).to(args.device)
@@ -401,8 +417,14 @@ def final_checkpoint(out: Path) -> Path:
 
 
 def export_model(source: Path, target: Path):
+    """Copies a checkpoint of the run (its mask decoder too, when it has one) to `target`."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    names = ["config.json", "model.safetensors", "tokenizer.json"]
+    if (source / MASK_DECODER_NAME).exists():
+        names.append(MASK_DECODER_NAME)
+    elif (target / MASK_DECODER_NAME).exists():  # a decoder left by an earlier export belongs to another model
+        (target / MASK_DECODER_NAME).unlink()
+    for name in names:
         shutil.copy(source / name, target / name)
     print(f"copied {source} to {target}")
 
@@ -443,15 +465,50 @@ def needs_stage_1(out: Path, args) -> bool:
     return not args.init_from and stage_state(out) is None and (stage_state(out / "vision") or 0) < args.vision_steps
 
 
+def train_contrastive_stage(run: Run) -> Path:
+    """Stage 0 (--contrastive-steps), in OUT/contrastive: the vision tower and a small text tower on scene / caption
+    pairs with the sigmoid loss (shapes/contrastive.py), resumed if interrupted; returns the checkpoint whose vision
+    tower stage 1 starts from."""
+    from shapes.contrastive import ContrastiveOptions, train_contrastive
+
+    args, directory = run.args, run.out / "contrastive"
+    if (stage_state(directory) or 0) < args.contrastive_steps:
+        options = ContrastiveOptions(steps=args.contrastive_steps, batch_size=args.contrastive_batch,
+                                     lr=args.contrastive_lr, same_count=args.contrastive_same_count,
+                                     eval_every=args.eval_every, eval_scenes=500, seed=args.seed,
+                                     device=args.device, workers=args.workers, progress=not args.no_progress)
+        train_contrastive(directory, options, run.log)
+    return directory / "last"
+
+
+def train_vqvae_stage(run: Run):
+    """In OUT/vqvae, before stage 2: the VQ-VAE whose codes answer `segment` and whose decoder ships beside the
+    checkpoints (shapes/vqvae.py); trained once, then read back on every rerun."""
+    from shapes.vqvae import VQVAE_NAME, VQVAEOptions, evaluate, load_vqvae, save_vqvae, train
+
+    args, directory = run.args, run.out / "vqvae"
+    if not (directory / VQVAE_NAME).exists():
+        run.log(f"VQ-VAE of the masks (the segmentation codes): {args.vqvae_steps} steps")
+        started = time.perf_counter()
+        model = train(VQVAEOptions(steps=args.vqvae_steps, seed=args.seed, progress=not args.no_progress))
+        save_vqvae(model, directory)
+        run.log(f"VQ-VAE trained in {time.perf_counter() - started:.0f} s; held-out reconstruction: "
+                f"{json.dumps(evaluate(model))}")
+    return load_vqvae(directory / VQVAE_NAME)
+
+
 def train_vision(run: Run):
-    """Stage 1, in OUT/vision: the vision tower (and projector) on the patch targets, from a fresh model or resumed."""
+    """Stage 1, in OUT/vision: the vision tower (and projector) on the patch targets, from a fresh model or resumed;
+    with --contrastive-steps, the contrastive stage runs first and hands its tower over."""
     args, vision_dir = run.args, run.out / "vision"
     resume = resume_point(vision_dir)
     if resume is None:
+        vision_init = train_contrastive_stage(run) if args.contrastive_steps else args.vision_init
         model = PaliGemmaForConditionalGeneration(run.config)
         initialize(model, run.processor.tokenizer, args.seed)
-        if args.vision_init:  # a tower pre-trained with the sigmoid loss (shapes/contrastive.py), its head dropped
-            tower = load_siglip(args.vision_init).vision_model.state_dict()
+        if vision_init:  # a tower pre-trained with the sigmoid loss (shapes/contrastive.py), its head dropped
+            run.log(f"stage 1 starts from the vision tower of {vision_init}")
+            tower = load_siglip(vision_init).vision_model.state_dict()
             model.vision_tower.vision_model.load_state_dict({k: v for k, v in tower.items() if not k.startswith("head.")})
         model.to(args.device)
     else:
@@ -514,18 +571,59 @@ class HeldOutScenes:
     scenes: list
 
     def __call__(self, step: int) -> dict:
-        return E.evaluate(self.answers, self.scenes, 96)
+        return E.evaluate(self.answers, self.scenes, 96, mask_decoder=self.pipe.mask_decoder)
 
     def answers(self, images, prompts) -> list[str]:
-        return [r.text for r in self.pipe.generate(images, prompts, max_new_tokens=E.max_new_tokens())]
+        return [r.text for r in self.pipe.generate(images, prompts, max_new_tokens=E.max_new_tokens(prompts))]
+
+
+EMBEDDING = "language_model.model.embed_tokens.weight"  # tied with the output layer
 
 
 def load_recipe_model(path: Path, run: Run) -> PaliGemmaForConditionalGeneration:
+    """The checkpoint at `path`, which must be of this recipe; one whose vocabulary lacks the words appended since
+    (tokenizer.APPENDED_WORDS), every other id the same, gets their rows appended (extend_vocabulary)."""
     model = load_model(path, device=run.args.device, dtype=torch.float32)
-    if (model.config.text, model.config.vision) != (run.config.text, run.config.vision):
+    text, vision = model.config.text, model.config.vision
+    if vision == run.config.vision and text != run.config.text and text.vocab_size < run.config.text.vocab_size \
+            and dataclasses.replace(text, vocab_size=run.config.text.vocab_size) == run.config.text:
+        return extend_vocabulary(model, path, run)
+    if (text, vision) != (run.config.text, run.config.vision):
         raise SystemExit(f"{path} is not a model of this recipe (its text or vision config differs from "
                          "shapes.train's); fine-tune other checkpoints with `python -m paligemma train`")
     return model
+
+
+def extend_vocabulary(model, path: Path, run: Run) -> PaliGemmaForConditionalGeneration:
+    """`model` with the run's larger vocabulary: its tokenizer (path/tokenizer.json) must give every token the id
+    the run's gives it, so that the new tokens are the last ones; their embedding rows start at the mean of the
+    word rows, scaled to the words' mean norm (an unremarkable word), and nothing else changes."""
+    from tokenizers import Tokenizer
+
+    old_size, tokenizer = model.config.text.vocab_size, run.processor.tokenizer
+    source = Path(path) / "tokenizer.json"
+    if not source.exists():
+        raise SystemExit(f"{path} has no tokenizer.json: its vocabulary ({old_size} tokens) cannot be checked "
+                         f"against the recipe's ({tokenizer.get_vocab_size()})")
+    old_vocab, new_vocab = Tokenizer.from_file(str(source)).get_vocab(), tokenizer.get_vocab()
+    moved = sorted(t for t, i in old_vocab.items() if new_vocab.get(t) != i)
+    if moved or len(old_vocab) != old_size:
+        raise SystemExit(f"{path}: its vocabulary is not the start of the recipe's (tokens with other ids: "
+                         f"{', '.join(moved[:5]) or 'none'}; {len(old_vocab)} tokens for {old_size} rows); only "
+                         "words appended at the end can be added to a trained model")
+    state = model.state_dict()
+    rows = state[EMBEDDING]
+    words = rows[len(SPECIAL_TOKENS) : tokenizer.token_to_id(IMAGE_TOKEN)]
+    mean = words.mean(0)
+    new_row = mean / mean.norm() * words.norm(dim=1).mean()
+    added = run.config.text.vocab_size - old_size
+    state[EMBEDDING] = torch.cat([rows, new_row.expand(added, -1)])
+    extended = PaliGemmaForConditionalGeneration(run.config)
+    extended.load_state_dict(state, strict=True)
+    appended = [t for t, i in sorted(new_vocab.items(), key=lambda item: item[1]) if i >= old_size]
+    run.log(f"extended the vocabulary of {path} from {old_size} to {run.config.text.vocab_size} tokens: appended "
+            f"{', '.join(appended)} (embedding rows: the words' mean row); every other weight as loaded")
+    return extended.to(run.args.device)
 
 
 def train_task(run: Run, model, stage: Stage, resume: Path | None, evaluate: HeldOutScenes):
@@ -533,9 +631,11 @@ def train_task(run: Run, model, stage: Stage, resume: Path | None, evaluate: Hel
     args = run.args
     run.log(f"{stage.title} from {resume or stage.starts_from}")
     loc_sigma = partial(loc_sigma_at, total=stage.steps, start=stage.loc_sigma, final=args.final_loc_sigma)
+    drawing = Drawing(detections=args.detections, shape_weights=stage.shape_weights, augment=args.augment,
+                      jpeg_fraction=args.jpeg_fraction, absent_share=args.absent_share,
+                      unpack_detections=args.unpack_detections)
     batches = synthetic_batches(run.processor, run.grid, args.seed, loc_sigma, stage.packed_steps,
-                                args.images_per_step, args.unpacked_images_per_step, args.detections,
-                                stage.shape_weights, unpack_detections=args.unpack_detections)
+                                args.images_per_step, args.unpacked_images_per_step, drawing, run.vqvae)
     run.train(model, batches, recipe_loss(run.heads, run.loc_range, stage.aux_weight, stage.decision_weight),
               run.options(stage.steps, stage.lr, stage.warmup, args.eval_every), stage.out_dir, resume, evaluate)
 
@@ -557,6 +657,25 @@ def parse_shape_weights(text: str) -> tuple[float, ...]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="run folder (rerun the same command to resume it)")
+    parser.add_argument("--segment", action=argparse.BooleanOptionalAction, default=True,
+                        help="teach `segment {shape}`: a VQ-VAE of the masks first (stage 0, OUT/vqvae; its decoder "
+                        "ships beside every checkpoint), the word appended to the vocabulary, and one segmentation "
+                        "question per image")
+    parser.add_argument("--vqvae-steps", type=int, default=1500, help="stage 0: the VQ-VAE's steps (32 masks each)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw the training scenes (only) with shifted shades, other light backgrounds, a canvas "
+                        "scale, soft edges and noise (scenes.training_style)")
+    parser.add_argument("--jpeg-fraction", type=float, default=0.5,
+                        help="of training images saved as JPEG first, at a quality from %d to %d" % JPEG_QUALITIES)
+    parser.add_argument("--absent-share", type=float, default=ABSENT_SHARE,
+                        help="of images whose last detection (and segmentation) names a kind the scene lacks")
+    parser.add_argument("--contrastive-steps", type=int, default=0,
+                        help="stage 0 (from scratch only): the vision tower and a text tower on scene / caption pairs "
+                        "with the sigmoid loss (shapes/contrastive.py, OUT/contrastive) before stage 1 (0: none)")
+    parser.add_argument("--contrastive-batch", type=int, default=32)
+    parser.add_argument("--contrastive-lr", type=float, default=2e-3)
+    parser.add_argument("--contrastive-same-count", action=argparse.BooleanOptionalAction, default=False,
+                        help="contrastive batches of scenes with as many shapes (every negative a hard one)")
     parser.add_argument("--vision-steps", type=int, default=800, help="stage 1: the vision tower on the patch targets")
     parser.add_argument("--vision-images", type=int, default=32, help="images per stage 1 step")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
@@ -615,6 +734,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--polish-steps {args.polish_steps}: give 0 (no stage 3) or more")
     if args.detections < 1:
         parser.error(f"--detections {args.detections}: ask at least one detection per image")
+    for name in ("jpeg_fraction", "absent_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give a share from 0 to 1")
+    if args.segment and args.vqvae_steps < 1:
+        parser.error(f"--vqvae-steps {args.vqvae_steps}: give 1 or more (or --no-segment)")
+    if args.contrastive_steps < 0:
+        parser.error(f"--contrastive-steps {args.contrastive_steps}: give 0 (no contrastive stage) or more")
+    if args.contrastive_steps and (args.init_from or args.vision_init):
+        parser.error("--contrastive-steps trains the vision tower stage 1 starts from: it cannot be combined with "
+                     f"--{'init-from' if args.init_from else 'vision-init'}, which give the weights to start from")
     if args.workers is None:
         args.workers = T.default_workers(args.device)
     if args.workers < 0:
@@ -638,9 +767,12 @@ def main(argv=None):
     # Once stage 3 has a checkpoint, stage 2 is done: the run resumes stage 3 from it.
     polish_resume = resume_point(polish.out_dir) if args.polish_steps else None
     model = load_recipe_model(polish_resume or task_resume or task.starts_from, run)
+    if args.segment:  # once the model to train is known to fit the recipe
+        run = dataclasses.replace(run, vqvae=train_vqvae_stage(run))
     if task_resume is None and not args.init_from:  # stage 2 starts from stage 1's heads too
         T.load_extra_modules(run.out / "vision" / "last", {"aux": run.heads})
-    evaluate = HeldOutScenes(Pipeline(model, run.processor), S.render_scenes(args.seed + 1000, args.eval_scenes))
+    evaluate = HeldOutScenes(Pipeline(model, run.processor, mask_decoder=run.vqvae),
+                             S.render_scenes(args.seed + 1000, args.eval_scenes))
     if polish_resume is None:
         train_task(run, model, task, task_resume, evaluate)
     if args.polish_steps:

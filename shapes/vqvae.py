@@ -20,25 +20,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from paligemma import locations as L
 from paligemma.mask_decoder import MASK_SIZE, MaskDecoder, MaskDecoderConfig, ResBlock, paste_mask
 from paligemma.weights import MASK_DECODER_NAME
 
 from . import scenes as S
 
 logger = logging.getLogger(__name__)
+VQVAE_NAME = "vqvae.safetensors"  # the whole model, encoder too (training only)
 COMMITMENT = 0.25  # weight of the encoder's pull towards its code (van den Oord et al. 2017)
 
 
@@ -104,21 +106,42 @@ def batch(rng: random.Random, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([random_example(rng)[1] for _ in range(size)]))
 
 
-def segment_prompt(names) -> str:
-    return "segment " + " ; ".join(names)
+def scene_codes(scene: S.Scene, model: ShapesVQVAE) -> list[list[int]]:
+    """The 16 codes of each shape's mask (the drawn pixels in its true box, 64 x 64), left to right."""
+    return scenes_codes([scene], model)[0]
 
 
 @torch.no_grad()
+def scenes_codes(scene_list, model: ShapesVQVAE) -> list[list[list[int]]]:
+    """scene_codes of each scene, encoded in one batch."""
+    targets = torch.from_numpy(np.stack([box_mask(shape_mask(s.shape, s.box), s.box)
+                                         for scene in scene_list for s in scene.shapes]))
+    codes = iter(model.encode(targets)[1].tolist())
+    return [[next(codes) for _ in scene.shapes] for scene in scene_list]
+
+
 def segment_answer(scene: S.Scene, names, model: ShapesVQVAE) -> str:
-    """The training target of `segment_prompt(names)`: every shape whose kind is in `names`, left to right, as its
-    box's location tokens, its mask's 16 codes and its kind, joined by " ; " (empty when none is there)."""
-    shapes = [s for s in scene.shapes if s.shape in names]
-    if not shapes:
-        return ""
-    targets = torch.from_numpy(np.stack([box_mask(shape_mask(s.shape, s.box), s.box) for s in shapes]))
-    _, codes = model.encode(targets)
-    return " ; ".join(L.box_tokens(s.box, S.CANVAS, S.CANVAS) + "".join(L.SEG_TOKENS[c] for c in row) + f" {s.shape}"
-                      for s, row in zip(shapes, codes.tolist()))
+    """The training target of `scenes.segment_prompt(names)` (scenes.segment_answer with the model's codes)."""
+    return S.segment_answer(scene, names, scene_codes(scene, model))
+
+
+def load_vqvae(path) -> ShapesVQVAE:
+    """A whole VQ-VAE (encoder too) saved by `save_vqvae`, strictly; its widths read from its arrays."""
+    state = load_file(str(path))
+    codebook, first = state["_vq_vae._embedding"], state["decoder.0.weight"]
+    model = ShapesVQVAE(MaskDecoderConfig(codebook.shape[0], codebook.shape[1], first.shape[0]))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def save_vqvae(model: ShapesVQVAE, directory: Path) -> None:
+    """VQVAE_NAME (the whole model) and MASK_DECODER_NAME (its decoder, what a checkpoint ships) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    whole = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for name, state in ((MASK_DECODER_NAME, model.decoder_state()), (VQVAE_NAME, whole)):  # VQVAE_NAME last: done
+        partial = directory / (name + ".partial")
+        save_file(state, str(partial))
+        os.replace(partial, directory / name)  # never a half-written file under the real name
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,7 +175,18 @@ def restart_dead_codes(model: ShapesVQVAE, z: torch.Tensor, used: torch.Tensor) 
     return len(dead)
 
 
-def train(args) -> ShapesVQVAE:
+@dataclass(frozen=True)
+class VQVAEOptions:
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 2e-3
+    width: int = 64  # decoder width W (the published decoder: 128)
+    dim: int = 64  # code width D (the published decoder: 512)
+    seed: int = 0
+    progress: bool = True
+
+
+def train(args: VQVAEOptions) -> ShapesVQVAE:
     torch.manual_seed(args.seed)
     rng = random.Random(f"vqvae:{args.seed}")
     model = ShapesVQVAE(MaskDecoderConfig(embedding_dim=args.dim, width=args.width))
@@ -160,7 +194,7 @@ def train(args) -> ShapesVQVAE:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
     used = torch.zeros(model.config.num_embeddings, dtype=torch.bool)
     start = time.perf_counter()
-    for step in (bar := tqdm(range(1, args.steps + 1), desc="vqvae")):
+    for step in (bar := tqdm(range(1, args.steps + 1), desc="vqvae", disable=not args.progress)):
         masks = batch(rng, args.batch)
         loss, codes = model.loss(masks)
         optimizer.zero_grad(set_to_none=True)
@@ -193,10 +227,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model = train(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(args.out / "vqvae.safetensors"))
-    save_file(model.decoder_state(), str(args.out / MASK_DECODER_NAME))
+    model = train(VQVAEOptions(args.steps, args.batch, args.lr, args.width, args.dim, args.seed))
+    save_vqvae(model, args.out)
     metrics = evaluate(model)
     print(f"{args.steps} steps in {time.perf_counter() - start:.0f} s; held-out reconstruction: mean IoU "
           f"{metrics['iou_64']:.3f} at 64 x 64, {metrics['iou_pixels']:.3f} in the image (IoU >= 0.5: "

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from paligemma import MaskDecoder, parse_detections, parse_segmentations
 from paligemma.mask_decoder import MaskDecoderConfig
 from shapes import scenes as S
-from shapes.vqvae import ShapesVQVAE, box_mask, random_example, segment_answer, segment_prompt, shape_mask
+from shapes.scenes import segment_prompt
+from shapes.vqvae import ShapesVQVAE, box_mask, random_example, segment_answer, shape_mask
 
 
 def test_shape_masks_are_the_pixels_the_scene_paints():

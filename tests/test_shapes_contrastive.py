@@ -55,7 +55,8 @@ def test_shapes_train_starts_stage_1_from_the_contrastive_tower(tmp_path):
     run = tmp_path / "run"
     R.main(["--out", str(run), "--vision-init", str(tmp_path / "tower"), "--vision-steps", "1", "--vision-lr", "0",
             "--vision-images", "2", "--images-per-step", "2", "--unpacked-images-per-step", "1", "--packed-steps", "1",
-            "--steps", "1", "--polish-steps", "0", "--eval-every", "0", "--no-progress", "--threads", "1"])
+            "--steps", "1", "--polish-steps", "0", "--eval-every", "0", "--no-progress", "--threads", "1",
+            "--vqvae-steps", "1"])
     stage_1 = paligemma.load(str(run / "vision" / "last")).model.vision_tower.vision_model.state_dict()
     tower = {k: v for k, v in siglip.vision_model.state_dict().items() if not k.startswith("head.")}
     assert set(stage_1) == set(tower)

@@ -1,6 +1,7 @@
 """The scene generator follows the task card and is deterministic; the task strings have the card's format."""
 
 import itertools
+import random
 
 import numpy as np
 import pytest
@@ -103,3 +104,66 @@ def test_detection_answers():
 def test_bins_round_trip_within_a_quarter_pixel():
     for c in np.linspace(0, 224, 897):
         assert abs(S.box_from_bins([S.to_bin(c)])[0] - c) <= 224 / 1023 / 2 + 1e-9
+
+
+def painted(image, background):
+    return (np.asarray(image).astype(int) != np.array(background)).any(-1)
+
+
+@pytest.mark.parametrize("style", [S.shifted_style, S.training_style])
+def test_a_styled_scene_holds_the_same_shapes(style):
+    for index in range(30):
+        assert S.render_scene(3, index, style).shapes == S.render_scene(3, index).shapes
+    a, b = S.render_scene(3, 5, style), S.render_scene(3, 5, style)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))  # deterministic too
+
+
+def test_shifted_scenes_move_each_colour_at_most_12_per_channel_on_a_light_background():
+    from shapes.vqvae import shape_mask
+
+    shifts = set()
+    for index in range(40):
+        scene = S.render_scene(1, index, S.shifted_style)
+        style = S.shifted_style(random.Random(f"style:1:{index}"), len(scene.shapes))
+        pixels = np.asarray(scene.image).astype(int)
+        assert min(style.background) >= 215 and scene.image.size == (224, 224)
+        union = np.zeros(pixels.shape[:2], dtype=bool)
+        for shape, shift in zip(scene.shapes, style.shifts):
+            mask = shape_mask(shape.shape, shape.box)
+            union |= mask
+            colour = pixels[mask]
+            assert (colour == colour[0]).all()  # one flat colour, within 12 of the card's
+            assert np.abs(colour[0] - np.array(S.COLORS[shape.color])).max() <= S.MAX_SHIFT
+            shifts.add(tuple(colour[0] - np.array(S.COLORS[shape.color])))
+        np.testing.assert_array_equal(painted(scene.image, style.background), union)  # the card's pixels exactly
+    assert len(shifts) > 30
+
+
+def test_training_styles_draw_the_shapes_where_their_boxes_are():
+    from shapes.vqvae import shape_mask
+
+    for index in range(40):
+        scene = S.render_scene(0, index, S.training_style)
+        style = S.training_style(random.Random(f"style:0:{index}"), len(scene.shapes))
+        assert scene.image.size == (style.canvas, style.canvas) and 179 <= style.canvas <= 269
+        # Back on the card's canvas, the drawn pixels are the scene's shapes up to the edges that scaling,
+        # soft edges and noise blur: the truth and the drawing disagree on a thin band only.
+        drawn = np.asarray(scene.image.resize((224, 224)).convert("RGB")).astype(int)
+        far = (np.abs(drawn - np.array(style.background)).max(-1) > 40)
+        union = np.zeros(far.shape, dtype=bool)
+        for shape in scene.shapes:
+            union |= shape_mask(shape.shape, shape.box)
+        disagree = (far != union).sum() / max(1, union.sum())
+        assert disagree < 0.12, (index, style, disagree)
+
+
+def test_segment_answers_list_the_asked_kinds_with_their_codes():
+    scene = scene_of(("circle", "green", (150, 10, 200, 60)), ("square", "blue", (112, 112, 224, 224)))
+    codes = [list(range(16)), [127] * 16]
+    assert S.segment_prompt(["circle", "square"]) == "segment circle ; square"
+    assert S.segment_answer(scene, ["square"], codes) == "<loc0512><loc0512><loc1023><loc1023>" + "<seg127>" * 16 + " square"
+    assert S.segment_answer(scene, ["circle", "square"], codes) == (
+        "<loc0685><loc0046><loc0913><loc0274>" + "".join(f"<seg{i:03d}>" for i in range(16)) + " circle ; "
+        "<loc0512><loc0512><loc1023><loc1023>" + "<seg127>" * 16 + " square")
+    assert S.segment_answer(scene, ["triangle"], codes) == ""
+    assert S.absent_kinds(scene) == ["triangle"]

@@ -26,7 +26,7 @@ def test_special_token_layout(tokenizer):
     segs = [tokenizer.token_to_id(f"<seg{i:03d}>") for i in range(128)]
     assert locs == list(range(image + 1, image + 1025))
     assert segs == list(range(image + 1025, image + 1153))
-    assert tokenizer.get_vocab_size() == image + 1153
+    assert tokenizer.get_vocab_size() == image + 1153 + 2  # then the appended words: "segment", "▁segment"
     assert tokenizer.encode("caption en").ids[0] != tokenizer.token_to_id("<bos>")  # no automatic <bos>
 
 
@@ -82,3 +82,34 @@ def test_transformers_loads_it_and_its_processor_uses_it(tokenizer, tmp_path):
     image = tokenizer.token_to_id("<image>")
     expected = ([image] * 64 + [2] + tokenizer.encode("caption en\n").ids + tokenizer.encode(S.caption(scene)).ids + [1])
     assert inputs["input_ids"][0].tolist() == expected
+
+
+def test_appended_words_come_last_and_leave_every_shipped_id_where_it_was(tokenizer, tmp_path):
+    from tokenizers import Tokenizer
+
+    import paligemma
+    from shapes.tokenizer import APPENDED_WORDS
+
+    shipped = Tokenizer.from_file(str(paligemma.DEMO_CHECKPOINT / "tokenizer.json"))
+    assert build_shapes_tokenizer(appended=()).get_vocab() == shipped.get_vocab()  # the first checkpoint's, 1,210
+    size = shipped.get_vocab_size()
+    assert all(tokenizer.token_to_id(t) == i for t, i in shipped.get_vocab().items())
+    assert APPENDED_WORDS == ("segment",)
+    assert [tokenizer.id_to_token(i) for i in range(size, tokenizer.get_vocab_size())] == ["segment", "\u2581segment"]
+    text = S.segment_prompt(["circle", "square"]) + "\n"
+    assert tokenizer.encode(text).tokens == ["segment", "\u2581circle", "\u2581;", "\u2581square", "\n"]
+    assert tokenizer.encode("<loc0001><seg127> circle").tokens == ["<loc0001>", "<seg127>", "\u2581circle"]
+    path = tmp_path / "tokenizer.json"  # the ids survive a save, and transformers reads them alike
+    tokenizer.save(str(path))
+    assert Tokenizer.from_file(str(path)).get_vocab() == tokenizer.get_vocab()
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    answer = "<loc0010><loc0020><loc0300><loc0400><seg001><seg127> circle"
+    assert fast(text + answer, add_special_tokens=False).input_ids == tokenizer.encode(text + answer).ids
+    assert fast.decode(tokenizer.encode(text + answer).ids) == text + answer
+
+
+def test_an_appended_word_already_in_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="'circle' is in the vocabulary already"):
+        build_tokenizer(["circle"], appended=("circle",))
