@@ -84,6 +84,14 @@ def session_options(plan: ThreadPlan, shared: tuple[list, list] | None, prepack:
     return options
 
 
+def ort_owned(array: np.ndarray) -> ort.OrtValue:
+    """A copy of `array` in memory ONNX Runtime allocates: .numpy() of an OrtValue made over a numpy array's memory
+    does not keep that array alive (its result read freed memory once the OrtValue was gone)."""
+    value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype)
+    value.update_inplace(np.ascontiguousarray(array))
+    return value
+
+
 def one_session_options(plan: ThreadPlan, spinning: bool = False) -> ort.SessionOptions:
     """A session that is the only one in memory (OnnxModel one_session): ONNX Runtime's CPU provider has no float16
     kernels, so a float16 graph's session casts its weights once into a float32 copy of its own, and a buffer shared
@@ -197,8 +205,8 @@ class OnnxModel:
         """Runs a graph (one of the export's, or "fused_prefill") with IO binding: OrtValue inputs (a cache, image
         embeddings) are passed without a copy, and outputs stay where the provider made them (on the GPU for CUDA)
         except the logits, which sampling reads."""
-        if self.one_session and name not in self.sessions:
-            self._open_alone(name)
+        if self.one_session:
+            return self._run_alone(name, feeds)
         session = self.fused_prefill if name == "fused_prefill" else self.sessions[name]
         binding = session.io_binding()
         for key, value in feeds.items():
@@ -213,6 +221,17 @@ class OnnxModel:
                 binding.bind_output(output, self.device_type, self.device_id)
         session.run_with_iobinding(binding)
         return binding.get_outputs()
+
+    def _run_alone(self, name: str, feeds: dict) -> list[ort.OrtValue]:
+        """run() for one_session: a plain run, no IO binding. An output taken from an IO binding keeps its session
+        alive (measured, onnxruntime 1.31: the session's memory stayed after it was released), so the prefill
+        session would outlive the release while the decode steps use its cache."""
+        if name not in self.sessions:
+            self._open_alone(name)
+        # Contiguous: run() reads a strided array (the engine's slice of positions) as if it were not.
+        feeds = {key: np.ascontiguousarray(value.numpy() if isinstance(value, ort.OrtValue) else value)
+                 for key, value in feeds.items()}
+        return [ort_owned(value) for value in self.sessions[name].run(None, feeds)]
 
     def _open_alone(self, name: str) -> None:
         """Releases the open session, then opens `name`'s (one_session): the outputs already returned stay valid."""

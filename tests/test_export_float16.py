@@ -1,17 +1,20 @@
 """float16 validation holds one ONNX Runtime session at a time (export/README.md, "The full PaliGemma-3B shape"):
 on CPU each float16 session keeps a float32 copy of its weights, so the three at once do not fit at 3B."""
 
+import gc
 import weakref
 
 import onnxruntime as ort
 import pytest
+import torch
 
 from export import runtime
 from export.onnx_export import export_model
 from export.runtime import export_and_validate
 from export.torch_reference import torch_reference
-from export.validate import validate_export
+from export.validate import validate_export, validation_requests
 from paligemma.config import PaliGemmaConfig
+from paligemma.processor import PaliGemmaProcessor
 from tiny import build_reference
 
 
@@ -74,3 +77,25 @@ def test_one_session_model_gives_the_shared_model_outputs(checkpoint, tmp_path):
     shared = validate_export(reference, runtime.OnnxModel(out, config, fused=False), log=quiet)
     assert alone == pytest.approx(shared, abs=1e-6)
 
+
+
+
+def test_outputs_outlive_the_session_that_made_them(checkpoint, tmp_path):
+    # Decode reads the cache that prefill returned after the prefill session is released: the outputs must own
+    # their memory (a numpy-backed OrtValue's .numpy() read freed memory once the OrtValue was gone).
+    out = tmp_path / "fp16"
+    export_model(checkpoint, out, dtype="float16", progress=False, log=quiet)
+    config = PaliGemmaConfig.from_json_file(out / "config.json")
+    inputs = validation_requests(PaliGemmaProcessor.from_pretrained(checkpoint, config), config)[0]
+    steps = {}
+    for alone in (True, False):
+        model = runtime.OnnxModel(out, config, fused=False, one_session=alone)
+        engine = model()
+        logits = [engine.prefill(inputs, 3)]
+        for _ in range(3):
+            gc.collect()
+            logits.append(engine.decode_step(logits[-1].argmax(-1)))
+        steps[alone] = torch.stack(logits)
+        if alone:
+            assert list(model.sessions) == ["decode"]
+    assert torch.equal(steps[True], steps[False])
