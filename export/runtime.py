@@ -151,8 +151,8 @@ class OnnxModel:
         self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
         self.present_names = cache_names("present", config.text.num_hidden_layers)
         self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
-        self.fused_prefill, self.fused_decode = self._fused_sessions(False if one_session else fused, shared, providers, prepack,
-                                                                     spinning)
+        fused = False if one_session else fused
+        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, prepack, spinning)
         if self.fused_prefill is not None:
             self.output_names["fused_prefill"] = [o.name for o in self.fused_prefill.get_outputs()]
         logger.info("ONNX Runtime sessions for %s on %s (%s)", self.onnx_dir, self.providers,
