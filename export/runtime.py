@@ -5,6 +5,7 @@ once, decoder weights shared between prefill and decode), `OnnxEngine` runs one 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -84,12 +85,34 @@ def session_options(plan: ThreadPlan, shared: tuple[list, list] | None, prepack:
     return options
 
 
+def ort_owned(array: np.ndarray) -> ort.OrtValue:
+    """A copy of `array` in memory ONNX Runtime allocates: .numpy() of an OrtValue made over a numpy array's memory
+    does not keep that array alive (its result read freed memory once the OrtValue was gone)."""
+    value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype)
+    value.update_inplace(np.ascontiguousarray(array))
+    return value
+
+
+def one_session_options(plan: ThreadPlan, spinning: bool = False) -> ort.SessionOptions:
+    """A session that is the only one in memory (OnnxModel one_session): ONNX Runtime's CPU provider has no float16
+    kernels, so a float16 graph's session casts its weights once into a float32 copy of its own, and a buffer shared
+    with other sessions would only add the float16 bytes. Pre-packing and the memory arena off: both hold a second
+    copy of weights or casts while the session is created (measured on the weight-heavy model's float16 prefill: peak
+    2.07x the float32 weights with them, 1.41x without; export/README.md)."""
+    options = session_options(plan, None, spinning=spinning)
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False
+    return options
+
+
 class OnnxModel:
     """The sessions of one export. Calling it gives a fresh OnnxEngine (what Pipeline's engine_factory needs)."""
 
     def __init__(self, onnx_dir, config: PaliGemmaConfig, device: str = "cpu", fingerprint: str | None = None,
                  threads: int | None = None, requests: int | None = None, prepack: bool = False,
-                 spinning: bool = False, fused: bool | None = None):
+                 spinning: bool = False, fused: bool | None = None, one_session: bool = False):
+        """`one_session` (CPU only, for validating float16 exports): no shared buffers; each graph's session is
+        opened when first run and the one open before it released, so that at most one is in memory."""
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
@@ -111,21 +134,32 @@ class OnnxModel:
         fused_prepack = prepack or decoder_bytes < SMALL_MODEL_BYTES
         # As this model's sessions are made (bench/kernels.py makes profiled copies of them).
         self.prepack, self.fused_prepack, self.spinning = prepack, fused_prepack, spinning
-        buffers, shared = self._load_shared()
-        self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
         self.sessions = {}
-        for name in GRAPH_ORDER:
-            options = session_options(self.thread_plan, shared if name != "vision_encoder" else None, prepack, spinning)
-            self.sessions[name] = self._session(name, options, providers)
-        self.providers = self.sessions["decode"].get_providers()
+        self.output_names = {}
+        self.one_session = one_session
+        if one_session:
+            if providers != ["CPUExecutionProvider"]:
+                raise ValueError("one_session is for validating on CPU: ask for device='cpu'")
+            self._shared = shared = None
+            self._open_options = lambda: one_session_options(self.thread_plan, spinning)
+            self.providers = providers
+        else:
+            buffers, shared = self._load_shared()
+            self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
+            for name in GRAPH_ORDER:
+                options = session_options(self.thread_plan, shared if name != "vision_encoder" else None, prepack,
+                                          spinning)
+                self.sessions[name] = self._session(name, options, providers)
+            self.providers = self.sessions["decode"].get_providers()
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         if providers[0] != "CPUExecutionProvider" and self.device_type == "cpu":
             warnings.warn("the CUDA provider failed to start (CUDA 13 / cuDNN 9 libraries missing?); running on CPU")
         self.device_id = providers[0][1]["device_id"] if self.device_type == "cuda" else 0
-        self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+        self.output_names.update({n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()})
         self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
         self.present_names = cache_names("present", config.text.num_hidden_layers)
         self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
+        fused = False if one_session else fused
         self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, fused_prepack, spinning)
         if self.fused_prefill is not None:
             self.output_names["fused_prefill"] = [o.name for o in self.fused_prefill.get_outputs()]
@@ -177,6 +211,8 @@ class OnnxModel:
         """Runs a graph (one of the export's, or "fused_prefill") with IO binding: OrtValue inputs (a cache, image
         embeddings) are passed without a copy, and outputs stay where the provider made them (on the GPU for CUDA)
         except the logits, which sampling reads."""
+        if self.one_session:
+            return self._run_alone(name, feeds)
         session = self.fused_prefill if name == "fused_prefill" else self.sessions[name]
         binding = session.io_binding()
         for key, value in feeds.items():
@@ -191,6 +227,25 @@ class OnnxModel:
                 binding.bind_output(output, self.device_type, self.device_id)
         session.run_with_iobinding(binding)
         return binding.get_outputs()
+
+    def _run_alone(self, name: str, feeds: dict) -> list[ort.OrtValue]:
+        """run() for one_session: a plain run, no IO binding. An output taken from an IO binding keeps its session
+        alive (measured, onnxruntime 1.31: the session's memory stayed after it was released), so the prefill
+        session would outlive the release while the decode steps use its cache."""
+        if name not in self.sessions:
+            self._open_alone(name)
+        # Contiguous: run() reads a strided array (the engine's slice of positions) as if it were not.
+        feeds = {key: np.ascontiguousarray(value.numpy() if isinstance(value, ort.OrtValue) else value)
+                 for key, value in feeds.items()}
+        return [ort_owned(value) for value in self.sessions[name].run(None, feeds)]
+
+    def _open_alone(self, name: str) -> None:
+        """Releases the open session, then opens `name`'s (one_session): the outputs already returned stay valid."""
+        self.sessions.clear()
+        gc.collect()
+        self.sessions[name] = self._session(name, self._open_options(), self.providers)
+        self.output_names[name] = [o.name for o in self.sessions[name].get_outputs()]
+        logger.info("ONNX Runtime session for %s opened alone", name)
 
     def __call__(self) -> "OnnxEngine":
         return OnnxEngine(self)
@@ -333,7 +388,8 @@ def export_and_validate(source, output, *, log=print, **options) -> dict:
         config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
         # The graphs as written are what other runtimes read; the fused ones (export/fused.py), built from them at
         # load, are what this runtime serves where they apply: both are held to torch, one after the other.
-        model = OnnxModel(output, config, fused=False)
+        # float16 on CPU: each session casts its weights to a float32 copy of its own, so one session at a time.
+        model = OnnxModel(output, config, fused=False, one_session=manifest["dtype"] == "float16")
         validate_export(reference, model, log=log)
         del model
         if unsupported(config, manifest["dtype"], manifest["quantize"]) is None:

@@ -22,6 +22,9 @@ variants, and for those also on the relative rms difference, ||ONNX - torch|| / 
   (an unrelated output is ~1.4 relative rms), not a loss of quality: what a quantization costs is measured on the
   task (500 scenes, export/README.md).
 
+float16 exports are validated with one ONNX Runtime session in memory at a time (OnnxModel one_session): on CPU each
+float16 session holds a float32 copy of its weights, and the three at once do not fit beside each other at 3B.
+
 The torch side is recorded first (export/torch_reference.py, in its own process) and ONNX Runtime then replays the
 same requests and the same tokens: the torch model and ONNX Runtime's copy of the weights are never in memory at
 once.
@@ -88,7 +91,16 @@ def validate_export(reference: dict, onnx_model, log=print) -> dict[str, float]:
         squares[name][0] += float(((got - expected.float()) ** 2).sum())
         squares[name][1] += float((expected.float() ** 2).sum())
 
-    for inputs, run in zip(reference["requests"], reference["runs"]):
+    pairs = list(zip(reference["requests"], reference["runs"]))
+    if getattr(onnx_model, "one_session", False):  # export.runtime.OnnxModel(one_session=True)
+        # One batch (the requests share one layout, as torch recorded them), so that each graph runs in one stretch
+        # and a model holding one session at a time opens each once. Only then: int8's activation scale is per call,
+        # over the batch, so batching would change its figures.
+        (requests, runs) = zip(*pairs)
+        pairs = [({name: torch.cat([r[name] for r in requests]) for name in requests[0]},
+                  {name: [torch.cat(steps) for steps in zip(*(r[name] for r in runs))]
+                   if isinstance(runs[0][name], list) else torch.cat([r[name] for r in runs]) for name in runs[0]})]
+    for inputs, run in pairs:
         pixels = inputs["pixel_values"].numpy().astype(onnx_model.float_type)
         (got,) = onnx_model.run("vision_encoder", {"pixel_values": pixels})
         record("vision_encoder", got.numpy(), run["image_embeddings"])
