@@ -38,7 +38,7 @@ from .checkpoint_stream import CheckpointStream
 from .onnx_export import (DEFAULT_OPSET, DTYPES, check_free_space, check_options, read_config, removed_on_failure,
                           set_metadata, tie_lm_head, trace_to_onnx)
 from .manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
-from .quantize import INT4_BLOCK_SIZE, MS_DOMAIN, QuantizedMatMul, quantize_lookup
+from .quantize import MS_DOMAIN, SCHEMES, STANDARD_INT8, QuantizedMatMul, quantize_lookup
 from .streaming import TRACED_PREFIX, WeightsAsInputs, WeightWriter, embedding_input, hollow_model, rename_inputs
 from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
 from .transformers_js_graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
@@ -58,6 +58,7 @@ class Variant:
     quantize: str | None
     name: str
     suffix: str
+    scheme: str | None = None  # how export/quantize.py stores `quantize` here (SCHEMES)
 
     @property
     def label(self) -> str:
@@ -66,8 +67,10 @@ class Variant:
 
 # q4f16 (4-bit weights with float16 scales and activations, for WebGPU) is not written: export/quantize.py keeps
 # float32 scales, which MatMulNBits and GatherBlockQuantized then require of the activations (export/README.md).
+# int8 in standard ops (MatMulInteger), as transformers.js' own _quantized files are: every runtime it uses runs them
+# (onnxruntime-web's WebAssembly build is tested with it; com.microsoft MatMulNBits 8-bit there is not).
 VARIANTS = (Variant("float32", None, "fp32", ""), Variant("float16", None, "fp16", "_fp16"),
-            Variant("float32", "int8", "q8", "_quantized"), Variant("float32", "int4", "q4", "_q4"))
+            Variant("float32", "int8", "q8", "_quantized", STANDARD_INT8), Variant("float32", "int4", "q4", "_q4", "int4"))
 
 
 def find_variant(dtype: str = "float32", quantize: str | None = None) -> Variant:
@@ -107,14 +110,10 @@ def export_transformers_js(source, output, *, dtype: str = "float32", quantize: 
     return config
 
 
-def stored_bytes(source: CheckpointStream, name: str, dtype: torch.dtype, quantize: str | None) -> int:
-    """About what one checkpoint tensor takes in the data files: its matrices quantized (weights and scales)."""
-    nbytes = source.nbytes(name, dtype)
-    if quantize is None or len(source.tensors[name].shape) != 2:
-        return nbytes
-    values = nbytes // dtype.itemsize
-    return values + 4 * values // source.tensors[name].shape[1] if quantize == "int8" else \
-        values // 2 + 4 * -(-values // INT4_BLOCK_SIZE)
+def stored_bytes(source: CheckpointStream, name: str, dtype: torch.dtype, scheme: str | None) -> int:
+    """About what one checkpoint tensor takes in the data files: its matrices as `scheme` stores them."""
+    shape = source.tensors[name].shape
+    return source.nbytes(name, dtype) if scheme is None or len(shape) != 2 else SCHEMES[scheme].nbytes(*shape)
 
 
 def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, opset: int, chunk_bytes: int,
@@ -127,15 +126,15 @@ def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, op
     embedding = next(name for name in source.tensors if name.endswith("embed_tokens.weight"))
     # Every weight once, and the embedding a second time: embed_tokens and the decoder's tied projection each hold it.
     # (int4 stores both as 4-bit blocks; int8's lookup stays float.)
-    check_free_space(staging, sum(stored_bytes(source, n, torch_dtype, variant.quantize) for n in source.tensors)
-                     + stored_bytes(source, embedding, torch_dtype, "int4" if variant.quantize == "int4" else None))
+    check_free_space(staging, sum(stored_bytes(source, n, torch_dtype, variant.scheme) for n in source.tensors)
+                     + stored_bytes(source, embedding, torch_dtype, "int4" if variant.scheme == "int4" else None))
     meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
                 exporter_version=EXPORTER_VERSION, dtype=variant.dtype, quantize=variant.quantize or "none",
                 format=FORMAT, opset=opset, torch_version=torch.__version__)
     specs, modules, inputs = graph_specs(config), graph_modules(model), example_inputs(config)
     writer = WeightWriter(source, torch_dtype,
                           lambda items, what: tqdm(list(items), desc=f"{what} weights", disable=not progress),
-                          quantize=variant.quantize)
+                          quantize=variant.scheme)
     (staging / "onnx").mkdir()
     chunks = {}
     for name in tqdm(GRAPH_ORDER, desc="exporting (transformers.js)", disable=not progress):
@@ -148,7 +147,7 @@ def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, op
         if name == "decoder_model_merged":
             tie_lm_head(graph, next(w for w in module.names if w.endswith("embed_tokens.weight")))
         with ChunkedExternalData(staging / "onnx", file, chunk_bytes) as store:
-            if variant.quantize == "int4" and name == "embed_tokens":
+            if variant.scheme == "int4" and name == "embed_tokens":
                 quantize_embed_tokens(graph, writer, store)
             # What stays float and is larger than a chunk is split; attach quantizes the decoder's projection.
             quantized = variant.quantize and name == "decoder_model_merged"

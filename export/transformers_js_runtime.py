@@ -67,7 +67,8 @@ class TransformersJsModel:
             raise OnnxExportError(f"{self.onnx_dir / 'onnx'} lacks {', '.join(missing)}: export the {variant.label} "
                                   "variant with `python -m export --format transformers.js`")
         self.variant = variant
-        self.manifest = dict(dtype=variant.dtype, quantize=variant.quantize or "none", format="transformers.js")
+        # quantize: the scheme the files store, whose tolerance the validation applies (export/validate.py)
+        self.manifest = dict(dtype=variant.dtype, quantize=variant.scheme or "none", format="transformers.js")
         self.float_type = np.float32  # transformers.js' files keep float32 inputs and outputs
         data = sum(p.stat().st_size for p in (self.onnx_dir / "onnx").glob(graph_file("decoder_model_merged", variant)
                                                                               + "_data*"))

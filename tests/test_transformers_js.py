@@ -238,7 +238,7 @@ def test_quantized_variants_validate_and_give_the_same_tokens_in_transformers_js
         if graph in ops:
             assert ops[graph] in {n.op_type for n in nodes}, graph
     pipe = load_onnx_pipeline(out, quantize=quantize)
-    assert pipe.engine_factory.manifest["quantize"] == quantize
+    assert pipe.engine_factory.variant.quantize == quantize
     torch_pipe = paligemma.load()
     for picture, prompt in requests("embedded"):
         expected = pipe.generate(picture, prompt, max_new_tokens=STEPS).token_ids
