@@ -30,12 +30,13 @@ __all__ = [
 
 
 def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu", dtype=None, backend: str = "torch",
-         onnx_dir: str | os.PathLike | None = None, engine: str | None = None) -> Pipeline:
+         onnx_dir: str | os.PathLike | None = None, engine: str | None = None, quantize: str | None = None) -> Pipeline:
     """A generation pipeline for a checkpoint folder or Hub repo id; with none, the embedded demo model.
 
     backend "torch" runs PyTorch on `device` with `engine` "eager" or "static" (static cache; on CUDA compiled and
     replayed as CUDA graphs, here at load); None picks static on CUDA, eager elsewhere. "onnx" runs the exported
-    graphs in `onnx_dir` with ONNX Runtime (exported and cached on first use when no directory is given).
+    graphs in `onnx_dir` with ONNX Runtime (exported and cached on first use when no directory is given);
+    `quantize` ("int8" or "int4", as app.py's --quantize) picks that variant of the export.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
@@ -44,6 +45,9 @@ def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu
                          "pass backend='onnx' (--backend onnx) or leave the export folder out")
     if engine is not None and engine not in ENGINES:
         raise ValueError(f"engine '{engine}' is not one of {', '.join(ENGINES)}")
+    if quantize is not None and backend != "onnx":
+        raise ValueError(f"quantize={quantize!r} is served by backend 'onnx' only, and backend is '{backend}'; "
+                         "pass backend='onnx' or leave quantize out")
     if backend == "onnx" and engine is not None:
         raise ValueError("engine is for backend 'torch'; ONNX Runtime has one engine")
     folder = resolve_checkpoint(path_or_repo_id if path_or_repo_id is not None else DEMO_CHECKPOINT)
@@ -52,7 +56,7 @@ def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu
         # package does not depend on the export package.
         from export.runtime import load_onnx_pipeline
 
-        return load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device)
+        return load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device, quantize=quantize)
     model = load_model(folder, device=device, dtype=dtype)
     return Pipeline(model, PaliGemmaProcessor.from_pretrained(folder, model.config), make_engines(model, engine),
                     mask_decoder=load_mask_decoder(folder))

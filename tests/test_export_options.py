@@ -145,6 +145,20 @@ def test_the_export_cache_keeps_one_export_per_variant(checkpoint, tmp_path, mon
     assert "exporting" not in caplog.text and again.engine_factory.onnx_dir == quantized.engine_factory.onnx_dir
 
 
+def test_load_serves_the_quantized_export_asked_for(checkpoint, tmp_path, monkeypatch):
+    from export.runtime import load_onnx_pipeline
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    pipe = paligemma.load(checkpoint, backend="onnx", quantize="int8")
+    assert pipe.engine_factory.manifest["quantize"] == "int8"
+    assert pipe.engine_factory.onnx_dir == load_onnx_pipeline(checkpoint, quantize="int8").engine_factory.onnx_dir
+    assert pipe.generate(IMAGE, "caption en", max_new_tokens=4).token_ids
+    with pytest.raises(ValueError, match="backend 'onnx' only"):
+        paligemma.load(checkpoint, quantize="int8")
+    with pytest.raises(paligemma.OnnxExportError, match="quantize 'int3' is not supported; use int8 or int4"):
+        paligemma.load(checkpoint, backend="onnx", quantize="int3")
+
+
 def test_an_export_of_another_variant_is_refused_when_a_quantized_one_is_asked_for(checkpoint, tmp_path):
     from export.runtime import load_onnx_pipeline
     from paligemma.errors import OnnxExportError
