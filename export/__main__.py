@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder to write the graphs into")
     parser.add_argument("--format", default="three-graphs", choices=["three-graphs", "transformers.js"],
                         help="three-graphs: this project's runtime (default); transformers.js: its PaliGemma layout")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="float16 is for GPUs")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="float16 is for GPUs; with --quantize int4 and --format transformers.js: its q4f16")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
                         help="for CPUs: int8 or int4, MatMulNBits blocks of 32 (activations quantized per block in the "
                              "kernel); every weight matrix, the output projection included")

@@ -22,6 +22,9 @@ Axes: N output channels (a checkpoint matrix's rows: nn.Linear [N, K], the tied 
   25x further from torch); uint8 x uint8 takes a kernel that does not. MatMulInteger wants [K, N], so each weight is
   written transposed, strip by strip (ExternalData.write_transposed). On this AVX2 CPU it decodes no faster than
   float32, and per-tensor activations move the full 3B's logits by a fifth: why `--quantize int8` is MatMulNBits.
+- "int4_float16" (internal; transformers.js' `_q4f16` variant, export/transformers_js.py): int4's blocks with float16
+  scales, for a float16 graph: MatMulNBits and GatherBlockQuantized take the scales in the activations' type. The
+  scale is rounded to float16 before the weights are quantized with it, so the stored levels and scale agree.
 The token lookup: with MatMulNBits it reads the output projection's own blocks (com.microsoft GatherBlockQuantized,
 which takes MatMulNBits' layout and its default zero points for 4 and 8 bits), so the tied embedding is stored once,
 quantized (at 3B, int4: 0.27 GB where a float lookup kept 2.1 GB beside it). With int8_standard it stays a float
@@ -39,6 +42,7 @@ from onnx import helper
 
 QUANTIZATIONS = ("int8", "int4")  # what `--quantize` takes
 STANDARD_INT8 = "int8_standard"  # MatMulInteger in standard ops, for runtimes without com.microsoft (see above)
+INT4_FLOAT16 = "int4_float16"  # int4 with float16 scales, for float16 graphs (see above)
 INT8_BLOCK_SIZE = 32  # the most accurate of 32-256 for decode speed within noise (export/README.md)
 INT4_BLOCK_SIZE = 32  # closer to torch than 64 on the embedded model, as fast (export/README.md)
 # 4: ONNX Runtime quantizes the activations to int8 per block inside the kernel; for int4 1.8x the decode speed of 0
@@ -57,6 +61,7 @@ class Scheme:
 
     bits: int
     block_size: int = 0
+    scale_dtype: str = "float32"
 
     @property
     def standard_ops(self) -> bool:
@@ -70,14 +75,16 @@ class Scheme:
         return -(-width // self.block_size)
 
     def nbytes(self, rows: int, width: int) -> int:
-        """Bytes of the stored weight and its float32 scales."""
+        """Bytes of the stored weight and its scales."""
+        scale = np.dtype(self.scale_dtype).itemsize
         if self.standard_ops:
-            return rows * width + 4 * rows
+            return rows * width + scale * rows
         blocks = self.blocks(width)
-        return rows * blocks * (self.block_size * self.bits // 8 + 4)
+        return rows * blocks * (self.block_size * self.bits // 8 + scale)
 
 
-SCHEMES = {"int8": Scheme(8, INT8_BLOCK_SIZE), "int4": Scheme(4, INT4_BLOCK_SIZE), STANDARD_INT8: Scheme(8)}
+SCHEMES = {"int8": Scheme(8, INT8_BLOCK_SIZE), "int4": Scheme(4, INT4_BLOCK_SIZE), STANDARD_INT8: Scheme(8),
+           INT4_FLOAT16: Scheme(4, INT4_BLOCK_SIZE, "float16")}
 PREPACKED = tuple(name for name, scheme in SCHEMES.items() if not scheme.standard_ops)  # MatMulNBits: see runtime.py
 
 
@@ -120,9 +127,9 @@ def channel_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.uint8), scale.astype(np.float32)
 
 
-def block_rows(rows: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """rows [n, K] float -> uint8 [n, blocks, block_size * bits / 8] (4 bits: packed two a byte), scales float32
-    [n, blocks]."""
+def block_rows(rows: np.ndarray, bits: int, block_size: int, scale_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """rows [n, K] float -> uint8 [n, blocks, block_size * bits / 8] (4 bits: packed two a byte), scales
+    `scale_dtype` [n, blocks]."""
     rows = rows.astype(np.float32, copy=False)
     n, width = rows.shape
     blocks = -(-width // block_size)
@@ -132,17 +139,17 @@ def block_rows(rows: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray
     zero = 1 << (bits - 1)
     # the signed value of largest magnitude in each block maps onto -zero
     extreme = np.take_along_axis(padded, np.abs(padded).argmax(axis=2)[..., None], axis=2)[..., 0]
-    scale = extreme / -zero
-    scale[scale == 0] = 1
+    scale = (extreme / -zero).astype(scale_dtype).astype(np.float32)  # the stored scale is the one quantized with
+    scale[scale == 0] = 1  # an all-zero block, or one whose scale float16 rounds to zero: its values become 0
     q = (np.rint(padded / scale[..., None]).clip(-zero, zero - 1) + zero).astype(np.uint8)
     if bits == 4:
         q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return q, scale.astype(np.float32)
+    return q, scale.astype(scale_dtype)
 
 
 def quantized_rows(scheme: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s = SCHEMES[scheme]
-    return channel_rows(rows) if s.standard_ops else block_rows(rows, s.bits, s.block_size)
+    return channel_rows(rows) if s.standard_ops else block_rows(rows, s.bits, s.block_size, s.scale_dtype)
 
 
 def dequantize_blocks(q: np.ndarray, scale: np.ndarray, width: int, bits: int) -> np.ndarray:

@@ -12,7 +12,8 @@ The graphs (export/transformers_js_graphs.py) are traced on the hollow model wit
 each weight goes through WeightWriter.attach into the graph's chunked data, block by block from the checkpoint:
 the same memory bound as the default export, quantized on the way with `quantize` (export/quantize.py). A float
 weight larger than a chunk (the 3B float32 embedding) is stored as row blocks (export/transformers_js_split.py).
-Suffixes are transformers.js' (`VARIANTS`): "" float32, "_fp16", "_quantized" int8, "_q4" int4.
+Suffixes are transformers.js' (`VARIANTS`): "" float32, "_fp16", "_quantized" int8, "_q4" int4, "_q4f16" int4
+in a float16 graph.
 Everything is written into a staging folder inside OUT and moved into place at the end, config.json last, so a
 failed export leaves nothing that looks complete (and an earlier variant in OUT untouched).
 """
@@ -38,7 +39,7 @@ from .checkpoint_stream import CheckpointStream
 from .onnx_export import (DEFAULT_OPSET, DTYPES, check_free_space, check_options, read_config, removed_on_failure,
                           set_metadata, tie_lm_head, trace_to_onnx)
 from .manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
-from .quantize import MS_DOMAIN, SCHEMES, STANDARD_INT8, QuantizedMatMul, quantize_lookup
+from .quantize import INT4_FLOAT16, MS_DOMAIN, SCHEMES, STANDARD_INT8, QuantizedMatMul, quantize_lookup
 from .streaming import TRACED_PREFIX, WeightsAsInputs, WeightWriter, embedding_input, hollow_model, rename_inputs
 from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
 from .transformers_js_graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
@@ -64,13 +65,24 @@ class Variant:
     def label(self) -> str:
         return self.dtype if self.quantize is None else f"{self.dtype}, {self.quantize}"
 
+    @property
+    def reference_dtype(self) -> str:
+        """The torch model validation compares with: a quantization's tolerance is measured against float32."""
+        return "float32" if self.quantize else self.dtype
 
-# q4f16 (4-bit weights with float16 scales and activations, for WebGPU) is not written: export/quantize.py keeps
-# float32 scales, which MatMulNBits and GatherBlockQuantized then require of the activations (export/README.md).
+    @property
+    def quantized_lookup(self) -> bool:
+        """embed_tokens reads the embedding's blocks (GatherBlockQuantized): the MatMulNBits schemes."""
+        return self.scheme is not None and not SCHEMES[self.scheme].standard_ops
+
+
 # int8 in standard ops (MatMulInteger), as transformers.js' own _quantized files are: every runtime it uses runs them
 # (onnxruntime-web's WebAssembly build is tested with it; com.microsoft MatMulNBits 8-bit there is not).
+# q4f16: the float16 graph with int4 blocks whose scales are float16, as MatMulNBits and GatherBlockQuantized want
+# them beside float16 activations; inputs and outputs stay float32, as in every variant here (export/README.md).
 VARIANTS = (Variant("float32", None, "fp32", ""), Variant("float16", None, "fp16", "_fp16"),
-            Variant("float32", "int8", "q8", "_quantized", STANDARD_INT8), Variant("float32", "int4", "q4", "_q4", "int4"))
+            Variant("float32", "int8", "q8", "_quantized", STANDARD_INT8), Variant("float32", "int4", "q4", "_q4", "int4"),
+            Variant("float16", "int4", "q4f16", "_q4f16", INT4_FLOAT16))
 
 
 def find_variant(dtype: str = "float32", quantize: str | None = None) -> Variant:
@@ -94,8 +106,8 @@ def export_transformers_js(source, output, *, dtype: str = "float32", quantize: 
                            opset: int = DEFAULT_OPSET, chunk_bytes: int = CHUNK_BYTES, progress: bool = True,
                            log=print) -> dict:
     """Export the checkpoint `source` into `output` in transformers.js' layout; returns config.json's content."""
-    check_options(output, dtype, quantize, opset)
-    variant = find_variant(dtype, quantize)
+    variant = find_variant(dtype, quantize)  # this layout's own combinations: q4f16 is float16 with int4
+    check_options(output, dtype, None, opset)
     start = time.perf_counter()
     output = Path(output)
     folder = resolve_checkpoint(source)
@@ -127,7 +139,7 @@ def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, op
     # Every weight once, and the embedding a second time: embed_tokens and the decoder's tied projection each hold it.
     # (int4 stores both as 4-bit blocks; int8's lookup stays float.)
     check_free_space(staging, sum(stored_bytes(source, n, torch_dtype, variant.scheme) for n in source.tensors)
-                     + stored_bytes(source, embedding, torch_dtype, "int4" if variant.scheme == "int4" else None))
+                     + stored_bytes(source, embedding, torch_dtype, variant.scheme if variant.quantized_lookup else None))
     meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
                 exporter_version=EXPORTER_VERSION, dtype=variant.dtype, quantize=variant.quantize or "none",
                 format=FORMAT, opset=opset, torch_version=torch.__version__)
@@ -147,8 +159,8 @@ def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, op
         if name == "decoder_model_merged":
             tie_lm_head(graph, next(w for w in module.names if w.endswith("embed_tokens.weight")))
         with ChunkedExternalData(staging / "onnx", file, chunk_bytes) as store:
-            if variant.scheme == "int4" and name == "embed_tokens":
-                quantize_embed_tokens(graph, writer, store)
+            if variant.quantized_lookup and name == "embed_tokens":
+                quantize_embed_tokens(graph, writer, store, variant.scheme)
             # What stays float and is larger than a chunk is split; attach quantizes the decoder's projection.
             quantized = variant.quantize and name == "decoder_model_merged"
             split_large_weights(graph, writer, store, chunk_bytes,
@@ -172,15 +184,16 @@ def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, op
     return content
 
 
-def quantize_embed_tokens(graph: onnx.ModelProto, writer: WeightWriter, store: ChunkedExternalData) -> None:
-    """int4: the lookup reads the embedding's int4 blocks (GatherBlockQuantized), as the three-graph int4 export's
-    lookup does, so the int4 variant's embed_tokens holds 4-bit rows, not float ones (at 3B float32, 0.33 GB where a
-    float lookup took 2.1 GB). attach quantizes only MatMul and Gemm weights, and this graph has only the Gather."""
+def quantize_embed_tokens(graph: onnx.ModelProto, writer: WeightWriter, store: ChunkedExternalData,
+                          scheme: str) -> None:
+    """int4 (and q4f16): the lookup reads the embedding's int4 blocks (GatherBlockQuantized), as the three-graph int4
+    export's lookup does, so embed_tokens holds 4-bit rows, not float ones (at 3B float32, 0.33 GB where a float
+    lookup took 2.1 GB). attach quantizes only MatMul and Gemm weights, and this graph has only the Gather."""
     g = graph.graph
     weight = embedding_input(writer.weight_inputs(graph))
     rows, width = writer.source.tensors[weight.removeprefix(TRACED_PREFIX)].shape
-    name = weight + "_int4"
-    target = quantize_lookup(g, weight, QuantizedMatMul(weight.removeprefix(TRACED_PREFIX), "int4", name,
+    name = weight + f"_{scheme}"
+    target = quantize_lookup(g, weight, QuantizedMatMul(weight.removeprefix(TRACED_PREFIX), scheme, name,
                                                         name + "_scale", rows, width))
     if target.lookup_scale is None:
         raise OnnxExportError("embed_tokens has no token lookup on the embedding; the graph layout changed")

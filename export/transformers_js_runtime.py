@@ -182,7 +182,7 @@ def export_transformers_js_checked(source, output, *, dtype: str = "float32", qu
     if not validate:
         return export_transformers_js(folder, output, dtype=dtype, quantize=quantize, log=log, **options)
     with variant_removed_on_failure(Path(output), find_variant(dtype, quantize)):
-        reference = torch_reference(folder, dtype)
+        reference = torch_reference(folder, find_variant(dtype, quantize).reference_dtype)
         content = export_transformers_js(folder, output, dtype=dtype, quantize=quantize, log=log, **options)
         config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
         validate_export(reference, TransformersJsModel(output, config, dtype=dtype, quantize=quantize), log=log)

@@ -1,7 +1,7 @@
 """`python -m export --format transformers.js`: the layout, this project's ONNX Runtime loop over it against torch
 (padded batches included), and transformers.js itself (Node, demo/web/generate.mjs) against torch, on the embedded
 model and tiny PaliGemma 1 (head_dim 24 != 64 / 4) and 2 (sliding window 6, shorter than every prompt; softcaps);
-the int8 and int4 variants; the embedding split into row blocks when it exceeds a chunk."""
+the int8, int4 and q4f16 variants; the embedding split into row blocks when it exceeds a chunk."""
 
 import json
 import shutil
@@ -213,21 +213,25 @@ def test_the_embedded_models_float16_files_give_torch_tokens_in_both_loops(tmp_p
         assert got["tokens"][: len(expected)] == expected and len(got["tokens"]) == len(expected) + 1, prompt
 
 
-@pytest.mark.parametrize("quantize, name, suffix, ops", [
-    ("int8", "q8", "_quantized", {"vision_encoder": "MatMulInteger", "decoder_model_merged": "MatMulInteger"}),
-    ("int4", "q4", "_q4", {"vision_encoder": "MatMulNBits", "embed_tokens": "GatherBlockQuantized",
-                           "decoder_model_merged": "MatMulNBits"}),
+NBITS_OPS = {"vision_encoder": "MatMulNBits", "embed_tokens": "GatherBlockQuantized", "decoder_model_merged": "MatMulNBits"}
+
+
+@pytest.mark.parametrize("quantize, dtype, name, suffix, ops", [
+    ("int8", "float32", "q8", "_quantized", {"vision_encoder": "MatMulInteger", "decoder_model_merged": "MatMulInteger"}),
+    ("int4", "float32", "q4", "_q4", NBITS_OPS),
+    ("int4", "float16", "q4f16", "_q4f16", NBITS_OPS),
 ])
 def test_quantized_variants_validate_and_give_the_same_tokens_in_transformers_js_and_this_loop(
-        quantize, name, suffix, ops, tmp_path, capsys):
-    """The command validates the variant against torch (export/validate.py: the documented int8 / int4 tolerance);
-    transformers.js, given the variant's name, loads its files and gives this project's loop's tokens on them."""
-    from export.runtime import load_onnx_pipeline
+        quantize, dtype, name, suffix, ops, tmp_path, capsys):
+    """The command validates the variant against float32 torch (export/validate.py: the documented int8 / int4 /
+    int4_float16 tolerance); transformers.js, given the variant's name, loads its files and gives this project's
+    loop's tokens on them (q4f16 included: onnxruntime-node's CPU provider has float16 MatMulNBits)."""
+    from export.transformers_js_runtime import load_transformers_js_pipeline
 
     out = tmp_path / "out"
     export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js", "--no-validate"])
     assert export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js",
-                        "--quantize", quantize]) == 0
+                        "--quantize", quantize, "--dtype", dtype]) == 0
     assert "validation decode" in capsys.readouterr().out
     counts = json.loads((out / "config.json").read_text())["transformers.js_config"]["use_external_data_format"]
     for graph in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
@@ -237,14 +241,37 @@ def test_quantized_variants_validate_and_give_the_same_tokens_in_transformers_js
         nodes = onnx.load(str(out / "onnx" / file), load_external_data=False).graph.node
         if graph in ops:
             assert ops[graph] in {n.op_type for n in nodes}, graph
-    pipe = load_onnx_pipeline(out, quantize=quantize)
-    assert pipe.engine_factory.variant.quantize == quantize
+    pipe = load_transformers_js_pipeline(out, dtype=dtype, quantize=quantize)
+    assert (pipe.engine_factory.variant.name, pipe.engine_factory.variant.suffix) == (name, suffix)
     torch_pipe = paligemma.load()
     for picture, prompt in requests("embedded"):
         expected = pipe.generate(picture, prompt, max_new_tokens=STEPS).token_ids
         pixel_values = torch_pipe.processor([picture], [prompt])["pixel_values"]
         got = node_generate(out, pixel_values, prompt, tmp_path, STEPS, "--dtype", name)
         assert got["tokens"][: len(expected)] == expected and len(got["tokens"]) == len(expected) + 1, prompt
+
+
+def test_q4f16_is_a_float16_graph_with_float16_scales_and_float32_io(reference_factory, tmp_path):
+    """transformers.js copies the image features into embed_tokens' output and feeds its own float32 pixel values,
+    so the variant keeps float32 inputs and outputs; inside, the weights, the activations and MatMulNBits' and
+    GatherBlockQuantized's scales are float16 (the ops take their scales in the activations' type)."""
+    folder, _ = reference_factory("pg2")
+    out = tmp_path / "out"
+    export_transformers_js(folder, out, dtype="float16", quantize="int4", progress=False, log=quiet)
+    for graph_name in ("vision_encoder", "embed_tokens", "decoder_model_merged"):
+        graph = onnx.load(str(out / "onnx" / f"{graph_name}_q4f16.onnx"), load_external_data=True).graph
+        floats = {i.type.tensor_type.elem_type for i in [*graph.input, *graph.output]} - {onnx.TensorProto.INT64}
+        assert floats == {onnx.TensorProto.FLOAT}, graph_name
+        types = {t.name: t.data_type for t in graph.initializer}
+        quantized = [n for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+        assert quantized, graph_name
+        for node in quantized:
+            scale = node.input[2]
+            assert types[scale] == onnx.TensorProto.FLOAT16, (graph_name, node.name)
+        assert not any(t.data_type == onnx.TensorProto.FLOAT and t.dims and np.prod(t.dims) > 64
+                       for t in graph.initializer), graph_name  # no float32 weight left
+    with pytest.raises(OnnxExportError, match="no transformers.js variant"):
+        export_transformers_js(folder, tmp_path / "other", dtype="float16", quantize="int8", progress=False, log=quiet)
 
 
 def test_a_lookup_and_projection_larger_than_a_chunk_are_row_blocks_equal_to_the_whole(reference_factory, tmp_path):

@@ -158,3 +158,23 @@ def test_a_variant_the_page_lacks_gets_a_message(browser, url):
     page = open_page(browser, url + "?dtype=q2")
     assert "?dtype=q2 is not a variant this page holds; use fp32 or q8" in page.locator("#error").text_content()
     page.close()
+
+
+@pytest.mark.parametrize("query, message", [
+    ("?threads=two", "?threads=two is not a number of threads; use a whole number from 1"),
+    ("?optimization=fast", "?optimization=fast is not a graph optimization level; use all, extended, basic, disabled"),
+])
+def test_a_bad_measuring_option_gets_a_message(browser, url, query, message):
+    page = open_page(browser, url + query)
+    assert message in page.locator("#error").text_content()
+    page.close()
+
+
+def test_the_page_records_how_it_ran(page):
+    """What demo.web.measure_page reports: one thread by default, cross-origin isolated (the server's COOP/COEP,
+    which onnxruntime-web's threads need), and WebAssembly's unoptimized graphs."""
+    state = page.evaluate("(({threads, crossOriginIsolated, sessionOptions, device}) => "
+                          "({threads, crossOriginIsolated, sessionOptions, device}))(window.paligemma)")
+    assert state["crossOriginIsolated"] is True and state["threads"] >= 1
+    if state["device"] == "wasm":
+        assert state["sessionOptions"] == {"graphOptimizationLevel": "disabled"}

@@ -32,9 +32,39 @@ function useWasmBuild(name) {
 // `marks`: milliseconds from the navigation start at each loading step (demo.web.measure_page prints them).
 const state = {
     image: null, imageSource: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null,
-    lastInputs: null, marks: { moduleStart: performance.now() },
+    lastInputs: null, marks: { moduleStart: performance.now() }, crossOriginIsolated: self.crossOriginIsolated,
+    threads: null, sessionOptions: null,
 };
 window.paligemma = state;
+
+// The page's URL options: ?dtype= picks the variant; ?threads=N (onnxruntime-web's WebAssembly threads; its
+// default here is one, half the cores) and ?optimization= (onnxruntime's graphOptimizationLevel) are for measuring
+// the page (demo/web/README.md).
+const OPTIMIZATION_LEVELS = ['all', 'extended', 'basic', 'disabled'];
+// On WebAssembly the graphs load unoptimized: on this small model the optimizer's passes cost more at load than
+// they save per answer (demo/web/README.md); WebGPU keeps onnxruntime's default.
+const WASM_OPTIMIZATION = 'disabled';
+
+function pageOptions(query) {
+    const dtype = query.get('dtype') ?? 'fp32';
+    if (!DTYPES.includes(dtype)) {
+        throw new Error(`?dtype=${dtype} is not a variant this page holds; use ${DTYPES.join(' or ')}.`);
+    }
+    const threads = query.has('threads') ? Number(query.get('threads')) : null;
+    if (threads !== null && !(Number.isInteger(threads) && threads >= 1)) {
+        throw new Error(`?threads=${query.get('threads')} is not a number of threads; use a whole number from 1.`);
+    }
+    const level = query.get('optimization');
+    if (level !== null && !OPTIMIZATION_LEVELS.includes(level)) {
+        throw new Error(`?optimization=${level} is not a graph optimization level; use ${OPTIMIZATION_LEVELS.join(', ')}.`);
+    }
+    return { dtype, threads };
+}
+
+function sessionOptions(query, device) {
+    const level = query.get('optimization') ?? (device === 'wasm' ? WASM_OPTIMIZATION : null);
+    return level === null ? {} : { graphOptimizationLevel: level };
+}
 
 async function chooseDevice() {
     try {
@@ -127,30 +157,41 @@ async function run(prompt) {
 }
 
 async function main() {
-    const examples = await (await fetch('examples/examples.json')).json();
+    const query = new URLSearchParams(location.search);
+    const { dtype, threads } = pageOptions(query);
+    const exampleList = fetch('examples/examples.json').then((response) => response.json());
+    exampleList.catch(() => {});  // awaited below
+    state.device = await chooseDevice();
+    if (state.device === 'wasm') useWasmBuild('ort-wasm-simd-threaded');
+    if (threads) env.backends.onnx.wasm.numThreads = threads;
+    const session_options = sessionOptions(query, state.device);
+    state.sessionOptions = session_options;
+    state.marks.deviceChosen = performance.now();
+    // The model first (the longest), then the processor and the first example, all at once.
+    const options = { dtype, session_options };
+    const model = PaliGemmaForConditionalGeneration.from_pretrained('model', { ...options, device: state.device });
+    model.catch(() => {});  // awaited below
+    const processor = AutoProcessor.from_pretrained('model').then((p) => {
+        state.marks.processorLoaded = performance.now();
+        return p;
+    });
+    processor.catch(() => {});  // awaited below
+    const examples = await exampleList;
     for (const example of examples) {
         $('example').add(new Option(`${example.file} (${example.prompt})`, example.file));
     }
-    const dtype = new URLSearchParams(location.search).get('dtype') ?? 'fp32';
-    if (!DTYPES.includes(dtype)) {
-        throw new Error(`?dtype=${dtype} is not a variant this page holds; use ${DTYPES.join(' or ')}.`);
-    }
-    state.device = await chooseDevice();
-    if (state.device === 'wasm') useWasmBuild('ort-wasm-simd-threaded');
-    state.marks.deviceChosen = performance.now();
-    // The first example is read while the model loads.
     const firstSource = `examples/${examples[0].file}`;
     const firstImage = RawImage.read(firstSource);
     firstImage.catch(() => {});  // setImage reports it
-    state.processor = await AutoProcessor.from_pretrained('model');
-    state.marks.processorLoaded = performance.now();
     try {
-        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype, device: state.device });
+        state.model = await model;
     } catch (e) {
         if (state.device === 'wasm') throw e;
         state.device = 'wasm';  // an adapter that cannot run the graphs: WebAssembly instead
-        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { dtype, device: 'wasm' });
+        state.model = await PaliGemmaForConditionalGeneration.from_pretrained('model', { ...options, device: 'wasm' });
     }
+    state.processor = await processor;
+    state.threads = env.backends.onnx.wasm.numThreads;
     state.loadedMs = performance.now();
     $('status').textContent = `Model loaded (${state.device}).`;
     $('example').addEventListener('change', () => setImage(`examples/${$('example').value}`));

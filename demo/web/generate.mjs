@@ -1,7 +1,7 @@
 // Greedy generation with transformers.js (Node, onnxruntime-node on the CPU) from an export in its layout.
 //
 //   node demo/web/generate.mjs --model OUT --prompt "caption en" [--image FILE] [--pixels FILE] [--max-new-tokens N]
-//                              [--dtype fp32|fp16] [--pixels-out FILE]
+//                              [--dtype fp32|fp16|q8|q4|q4f16] [--pixels-out FILE]
 //
 // --pixels: raw little-endian float32 [1, 3, S, S] pixel values to use instead of transformers.js' own resize
 // (the Python tests write them, so both sides see the same pixels). Without it, --image goes through
