@@ -16,14 +16,20 @@ from .timing import Spread
 REFERENCE = "transformers"
 
 
+def runtime_row(result: dict) -> dict:
+    """How every table's row of a runtime starts: its name and description, and its error when it failed."""
+    row = dict(runtime=result["runtime"], info=result.get("info", ""))
+    return dict(row, error=result["error"]) if "error" in result else row
+
+
 def summarize(results: list[dict], targets: dict) -> list[dict]:
     """One row per runtime of a workload: medians, ratios to transformers, whether the tokens agree, the target."""
     reference = next((r for r in results if r["runtime"] == REFERENCE and "error" not in r), None)
     rows = []
     for r in results:
-        row = dict(runtime=r["runtime"], info=r.get("info", ""))
-        if "error" in r:
-            rows.append(dict(row, error=r["error"]))
+        row = runtime_row(r)
+        if "error" in row:
+            rows.append(row)
             continue
         row.update(ttft_s=Spread.of(r["ttft_s"]).median, decode_tokens_per_s=Spread.of(r["decode_tokens_per_s"]).median,
                    peak_rss_mb=r["peak_rss_mb"], peak_gpu_mb=r.get("peak_gpu_mb"), load_s=r["load_s"],
@@ -147,9 +153,9 @@ def summarize_requests(results: list[dict], targets: dict) -> list[dict]:
     medians = {name: Spread.of(r["request_s"]) for name, r in by_name.items()}
     rows = []
     for r in results:
-        row = dict(runtime=r["runtime"], info=r.get("info", ""))
-        if "error" in r:
-            rows.append(dict(row, error=r["error"]))
+        row = runtime_row(r)
+        if "error" in row:
+            rows.append(row)
             continue
         spread = medians[r["runtime"]]
         row.update(request_s=spread.median, request_range_s=[spread.low, spread.high], requests=spread.count,
