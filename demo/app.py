@@ -57,12 +57,22 @@ PRESETS_DEMO = {
     "Caption": "caption en",
     "Count": "answer en how many shapes are there?",
     "Detect": "detect circle ; triangle",
+    "Segment": "segment circle ; triangle",
 }
 PRESETS = {
     "Caption": "caption en",
     "Answer": "answer en what is in the image?",
     "Detect": "detect person ; car",
+    "Segment": "segment person ; car",
 }
+
+
+def task_presets(backend: Backend) -> dict:
+    """The task buttons for `backend`'s model; Segment only where the model ships a mask decoder to draw with."""
+    presets = PRESETS_DEMO if backend.is_demo_model else PRESETS
+    if backend.pipeline.mask_decoder is None:
+        presets = {name: prompt for name, prompt in presets.items() if name != "Segment"}
+    return presets
 
 
 def read_request_image(value) -> Image.Image:
@@ -299,7 +309,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
     beside the served one: None allows it only where that copy is small (Backend.torch_check_fits). Uploads and
     answers' images are deleted `delete_cache` = (every, older than) seconds."""
     backend = backend or load_backend()
-    presets = PRESETS_DEMO if backend.is_demo_model else PRESETS
+    presets = task_presets(backend)
     limits = decoding_limits(backend.pipeline.processor, presets.values())
     allow_check = backend.torch_check_fits() if torch_check is None else torch_check
     staging = tempfile.TemporaryDirectory(prefix="paligemma-answers-")  # removed with the app (its finalizer)

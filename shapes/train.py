@@ -587,30 +587,38 @@ def load_recipe_model(path: Path, run: Run) -> PaliGemmaForConditionalGeneration
     text, vision = model.config.text, model.config.vision
     if vision == run.config.vision and text != run.config.text and text.vocab_size < run.config.text.vocab_size \
             and dataclasses.replace(text, vocab_size=run.config.text.vocab_size) == run.config.text:
+        check_vocabulary(path, text.vocab_size, run.processor.tokenizer)
         return extend_vocabulary(model, path, run)
     if (text, vision) != (run.config.text, run.config.vision):
         raise SystemExit(f"{path} is not a model of this recipe (its text or vision config differs from "
                          "shapes.train's); fine-tune other checkpoints with `python -m paligemma train`")
+    check_vocabulary(path, text.vocab_size, run.processor.tokenizer)
     return model
 
 
-def extend_vocabulary(model, path: Path, run: Run) -> PaliGemmaForConditionalGeneration:
-    """`model` with the run's larger vocabulary: its tokenizer (path/tokenizer.json) must give every token the id
-    the run's gives it, so that the new tokens are the last ones; their embedding rows start at the mean of the
-    word rows, scaled to the words' mean norm (an unremarkable word), and nothing else changes."""
+def check_vocabulary(path: Path, size: int, tokenizer):
+    """SystemExit unless the checkpoint's tokenizer (path/tokenizer.json, `size` tokens) gives every token the id
+    the recipe's `tokenizer` gives it: only words appended at the end can be added to a trained model."""
     from tokenizers import Tokenizer
 
-    old_size, tokenizer = model.config.text.vocab_size, run.processor.tokenizer
     source = Path(path) / "tokenizer.json"
     if not source.exists():
-        raise SystemExit(f"{path} has no tokenizer.json: its vocabulary ({old_size} tokens) cannot be checked "
+        raise SystemExit(f"{path} has no tokenizer.json: its vocabulary ({size} tokens) cannot be checked "
                          f"against the recipe's ({tokenizer.get_vocab_size()})")
     old_vocab, new_vocab = Tokenizer.from_file(str(source)).get_vocab(), tokenizer.get_vocab()
     moved = sorted(t for t, i in old_vocab.items() if new_vocab.get(t) != i)
-    if moved or len(old_vocab) != old_size:
+    if moved or len(old_vocab) != size:
         raise SystemExit(f"{path}: its vocabulary is not the start of the recipe's (tokens with other ids: "
-                         f"{', '.join(moved[:5]) or 'none'}; {len(old_vocab)} tokens for {old_size} rows); only "
+                         f"{', '.join(moved[:5]) or 'none'}; {len(old_vocab)} tokens for {size} rows); only "
                          "words appended at the end can be added to a trained model")
+
+
+def extend_vocabulary(model, path: Path, run: Run) -> PaliGemmaForConditionalGeneration:
+    """`model` with the run's larger vocabulary (check_vocabulary has found every old id in place, so the new tokens
+    are the last ones): their embedding rows start at the mean of the word rows, scaled to the words' mean norm (an
+    unremarkable word), and nothing else changes."""
+    old_size, tokenizer = model.config.text.vocab_size, run.processor.tokenizer
+    new_vocab = tokenizer.get_vocab()
     state = model.state_dict()
     rows = state[EMBEDDING]
     words = rows[len(SPECIAL_TOKENS) : tokenizer.token_to_id(IMAGE_TOKEN)]

@@ -9,6 +9,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from demo import create_app, launch
 from demo.app import EXAMPLES_DIR
 
@@ -69,3 +71,15 @@ def last_event(events: str) -> tuple[str, object]:
     kind = [line[len("event: "):] for line in events.splitlines() if line.startswith("event: ")][-1]
     data = [line[len("data: "):] for line in events.splitlines() if line.startswith("data: ")][-1]
     return kind, json.loads(data)
+
+
+def rle_decode(rle) -> np.ndarray:
+    """COCO's uncompressed RLE read back as its format says: alternating 0 and 1 runs, column-major."""
+    height, width = rle["size"]
+    flat = np.zeros(height * width, dtype=bool)
+    position, value = 0, False
+    for count in rle["counts"]:
+        flat[position:position + count] = value
+        position, value = position + count, not value
+    assert position == height * width
+    return flat.reshape((width, height)).T

@@ -3,6 +3,8 @@ of shipped examples, every kind of bad input answered with a message, concurrenc
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 import struct
 import subprocess
@@ -18,7 +20,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import paligemma
-from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, request, serve
+from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, request, rle_decode, serve
 from demo import app as demo_app
 from demo.backends import load_backend
 
@@ -96,6 +98,29 @@ def test_detect_returns_boxes_that_match_the_scene(client):
         assert iou(box["box"], (x0, y0, x1, y1)) > 0.7
     drawn = Image.open(annotated)
     assert drawn.size[0] >= 320  # the 224 px scene drawn larger so the labels stay legible
+
+
+def test_segment_returns_masks_that_match_the_drawn_shapes(client):
+    from shapes.evaluate import mask_iou
+    from shapes.vqvae import shape_mask
+
+    image, entry = example("segment circle ; triangle")
+    answer, annotated, boxes, _, _ = generate(client, image, entry["prompt"])
+    expected = [s for s in entry["shapes"] if s["shape"] in ("circle", "triangle")]
+    assert [b["label"] for b in boxes] == [s["shape"] for s in expected], answer
+    for entry_box, shape in zip(boxes, expected):
+        mask = rle_decode(entry_box["mask"])
+        assert mask.shape == Image.open(image).size[::-1]  # [height, width] of the image sent
+        assert mask_iou(mask, shape_mask(shape["shape"], shape["box_yxyx"])) > 0.8, shape
+    assert Image.open(annotated).size[0] >= 320
+
+
+def test_the_segment_preset_is_offered_only_with_a_mask_decoder(backend):
+    assert demo_app.task_presets(backend)["Segment"] == "segment circle ; triangle"
+    pipeline = copy.copy(backend.pipeline)
+    pipeline.mask_decoder = None
+    without = dataclasses.replace(backend, pipeline=pipeline)
+    assert "Segment" not in demo_app.task_presets(without) and "Detect" in demo_app.task_presets(without)
 
 
 def test_answer_streams_token_by_token(client, direct):

@@ -122,3 +122,39 @@ def test_an_example_clicked_runs_from_the_upload_folder(page, backend):
     expected = direct_answer(backend, image, entry["prompt"])
     page.locator("#examples").get_by_text(entry["prompt"], exact=True).first.click()
     run_filled_prompt(page, entry["prompt"], expected)
+
+
+def test_segment_preset_draws_the_masks(page, backend):
+    """The image the page shows after a segmentation has each drawn shape's inside tinted (its mask, filled
+    translucent) and the scene outside the boxes and labels untouched."""
+    import io
+    from urllib.parse import urljoin
+
+    import numpy as np
+    from PIL import Image
+
+    from shapes.vqvae import shape_mask
+
+    image, entry = example("segment circle ; triangle")
+    expected = direct_answer(backend, image, entry["prompt"])
+    upload(page, image)
+    page.get_by_label("Segment").check()
+    run_filled_prompt(page, entry["prompt"], expected)
+    shown = page.locator("#annotated img").first
+    shown.wait_for()
+    drawn = Image.open(io.BytesIO(page.request.get(urljoin(page.url, shown.get_attribute("src"))).body()))
+    scene = Image.open(image).convert("RGB")
+    scale = drawn.width / scene.width  # drawn larger with nearest-neighbour pixels (demo/draw.py)
+    plain = np.asarray(scene.resize(drawn.size, Image.Resampling.NEAREST)).astype(int)
+    changed = np.abs(np.asarray(drawn.convert("RGB")).astype(int) - plain).max(-1) > 8
+    untouched = np.ones(changed.shape, bool)
+    for shape in entry["shapes"]:
+        y0, x0, y1, x1 = (round(c * scale) for c in shape["box_yxyx"])
+        untouched[max(0, y0 - 40) : y1 + 8, max(0, x0 - 8) : x1 + 8] = False  # the box, its outline and label
+        if shape["shape"] in ("circle", "triangle"):
+            inside = shape_mask(shape["shape"], [c + d for c, d in zip(shape["box_yxyx"], (4, 4, -4, -4))])
+            inside = np.asarray(Image.fromarray(inside).resize(drawn.size, Image.Resampling.NEAREST))
+            assert changed[inside].mean() > 0.9, (shape, changed[inside].mean())
+    assert changed[untouched].mean() < 0.01
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app_segment.png"), full_page=True)

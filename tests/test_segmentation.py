@@ -125,9 +125,11 @@ def test_detection_parsing_of_segmentation_answers_reads_the_boxes():
 
 
 def test_pipeline_has_the_checkpoint_mask_decoder(tmp_path):
-    assert paligemma.load().mask_decoder is None
+    assert isinstance(paligemma.load().mask_decoder, MaskDecoder)  # the embedded model segments
     folder = tmp_path / "checkpoint"
     shutil.copytree(paligemma.DEMO_CHECKPOINT, folder)
+    (folder / MASK_DECODER_NAME).unlink()
+    assert paligemma.load(folder).mask_decoder is None
     random_decoder().save(folder / MASK_DECODER_NAME)
     pipe = paligemma.load(folder)
     assert isinstance(pipe.mask_decoder, MaskDecoder) and pipe.mask_decoder.config == TINY

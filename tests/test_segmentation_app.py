@@ -6,22 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from app_server import rle_decode
 from demo.app import box_entry, coco_rle, found_objects
 from demo.draw import MASK_OPACITY, PALETTE, draw_detections
 from paligemma import Detection, MaskDecoder, Segmentation
 from paligemma.mask_decoder import MaskDecoderConfig
-
-
-def rle_decode(rle) -> np.ndarray:
-    """COCO's uncompressed RLE read back as its format says: alternating 0 and 1 runs, column-major."""
-    height, width = rle["size"]
-    flat = np.zeros(height * width, dtype=bool)
-    position, value = 0, False
-    for count in rle["counts"]:
-        flat[position:position + count] = value
-        position, value = position + count, not value
-    assert position == height * width
-    return flat.reshape((width, height)).T
 
 
 @pytest.mark.parametrize("mask", [

@@ -11,7 +11,7 @@ import torch
 
 import paligemma
 from shapes import scenes as S
-from shapes.evaluate import TARGETS
+from shapes.evaluate import ISSUE_19_CONDITIONS, ISSUE_19_TARGETS, TARGETS
 
 CHECKPOINT = Path(paligemma.__file__).parent / "demo_checkpoint"
 
@@ -19,7 +19,8 @@ CHECKPOINT = Path(paligemma.__file__).parent / "demo_checkpoint"
 def test_checkpoint_files_and_size():
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (CHECKPOINT / name).is_file(), name
-    assert sum(p.stat().st_size for p in CHECKPOINT.iterdir()) <= 20 * 1024 * 1024
+    assert (CHECKPOINT / "mask_decoder.safetensors").is_file()  # it segments (issue 19)
+    assert sum(p.stat().st_size for p in CHECKPOINT.iterdir()) <= 25 * 1024 * 1024  # weights and decoder
 
 
 def test_load_without_a_path_gives_the_demo_model():
@@ -46,23 +47,30 @@ def test_transformers_reads_the_checkpoint_and_agrees():
 
 def run_evaluation(*extra):
     command = [sys.executable, "-m", "shapes.evaluate", "--num-scenes", "200", "--seed", "1", "--json", *extra]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="module")
-def clean_metrics():
-    return run_evaluation()
+def issue_19_suite():
+    """Issue 19's four conditions (exact and shifted colours, each plain and through JPEG q75) on 200 held-out
+    scenes, through the command a user runs."""
+    return run_evaluation("--suite", "issue19")
 
 
-# 200 scenes: at 60, one scene moves a metric by 1.7 points, too coarse for the 3-point JPEG check.
-@pytest.mark.parametrize("metric", list(TARGETS))
-def test_held_out_scenes_meet_the_targets(clean_metrics, metric):
-    assert clean_metrics[metric] >= TARGETS[metric], clean_metrics
+# 200 scenes: at 60, one scene moves a metric by 1.7 points, too coarse for the 2-point JPEG check.
+@pytest.mark.parametrize("condition", [name for name, *_ in ISSUE_19_CONDITIONS])
+@pytest.mark.parametrize("metric", list(ISSUE_19_TARGETS))
+def test_held_out_scenes_meet_issue_19s_targets(issue_19_suite, condition, metric):
+    metrics = issue_19_suite["conditions"][condition]
+    assert metrics[metric] >= ISSUE_19_TARGETS[metric], (condition, metrics)
 
 
-def test_jpeg_quality_75_loses_at_most_3_points(clean_metrics):
-    jpeg = run_evaluation("--jpeg-quality", "75")
-    for metric in TARGETS:
-        assert jpeg[metric] >= clean_metrics[metric] - 0.03, (metric, jpeg, clean_metrics)
+def test_the_task_cards_targets_hold_too(issue_19_suite):
+    exact = issue_19_suite["conditions"]["exact"]
+    assert all(exact[metric] >= target for metric, target in TARGETS.items()), exact
+
+
+def test_jpeg_quality_75_costs_at_most_2_points(issue_19_suite):
+    assert not [m for m in issue_19_suite["missed"] if "jpeg75 costs" in m], issue_19_suite["missed"]

@@ -330,15 +330,34 @@ def test_decision_weights_fall_on_a_segmentation_answers_decisions_too():
     assert answer[21] == "\u2581;" and answer[44] == "<eos>"
 
 
-def test_the_vocabulary_is_extended_at_the_end_keeping_every_weight_of_the_shipped_model(tmp_path):
+def previous_vocabulary_checkpoint(folder):
+    """The shipped model as a checkpoint of the vocabulary before issue 19 appended words (1,210 tokens: its
+    embedding's first rows), which is what the checkpoint shipped before it looked like to the recipe."""
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.model import PaliGemmaForConditionalGeneration
+    from paligemma.weights import save_checkpoint
     from shapes.tokenizer import build_shapes_tokenizer
 
+    tokenizer = build_shapes_tokenizer(appended=())
+    shipped = paligemma.load().model.state_dict()
+    shipped[R.EMBEDDING] = shipped[R.EMBEDDING][: tokenizer.get_vocab_size()]
+    model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict(R.model_config(tokenizer)))
+    model.load_state_dict(shipped, strict=True)
+    save_checkpoint(model, folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_the_vocabulary_is_extended_at_the_end_keeping_every_weight_of_the_model(tmp_path):
+    from shapes.tokenizer import build_shapes_tokenizer
+
+    previous = previous_vocabulary_checkpoint(tmp_path / "previous")
     run = tmp_path / "tuned"
-    R.main(["--out", str(run), "--init-from", str(paligemma.DEMO_CHECKPOINT), "--steps", "1", "--lr", "0",
+    R.main(["--out", str(run), "--init-from", str(previous), "--steps", "1", "--lr", "0",
             "--images-per-step", "2", "--eval-every", "0", "--no-progress", "--threads", "1", "--polish-steps", "0",
             "--vqvae-steps", "2", "--save-every", "0"])
     assert "extended the vocabulary" in (run / "log.txt").read_text()
-    shipped, tuned = paligemma.load(), paligemma.load(str(run / "last"))
+    shipped, tuned = paligemma.load(str(previous)), paligemma.load(str(run / "last"))
     old, new = shipped.model.state_dict(), tuned.model.state_dict()
     assert set(old) == set(new)
     size = shipped.model.config.text.vocab_size

@@ -91,9 +91,10 @@ def test_appended_words_come_last_and_leave_every_shipped_id_where_it_was(tokeni
     from shapes.tokenizer import APPENDED_WORDS
 
     shipped = Tokenizer.from_file(str(paligemma.DEMO_CHECKPOINT / "tokenizer.json"))
-    assert build_shapes_tokenizer(appended=()).get_vocab() == shipped.get_vocab()  # the first checkpoint's, 1,210
-    size = shipped.get_vocab_size()
-    assert all(tokenizer.token_to_id(t) == i for t, i in shipped.get_vocab().items())
+    assert shipped.get_vocab() == tokenizer.get_vocab()  # the checkpoint shipped since issue 19 has the words
+    first = build_shapes_tokenizer(appended=())  # the first checkpoint's vocabulary, 1,210 tokens
+    size = first.get_vocab_size()
+    assert size == 1210 and all(tokenizer.token_to_id(t) == i for t, i in first.get_vocab().items())
     assert APPENDED_WORDS == ("segment",)
     assert [tokenizer.id_to_token(i) for i in range(size, tokenizer.get_vocab_size())] == ["segment", "\u2581segment"]
     text = S.segment_prompt(["circle", "square"]) + "\n"
