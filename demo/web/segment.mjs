@@ -28,7 +28,7 @@ if (!entry) {
     process.exit(2);
 }
 const session = await InferenceSession.create(path.join(args.model, 'onnx', entry.file));
-const objects = await segmentations(args.text, width, height, sessionDecoder(session, Tensor));
+const objects = await segmentations(args.text, width, height, sessionDecoder(session, (...args) => new Tensor(...args)));
 console.log(JSON.stringify({
     objects: objects.map(({ label, box, mask }) => ({ label, box, mask: Buffer.from(mask).toString('base64') })),
 }));

@@ -113,11 +113,11 @@ export async function segmentations(text, width, height, decode) {
     });
 }
 
-/** A `decode` for segmentations() running `session` (an onnxruntime InferenceSession of mask_decoder.onnx) with
- * tensors of `Tensor` (that runtime's Tensor class). */
-export function sessionDecoder(session, Tensor) {
+/** A `decode` for segmentations() running `session` (an onnxruntime InferenceSession of mask_decoder.onnx);
+ * `tensor(type, data, dims)` makes an input tensor of that runtime. */
+export function sessionDecoder(session, tensor) {
     return async (codes) => {
-        const feeds = { codes: new Tensor('int64', codes, [codes.length / NUM_MASK_CODES, NUM_MASK_CODES]) };
+        const feeds = { codes: tensor('int64', codes, [codes.length / NUM_MASK_CODES, NUM_MASK_CODES]) };
         const { mask_logits: logits } = await session.run(feeds);
         return logits.data;
     };
