@@ -190,7 +190,7 @@ async function run(prompt) {
         try {
             masks = await findMasks(text);
         } catch (e) {
-            showError(`The masks could not be decoded (${e.message || e}); the boxes are drawn without them.`);
+            showError(`The masks could not be decoded (${e.message || e}); the boxes are drawn without them; rebuild the page (python -m demo.web.build --rebuild).`);
         }
         draw(state.image, text, masks);
         const decodeS = (end - firstTokenAt) / 1000;
