@@ -71,17 +71,27 @@ def validate_mask_decoder(decoder: MaskDecoder, path: Path) -> float:
     return difference
 
 
-def add_mask_decoder(folder: Path, output: Path, manifest: dict, opset: int, ir_version: int, log=print) -> dict:
-    """When the checkpoint `folder` ships a mask decoder: export it into `output`, validate it, and list it in the
-    manifest (rewritten whole, by rename, so that a manifest on disk is always complete). Returns the manifest."""
+def write_mask_decoder(folder: Path, output: Path, opset: int, ir_version: int, log=print) -> Path | None:
+    """When the checkpoint `folder` ships a mask decoder: export it as `output`/GRAPH_FILE and validate it (both
+    layouts call this: the three graphs' manifest and transformers.js' config.json each list the file). Returns the
+    graph's path, or None when there is no decoder."""
     source = Path(folder) / MASK_DECODER_NAME
     if not source.exists():
-        return manifest
+        return None
     decoder = MaskDecoder.from_file(source)
     path = Path(output) / GRAPH_FILE
     export_mask_decoder(decoder, path, opset, ir_version)
     difference = validate_mask_decoder(decoder, path)
     log(f"{GRAPH_FILE}: ONNX Runtime matches torch (max abs difference {difference:.1e})")
+    return path
+
+
+def add_mask_decoder(folder: Path, output: Path, manifest: dict, opset: int, ir_version: int, log=print) -> dict:
+    """When the checkpoint `folder` ships a mask decoder: export it into `output`, validate it, and list it in the
+    manifest (rewritten whole, by rename, so that a manifest on disk is always complete). Returns the manifest."""
+    path = write_mask_decoder(folder, output, opset, ir_version, log)
+    if path is None:
+        return manifest
     manifest = dict(manifest, mask_decoder=describe(),
                     files={**manifest["files"], GRAPH_FILE: dict(size=path.stat().st_size, sha256=sha256_of(path))})
     staging = Path(output) / f"{MANIFEST_NAME}.partial-{os.getpid()}"

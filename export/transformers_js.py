@@ -7,6 +7,9 @@ load, written with the default export's streaming machinery.
     OUT/tokenizer_config.json, generation_config.json
     OUT/onnx/vision_encoder{suffix}.onnx, embed_tokens{suffix}.onnx, decoder_model_merged{suffix}.onnx
     OUT/onnx/NAME{suffix}.onnx_data[_N]   their weights, in chunks under 2 GB (export/transformers_js_data.py)
+    OUT/onnx/mask_decoder.onnx      when the checkpoint ships a mask decoder (export/mask_decoder.py: float32 in
+                                    every variant), listed in config.json as transformers.js_config.mask_decoder;
+                                    transformers.js ignores both, this project's loop and the in-browser page use them
 
 The graphs (export/transformers_js_graphs.py) are traced on the hollow model with the weights as inputs, and
 each weight goes through WeightWriter.attach into the graph's chunked data, block by block from the checkpoint:
@@ -36,9 +39,10 @@ from paligemma.errors import OnnxExportError
 from paligemma.weights import resolve_checkpoint
 
 from .checkpoint_stream import CheckpointStream
-from .onnx_export import (DEFAULT_OPSET, DTYPES, check_free_space, check_options, read_config, removed_on_failure,
-                          set_metadata, tie_lm_head, trace_to_onnx)
+from .onnx_export import (DEFAULT_OPSET, DTYPES, IR_VERSION, check_free_space, check_options, read_config,
+                          removed_on_failure, set_metadata, tie_lm_head, trace_to_onnx)
 from .manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
+from .mask_decoder import describe as describe_mask_decoder, write_mask_decoder
 from .quantize import INT4_FLOAT16, MS_DOMAIN, SCHEMES, STANDARD_INT8, QuantizedMatMul, quantize_lookup
 from .streaming import TRACED_PREFIX, WeightsAsInputs, WeightWriter, embedding_input, hollow_model, rename_inputs
 from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
@@ -48,6 +52,7 @@ from .transformers_js_split import split_large_weights
 
 FORMAT = "transformers.js"
 CONFIG_KEY = "transformers.js_config"
+MASK_DECODER_KEY = "mask_decoder"  # under CONFIG_KEY: the mask decoder's graph in onnx/ (export/mask_decoder.py)
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ def export_transformers_js(source, output, *, dtype: str = "float32", quantize: 
         output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=output, prefix=".staging-") as staging:
             staging = Path(staging)
-            config = write_folder(folder, staging, output, variant, opset, chunk_bytes, progress)
+            config = write_folder(folder, staging, output, variant, opset, chunk_bytes, progress, log)
             publish(staging, output)
     log(f"exported {folder} to {output} (transformers.js layout, {variant.label}) in "
         f"{time.perf_counter() - start:.1f}s")
@@ -129,7 +134,7 @@ def stored_bytes(source: CheckpointStream, name: str, dtype: torch.dtype, scheme
 
 
 def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, opset: int, chunk_bytes: int,
-                 progress: bool) -> dict:
+                 progress: bool, log=print) -> dict:
     torch_dtype = DTYPES[variant.dtype]
     config = read_config(folder)
     source = CheckpointStream(folder)
@@ -180,6 +185,8 @@ def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, op
     write_json(staging / "preprocessor_config.json", preprocessor_config(config))
     write_json(staging / "generation_config.json", generation_config(config))
     content = model_config(config, chunks, output / "config.json")
+    if write_mask_decoder(folder, staging / "onnx", opset, IR_VERSION, log) is not None:
+        content[CONFIG_KEY][MASK_DECODER_KEY] = describe_mask_decoder()
     write_json(staging / "config.json", content)
     return content
 

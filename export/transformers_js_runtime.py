@@ -9,6 +9,7 @@ in paligemma.masks), so left-padded batches give each row its single-request ans
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -26,9 +27,11 @@ from paligemma.weights import resolve_checkpoint
 
 from .graphs import cache_names
 from .manifest import METADATA_PREFIX, config_hash
+from .mask_decoder import OnnxMaskDecoder
 from .onnx_export import removed_on_failure
 from .threads import ThreadPlan, plan_threads
-from .transformers_js import VARIANTS, Variant, export_transformers_js, find_variant, graph_file
+from .transformers_js import (CONFIG_KEY, MASK_DECODER_KEY, VARIANTS, Variant, export_transformers_js, find_variant,
+                              graph_file)
 from .transformers_js_graphs import GRAPH_ORDER
 
 logger = logging.getLogger(__name__)
@@ -159,7 +162,20 @@ def load_transformers_js_pipeline(folder, dtype: str | None = None, quantize: st
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     model = TransformersJsModel(folder, config, dtype=dtype, quantize=quantize, **model_options)
-    return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model)
+    return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model,
+                    mask_decoder=layout_mask_decoder(folder))
+
+
+def layout_mask_decoder(folder: Path) -> OnnxMaskDecoder | None:
+    """The mask decoder config.json lists (transformers.js_config.mask_decoder), or None when it lists none."""
+    entry = json.loads((folder / "config.json").read_text(encoding="utf-8")).get(CONFIG_KEY, {}).get(MASK_DECODER_KEY)
+    if entry is None:
+        return None
+    path = folder / "onnx" / entry["file"]
+    if not path.is_file():
+        raise OnnxExportError(f"{folder / 'config.json'} lists the mask decoder {path}, which is missing: export "
+                              "again with `python -m export --format transformers.js`")
+    return OnnxMaskDecoder(path)
 
 
 def variant_removed_on_failure(output: Path, variant: Variant):

@@ -93,6 +93,37 @@ def test_the_folder_is_transformers_js_layout(exported):
     assert not list(out.glob(".staging-*"))
 
 
+def test_the_layout_carries_the_mask_decoder_when_the_checkpoint_ships_one(exported):
+    """mask_decoder.onnx beside the graphs, listed in config.json (the page reads it there), and this project's loop
+    on the layout decodes with it: torch's logits within 1e-4 on fixed codes."""
+    from export.mask_decoder import OnnxMaskDecoder
+
+    _, _, out, torch_pipe, tjs_pipe = exported
+    listed = json.loads((out / "config.json").read_text())["transformers.js_config"].get("mask_decoder")
+    if torch_pipe.mask_decoder is None:  # the tiny checkpoints ship none
+        assert listed is None and tjs_pipe.mask_decoder is None and not (out / "onnx" / "mask_decoder.onnx").exists()
+        return
+    assert listed == {"file": "mask_decoder.onnx", "inputs": {"codes": ["batch", 16]},
+                      "outputs": {"mask_logits": ["batch", 64, 64]}}
+    assert isinstance(tjs_pipe.mask_decoder, OnnxMaskDecoder)
+    assert tjs_pipe.mask_decoder.path == out / "onnx" / "mask_decoder.onnx"
+    codes = np.stack([np.arange(16) * 8, np.full(16, 127), np.random.default_rng(1).integers(0, 128, 16)])
+    expected = torch_pipe.mask_decoder.mask_logits(codes)
+    assert np.abs(tjs_pipe.mask_decoder.mask_logits(codes) - expected).max() <= 1e-4
+    assert (expected > 0).any() and (expected < 0).any()  # real masks, not a constant
+
+
+def test_a_listed_mask_decoder_that_is_missing_is_reported(exported, tmp_path):
+    name, _, out, _, _ = exported
+    if name != "embedded":
+        pytest.skip("only the embedded checkpoint ships a mask decoder")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "onnx" / "mask_decoder.onnx").unlink()
+    with pytest.raises(OnnxExportError, match="lists the mask decoder .*mask_decoder.onnx, which is missing"):
+        paligemma.load(copy, backend="onnx")
+
+
 def test_onnx_runtime_logits_match_torch_on_the_export(exported):
     _, _, _, torch_pipe, tjs_pipe = exported
     assert isinstance(tjs_pipe.engine_factory, TransformersJsModel)
@@ -201,7 +232,8 @@ def test_the_embedded_models_float16_files_give_torch_tokens_in_both_loops(tmp_p
     out = tmp_path / "fp16"
     export_transformers_js(EMBEDDED, out, dtype="float16", progress=False, log=quiet)
     assert sorted(p.name for p in (out / "onnx").glob("*.onnx")) == [
-        "decoder_model_merged_fp16.onnx", "embed_tokens_fp16.onnx", "vision_encoder_fp16.onnx"]
+        "decoder_model_merged_fp16.onnx", "embed_tokens_fp16.onnx", "mask_decoder.onnx",  # float32 in every variant
+        "vision_encoder_fp16.onnx"]
     torch_pipe = paligemma.load()
     pipe = paligemma.load(out, backend="onnx")
     assert pipe.engine_factory.manifest["dtype"] == "float16"

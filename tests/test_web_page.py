@@ -1,7 +1,8 @@
 """The in-browser demo (demo/web, built by `python -m demo.web.build`) in Debian's chromium, driven by Playwright:
 transformers.js on onnxruntime-web's WebAssembly backend must give torch's greedy tokens for a caption and a
 detection, fed the pixel values the page itself computed (read back from the page: transformers.js' resize is not
-Pillow's), draw the boxes, and answer a bad upload with a message."""
+Pillow's), draw the boxes and a segmentation's masks (equal to the Python app's), and answer a bad upload with a
+message."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,7 +25,7 @@ from demo.web.build import NODE_MODULES, build, server  # noqa: E402
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox"]
 TIMEOUT_MS = 90_000
-MAX_NEW_TOKENS = 32  # app.js
+MAX_NEW_TOKENS = 64  # app.js
 
 
 def quiet(*_):
@@ -130,6 +132,82 @@ def test_a_detection_equals_torch_and_its_boxes_are_drawn(page, torch_pipe):
         return n;
     }""")
     assert drawn > 100  # the boxes' outlines in the box colour
+
+
+MASK_OPACITY = 0.45  # demo/draw.py's, which app.js applies
+BOX_COLOUR = (0xE6, 0x00, 0x7E)
+SEGMENT = "segment circle ; triangle"
+
+
+def canvas_pixels(page, plain: bool = False) -> np.ndarray:
+    """uint8 [height, width, 3] of the page's canvas, or (plain) of the shown image alone drawn as app.js draws it."""
+    flat = page.evaluate("""(plain) => {
+        let c = document.getElementById('canvas');
+        if (plain) {
+            const image = window.paligemma.image, shown = c;
+            c = new OffscreenCanvas(shown.width, shown.height);
+            const scale = Math.min(c.width / image.width, c.height / image.height);
+            c.getContext('2d').drawImage(image.toCanvas(), 0, 0, image.width * scale, image.height * scale);
+        }
+        return {width: c.width, height: c.height, data: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)};
+    }""", plain)
+    return np.array(flat["data"], dtype=np.uint8).reshape(flat["height"], flat["width"], 4)[..., :3]
+
+
+def eroded(mask: np.ndarray, pixels: int = 2) -> np.ndarray:
+    """True where every pixel within `pixels` (a square) is True: well inside, away from the edge's nearest-scaled
+    pixels."""
+    padded = np.pad(mask, pixels, constant_values=False)
+    h, w = mask.shape
+    out = np.ones_like(mask)
+    for dy in range(2 * pixels + 1):
+        for dx in range(2 * pixels + 1):
+            out &= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
+def test_the_segment_preset_draws_masks_equal_to_the_python_apps(page, torch_pipe):
+    """Tokens equal torch's on the page's pixels; the masks the page exposes equal parse_segmentations' on its answer
+    and overlap the Python app's (its own Pillow resize, demo.app.found_objects) at IoU >= 0.99; on the canvas,
+    pixels well inside a mask are the box colour at MASK_OPACITY over the image and pixels in the box outside the
+    shape are the image's own."""
+    from demo.app import found_objects
+
+    page.locator("#example").select_option("scene_11.png")
+    page.wait_for_function("(window.paligemma.imageSource || '').endsWith('scene_11.png') && !window.paligemma.busy")
+    run = run_preset(page, SEGMENT)
+    assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
+    assert run["tokens"] == greedy_tokens(torch_pipe, run["pixel_values"], SEGMENT)
+    got = page.evaluate("""() => window.paligemma.runs.at(-1).masks.map(
+        ({label, box, mask}) => ({label, box, mask: Array.from(mask)}))""")
+    picture = Image.open(Path(paligemma.__file__).parents[1] / "demo" / "examples" / "scene_11.png").convert("RGB")
+    width, height = picture.size
+    expected = paligemma.parse_segmentations(run["text"], width, height, torch_pipe.mask_decoder)
+    assert len(got) == len(expected) == 2
+    masks = [np.array(o["mask"], dtype=bool).reshape(height, width) for o in got]
+    for o, mask, s in zip(got, masks, expected):
+        assert (o["label"], tuple(o["box"])) == (s.label, s.box)
+        np.testing.assert_array_equal(mask, s.mask)
+    python_text = torch_pipe.generate(picture, SEGMENT, max_new_tokens=MAX_NEW_TOKENS).text
+    python_masks = [d.mask for d in found_objects(python_text, picture, torch_pipe.mask_decoder)]
+    assert len(python_masks) == 2
+    for mask, theirs in zip(masks, python_masks):
+        assert (mask & theirs).sum() / (mask | theirs).sum() >= 0.99
+
+    before, after = canvas_pixels(page, plain=True), canvas_pixels(page)
+    scale = min(after.shape[1] / width, after.shape[0] / height)
+    ys, xs = np.mgrid[0:after.shape[0], 0:after.shape[1]]
+    source = (np.minimum(ys // scale, height - 1).astype(int), np.minimum(xs // scale, width - 1).astype(int))
+    tinted = before * (1 - MASK_OPACITY) + np.array(BOX_COLOUR) * MASK_OPACITY
+    union = np.logical_or.reduce(masks)
+    for (x0, y0, x1, y1), mask in zip((o["box"] for o in got), masks):
+        # in the box, away from its outline (2 px) and below its label (14 px text at the top-left corner)
+        box = ((xs > x0 * scale + 3) & (xs < x1 * scale - 3) & (ys > y0 * scale + 20) & (ys < y1 * scale - 3))
+        inside = box & eroded(mask)[source]
+        outside = box & eroded(~union)[source]
+        assert inside.sum() > 200 and outside.sum() > 200
+        assert np.abs(after[inside] - tinted[inside]).max() <= 2
+        np.testing.assert_array_equal(after[outside], before[outside])
 
 
 def test_a_bad_upload_gets_a_message(page, tmp_path):

@@ -2,11 +2,15 @@
 // on onnxruntime-web, WebGPU where the browser has an adapter, WebAssembly otherwise. Everything is served from
 // this folder (python -m demo.web.build): no CDN, no Hub.
 import {
-    AutoProcessor, PaliGemmaForConditionalGeneration, RawImage, TextStreamer, env,
+    AutoProcessor, PaliGemmaForConditionalGeneration, RawImage, Tensor, TextStreamer, env,
 } from './vendor/transformers.min.js';
+import { segmentations, sessionDecoder } from './segmentation.js';
 
-const MAX_NEW_TOKENS = 32;
-const LOC = /((?:<loc\d{4}>){4})\s*([^;<]*)/g;
+const MAX_NEW_TOKENS = 64;  // the Python app's default: two segmented objects take about 45 tokens
+// paligemma.locations.LOOSE_BOX: a box, a segmentation answer's codes if any, the label up to ";" or the next token.
+const LOC = /((?:<loc\d{4}>){4})\s*(?:<seg\d{3}>)*\s*([^;<]*)/g;
+const BOX_COLOUR = '#e6007e';
+const MASK_RGBA = [0xe6, 0x00, 0x7e, Math.round(255 * 0.45)];  // the box colour at demo/draw.py's MASK_OPACITY
 const $ = (id) => document.getElementById(id);
 
 env.allowRemoteModels = false;
@@ -28,7 +32,7 @@ function useWasmBuild(name) {
     env.useWasmCache = false;
 }
 
-// What the tests and the measurements read: the last run's inputs, answer and timings.
+// What the tests and the measurements read: the last run's inputs, answer (with its masks) and timings.
 // `marks`: milliseconds from the navigation start at each loading step (demo.web.measure_page prints them).
 const state = {
     image: null, imageSource: null, busy: false, runs: [], loadedMs: null, firstAnswerMs: null, device: null,
@@ -78,22 +82,67 @@ function showError(message) {
     $('error').hidden = !message;
 }
 
-function draw(image, text = '') {
+// The masks (Uint8Array [height * width] each, 1 inside) as one translucent layer in the box colour, image-sized.
+function maskLayer(masks, width, height) {
+    const pixels = new ImageData(width, height);
+    for (const { mask } of masks) {
+        for (let i = 0; i < mask.length; i++) if (mask[i]) pixels.data.set(MASK_RGBA, i * 4);
+    }
+    const layer = new OffscreenCanvas(width, height);
+    layer.getContext('2d').putImageData(pixels, 0, 0);
+    return layer;
+}
+
+function draw(image, text = '', masks = []) {
     const canvas = $('canvas');
     const scale = Math.min(canvas.width / image.width, canvas.height / image.height);
     const w = image.width * scale, h = image.height * scale;
     const ctx = canvas.getContext('2d');
     ctx.clearRect(0, 0, canvas.width, canvas.height);
     ctx.drawImage(image.toCanvas(), 0, 0, w, h);
+    if (masks.length) {
+        // Under the outlines and labels, scaled without smoothing (demo/draw.py's nearest resize of the mask).
+        ctx.imageSmoothingEnabled = false;
+        ctx.drawImage(maskLayer(masks, image.width, image.height), 0, 0, w, h);
+        ctx.imageSmoothingEnabled = true;
+    }
     ctx.lineWidth = 2;
     ctx.font = '14px sans-serif';
     for (const [, locs, label] of text.matchAll(LOC)) {
         // <locY1><locX1><locY2><locX2>, bins of 1024 over each side, decoded as index / 1023 (paligemma.locations).
         const [y1, x1, y2, x2] = [...locs.matchAll(/\d{4}/g)].map((m) => Number(m[0]) / 1023);
-        ctx.strokeStyle = ctx.fillStyle = '#e6007e';
+        ctx.strokeStyle = ctx.fillStyle = BOX_COLOUR;
         ctx.strokeRect(x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h);
         ctx.fillText(label.trim(), x1 * w + 3, y1 * h + 15);
     }
+}
+
+// mask_decoder.onnx, where the model's config.json lists one (python -m export --format transformers.js), run by the
+// onnxruntime-web transformers.js bundles: transformers.js 4.3.2 exports neither it nor its session helper, and its
+// hook for supplying onnxruntime (globalThis[Symbol.for('onnxruntime')]) leaves its device list empty, so the class
+// comes from a session of the loaded model (`sessions`, a public field): one runtime, its WebAssembly already
+// compiled, its settings (threads, files) applied. Loaded at the first segmentation answer; on the CPU (wasm)
+// whatever the model's device: it is small.
+let maskDecoder = null;
+function loadMaskDecoder() {
+    const entry = state.model.custom_config?.mask_decoder;
+    if (!entry) return Promise.resolve(null);
+    maskDecoder ??= (async () => {
+        const InferenceSession = Object.values(state.model.sessions)[0].constructor;
+        const url = new URL(`model/onnx/${entry.file}`, location.href).href;
+        const session = await InferenceSession.create(url, { ...state.sessionOptions, executionProviders: ['wasm'] });
+        return sessionDecoder(session, (...args) => new Tensor(...args).ort_tensor);
+    })();
+    maskDecoder.catch(() => { maskDecoder = null; });  // reported by the run; the next one tries again
+    return maskDecoder;
+}
+
+// [{label, box, mask}] of the answer's segmentation objects (demo/web/segmentation.js), [] when it has none or the
+// model folder lists no mask decoder.
+async function findMasks(text) {
+    if (!text.includes('<seg')) return [];
+    const decode = await loadMaskDecoder();
+    return decode ? segmentations(text, state.image.width, state.image.height, decode) : [];
 }
 
 async function setImage(source, read = RawImage.read(source)) {
@@ -137,10 +186,16 @@ async function run(prompt) {
         const tokens = Array.from(output.slice(0, [promptLength, null]).data, Number);
         const text = state.processor.batch_decode(output.slice(null, [promptLength, null]), { skip_special_tokens: true })[0];
         $('output').textContent = text;
-        draw(state.image, text);
+        let masks = [];
+        try {
+            masks = await findMasks(text);
+        } catch (e) {
+            showError(`The masks could not be decoded (${e.message || e}); the boxes are drawn without them; rebuild the page (python -m demo.web.build --rebuild).`);
+        }
+        draw(state.image, text, masks);
         const decodeS = (end - firstTokenAt) / 1000;
         const record = {
-            prompt, text, tokens, total_ms: end - start, ttft_ms: firstTokenAt - start,
+            prompt, text, tokens, masks, total_ms: end - start, ttft_ms: firstTokenAt - start,
             tokens_per_s: count > 1 ? (count - 1) / decodeS : 0,
         };
         state.runs.push(record);

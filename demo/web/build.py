@@ -3,7 +3,7 @@
     python -m demo.web.build [--out demo/web/site] [--serve] [--port 8000] [--rebuild]
 
 The folder holds the page (index.html, app.js, style.css: committed in demo/web/), the embedded model exported in
-transformers.js' layout (model/: float32 and int8), transformers.js' browser build and onnxruntime-web's WebAssembly
+transformers.js' layout (model/: float32 and int8, and the mask decoder), transformers.js' browser build and onnxruntime-web's WebAssembly
 files (the asyncify build WebGPU needs, and the plain one, smaller and faster to compile, for WebAssembly) from the
 installed npm packages (vendor/; `npm ci --onnxruntime-node-install=skip` in demo/web first), the example scenes
 (examples/) and a README.md whose front matter makes the folder a static Hugging Face Space. All of it is built;
@@ -21,16 +21,18 @@ import shutil
 import sys
 from pathlib import Path
 
+from export.mask_decoder import GRAPH_FILE as MASK_DECODER_FILE
 from export.transformers_js import find_variant, graph_file
 from export.transformers_js_runtime import export_transformers_js_checked
 from paligemma import DEMO_CHECKPOINT
+from paligemma.weights import MASK_DECODER_NAME
 
 logger = logging.getLogger(__name__)
 
 WEB = Path(__file__).resolve().parent
 EXAMPLES = WEB.parent / "examples"
 NODE_MODULES = WEB / "node_modules"
-PAGE_FILES = ("index.html", "app.js", "style.css")
+PAGE_FILES = ("index.html", "app.js", "segmentation.js", "style.css")
 # transformers.js' browser build bundles onnxruntime-web and loads its asyncify WebAssembly build at run time.
 RUNTIME_FILES = {
     NODE_MODULES / "@huggingface/transformers/dist/transformers.min.js": "transformers.min.js",
@@ -73,7 +75,10 @@ def build(out: Path, rebuild: bool = False, validate: bool = True, log=print) ->
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
     variants = [find_variant(quantize=quantize) for quantize in MODEL_QUANTIZATIONS]
-    if rebuild or not all((model / "onnx" / graph_file("decoder_model_merged", v)).exists() for v in variants):
+    needed = [graph_file("decoder_model_merged", v) for v in variants]
+    if (DEMO_CHECKPOINT / MASK_DECODER_NAME).exists():
+        needed.append(MASK_DECODER_FILE)  # the export writes it (the page draws masks with it); older sites lack it
+    if rebuild or not all((model / "onnx" / name).exists() for name in needed):
         shutil.rmtree(model, ignore_errors=True)
         for quantize in MODEL_QUANTIZATIONS:
             export_transformers_js_checked(DEMO_CHECKPOINT, model, quantize=quantize, validate=validate,
