@@ -44,7 +44,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from paligemma.config import PaliGemmaConfig
-
 from paligemma.errors import OnnxExportError
 
 from .graphs import cache_names
@@ -171,7 +170,7 @@ class _Gemma:
                 names.append(name)
             else:
                 raise OnnxExportError(f"the exported graph's {node.op_type} node {node.name} reads {name}, which the "
-                                      "fused graph does not have; its graphs as exported serve (fused=False)")
+                                      "fused graph does not have; load it with fused=False to run its graphs as exported")
         if len(node.output) != 1:
             raise OnnxExportError(f"the exported graph's {node.op_type} node {node.name} has {len(node.output)} "
                                   "outputs; the fused graph copies one-output nodes only")
@@ -186,7 +185,7 @@ class _Gemma:
         products = [n for n in self.weight_readers(module) if "input_ids" not in n.input]  # not the token lookup
         if len(products) != 1:
             raise OnnxExportError(f"the exported graph multiplies by {PREFIX}{module}.weight in {len(products)} nodes, "
-                                  "not one; its graphs as exported serve (fused=False)")
+                                  "not one; load it with fused=False to run its graphs as exported")
         (node,) = products
         (activation,) = [name for name in node.input if name and name not in self.weights]
         return self.copy(node, {activation: x}, module.rsplit(".", 1)[-1], output)
