@@ -56,6 +56,7 @@ EMBEDDING = "embed_tokens"
 # What may follow a token lookup before its rows are [B, T, C]: a quantized lookup gathers blocks, then reshapes
 # (and cuts a padded last block).
 LOOKUP_LAYOUT = {"Reshape", "Slice"}
+AS_EXPORTED = "load the export with OnnxModel(..., fused=False) to run its graphs as exported"
 # Rows of the rotary tables: positions the fused graph can rotate (PaliGemma counts from 1).
 MIN_ROTARY_POSITIONS = 4096
 
@@ -170,10 +171,10 @@ class _Gemma:
                 names.append(name)
             else:
                 raise OnnxExportError(f"the exported graph's {node.op_type} node {node.name} reads {name}, which the "
-                                      "fused graph does not have; load it with fused=False to run its graphs as exported")
+                                      f"fused graph does not have; {AS_EXPORTED}")
         if len(node.output) != 1:
             raise OnnxExportError(f"the exported graph's {node.op_type} node {node.name} has {len(node.output)} "
-                                  "outputs; the fused graph copies one-output nodes only")
+                                  f"outputs; the fused graph copies one-output nodes only; {AS_EXPORTED}")
         (out,) = self.op(node.op_type, names, hint, outputs=[output] if output else 1, domain=node.domain)
         self.nodes[-1].attribute.extend(node.attribute)
         return out
@@ -185,7 +186,7 @@ class _Gemma:
         products = [n for n in self.weight_readers(module) if "input_ids" not in n.input]  # not the token lookup
         if len(products) != 1:
             raise OnnxExportError(f"the exported graph multiplies by {PREFIX}{module}.weight in {len(products)} nodes, "
-                                  "not one; load it with fused=False to run its graphs as exported")
+                                  f"not one; {AS_EXPORTED}")
         (node,) = products
         (activation,) = [name for name in node.input if name and name not in self.weights]
         return self.copy(node, {activation: x}, module.rsplit(".", 1)[-1], output)
@@ -210,8 +211,7 @@ class _Gemma:
         reshapes after it, copied."""
         lookups = [n for n in self.weight_readers(EMBEDDING) if "input_ids" in n.input]
         if len(lookups) != 1:
-            raise OnnxExportError(f"the exported graph looks tokens up in {len(lookups)} nodes, not one; its graphs as "
-                                  "exported serve (fused=False)")
+            raise OnnxExportError(f"the exported graph looks tokens up in {len(lookups)} nodes, not one; {AS_EXPORTED}")
         node = lookups[0]
         rows = self.copy(node, {"input_ids": input_ids}, "embed")
         while len(self.readers.get(node.output[0], [])) == 1:
