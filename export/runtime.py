@@ -143,13 +143,10 @@ class OnnxModel:
             if providers != ["CPUExecutionProvider"]:
                 raise ValueError("one_session is for validating on CPU: ask for device='cpu'")
             self._shared = shared = None
-            self._open_options = lambda: one_session_options(self.thread_plan, spinning)
             self.providers = providers
         else:
             buffers, shared = self._load_shared()
             self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
-            self._exported_options = lambda name: session_options(
-                self.thread_plan, shared if name != "vision_encoder" else None, prepack, spinning)
             self.sessions["vision_encoder"] = self._session("vision_encoder", self._exported_options("vision_encoder"),
                                                             providers)
             self.providers = self.sessions["vision_encoder"].get_providers()
@@ -198,6 +195,15 @@ class OnnxModel:
             arrays.append(buffer[start : start + entry["length"]].view(dtype).reshape(entry["shape"]))
             names.append(name)
         return (buffer, arrays), (names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+
+    def _exported_options(self, name: str) -> ort.SessionOptions:
+        """The options of the export's graph `name`: a method, not a lambda kept on the model, which would hold the
+        model in a reference cycle and its weights past its last use until a garbage collection (export_and_validate
+        opens the next model right after releasing one)."""
+        if self.one_session:
+            return one_session_options(self.thread_plan, self.spinning)
+        shared = self._shared[1] if name != "vision_encoder" else None
+        return session_options(self.thread_plan, shared, self.prepack, self.spinning)
 
     def _exported_session(self, name: str) -> ort.InferenceSession:
         """The session of the export's graph `name`, opened on first use."""
@@ -261,7 +267,7 @@ class OnnxModel:
         """Releases the open session, then opens `name`'s (one_session): the outputs already returned stay valid."""
         self.sessions.clear()
         gc.collect()
-        self.sessions[name] = self._session(name, self._open_options(), self.providers)
+        self.sessions[name] = self._session(name, self._exported_options(name), self.providers)
         self.output_names[name] = [o.name for o in self.sessions[name].get_outputs()]
         logger.info("ONNX Runtime session for %s opened alone", name)
 

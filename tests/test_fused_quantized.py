@@ -7,14 +7,19 @@ requests and a left-padded batch. And what the fused graphs refuse, with the rea
 How close: the two sides compute the same products on activations that differ only by float32 rounding (~1e-7
 relative: the fused graph orders the norms and adds differently). MatMulNBits with accuracy_level 4 quantizes its
 activations to int8 per block of 32 inside the kernel, so now and then an activation lying on a rounding boundary
-lands one level (1/127 of its block's largest value) apart, and the cache carries that into the later steps.
-Measured on these models (16 decode steps, single and padded; max abs diff / max |exported logits| per step): the
-median step 1.8e-7 to 3.8e-7, most runs 7e-7 at worst; runs with such a flip 8.4e-3, 1.25e-2 and 2.06e-2 from the
-flipped step on. The bounds: the median step within 1e-5 (float rounding: the graphs compute the same thing), every
-step within 0.05 (one level's flip, 2.4x the worst measured; the quantizations' own tolerances to torch are 0.12
-for int8 and 1.0 for int4, export/validate.py)."""
+lands one level (1/127 of its block's largest value) apart, and the cache carries that into the later steps; a flip
+in the prefill moves every step. Measured (prefill + 16 decode steps fed the exported graphs' tokens; max abs diff /
+max |exported logits| per step; pg1 and pg2, int8 and int4, 1 and 2 threads, 88 runs): on the tests' cases (single,
+padded) every step within 0.021, the median step 3.8e-7 at worst; on 9 more image / prompt pairs every step within
+0.025, but the median step 8e-3 to 1.3e-2 in the 4 of 22 pairs whose flip was in the prefill. So no bound on the
+median (it held on these cases by luck of where the flips fell); every step within 0.05: one level's flip, 2x the
+worst measured, and still far below the quantizations' own tolerances to torch (0.12 for int8, 1.0 for int4,
+export/validate.py; an unrelated output is ~1.4 relative rms). Greedy tokens equal held on every pair measured
+(10 image seeds, each model, quantization and thread count), as on the tests' own."""
 
-import numpy as np
+import gc
+import weakref
+
 import onnx
 import pytest
 import torch
@@ -27,7 +32,6 @@ from paligemma.generate import Pipeline
 from test_fused import PROMPTS, STEPS, image, run_steps
 from tiny import build_reference
 
-ROUNDING = 1e-5  # the median step: float32 rounding apart
 ONE_LEVEL = 0.05  # every step: an activation's int8 level flipped at worst (the module's docstring)
 QUANTIZED_OPS = {"MatMulNBits", "GatherBlockQuantized"}
 
@@ -99,7 +103,7 @@ def test_fused_logits_match_the_exported_graphs(models, batch):
     fused_engine = fused()
     apart = steps_apart(run_steps(fused_engine, inputs, reference), reference)
     assert fused_engine.fused
-    assert np.median(apart) <= ROUNDING, apart
+    # Not tighter: a flipped activation level moves a step by up to 0.025 (measured; the module's docstring).
     assert max(apart) <= ONE_LEVEL, apart
 
 
@@ -131,6 +135,25 @@ def test_the_exported_decode_opens_only_for_a_request_the_fused_graphs_do_not_se
     reference = exported()
     expected = [reference.prefill(inputs, too_long)] + [reference.decode_step(torch.tensor([t])) for t in (5, 6, 7)]
     assert max(steps_apart(logits, expected)) <= ONE_LEVEL
+
+
+@pytest.mark.parametrize("options", [{}, {"fused": False}, {"one_session": True}], ids=["fused", "exported", "alone"])
+def test_a_released_model_frees_its_weights_at_once(models, options):
+    """export_and_validate releases one model before it opens the next over the same weights: nothing may keep a
+    model alive past its last reference until a garbage collection runs (a lambda on the model that read `self`
+    did, and an export's peak held two copies of the weights)."""
+    torch_pipe, fused, _ = models
+    inputs = torch_pipe.processor([image(2)], [PROMPTS[0]])
+    gc.collect()
+    gc.disable()
+    try:
+        model = OnnxModel(fused.onnx_dir, fused.config, **options)
+        run_steps(model(), inputs, [torch.zeros(1, 1)] * 2, steps=2)
+        released = weakref.ref(model)
+        del model
+        assert released() is None
+    finally:
+        gc.enable()
 
 
 def test_what_the_fused_graphs_serve_and_refuse(checkpoints, tmp_path):
