@@ -2,6 +2,12 @@
 the config and the exported graphs' own weights (no file is written, so the export's manifest and its hashes stay
 as they are; the weights are the same shared, hash-checked tensors, referenced by name).
 
+Each product by a weight is the exported graph's own node for it, copied onto the fused graph's activation with
+its initializers and attributes: MatMul on a float weight transposed, Gemm on the tied embedding, or an int8 / int4
+export's MatMulNBits on its blocks (and the token lookup, Gather or GatherBlockQuantized with its reshapes), so a
+quantized export is served with its own quantized weights and kernels, and this module knows no quantization
+scheme (export/quantize.py is their one home).
+
 Every shape is a constant of the config (heads K and H, head dim D, widths; only the batch and the lengths are
 dynamic), Gemma's RMSNorm x * (1 + w) is SimplifiedLayerNormalization with 1 + w folded into a small stored copy
 of w, residual adds are fused into SkipSimplifiedLayerNormalization, GELU (tanh) is FastGelu. Decode: rotary
@@ -38,12 +44,19 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from paligemma.config import PaliGemmaConfig
+from paligemma.errors import OnnxExportError
 
 from .graphs import cache_names
+from .quantize import SCHEMES
 
 MS = "com.microsoft"
 GELU_TANH = {"gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"}
 PREFIX = "model.language_model.model."
+EMBEDDING = "embed_tokens"
+# What may follow a token lookup before its rows are [B, T, C]: a quantized lookup gathers blocks, then reshapes
+# (and cuts a padded last block).
+LOOKUP_LAYOUT = {"Reshape", "Slice"}
+AS_EXPORTED = "load the export with OnnxModel(..., fused=False) to run its graphs as exported"
 # Rows of the rotary tables: positions the fused graph can rotate (PaliGemma counts from 1).
 MIN_ROTARY_POSITIONS = 4096
 
@@ -56,7 +69,12 @@ def unsupported(config: PaliGemmaConfig, dtype: str, quantize: str | None = None
         # Not run on a GPU here: the exported graphs (standard ops) serve the CUDA provider.
         return "the CUDA provider: GroupQueryAttention there is float16 / bfloat16 only"
     if quantize not in (None, "none"):  # the manifest records "none" for float exports
-        return f"a {quantize} export: its weights are quantized MatMuls the fused graphs do not write"
+        if quantize not in SCHEMES:
+            return f"quantization {quantize!r}, which this runtime does not know"
+        if SCHEMES[quantize].standard_ops:
+            # Its products are chains (DynamicQuantizeLinear, MatMulInteger, Cast, two Muls), the activation's
+            # quantization shared between products: not the one node a weight's product is copied as (below).
+            return f"the {quantize} export's products are MatMulInteger chains, not one node a weight"
     if dtype != "float32":
         return f"dtype {dtype}: the fused graph is float32 (ONNX Runtime has no fast float16 path on CPU)"
     if t.hidden_activation not in GELU_TANH | {"gelu"}:
@@ -99,13 +117,16 @@ class _Gemma:
     def __init__(self, source: onnx.ModelProto, config: PaliGemmaConfig):
         self.config, self.text = config, config.text
         self.weights = {init.name: init for init in source.graph.initializer}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}  # a tensor of the source graph -> the nodes reading it
+        for node in source.graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
         self.ir_version, self.metadata = source.ir_version, list(source.metadata_props)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.count = 0
         cos, sin = rotary_tables(config)
         self.cos, self.sin = self.constant("rotary_cos", cos), self.constant("rotary_sin", sin)
-        self.embedding = self.big(f"{PREFIX}embed_tokens.weight")
 
     def op(self, op_type: str, inputs: list[str], hint: str, outputs: int | list[str] = 1, domain: str = "",
            **attrs) -> list[str]:
@@ -122,11 +143,53 @@ class _Gemma:
     def big(self, name: str) -> str:
         if name not in self.weights:
             raise KeyError(f"the exported graph has no initializer {name}")
-        self.initializers.append(self.weights[name])
+        if name not in {i.name for i in self.initializers}:
+            self.initializers.append(self.weights[name])
         return name
 
-    def linear(self, x: str, module: str) -> str:
-        return self.op("MatMul", [x, self.big(f"{PREFIX}{module}.weight_transposed")], module.rsplit(".", 1)[-1])[0]
+    def weight_readers(self, module: str) -> list[onnx.NodeProto]:
+        """The source graph's nodes that read the weight of `module`, in whatever form the export stored it: the
+        initializers named after the parameter (the float matrix, its transpose, or quantized blocks and scales)."""
+        parameter = f"{PREFIX}{module}.weight"
+        found = {}
+        for name in self.weights:
+            if name == parameter or name.startswith(parameter + "_"):
+                found.update((id(node), node) for node in self.readers.get(name, []))
+        return list(found.values())
+
+    def copy(self, node: onnx.NodeProto, inputs: dict[str, str], hint: str, output: str | None = None) -> str:
+        """`node` of the source graph (one output) written on this graph's tensors: its non-initializer inputs
+        renamed by `inputs`, its initializers referenced by name (the shared weights), its op and attributes as
+        they are. Returns its output."""
+        names = []
+        for name in node.input:
+            if name in inputs:
+                names.append(inputs[name])
+            elif name in self.weights:
+                names.append(self.big(name))
+            elif name == "":  # an optional input left out
+                names.append(name)
+            else:
+                raise OnnxExportError(f"the exported graph's {node.op_type} node {node.name} reads {name}, which the "
+                                      f"fused graph does not have; {AS_EXPORTED}")
+        if len(node.output) != 1:
+            raise OnnxExportError(f"the exported graph's {node.op_type} node {node.name} has {len(node.output)} "
+                                  f"outputs; the fused graph copies one-output nodes only; {AS_EXPORTED}")
+        (out,) = self.op(node.op_type, names, hint, outputs=[output] if output else 1, domain=node.domain)
+        self.nodes[-1].attribute.extend(node.attribute)
+        return out
+
+    def linear(self, x: str, module: str, output: str | None = None) -> str:
+        """x times `module`'s weight as the export multiplies by it: the exported graph's one node that reads the
+        weight (MatMul on the float weight transposed, Gemm on the tied embedding, MatMulNBits on int8 or int4
+        blocks), copied onto x with the same initializers and attributes."""
+        products = [n for n in self.weight_readers(module) if "input_ids" not in n.input]  # not the token lookup
+        if len(products) != 1:
+            raise OnnxExportError(f"the exported graph multiplies by {PREFIX}{module}.weight in {len(products)} nodes, "
+                                  f"not one; {AS_EXPORTED}")
+        (node,) = products
+        (activation,) = [name for name in node.input if name and name not in self.weights]
+        return self.copy(node, {activation: x}, module.rsplit(".", 1)[-1], output)
 
     def _norm_weight(self, module: str) -> str:
         w = numpy_helper.to_array(self.weights[f"{PREFIX}{module}.weight"]).astype(np.float32)
@@ -142,8 +205,24 @@ class _Gemma:
                                       "skipnorm", outputs=4, domain=MS, epsilon=float(self.text.rms_norm_eps))
         return normed, total
 
+    def token_lookup(self, input_ids: str) -> str:
+        """The embedding rows of input_ids [B, T] -> [B, T, C], as the export looks them up: its node reading the
+        embedding and input_ids (Gather, or GatherBlockQuantized on the output projection's blocks), and the
+        reshapes after it, copied."""
+        lookups = [n for n in self.weight_readers(EMBEDDING) if "input_ids" in n.input]
+        if len(lookups) != 1:
+            raise OnnxExportError(f"the exported graph looks tokens up in {len(lookups)} nodes, not one; {AS_EXPORTED}")
+        node = lookups[0]
+        rows = self.copy(node, {"input_ids": input_ids}, "embed")
+        while len(self.readers.get(node.output[0], [])) == 1:
+            (after,) = self.readers[node.output[0]]
+            if after.op_type not in LOOKUP_LAYOUT or not all(n in self.weights for n in after.input[1:]):
+                break
+            rows, node = self.copy(after, {node.output[0]: rows}, "embed"), after
+        return rows
+
     def text_embedding(self, input_ids: str) -> str:
-        (gathered,) = self.op("Gather", [self.embedding, input_ids], "embed")
+        gathered = self.token_lookup(input_ids)
         # Gemma scales text embeddings by sqrt(width), rounded to float32 as the model does.
         return self.op("Mul", [gathered, self.constant("embedding_scale", np.float32(math.sqrt(self.text.hidden_size)))],
                        "embed_scale")[0]
@@ -183,11 +262,10 @@ class _Gemma:
         return pending, x
 
     def logits(self, hidden: str) -> None:
-        """hidden [B, C] -> the output `logits` [B, V]. The output projection is tied to the embedding matrix:
-        Gemm reads it transposed, with no copy."""
+        """hidden [B, C] -> the output `logits` [B, V]. The output projection is tied to the embedding matrix,
+        multiplied by as the export does (a float Gemm reads it transposed, with no copy)."""
         cap = self.text.final_logit_softcapping
-        (raw,) = self.op("Gemm", [hidden, self.embedding], "lm_head", outputs=["logits"] if cap is None else 1,
-                         transB=1)
+        raw = self.linear(hidden, EMBEDDING, output="logits" if cap is None else None)
         if cap is not None:
             cap_name = self.constant("final_softcap", np.float32(cap))
             (bounded,) = self.op("Tanh", [self.op("Div", [raw, cap_name], "softcap")[0]], "softcap")

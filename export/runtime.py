@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -135,34 +136,36 @@ class OnnxModel:
         # As this model's sessions are made (bench/kernels.py makes profiled copies of them).
         self.prepack, self.fused_prepack, self.spinning = prepack, fused_prepack, spinning
         self.sessions = {}
-        self.output_names = {}
+        self.output_names = {}  # filled as each graph first runs
         self.one_session = one_session
+        self._providers = providers
         if one_session:
             if providers != ["CPUExecutionProvider"]:
                 raise ValueError("one_session is for validating on CPU: ask for device='cpu'")
             self._shared = shared = None
-            self._open_options = lambda: one_session_options(self.thread_plan, spinning)
             self.providers = providers
         else:
             buffers, shared = self._load_shared()
             self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
-            for name in GRAPH_ORDER:
-                options = session_options(self.thread_plan, shared if name != "vision_encoder" else None, prepack,
-                                          spinning)
-                self.sessions[name] = self._session(name, options, providers)
-            self.providers = self.sessions["decode"].get_providers()
+            self.sessions["vision_encoder"] = self._session("vision_encoder", self._exported_options("vision_encoder"),
+                                                            providers)
+            self.providers = self.sessions["vision_encoder"].get_providers()
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         if providers[0] != "CPUExecutionProvider" and self.device_type == "cpu":
             warnings.warn("the CUDA provider failed to start (CUDA 13 / cuDNN 9 libraries missing?); running on CPU")
         self.device_id = providers[0][1]["device_id"] if self.device_type == "cuda" else 0
-        self.output_names.update({n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()})
         self.past_names = cache_names("past_key_values", config.text.num_hidden_layers)
         self.present_names = cache_names("present", config.text.num_hidden_layers)
         self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
         fused = False if one_session else fused
         self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, fused_prepack, spinning)
-        if self.fused_prefill is not None:
-            self.output_names["fused_prefill"] = [o.name for o in self.fused_prefill.get_outputs()]
+        # Where the fused graphs serve, the exported prefill and decode only serve what they cannot (a prompt past
+        # the rotary tables, a batch not padded on the left): opened on first use, as a pre-packed session holds
+        # its own copy of the weights (a quantized export's would double its memory).
+        self._opening = threading.Lock()
+        if not one_session and self.fused_decode is None:
+            for name in GRAPH_ORDER:
+                self._exported_session(name)
         logger.info("ONNX Runtime sessions for %s on %s (%s)", self.onnx_dir, self.providers,
                     "prefill and decode fused" if self.fused_decode else "graphs as exported")
 
@@ -193,6 +196,25 @@ class OnnxModel:
             names.append(name)
         return (buffer, arrays), (names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
 
+    def _exported_options(self, name: str) -> ort.SessionOptions:
+        """The options of the export's graph `name`: a method, not a lambda kept on the model, which would hold the
+        model in a reference cycle and its weights past its last use until a garbage collection (export_and_validate
+        opens the next model right after releasing one)."""
+        if self.one_session:
+            return one_session_options(self.thread_plan, self.spinning)
+        shared = self._shared[1] if name != "vision_encoder" else None
+        return session_options(self.thread_plan, shared, self.prepack, self.spinning)
+
+    def _exported_session(self, name: str) -> ort.InferenceSession:
+        """The session of the export's graph `name`, opened on first use."""
+        if name not in self.sessions:
+            with self._opening:  # two requests may reach a graph first at once
+                if name not in self.sessions:
+                    self.sessions[name] = self._session(name, self._exported_options(name), self._providers)
+                    if self.fused_decode is not None:
+                        logger.info("the exported %s graph opened (a request the fused graphs do not serve)", name)
+        return self.sessions[name]
+
     def _session(self, name: str, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         path = self.onnx_dir / f"{name}.onnx"
         try:
@@ -213,13 +235,15 @@ class OnnxModel:
         except the logits, which sampling reads."""
         if self.one_session:
             return self._run_alone(name, feeds)
-        session = self.fused_prefill if name == "fused_prefill" else self.sessions[name]
+        session = self.fused_prefill if name == "fused_prefill" else self._exported_session(name)
         binding = session.io_binding()
         for key, value in feeds.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(key, value)
             else:
                 binding.bind_cpu_input(key, value)
+        if name not in self.output_names:
+            self.output_names[name] = [o.name for o in session.get_outputs()]
         for output in self.output_names[name]:
             if output == "logits":
                 binding.bind_output(output, "cpu")
@@ -243,7 +267,7 @@ class OnnxModel:
         """Releases the open session, then opens `name`'s (one_session): the outputs already returned stay valid."""
         self.sessions.clear()
         gc.collect()
-        self.sessions[name] = self._session(name, self._open_options(), self.providers)
+        self.sessions[name] = self._session(name, self._exported_options(name), self.providers)
         self.output_names[name] = [o.name for o in self.sessions[name].get_outputs()]
         logger.info("ONNX Runtime session for %s opened alone", name)
 

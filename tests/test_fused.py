@@ -150,13 +150,13 @@ def test_left_padded_tells_the_layouts_apart():
 
 
 def test_fused_graphs_serve_float32_exports_on_the_cpu_provider_only(pipes):
-    """Elsewhere the exported graphs serve: the CUDA provider (GroupQueryAttention there is float16 only),
-    float16 and quantized exports."""
+    """Elsewhere the exported graphs serve: the CUDA provider (GroupQueryAttention there is float16 only) and
+    float16 exports (int8 and int4 ones are fused too: tests/test_fused_quantized.py)."""
     config = pipes[0].config
     assert unsupported(config, "float32", "none", "cpu") is None and pipes[1].engine_factory.device_type == "cpu"
     assert "CUDA provider" in unsupported(config, "float32", "none", "cuda")
+    assert "CUDA provider" in unsupported(config, "float32", "int4", "cuda")
     assert "float16" in unsupported(config, "float16", "none", "cpu")
-    assert "int8" in unsupported(config, "float32", "int8", "cpu")
 
 
 def test_the_transformers_js_layout_keeps_to_standard_ops(tmp_path):
