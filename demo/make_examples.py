@@ -13,7 +13,7 @@ EXAMPLES = [  # (scene index, prompt)
     (1, S.COUNT_PROMPT),
     (5, S.color_count_prompt("blue")),
     (11, S.detect_prompt(("triangle",))),
-    (3, S.segment_prompt(("circle", "triangle"))),
+    (16, S.segment_prompt(("circle", "triangle"))),
 ]
 
 
