@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from shapes import scenes as S
+from shapes.evaluate import is_segmentation
 
 STREAM = "demo"  # a scene stream of its own: training uses 0, evaluation 1 and 1000
 EXAMPLES = [  # (scene index, prompt)
@@ -20,7 +21,7 @@ EXAMPLES = [  # (scene index, prompt)
 def expected_answer(scene, prompt):
     """The task's answer; None for a segmentation, whose codes come from the training VQ-VAE's encoder (not
     shipped): its masks are checked against the drawn shapes instead."""
-    return None if prompt.startswith("segment ") else dict(S.task_pairs(scene))[prompt]
+    return None if is_segmentation(prompt) else dict(S.task_pairs(scene))[prompt]
 
 
 def main(folder: Path = Path(__file__).parent / "examples"):
