@@ -11,8 +11,9 @@ Stages, each resumable in a folder of its own:
    OUT/vqvae (`--segment`, the default): the VQ-VAE of the masks (shapes/vqvae.py), trained once before stage 2;
    its codes answer `segment {shape}` and its decoder is written beside every checkpoint (mask_decoder.safetensors).
 2. OUT: the whole model on the tasks, the patch targets kept as an auxiliary loss.
-3. OUT/polish (`--polish-steps`, 0 for none): a short second schedule that polishes detection; its last
-   checkpoint is then the run's model.
+3. OUT/polish (`--polish-steps`, 0 for none): a short second schedule that polishes detection.
+4. OUT/settle (`--settle-steps`, 0 for none, the default): a last short schedule at a low learning rate and narrow
+   soft targets. The last stage's last checkpoint is the run's model.
 With `--init-from` a checkpoint of this recipe is fine-tuned from stage 2 on; one whose vocabulary predates the
 words appended since (shapes/tokenizer.py's APPENDED_WORDS: "segment") gets their embedding rows added at the end,
 every other id and weight unchanged. Training scenes (not the held-out ones) are drawn with `--augment`'s styles
@@ -411,9 +412,11 @@ def resume_point(directory: Path) -> Path | None:
 
 
 def final_checkpoint(out: Path) -> Path:
-    """The run's model: stage 3's last checkpoint when the run has one, else stage 2's."""
-    polished = out / "polish" / "last"
-    return polished if (polished / "model.safetensors").exists() else out / "last"
+    """The run's model: the last checkpoint of its latest stage (4, 3 or 2) that has one."""
+    for stage in (out / "settle" / "last", out / "polish" / "last"):
+        if (stage / "model.safetensors").exists():
+            return stage
+    return out / "last"
 
 
 def export_model(source: Path, target: Path):
@@ -524,6 +527,7 @@ def train_vision(run: Run):
 
 POLISH_WARMUP = 50
 POLISH_LOC_SIGMA = 1.0  # stage 3 starts from narrower soft targets than stage 2 (its boxes are placed already)
+SETTLE_WARMUP = 20
 
 
 @dataclass(frozen=True)
@@ -561,6 +565,18 @@ def polish_stage(args) -> Stage:
                  out / "last", steps=args.polish_steps, lr=args.polish_lr, warmup=POLISH_WARMUP,
                  loc_sigma=POLISH_LOC_SIGMA, packed_steps=0, shape_weights=args.polish_shape_weights, aux_weight=0.0,
                  decision_weight=args.polish_decision_weight)
+
+
+def settle_stage(args) -> Stage:
+    """Stage 4, in OUT/settle: a last short schedule from stage 3's weights (stage 2's without it) with a fresh
+    optimizer at a low learning rate, unpacked, the soft targets as narrow as stage 2 ends them, three-shape scenes
+    weighted as in stage 3 and every token alike. It fixed the off-by-one colour counts of three-shape scenes that
+    stage 3 left (shapes/README.md, "How it was made")."""
+    out = Path(args.out)
+    return Stage("stage 4 (settle: unpacked, low learning rate)", out / "settle",
+                 out / ("polish" if args.polish_steps else "") / "last", steps=args.settle_steps, lr=args.settle_lr,
+                 warmup=SETTLE_WARMUP, loc_sigma=args.final_loc_sigma, packed_steps=0,
+                 shape_weights=args.polish_shape_weights, aux_weight=0.0, decision_weight=1.0)
 
 
 @dataclass(frozen=True)
@@ -719,6 +735,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--polish-shape-weights", type=parse_shape_weights, default=(1, 2, 3),
                         help="stage 3's --shape-weights: three-shape scenes, the hard ones, weighted up")
     parser.add_argument("--polish-decision-weight", type=float, default=4.0, help="stage 3's --decision-weight")
+    parser.add_argument("--settle-steps", type=int, default=0,
+                        help="stage 4: a last short schedule, one sequence per question, at --settle-lr with the soft "
+                        "targets at --final-loc-sigma, stage 3's shape weights and fresh AdamW (0: none)")
+    parser.add_argument("--settle-lr", type=float, default=2e-4)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-scenes", type=int, default=48)
     parser.add_argument("--save-every", type=int, default=250)
@@ -738,8 +758,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give a positive weight (1 weighs every "
                          "token alike)")
-    if args.polish_steps < 0:
-        parser.error(f"--polish-steps {args.polish_steps}: give 0 (no stage 3) or more")
+    for name, stage in (("polish_steps", 3), ("settle_steps", 4)):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 (no stage {stage}) or more")
     if args.detections < 1:
         parser.error(f"--detections {args.detections}: ask at least one detection per image")
     for name in ("jpeg_fraction", "absent_share"):
@@ -770,21 +791,19 @@ def main(argv=None):
     run.log(f"run: {json.dumps(vars(args))}")
     if needs_stage_1(run.out, args):
         train_vision(run)
-    task, polish = task_stage(args), polish_stage(args)
-    task_resume = resume_point(task.out_dir)
-    # Once stage 3 has a checkpoint, stage 2 is done: the run resumes stage 3 from it.
-    polish_resume = resume_point(polish.out_dir) if args.polish_steps else None
-    model = load_recipe_model(polish_resume or task_resume or task.starts_from, run)
+    stages = [task_stage(args)] + [stage for stage in (polish_stage(args), settle_stage(args)) if stage.steps]
+    # Once a later stage has a checkpoint, the ones before it are done: the run resumes the latest.
+    resumes = [resume_point(stage.out_dir) for stage in stages]
+    current = max((i for i, resume in enumerate(resumes) if resume is not None), default=0)
+    model = load_recipe_model(resumes[current] or stages[0].starts_from, run)
     if args.segment:  # once the model to train is known to fit the recipe
         run = dataclasses.replace(run, vqvae=train_vqvae_stage(run))
-    if task_resume is None and not args.init_from:  # stage 2 starts from stage 1's heads too
+    if resumes[0] is None and not args.init_from:  # stage 2 starts from stage 1's heads too
         T.load_extra_modules(run.out / "vision" / "last", {"aux": run.heads})
     evaluate = HeldOutScenes(Pipeline(model, run.processor, mask_decoder=run.vqvae),
                              S.render_scenes(args.seed + 1000, args.eval_scenes))
-    if polish_resume is None:
-        train_task(run, model, task, task_resume, evaluate)
-    if args.polish_steps:
-        train_task(run, model, polish, polish_resume, evaluate)
+    for i in range(current, len(stages)):
+        train_task(run, model, stages[i], resumes[i] if i == current else None, evaluate)
     run.log(f"model: {final_checkpoint(run.out)}")
 
 

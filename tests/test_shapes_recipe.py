@@ -61,6 +61,7 @@ def test_shape_weights_set_how_often_scenes_of_1_2_3_shapes_are_trained_on():
     (["--decision-weight", "0"], "give a positive weight"),
     (["--polish-decision-weight", "-1"], "give a positive weight"),
     (["--polish-steps", "-1"], "give 0 (no stage 3) or more"),
+    (["--settle-steps", "-1"], "give 0 (no stage 4) or more"),
     (["--polish-shape-weights", "1,2"], "give three non-negative weights"),
     (["--workers", "-1"], "give 0 (draw scenes between steps) or more"),
 ])
@@ -220,6 +221,28 @@ def test_recipe_command_polishes_in_a_third_stage_that_resumes(tmp_path):
     final = paligemma.load(str(run / "polish" / "last")).model.state_dict()
     assert all(torch.equal(exported[k], final[k]) for k in final)  # the export is the polished model
     assert any(not torch.equal(final[k], polished[k]) for k in final)  # the resumed step trained
+
+
+def test_recipe_command_settles_in_a_fourth_stage_that_resumes(tmp_path):
+    run = tmp_path / "run"
+    small = ["--out", str(run), "--vision-images", "2", "--images-per-step", "2", "--unpacked-images-per-step", "1",
+             "--packed-steps", "1", "--eval-every", "0", "--save-every", "1", "--no-progress", "--threads", "1",
+             "--vision-steps", "1", "--steps", "1", "--polish-steps", "1", "--vqvae-steps", "2"]
+    R.main(small + ["--settle-steps", "1"])
+    polished = paligemma.load(str(run / "polish" / "last")).model.state_dict()
+    settled = paligemma.load(str(run / "settle" / "last")).model.state_dict()
+    assert any(not torch.equal(settled[k], polished[k]) for k in polished)  # stage 4 trained from stage 3's weights
+    assert max((settled[k] - polished[k]).abs().max().item() for k in polished) < 1e-3  # one small warm-up step
+    R.main(small + ["--settle-steps", "2"])  # resumes stage 4 alone
+    log = (run / "log.txt").read_text()
+    assert log.count("stage 2 (whole model") == 1 and log.count("stage 3 (polish") == 1
+    assert log.count("stage 4 (settle") == 2
+    assert f"resumed from {run / 'settle' / 'last'} at step 1" in log
+    R.main(["--out", str(run), "--export", str(tmp_path / "exported")])
+    exported = paligemma.load(str(tmp_path / "exported")).model.state_dict()
+    final = paligemma.load(str(run / "settle" / "last")).model.state_dict()
+    assert all(torch.equal(exported[k], final[k]) for k in final)  # the export is the settled model
+    assert any(not torch.equal(final[k], settled[k]) for k in final)  # the resumed step trained
 
 
 def test_recipe_fine_tunes_a_checkpoint_without_stage_1(tmp_path):
