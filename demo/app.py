@@ -44,6 +44,9 @@ UPLOAD_KEEP_S = 3600  # uploads and answers' images older than this are deleted 
 MAX_PROMPT_CHARS = 1000
 MAX_QUEUE = 32  # at most this many wait; more are turned away with "queue full"
 # name: (lowest, highest, whole number); the sliders use the same ranges, and the server checks them again.
+# A segmentation of the embedded model's three shapes is about 70 tokens (four <loc>, sixteen <seg> and a label
+# each): the default holds it whole. Greedy answers stop at <eos>, so a shorter answer costs nothing more.
+DEFAULT_MAX_NEW_TOKENS = 96
 # max_new_tokens is bounded by the model too (decoding_limits).
 LIMITS = {
     "temperature": (0.0, 2.0, False),
@@ -314,8 +317,8 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
     allow_check = backend.torch_check_fits() if torch_check is None else torch_check
     staging = tempfile.TemporaryDirectory(prefix="paligemma-answers-")  # removed with the app (its finalizer)
 
-    def generate(image, prompt, decoding="greedy", temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=64, seed=0,
-                 check_torch=False):
+    def generate(image, prompt, decoding="greedy", temperature=1.0, top_p=0.9, top_k=0,
+                 max_new_tokens=DEFAULT_MAX_NEW_TOKENS, seed=0, check_torch=False):
         drawn = None
         try:
             picture = read_request_image(image)
@@ -365,7 +368,8 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
                     temperature = gr.Slider(*LIMITS["temperature"][:2], value=1.0, step=0.05, label="Temperature")
                     top_p = gr.Slider(*LIMITS["top_p"][:2], value=0.9, step=0.05, label="Top-p")
                     top_k = gr.Slider(*LIMITS["top_k"][:2], value=0, step=1, label="Top-k (0: off)")
-                    max_new_tokens = gr.Slider(*limits["max_new_tokens"][:2], value=min(64, limits["max_new_tokens"][1]),
+                    max_new_tokens = gr.Slider(*limits["max_new_tokens"][:2],
+                                               value=min(DEFAULT_MAX_NEW_TOKENS, limits["max_new_tokens"][1]),
                                                step=1, label="Max new tokens")
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed (sampling)")
                 check_torch = gr.Checkbox(False, label="Check against eager torch (tokens and logits)" if allow_check

@@ -23,6 +23,7 @@ import paligemma
 from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, request, rle_decode, serve
 from demo import app as demo_app
 from demo.backends import load_backend
+from shapes import scenes as S
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (paligemma.DEMO_CHECKPOINT / "config.json").exists(),
@@ -113,6 +114,17 @@ def test_segment_returns_masks_that_match_the_drawn_shapes(client):
         assert mask.shape == Image.open(image).size[::-1]  # [height, width] of the image sent
         assert mask_iou(mask, shape_mask(shape["shape"], shape["box_yxyx"])) > 0.8, shape
     assert Image.open(annotated).size[0] >= 320
+
+
+def test_the_default_answer_length_holds_a_segmentation_of_three_shapes():
+    """The embedded model's scenes hold up to three shapes: segmenting all of them must fit the app's and the page's
+    default max_new_tokens with its <eos>, or the last mask is cut off."""
+    tokenizer = paligemma.load(paligemma.DEMO_CHECKPOINT).processor.tokenizer
+    scene = next(s for s in (S.render_scene(1, i) for i in range(100)) if len(s.shapes) == 3)
+    answer = S.segment_answer(scene, S.SHAPES, [[0] * 16] * 3)
+    needed = len(tokenizer.encode(answer, add_special_tokens=False).ids) + 1
+    page = int(re.search(r"const MAX_NEW_TOKENS = (\d+);", (ROOT / "demo/web/app.js").read_text())[1])
+    assert needed <= demo_app.DEFAULT_MAX_NEW_TOKENS and page == demo_app.DEFAULT_MAX_NEW_TOKENS, (needed, page)
 
 
 def test_the_segment_preset_is_offered_only_with_a_mask_decoder(backend):

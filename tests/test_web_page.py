@@ -20,12 +20,13 @@ import paligemma
 
 playwright = pytest.importorskip("playwright.sync_api")
 
+from demo import app as demo_app  # noqa: E402
 from demo.web.build import NODE_MODULES, build, server  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox"]
 TIMEOUT_MS = 90_000
-MAX_NEW_TOKENS = 64  # app.js
+MAX_NEW_TOKENS = demo_app.DEFAULT_MAX_NEW_TOKENS  # app.js's, checked in test_app.py
 
 
 def quiet(*_):

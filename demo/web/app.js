@@ -6,7 +6,7 @@ import {
 } from './vendor/transformers.min.js';
 import { segmentations, sessionDecoder } from './segmentation.js';
 
-const MAX_NEW_TOKENS = 64;  // the Python app's default: two segmented objects take about 45 tokens
+const MAX_NEW_TOKENS = 96;  // demo/app.py's DEFAULT_MAX_NEW_TOKENS: three segmented shapes take about 70
 // paligemma.locations.LOOSE_BOX: a box, a segmentation answer's codes if any, the label up to ";" or the next token.
 const LOC = /((?:<loc\d{4}>){4})\s*(?:<seg\d{3}>)*\s*([^;<]*)/g;
 const BOX_COLOUR = '#e6007e';
