@@ -124,8 +124,10 @@ def check_options(output, dtype: str, quantize: str | None, opset: int) -> None:
         raise OnnxExportError(f"quantize '{quantize}' is not supported; use {' or '.join(QUANTIZATIONS)}, or leave it "
                               "out for float weights")
     if quantize and dtype != "float32":
-        raise OnnxExportError(f"{quantize} quantization keeps float32 activations and scales; drop --dtype "
-                              f"{dtype} or --quantize")
+        q4f16 = " (int4 blocks with float16 scales are transformers.js' q4f16: add --format transformers.js)"
+        raise OnnxExportError(f"the three-graph layout's {quantize} quantization keeps float32 activations and scales; "
+                              f"drop --dtype {dtype} or --quantize {quantize}"
+                              + (q4f16 if quantize == "int4" and dtype == "float16" else ""))
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
         raise OnnxExportError(f"opset {opset!r} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} "
                               f"(default {DEFAULT_OPSET})")

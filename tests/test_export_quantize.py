@@ -160,8 +160,11 @@ def test_an_unknown_quantization_is_refused(reference_factory, tmp_path, capsys)
     assert "int3" in capsys.readouterr().err
     with pytest.raises(OnnxExportError, match="quantize 'int3' is not supported; use int8 or int4"):
         onnx_export.export_model(folder, tmp_path / "out", quantize="int3", progress=False, log=quiet)
-    with pytest.raises(OnnxExportError, match="drop --dtype float16 or --quantize"):
+    with pytest.raises(OnnxExportError, match="drop --dtype float16 or --quantize int4 .*q4f16: add --format "
+                       "transformers.js"):
         onnx_export.export_model(folder, tmp_path / "out", dtype="float16", quantize="int4", progress=False, log=quiet)
+    with pytest.raises(OnnxExportError, match="drop --dtype float16 or --quantize int8$"):
+        onnx_export.export_model(folder, tmp_path / "out", dtype="float16", quantize="int8", progress=False, log=quiet)
     assert not (tmp_path / "out").exists()
 
 
