@@ -155,6 +155,26 @@ def retrieval_top1(model: SiglipModel, tokenizer: Tokenizer, num_scenes: int = 5
             **{f"top1_{n}_shapes": round(sum(h) / max(1, len(h)), 4) for n, h in hits.items()}}
 
 
+def start_vision_from(model: SiglipModel, checkpoint: str) -> None:
+    """Copies the vision tower of `checkpoint` (a PaliGemma's, or a SigLIP's) into `model`, its pooling head left as
+    initialized; the towers must have the same shape."""
+    tower = {k: v for k, v in load_siglip(checkpoint, dtype=torch.float32).vision_model.state_dict().items()
+             if not k.startswith("head.")}
+    own = {k: v for k, v in model.vision_model.state_dict().items() if not k.startswith("head.")}
+    if tower.keys() != own.keys() or any(tower[k].shape != own[k].shape for k in own):
+        different = sorted(k for k in own.keys() | tower.keys() if k not in tower or k not in own
+                           or tower[k].shape != own[k].shape)
+        raise ValueError(f"{checkpoint}: its vision tower is not the embedded model's (differs in {different[:5]})")
+    model.vision_model.load_state_dict(tower, strict=False)
+
+
+def lock_vision_tower(model: SiglipModel) -> None:
+    """Freezes the vision tower but its pooling head, as LiT (Zhai et al., 2022) locks a pre-trained image tower:
+    the text tower learns to read the image features the tower already has."""
+    for name, p in model.vision_model.named_parameters():
+        p.requires_grad_(name.startswith("head."))
+
+
 def save_run_checkpoint(model: SiglipModel, tokenizer: Tokenizer, directory: Path) -> None:
     save_siglip(model, directory)
     tokenizer.save(str(Path(directory) / "tokenizer.json"))
@@ -171,6 +191,8 @@ class ContrastiveOptions:
     weight_decay: float = 1e-4
     text_layers: int = 2
     same_count: bool = False  # every batch of scenes with as many shapes (see batch_indices)
+    vision_from: str | None = None  # a checkpoint whose vision tower (not its head) the run starts from
+    lock_vision: bool = False  # train the text tower and the pooling head alone (LiT: see lock_vision_tower)
     eval_every: int = 200
     eval_scenes: int = 500
     seed: int = 0
@@ -187,12 +209,18 @@ def train_contrastive(out: Path, options: ContrastiveOptions, log) -> SiglipMode
     if resume is None:
         model = SiglipModel(contrastive_config(tokenizer, options.text_layers))
         initialize(model, options.seed)
+        if options.vision_from:
+            start_vision_from(model, options.vision_from)
+            log(f"the vision tower starts from {options.vision_from}'s (its pooling head fresh)")
     else:
         model = load_siglip(resume, dtype=torch.float32)
+    if options.lock_vision:
+        lock_vision_tower(model)
     model.to(options.device)
-    log(f"contrastive stage: {sum(p.numel() for p in model.parameters())} parameters, batch {options.batch_size}"
-        f"{' (same shape count)' if options.same_count else ''}, {options.steps} steps, lr {options.lr}, "
-        f"text tower {model.config.text.num_hidden_layers} layers")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"contrastive stage: {trained} parameters trained{' (vision tower locked)' if options.lock_vision else ''}, "
+        f"batch {options.batch_size}{' (same shape count)' if options.same_count else ''}, {options.steps} steps, "
+        f"lr {options.lr}, text tower {model.config.text.num_hidden_layers} layers")
     train_options = T.TrainOptions(steps=options.steps, lr=options.lr, warmup=options.warmup,
                                    weight_decay=options.weight_decay, eval_every=options.eval_every,
                                    seed=options.seed, workers=options.workers, progress=options.progress)
@@ -219,6 +247,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text-layers", type=int, default=2, help="layers of the text tower")
     parser.add_argument("--same-count", action="store_true",
                         help="batches of scenes with as many shapes, so that every negative is a hard one")
+    parser.add_argument("--vision-from", help="a checkpoint (PaliGemma or SigLIP) whose vision tower the run starts "
+                        "from, e.g. paligemma/demo_checkpoint; the pooling head starts fresh")
+    parser.add_argument("--lock-vision", action="store_true", help="train the text tower and the pooling head alone "
+                        "(LiT); give --vision-from too")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -228,6 +260,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.out and not args.evaluate:
         parser.error("give --out to train, or --evaluate CHECKPOINT")
+    if args.lock_vision and not args.vision_from:
+        parser.error("--lock-vision keeps a trained vision tower as it is: give --vision-from CHECKPOINT too")
     return args
 
 
@@ -251,7 +285,8 @@ def main(argv=None) -> int:
 
     options = ContrastiveOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                                  weight_decay=args.weight_decay, text_layers=args.text_layers,
-                                 same_count=args.same_count, eval_every=args.eval_every, eval_scenes=args.eval_scenes,
+                                 same_count=args.same_count, vision_from=args.vision_from,
+                                 lock_vision=args.lock_vision, eval_every=args.eval_every, eval_scenes=args.eval_scenes,
                                  seed=args.seed, device=args.device, workers=args.workers)
     train_contrastive(out, options, log)
     return 0

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 
 import paligemma
@@ -61,3 +63,36 @@ def test_shapes_train_starts_stage_1_from_the_contrastive_tower(tmp_path):
     tower = {k: v for k, v in siglip.vision_model.state_dict().items() if not k.startswith("head.")}
     assert set(stage_1) == set(tower)
     assert all(torch.equal(stage_1[k], tower[k]) for k in tower)  # at learning rate 0 stage 1 keeps it as handed over
+
+
+def test_a_locked_tower_from_the_embedded_model_stays_as_loaded_while_the_text_tower_learns(tmp_path):
+    """LiT: --vision-from copies a PaliGemma checkpoint's tower (its pooling head fresh); --lock-vision trains the
+    text tower and the head alone, so the saved tower equals the checkpoint's, resumed runs included."""
+    out = tmp_path / "lit"
+    command = ["--out", str(out), "--batch-size", "4", "--warmup", "1", "--eval-every", "0", "--eval-scenes", "40",
+               "--vision-from", str(paligemma.DEMO_CHECKPOINT), "--lock-vision", "--threads", "1"]
+    C.main(command + ["--steps", "1"])
+    first = paligemma.load_siglip(out / "last")
+    C.main(command + ["--steps", "2"])  # resumes: the lock holds for the resumed step too
+    trained = paligemma.load_siglip(out / "last")
+    checkpoint = paligemma.load_siglip(paligemma.DEMO_CHECKPOINT).vision_model.state_dict()
+    tower = trained.vision_model.state_dict()
+    assert all(torch.equal(tower[k], checkpoint[k]) for k in checkpoint)
+    assert any(not torch.equal(tower[k], first.vision_model.state_dict()[k]) for k in tower if k.startswith("head."))
+    text, text_before = trained.text_model.state_dict(), first.text_model.state_dict()
+    assert any(not torch.equal(text[k], text_before[k]) for k in text)
+
+
+def test_lit_options_that_cannot_work_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        C.main(["--out", str(tmp_path / "x"), "--lock-vision"])
+    assert exit_code.value.code == 2
+    assert "give --vision-from CHECKPOINT too" in capsys.readouterr().err
+    tokenizer = build_shapes_tokenizer()
+    other = SiglipModel(C.contrastive_config(tokenizer, text_layers=1))
+    narrow = SiglipModel(C.SiglipConfig.from_dict(dict(other.config.to_dict(), vision_config=dict(
+        other.config.to_dict()["vision_config"], intermediate_size=64))))
+    C.save_run_checkpoint(narrow, tokenizer, tmp_path / "narrow")
+    model = SiglipModel(C.contrastive_config(tokenizer))
+    with pytest.raises(ValueError, match="its vision tower is not the embedded model's .*mlp"):
+        C.start_vision_from(model, str(tmp_path / "narrow"))

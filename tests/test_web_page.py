@@ -6,6 +6,7 @@ message."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -209,6 +210,57 @@ def test_the_segment_preset_draws_masks_equal_to_the_python_apps(page, torch_pip
         assert inside.sum() > 200 and outside.sum() > 200
         assert np.abs(after[inside] - tinted[inside]).max() <= 2
         np.testing.assert_array_equal(after[outside], before[outside])
+
+
+@pytest.fixture
+def altered_site(site, tmp_path):
+    """Serves a copy of the built page whose model folder `alter(model_folder)` has changed; yields its URL."""
+    servers = []
+
+    def serve(alter):
+        copy = shutil.copytree(site, tmp_path / f"site{len(servers)}")
+        alter(copy / "model")
+        httpd = server(copy)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}/"
+
+    yield serve
+    for httpd in servers:
+        httpd.shutdown()
+
+
+def segment_scene_11(browser, url: str) -> tuple[dict, object]:
+    page = open_page(browser, url)
+    assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
+    page.locator("#example").select_option("scene_11.png")
+    page.wait_for_function("(window.paligemma.imageSource || '').endsWith('scene_11.png') && !window.paligemma.busy")
+    return run_preset(page, SEGMENT), page
+
+
+def test_a_mask_decoder_that_fails_leaves_the_boxes_drawn_and_says_so(browser, altered_site):
+    def truncate(model):
+        graph = model / "onnx" / "mask_decoder.onnx"
+        graph.write_bytes(graph.read_bytes()[:1000])
+
+    run, page = segment_scene_11(browser, altered_site(truncate))
+    assert run["text"].count("<loc") == 8 and run["masks"] == []
+    assert (canvas_pixels(page) == BOX_COLOUR).all(-1).sum() > 100  # the two boxes' outlines, untinted
+    assert "The masks could not be decoded" in page.locator("#error").text_content()
+    page.close()
+
+
+def test_a_model_without_a_mask_decoder_answers_segment_with_boxes_alone(browser, altered_site):
+    def drop_decoder(model):
+        config = json.loads((model / "config.json").read_text())
+        del config["transformers.js_config"]["mask_decoder"]
+        (model / "config.json").write_text(json.dumps(config))
+        (model / "onnx" / "mask_decoder.onnx").unlink()
+
+    run, page = segment_scene_11(browser, altered_site(drop_decoder))
+    assert run["text"].count("<loc") == 8 and run["masks"] == []
+    assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
+    page.close()
 
 
 def test_a_bad_upload_gets_a_message(page, tmp_path):
