@@ -70,12 +70,15 @@ def checked_argument(check):
 
 
 def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
-    from .zero_shot import DEFAULT_TEMPLATE, check_template, parse_labels
+    from .zero_shot import DEFAULT_TEMPLATE, check_template, parse_labels, read_label_file
 
     parser.add_argument("--model", required=True, help="SigLIP checkpoint folder or Hub repo id (with a text tower)")
     parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--labels", required=True, type=checked_argument(parse_labels),
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", type=checked_argument(parse_labels),
                         help='labels separated by commas, e.g. "a red circle,a blue square"')
+    labels.add_argument("--labels-file", dest="labels", type=checked_argument(read_label_file),
+                        help="a text file of labels, one per line (for labels that hold commas)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, type=checked_argument(check_template),
                         help=f"prompt each label is put in, at {{}} (default: {DEFAULT_TEMPLATE!r})")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -5,6 +5,7 @@ not depend on which other labels are asked about."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,20 @@ def parse_labels(text: str) -> list[str]:
         raise InputError(f"the label list is empty; give labels separated by '{LABEL_SEPARATOR}', e.g. "
                          "\"a red circle,a blue square\"")
     return check_labels(text.split(LABEL_SEPARATOR))
+
+
+def read_label_file(path: str) -> list[str]:
+    """One label per line (labels that hold commas, such as captions), blank lines at the end ignored."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the label file {path}: {e}; give a UTF-8 text file, one label per "
+                         "line") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise InputError(f"the label file {path} is empty; write one label per line")
+    return check_labels(lines)
 
 
 def check_labels(labels: list[str]) -> list[str]:

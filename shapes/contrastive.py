@@ -4,6 +4,7 @@ with its caption under the sigmoid loss (paligemma.contrastive), then the tower 
 PaliGemma stages: `python -m shapes.train --vision-init OUT/last` starts stage 1 from it instead of a random tower.
 
     python -m shapes.contrastive --out runs/contrastive [--steps 300 --batch-size 32 --lr 1e-3] [--device cuda]
+    python -m shapes.contrastive --out runs/lit --vision-from paligemma/demo_checkpoint --lock-vision   # LiT
     python -m shapes.contrastive --evaluate runs/contrastive/last          # retrieval top-1 only
 
 Retrieval (the issue's protocol): each of 500 held-out scenes (seed 1) ranks 20 captions, its own and those of 19
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
+from tokenizers.processors import TemplateProcessing
 
 from paligemma import train as T
 from paligemma.contrastive import sigmoid_loss
@@ -175,9 +177,18 @@ def lock_vision_tower(model: SiglipModel) -> None:
         p.requires_grad_(name.startswith("head."))
 
 
+def text_tower_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` with <eos> appended to every text, caption_ids' layout: the checkpoint's tokenizer.json, so that
+    paligemma.SiglipTokenizer (`python -m paligemma classify`) gives the ids the text tower was trained on."""
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    eos = copy.id_to_token(EOS_ID)
+    copy.post_processor = TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, EOS_ID)])
+    return copy
+
+
 def save_run_checkpoint(model: SiglipModel, tokenizer: Tokenizer, directory: Path) -> None:
     save_siglip(model, directory)
-    tokenizer.save(str(Path(directory) / "tokenizer.json"))
+    text_tower_tokenizer(tokenizer).save(str(Path(directory) / "tokenizer.json"))
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,15 @@ def test_lit_options_that_cannot_work_are_refused(tmp_path, capsys):
     model = SiglipModel(C.contrastive_config(tokenizer))
     with pytest.raises(ValueError, match="its vision tower is not the embedded model's .*mlp"):
         C.start_vision_from(model, str(tmp_path / "narrow"))
+
+
+def test_the_checkpoints_tokenizer_gives_the_ids_the_text_tower_was_trained_on(tmp_path):
+    """classify reads texts with the checkpoint's own tokenizer.json (paligemma.SiglipTokenizer): it must lay a
+    caption out as caption_ids does in training, <eos> and padding included."""
+    tokenizer = build_shapes_tokenizer()
+    model = SiglipModel(C.contrastive_config(tokenizer, text_layers=1))
+    C.save_run_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    captions = ["a red circle", "a green triangle, a red triangle and a green square",
+                "a yellow triangle, a yellow triangle and a yellow triangle"]
+    read = paligemma.SiglipTokenizer.from_pretrained(tmp_path / "ckpt", model.config.text)
+    assert torch.equal(read(captions), C.caption_ids(tokenizer, captions))

@@ -76,6 +76,39 @@ def test_bad_label_lists_are_one_line_usage_errors(checkpoint, image, labels, me
     assert message in err and err.strip().count("\n") == 0
 
 
+def test_a_label_file_holds_labels_with_commas(checkpoint, image, tmp_path, capsys):
+    """Captions such as "a red circle, a blue square and a green triangle" hold commas: --labels-file reads one label
+    per line and scores exactly what --labels would score for the same labels."""
+    folder, _ = checkpoint
+    labels = ["a red circle, a blue square and a green triangle", "a blue square"]
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n\n")
+    assert main(["classify", "--model", str(folder), "--image", str(image), "--labels-file",
+                 str(tmp_path / "labels.txt"), "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)["scores"]
+    assert [s["label"] for s in from_file] == labels
+    assert main(["classify", "--model", str(folder), "--image", str(image), "--labels", labels[1], "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)["scores"]
+    assert alone[0]["logit"] == pytest.approx(from_file[1]["logit"], abs=1e-5)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read the label file"),
+    ("\n\n", "is empty; write one label per line"),
+    ("a red circle\n\na blue square\n", "label 2 is empty"),
+    ("a red circle\na red circle\n", "duplicate label(s): 'a red circle'"),
+])
+def test_bad_label_files_are_one_line_usage_errors(checkpoint, image, tmp_path, content, message, capsys):
+    folder, _ = checkpoint
+    path = tmp_path / "labels.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        main(["classify", "--model", str(folder), "--image", str(image), "--labels-file", str(path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
+
+
 def test_a_template_without_its_slot_is_a_usage_error(checkpoint, image, capsys):
     folder, _ = checkpoint
     with pytest.raises(SystemExit) as exit_:
