@@ -157,17 +157,24 @@ def retrieval_top1(model: SiglipModel, tokenizer: Tokenizer, num_scenes: int = 5
             **{f"top1_{n}_shapes": round(sum(h) / max(1, len(h)), 4) for n, h in hits.items()}}
 
 
+def tower_weights(checkpoint) -> dict:
+    """The vision tower of `checkpoint` (a PaliGemma's, or a SigLIP's) without SigLIP's pooling head: what one tower
+    hands another (shapes.train --vision-init, --vision-from)."""
+    return {k: v for k, v in load_siglip(checkpoint, dtype=torch.float32).vision_model.state_dict().items()
+            if not k.startswith("head.")}
+
+
 def start_vision_from(model: SiglipModel, checkpoint: str) -> None:
-    """Copies the vision tower of `checkpoint` (a PaliGemma's, or a SigLIP's) into `model`, its pooling head left as
-    initialized; the towers must have the same shape."""
-    tower = {k: v for k, v in load_siglip(checkpoint, dtype=torch.float32).vision_model.state_dict().items()
-             if not k.startswith("head.")}
-    own = {k: v for k, v in model.vision_model.state_dict().items() if not k.startswith("head.")}
-    if tower.keys() != own.keys() or any(tower[k].shape != own[k].shape for k in own):
-        different = sorted(k for k in own.keys() | tower.keys() if k not in tower or k not in own
+    """Copies the vision tower of `checkpoint` into `model`, its pooling head left as initialized; the towers must
+    have the same shape."""
+    tower = tower_weights(checkpoint)
+    own = model.vision_model.state_dict()
+    body = {k for k in own if not k.startswith("head.")}
+    if tower.keys() != body or any(tower[k].shape != own[k].shape for k in body):
+        different = sorted(k for k in body | tower.keys() if k not in tower or k not in body
                            or tower[k].shape != own[k].shape)
         raise ValueError(f"{checkpoint}: its vision tower is not the embedded model's (differs in {different[:5]})")
-    model.vision_model.load_state_dict(tower, strict=False)
+    model.vision_model.load_state_dict({**own, **tower})  # strict: the head as it is, every other tensor the tower's
 
 
 def lock_vision_tower(model: SiglipModel) -> None:

@@ -67,11 +67,11 @@ from paligemma.generate import Pipeline
 from paligemma.locations import SEG_TOKENS, loc_range_of
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
-from paligemma.siglip_model import load_siglip
 from paligemma.weights import MASK_DECODER_NAME, load_model
 from shapes import evaluate as E
 from shapes import scenes as S
 from shapes.architecture import model_config, sinusoids
+from shapes.contrastive import tower_weights
 from shapes.packing import packed_batch, packed_hidden
 from shapes.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, build_shapes_tokenizer
 
@@ -511,8 +511,7 @@ def train_vision(run: Run):
         initialize(model, run.processor.tokenizer, args.seed)
         if vision_init:  # a tower pre-trained with the sigmoid loss (shapes/contrastive.py), its head dropped
             run.log(f"stage 1 starts from the vision tower of {vision_init}")
-            tower = load_siglip(vision_init).vision_model.state_dict()
-            model.vision_tower.vision_model.load_state_dict({k: v for k, v in tower.items() if not k.startswith("head.")})
+            model.vision_tower.vision_model.load_state_dict(tower_weights(vision_init))
         model.to(args.device)
     else:
         model = load_model(resume, device=args.device, dtype=torch.float32)

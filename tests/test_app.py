@@ -116,10 +116,10 @@ def test_segment_returns_masks_that_match_the_drawn_shapes(client):
     assert Image.open(annotated).size[0] >= 320
 
 
-def test_the_default_answer_length_holds_a_segmentation_of_three_shapes():
+def test_the_default_answer_length_holds_a_segmentation_of_three_shapes(backend):
     """The embedded model's scenes hold up to three shapes: segmenting all of them must fit the app's and the page's
     default max_new_tokens with its <eos>, or the last mask is cut off."""
-    tokenizer = paligemma.load(paligemma.DEMO_CHECKPOINT).processor.tokenizer
+    tokenizer = backend.pipeline.processor.tokenizer  # the app's own
     scene = next(s for s in (S.render_scene(1, i) for i in range(100)) if len(s.shapes) == 3)
     answer = S.segment_answer(scene, S.SHAPES, [[0] * 16] * 3)
     needed = len(tokenizer.encode(answer, add_special_tokens=False).ids) + 1

@@ -200,49 +200,57 @@ def test_recipe_command_trains_resumes_and_exports(tmp_path):
     assert any(not torch.equal(exported[k], first[k]) for k in first)  # the third step changed the weights
 
 
+def tiny_run(run, *stages) -> list[str]:
+    """The recipe command on a tiny budget, every step saved; `stages` add each stage's step counts."""
+    return ["--out", str(run), "--vision-images", "2", "--images-per-step", "2", "--unpacked-images-per-step", "1",
+            "--packed-steps", "1", "--eval-every", "0", "--save-every", "1", "--no-progress", "--threads", "1",
+            "--vision-steps", "1", "--vqvae-steps", "2", *stages]
+
+
+def weights(folder) -> dict:
+    return paligemma.load(str(folder)).model.state_dict()
+
+
+def assert_one_small_step_from(after: dict, before: dict):
+    assert any(not torch.equal(after[k], before[k]) for k in before)  # it trained from these weights
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-3  # one small warm-up step
+
+
+def assert_exported_model_is(run, tmp_path, final_dir, earlier: dict):
+    """--export copies `final_dir`'s model, which the resumed step moved away from `earlier`."""
+    R.main(["--out", str(run), "--export", str(tmp_path / "exported")])
+    exported, final = weights(tmp_path / "exported"), weights(final_dir)
+    assert all(torch.equal(exported[k], final[k]) for k in final)  # the export is the last stage's model
+    assert any(not torch.equal(final[k], earlier[k]) for k in final)  # the resumed step trained
+
+
 def test_recipe_command_polishes_in_a_third_stage_that_resumes(tmp_path):
     run = tmp_path / "run"
-    small = ["--out", str(run), "--vision-images", "2", "--images-per-step", "2", "--unpacked-images-per-step", "1",
-             "--packed-steps", "1", "--eval-every", "0", "--save-every", "1", "--no-progress", "--threads", "1",
-             "--vision-steps", "1", "--steps", "2", "--vqvae-steps", "2"]
+    small = tiny_run(run, "--steps", "2")
     R.main(small + ["--polish-steps", "1"])
-    stage_2 = paligemma.load(str(run / "last")).model.state_dict()
-    polished = paligemma.load(str(run / "polish" / "last")).model.state_dict()
-    assert any(not torch.equal(polished[k], stage_2[k]) for k in stage_2)  # stage 3 trained from stage 2's weights
-    assert max((polished[k] - stage_2[k]).abs().max().item() for k in stage_2) < 1e-3  # one small warm-up step
+    stage_2, polished = weights(run / "last"), weights(run / "polish" / "last")
+    assert_one_small_step_from(polished, stage_2)  # stage 3 trained from stage 2's weights
     R.main(small + ["--polish-steps", "2"])  # resumes stage 3 alone
     log = (run / "log.txt").read_text()
     assert log.count("stage 2 (whole model") == 1 and log.count("stage 3 (polish") == 2
     assert f"resumed from {run / 'polish' / 'last'} at step 1" in log
-    assert torch.equal(paligemma.load(str(run / "last")).model.state_dict()[next(iter(stage_2))],
+    assert torch.equal(weights(run / "last")[next(iter(stage_2))],
                        stage_2[next(iter(stage_2))])  # stage 2's checkpoint is left as it was
-    R.main(["--out", str(run), "--export", str(tmp_path / "exported")])
-    exported = paligemma.load(str(tmp_path / "exported")).model.state_dict()
-    final = paligemma.load(str(run / "polish" / "last")).model.state_dict()
-    assert all(torch.equal(exported[k], final[k]) for k in final)  # the export is the polished model
-    assert any(not torch.equal(final[k], polished[k]) for k in final)  # the resumed step trained
+    assert_exported_model_is(run, tmp_path, run / "polish" / "last", polished)
 
 
 def test_recipe_command_settles_in_a_fourth_stage_that_resumes(tmp_path):
     run = tmp_path / "run"
-    small = ["--out", str(run), "--vision-images", "2", "--images-per-step", "2", "--unpacked-images-per-step", "1",
-             "--packed-steps", "1", "--eval-every", "0", "--save-every", "1", "--no-progress", "--threads", "1",
-             "--vision-steps", "1", "--steps", "1", "--polish-steps", "1", "--vqvae-steps", "2"]
+    small = tiny_run(run, "--steps", "1", "--polish-steps", "1")
     R.main(small + ["--settle-steps", "1"])
-    polished = paligemma.load(str(run / "polish" / "last")).model.state_dict()
-    settled = paligemma.load(str(run / "settle" / "last")).model.state_dict()
-    assert any(not torch.equal(settled[k], polished[k]) for k in polished)  # stage 4 trained from stage 3's weights
-    assert max((settled[k] - polished[k]).abs().max().item() for k in polished) < 1e-3  # one small warm-up step
+    polished, settled = weights(run / "polish" / "last"), weights(run / "settle" / "last")
+    assert_one_small_step_from(settled, polished)  # stage 4 trained from stage 3's weights
     R.main(small + ["--settle-steps", "2"])  # resumes stage 4 alone
     log = (run / "log.txt").read_text()
     assert log.count("stage 2 (whole model") == 1 and log.count("stage 3 (polish") == 1
     assert log.count("stage 4 (settle") == 2
     assert f"resumed from {run / 'settle' / 'last'} at step 1" in log
-    R.main(["--out", str(run), "--export", str(tmp_path / "exported")])
-    exported = paligemma.load(str(tmp_path / "exported")).model.state_dict()
-    final = paligemma.load(str(run / "settle" / "last")).model.state_dict()
-    assert all(torch.equal(exported[k], final[k]) for k in final)  # the export is the settled model
-    assert any(not torch.equal(final[k], settled[k]) for k in final)  # the resumed step trained
+    assert_exported_model_is(run, tmp_path, run / "settle" / "last", settled)
 
 
 def test_recipe_fine_tunes_a_checkpoint_without_stage_1(tmp_path):
