@@ -694,8 +694,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="of images whose last detection (and segmentation) names a kind the scene lacks")
     parser.add_argument("--contrastive-steps", type=int, default=0,
                         help="stage 0 (from scratch only): the vision tower and a text tower on scene / caption pairs "
-                        "with the sigmoid loss (shapes/contrastive.py, OUT/contrastive) before stage 1 (0: none, the default: "
-                        "measured worse for the later stages than stage 1 alone, shapes/README.md)")
+                        "with the sigmoid loss (shapes/contrastive.py, OUT/contrastive) before stage 1 (0: none, "
+                        "the default: measured worse for the later stages than stage 1 alone, shapes/README.md)")
     parser.add_argument("--contrastive-batch", type=int, default=32)
     parser.add_argument("--contrastive-lr", type=float, default=2e-3)
     parser.add_argument("--contrastive-same-count", action=argparse.BooleanOptionalAction, default=False,
