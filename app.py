@@ -24,7 +24,8 @@ parser.add_argument("--threads", type=int, default=None,
                     help="ONNX Runtime intra-op threads per request (default: chosen for the machine and the model)")
 parser.add_argument("--concurrency", type=int, default=None,
                     help="requests generating at once (default: chosen with the threads; the rest wait in the queue)")
-parser.add_argument("--torch-check", choices=["auto", "on", "off"], default=os.environ.get("PALIGEMMA_TORCH_CHECK", "auto"),
+parser.add_argument("--torch-check", choices=["auto", "on", "off"],
+                    default=os.environ.get("PALIGEMMA_TORCH_CHECK", "auto"),
                     help="let visitors check answers against eager torch, which loads a float32 copy of the model "
                          "(env PALIGEMMA_TORCH_CHECK; auto: only when that copy is under 1 GiB)")
 

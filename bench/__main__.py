@@ -70,13 +70,15 @@ def parse_args(argv):
                              "requests: whole generate calls as the app makes them")
     parser.add_argument("--scenes", type=int, default=8, help="drawn scenes per run in --mode requests")
     parser.add_argument("--runs", type=int, default=5,
-                        help="timed runs per runtime (in --mode requests: passes over the scenes); the median is reported")
+                        help="timed runs per runtime (in --mode requests: passes over the scenes); "
+                             "the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first, in each process")
     parser.add_argument("--rounds", type=int, default=1,
                         help="start every runtime's process this many times, taking turns (evens out a shared machine)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: all cores)")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, one run, few tokens: checks that it all works")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model, one run, few tokens: checks that it all works")
     parser.add_argument("--cuda", action="store_true", help="GPU mode: bfloat16, static cache and compiled paths")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where results go (default {DEFAULT_OUT})")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
@@ -97,7 +99,8 @@ def parse_args(argv):
             parser.error(f"unknown workload '{name}'; choose from {', '.join(WORKLOADS)}")
     for name in args.runtimes:
         if name not in allowed:
-            parser.error(f"unknown runtime '{name}' for {'--cuda' if args.cuda else 'CPU'}; choose from {', '.join(allowed)}")
+            parser.error(f"unknown runtime '{name}' for {'--cuda' if args.cuda else 'CPU'}; "
+                         f"choose from {', '.join(allowed)}")
     if args.runs < 1 or args.rounds < 1 or args.scenes < 1 or args.warmup < 0 or args.new_tokens < 2:
         parser.error("--runs, --rounds and --scenes must be >= 1, --warmup >= 0 and --new-tokens >= 2")
     return args

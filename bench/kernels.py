@@ -31,7 +31,8 @@ from .workloads import request_image
 def kernels_per_run(profile: Path) -> list[Counter]:
     """For each run recorded in an ONNX Runtime profile file, the kernels it ran, counted by operator type."""
     events = json.loads(Path(profile).read_text())
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "Session" and e["name"] == "model_run")
     counts = [Counter() for _ in runs]
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
@@ -77,7 +78,8 @@ def kernel_summary(runs: dict[str, list[Counter]]) -> dict:
     in the last prefill, and the last step's by operator type."""
     per_token = Spread.of(sum(c.values()) for c in runs["decode"])
     return dict(decode_per_token=per_token.median, decode_range=[per_token.low, per_token.high],
-                decode_steps=per_token.count, prefill=sum(runs["prefill"][-1].values()), decode_ops=dict(runs["decode"][-1].most_common()))
+                decode_steps=per_token.count, prefill=sum(runs["prefill"][-1].values()),
+                decode_ops=dict(runs["decode"][-1].most_common()))
 
 
 def main(argv=None) -> int:

@@ -37,8 +37,10 @@ def summarize(results: list[dict], targets: dict) -> list[dict]:
         if reference is not None and "check" in reference and "check" in r:
             # CUDA mode: the tokens that must agree are the float32 check's (see bench.__main__.float32_check).
             check, ref_check = r["check"], reference["check"]
-            row.update(check_dtype=check["dtype"], check_agreeing_tokens=agreeing_prefix(check["tokens"], ref_check["tokens"]),
-                       check_agree=check["prompt_ids"] == ref_check["prompt_ids"] and check["tokens"] == ref_check["tokens"])
+            row.update(check_dtype=check["dtype"],
+                       check_agreeing_tokens=agreeing_prefix(check["tokens"], ref_check["tokens"]),
+                       check_agree=(check["prompt_ids"] == ref_check["prompt_ids"]
+                                    and check["tokens"] == ref_check["tokens"]))
         if reference is not None:
             ref_ttft = Spread.of(reference["ttft_s"]).median
             ref_decode = Spread.of(reference["decode_tokens_per_s"]).median
@@ -90,9 +92,10 @@ def target_text(target: dict) -> str:
 def markdown_table(workload: dict) -> str:
     """The table for one workload; a speed figure whose tokens disagree with transformers is struck through."""
     rows = workload["rows"]
-    lines = [f"**{workload['description']}** ({workload['new_tokens']} new tokens, {threads_text(workload)}, median of {workload['runs']} "
-             f"run(s) after {workload['warmup']} warm-up"
-             + (f", runtimes taking turns over {workload['rounds']} rounds)" if workload.get("rounds", 1) > 1 else ")"), "",
+    lines = [f"**{workload['description']}** ({workload['new_tokens']} new tokens, {threads_text(workload)}, "
+             f"median of {workload['runs']} run(s) after {workload['warmup']} warm-up"
+             + (f", runtimes taking turns over {workload['rounds']} rounds)" if workload.get("rounds", 1) > 1 else ")"),
+             "",
              "| runtime | time to first token | decode | peak memory | greedy tokens vs transformers | target "
              "| kernels per decoded token (in prefill) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -114,7 +117,8 @@ def markdown_table(workload: dict) -> str:
         if "check_agree" in row:
             check = f"{row['check_dtype']}: " + (f"identical ({row['check_agreeing_tokens']}/{len(row['tokens'])})"
                                                  if row["check_agree"] else
-                                                 f"**DIFFER** after {row['check_agreeing_tokens']}/{len(row['tokens'])}")
+                                                 f"**DIFFER** after {row['check_agreeing_tokens']}/"
+                                                 f"{len(row['tokens'])}")
             if reference:
                 agree = f"reference ({row['check_dtype']} check run)"
             else:
@@ -141,8 +145,8 @@ def markdown_table(workload: dict) -> str:
         target = row.get("target")
         kernels = row.get("kernels")
         kernels = f"{kernels['decode_per_token']:.0f} ({kernels['prefill']})" if kernels else ""
-        lines.append(f"| {name} | {ttft} | {decode} | {memory} | {agree} | {target_verdict(row, target) if target else ''} "
-                     f"| {kernels} |")
+        lines.append(f"| {name} | {ttft} | {decode} | {memory} | {agree} | "
+                     f"{target_verdict(row, target) if target else ''} | {kernels} |")
     return "\n".join(lines)
 
 
@@ -176,7 +180,8 @@ def summarize_requests(results: list[dict], targets: dict) -> list[dict]:
 def requests_table(workload: dict) -> str:
     """Request mode's table for one workload."""
     lines = [f"**{workload['description']}**, whole requests (\"{workload['prompt']}\" on {workload['scenes']} drawn "
-             f"scenes, up to {workload['new_tokens']} new tokens, stopping at end-of-sequence; {threads_text(workload)}, "
+             f"scenes, up to {workload['new_tokens']} new tokens, stopping at end-of-sequence; "
+             f"{threads_text(workload)}, "
              f"median of {workload['runs']} request(s) after {workload['warmup']} warm-up"
              + (f", runtimes taking turns over {workload['rounds']} rounds)" if workload.get("rounds", 1) > 1 else ")"),
              "", "| runtime | per request | x faster than transformers | x faster than eager torch | peak memory "

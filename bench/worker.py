@@ -87,7 +87,8 @@ def transformers_runner(spec: dict):
     if spec["runtime"] == "transformers-static":
         options["cache_implementation"] = "static"  # transformers compiles the decode step for a static cache
     image, prompt = request_image(), spec["prompt"]
-    info = f"transformers {transformers.__version__} ({'static cache, compiled' if 'static' in spec['runtime'] else 'eager'})"
+    info = (f"transformers {transformers.__version__} "
+            f"({'static cache, compiled' if 'static' in spec['runtime'] else 'eager'})")
     stop_ids = eos_token_ids(folder)
 
     def run():

@@ -28,8 +28,8 @@ from gradio.utils import get_upload_folder as gradio_upload_folder
 from PIL import Image
 
 import paligemma
-from paligemma.processor import load_image
 from paligemma.errors import shown
+from paligemma.processor import load_image
 from paligemma.sampling import MAX_NEW_TOKENS_LIMIT, real_number, whole_number
 
 from .backends import Backend, TorchCheck, check_against_torch, load_backend
@@ -135,7 +135,8 @@ def data_url_bytes(url: str) -> bytes:
     if len(payload) > 4 * (MAX_UPLOAD_BYTES // 3 + 1):
         raise paligemma.InputError(too_large(len(payload) * 3 // 4))
     if not header.endswith(";base64"):
-        raise paligemma.InputError("the image data URL is not base64 (data:image/png;base64,...); upload the file instead")
+        raise paligemma.InputError("the image data URL is not base64 (data:image/png;base64,...); "
+                                   "upload the file instead")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -143,7 +144,8 @@ def data_url_bytes(url: str) -> bytes:
 
 
 def too_large(size: int) -> str:
-    return f"the image is {size / 2**20:.1f} MB, over this server's {MAX_UPLOAD_BYTES / 2**20:.0f} MB limit; send a smaller file"
+    return (f"the image is {size / 2**20:.1f} MB, over this server's {MAX_UPLOAD_BYTES / 2**20:.0f} MB limit; "
+            "send a smaller file")
 
 
 def read_image(data) -> Image.Image:
@@ -205,7 +207,8 @@ def read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed, lim
     """The keyword arguments of Pipeline.stream, each value checked; a sampled run without a seed gets a random one
     so that it can be repeated (and checked against torch)."""
     if not isinstance(decoding, str) or decoding not in dict(DECODING).values():
-        raise paligemma.InputError(f"decoding must be one of {', '.join(dict(DECODING).values())}, got {shown(decoding)}")
+        raise paligemma.InputError(f"decoding must be one of {', '.join(dict(DECODING).values())}, "
+                                   f"got {shown(decoding)}")
     params = dict(
         do_sample=decoding == "sample",
         temperature=read_number("temperature", temperature, limits),
@@ -308,9 +311,10 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
     """The demo page around `backend` (by default the embedded model on ONNX Runtime, falling back to torch).
 
     `concurrency_limit` requests generate at once (default: as many as the backend's thread plan runs well, e.g.
-    one per core for the embedded model on ONNX Runtime); the rest wait in the queue. `torch_check` lets requests ask for the check against eager torch, which loads a float32 copy of the model
-    beside the served one: None allows it only where that copy is small (Backend.torch_check_fits). Uploads and
-    answers' images are deleted `delete_cache` = (every, older than) seconds."""
+    one per core for the embedded model on ONNX Runtime); the rest wait in the queue. `torch_check` lets requests ask
+    for the check against eager torch, which loads a float32 copy of the model beside the served one: None allows it
+    only where that copy is small (Backend.torch_check_fits). Uploads and answers' images are deleted
+    `delete_cache` = (every, older than) seconds."""
     backend = backend or load_backend()
     presets = task_presets(backend)
     limits = decoding_limits(backend.pipeline.processor, presets.values())

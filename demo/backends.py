@@ -80,7 +80,8 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", *, onnx_dir: str | os.PathLike | None = None,
+def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", *,
+                 onnx_dir: str | os.PathLike | None = None,
                  device: str | None = None, warm_up: bool = True, threads: int | None = None,
                  requests: int | None = None, quantize: str | None = None) -> Backend:
     """Load `model` (a folder or Hub repo id; None is the embedded demo model) for `backend`.
@@ -175,7 +176,8 @@ class TorchCheck:
         return None if self.tokens_agree else min(len(self.served_ids), len(self.torch_ids))
 
 
-def check_against_torch(backend: Backend, image: Image.Image, prompt: str, served_ids: list[int], **decoding) -> TorchCheck:
+def check_against_torch(backend: Backend, image: Image.Image, prompt: str, served_ids: list[int],
+                        **decoding) -> TorchCheck:
     """Generate again with eager torch (same decoding values and seed) and compare tokens; and compare the served
     engine's logits, fed the served tokens one step at a time, with one full eager forward pass (no cache) over the
     prompt and those tokens."""
@@ -188,7 +190,8 @@ def check_against_torch(backend: Backend, image: Image.Image, prompt: str, serve
 
 
 def stepwise_logits(pipeline: paligemma.Pipeline, inputs: dict, ids: list[int]) -> torch.Tensor:
-    """Logits [max(len(ids), 1), V] the pipeline's engine gives before each token of `ids`: prefill, then decode steps."""
+    """Logits [max(len(ids), 1), V] the pipeline's engine gives before each token of `ids`: prefill, then decode
+    steps."""
     engine = pipeline.engine_factory()
     logits = [engine.prefill(inputs, max(len(ids), 1))]
     for token in ids[:-1]:

@@ -51,7 +51,8 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
                 raise ValueError(f"a header of {length} bytes in a {size}-byte file")
             header = json.loads(f.read(length))
     except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it may be truncated: {REDOWNLOAD}") from None
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it may be truncated: "
+                              f"{REDOWNLOAD}") from None
     base = 8 + length
     tensors = {}
     for key, entry in header.items():
@@ -60,7 +61,8 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
         if entry.get("dtype") not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {key} has the unsupported dtype {entry.get('dtype')}")
         begin, end = entry["data_offsets"]
-        tensors[key] = StoredTensor(file, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), base + begin, base + end)
+        tensors[key] = StoredTensor(file, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                                    base + begin, base + end)
     end = max((t.end for t in tensors.values()), default=base)
     if end > size:
         raise CheckpointError(f"{file} is truncated: {size} bytes where its header needs {end}; {REDOWNLOAD}")
@@ -83,7 +85,8 @@ class CheckpointStream:
                     continue
                 name = canonical_key(key)
                 if name in self.tensors:
-                    raise CheckpointError(f"{file}: tensor {key} appears twice (also in {self.tensors[name].file.name})")
+                    raise CheckpointError(f"{file}: tensor {key} appears twice "
+                                          f"(also in {self.tensors[name].file.name})")
                 self.tensors[name] = tensor
 
     def check_against(self, model: torch.nn.Module) -> None:
@@ -105,7 +108,8 @@ class CheckpointStream:
         itemsize = dtype.itemsize if tensor.dtype.is_floating_point else tensor.dtype.itemsize
         return math.prod(tensor.shape) * itemsize
 
-    def blocks(self, name: str, dtype: torch.dtype | None, tensor: StoredTensor | None = None) -> Iterator[torch.Tensor]:
+    def blocks(self, name: str, dtype: torch.dtype | None,
+               tensor: StoredTensor | None = None) -> Iterator[torch.Tensor]:
         """The tensor as consecutive blocks of rows, each converted to `dtype` (floating-point tensors only; None
         keeps the stored type). The blocks share one buffer: each is valid until the next is read."""
         tensor = tensor or self.tensors[name]

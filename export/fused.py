@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx.external_data_helper import load_external_data_for_tensor
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError
@@ -224,7 +224,8 @@ class _Gemma:
     def text_embedding(self, input_ids: str) -> str:
         gathered = self.token_lookup(input_ids)
         # Gemma scales text embeddings by sqrt(width), rounded to float32 as the model does.
-        return self.op("Mul", [gathered, self.constant("embedding_scale", np.float32(math.sqrt(self.text.hidden_size)))],
+        return self.op("Mul", [gathered,
+                               self.constant("embedding_scale", np.float32(math.sqrt(self.text.hidden_size)))],
                        "embed_scale")[0]
 
     def last_token(self, x: str, axis: int = 1) -> str:
@@ -385,8 +386,8 @@ def fused_prefill_model(prefill: onnx.ModelProto, config: PaliGemmaConfig) -> on
 
     pending, x = g.layers(x, attention, last_token_only=True)  # [B, 1, C]
     last = g.constant("last", np.int64(-1))
-    hidden, _ = g.skip_rms(g.op("Gather", [pending, last], "last", axis=1)[0], g.op("Gather", [x, last], "last", axis=1)[0],
-                           "norm")
+    hidden, _ = g.skip_rms(g.op("Gather", [pending, last], "last", axis=1)[0],
+                           g.op("Gather", [x, last], "last", axis=1)[0], "norm")
     g.logits(hidden)
     square = ["batch", 1, 1, "sequence", "sequence"]
     windows = sorted({t.layer_window(i) for i in range(L)}, key=lambda w: -1 if w is None else w)

@@ -3,11 +3,14 @@
 Axes: B batch, T prompt tokens, P past (cached) tokens, N image tokens, C decoder width, K key/value heads,
 D head dim, V vocabulary, L decoder layers.
 
-    vision_encoder  pixel_values [B, 3, S, S]                               -> image_embeddings [B, N, C]
+    vision_encoder  pixel_values [B, 3, S, S]
+                    -> image_embeddings [B, N, C]
     prefill         input_ids, attention_mask, token_type_ids [B, T],
-                    image_embeddings [B, N, C]                              -> logits [B, V], present.{i}.{key,value} [B, K, T, D]
+                    image_embeddings [B, N, C]
+                    -> logits [B, V], present.{i}.{key,value} [B, K, T, D]
     decode          input_ids [B, 1], attention_mask [B, P + 1], position_ids [B, 1],
-                    past_key_values.{i}.{key,value} [B, K, P, D]           -> logits [B, V], present.{i}.{key,value} [B, K, P + 1, D]
+                    past_key_values.{i}.{key,value} [B, K, P, D]
+                    -> logits [B, V], present.{i}.{key,value} [B, K, P + 1, D]
 
 Every layer keeps every key (sliding-window layers too): the window is applied by the mask, by index, exactly as
 the torch KV cache does, so that padded batches give the same numbers.

@@ -12,9 +12,9 @@ import onnx
 
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError, shown
+from paligemma.weights import MASK_DECODER_NAME, weight_files
 
 from .integrity import sha256_of
-from paligemma.weights import MASK_DECODER_NAME, weight_files
 
 EXPORTER_VERSION = "3"  # bump when the graphs' contract or layout changes
 MANIFEST_NAME = "manifest.json"
@@ -93,12 +93,14 @@ def manifest_problem(manifest) -> str | None:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(entry["data_type"]).itemsize
         except (KeyError, ValueError, TypeError):
             return f"the shared tensor {shown(name)} has the unknown data type {entry['data_type']}"
-        if not isinstance(shape, list) or not all(whole(d) for d in shape) or math.prod(shape) * itemsize != entry["length"]:
+        if (not isinstance(shape, list) or not all(whole(d) for d in shape)
+                or math.prod(shape) * itemsize != entry["length"]):
             return f"the shared tensor {shown(name)} has a shape that does not fill its {entry['length']} bytes"
     return None
 
 
-def check_export(onnx_dir: Path, config: PaliGemmaConfig, fingerprint: str | None = None, progress: bool = True) -> dict:
+def check_export(onnx_dir: Path, config: PaliGemmaConfig, fingerprint: str | None = None,
+                 progress: bool = True) -> dict:
     """The manifest of an export made from this config (and these weights, when a fingerprint is given), after
     checking that every file it lists is there with its recorded size and sha256 (hashed once per file identity:
     export/integrity.py). Raises OnnxExportError naming the first problem."""
@@ -107,7 +109,8 @@ def check_export(onnx_dir: Path, config: PaliGemmaConfig, fingerprint: str | Non
     redo = REDO
     if manifest.get("exporter_version") != EXPORTER_VERSION:
         raise OnnxExportError(f"{onnx_dir / MANIFEST_NAME} was written by exporter version "
-                              f"{manifest.get('exporter_version')}, this runtime reads version {EXPORTER_VERSION}{redo}")
+                              f"{manifest.get('exporter_version')}, this runtime reads version "
+                              f"{EXPORTER_VERSION}{redo}")
     expected = config_hash(config)
     if manifest.get("config_hash") != expected:
         raise OnnxExportError(f"{onnx_dir} is stale: its config hash {str(manifest.get('config_hash'))[:12]} (in "

@@ -188,7 +188,8 @@ def main(argv=None) -> int:
             results[mode] = r = json.loads(out.strip().splitlines()[-1])
             print(f"{mode:>16}: weights {r['weight_bytes'] / 1e9:.2f} GB, RSS added by loading "
                   f"{(r['rss_loaded'] - r['rss_before']) / 1e9:.2f} GB ({r['load_ratio']:.2f}x), after a run "
-                  f"{(r['rss_after_run'] - r['rss_before']) / 1e9:.2f} GB ({r['run_ratio']:.2f}x); load {r['load_s']:.1f}s, "
+                  f"{(r['rss_after_run'] - r['rss_before']) / 1e9:.2f} GB ({r['run_ratio']:.2f}x); "
+                  f"load {r['load_s']:.1f}s, "
                   f"prefill {r['prefill_s']:.2f}s, decode {r['decode_tokens_per_s']:.2f} tokens/s "
                   f"({r['decode_batch2_tokens_per_s']:.2f} with a batch of two)")
         ok = results["shared"]["load_ratio"] <= BOUND

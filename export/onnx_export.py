@@ -27,16 +27,21 @@ import torch
 from tqdm.auto import tqdm
 
 from paligemma.config import PaliGemmaConfig
-from paligemma.errors import OnnxExportError
-from paligemma.errors import CheckpointError, ConfigError
+from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
 from paligemma.weights import resolve_checkpoint
 
 from .checkpoint_stream import CheckpointStream
 from .external_data import ExternalData
 from .graphs import GRAPH_ORDER, graph_modules, graph_specs
 from .integrity import sha256_of
-from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, SHARED_DATA_NAME,
-                       config_hash, weights_fingerprint)
+from .manifest import (
+    EXPORTER_VERSION,
+    MANIFEST_NAME,
+    METADATA_PREFIX,
+    SHARED_DATA_NAME,
+    config_hash,
+    weights_fingerprint,
+)
 from .mask_decoder import add_mask_decoder
 from .quantize import QUANTIZATIONS, SCHEMES, stored_nbytes
 from .streaming import WeightsAsInputs, WeightWriter, hollow_model
@@ -64,7 +69,8 @@ def example_inputs(config: PaliGemmaConfig, dtype: torch.dtype) -> dict[str, tup
     input_ids[0, N : N + 2] = 5
     token_type_ids = torch.zeros(B, T, dtype=torch.long)
     size = config.image_size
-    pixel_values = torch.rand(B, config.vision.num_channels, size, size, generator=generator, dtype=torch.float32) * 2 - 1
+    pixel_values = torch.rand(B, config.vision.num_channels, size, size, generator=generator,
+                              dtype=torch.float32) * 2 - 1
     image_embeddings = torch.randn(B, N, t.hidden_size, generator=generator).to(dtype)
     P = T
     past = [torch.randn(B, t.num_key_value_heads, P, t.head_dim, generator=generator).to(dtype)
@@ -106,7 +112,8 @@ def tie_lm_head(model: onnx.ModelProto, embed_name: str) -> None:
             node.input[1] = embed_name
             node.attribute.append(onnx.helper.make_attribute("transB", 1))
             return
-    raise OnnxExportError("the exported graph has no output projection on the embedding matrix; the graph layout changed")
+    raise OnnxExportError("the exported graph has no output projection on the embedding matrix; "
+                          "the graph layout changed")
 
 
 def set_metadata(model: onnx.ModelProto, graph: str, meta: dict[str, str]) -> None:
@@ -216,8 +223,8 @@ def export_nbytes(model, source: CheckpointStream, dtype: torch.dtype, quantize:
     linear = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     embedding = next(name for name in source.tensors if name.endswith("embed_tokens.weight"))
     return stored_nbytes(quantize, {n: t.shape for n, t in source.tensors.items()},
-                         {n: source.nbytes(n, dtype) for n in source.tensors}, (linear | {embedding}) & set(source.tensors),
-                         embedding)
+                         {n: source.nbytes(n, dtype) for n in source.tensors},
+                         (linear | {embedding}) & set(source.tensors), embedding)
 
 
 def check_free_space(output: Path, needed: int) -> None:
@@ -227,8 +234,8 @@ def check_free_space(output: Path, needed: int) -> None:
                    if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".data")))
     free = shutil.disk_usage(output).free + replaced
     if free < needed:
-        raise OnnxExportError(f"{output} has {free / 1e9:.2f} GB free, and the export needs about {needed / 1e9:.2f} GB "
-                              "for its weights: free some space or choose another --output")
+        raise OnnxExportError(f"{output} has {free / 1e9:.2f} GB free, and the export needs about "
+                              f"{needed / 1e9:.2f} GB for its weights: free some space or choose another --output")
 
 
 def write_graphs(model, source: CheckpointStream, folder: Path, output: Path, dtype: str, quantize: str | None,
@@ -285,11 +292,13 @@ def write_graphs(model, source: CheckpointStream, folder: Path, output: Path, dt
     (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     files = [f"{n}.onnx" for n in GRAPH_ORDER] + [SHARED_DATA_NAME] + ([vision_data] if vision_data else [])
     manifest = dict(
-        meta, source=str(folder), ir_version=IR_VERSION, weight_bytes=vision_bytes + sum(e["length"] for e in shared.table.values()),
+        meta, source=str(folder), ir_version=IR_VERSION,
+        weight_bytes=vision_bytes + sum(e["length"] for e in shared.table.values()),
         graphs={name: spec.describe() for name, spec in specs.items()},
         shared_data=dict(file=SHARED_DATA_NAME, tensors=shared.table),
         files={f: dict(size=(output / f).stat().st_size, sha256=sha256_of(output / f)) for f in files},
     )
     (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-    log(f"exported {folder} to {output} ({dtype}{f', {quantize}' if quantize else ''}) in {time.perf_counter() - start:.1f}s")
+    log(f"exported {folder} to {output} ({dtype}{f', {quantize}' if quantize else ''}) "
+        f"in {time.perf_counter() - start:.1f}s")
     return manifest

@@ -127,7 +127,8 @@ def channel_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.uint8), scale.astype(np.float32)
 
 
-def block_rows(rows: np.ndarray, bits: int, block_size: int, scale_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+def block_rows(rows: np.ndarray, bits: int, block_size: int,
+               scale_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """rows [n, K] float -> uint8 [n, blocks, block_size * bits / 8] (4 bits: packed two a byte), scales
     `scale_dtype` [n, blocks]."""
     rows = rows.astype(np.float32, copy=False)
@@ -213,7 +214,8 @@ def quantize_lookup(g: onnx.GraphProto, embedding: str, target: QuantizedMatMul)
         y, at = node.output[0], list(g.node).index(node)
         g.node.remove(node)
         new = [
-            helper.make_node("GatherBlockQuantized", [target.weight, node.input[1], target.lookup_scale], [f"{y}_blocks"],
+            helper.make_node("GatherBlockQuantized", [target.weight, node.input[1], target.lookup_scale],
+                             [f"{y}_blocks"],
                              name=f"{node.name}_{target.scheme}", domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
                              block_size=scheme.block_size, bits=scheme.bits),
             helper.make_node("Reshape", [f"{y}_blocks", f"{y}_shape"], [f"{y}_padded" if padded else y],

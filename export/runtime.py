@@ -30,14 +30,13 @@ from paligemma.weights import resolve_checkpoint
 from .fused import bias_name, fused_session, left_padded, rotary_positions, unsupported
 from .graphs import GRAPH_ORDER, cache_names
 from .integrity import cache_root
-from .manifest import (EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash,
-                       weights_fingerprint)
+from .manifest import EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash, weights_fingerprint
 from .mask_decoder import load_onnx_mask_decoder
 from .quantize import PREPACKED
 from .threads import SMALL_MODEL_BYTES, ThreadPlan, plan_threads
-from .variants import exported_variant, variant_name
 from .torch_reference import torch_reference
 from .validate import validate_export
+from .variants import exported_variant, variant_name
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +279,8 @@ class OnnxEngine:
     position_ids come from the torch engines' own rule (paligemma.masks).
 
     With the fused decode graph (export/fused.py), the cache lives in buffers of a fixed capacity (prompt +
-    max_new_tokens slots) allocated at the first decode step, each row's real keys moved to its front; the graph writes each
-    new key and value in place. Every input and output is bound once, to arrays updated in place: a step writes
+    max_new_tokens slots) allocated at the first decode step, each row's real keys moved to its front; the graph writes
+    each new key and value in place. Every input and output is bound once, to arrays updated in place: a step writes
     the tokens, advances positions and lengths by one and runs. The logits are written into one bound buffer and
     returned as a copy of it (callers may keep them). Each engine owns its buffers, so
     concurrent requests on one model share none. Without it (or for a batch whose padding is not on the left),
@@ -493,7 +492,8 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
     model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, requests=requests,
                       prepack=prepack, spinning=spinning)
     if quantize is not None and exported_variant(model.manifest) != quantize:
-        raise OnnxExportError(f"{onnx_dir} is a {exported_variant(model.manifest)} export, not the {quantize} one asked "
+        raise OnnxExportError(f"{onnx_dir} is a {exported_variant(model.manifest)} export, "
+                              f"not the {quantize} one asked "
                               f"for; export it with `python -m export --quantize {quantize}`, or load the checkpoint "
                               "folder without onnx_dir (the cache makes it)")
     return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model,

@@ -2,11 +2,12 @@
 
     python -m export.siglip --model PATH_OR_HUB_ID --output DIR [--opset 18] [--no-validate]
 
-| file | in | out |
-| --- | --- | --- |
-| `siglip_image_encoder.onnx` | `pixel_values` float32 [batch, 3, S, S] in [-1, 1] | `image_embeddings` float32 [batch, C], L2-normalized |
-| `siglip_text_encoder.onnx` | `input_ids` int64 [batch, L], L = max_position_embeddings | `text_embeddings` float32 [batch, C], L2-normalized |
-| `siglip.json` | the I/O above, `logit_scale` (t = exp(t')) and `logit_bias` (b) | |
+    file                         in -> out
+    `siglip_image_encoder.onnx`  `pixel_values` float32 [batch, 3, S, S] in [-1, 1]
+                                 -> `image_embeddings` float32 [batch, C], L2-normalized
+    `siglip_text_encoder.onnx`   `input_ids` int64 [batch, L], L = max_position_embeddings
+                                 -> `text_embeddings` float32 [batch, C], L2-normalized
+    `siglip.json`                the I/O above, `logit_scale` (t = exp(t')) and `logit_bias` (b)
 
 logits_per_image = t * image_embeddings @ text_embeddings.T + b; probability = sigmoid(logit). Texts are tokenized as
 paligemma/siglip_tokenizer.py does (tokenizer.json or spiece.model, copied beside the graphs) and padded to L.
@@ -68,7 +69,8 @@ def graph_specs(model: SiglipModel) -> dict[str, GraphSpec]:
     size, width = vision.image_size, vision.hidden_size
     return {
         "siglip_image_encoder": GraphSpec(
-            "siglip_image_encoder", (TensorSpec("pixel_values", "float32", ("batch", vision.num_channels, size, size)),),
+            "siglip_image_encoder",
+            (TensorSpec("pixel_values", "float32", ("batch", vision.num_channels, size, size)),),
             (TensorSpec("image_embeddings", "float32", ("batch", width)),)),
         "siglip_text_encoder": GraphSpec(
             "siglip_text_encoder", (TensorSpec("input_ids", "int64", ("batch", text.max_position_embeddings)),),
@@ -103,7 +105,8 @@ def validate(output: Path, modules: dict[str, nn.Module], inputs: dict[str, torc
         got = session.run(None, {specs[name].inputs[0].name: inputs[name].numpy()})[0]
         diffs[name] = float(np.abs(got - expected).max())
         if got.shape != expected.shape or not diffs[name] <= TOLERANCE:
-            raise OnnxExportError(f"{output / specs[name].file} differs from torch: max abs difference {diffs[name]:.3g} "
+            raise OnnxExportError(f"{output / specs[name].file} differs from torch: "
+                                  f"max abs difference {diffs[name]:.3g} "
                                   f"(allowed {TOLERANCE}), shapes {got.shape} vs {expected.shape}; report this "
                                   "with the checkpoint's config.json")
     return diffs

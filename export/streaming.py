@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-
 from torch import nn
 
 from paligemma.config import PaliGemmaConfig

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-
 from torch import nn
 
 from paligemma.engines import TorchEngine
@@ -86,7 +85,8 @@ def layer_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalG
 
     def load(prefix: str):
         def hook(module: nn.Module, args):
-            module.load_state_dict({name: source.read(f"{prefix}.{name}", dtype) for name, _ in module.named_parameters()},
+            module.load_state_dict({name: source.read(f"{prefix}.{name}", dtype)
+                                    for name, _ in module.named_parameters()},
                                    strict=True, assign=True)
         return hook
 
@@ -150,7 +150,8 @@ def torch_reference(checkpoint: Path, dtype: str, streamed: bool = False) -> dic
     OnnxExportError with the child's error if it fails."""
     with tempfile.TemporaryDirectory(prefix="paligemma-reference-") as tmp:
         out = Path(tmp) / "reference.safetensors"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ,
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
         command = [sys.executable, "-m", "export.torch_reference", str(checkpoint), dtype, str(out)]
         done = subprocess.run(command + (["--streamed"] if streamed else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:

@@ -39,16 +39,26 @@ from paligemma.errors import OnnxExportError
 from paligemma.weights import resolve_checkpoint
 
 from .checkpoint_stream import CheckpointStream
-from .onnx_export import (DEFAULT_OPSET, DTYPES, IR_VERSION, check_free_space, check_options, read_config,
-                          removed_on_failure, set_metadata, tie_lm_head, trace_to_onnx)
 from .manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
-from .mask_decoder import describe as describe_mask_decoder, write_mask_decoder
+from .mask_decoder import describe as describe_mask_decoder
+from .mask_decoder import write_mask_decoder
+from .onnx_export import (
+    DEFAULT_OPSET,
+    DTYPES,
+    IR_VERSION,
+    check_free_space,
+    check_options,
+    read_config,
+    removed_on_failure,
+    set_metadata,
+    tie_lm_head,
+    trace_to_onnx,
+)
 from .quantize import INT4_FLOAT16, MS_DOMAIN, SCHEMES, STANDARD_INT8, QuantizedMatMul, quantize_lookup
 from .streaming import TRACED_PREFIX, WeightsAsInputs, WeightWriter, embedding_input, hollow_model, rename_inputs
 from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
 from .transformers_js_graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
 from .transformers_js_split import split_large_weights
-
 
 FORMAT = "transformers.js"
 CONFIG_KEY = "transformers.js_config"
@@ -86,7 +96,8 @@ class Variant:
 # q4f16: the float16 graph with int4 blocks whose scales are float16, as MatMulNBits and GatherBlockQuantized want
 # them beside float16 activations; inputs and outputs stay float32, as in every variant here (export/README.md).
 VARIANTS = (Variant("float32", None, "fp32", ""), Variant("float16", None, "fp16", "_fp16"),
-            Variant("float32", "int8", "q8", "_quantized", STANDARD_INT8), Variant("float32", "int4", "q4", "_q4", "int4"),
+            Variant("float32", "int8", "q8", "_quantized", STANDARD_INT8),
+            Variant("float32", "int4", "q4", "_q4", "int4"),
             Variant("float16", "int4", "q4f16", "_q4f16", INT4_FLOAT16))
 
 
@@ -144,7 +155,8 @@ def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, op
     # Every weight once, and the embedding a second time: embed_tokens and the decoder's tied projection each hold it.
     # (int4 stores both as 4-bit blocks; int8's lookup stays float.)
     check_free_space(staging, sum(stored_bytes(source, n, torch_dtype, variant.scheme) for n in source.tensors)
-                     + stored_bytes(source, embedding, torch_dtype, variant.scheme if variant.quantized_lookup else None))
+                     + stored_bytes(source, embedding, torch_dtype,
+                                    variant.scheme if variant.quantized_lookup else None))
     meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
                 exporter_version=EXPORTER_VERSION, dtype=variant.dtype, quantize=variant.quantize or "none",
                 format=FORMAT, opset=opset, torch_version=torch.__version__)

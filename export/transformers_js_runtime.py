@@ -30,8 +30,15 @@ from .manifest import METADATA_PREFIX, config_hash
 from .mask_decoder import OnnxMaskDecoder
 from .onnx_export import removed_on_failure
 from .threads import ThreadPlan, plan_threads
-from .transformers_js import (CONFIG_KEY, MASK_DECODER_KEY, VARIANTS, Variant, export_transformers_js, find_variant,
-                              graph_file)
+from .transformers_js import (
+    CONFIG_KEY,
+    MASK_DECODER_KEY,
+    VARIANTS,
+    Variant,
+    export_transformers_js,
+    find_variant,
+    graph_file,
+)
 from .transformers_js_graphs import GRAPH_ORDER
 
 logger = logging.getLogger(__name__)

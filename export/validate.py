@@ -47,7 +47,8 @@ from paligemma.processor import PaliGemmaProcessor
 TOLERANCES = {("float32", "none"): (1e-4, False), ("float16", "none"): (2e-2, True), ("float32", "int8"): (0.12, True),
               ("float32", "int4"): (1.0, True), ("float32", "int8_standard"): (0.15, True),
               ("float16", "int4_float16"): (1.0, True)}
-RMS_TOLERANCES = {"int8": 0.12, "int4": 0.8, "int8_standard": 0.15, "int4_float16": 0.8}  # ||ONNX - torch|| / ||torch|| over each graph's outputs
+# ||ONNX - torch|| / ||torch|| over each graph's outputs
+RMS_TOLERANCES = {"int8": 0.12, "int4": 0.8, "int8_standard": 0.15, "int4_float16": 0.8}
 DECODE_STEPS = 8
 
 
@@ -125,5 +126,6 @@ def validate_export(reference: dict, onnx_model, log=print) -> dict[str, float]:
         if rms_tolerance and not rms <= rms_tolerance:
             failed.append(f"{name} relative rms {rms:.3g} > {rms_tolerance:.3g}")
     if failed:
-        raise OnnxExportError(f"{onnx_model.onnx_dir}: ONNX Runtime differs from torch above tolerance: {', '.join(failed)}")
+        raise OnnxExportError(f"{onnx_model.onnx_dir}: ONNX Runtime differs from torch above tolerance: "
+                              f"{', '.join(failed)}")
     return diffs

@@ -23,8 +23,8 @@ BACKENDS = ("torch", "onnx")
 
 __all__ = [
     "load", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor", "SamplingParams",
-    "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError", "DEMO_CHECKPOINT",
-    "TorchEngine", "StaticEngines", "ENGINES", "MaskDecoder", "Segmentation", "parse_segmentations",
+    "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError",
+    "DEMO_CHECKPOINT", "TorchEngine", "StaticEngines", "ENGINES", "MaskDecoder", "Segmentation", "parse_segmentations",
     "load_siglip", "SiglipModel", "SiglipConfig", "SiglipTokenizer", "sigmoid_loss", "chunked_sigmoid_loss",
 ]
 

@@ -12,7 +12,8 @@ from .cli import ArgumentParser
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder or Hub repo id (default: the embedded demo model)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder or Hub repo id (default: the embedded demo model)")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--prompt", required=True, help='task prompt, e.g. "caption en" or "detect circle"')
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if add_train_arguments is not None:
         add_train_arguments(train_parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "generate":
             return run_generate(args)

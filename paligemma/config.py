@@ -183,7 +183,8 @@ class TextConfig:
         layers = _int(d, "num_hidden_layers", where, 1, MAX_LAYERS)
         kv_heads = _int(d, "num_key_value_heads", where, 1, heads, heads)
         if heads % kv_heads:
-            raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+            raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of "
+                              f"num_key_value_heads {kv_heads}")
         rope = _mapping(d, "rope_parameters", where, {})
         rope_theta = _float(rope, "rope_theta", f"{where}.rope_parameters", d.get("rope_theta", 10000.0))
         if rope.get("rope_type", "default") != "default":
@@ -195,7 +196,8 @@ class TextConfig:
             layer_types = d.get("layer_types") or default_types
             kinds = ("sliding_attention", "full_attention")
             if not isinstance(layer_types, list) or any(kind not in kinds for kind in layer_types):
-                raise ConfigError(f"{where}.layer_types must be a list of {' or '.join(kinds)}, got {shown(layer_types)}")
+                raise ConfigError(f"{where}.layer_types must be a list of {' or '.join(kinds)}, "
+                                  f"got {shown(layer_types)}")
             layer_types = tuple(layer_types)
             if len(layer_types) != layers:
                 raise ConfigError(f"{where}: layer_types has {len(layer_types)} entries for {layers} layers")
@@ -280,7 +282,8 @@ class PaliGemmaConfig:
             pad_token_id=token("pad_token_id", d.get("pad_token_id", text_dict.get("pad_token_id", 0)) or 0),
             bos_token_id=token("bos_token_id", d.get("bos_token_id", text_dict.get("bos_token_id", 2))),
             eos_token_ids=eos_ids,
-            torch_dtype=d.get("torch_dtype") or d.get("dtype") or text_dict.get("torch_dtype") or text_dict.get("dtype"),
+            torch_dtype=(d.get("torch_dtype") or d.get("dtype")
+                         or text_dict.get("torch_dtype") or text_dict.get("dtype")),
             raw=d,
         )
 

@@ -21,5 +21,6 @@ class OnnxExportError(RuntimeError):
 
 def shown(value, limit: int = 60) -> str:
     """`repr(value)`, cut short: a message quotes what it refuses without echoing a megabyte back."""
-    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else f"<an integer of {len(str(value))} digits>"
+    text = (repr(value) if not isinstance(value, int) or value.bit_length() < 200
+            else f"<an integer of {len(str(value))} digits>")
     return text if len(text) <= limit else text[: limit - 3] + "..."

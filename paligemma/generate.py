@@ -152,7 +152,8 @@ class Pipeline:
             yield StreamUpdate(delta, text, list(ids), times[0], decode_rate(times, len(ids)))
         final = self.processor.decode(ids)  # flushes a piece held back at the very end
         rest = final[len(text):] if final.startswith(text) else ""
-        yield StreamUpdate(rest, text + rest, ids, times[0] if times else 0.0, decode_rate(times, len(ids)), finished=True)
+        yield StreamUpdate(rest, text + rest, ids, times[0] if times else 0.0, decode_rate(times, len(ids)),
+                           finished=True)
 
 
 class HostCopy:

@@ -165,7 +165,8 @@ class MaskDecoder(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the decoder's arrays (the published names) as safetensors."""
-        safetensors.torch.save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}, str(path))
+        safetensors.torch.save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()},
+                                    str(path))
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -44,9 +44,11 @@ def load_image(image) -> Image.Image:
             check_size(opened)
             opened.load()
         except Image.DecompressionBombError:
-            raise InputError("the image is too large to decode safely (a decompression bomb?); use a smaller image") from None
+            raise InputError("the image is too large to decode safely (a decompression bomb?); "
+                             "use a smaller image") from None
         except UnidentifiedImageError:
-            raise InputError("the file is not an image Pillow can read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from None
+            raise InputError("the file is not an image Pillow can read "
+                             "(PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise InputError(f"the image is corrupt or truncated ({e}); re-save or re-upload it") from None
     else:
@@ -58,7 +60,8 @@ def load_image(image) -> Image.Image:
 def check_size(image: Image.Image) -> None:
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
-        raise InputError(f"the image is {width}x{height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit; downscale it first")
+        raise InputError(f"the image is {width}x{height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit; "
+                         "downscale it first")
     if width < 1 or height < 1:
         raise InputError(f"the image is {width}x{height}; it needs at least one pixel")
 
@@ -81,7 +84,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB image -> [3, size, size] float32 in [-1, 1]: bicubic resize (aspect ratio not kept), /255, (x - 0.5) / 0.5."""
+    """RGB image -> [3, size, size] float32 in [-1, 1]: bicubic resize (aspect ratio not kept), /255,
+    (x - 0.5) / 0.5."""
     resized = np.asarray(image.resize((size, size), resample=Image.Resampling.BICUBIC), dtype=np.float32)
     normalized = (resized * np.float32(1 / 255) - np.float32(0.5)) / np.float32(0.5)
     return torch.from_numpy(normalized.transpose(2, 0, 1).copy())
@@ -154,12 +158,14 @@ class PaliGemmaProcessor:
             raise InputError(f"the prompt must be text, got {type(prompt).__name__}")
         if suffix is not None and not isinstance(suffix, str):
             raise InputError(f"the suffix must be text, got {type(suffix).__name__}")
-        prefix = [self.image_token_id] * self.num_image_tokens + [self.bos_id] + self.encode_text(prompt + "\n", "prompt")
+        prefix = ([self.image_token_id] * self.num_image_tokens + [self.bos_id]
+                  + self.encode_text(prompt + "\n", "prompt"))
         rest = [] if suffix is None else self.encode_text(suffix, "suffix") + [self.eos_id]
         ids = prefix + rest
         limit = self.config.text.max_position_embeddings
         if len(ids) > limit:
-            raise InputError(f"the prompt takes {len(ids)} tokens with the image, over the model's limit of {limit}; shorten it")
+            raise InputError(f"the prompt takes {len(ids)} tokens with the image, over the model's limit of {limit}; "
+                             "shorten it")
         return ids, [0] * len(prefix) + [1] * len(rest)
 
     def __call__(self, images, prompts, suffixes=None) -> dict[str, torch.Tensor]:

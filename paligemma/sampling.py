@@ -53,7 +53,8 @@ class SamplingParams:
 
         check("max_new_tokens", whole_number(self.max_new_tokens), lambda n: 1 <= n <= MAX_NEW_TOKENS_LIMIT,
               f"use a whole number from 1 to {MAX_NEW_TOKENS_LIMIT}")
-        check("temperature", real_number(self.temperature), lambda t: 0 <= t <= 100, "use a number from 0 (greedy) to 100")
+        check("temperature", real_number(self.temperature), lambda t: 0 <= t <= 100,
+              "use a number from 0 (greedy) to 100")
         check("top_p", real_number(self.top_p), lambda p: 0 < p <= 1, "use a number in (0, 1]; 1 disables top-p")
         check("top_k", whole_number(self.top_k), lambda k: k >= 0, "use a whole number >= 0; 0 disables top-k")
         if self.seed is not None:

@@ -10,8 +10,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import (MAX_CONFIG_BYTES, MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, VisionConfig,
-                     _activation, _float, _int, _mapping)
+from .config import (
+    MAX_CONFIG_BYTES,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    VisionConfig,
+    _activation,
+    _float,
+    _int,
+    _mapping,
+)
 from .errors import ConfigError
 
 SIGLIP_MODEL_TYPES = ("siglip", "paligemma")
@@ -96,7 +107,8 @@ class SiglipConfig:
                               "compare images with texts")
         text = SiglipTextConfig.from_dict(_mapping(d, "text_config", "config.json"))
         if text.embedding_size != vision.hidden_size:
-            raise ConfigError(f"text_config.projection_size {text.embedding_size} differs from vision_config.hidden_size "
+            raise ConfigError(f"text_config.projection_size {text.embedding_size} differs from "
+                              "vision_config.hidden_size "
                               f"{vision.hidden_size}; image and text embeddings must have the same width")
         return cls(vision=vision, text=text)
 
@@ -111,7 +123,8 @@ class SiglipConfig:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path} is not valid JSON text ({type(e).__name__}); re-download or fix the file") from None
+            raise ConfigError(f"{path} is not valid JSON text ({type(e).__name__}); "
+                              "re-download or fix the file") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -122,7 +135,8 @@ class SiglipConfig:
         if self.text is None:
             raise ConfigError("a config without a text tower is a PaliGemma one; save the PaliGemma checkpoint instead")
         v, t = self.vision, self.text
-        vision = dict(model_type="siglip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+        vision = dict(model_type="siglip_vision_model", hidden_size=v.hidden_size,
+                      intermediate_size=v.intermediate_size,
                       num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
                       patch_size=v.patch_size, image_size=v.image_size, num_channels=v.num_channels,
                       layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act, vision_use_head=True)

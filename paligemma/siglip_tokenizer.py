@@ -44,7 +44,8 @@ class SiglipTokenizer:
         self.source = source
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, config: SiglipTextConfig | None = None) -> "SiglipTokenizer":
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike,
+                        config: SiglipTextConfig | None = None) -> "SiglipTokenizer":
         """The tokenizer of a SigLIP checkpoint folder or Hub id; `config` (its text config) is read from its
         config.json when not given."""
         folder = resolve_checkpoint(path_or_repo_id)
@@ -54,7 +55,8 @@ class SiglipTokenizer:
             except ConfigError as e:
                 raise CheckpointError(str(e)) from None
             if config is None:
-                raise CheckpointError(f"{folder} is a PaliGemma checkpoint: it has no SigLIP text tower to tokenize for")
+                raise CheckpointError(f"{folder} is a PaliGemma checkpoint: "
+                                      "it has no SigLIP text tower to tokenize for")
         length = config.max_position_embeddings
         if (folder / TOKENIZER_JSON).is_file():
             return cls._from_tokenizer_json(folder / TOKENIZER_JSON, config)

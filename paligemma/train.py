@@ -402,7 +402,8 @@ def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int):
         order = list(range(len(records)))
         random.Random(f"{seed}:{epoch}").shuffle(order)
         chosen = [records[i] for i in order[index * batch_size : (index + 1) * batch_size]]
-        return training_batch(processor, [r["image"] for r in chosen], [r["prefix"] for r in chosen], [r["suffix"] for r in chosen])
+        return training_batch(processor, [r["image"] for r in chosen], [r["prefix"] for r in chosen],
+                              [r["suffix"] for r in chosen])
 
     return batches
 
@@ -430,7 +431,8 @@ def init_weights(model: torch.nn.Module, std: float = 0.02):
 
 
 def add_train_arguments(parser):
-    parser.add_argument("--model", help="checkpoint folder to fine-tune (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--model",
+                        help="checkpoint folder to fine-tune (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("--config", help="config.json of a fresh model to train from scratch (with --tokenizer)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the one in --model)")
     parser.add_argument("--data", required=True, help="JSONL of {image, prefix, suffix} records")
@@ -443,7 +445,8 @@ def add_train_arguments(parser):
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--clip-norm", type=float, default=1.0)
-    parser.add_argument("--loc-sigma", type=float, default=0.0, help="soft targets over neighbouring loc bins (in bins)")
+    parser.add_argument("--loc-sigma", type=float, default=0.0,
+                        help="soft targets over neighbouring loc bins (in bins)")
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)

@@ -61,7 +61,8 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json and *.safetensors")
     name = str(path_or_repo_id)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise CheckpointError(f"{name} is neither a checkpoint folder nor a Hub repo id like 'google/paligemma-3b-mix-224'")
+        raise CheckpointError(f"{name} is neither a checkpoint folder nor a Hub repo id "
+                              "like 'google/paligemma-3b-mix-224'")
     return download_from_hub(name)
 
 
@@ -111,7 +112,8 @@ def weight_files(folder: Path) -> list[Path]:
     if pickles:
         raise CheckpointError(
             f"{folder} holds only pickle weights ({', '.join(pickles)}), which are never loaded because unpickling "
-            "can run arbitrary code; convert them to safetensors (safetensors.torch.save_file) or use a safetensors checkpoint"
+            "can run arbitrary code; convert them to safetensors (safetensors.torch.save_file) "
+            "or use a safetensors checkpoint"
         )
     raise CheckpointError(f"{folder} holds no *.safetensors weights")
 
@@ -159,7 +161,8 @@ def read_tensors(files: list[Path], device: str | torch.device, dtype: torch.dty
                     state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
                     origin[name] = file
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it may be truncated: download it again") from None
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
+                                  "it may be truncated: download it again") from None
     return state, origin
 
 

@@ -10,7 +10,8 @@ PaliGemma stages: `python -m shapes.train --vision-init OUT/last` starts stage 1
 Retrieval (the issue's protocol): each of 500 held-out scenes (seed 1) ranks 20 captions, its own and those of 19
 other held-out scenes with the same number of shapes whose captions differ from its own (a seeded draw; 19
 different captions where they exist, but one-shape scenes have only 11 others, so theirs repeat some), and scores
-a hit when its own scores highest. Training scenes come from seed 0 (indices from 20,000,000 on, apart from the other stages' draws).
+a hit when its own scores highest. Training scenes come from seed 0 (indices from 20,000,000 on, apart from the other
+stages' draws).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from paligemma.processor import preprocess_image
 from paligemma.siglip_config import SiglipConfig
 from paligemma.siglip_model import SiglipModel, load_siglip, save_siglip
 from shapes import scenes as S
-from shapes.tokenizer import build_shapes_tokenizer
 from shapes.architecture import WIDTH, model_config, sinusoids
+from shapes.tokenizer import build_shapes_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def initialize(model: SiglipModel, seed: int) -> None:
         grid = vision.image_size // vision.patch_size
         rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
         half = vision.hidden_size // 2
-        table = torch.cat([sinusoids(rows.flatten(), half, 3, 4 * grid), sinusoids(cols.flatten(), half, 3, 4 * grid)], -1)
+        table = torch.cat([sinusoids(rows.flatten(), half, 3, 4 * grid),
+                           sinusoids(cols.flatten(), half, 3, 4 * grid)], -1)
         model.vision_model.embeddings.position_embedding.weight.copy_(table * 4.0)
 
 

@@ -69,9 +69,9 @@ def teacher_forced(model, processor, rows, near: int = 25, batch_size: int = 64)
             for kind, ok in zip(kinds, right.tolist()):
                 exact[kind][way] += ok
             if way == 0:
-                for kind, p, l, loc in zip(kinds, predicted, labels, is_loc):
+                for kind, p, label, loc in zip(kinds, predicted, labels, is_loc):
                     if kind.startswith("detect") and not kind.startswith("detect, 1 "):
-                        within = ((p[loc] - l[loc]).abs() <= near).float()
+                        within = ((p[loc] - label[loc]).abs() <= near).float()
                         for coordinate in range(4):
                             close[coordinate] += within[coordinate::4].sum()
                             boxes[coordinate] += within[coordinate::4].numel()

@@ -226,7 +226,8 @@ def main(argv=None):
     parser.add_argument("--onnx-dir", default=None, help="with --backend onnx: an export folder to use instead")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--check-targets", action="store_true",
-                        help="exit 1 when a metric misses its target (the task card's, or issue 19's with --suite issue19)")
+                        help="exit 1 when a metric misses its target "
+                             "(the task card's, or issue 19's with --suite issue19)")
     args = parser.parse_args(argv)
 
     import paligemma

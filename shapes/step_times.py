@@ -36,7 +36,8 @@ def timed(step, steps: int) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(1, steps + 1):
         step(i)
-    return {"wall_s": round((time.perf_counter() - wall) / steps, 3), "cpu_s": round((time.process_time() - cpu) / steps, 3)}
+    return {"wall_s": round((time.perf_counter() - wall) / steps, 3),
+            "cpu_s": round((time.process_time() - cpu) / steps, 3)}
 
 
 def optimizer_step(model, loss_fn, batches, extra=()):
@@ -76,7 +77,8 @@ def stage_steps(steps: int) -> dict:
     siglip = C.SiglipModel(C.contrastive_config(tokenizer))
     C.initialize(siglip, 0)
     results["contrastive (32 scenes, same shape count)"] = timed(optimizer_step(
-        siglip, C.contrastive_loss, C.scene_batches(tokenizer, config.vision.image_size, 32, 0, same_count=True)), steps)
+        siglip, C.contrastive_loss,
+        C.scene_batches(tokenizer, config.vision.image_size, 32, 0, same_count=True)), steps)
 
     results["stage 1 (32 images)"] = timed(optimizer_step(
         model, R.vision_loss(heads, loc_range, 2.0), R.vision_batches(grid, config.image_size, 32, 0), [heads]), steps)

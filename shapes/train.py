@@ -75,6 +75,7 @@ from shapes.contrastive import tower_weights
 from shapes.packing import packed_batch, packed_hidden
 from shapes.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, build_shapes_tokenizer
 
+
 def initialize(model: PaliGemmaForConditionalGeneration, tokenizer, seed: int):
     torch.manual_seed(seed)
     T.init_weights(model)
@@ -203,8 +204,8 @@ class AuxiliaryHeads(nn.Module):
     def loss(self, image_embeddings, classes, bins, loc_embeddings, loc_sigma):
         B, N, C = image_embeddings.shape
         logits = self.classes(image_embeddings).split(list(AUX_HEADS.values()), dim=-1)
-        losses = [F.cross_entropy(l.reshape(B * N, -1).float(), classes[:, i].reshape(-1), ignore_index=T.IGNORE)
-                  for i, l in enumerate(logits) if (classes[:, i] != T.IGNORE).any()]
+        losses = [F.cross_entropy(logit.reshape(B * N, -1).float(), classes[:, i].reshape(-1), ignore_index=T.IGNORE)
+                  for i, logit in enumerate(logits) if (classes[:, i] != T.IGNORE).any()]
         box_queries = self.box(image_embeddings).view(B, N, 4, C)
         keep = bins.permute(0, 2, 1) != T.IGNORE  # [B, N, 4]
         box_loss = torch.zeros((), device=image_embeddings.device)

@@ -158,9 +158,9 @@ def evaluate(model: ShapesVQVAE, count: int = 300, seed: int = 1) -> dict[str, f
     targets = torch.from_numpy(np.stack([t for _, t, _ in examples]))
     _, codes = model.encode(targets)
     logits = model.mask_logits(codes.numpy())
-    small = [iou(l > 0, t > 0.5) for l, t in zip(logits, targets.numpy())]
-    pixels = [iou(paste_mask(l, (box[1], box[0], box[3], box[2]), S.CANVAS, S.CANVAS), mask)
-              for l, (mask, _, box) in zip(logits, examples)]
+    small = [iou(logit > 0, t > 0.5) for logit, t in zip(logits, targets.numpy())]
+    pixels = [iou(paste_mask(logit, (box[1], box[0], box[3], box[2]), S.CANVAS, S.CANVAS), mask)
+              for logit, (mask, _, box) in zip(logits, examples)]
     return dict(iou_64=float(np.mean(small)), iou_pixels=float(np.mean(pixels)),
                 pixels_at_050=float(np.mean([p >= 0.5 for p in pixels])), codes_used=len(set(codes.flatten().tolist())))
 

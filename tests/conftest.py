@@ -3,7 +3,6 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-
 from tiny import build_reference, rewrite_layout
 
 VARIANTS = {

@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, request, rle_decode, serve
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 import paligemma
-from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, request, rle_decode, serve
 from demo import app as demo_app
 from demo.backends import load_backend
 from shapes import scenes as S
@@ -219,7 +219,8 @@ def bad_files(folder: Path) -> dict[str, Path]:
         "corrupt.png": scene[: len(scene) // 3],
         "notes.txt": b"not an image at all\n" * 10,
         "bomb.png": png_declaring(30_000, 30_000),
-        "vector.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>',
+        "vector.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+                      b'<rect width="10" height="10"/></svg>',
         "svg_named.png": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"></svg>',
         "empty.png": b"",
     }
@@ -405,7 +406,8 @@ def test_app_py_reports_a_bad_model_without_a_traceback():
 def test_a_huge_seed_and_a_lone_surrogate_sent_as_raw_json_get_messages(server):
     url = server[1]
     image, _ = example("caption en")
-    for prompt, decoding, seed, message in (("caption en", "sample", 10**4000, "seed=<an integer of 4001 digits> is out of range"),
+    for prompt, decoding, seed, message in (("caption en", "sample", 10**4000,
+                                             "seed=<an integer of 4001 digits> is out of range"),
                                             ("caption \ud800 en", "greedy", 0, "lone surrogate")):
         upload = {"path": raw_upload(url, image.name, image.read_bytes()), "meta": {"_type": "gradio.FileData"}}
         events = raw_call(url, [upload, prompt, decoding, 1.0, 0.9, 0, 8, seed, False])  # \ud800 is sent escaped

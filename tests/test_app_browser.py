@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from app_server import example
 
 import paligemma
-from app_server import example
 from demo.app import read_image
 
 playwright = pytest.importorskip("playwright.sync_api")

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, request
 from PIL import Image
 
 import paligemma
-from app_server import EXAMPLES, example, free_port, last_event, raw_call, raw_upload, request
 from demo import app as demo_app
 from export.threads import available_cores
 
@@ -194,6 +194,7 @@ def test_fifos_sent_as_many_times_as_requests_run_at_once_leave_no_worker_stuck(
 def test_uploads_are_deleted_once_old(tmp_path):
     """The app's cache cleanup removes uploads (rejected ones too), so a public Space cannot be filled."""
     from app_server import serve
+
     from demo.backends import load_backend
 
     backend = load_backend(None, "onnx", warm_up=False)

@@ -1,4 +1,5 @@
-"""The benchmark's smoke mode, so that it cannot rot: a tiny model, one run, every CPU runtime. No timing is asserted."""
+"""The benchmark's smoke mode, so that it cannot rot: a tiny model, one run, every CPU runtime. No timing is
+asserted."""
 
 import json
 import subprocess
@@ -56,7 +57,8 @@ def test_smoke_tokens_agree_with_transformers(smoke):
     # graphs as exported (int8 decodes with those); torch runtimes have none to count.
     fused, exported = rows["onnx"]["kernels"], rows["onnx-int8"]["kernels"]
     assert 0 < fused["decode_per_token"] < exported["decode_per_token"] and fused["prefill"] > 0
-    assert sum(fused["decode_ops"].values()) == fused["decode_per_token"] and "GroupQueryAttention" in fused["decode_ops"]
+    assert (sum(fused["decode_ops"].values()) == fused["decode_per_token"]
+            and "GroupQueryAttention" in fused["decode_ops"])
     assert rows["transformers"]["kernels"] is None and rows["torch"]["kernels"] is None
     # Quantized runtimes may pick other tokens; they must still produce them all, and the table must say whether
     # they agree.
@@ -89,7 +91,8 @@ def test_runtime_in_its_own_process_reports_peak_memory(tmp_path):
     """The default mode: each runtime in a worker process of its own, which reports that process's peak memory."""
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "bench", "--workloads", "tiny", "--runtimes", "torch", "--runs", "1",
-                           "--warmup", "0", "--new-tokens", "4", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+                           "--warmup", "0", "--new-tokens", "4", "--out", str(out),
+                           "--cache-dir", str(tmp_path / "cache")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads((out / "cpu.json").read_text())["workloads"][0]["rows"]
@@ -124,7 +127,8 @@ def test_a_checkpoint_in_hub_style_shards_runs_every_runtime(tmp_path, monkeypat
     out = tmp_path / "out"
     assert bench_main.main(["--workloads", "sharded", "--smoke", "--out", str(out), "--cache-dir", str(tmp_path)]) == 0
     folder = sharded.folder(tmp_path)
-    assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 3 and (folder / "model.safetensors.index.json").exists()
+    assert (len(list(folder.glob("model-*-of-*.safetensors"))) >= 3
+            and (folder / "model.safetensors.index.json").exists())
     rows = {row["runtime"]: row for row in json.loads((out / "cpu.json").read_text())["workloads"][0]["rows"]}
     assert set(rows) == {*EXACT_RUNTIMES, *quantized_runtimes()}
     for runtime in EXACT_RUNTIMES:

@@ -2,8 +2,9 @@ import json
 import subprocess
 import sys
 
-import paligemma
 from conftest import random_image
+
+import paligemma
 
 
 def run(*args):
@@ -42,7 +43,8 @@ def test_errors_are_one_clear_line(tmp_path):
 
 
 def test_usage_mistakes_are_one_line(tmp_path):
-    for args in (("generate", "--prompt", "caption en"), ("generate", "--image", "x.png", "--prompt", "p", "--top-k", "many"),
+    for args in (("generate", "--prompt", "caption en"),
+                 ("generate", "--image", "x.png", "--prompt", "p", "--top-k", "many"),
                  ("nonsense",)):
         out = run(*args)
         assert out.returncode == 2

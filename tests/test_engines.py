@@ -104,7 +104,8 @@ def test_generated_tokens_extend_the_masks_as_real_and_autoregressive():
     assert mask.tolist() == [[0, 1, 1, 1, 1]] and types.tolist() == [[0, 0, 0, 1, 1]]
 
 
-def test_a_static_engine_that_cannot_compile_falls_back_to_eager_unless_asked_for(reference_factory, monkeypatch, caplog):
+def test_a_static_engine_that_cannot_compile_falls_back_to_eager_unless_asked_for(
+        reference_factory, monkeypatch, caplog):
     """On CUDA the default engine compiles at load; a failing compiler must not stop a default load."""
     from paligemma import engines
 

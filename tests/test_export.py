@@ -6,12 +6,12 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from tiny import build_reference, reference_processor
 
 import paligemma
 from export.graphs import GRAPH_ORDER
 from export.manifest import SHARED_DATA_NAME
 from export.runtime import export_and_validate
-from tiny import build_reference, reference_processor
 
 PROMPTS = ["caption en", "answer en what is in the image and where is it"]
 DECODE_STEPS = 24
@@ -33,7 +33,8 @@ def exported(request, tmp_path_factory):
     reference = build_reference(folder, request.param)
     onnx_dir = tmp_path_factory.mktemp(f"{request.param}_onnx")
     export_and_validate(folder, onnx_dir, progress=False, log=quiet)
-    return folder, onnx_dir, reference, paligemma.load(folder), paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir)
+    return (folder, onnx_dir, reference, paligemma.load(folder),
+            paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir))
 
 
 def test_logits_match_torch_for_prefill_and_24_decode_steps(exported):

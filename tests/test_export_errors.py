@@ -7,15 +7,15 @@ import sys
 
 import pytest
 from PIL import Image
+from tiny import build_reference
 
 import paligemma
 from export.integrity import file_sha256
 from export.manifest import SHARED_DATA_NAME, OnnxExportError, check_export
+from export.onnx_export import export_model
 from paligemma.config import PaliGemmaConfig
 from paligemma.mask_decoder import MaskDecoder, MaskDecoderConfig
 from paligemma.weights import MASK_DECODER_NAME
-from export.onnx_export import export_model
-from tiny import build_reference
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,8 @@ def test_the_cli_refuses_a_damaged_export_with_exit_1(copy):
     folder, onnx_dir = copy
     zero_fill(onnx_dir / SHARED_DATA_NAME)
     out = subprocess.run([sys.executable, "-m", "paligemma", "generate", "--model", str(folder), "--backend", "onnx",
-                          "--onnx-dir", str(onnx_dir), "--image", str(onnx_dir / "nothing.png"), "--prompt", "caption en"],
+                          "--onnx-dir", str(onnx_dir), "--image", str(onnx_dir / "nothing.png"),
+                          "--prompt", "caption en"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and f"{SHARED_DATA_NAME} is corrupt" in out.stderr and out.stdout == ""
 

@@ -7,6 +7,7 @@ import weakref
 import onnxruntime as ort
 import pytest
 import torch
+from tiny import build_reference
 
 from export import runtime
 from export.onnx_export import export_model
@@ -15,7 +16,6 @@ from export.torch_reference import torch_reference
 from export.validate import validate_export, validation_requests
 from paligemma.config import PaliGemmaConfig
 from paligemma.processor import PaliGemmaProcessor
-from tiny import build_reference
 
 
 def quiet(*_):

@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import pytest
 from PIL import Image
+from tiny import build_reference
 
 import paligemma
 from export.__main__ import main
-from export.manifest import MANIFEST_NAME
 from export.integrity import CACHE_ENV
-from tiny import build_reference
+from export.manifest import MANIFEST_NAME
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
 
@@ -136,7 +136,8 @@ def test_the_export_cache_keeps_one_export_per_variant(checkpoint, tmp_path, mon
     plain = load_onnx_pipeline(checkpoint)
     quantized = load_onnx_pipeline(checkpoint, quantize=quantize)
     folders = sorted(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
-    assert sorted(p.name.rsplit("-", 1)[1] for p in folders) == sorted(["float32", quantize])  # hashes order the folders
+    # hashes order the folders
+    assert sorted(p.name.rsplit("-", 1)[1] for p in folders) == sorted(["float32", quantize])
     assert plain.engine_factory.onnx_dir != quantized.engine_factory.onnx_dir
     assert plain.engine_factory.manifest["quantize"] == "none"
     assert quantized.engine_factory.manifest["quantize"] == quantize

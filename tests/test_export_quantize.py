@@ -14,6 +14,7 @@ import onnx
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file
+from test_export_streaming import BOUND, peak_rss_kb, quiet, weight_heavy  # noqa: F401 (a fixture)
 
 import paligemma
 from export import onnx_export
@@ -22,7 +23,6 @@ from export.manifest import MANIFEST_NAME, SHARED_DATA_NAME
 from export.runtime import export_and_validate
 from paligemma.errors import CheckpointError, OnnxExportError
 from paligemma.weights import canonical_key
-from test_export_streaming import BOUND, peak_rss_kb, quiet, weight_heavy  # noqa: F401 (a fixture)
 
 IMAGE = Image.new("RGB", (40, 30), (30, 160, 90))
 QUANTIZED_OPS = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8_standard": "MatMulInteger"}
@@ -62,7 +62,8 @@ def test_every_weight_matmul_is_quantized(exported):
         initializers = {t.name for t in g.initializer}
         ops = [n.op_type for n in g.node]
         assert ops.count(QUANTIZED_OPS[scheme]) >= (6 if name == "vision_encoder" else 7)  # a layer's matrices at least
-        float_weight_matmuls = [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in initializers]
+        float_weight_matmuls = [n.name for n in g.node
+                                if n.op_type in ("MatMul", "Gemm") and n.input[1] in initializers]
         assert float_weight_matmuls == []
         if name != "vision_encoder":  # the output projection on the embedding too
             assert any(n.op_type == QUANTIZED_OPS[scheme] and "embed_tokens" in n.input[1] for n in g.node)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tiny import build_reference
 
 import paligemma
 from bench.workloads import Workload
@@ -18,7 +19,6 @@ from export import onnx_export
 from export.manifest import MANIFEST_NAME
 from export.runtime import export_and_validate
 from paligemma.errors import CheckpointError, OnnxExportError
-from tiny import build_reference
 
 BOUND = 1.4  # peak RSS above a process that only imports the libraries, in float32 weight bytes
 # Weights dominate: a 128k x 1024 embedding (537 MB in float32) on one small layer per tower. Smaller models

@@ -23,14 +23,14 @@ import weakref
 import onnx
 import pytest
 import torch
+from test_fused import PROMPTS, STEPS, image, run_steps
+from tiny import build_reference
 
 import paligemma
 from export.fused import FUSED_GRAPHS, unsupported
 from export.runtime import OnnxModel, export_and_validate
 from paligemma.errors import OnnxExportError
 from paligemma.generate import Pipeline
-from test_fused import PROMPTS, STEPS, image, run_steps
-from tiny import build_reference
 
 ONE_LEVEL = 0.05  # every step: an activation's int8 level flipped at worst (the module's docstring)
 QUANTIZED_OPS = {"MatMulNBits", "GatherBlockQuantized"}

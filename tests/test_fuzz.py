@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 import pytest
+from app_server import EXAMPLES, last_event, raw_call, raw_upload
 from PIL import Image
 
 import paligemma
-from app_server import EXAMPLES, last_event, raw_call, raw_upload
 from demo import app as demo_app
 
 pytestmark = pytest.mark.skipif(not (paligemma.DEMO_CHECKPOINT / "config.json").exists(),
@@ -41,7 +41,8 @@ def random_image_bytes(rng: random.Random) -> bytes:
     buffer = io.BytesIO()
     size = (rng.randrange(1, 300), rng.randrange(1, 300))
     mode = rng.choice(["RGB", "L", "RGBA", "P", "1", "I;16", "CMYK"])
-    fmt = "TIFF" if mode == "CMYK" else rng.choice(["PNG", "GIF", "BMP", "TIFF"]) if mode in ("RGB", "L", "P") else "PNG"
+    fmt = ("TIFF" if mode == "CMYK" else rng.choice(["PNG", "GIF", "BMP", "TIFF"]) if mode in ("RGB", "L", "P")
+           else "PNG")
     Image.new(mode, size).save(buffer, fmt)
     return buffer.getvalue()
 

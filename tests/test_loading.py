@@ -29,7 +29,8 @@ def shard(folder):
     """Split model.safetensors into two shards with an index, as large checkpoints come."""
     state = load_file(str(folder / "model.safetensors"))
     keys = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
     weight_map = {}
     for name, part in halves.items():
         save_file({k: state[k] for k in part}, str(folder / name))
@@ -42,7 +43,8 @@ def test_sharded_checkpoint_loads_like_a_single_file(checkpoint, reference_facto
     folder, _ = reference_factory("pg1")
     expected = paligemma.load(folder).generate(images[0], "caption en", max_new_tokens=8)
     shard(checkpoint)
-    assert paligemma.load(checkpoint).generate(images[0], "caption en", max_new_tokens=8).token_ids == expected.token_ids
+    assert (paligemma.load(checkpoint).generate(images[0], "caption en", max_new_tokens=8).token_ids
+            == expected.token_ids)
 
 
 def test_missing_shard(checkpoint):
@@ -54,7 +56,8 @@ def test_missing_shard(checkpoint):
 
 def test_unexpected_key(checkpoint):
     edit_weights(checkpoint, lambda s: s.__setitem__("language_model.model.extra.weight", torch.zeros(3)))
-    with pytest.raises(CheckpointError, match=r"unexpected tensors in model.safetensors: language_model.model.extra.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"unexpected tensors in model.safetensors: language_model.model.extra.weight"):
         paligemma.load(checkpoint)
 
 
@@ -101,7 +104,8 @@ def test_missing_required_config_field(checkpoint):
 
 
 def test_untied_lm_head_is_refused(checkpoint):
-    edit_weights(checkpoint, lambda s: s.__setitem__("lm_head.weight", torch.randn_like(s["language_model.model.embed_tokens.weight"])))
+    edit_weights(checkpoint, lambda s: s.__setitem__("lm_head.weight",
+                                                     torch.randn_like(s["language_model.model.embed_tokens.weight"])))
     with pytest.raises(CheckpointError, match="lm_head.weight differs from the token embedding"):
         paligemma.load(checkpoint)
 
@@ -164,18 +168,26 @@ BAD_CONFIGS = {
     # name: (change to config.json, what the message must say)
     "ten million layers": (lambda c: c["text_config"].update(num_hidden_layers=10**7),
                            r"text_config\.num_hidden_layers=10000000 is out of range: allowed 1 to 512"),
-    "text_config a string": (lambda c: c.update(text_config="gemma"), r"text_config must be a JSON object, got 'gemma'"),
-    "no attention heads": (lambda c: c["text_config"].update(num_attention_heads=0), r"num_attention_heads=0 is out of range"),
-    "width as a string": (lambda c: c["text_config"].update(hidden_size="64"), r"hidden_size must be a whole number, got '64'"),
-    "vision heads a float": (lambda c: c["vision_config"].update(num_attention_heads=2.5), r"must be a whole number, got 2\.5"),
+    "text_config a string": (lambda c: c.update(text_config="gemma"),
+                             r"text_config must be a JSON object, got 'gemma'"),
+    "no attention heads": (lambda c: c["text_config"].update(num_attention_heads=0),
+                           r"num_attention_heads=0 is out of range"),
+    "width as a string": (lambda c: c["text_config"].update(hidden_size="64"),
+                          r"hidden_size must be a whole number, got '64'"),
+    "vision heads a float": (lambda c: c["vision_config"].update(num_attention_heads=2.5),
+                             r"must be a whole number, got 2\.5"),
     "kv heads not dividing": (lambda c: c["text_config"].update(num_attention_heads=4, num_key_value_heads=3),
                               "not a multiple of num_key_value_heads"),
     "huge image": (lambda c: c["vision_config"].update(image_size=10**6), r"image_size=1000000 is out of range"),
-    "patches past the limit": (lambda c: c["vision_config"].update(image_size=8192, patch_size=1), "image tokens; allowed"),
+    "patches past the limit": (lambda c: c["vision_config"].update(image_size=8192, patch_size=1),
+                               "image tokens; allowed"),
     "eps negative": (lambda c: c["text_config"].update(rms_norm_eps=-1), "rms_norm_eps=-1 must be positive"),
-    "nan theta": (lambda c: c["text_config"].update(rope_parameters={"rope_theta": "NaN"}), "rope_theta must be a finite number"),
-    "rope parameters a list": (lambda c: c["text_config"].update(rope_parameters=[1]), "rope_parameters must be a JSON object"),
-    "eos outside the vocabulary": (lambda c: c["text_config"].update(eos_token_id=10**9), "eos_token_id=1000000000 is out of range"),
+    "nan theta": (lambda c: c["text_config"].update(rope_parameters={"rope_theta": "NaN"}),
+                  "rope_theta must be a finite number"),
+    "rope parameters a list": (lambda c: c["text_config"].update(rope_parameters=[1]),
+                               "rope_parameters must be a JSON object"),
+    "eos outside the vocabulary": (lambda c: c["text_config"].update(eos_token_id=10**9),
+                                   "eos_token_id=1000000000 is out of range"),
     "bos a string": (lambda c: c.update(bos_token_id="2"), "bos_token_id must be a whole number"),
 }
 

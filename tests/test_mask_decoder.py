@@ -43,8 +43,12 @@ def transposed_conv(x, weight, bias, stride=2, padding=1):
 
 def reference_decode(arrays, codes) -> np.ndarray:
     """big_vision's decoder (evaluators/proj/paligemma/transfers/segmentation.py) step by step, for one mask."""
-    relu = lambda a: np.maximum(a, 0)
-    layer = lambda name, a, padding=0: conv(a, arrays[name + ".weight"], arrays[name + ".bias"], padding)
+    def relu(a):
+        return np.maximum(a, 0)
+
+    def layer(name, a, padding=0):
+        return conv(a, arrays[name + ".weight"], arrays[name + ".bias"], padding)
+
     grid = arrays["_vq_vae._embedding"][codes].reshape(4, 4, -1).transpose(2, 0, 1)  # codes row by row
     x = relu(layer("decoder.0", grid))
     for block in ("decoder.2.net", "decoder.3.net"):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import paligemma
 from conftest import VARIANTS
 from tiny import reference_processor
+
+import paligemma
 
 PROMPTS = ["caption en", "where is the fox going", "detect red car ; dog"]
 
@@ -25,7 +25,8 @@ def test_logits_match_transformers(reference_factory, images, variant, layout):
         theirs = reference_inputs(folder, pipe, [image], [prompt])
         assert torch.equal(ours["input_ids"], theirs["input_ids"])
         with torch.no_grad():
-            expected = reference(**{k: theirs[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}).logits
+            expected = reference(**{k: theirs[k]
+                                    for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}).logits
             got = pipe.model(**ours)
         assert (got - expected).abs().max().item() <= 1e-4
 
@@ -41,7 +42,8 @@ def test_padded_batch_matches_transformers(reference_factory, images, variant):
     assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
     assert ours["attention_mask"][0].sum() < ours["attention_mask"][1].sum()  # the first row is padded
     with torch.no_grad():
-        expected = reference(**{k: theirs[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}).logits
+        expected = reference(**{k: theirs[k]
+                                for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}).logits
         got = pipe.model(**ours)
     real = ours["attention_mask"].bool()
     assert (got - expected)[real].abs().max().item() <= 1e-4

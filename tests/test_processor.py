@@ -4,12 +4,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from tiny import reference_processor
 
 import paligemma
 from paligemma.processor import load_image, parse_detections
-from tiny import reference_processor
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,8 @@ def test_input_ids_match_transformers(processors, suffix):
 def test_decode_keeps_location_tokens_and_drops_control_tokens(processors):
     ours, _ = processors
     tok = ours.tokenizer
-    ids = [tok.token_to_id("<loc0012>"), tok.token_to_id("<loc1023>")] + tok.encode("▁dog", add_special_tokens=False).ids
+    ids = ([tok.token_to_id("<loc0012>"), tok.token_to_id("<loc1023>")]
+           + tok.encode("▁dog", add_special_tokens=False).ids)
     ids += [ours.eos_id, ours.pad_id]
     text = ours.decode(ids)
     assert text.startswith("<loc0012><loc1023>")
@@ -131,8 +131,12 @@ def test_load_image_accepts_paths_bytes_and_arrays(tmp_path):
 def test_stream_decoding_handles_split_multibyte_characters(processors):
     ours, _ = processors
     tok = ours.tokenizer
-    byte = lambda b: tok.token_to_id(f"<0x{b:02X}>")
-    word = lambda w: tok.encode(w, add_special_tokens=False).ids
+    def byte(b):
+        return tok.token_to_id(f"<0x{b:02X}>")
+
+    def word(w):
+        return tok.encode(w, add_special_tokens=False).ids
+
     complete = word("▁dog") + [byte(0xE6), byte(0x97), byte(0xA5)] + word("▁cat")  # E6 97 A5 is one character
     dangling = word("▁dog") + [byte(0xE6), byte(0x97)] + word("▁cat") + word("▁dog")  # a character that never ends
     for ids in (complete, dangling):

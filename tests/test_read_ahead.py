@@ -58,7 +58,8 @@ def test_read_ahead_streams_the_same_text(pipe):
     for ahead in (False, True):
         pipe.read_ahead = ahead
         try:
-            streams[ahead] = [(u.delta, u.token_ids, u.finished) for u in pipe.stream(image, "caption en", max_new_tokens=30)]
+            streams[ahead] = [(u.delta, u.token_ids, u.finished)
+                              for u in pipe.stream(image, "caption en", max_new_tokens=30)]
         finally:
             pipe.read_ahead = None
     assert streams[True] == streams[False]

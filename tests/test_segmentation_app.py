@@ -4,9 +4,9 @@ beside today's label and box."""
 import numpy as np
 import pytest
 import torch
+from app_server import rle_decode
 from PIL import Image
 
-from app_server import rle_decode
 from demo.app import box_entry, coco_rle, found_objects
 from demo.draw import MASK_OPACITY, PALETTE, draw_detections
 from paligemma import Detection, MaskDecoder, Segmentation

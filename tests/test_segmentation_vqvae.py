@@ -54,7 +54,9 @@ def test_encoding_gives_sixteen_codes_and_a_loss_that_trains():
 def test_segment_answers_read_back_as_the_scene_shapes():
     torch.manual_seed(0)
     model = ShapesVQVAE(MaskDecoderConfig(embedding_dim=8, width=16)).eval()
-    kinds = lambda scene: tuple(dict.fromkeys(x.shape for x in scene.shapes))
+    def kinds(scene):
+        return tuple(dict.fromkeys(x.shape for x in scene.shapes))
+
     scene = next(s for s in (S.render_scene(0, i) for i in range(50)) if len(kinds(s)) == 2)
     names, [absent] = kinds(scene), [k for k in S.SHAPES if k not in kinds(scene)]
     assert segment_prompt(names) == "segment " + " ; ".join(names)

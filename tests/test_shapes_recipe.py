@@ -117,9 +117,9 @@ def test_soft_targets_narrow_from_start_to_final():
 
 
 def test_decision_weights_fall_on_each_boxs_first_location_token_and_the_token_after_its_label():
-    from paligemma.train import loc_range_of, training_batch
     from paligemma.config import PaliGemmaConfig
     from paligemma.processor import PaliGemmaProcessor
+    from paligemma.train import loc_range_of, training_batch
     from shapes.tokenizer import build_shapes_tokenizer
 
     tokenizer = build_shapes_tokenizer()
@@ -407,6 +407,7 @@ def test_the_vocabulary_is_extended_at_the_end_keeping_every_weight_of_the_model
 
 def test_fine_tuning_refuses_a_vocabulary_whose_ids_moved(tmp_path):
     import shutil
+
     from tokenizers import Tokenizer
 
     moved = tmp_path / "moved"

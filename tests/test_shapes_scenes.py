@@ -161,7 +161,8 @@ def test_segment_answers_list_the_asked_kinds_with_their_codes():
     scene = scene_of(("circle", "green", (150, 10, 200, 60)), ("square", "blue", (112, 112, 224, 224)))
     codes = [list(range(16)), [127] * 16]
     assert S.segment_prompt(["circle", "square"]) == "segment circle ; square"
-    assert S.segment_answer(scene, ["square"], codes) == "<loc0512><loc0512><loc1023><loc1023>" + "<seg127>" * 16 + " square"
+    assert S.segment_answer(scene, ["square"], codes) == (
+        "<loc0512><loc0512><loc1023><loc1023>" + "<seg127>" * 16 + " square")
     assert S.segment_answer(scene, ["circle", "square"], codes) == (
         "<loc0685><loc0046><loc0913><loc0274>" + "".join(f"<seg{i:03d}>" for i in range(16)) + " circle ; "
         "<loc0512><loc0512><loc1023><loc1023>" + "<seg127>" * 16 + " square")

@@ -1,4 +1,5 @@
-"""The shapes tokenizer: PaliGemma's special-token layout, exact round trips, whole loc tokens, transformers-loadable."""
+"""The shapes tokenizer: PaliGemma's special-token layout, exact round trips, whole loc tokens,
+transformers-loadable."""
 
 import pytest
 
@@ -74,13 +75,15 @@ def test_transformers_loads_it_and_its_processor_uses_it(tokenizer, tmp_path):
         ids = fast(text, add_special_tokens=False).input_ids
         assert ids == tokenizer.encode(text, add_special_tokens=False).ids
         assert fast.decode(ids) == text
-    image_processor = SiglipImageProcessor(size={"height": 112, "width": 112}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor = SiglipImageProcessor(size={"height": 112, "width": 112}, image_mean=[0.5] * 3,
+                                           image_std=[0.5] * 3)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=fast)
     processor.image_seq_length = 64
     scene = S.render_scene(11, 0)
     inputs = processor(images=scene.image, text="caption en", suffix=S.caption(scene), return_tensors="pt")
     image = tokenizer.token_to_id("<image>")
-    expected = ([image] * 64 + [2] + tokenizer.encode("caption en\n").ids + tokenizer.encode(S.caption(scene)).ids + [1])
+    expected = ([image] * 64 + [2] + tokenizer.encode("caption en\n").ids
+                + tokenizer.encode(S.caption(scene)).ids + [1])
     assert inputs["input_ids"][0].tolist() == expected
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tiny_siglip import TEXT_LENGTH, build_siglip_reference
 
 import paligemma
 from paligemma.contrastive import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 from paligemma.siglip_config import SiglipConfig
 from paligemma.siglip_model import NoTextTowerError, SiglipModel
-from tiny_siglip import TEXT_LENGTH, build_siglip_reference
 
 TEXTS = ["a red circle", "a blue square", "two green triangles", "a photo of a cat"]
 
@@ -204,7 +204,8 @@ def test_save_and_load_round_trip_is_exact(loaded, tmp_path):
     ids = tokenizer(TEXTS)
     pixel_values = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, pixel_values=pixel_values), again(input_ids=ids, pixel_values=pixel_values))
+        assert torch.equal(model(input_ids=ids, pixel_values=pixel_values),
+                           again(input_ids=ids, pixel_values=pixel_values))
 
 
 def test_bad_inputs_get_clear_errors(loaded):
@@ -220,10 +221,10 @@ def test_spiece_model_tokenizes_as_transformers_siglip_tokenizer(tmp_path):
     import io
 
     import sentencepiece
+    from tiny_siglip import CORPUS
     from transformers import SiglipTokenizer as ReferenceTokenizer
 
     from paligemma.siglip_config import SiglipTextConfig
-    from tiny_siglip import CORPUS
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
+from conftest import random_image
+from tiny_siglip import build_siglip_reference
 
 import paligemma
-from conftest import random_image
 from paligemma.__main__ import main
 from paligemma.processor import load_image, preprocess_image
 from paligemma.zero_shot import classify
-from tiny_siglip import build_siglip_reference
 
 LABELS = ["a red circle", "a blue square", "two green triangles"]
 

@@ -8,10 +8,10 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from tiny_siglip import build_siglip_reference
 
 import paligemma
 from export.siglip import export_siglip
-from tiny_siglip import build_siglip_reference
 
 TEXTS = ["a red circle", "a blue square", "two green triangles", "a photo of a cat", "a dog"]
 
@@ -47,7 +47,8 @@ def test_onnx_runtime_gives_transformers_logits(exported, images):
     config = paligemma.load_siglip(folder).config
     input_ids = paligemma.SiglipTokenizer.from_pretrained(output, config.text)(TEXTS)
     pixel_values = torch.rand(images, 3, 28, 28, generator=torch.Generator().manual_seed(images)) * 2 - 1
-    image_embeddings = session(output / "siglip_image_encoder.onnx").run(None, {"pixel_values": pixel_values.numpy()})[0]
+    image_embeddings = session(output / "siglip_image_encoder.onnx").run(
+        None, {"pixel_values": pixel_values.numpy()})[0]
     text_embeddings = session(output / "siglip_text_encoder.onnx").run(None, {"input_ids": input_ids.numpy()})[0]
     logits = description["logit_scale"] * image_embeddings @ text_embeddings.T + description["logit_bias"]
     with torch.no_grad():

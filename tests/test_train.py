@@ -1,4 +1,5 @@
-"""paligemma.train: suffix-only loss, soft loc targets, a loop that learns, exact resume, checkpoints transformers reads."""
+"""paligemma.train: suffix-only loss, soft loc targets, a loop that learns, exact resume, checkpoints transformers
+reads."""
 
 import json
 import subprocess
@@ -6,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 from paligemma import train as T
 from paligemma.config import PaliGemmaConfig
@@ -93,7 +93,8 @@ def test_padded_batch_loss_equals_rows_alone(setup):
     prompts, answers = ["caption en", "answer en how many red shapes are there?"], ["a red circle, a red square", "2"]
     with torch.no_grad():
         both = T.training_batch(processor, images, prompts, answers)
-        rows = [T.training_batch(processor, images[i : i + 1], prompts[i : i + 1], answers[i : i + 1]) for i in range(2)]
+        rows = [T.training_batch(processor, images[i : i + 1], prompts[i : i + 1], answers[i : i + 1])
+                for i in range(2)]
         counts = [(r["labels"] != T.IGNORE).sum().item() for r in rows]
         alone = sum(lm(model, r).item() * n for r, n in zip(rows, counts)) / sum(counts)
         assert lm(model, both).item() == pytest.approx(alone, rel=1e-5)
@@ -233,7 +234,8 @@ def test_worker_processes_train_exactly_as_the_loop_alone(setup, tmp_path):
         T.train(model, batch_of, T.lm_loss(), options, out_dir=tmp_path / name,
                 save=lambda d, m=model: save_checkpoint(m, d), log=lambda line: None)
         resumed = load_model(tmp_path / name / "last", dtype=torch.float32)
-        T.train(resumed, batch_of, T.lm_loss(), T.TrainOptions(steps=5, lr=2e-3, warmup=1, progress=False, workers=workers),
+        T.train(resumed, batch_of, T.lm_loss(),
+                T.TrainOptions(steps=5, lr=2e-3, warmup=1, progress=False, workers=workers),
                 resume=tmp_path / name / "last", log=lambda line: None)
         results[name] = state_of(resumed)
     for key, value in results["workers"].items():
@@ -283,7 +285,8 @@ def test_train_command_on_jsonl(setup, tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "step 6" in resumed.stdout
-    bad = subprocess.run(command[:4] + ["--model", str(tmp_path / "run" / "last"), "--data", str(tmp_path / "missing.jsonl"),
+    bad = subprocess.run(command[:4] + ["--model", str(tmp_path / "run" / "last"),
+                                        "--data", str(tmp_path / "missing.jsonl"),
                                         "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "missing.jsonl" in bad.stderr

@@ -201,7 +201,8 @@ def test_float16_variant_keeps_float32_io_validates_and_sits_beside_float32(refe
     assert {"decoder_model_merged.onnx", "decoder_model_merged_fp16.onnx"} <= set(counts)
     graph = onnx.load(str(out / "onnx" / "decoder_model_merged_fp16.onnx"), load_external_data=False).graph
     float32 = onnx.TensorProto.FLOAT
-    assert {i.type.tensor_type.elem_type for i in graph.input if i.name != "attention_mask" and "ids" not in i.name} == {float32}
+    assert {i.type.tensor_type.elem_type for i in graph.input
+            if i.name != "attention_mask" and "ids" not in i.name} == {float32}
     assert {o.type.tensor_type.elem_type for o in graph.output} == {float32}
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
     model = TransformersJsModel(out, paligemma.load(folder).config, dtype="float16")
@@ -245,11 +246,13 @@ def test_the_embedded_models_float16_files_give_torch_tokens_in_both_loops(tmp_p
         assert got["tokens"][: len(expected)] == expected and len(got["tokens"]) == len(expected) + 1, prompt
 
 
-NBITS_OPS = {"vision_encoder": "MatMulNBits", "embed_tokens": "GatherBlockQuantized", "decoder_model_merged": "MatMulNBits"}
+NBITS_OPS = {"vision_encoder": "MatMulNBits", "embed_tokens": "GatherBlockQuantized",
+             "decoder_model_merged": "MatMulNBits"}
 
 
 @pytest.mark.parametrize("quantize, dtype, name, suffix, ops", [
-    ("int8", "float32", "q8", "_quantized", {"vision_encoder": "MatMulInteger", "decoder_model_merged": "MatMulInteger"}),
+    ("int8", "float32", "q8", "_quantized",
+     {"vision_encoder": "MatMulInteger", "decoder_model_merged": "MatMulInteger"}),
     ("int4", "float32", "q4", "_q4", NBITS_OPS),
     ("int4", "float16", "q4f16", "_q4f16", NBITS_OPS),
 ])

@@ -12,8 +12,8 @@ import shutil
 import threading
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -151,7 +151,8 @@ def canvas_pixels(page, plain: bool = False) -> np.ndarray:
             const scale = Math.min(c.width / image.width, c.height / image.height);
             c.getContext('2d').drawImage(image.toCanvas(), 0, 0, image.width * scale, image.height * scale);
         }
-        return {width: c.width, height: c.height, data: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)};
+        return {width: c.width, height: c.height,
+                data: Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)};
     }""", plain)
     return np.array(flat["data"], dtype=np.uint8).reshape(flat["height"], flat["width"], 4)[..., :3]
 

@@ -68,7 +68,8 @@ def test_masks_equal_python_on_the_shipped_models_codes(export, decoder, width, 
     """Boxes shrinking the 64 x 64 logits (Pillow's widened triangle) and stretching them, on square and other
     images."""
     text = (answer((388, 320, 603, 539), CIRCLE, "circle") + " ; " + answer((406, 726, 617, 936), TRIANGLE, "triangle")
-            + " ; " + answer((0, 0, 1023, 1023), SEEDED, "everything") + " ; " + answer((10, 500, 90, 1000), TRIANGLE, "flat"))
+            + " ; " + answer((0, 0, 1023, 1023), SEEDED, "everything")
+            + " ; " + answer((10, 500, 90, 1000), TRIANGLE, "flat"))
     found = assert_same(export, decoder, text, width, height)
     assert len(found) == 4 and all(s.mask.any() for s in found[:2])
 

@@ -48,7 +48,8 @@ def tiny_config(kind: str, image_token: int, vocab: int, **overrides):
                 intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=24,  # head_dim != 64 / 4
                 vocab_size=vocab, max_position_embeddings=512)
     if kind == "pg2":
-        text.update(sliding_window=6, query_pre_attn_scalar=20, attn_logit_softcapping=5.0, final_logit_softcapping=10.0)
+        text.update(sliding_window=6, query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
+                    final_logit_softcapping=10.0)
     text.update(overrides.pop("text", {}))
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=28,
                   patch_size=14, vision_use_head=False)
@@ -82,7 +83,8 @@ def rewrite_layout(folder: Path, layout: str) -> None:
     renamed = {}
     for key, value in state.items():
         if layout == "hub":
-            key = key.replace("vision_tower.", "vision_tower.vision_model.", 1) if key.startswith("vision_tower.") else key
+            key = (key.replace("vision_tower.", "vision_tower.vision_model.", 1) if key.startswith("vision_tower.")
+                   else key)
         elif layout == "tf4":
             if key.startswith("vision_tower."):
                 key = "model.vision_tower.vision_model." + key[len("vision_tower."):]

@@ -3,12 +3,12 @@
     python -m demo.web.build [--out demo/web/site] [--serve] [--port 8000] [--rebuild]
 
 The folder holds the page (index.html, app.js, style.css: committed in demo/web/), the embedded model exported in
-transformers.js' layout (model/: float32 and int8, and the mask decoder), transformers.js' browser build and onnxruntime-web's WebAssembly
-files (the asyncify build WebGPU needs, and the plain one, smaller and faster to compile, for WebAssembly) from the
-installed npm packages (vendor/; `npm ci --onnxruntime-node-install=skip` in demo/web first), the example scenes
-(examples/) and a README.md whose front matter makes the folder a static Hugging Face Space. All of it is built;
-nothing is fetched from a CDN or the Hub when the page runs. The server sends the cross-origin isolation headers
-that let onnxruntime-web run on several threads.
+transformers.js' layout (model/: float32 and int8, and the mask decoder), transformers.js' browser build and
+onnxruntime-web's WebAssembly files (the asyncify build WebGPU needs, and the plain one, smaller and faster to compile,
+for WebAssembly) from the installed npm packages (vendor/; `npm ci --onnxruntime-node-install=skip` in demo/web first),
+the example scenes (examples/) and a README.md whose front matter makes the folder a static Hugging Face Space. All of
+it is built; nothing is fetched from a CDN or the Hub when the page runs. The server sends the cross-origin isolation
+headers that let onnxruntime-web run on several threads.
 """
 
 from __future__ import annotations

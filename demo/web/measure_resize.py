@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             worst = max(worst, float(diff.max()))
             print(f"{example['file']}: max |diff| {diff.max():.3f}, mean {diff.mean():.4f}, "
                   f"pixels off by > 0.1: {(diff > 0.1).mean():.1%}")
-            print(f"  {prompt!r}: Pillow -> {ours!r}\n  {' ' * len(repr(prompt))}  transformers.js -> {theirs['text']!r}")
+            print(f"  {prompt!r}: Pillow -> {ours!r}\n"
+                  f"  {' ' * len(repr(prompt))}  transformers.js -> {theirs['text']!r}")
     print(f"largest difference over the examples: {worst:.3f} (normalized units, range [-1, 1])")
     return 0
 
