@@ -275,10 +275,11 @@ def main(argv=None) -> int:
     markdown = f"Machine: {result['machine']['summary']}; {result['date']}; `{result['command']}`\n\n{tables}\n"
     report.write_json(args.out / f"{mode}.json", result)
     (args.out / f"{mode}.md").write_text(markdown)
-    if args.mode == "speed":
+    chart = args.mode == "speed" and bool(report.ratio_panels(result))  # ratios need transformers beside the others
+    if chart:
         report.plot_ratios(args.out / f"{mode}.png", result)
     print(markdown)
-    log(f"wrote {args.out / mode}.json, .md{' and .png' if args.mode == 'speed' else ''} in {time.time() - start:.0f}s")
+    log(f"wrote {args.out / mode}.json, .md{' and .png' if chart else ''} in {time.time() - start:.0f}s")
     failed = [f"{w['name']}/{r['runtime']}" for w in workloads for r in w["rows"] if "error" in r]
     if failed:
         print(f"error: {', '.join(failed)} failed (see the table)", file=sys.stderr)
