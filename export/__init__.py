@@ -1,5 +1,5 @@
 """PaliGemma as ONNX: three graphs (vision_encoder, prefill, decode) and an ONNX Runtime generation loop behind the
-same pipeline interface as torch. See export/README.md for the graphs' contract."""
+same pipeline interface as torch. See docs/export.md for the graphs' contract."""
 
 from paligemma.errors import OnnxExportError
 

@@ -12,7 +12,7 @@ Axes: N output channels (a checkpoint matrix's rows: nn.Linear [N, K], the tied 
   transposed. A K that is not a multiple of the block is padded with zeros inside the last block (MatMulNBits' K
   attribute keeps the true width; padded values quantize to the zero point and meet no input).
   int8 blocks are INT8_BLOCK_SIZE wide: MatMulNBits takes blocks of 16 to 256 only (no per-channel scale: ONNX
-  Runtime refuses a block of K), and the measured choice is in export/README.md "Quantized exports".
+  Runtime refuses a block of K), and the measured choice is in docs/quantization.md.
 - "int8_standard" (internal; not a `--quantize` value): per-output-channel symmetric weights (scale = max |w| / 127,
   255 levels around zero) and activations quantized per tensor per call, in standard ONNX ops, as onnxruntime's
   quantize_dynamic emits them, for runtimes without com.microsoft ops (onnxruntime-web's `_quantized` files):
@@ -43,11 +43,11 @@ from onnx import helper
 QUANTIZATIONS = ("int8", "int4")  # what `--quantize` takes
 STANDARD_INT8 = "int8_standard"  # MatMulInteger in standard ops, for runtimes without com.microsoft (see above)
 INT4_FLOAT16 = "int4_float16"  # int4 with float16 scales, for float16 graphs (see above)
-INT8_BLOCK_SIZE = 32  # the most accurate of 32-256 for decode speed within noise (export/README.md)
-INT4_BLOCK_SIZE = 32  # closer to torch than 64 on the embedded model, as fast (export/README.md)
+INT8_BLOCK_SIZE = 32  # the most accurate of 32-256 for decode speed within noise (docs/quantization.md)
+INT4_BLOCK_SIZE = 32  # closer to torch than 64 on the embedded model, as fast (docs/quantization.md)
 # 4: ONNX Runtime quantizes the activations to int8 per block inside the kernel; for int4 1.8x the decode speed of 0
 # (float activations) for the same distance to torch; for int8, 0 and 1 dequantize the weight on every call
-# (70-100x slower; export/README.md)
+# (70-100x slower; docs/quantization.md)
 NBITS_ACCURACY_LEVEL = 4
 MS_DOMAIN = "com.microsoft"
 STANDARD_ZERO_POINT = 128

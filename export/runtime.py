@@ -98,7 +98,7 @@ def one_session_options(plan: ThreadPlan, spinning: bool = False) -> ort.Session
     kernels, so a float16 graph's session casts its weights once into a float32 copy of its own, and a buffer shared
     with other sessions would only add the float16 bytes. Pre-packing and the memory arena off: both hold a second
     copy of weights or casts while the session is created (measured on the weight-heavy model's float16 prefill: peak
-    2.07x the float32 weights with them, 1.41x without; export/README.md)."""
+    2.07x the float32 weights with them, 1.41x without; docs/export.md)."""
     options = session_options(plan, None, spinning=spinning)
     options.add_session_config_entry("session.disable_prepacking", "1")
     options.enable_cpu_mem_arena = False
@@ -129,7 +129,7 @@ class OnnxModel:
         # weight, int8 a quarter).
         prepack = prepack or self.manifest.get("quantize") in PREPACKED
         # Pre-packed, MLAS lays out each MatMul weight once instead of on every call: the embedded model's fused
-        # prefill and decode ran faster so (export/README.md "Fused decode graphs"), at the cost of a packed copy
+        # prefill and decode ran faster so (docs/runtime.md "Fused graphs, measured"), at the cost of a packed copy
         # of the decoder weights in each of the two sessions, which only a small model affords.
         fused_prepack = prepack or decoder_bytes < SMALL_MODEL_BYTES
         # As this model's sessions are made (bench/kernels.py makes profiled copies of them).
@@ -404,7 +404,7 @@ def export_and_validate(source, output, *, log=print, **options) -> dict:
     with removed_on_failure(Path(output)):
         # One step at a time, the torch reference first (while this process holds nothing large), so that the
         # torch model, the export's working memory and ONNX Runtime's weights are never in memory together. The
-        # reference streams the layers (export/README.md "Streaming export"): its peak stays below ONNX Runtime's
+        # reference streams the layers (docs/export.md "Streaming export"): its peak stays below ONNX Runtime's
         # even when a 4-bit export holds an eighth of the float32 weights.
         reference = torch_reference(folder, dtype, streamed=True)
         manifest = export_model(folder, output, log=log, **options)

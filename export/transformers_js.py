@@ -94,7 +94,7 @@ class Variant:
 # int8 in standard ops (MatMulInteger), as transformers.js' own _quantized files are: every runtime it uses runs them
 # (onnxruntime-web's WebAssembly build is tested with it; com.microsoft MatMulNBits 8-bit there is not).
 # q4f16: the float16 graph with int4 blocks whose scales are float16, as MatMulNBits and GatherBlockQuantized want
-# them beside float16 activations; inputs and outputs stay float32, as in every variant here (export/README.md).
+# them beside float16 activations; inputs and outputs stay float32, as in every variant here (docs/transformers-js.md).
 VARIANTS = (Variant("float32", None, "fp32", ""), Variant("float16", None, "fp16", "_fp16"),
             Variant("float32", "int8", "q8", "_quantized", STANDARD_INT8),
             Variant("float32", "int4", "q4", "_q4", "int4"),

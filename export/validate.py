@@ -20,7 +20,7 @@ variants, and for those also on the relative rms difference, ||ONNX - torch|| / 
   0.77, 0.55; tiny PaliGemma 2 0.36, 0.32; embedded demo model 0.10, 0.076; 3B-wide random model 0.17, 0.25. On the
   random tiny models 4-bit rounding moves the logits by half their spread, so this limit catches a broken layout
   (an unrelated output is ~1.4 relative rms), not a loss of quality: what a quantization costs is measured on the
-  task (500 scenes, export/README.md).
+  task (500 scenes, docs/quantization.md).
 - int4_float16 (transformers.js' `_q4f16`: int4's blocks with float16 scales, in a float16 graph), against float32
   torch: int4's limits. Measured (max, rms; worst graph): tiny PaliGemma 1 0.92, 0.61; tiny PaliGemma 2 0.33, 0.34;
   embedded demo model 0.13, 0.114, where int4 measured 0.89, 0.61; 0.34, 0.33; 0.13, 0.112 on the same requests:

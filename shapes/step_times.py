@@ -5,7 +5,7 @@
 Each stage's step is timed as the recipe runs it (its batch drawn, forward, backward, AdamW), with wall and CPU
 time per step after one warm-up step; `stage 2 packed, before issue 19` is the step the recipe ran before
 segmentation and the training styles (no segmentation question, the card's drawing, a quarter of images as JPEG),
-whose time on a quiet machine is known (0.61 s on this 2-core CPU; shapes/README.md), so the ratios carry the
+whose time on a quiet machine is known (0.61 s on this 2-core CPU; docs/embedded-model.md), so the ratios carry the
 measurement over to a quiet machine even when this one is shared. The models start untrained: a step's cost does
 not depend on the weights.
 """

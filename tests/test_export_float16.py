@@ -1,4 +1,4 @@
-"""float16 validation holds one ONNX Runtime session at a time (export/README.md, "The full PaliGemma-3B shape"):
+"""float16 validation holds one ONNX Runtime session at a time (docs/export.md, "The full PaliGemma-3B shape"):
 on CPU each float16 session keeps a float32 copy of its weights, so the three at once do not fit at 3B."""
 
 import gc

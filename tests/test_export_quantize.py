@@ -192,7 +192,7 @@ def test_a_shard_truncated_during_an_int4_export_is_named_and_the_partial_export
 
 def test_an_int4_export_with_validation_stays_within_the_weights_bound(weight_heavy, tmp_path):  # noqa: F811
     # The lookup reads the int4 blocks (GatherBlockQuantized) and MatMulNBits runs pre-packed, so ONNX Runtime holds
-    # about an eighth of the float weights; the peak is the float32 torch reference (export/README.md).
+    # about an eighth of the float weights; the peak is the float32 torch reference (docs/quantization.md).
     out = tmp_path / "onnx"
     baseline = peak_rss_kb([sys.executable, "-c", "import export.onnx_export, export.runtime, export.torch_reference"])
     peak = peak_rss_kb([sys.executable, "-m", "export", "--model", str(weight_heavy), "--output", str(out),

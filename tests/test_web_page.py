@@ -275,7 +275,7 @@ def test_a_bad_upload_gets_a_message(page, tmp_path):
 def test_the_int8_variant_gives_this_projects_int8_tokens_on_the_same_files(browser, url, site):
     """?dtype=q8: the page's int8 files; onnxruntime-web (MatMulInteger in WebAssembly) must give what this
     project's ONNX Runtime loop gives on the same files and pixel values (int8 answers may differ from torch's by a
-    few location bins: demo/web/README.md)."""
+    few location bins: docs/web.md)."""
     from export.runtime import load_onnx_pipeline
 
     page = open_page(browser, url + "?dtype=q8")

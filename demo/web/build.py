@@ -41,7 +41,7 @@ RUNTIME_FILES = {
     NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.mjs": "ort-wasm-simd-threaded.mjs",
     NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.wasm": "ort-wasm-simd-threaded.wasm",
 }
-# float32 (the page's default: torch's answers) and int8 (`?dtype=q8`: faster in WebAssembly, demo/web/README.md)
+# float32 (the page's default: torch's answers) and int8 (`?dtype=q8`: faster in WebAssembly, docs/web.md)
 MODEL_QUANTIZATIONS = (None, "int8")
 ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 SPACE_README = """---
