@@ -46,7 +46,7 @@ TARGETS = {
              "onnx-int4": dict(decode=5.0, ttft=1.5)},
     "full3b": {"torch-compiled": dict(decode_tokens_per_s=400, ttft_ms=20)},
 }
-REQUEST_TARGETS = {"demo": {"onnx": dict(speedup=5.0, faster_than_torch=True)}}  # issue 21
+REQUEST_TARGETS = {"demo": {"onnx": dict(speedup=5.0, faster_than_torch=True)}}  # whole requests: the app's own target
 EXPORTS = {"onnx": None, "onnx-int8": "int8", "onnx-int4": "int4"}  # runtime -> quantization
 
 

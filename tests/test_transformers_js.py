@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from npm import npm_packages
 from PIL import Image
 
 import paligemma
@@ -57,8 +58,7 @@ def exported(request, reference_factory, tmp_path_factory):
 
 def node_generate(model: Path, pixel_values, prompt: str, tmp_path: Path, max_new_tokens: int = STEPS, *extra):
     """transformers.js' greedy tokens (and its input ids) for these exact pixel values."""
-    if not (WEB / "node_modules" / "@huggingface" / "transformers").exists():
-        pytest.fail("transformers.js is not installed: run `npm ci --onnxruntime-node-install=skip` in demo/web")
+    npm_packages()
     pixels = tmp_path / "pixels.bin"
     pixel_values.numpy().astype("<f4").tofile(pixels)
     done = subprocess.run(["node", str(WEB / "generate.mjs"), "--model", str(model), "--pixels", str(pixels),

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from npm import npm_packages
 from PIL import Image
 
 import paligemma
@@ -22,7 +23,7 @@ import paligemma
 playwright = pytest.importorskip("playwright.sync_api")
 
 from demo import app as demo_app  # noqa: E402
-from demo.web.build import NODE_MODULES, build, server  # noqa: E402
+from demo.web.build import build, server  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox"]
@@ -36,8 +37,7 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    if not (NODE_MODULES / "@huggingface" / "transformers").exists():
-        pytest.fail("transformers.js is not installed: run `npm ci --onnxruntime-node-install=skip` in demo/web")
+    npm_packages()
     return build(tmp_path_factory.mktemp("site"), validate=False, log=quiet)  # the tests compare tokens themselves
 
 
