@@ -460,40 +460,49 @@ def test_the_torch_check_is_offered_by_default_only_for_small_models(backend, mo
     assert not box.interactive
 
 
-def test_app_py_refuses_an_export_folder_with_the_torch_backend(tmp_path):
-    result = subprocess.run([sys.executable, "app.py", "--backend", "torch", "--onnx-dir", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--onnx-dir is served by --backend onnx only" in result.stderr
-    assert result.stderr.strip().count("\n") == 0
+def app_py_refusal(argv, capsys, env=None, monkeypatch=None) -> str:
+    """What `python app.py ARGV` prints on stderr when it refuses to start (exit 2), run in this process: the same
+    main() (test_app_py_reports_a_bad_model_without_a_traceback runs the real process)."""
+    import app
+
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
-def test_app_py_refuses_a_damaged_export_it_was_told_to_serve(backend, tmp_path):
+def test_app_py_refuses_an_export_folder_with_the_torch_backend(tmp_path, capsys):
+    stderr = app_py_refusal(["--backend", "torch", "--onnx-dir", str(tmp_path)], capsys)
+    assert "--onnx-dir is served by --backend onnx only" in stderr
+    assert stderr.strip().count("\n") == 0
+
+
+def test_app_py_refuses_a_damaged_export_it_was_told_to_serve(backend, tmp_path, capsys):
     import shutil
 
     damaged = tmp_path / "onnx"
     shutil.copytree(backend.pipeline.engine_factory.onnx_dir, damaged)
     data = damaged / "decoder.onnx.data"
     data.write_bytes(bytes(data.stat().st_size))
-    result = subprocess.run([sys.executable, "app.py", "--onnx-dir", str(damaged)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "decoder.onnx.data is corrupt" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = app_py_refusal(["--onnx-dir", str(damaged)], capsys)
+    assert "decoder.onnx.data is corrupt" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("config", ['[1, 2]', '{"model_type": "paligemma", "text_config": "gemma"}'])
-def test_app_py_reports_a_bad_config_in_one_line(tmp_path, config):
+def test_app_py_reports_a_bad_config_in_one_line(tmp_path, config, capsys):
     (tmp_path / "config.json").write_text(config)
-    result = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2 and "config.json" in result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    stderr = app_py_refusal(["--model", str(tmp_path)], capsys)
+    assert "config.json" in stderr
+    assert "Traceback" not in stderr and stderr.strip().count("\n") == 0, stderr
 
 
 @pytest.mark.parametrize("args,message", [(["--threads", "0"], "--threads must be at least 1"),
                                           (["--backend", "torch", "--threads", "2"], "set OMP_NUM_THREADS")])
-def test_app_py_refuses_bad_thread_settings_in_one_line(args, message):
-    result = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
+def test_app_py_refuses_bad_thread_settings_in_one_line(args, message, capsys):
+    stderr = app_py_refusal(args, capsys)
+    assert message in stderr and stderr.strip().count("\n") == 0
 
 
 def test_the_banner_shows_the_thread_plan(backend):
@@ -527,13 +536,10 @@ def test_the_embedded_model_served_quantized_answers_and_says_so(quantize, tmp_p
     ([], {"PALIGEMMA_QUANTIZE": "fp4"}, "--quantize 'fp4' is not one of int8, int4"),
     (["--backend", "torch", "--quantize", "int8"], {}, "served by --backend onnx only"),
 ])
-def test_app_py_refuses_a_bad_quantization_in_one_line(args, env, message):
-    import os
-
-    result = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, **env))
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert result.stderr.strip().count("\n") == 0, result.stderr
+def test_app_py_refuses_a_bad_quantization_in_one_line(args, env, message, capsys, monkeypatch):
+    stderr = app_py_refusal(args, capsys, env, monkeypatch)
+    assert message in stderr, stderr
+    assert stderr.strip().count("\n") == 0, stderr
 
 
 def test_load_backend_refuses_a_quantized_torch_backend():
