@@ -14,11 +14,11 @@ from export.validate import DECODE_STEPS, validation_requests
 from paligemma.engines import TorchEngine
 from paligemma.processor import PaliGemmaProcessor
 
-# Weights spread over layers (~55 MB each, 12 of them) and a 34 MB embedding (resident in the streamed reference):
-# 0.7 GB in all, of which the streamed reference holds the embedding and one layer.
+# Weights spread over layers (~15 MB each, 12 of them) and a 17 MB embedding (resident in the streamed reference):
+# 0.2 GB in all, of which the streamed reference holds the embedding and one layer.
 LAYERED = dict(
     vision=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, patch_size=14, image_size=28),
-    text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+    text=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
               vocab_size=8192),
     image_token_index=8100,
 )
