@@ -53,7 +53,7 @@ EXPORTS = {"onnx": None, "onnx-int8": "int8", "onnx-int4": "int4"}  # runtime ->
 def default_runtimes(cuda: bool) -> list[str]:
     """Every runtime of the mode whose export the exporter can make (an ONNX quantization it does not offer yet is
     left out unless asked for by name)."""
-    from export.onnx_export import QUANTIZATIONS
+    from export.writer.onnx_export import QUANTIZATIONS
 
     return [name for name in (CUDA_RUNTIMES if cuda else CPU_RUNTIMES) if EXPORTS.get(name) in (None, *QUANTIZATIONS)]
 
@@ -145,9 +145,9 @@ def ensure_export(folder: Path, runtime: str, args, log) -> Path:
     """The ONNX export a runtime reads, made once per checkpoint, variant and exporter source and kept in the
     benchmark's cache (export.runtime.cached_export's rule), without validation, in a process of its own unless
     --in-process."""
-    from export.manifest import weights_fingerprint
     from export.runtime import cached_export
     from export.variants import variant_name
+    from export.writer.manifest import weights_fingerprint
     from paligemma.config import PaliGemmaConfig
 
     dtype = "float16" if args.cuda else "float32"
@@ -158,7 +158,7 @@ def ensure_export(folder: Path, runtime: str, args, log) -> Path:
         log(f"  exporting {folder.name} to ONNX ({variant}) in {staging}")
         start = time.perf_counter()
         if args.in_process:
-            from export.onnx_export import export_model
+            from export.writer.onnx_export import export_model
 
             export_model(folder, staging, dtype=dtype, quantize=quantize, progress=False, log=lambda message: None)
         else:

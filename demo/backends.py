@@ -149,7 +149,7 @@ def describe_onnx(pipeline) -> str:
 
     from export.variants import exported_variant
 
-    model = pipeline.engine_factory  # export.runtime.OnnxModel
+    model = pipeline.engine_factory  # export.runtime.pipeline.OnnxModel
     described = f"ONNX Runtime {onnxruntime.__version__}"
     manifest = getattr(model, "manifest", None)
     if manifest is not None:

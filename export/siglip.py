@@ -36,7 +36,7 @@ from paligemma.siglip_tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_JSON, Sigl
 from paligemma.weights import resolve_checkpoint
 
 from .graphs import GraphSpec, TensorSpec
-from .onnx_export import DEFAULT_OPSET, OPSETS, removed_on_failure, set_metadata, trace_to_onnx
+from .writer.onnx_export import DEFAULT_OPSET, OPSETS, removed_on_failure, set_metadata, trace_to_onnx
 
 logger = logging.getLogger(__name__)
 

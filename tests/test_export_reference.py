@@ -1,5 +1,5 @@
-"""The layer-streamed torch reference (export.torch_reference.layer_streamed) records what the whole model records,
-holding one layer at a time."""
+"""The layer-streamed torch reference (export.validation.torch_reference.layer_streamed) records what the whole model
+records, holding one layer at a time."""
 
 import os
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench.workloads import Workload
-from export.torch_reference import layer_streamed, load_streamed, record, torch_reference
-from export.validate import DECODE_STEPS, validation_requests
+from export.validation.torch_reference import layer_streamed, load_streamed, record, torch_reference
+from export.validation.validate import DECODE_STEPS, validation_requests
 from paligemma.engines import TorchEngine
 from paligemma.processor import PaliGemmaProcessor
 
@@ -90,7 +90,7 @@ def growth_bytes(code: str) -> int:
 # file-backed) is left out, and so are other processes' import-time peaks.
 PROBE = """import threading, time, torch
 from pathlib import Path
-from export import torch_reference
+from export.validation import torch_reference
 from paligemma.processor import PaliGemmaProcessor
 
 def anonymous():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import paligemma
-from export.transformers_js import export_transformers_js
+from export.transformers_js.writer import export_transformers_js
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "demo" / "web"

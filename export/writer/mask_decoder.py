@@ -4,8 +4,8 @@ A checkpoint that ships `mask_decoder.safetensors` (paligemma.weights.MASK_DECOD
 input `codes` int64 [batch, 16] (a segmentation answer's `<segNNN>` numbers), output `mask_logits` float32
 [batch, 64, 64] (> 0 inside the mask). It is small (1.2 M parameters in the published decoder), so it is always
 float32 with its weights inline, whatever the export's dtype, and validated against torch at 1e-4 absolute, the
-float32 logits' tolerance (export/validate.py). The manifest lists the file (size, sha256: loading checks it like
-every other) and describes the graph under "mask_decoder".
+float32 logits' tolerance (export/validation/validate.py). The manifest lists the file (size, sha256: loading checks
+it like every other) and describes the graph under "mask_decoder".
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def export_mask_decoder(decoder: MaskDecoder, path: Path, opset: int, ir_version
     torch.onnx.export(decoder.float().eval(), (codes,), str(path), input_names=[INPUT], output_names=[OUTPUT],
                       dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=opset, dynamo=False)
     graph = onnx.load(str(path))
-    graph.ir_version = ir_version  # what onnxruntime reads (see export/onnx_export.py)
+    graph.ir_version = ir_version  # what onnxruntime reads (see export/writer/onnx_export.py)
     onnx.save(graph, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)

@@ -27,16 +27,23 @@ from paligemma.masks import TokenLayout, additive, extend_for_generation, token_
 from paligemma.processor import PaliGemmaProcessor
 from paligemma.weights import resolve_checkpoint
 
+from ..graphs import GRAPH_ORDER, cache_names
+from ..quantize import PREPACKED
+from ..threads import SMALL_MODEL_BYTES, ThreadPlan, plan_threads
+from ..validation.torch_reference import torch_reference
+from ..validation.validate import validate_export
+from ..variants import exported_variant, variant_name
+from ..writer.integrity import cache_root
+from ..writer.manifest import (
+    EXPORTER_VERSION,
+    MANIFEST_NAME,
+    METADATA_PREFIX,
+    check_export,
+    config_hash,
+    weights_fingerprint,
+)
+from ..writer.mask_decoder import load_onnx_mask_decoder
 from .fused import bias_name, fused_session, left_padded, rotary_positions, unsupported
-from .graphs import GRAPH_ORDER, cache_names
-from .integrity import cache_root
-from .manifest import EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash, weights_fingerprint
-from .mask_decoder import load_onnx_mask_decoder
-from .quantize import PREPACKED
-from .threads import SMALL_MODEL_BYTES, ThreadPlan, plan_threads
-from .torch_reference import torch_reference
-from .validate import validate_export
-from .variants import exported_variant, variant_name
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +176,8 @@ class OnnxModel:
                     "prefill and decode fused" if self.fused_decode else "graphs as exported")
 
     def _fused_sessions(self, fused: bool | None, shared, providers, prepack: bool, spinning: bool):
-        """The fused prefill and decode sessions (export/fused.py), built here from the checked graphs: (None, None)
-        when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
+        """The fused prefill and decode sessions (export/runtime/fused.py), built here from the checked graphs: (None,
+        None) when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
         if fused is False:
             return None, None
         reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"), self.device_type)
@@ -278,7 +285,7 @@ class OnnxEngine:
     """One request: prefill the prompt, then one decode step per token. The decode graph's attention_mask and
     position_ids come from the torch engines' own rule (paligemma.masks).
 
-    With the fused decode graph (export/fused.py), the cache lives in buffers of a fixed capacity (prompt +
+    With the fused decode graph (export/runtime/fused.py), the cache lives in buffers of a fixed capacity (prompt +
     max_new_tokens slots) allocated at the first decode step, each row's real keys moved to its front; the graph writes
     each new key and value in place. Every input and output is bound once, to arrays updated in place: a step writes
     the tokens, advances positions and lengths by one and runs. The logits are written into one bound buffer and
@@ -396,7 +403,7 @@ class OnnxEngine:
 def export_and_validate(source, output, *, log=print, **options) -> dict:
     """export_model(source, output, **options), then validate_export through this runtime's sessions: what
     `python -m export` and the export cache run. Returns the manifest."""
-    from .onnx_export import DEFAULT_OPSET, check_options, export_model, removed_on_failure
+    from ..writer.onnx_export import DEFAULT_OPSET, check_options, export_model, removed_on_failure
 
     dtype = options.get("dtype", "float32")
     check_options(output, dtype, options.get("quantize"), options.get("opset", DEFAULT_OPSET))
@@ -409,8 +416,8 @@ def export_and_validate(source, output, *, log=print, **options) -> dict:
         reference = torch_reference(folder, dtype, streamed=True)
         manifest = export_model(folder, output, log=log, **options)
         config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
-        # The graphs as written are what other runtimes read; the fused ones (export/fused.py), built from them at
-        # load, are what this runtime serves where they apply: both are held to torch, one after the other.
+        # The graphs as written are what other runtimes read; the fused ones (export/runtime/fused.py), built from them
+        # at load, are what this runtime serves where they apply: both are held to torch, one after the other.
         # float16 on CPU: each session casts its weights to a float32 copy of its own, so one session at a time.
         model = OnnxModel(output, config, fused=False, one_session=manifest["dtype"] == "float16")
         validate_export(reference, model, log=log)
@@ -471,8 +478,8 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
     folder given as `folder` or `onnx_dir` must be that variant."""
     folder = Path(folder)
     # transformers.js' layout (python -m export --format transformers.js) has an engine of its own.
-    from .transformers_js import is_transformers_js_export
-    from .transformers_js_runtime import load_transformers_js_pipeline
+    from ..transformers_js.runtime import load_transformers_js_pipeline
+    from ..transformers_js.writer import is_transformers_js_export
 
     for candidate in (onnx_dir, folder):
         if candidate is not None and is_transformers_js_export(candidate):

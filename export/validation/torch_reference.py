@@ -1,12 +1,12 @@
 """The torch side of the export's validation, recorded in a process of its own.
 
-    python -m export.torch_reference CHECKPOINT DTYPE OUT [--streamed]
+    python -m export.validation.torch_reference CHECKPOINT DTYPE OUT [--streamed]
 
 The torch model and ONNX Runtime's copy of the weights would need twice the weights' memory side by side; here the
 child records what torch gives on the validation requests (image embeddings, prefill logits, the greedy tokens and
 the logits of each decode step) into OUT (safetensors), and exits, returning its memory before the parent exports
-and ONNX Runtime loads the export. The child reads the weights tensor by tensor (export/checkpoint_stream.py), and
-either holds them once (the whole model) or, `--streamed`, one layer at a time (layer_streamed): each layer's
+and ONNX Runtime loads the export. The child reads the weights tensor by tensor (export/writer/checkpoint_stream.py),
+and either holds them once (the whole model) or, `--streamed`, one layer at a time (layer_streamed): each layer's
 tensors are read when the model's own forward reaches it and dropped when it leaves, every decode step passing over
 all the layers again (the reads come from the page cache), so that a 4-bit export of a model whose float32 weights
 exceed the machine's memory can still be checked against float32 torch.
@@ -29,15 +29,15 @@ from paligemma.errors import CheckpointError, OnnxExportError
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 
-from .checkpoint_stream import CheckpointStream
+from ..writer.checkpoint_stream import CheckpointStream
 from .validate import DECODE_STEPS, validation_requests
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
     """The model with its weights read one tensor at a time (load_model's strict checks, no mapped file)."""
-    from .onnx_export import read_config
+    from ..writer.onnx_export import read_config
 
     source = CheckpointStream(folder)
     with torch.device("meta"):
@@ -66,7 +66,7 @@ def layer_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalG
     """The model whose layers read their weights when its forward reaches them and drop them when it leaves, the
     model's own code running unchanged (forward hooks do the reading): what it computes is what load_streamed's model
     computes, holding one layer at a time besides what stays resident (streamed_units)."""
-    from .onnx_export import read_config
+    from ..writer.onnx_export import read_config
 
     source = CheckpointStream(folder)
     with torch.device("meta"):
@@ -152,7 +152,7 @@ def torch_reference(checkpoint: Path, dtype: str, streamed: bool = False) -> dic
         out = Path(tmp) / "reference.safetensors"
         env = dict(os.environ,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
-        command = [sys.executable, "-m", "export.torch_reference", str(checkpoint), dtype, str(out)]
+        command = [sys.executable, "-m", "export.validation.torch_reference", str(checkpoint), dtype, str(out)]
         done = subprocess.run(command + (["--streamed"] if streamed else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]

@@ -1,8 +1,8 @@
 """torch -> ONNX: the three graphs, weights stored once, metadata, checks.
 
 Exporter: TorchScript (`torch.onnx.export(dynamo=False)`), which traces batch, sequence and past length as dynamic
-axes. Every export streams (export/streaming.py): the graphs are traced on a hollow model and each weight is copied
-from the checkpoint into the data file on its own, so the export holds about one matrix of weights at a time,
+axes. Every export streams (export/writer/streaming.py): the graphs are traced on a hollow model and each weight is
+copied from the checkpoint into the data file on its own, so the export holds about one matrix of weights at a time,
 whatever the model's size; int8 and int4 quantize each weight as it is written (export/quantize.py), with no
 whole-graph pass. The exporter's constant folding is off: it would hold the weights twice more; weight transposes
 are folded here, one tensor at a time, so ONNX Runtime has nothing left to copy at load.
@@ -30,9 +30,10 @@ from paligemma.config import PaliGemmaConfig
 from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
 from paligemma.weights import resolve_checkpoint
 
+from ..graphs import GRAPH_ORDER, graph_modules, graph_specs
+from ..quantize import QUANTIZATIONS, SCHEMES, stored_nbytes
 from .checkpoint_stream import CheckpointStream
 from .external_data import ExternalData
-from .graphs import GRAPH_ORDER, graph_modules, graph_specs
 from .integrity import sha256_of
 from .manifest import (
     EXPORTER_VERSION,
@@ -43,7 +44,6 @@ from .manifest import (
     weights_fingerprint,
 )
 from .mask_decoder import add_mask_decoder
-from .quantize import QUANTIZATIONS, SCHEMES, stored_nbytes
 from .streaming import WeightsAsInputs, WeightWriter, hollow_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -103,7 +103,7 @@ def check_export(onnx_dir: Path, config: PaliGemmaConfig, fingerprint: str | Non
                  progress: bool = True) -> dict:
     """The manifest of an export made from this config (and these weights, when a fingerprint is given), after
     checking that every file it lists is there with its recorded size and sha256 (hashed once per file identity:
-    export/integrity.py). Raises OnnxExportError naming the first problem."""
+    export/writer/integrity.py). Raises OnnxExportError naming the first problem."""
     onnx_dir = Path(onnx_dir)
     manifest = read_manifest(onnx_dir)
     redo = REDO

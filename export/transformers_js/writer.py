@@ -6,15 +6,15 @@ load, written with the default export's streaming machinery.
     OUT/tokenizer.json              the checkpoint's, without a post-processor (see `tokenizer_json`)
     OUT/tokenizer_config.json, generation_config.json
     OUT/onnx/vision_encoder{suffix}.onnx, embed_tokens{suffix}.onnx, decoder_model_merged{suffix}.onnx
-    OUT/onnx/NAME{suffix}.onnx_data[_N]   their weights, in chunks under 2 GB (export/transformers_js_data.py)
-    OUT/onnx/mask_decoder.onnx      when the checkpoint ships a mask decoder (export/mask_decoder.py: float32 in
+    OUT/onnx/NAME{suffix}.onnx_data[_N]   their weights, in chunks under 2 GB (export/transformers_js/data.py)
+    OUT/onnx/mask_decoder.onnx      when the checkpoint ships a mask decoder (export/writer/mask_decoder.py: float32 in
                                     every variant), listed in config.json as transformers.js_config.mask_decoder;
                                     transformers.js ignores both, this project's loop and the in-browser page use them
 
-The graphs (export/transformers_js_graphs.py) are traced on the hollow model with the weights as inputs, and
+The graphs (export/transformers_js/graphs.py) are traced on the hollow model with the weights as inputs, and
 each weight goes through WeightWriter.attach into the graph's chunked data, block by block from the checkpoint:
 the same memory bound as the default export, quantized on the way with `quantize` (export/quantize.py). A float
-weight larger than a chunk (the 3B float32 embedding) is stored as row blocks (export/transformers_js_split.py).
+weight larger than a chunk (the 3B float32 embedding) is stored as row blocks (export/transformers_js/split.py).
 Suffixes are transformers.js' (`VARIANTS`): "" float32, "_fp16", "_quantized" int8, "_q4" int4, "_q4f16" int4
 in a float16 graph.
 Everything is written into a staging folder inside OUT and moved into place at the end, config.json last, so a
@@ -38,11 +38,12 @@ from tqdm.auto import tqdm
 from paligemma.errors import OnnxExportError
 from paligemma.weights import resolve_checkpoint
 
-from .checkpoint_stream import CheckpointStream
-from .manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
-from .mask_decoder import describe as describe_mask_decoder
-from .mask_decoder import write_mask_decoder
-from .onnx_export import (
+from ..quantize import INT4_FLOAT16, MS_DOMAIN, SCHEMES, STANDARD_INT8, QuantizedMatMul, quantize_lookup
+from ..writer.checkpoint_stream import CheckpointStream
+from ..writer.manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
+from ..writer.mask_decoder import describe as describe_mask_decoder
+from ..writer.mask_decoder import write_mask_decoder
+from ..writer.onnx_export import (
     DEFAULT_OPSET,
     DTYPES,
     IR_VERSION,
@@ -54,15 +55,21 @@ from .onnx_export import (
     tie_lm_head,
     trace_to_onnx,
 )
-from .quantize import INT4_FLOAT16, MS_DOMAIN, SCHEMES, STANDARD_INT8, QuantizedMatMul, quantize_lookup
-from .streaming import TRACED_PREFIX, WeightsAsInputs, WeightWriter, embedding_input, hollow_model, rename_inputs
-from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
-from .transformers_js_graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
-from .transformers_js_split import split_large_weights
+from ..writer.streaming import (
+    TRACED_PREFIX,
+    WeightsAsInputs,
+    WeightWriter,
+    embedding_input,
+    hollow_model,
+    rename_inputs,
+)
+from .data import CHUNK_BYTES, ChunkedExternalData
+from .graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
+from .split import split_large_weights
 
 FORMAT = "transformers.js"
 CONFIG_KEY = "transformers.js_config"
-MASK_DECODER_KEY = "mask_decoder"  # under CONFIG_KEY: the mask decoder's graph in onnx/ (export/mask_decoder.py)
+MASK_DECODER_KEY = "mask_decoder"  # under CONFIG_KEY: the mask decoder's graph in onnx/ (export/writer/mask_decoder.py)
 
 
 @dataclass(frozen=True)
