@@ -147,12 +147,12 @@ def ensure_export(folder: Path, runtime: str, args, log) -> Path:
     --in-process."""
     from export.runtime import cached_export
     from export.variants import variant_name
-    from export.writer.manifest import weights_fingerprint
-    from paligemma.config import PaliGemmaConfig
+    from paligemma.checkpoint import Checkpoint
 
     dtype = "float16" if args.cuda else "float32"
     quantize = EXPORTS[runtime]
     variant = variant_name(dtype, quantize)
+    checkpoint = Checkpoint.resolve(folder)
 
     def make(staging: Path) -> None:
         log(f"  exporting {folder.name} to ONNX ({variant}) in {staging}")
@@ -160,15 +160,14 @@ def ensure_export(folder: Path, runtime: str, args, log) -> Path:
         if args.in_process:
             from export.writer.onnx_export import export_model
 
-            export_model(folder, staging, dtype=dtype, quantize=quantize, progress=False, log=lambda message: None)
+            export_model(checkpoint, staging, dtype=dtype, quantize=quantize, progress=False, log=lambda message: None)
         else:
             command = [sys.executable, "-m", "export", "--model", str(folder), "--output", str(staging),
                        "--no-validate", "--dtype", dtype] + (["--quantize", quantize] if quantize else [])
             run_process(command, args.timeout)
         log(f"  exported in {time.perf_counter() - start:.0f}s")
 
-    config = PaliGemmaConfig.from_json_file(folder / "config.json")
-    return cached_export(folder, config, weights_fingerprint(folder), dtype, quantize, root=args.cache_dir / "onnx",
+    return cached_export(checkpoint, dtype, quantize, root=args.cache_dir / "onnx",
                          salt=exporter_source_digest(), make=make)
 
 

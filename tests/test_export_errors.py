@@ -13,9 +13,9 @@ import paligemma
 from export.writer.integrity import file_sha256
 from export.writer.manifest import SHARED_DATA_NAME, OnnxExportError, check_export
 from export.writer.onnx_export import export_model
+from paligemma.checkpoint import MASK_DECODER_NAME
 from paligemma.config import PaliGemmaConfig
 from paligemma.mask_decoder import MaskDecoder, MaskDecoderConfig
-from paligemma.weights import MASK_DECODER_NAME
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from export.runtime import export_and_validate, pipeline
 from export.validation.torch_reference import torch_reference
 from export.validation.validate import validate_export, validation_requests
 from export.writer.onnx_export import export_model
+from paligemma.checkpoint import Checkpoint
 from paligemma.config import PaliGemmaConfig
 from paligemma.processor import PaliGemmaProcessor
 
@@ -71,7 +72,7 @@ def test_one_session_model_gives_the_shared_model_outputs(checkpoint, tmp_path):
     out = tmp_path / "fp16"
     export_model(checkpoint, out, dtype="float16", progress=False, log=quiet)
     config = PaliGemmaConfig.from_json_file(out / "config.json")
-    reference = torch_reference(checkpoint, "float16")
+    reference = torch_reference(Checkpoint.resolve(checkpoint), "float16")
     alone = validate_export(reference, pipeline.OnnxModel(out, config, fused=False, one_session=True), log=quiet)
     shared = validate_export(reference, pipeline.OnnxModel(out, config, fused=False), log=quiet)
     assert alone == pytest.approx(shared, abs=1e-6)

@@ -12,8 +12,8 @@ import paligemma
 from export.writer.mask_decoder import GRAPH_FILE, OnnxMaskDecoder, export_mask_decoder, load_onnx_mask_decoder
 from export.writer.onnx_export import DEFAULT_OPSET, IR_VERSION
 from paligemma import MaskDecoder
+from paligemma.checkpoint import MASK_DECODER_NAME
 from paligemma.mask_decoder import MaskDecoderConfig
-from paligemma.weights import MASK_DECODER_NAME
 
 
 def random_decoder(config: MaskDecoderConfig, seed: int = 0) -> MaskDecoder:

@@ -20,6 +20,7 @@ from export.transformers_js.runtime import TransformersJsModel, export_transform
 from export.transformers_js.writer import export_transformers_js
 from export.writer.checkpoint_stream import CheckpointStream
 from export.writer.external_data import ALIGNMENT
+from paligemma.checkpoint import Checkpoint
 from paligemma.errors import CheckpointError, OnnxExportError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ def test_transformers_js_in_node_gives_torch_tokens(exported, tmp_path):
 def test_weights_split_into_chunks_load_in_onnx_runtime_and_transformers_js(reference_factory, tmp_path):
     folder, _ = reference_factory("pg2")
     out = tmp_path / "chunked"
-    source = CheckpointStream(folder)
+    source = CheckpointStream(Checkpoint.resolve(folder))
     chunk = max(source.nbytes(name, torch.float32) for name in source.tensors) + 2 * ALIGNMENT
     export_transformers_js(folder, out, chunk_bytes=chunk, progress=False, log=quiet)
     counts = json.loads((out / "config.json").read_text())["transformers.js_config"]["use_external_data_format"]

@@ -18,12 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from paligemma.checkpoint import Checkpoint
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
 from paligemma.generate import Pipeline
 from paligemma.masks import extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
-from paligemma.weights import resolve_checkpoint
 
 from ..graphs import cache_names
 from ..threads import ThreadPlan, plan_threads
@@ -201,13 +201,13 @@ def export_transformers_js_checked(source, output, *, dtype: str = "float32", qu
     from ..validation.torch_reference import torch_reference
     from ..validation.validate import validate_export
 
-    folder = resolve_checkpoint(source)
+    checkpoint = Checkpoint.resolve(source)
     if not validate:
-        return export_transformers_js(folder, output, dtype=dtype, quantize=quantize, log=log, **options)
+        return export_transformers_js(checkpoint, output, dtype=dtype, quantize=quantize, log=log, **options)
     with variant_removed_on_failure(Path(output), find_variant(dtype, quantize)):
-        reference = torch_reference(folder, find_variant(dtype, quantize).reference_dtype)
-        content = export_transformers_js(folder, output, dtype=dtype, quantize=quantize, log=log, **options)
-        config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
-        validate_export(reference, TransformersJsModel(output, config, dtype=dtype, quantize=quantize), log=log)
+        reference = torch_reference(checkpoint, find_variant(dtype, quantize).reference_dtype)
+        content = export_transformers_js(checkpoint, output, dtype=dtype, quantize=quantize, log=log, **options)
+        model = TransformersJsModel(output, checkpoint.config, dtype=dtype, quantize=quantize)
+        validate_export(reference, model, log=log)
     return content
 
