@@ -53,7 +53,7 @@ EXPORTS = {"onnx": None, "onnx-int8": "int8", "onnx-int4": "int4"}  # runtime ->
 def default_runtimes(cuda: bool) -> list[str]:
     """Every runtime of the mode whose export the exporter can make (an ONNX quantization it does not offer yet is
     left out unless asked for by name)."""
-    from export.onnx_export import QUANTIZATIONS
+    from export.writer.onnx_export import QUANTIZATIONS
 
     return [name for name in (CUDA_RUNTIMES if cuda else CPU_RUNTIMES) if EXPORTS.get(name) in (None, *QUANTIZATIONS)]
 
@@ -145,30 +145,29 @@ def ensure_export(folder: Path, runtime: str, args, log) -> Path:
     """The ONNX export a runtime reads, made once per checkpoint, variant and exporter source and kept in the
     benchmark's cache (export.runtime.cached_export's rule), without validation, in a process of its own unless
     --in-process."""
-    from export.manifest import weights_fingerprint
     from export.runtime import cached_export
     from export.variants import variant_name
-    from paligemma.config import PaliGemmaConfig
+    from paligemma.checkpoint import Checkpoint
 
     dtype = "float16" if args.cuda else "float32"
     quantize = EXPORTS[runtime]
     variant = variant_name(dtype, quantize)
+    checkpoint = Checkpoint.resolve(folder)
 
     def make(staging: Path) -> None:
         log(f"  exporting {folder.name} to ONNX ({variant}) in {staging}")
         start = time.perf_counter()
         if args.in_process:
-            from export.onnx_export import export_model
+            from export.writer.onnx_export import export_model
 
-            export_model(folder, staging, dtype=dtype, quantize=quantize, progress=False, log=lambda message: None)
+            export_model(checkpoint, staging, dtype=dtype, quantize=quantize, progress=False, log=lambda message: None)
         else:
             command = [sys.executable, "-m", "export", "--model", str(folder), "--output", str(staging),
                        "--no-validate", "--dtype", dtype] + (["--quantize", quantize] if quantize else [])
             run_process(command, args.timeout)
         log(f"  exported in {time.perf_counter() - start:.0f}s")
 
-    config = PaliGemmaConfig.from_json_file(folder / "config.json")
-    return cached_export(folder, config, weights_fingerprint(folder), dtype, quantize, root=args.cache_dir / "onnx",
+    return cached_export(checkpoint, dtype, quantize, root=args.cache_dir / "onnx",
                          salt=exporter_source_digest(), make=make)
 
 

@@ -1,5 +1,5 @@
 """Kernels per decoded token (and in prefill), counted with ONNX Runtime's profiler: the graphs as exported beside
-the fused ones (export/fused.py), on one request, with the decode kernels by operator type.
+the fused ones (export/runtime/fused.py), on one request, with the decode kernels by operator type.
 
     python -m bench.kernels                                # the embedded model, a detection answer
     python -m bench.kernels --model CHECKPOINT --onnx-dir EXPORT --new-tokens 16
@@ -20,8 +20,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 import paligemma
-from export.fused import fused_session
-from export.runtime import load_onnx_pipeline, session_options
+from export.runtime.fused import fused_session
+from export.runtime.pipeline import load_onnx_pipeline, session_options
 from paligemma.cli import ArgumentParser
 
 from .timing import Spread

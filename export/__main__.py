@@ -8,10 +8,10 @@ import sys
 from paligemma.cli import ArgumentParser
 from paligemma.errors import CheckpointError, OnnxExportError
 
-from .onnx_export import DEFAULT_OPSET, DTYPES, export_model
 from .quantize import QUANTIZATIONS
-from .runtime import export_and_validate
-from .transformers_js_runtime import export_transformers_js_checked
+from .runtime.pipeline import export_and_validate
+from .transformers_js.runtime import export_transformers_js_checked
+from .writer.onnx_export import DEFAULT_OPSET, DTYPES, export_model
 
 
 def main(argv: list[str] | None = None) -> int:

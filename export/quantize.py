@@ -1,5 +1,6 @@
 """Weight quantization as the data file is written: each MatMul or Gemm whose B is a weight is rewritten to its
-quantized form, and its weight is quantized one block of checkpoint rows at a time (export/streaming.py writes it).
+quantized form, and its weight is quantized one block of checkpoint rows at a time (export/writer/streaming.py
+writes it).
 
 Axes: N output channels (a checkpoint matrix's rows: nn.Linear [N, K], the tied embedding [V, C]), K input width.
 
@@ -22,9 +23,9 @@ Axes: N output channels (a checkpoint matrix's rows: nn.Linear [N, K], the tied 
   25x further from torch); uint8 x uint8 takes a kernel that does not. MatMulInteger wants [K, N], so each weight is
   written transposed, strip by strip (ExternalData.write_transposed). On this AVX2 CPU it decodes no faster than
   float32, and per-tensor activations move the full 3B's logits by a fifth: why `--quantize int8` is MatMulNBits.
-- "int4_float16" (internal; transformers.js' `_q4f16` variant, export/transformers_js.py): int4's blocks with float16
-  scales, for a float16 graph: MatMulNBits and GatherBlockQuantized take the scales in the activations' type. The
-  scale is rounded to float16 before the weights are quantized with it, so the stored levels and scale agree.
+- "int4_float16" (internal; transformers.js' `_q4f16` variant, export/transformers_js/writer.py): int4's blocks with
+  float16 scales, for a float16 graph: MatMulNBits and GatherBlockQuantized take the scales in the activations' type.
+  The scale is rounded to float16 before the weights are quantized with it, so the stored levels and scale agree.
 The token lookup: with MatMulNBits it reads the output projection's own blocks (com.microsoft GatherBlockQuantized,
 which takes MatMulNBits' layout and its default zero points for 4 and 8 bits), so the tied embedding is stored once,
 quantized (at 3B, int4: 0.27 GB where a float lookup kept 2.1 GB beside it). With int8_standard it stays a float

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .config import PaliGemmaConfig
 from .contrastive import chunked_sigmoid_loss, sigmoid_loss
 from .engines import ENGINES, StaticEngines, TorchEngine, make_engines
@@ -16,22 +17,24 @@ from .sampling import SamplingParams
 from .siglip_config import SiglipConfig
 from .siglip_model import SiglipModel, load_siglip
 from .siglip_tokenizer import SiglipTokenizer
-from .weights import load_mask_decoder, load_model, resolve_checkpoint
+from .weights import load_mask_decoder, load_model
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
 BACKENDS = ("torch", "onnx")
 
 __all__ = [
-    "load", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor", "SamplingParams",
-    "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError",
-    "DEMO_CHECKPOINT", "TorchEngine", "StaticEngines", "ENGINES", "MaskDecoder", "Segmentation", "parse_segmentations",
-    "load_siglip", "SiglipModel", "SiglipConfig", "SiglipTokenizer", "sigmoid_loss", "chunked_sigmoid_loss",
+    "load", "Checkpoint", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor",
+    "SamplingParams", "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError",
+    "OnnxExportError", "DEMO_CHECKPOINT", "TorchEngine", "StaticEngines", "ENGINES", "MaskDecoder", "Segmentation",
+    "parse_segmentations", "load_siglip", "SiglipModel", "SiglipConfig", "SiglipTokenizer", "sigmoid_loss",
+    "chunked_sigmoid_loss",
 ]
 
 
-def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu", dtype=None, backend: str = "torch",
-         onnx_dir: str | os.PathLike | None = None, engine: str | None = None, quantize: str | None = None) -> Pipeline:
-    """A generation pipeline for a checkpoint folder or Hub repo id; with none, the embedded demo model.
+def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, device: str = "cpu", dtype=None,
+         backend: str = "torch", onnx_dir: str | os.PathLike | None = None, engine: str | None = None,
+         quantize: str | None = None) -> Pipeline:
+    """A generation pipeline for a checkpoint folder, Hub repo id or Checkpoint; with none, the embedded demo model.
 
     backend "torch" runs PyTorch on `device` with `engine` "eager" or "static" (static cache; on CUDA compiled and
     replayed as CUDA graphs, here at load); None picks static on CUDA, eager elsewhere. "onnx" runs the exported
@@ -50,13 +53,15 @@ def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu
                          "pass backend='onnx' or leave quantize out")
     if backend == "onnx" and engine is not None:
         raise ValueError("engine is for backend 'torch'; ONNX Runtime has one engine")
-    folder = resolve_checkpoint(path_or_repo_id if path_or_repo_id is not None else DEMO_CHECKPOINT)
+    source = path_or_repo_id if path_or_repo_id is not None else DEMO_CHECKPOINT
     if backend == "onnx":
         # The one import of this package from another (tests/test_imports.py): made here, on use, so that the torch
-        # package does not depend on the export package.
+        # package does not depend on the export package. It resolves `source` itself: an export folder is no
+        # checkpoint.
         from export.runtime import load_onnx_pipeline
 
-        return load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device, quantize=quantize)
-    model = load_model(folder, device=device, dtype=dtype)
-    return Pipeline(model, PaliGemmaProcessor.from_pretrained(folder, model.config), make_engines(model, engine),
-                    mask_decoder=load_mask_decoder(folder))
+        return load_onnx_pipeline(source, onnx_dir=onnx_dir, device=device, quantize=quantize)
+    checkpoint = Checkpoint.resolve(source)
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    return Pipeline(model, checkpoint.processor(), make_engines(model, engine),
+                    mask_decoder=load_mask_decoder(checkpoint.folder))

@@ -63,12 +63,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from paligemma import train as T
+from paligemma.checkpoint import MASK_DECODER_NAME
 from paligemma.config import PaliGemmaConfig
 from paligemma.generate import Pipeline
 from paligemma.locations import SEG_TOKENS, loc_range_of
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
-from paligemma.weights import MASK_DECODER_NAME, load_model
+from paligemma.weights import load_model
 from shapes import evaluate as E
 from shapes import scenes as S
 from shapes.architecture import model_config, sinusoids

@@ -513,14 +513,14 @@ def test_the_banner_shows_the_thread_plan(backend):
 
 def int4_exports():
     """int4 comes with the tensor-by-tensor quantizer (export/quantize.py); until then its tests are skipped."""
-    from export.onnx_export import QUANTIZATIONS
+    from export.writer.onnx_export import QUANTIZATIONS
 
     return pytest.mark.skipif("int4" not in QUANTIZATIONS, reason="the exporter does not make int4 exports yet")
 
 
 @pytest.mark.parametrize("quantize", ["int8", pytest.param("int4", marks=int4_exports())])
 def test_the_embedded_model_served_quantized_answers_and_says_so(quantize, tmp_path, monkeypatch):
-    from export.integrity import CACHE_ENV
+    from export.writer.integrity import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     backend = load_backend(None, "onnx", quantize=quantize)

@@ -15,7 +15,7 @@ EXACT_RUNTIMES = ("transformers", "torch", "onnx")  # float32: the greedy tokens
 def quantized_runtimes() -> tuple[str, ...]:
     """The quantized ONNX runtimes the smoke mode runs: those whose export the exporter makes (int4 comes with the
     tensor-by-tensor quantizer)."""
-    from export.onnx_export import QUANTIZATIONS
+    from export.writer.onnx_export import QUANTIZATIONS
 
     return ("onnx-int8",) + (("onnx-int4",) if "int4" in QUANTIZATIONS else ())
 

@@ -1,5 +1,5 @@
-"""The layer-streamed torch reference (export.torch_reference.layer_streamed) records what the whole model records,
-holding one layer at a time."""
+"""The layer-streamed torch reference (export.validation.torch_reference.layer_streamed) records what the whole model
+records, holding one layer at a time."""
 
 import os
 import subprocess
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from bench.workloads import Workload
-from export.torch_reference import layer_streamed, load_streamed, record, torch_reference
-from export.validate import DECODE_STEPS, validation_requests
+from export.validation.torch_reference import layer_streamed, load_streamed, record, torch_reference
+from export.validation.validate import DECODE_STEPS, validation_requests
+from paligemma.checkpoint import Checkpoint
 from paligemma.engines import TorchEngine
 from paligemma.processor import PaliGemmaProcessor
 
@@ -29,7 +30,7 @@ def quiet(*_):
 
 
 def recorded(folder, load):
-    model = load(folder, torch.float32)
+    model = load(Checkpoint.resolve(folder), torch.float32)
     return record(model, PaliGemmaProcessor.from_pretrained(folder, model.config))
 
 
@@ -44,7 +45,7 @@ def assert_same_record(got: dict, expected: dict) -> None:
 
 def one_request_at_a_time(folder) -> dict:
     """What record() gives, run on the whole model request by request (record runs them as one batch)."""
-    model = load_streamed(folder, torch.float32)
+    model = load_streamed(Checkpoint.resolve(folder), torch.float32)
     requests = validation_requests(PaliGemmaProcessor.from_pretrained(folder, model.config), model.config)
     runs = []
     with torch.inference_mode():
@@ -70,7 +71,8 @@ def test_the_layer_streamed_record_is_the_whole_models(reference_factory, varian
 
 def test_the_child_process_records_the_same_streamed_or_not(reference_factory):
     folder, _ = reference_factory("pg2")
-    assert_same_record(torch_reference(folder, "float32", streamed=True), torch_reference(folder, "float32"))
+    checkpoint = Checkpoint.resolve(folder)
+    assert_same_record(torch_reference(checkpoint, "float32", streamed=True), torch_reference(checkpoint, "float32"))
 
 
 # glibc's malloc keeps freed memory for reuse, and how much depends on the order of allocations and frees: with its
@@ -90,7 +92,8 @@ def growth_bytes(code: str) -> int:
 # file-backed) is left out, and so are other processes' import-time peaks.
 PROBE = """import threading, time, torch
 from pathlib import Path
-from export import torch_reference
+from export.validation import torch_reference
+from paligemma.checkpoint import Checkpoint
 from paligemma.processor import PaliGemmaProcessor
 
 def anonymous():
@@ -109,7 +112,7 @@ def sample():
 sampler = threading.Thread(target=sample)
 sampler.start()
 folder = Path({folder!r})
-model = getattr(torch_reference, {load!r})(folder, torch.float32)
+model = getattr(torch_reference, {load!r})(Checkpoint.read(folder), torch.float32)
 torch_reference.record(model, PaliGemmaProcessor.from_pretrained(folder, model.config))
 done = True
 sampler.join()

@@ -1,6 +1,6 @@
-"""The fused prefill and decode graphs (export/fused.py) and the in-place cache of OnnxEngine, against this project's
-torch model on tiny random PaliGemma 1 and 2 checkpoints (head_dim 32: GroupQueryAttention's rotary needs a multiple of
-16; PaliGemma 2's sliding window, 6, is shorter than every prompt, and it has both softcaps)."""
+"""The fused prefill and decode graphs (export/runtime/fused.py) and the in-place cache of OnnxEngine, against this
+project's torch model on tiny random PaliGemma 1 and 2 checkpoints (head_dim 32: GroupQueryAttention's rotary needs a
+multiple of 16; PaliGemma 2's sliding window, 6, is shorter than every prompt, and it has both softcaps)."""
 
 import threading
 
@@ -12,9 +12,9 @@ from PIL import Image
 from tiny import build_reference
 
 import paligemma
-from export.fused import left_padded, unsupported
-from export.runtime import OnnxModel, export_and_validate
-from export.transformers_js import export_transformers_js
+from export.runtime.fused import left_padded, unsupported
+from export.runtime.pipeline import OnnxModel, export_and_validate
+from export.transformers_js.writer import export_transformers_js
 from paligemma.errors import InputError
 
 PROMPTS = ["caption en", "answer en what is in the image and where is it"]

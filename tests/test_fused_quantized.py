@@ -1,5 +1,5 @@
-"""The fused prefill and decode graphs (export/fused.py) on int8 and int4 exports: they multiply by the export's own
-quantized weights (the same MatMulNBits and GatherBlockQuantized nodes, initializers and attributes), so they give
+"""The fused prefill and decode graphs (export/runtime/fused.py) on int8 and int4 exports: they multiply by the export's
+own quantized weights (the same MatMulNBits and GatherBlockQuantized nodes, initializers and attributes), so they give
 the exported graphs' logits and greedy tokens, far closer than the quantization's tolerance to torch; on tiny
 random PaliGemma 1 and 2 checkpoints (head_dim 32; PaliGemma 2 with its window 6 and both softcaps), single
 requests and a left-padded batch. And what the fused graphs refuse, with the reason.
@@ -14,8 +14,8 @@ padded) every step within 0.021, the median step 3.8e-7 at worst; on 9 more imag
 0.025, but the median step 8e-3 to 1.3e-2 in the 4 of 22 pairs whose flip was in the prefill. So no bound on the
 median (it held on these cases by luck of where the flips fell); every step within 0.05: one level's flip, 2x the
 worst measured, and still far below the quantizations' own tolerances to torch (0.12 for int8, 1.0 for int4,
-export/validate.py; an unrelated output is ~1.4 relative rms). Greedy tokens equal held on every pair measured
-(10 image seeds, each model, quantization and thread count), as on the tests' own."""
+export/validation/validate.py; an unrelated output is ~1.4 relative rms). Greedy tokens equal held on every pair
+measured (10 image seeds, each model, quantization and thread count), as on the tests' own."""
 
 import gc
 import weakref
@@ -27,8 +27,8 @@ from test_fused import PROMPTS, STEPS, image, run_steps
 from tiny import build_reference
 
 import paligemma
-from export.fused import FUSED_GRAPHS, unsupported
-from export.runtime import OnnxModel, export_and_validate
+from export.runtime.fused import FUSED_GRAPHS, unsupported
+from export.runtime.pipeline import OnnxModel, export_and_validate
 from paligemma.errors import OnnxExportError
 from paligemma.generate import Pipeline
 

@@ -13,7 +13,7 @@ import pytest
 from npm import npm_packages
 
 import paligemma
-from export.transformers_js import export_transformers_js
+from export.transformers_js.writer import export_transformers_js
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "demo" / "web"

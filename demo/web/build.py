@@ -21,11 +21,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from export.mask_decoder import GRAPH_FILE as MASK_DECODER_FILE
-from export.transformers_js import find_variant, graph_file
-from export.transformers_js_runtime import export_transformers_js_checked
+from export.transformers_js.runtime import export_transformers_js_checked
+from export.transformers_js.writer import find_variant, graph_file
+from export.writer.mask_decoder import GRAPH_FILE as MASK_DECODER_FILE
 from paligemma import DEMO_CHECKPOINT
-from paligemma.weights import MASK_DECODER_NAME
+from paligemma.checkpoint import MASK_DECODER_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """The mask decoder as one more ONNX graph: mask_decoder.onnx, codes -> mask logits, beside the model's graphs.
 
-A checkpoint that ships `mask_decoder.safetensors` (paligemma.weights.MASK_DECODER_NAME) gets it in its export:
+A checkpoint that ships `mask_decoder.safetensors` (paligemma.checkpoint.MASK_DECODER_NAME) gets it in its export:
 input `codes` int64 [batch, 16] (a segmentation answer's `<segNNN>` numbers), output `mask_logits` float32
 [batch, 64, 64] (> 0 inside the mask). It is small (1.2 M parameters in the published decoder), so it is always
 float32 with its weights inline, whatever the export's dtype, and validated against torch at 1e-4 absolute, the
-float32 logits' tolerance (export/validate.py). The manifest lists the file (size, sha256: loading checks it like
-every other) and describes the graph under "mask_decoder".
+float32 logits' tolerance (export/validation/validate.py). The manifest lists the file (size, sha256: loading checks
+it like every other) and describes the graph under "mask_decoder".
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import numpy as np
 import onnx
 import torch
 
+from paligemma.checkpoint import MASK_DECODER_NAME, Checkpoint
 from paligemma.errors import OnnxExportError
 from paligemma.locations import NUM_MASK_CODES
 from paligemma.mask_decoder import MASK_SIZE, MaskDecoder
-from paligemma.weights import MASK_DECODER_NAME, load_mask_decoder
+from paligemma.weights import load_mask_decoder
 
 from .integrity import sha256_of
 from .manifest import MANIFEST_NAME
@@ -45,7 +46,7 @@ def export_mask_decoder(decoder: MaskDecoder, path: Path, opset: int, ir_version
     torch.onnx.export(decoder.float().eval(), (codes,), str(path), input_names=[INPUT], output_names=[OUTPUT],
                       dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=opset, dynamo=False)
     graph = onnx.load(str(path))
-    graph.ir_version = ir_version  # what onnxruntime reads (see export/onnx_export.py)
+    graph.ir_version = ir_version  # what onnxruntime reads (see export/writer/onnx_export.py)
     onnx.save(graph, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -71,14 +72,13 @@ def validate_mask_decoder(decoder: MaskDecoder, path: Path) -> float:
     return difference
 
 
-def write_mask_decoder(folder: Path, output: Path, opset: int, ir_version: int, log=print) -> Path | None:
-    """When the checkpoint `folder` ships a mask decoder: export it as `output`/GRAPH_FILE and validate it (both
-    layouts call this: the three graphs' manifest and transformers.js' config.json each list the file). Returns the
-    graph's path, or None when there is no decoder."""
-    source = Path(folder) / MASK_DECODER_NAME
-    if not source.exists():
+def write_mask_decoder(checkpoint: Checkpoint, output: Path, opset: int, ir_version: int, log=print) -> Path | None:
+    """When the checkpoint ships a mask decoder: export it as `output`/GRAPH_FILE and validate it (both layouts call
+    this: the three graphs' manifest and transformers.js' config.json each list the file). Returns the graph's path,
+    or None when there is no decoder."""
+    if checkpoint.mask_decoder is None:
         return None
-    decoder = MaskDecoder.from_file(source)
+    decoder = MaskDecoder.from_file(checkpoint.mask_decoder)
     path = Path(output) / GRAPH_FILE
     export_mask_decoder(decoder, path, opset, ir_version)
     difference = validate_mask_decoder(decoder, path)
@@ -86,10 +86,11 @@ def write_mask_decoder(folder: Path, output: Path, opset: int, ir_version: int, 
     return path
 
 
-def add_mask_decoder(folder: Path, output: Path, manifest: dict, opset: int, ir_version: int, log=print) -> dict:
-    """When the checkpoint `folder` ships a mask decoder: export it into `output`, validate it, and list it in the
-    manifest (rewritten whole, by rename, so that a manifest on disk is always complete). Returns the manifest."""
-    path = write_mask_decoder(folder, output, opset, ir_version, log)
+def add_mask_decoder(checkpoint: Checkpoint, output: Path, manifest: dict, opset: int, ir_version: int,
+                     log=print) -> dict:
+    """When the checkpoint ships a mask decoder: export it into `output`, validate it, and list it in the manifest
+    (rewritten whole, by rename, so that a manifest on disk is always complete). Returns the manifest."""
+    path = write_mask_decoder(checkpoint, output, opset, ir_version, log)
     if path is None:
         return manifest
     manifest = dict(manifest, mask_decoder=describe(),

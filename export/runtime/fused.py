@@ -46,8 +46,8 @@ from onnx.external_data_helper import load_external_data_for_tensor
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError
 
-from .graphs import cache_names
-from .quantize import SCHEMES
+from ..graphs import cache_names
+from ..quantize import SCHEMES
 
 MS = "com.microsoft"
 GELU_TANH = {"gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"}

@@ -1,4 +1,4 @@
-"""This project's ONNX Runtime loop over transformers.js' layout (export/transformers_js.py): the same Pipeline
+"""This project's ONNX Runtime loop over transformers.js' layout (export/transformers_js/writer.py): the same Pipeline
 (sampling, stopping, streaming, padded batches) as the three-graph runtime, with an engine of its own.
 
 Per request: vision_encoder once, embed_tokens for the prompt with the image features copied into the `<image>`
@@ -18,19 +18,20 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from paligemma.checkpoint import Checkpoint
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
 from paligemma.generate import Pipeline
 from paligemma.masks import extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
-from paligemma.weights import resolve_checkpoint
 
-from .graphs import cache_names
-from .manifest import METADATA_PREFIX, config_hash
-from .mask_decoder import OnnxMaskDecoder
-from .onnx_export import removed_on_failure
-from .threads import ThreadPlan, plan_threads
-from .transformers_js import (
+from ..graphs import cache_names
+from ..threads import ThreadPlan, plan_threads
+from ..writer.manifest import METADATA_PREFIX, config_hash
+from ..writer.mask_decoder import OnnxMaskDecoder
+from ..writer.onnx_export import removed_on_failure
+from .graphs import GRAPH_ORDER
+from .writer import (
     CONFIG_KEY,
     MASK_DECODER_KEY,
     VARIANTS,
@@ -39,7 +40,6 @@ from .transformers_js import (
     find_variant,
     graph_file,
 )
-from .transformers_js_graphs import GRAPH_ORDER
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def default_options(plan: ThreadPlan) -> ort.SessionOptions:
 class TransformersJsModel:
     """The three sessions of one variant (`dtype` and `quantize`; unless given, the first of VARIANTS the folder
     holds). Calling it gives a fresh engine. `manifest`, `float_type`, `onnx_dir` and `run` are what
-    export.validate.validate_export reads."""
+    export.validation.validate.validate_export reads."""
 
     def __init__(self, folder, config: PaliGemmaConfig, dtype: str | None = None, quantize: str | None = None,
                  providers=("CPUExecutionProvider",), options: Callable[[ThreadPlan], ort.SessionOptions] | None = None,
@@ -77,7 +77,7 @@ class TransformersJsModel:
             raise OnnxExportError(f"{self.onnx_dir / 'onnx'} lacks {', '.join(missing)}: export the {variant.label} "
                                   "variant with `python -m export --format transformers.js`")
         self.variant = variant
-        # quantize: the scheme the files store, whose tolerance the validation applies (export/validate.py)
+        # quantize: the scheme the files store, whose tolerance the validation applies (export/validation/validate.py)
         self.manifest = dict(dtype=variant.dtype, quantize=variant.scheme or "none", format="transformers.js")
         self.float_type = np.float32  # transformers.js' files keep float32 inputs and outputs
         data = sum(p.stat().st_size for p in (self.onnx_dir / "onnx").glob(graph_file("decoder_model_merged", variant)
@@ -198,16 +198,16 @@ def export_transformers_js_checked(source, output, *, dtype: str = "float32", qu
                                    validate: bool = True, log=print, **options) -> dict:
     """export_transformers_js, then (unless `validate` is false) the default export's validation against torch,
     run through this engine: the torch side recorded first in a child process, as for the three graphs."""
-    from .torch_reference import torch_reference
-    from .validate import validate_export
+    from ..validation.torch_reference import torch_reference
+    from ..validation.validate import validate_export
 
-    folder = resolve_checkpoint(source)
+    checkpoint = Checkpoint.resolve(source)
     if not validate:
-        return export_transformers_js(folder, output, dtype=dtype, quantize=quantize, log=log, **options)
+        return export_transformers_js(checkpoint, output, dtype=dtype, quantize=quantize, log=log, **options)
     with variant_removed_on_failure(Path(output), find_variant(dtype, quantize)):
-        reference = torch_reference(folder, find_variant(dtype, quantize).reference_dtype)
-        content = export_transformers_js(folder, output, dtype=dtype, quantize=quantize, log=log, **options)
-        config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
-        validate_export(reference, TransformersJsModel(output, config, dtype=dtype, quantize=quantize), log=log)
+        reference = torch_reference(checkpoint, find_variant(dtype, quantize).reference_dtype)
+        content = export_transformers_js(checkpoint, output, dtype=dtype, quantize=quantize, log=log, **options)
+        model = TransformersJsModel(output, checkpoint.config, dtype=dtype, quantize=quantize)
+        validate_export(reference, model, log=log)
     return content
 

@@ -6,15 +6,15 @@ load, written with the default export's streaming machinery.
     OUT/tokenizer.json              the checkpoint's, without a post-processor (see `tokenizer_json`)
     OUT/tokenizer_config.json, generation_config.json
     OUT/onnx/vision_encoder{suffix}.onnx, embed_tokens{suffix}.onnx, decoder_model_merged{suffix}.onnx
-    OUT/onnx/NAME{suffix}.onnx_data[_N]   their weights, in chunks under 2 GB (export/transformers_js_data.py)
-    OUT/onnx/mask_decoder.onnx      when the checkpoint ships a mask decoder (export/mask_decoder.py: float32 in
+    OUT/onnx/NAME{suffix}.onnx_data[_N]   their weights, in chunks under 2 GB (export/transformers_js/data.py)
+    OUT/onnx/mask_decoder.onnx      when the checkpoint ships a mask decoder (export/writer/mask_decoder.py: float32 in
                                     every variant), listed in config.json as transformers.js_config.mask_decoder;
                                     transformers.js ignores both, this project's loop and the in-browser page use them
 
-The graphs (export/transformers_js_graphs.py) are traced on the hollow model with the weights as inputs, and
+The graphs (export/transformers_js/graphs.py) are traced on the hollow model with the weights as inputs, and
 each weight goes through WeightWriter.attach into the graph's chunked data, block by block from the checkpoint:
 the same memory bound as the default export, quantized on the way with `quantize` (export/quantize.py). A float
-weight larger than a chunk (the 3B float32 embedding) is stored as row blocks (export/transformers_js_split.py).
+weight larger than a chunk (the 3B float32 embedding) is stored as row blocks (export/transformers_js/split.py).
 Suffixes are transformers.js' (`VARIANTS`): "" float32, "_fp16", "_quantized" int8, "_q4" int4, "_q4f16" int4
 in a float16 graph.
 Everything is written into a staging folder inside OUT and moved into place at the end, config.json last, so a
@@ -35,34 +35,40 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
+from paligemma.checkpoint import Checkpoint
 from paligemma.errors import OnnxExportError
-from paligemma.weights import resolve_checkpoint
 
-from .checkpoint_stream import CheckpointStream
-from .manifest import EXPORTER_VERSION, config_hash, weights_fingerprint
-from .mask_decoder import describe as describe_mask_decoder
-from .mask_decoder import write_mask_decoder
-from .onnx_export import (
+from ..quantize import INT4_FLOAT16, MS_DOMAIN, SCHEMES, STANDARD_INT8, QuantizedMatMul, quantize_lookup
+from ..writer.checkpoint_stream import CheckpointStream
+from ..writer.manifest import EXPORTER_VERSION, config_hash
+from ..writer.mask_decoder import describe as describe_mask_decoder
+from ..writer.mask_decoder import write_mask_decoder
+from ..writer.onnx_export import (
     DEFAULT_OPSET,
     DTYPES,
     IR_VERSION,
     check_free_space,
     check_options,
-    read_config,
     removed_on_failure,
     set_metadata,
     tie_lm_head,
     trace_to_onnx,
 )
-from .quantize import INT4_FLOAT16, MS_DOMAIN, SCHEMES, STANDARD_INT8, QuantizedMatMul, quantize_lookup
-from .streaming import TRACED_PREFIX, WeightsAsInputs, WeightWriter, embedding_input, hollow_model, rename_inputs
-from .transformers_js_data import CHUNK_BYTES, ChunkedExternalData
-from .transformers_js_graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
-from .transformers_js_split import split_large_weights
+from ..writer.streaming import (
+    TRACED_PREFIX,
+    WeightsAsInputs,
+    WeightWriter,
+    embedding_input,
+    hollow_model,
+    rename_inputs,
+)
+from .data import CHUNK_BYTES, ChunkedExternalData
+from .graphs import GRAPH_ORDER, example_inputs, graph_modules, graph_specs
+from .split import split_large_weights
 
 FORMAT = "transformers.js"
 CONFIG_KEY = "transformers.js_config"
-MASK_DECODER_KEY = "mask_decoder"  # under CONFIG_KEY: the mask decoder's graph in onnx/ (export/mask_decoder.py)
+MASK_DECODER_KEY = "mask_decoder"  # under CONFIG_KEY: the mask decoder's graph in onnx/ (export/writer/mask_decoder.py)
 
 
 @dataclass(frozen=True)
@@ -121,19 +127,20 @@ def graph_file(name: str, variant: Variant) -> str:
 def export_transformers_js(source, output, *, dtype: str = "float32", quantize: str | None = None,
                            opset: int = DEFAULT_OPSET, chunk_bytes: int = CHUNK_BYTES, progress: bool = True,
                            log=print) -> dict:
-    """Export the checkpoint `source` into `output` in transformers.js' layout; returns config.json's content."""
+    """Export the checkpoint `source` (a Checkpoint, folder or Hub repo id) into `output` in transformers.js' layout;
+    returns config.json's content."""
     variant = find_variant(dtype, quantize)  # this layout's own combinations: q4f16 is float16 with int4
     check_options(output, dtype, None, opset)
     start = time.perf_counter()
     output = Path(output)
-    folder = resolve_checkpoint(source)
+    checkpoint = Checkpoint.resolve(source)
     with removed_on_failure(output):
         output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=output, prefix=".staging-") as staging:
             staging = Path(staging)
-            config = write_folder(folder, staging, output, variant, opset, chunk_bytes, progress, log)
+            config = write_folder(checkpoint, staging, output, variant, opset, chunk_bytes, progress, log)
             publish(staging, output)
-    log(f"exported {folder} to {output} (transformers.js layout, {variant.label}) in "
+    log(f"exported {checkpoint.folder} to {output} (transformers.js layout, {variant.label}) in "
         f"{time.perf_counter() - start:.1f}s")
     return config
 
@@ -144,11 +151,11 @@ def stored_bytes(source: CheckpointStream, name: str, dtype: torch.dtype, scheme
     return source.nbytes(name, dtype) if scheme is None or len(shape) != 2 else SCHEMES[scheme].nbytes(*shape)
 
 
-def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, opset: int, chunk_bytes: int,
+def write_folder(checkpoint: Checkpoint, staging: Path, output: Path, variant: Variant, opset: int, chunk_bytes: int,
                  progress: bool, log=print) -> dict:
     torch_dtype = DTYPES[variant.dtype]
-    config = read_config(folder)
-    source = CheckpointStream(folder)
+    config = checkpoint.config
+    source = CheckpointStream(checkpoint)
     model = hollow_model(config, torch_dtype)
     source.check_against(model)
     embedding = next(name for name in source.tensors if name.endswith("embed_tokens.weight"))
@@ -157,7 +164,7 @@ def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, op
     check_free_space(staging, sum(stored_bytes(source, n, torch_dtype, variant.scheme) for n in source.tensors)
                      + stored_bytes(source, embedding, torch_dtype,
                                     variant.scheme if variant.quantized_lookup else None))
-    meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
+    meta = dict(config_hash=config_hash(config), weights_fingerprint=checkpoint.fingerprint,
                 exporter_version=EXPORTER_VERSION, dtype=variant.dtype, quantize=variant.quantize or "none",
                 format=FORMAT, opset=opset, torch_version=torch.__version__)
     specs, modules, inputs = graph_specs(config), graph_modules(model), example_inputs(config)
@@ -192,12 +199,12 @@ def write_folder(folder: Path, staging: Path, output: Path, variant: Variant, op
             onnx.checker.check_model(str(staging / "onnx" / file), full_check=True)
         except onnx.checker.ValidationError as e:
             raise OnnxExportError(f"{output / 'onnx' / file} fails onnx.checker: {e}") from None
-    write_json(staging / "tokenizer.json", tokenizer_json(folder))
+    write_json(staging / "tokenizer.json", tokenizer_json(checkpoint.folder))
     write_json(staging / "tokenizer_config.json", tokenizer_config(config))
     write_json(staging / "preprocessor_config.json", preprocessor_config(config))
     write_json(staging / "generation_config.json", generation_config(config))
     content = model_config(config, chunks, output / "config.json")
-    if write_mask_decoder(folder, staging / "onnx", opset, IR_VERSION, log) is not None:
+    if write_mask_decoder(checkpoint, staging / "onnx", opset, IR_VERSION, log) is not None:
         content[CONFIG_KEY][MASK_DECODER_KEY] = describe_mask_decoder()
     write_json(staging / "config.json", content)
     return content

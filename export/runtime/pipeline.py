@@ -20,23 +20,29 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from paligemma.checkpoint import Checkpoint, resolve_checkpoint
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from paligemma.generate import Pipeline
 from paligemma.masks import TokenLayout, additive, extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
-from paligemma.weights import resolve_checkpoint
 
+from ..graphs import GRAPH_ORDER, cache_names
+from ..quantize import PREPACKED
+from ..threads import SMALL_MODEL_BYTES, ThreadPlan, plan_threads
+from ..validation.torch_reference import torch_reference
+from ..validation.validate import validate_export
+from ..variants import exported_variant, variant_name
+from ..writer.integrity import cache_root
+from ..writer.manifest import (
+    EXPORTER_VERSION,
+    MANIFEST_NAME,
+    METADATA_PREFIX,
+    check_export,
+    config_hash,
+)
+from ..writer.mask_decoder import load_onnx_mask_decoder
 from .fused import bias_name, fused_session, left_padded, rotary_positions, unsupported
-from .graphs import GRAPH_ORDER, cache_names
-from .integrity import cache_root
-from .manifest import EXPORTER_VERSION, MANIFEST_NAME, METADATA_PREFIX, check_export, config_hash, weights_fingerprint
-from .mask_decoder import load_onnx_mask_decoder
-from .quantize import PREPACKED
-from .threads import SMALL_MODEL_BYTES, ThreadPlan, plan_threads
-from .torch_reference import torch_reference
-from .validate import validate_export
-from .variants import exported_variant, variant_name
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +175,8 @@ class OnnxModel:
                     "prefill and decode fused" if self.fused_decode else "graphs as exported")
 
     def _fused_sessions(self, fused: bool | None, shared, providers, prepack: bool, spinning: bool):
-        """The fused prefill and decode sessions (export/fused.py), built here from the checked graphs: (None, None)
-        when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
+        """The fused prefill and decode sessions (export/runtime/fused.py), built here from the checked graphs: (None,
+        None) when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
         if fused is False:
             return None, None
         reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"), self.device_type)
@@ -278,7 +284,7 @@ class OnnxEngine:
     """One request: prefill the prompt, then one decode step per token. The decode graph's attention_mask and
     position_ids come from the torch engines' own rule (paligemma.masks).
 
-    With the fused decode graph (export/fused.py), the cache lives in buffers of a fixed capacity (prompt +
+    With the fused decode graph (export/runtime/fused.py), the cache lives in buffers of a fixed capacity (prompt +
     max_new_tokens slots) allocated at the first decode step, each row's real keys moved to its front; the graph writes
     each new key and value in place. Every input and output is bound once, to arrays updated in place: a step writes
     the tokens, advances positions and lengths by one and runs. The logits are written into one bound buffer and
@@ -395,22 +401,23 @@ class OnnxEngine:
 
 def export_and_validate(source, output, *, log=print, **options) -> dict:
     """export_model(source, output, **options), then validate_export through this runtime's sessions: what
-    `python -m export` and the export cache run. Returns the manifest."""
-    from .onnx_export import DEFAULT_OPSET, check_options, export_model, removed_on_failure
+    `python -m export` and the export cache run. `source`: a Checkpoint, a checkpoint folder or a Hub repo id.
+    Returns the manifest."""
+    from ..writer.onnx_export import DEFAULT_OPSET, check_options, export_model, removed_on_failure
 
     dtype = options.get("dtype", "float32")
     check_options(output, dtype, options.get("quantize"), options.get("opset", DEFAULT_OPSET))
-    folder = resolve_checkpoint(source)
+    checkpoint = Checkpoint.resolve(source)
     with removed_on_failure(Path(output)):
         # One step at a time, the torch reference first (while this process holds nothing large), so that the
         # torch model, the export's working memory and ONNX Runtime's weights are never in memory together. The
         # reference streams the layers (docs/export.md "Streaming export"): its peak stays below ONNX Runtime's
         # even when a 4-bit export holds an eighth of the float32 weights.
-        reference = torch_reference(folder, dtype, streamed=True)
-        manifest = export_model(folder, output, log=log, **options)
-        config = PaliGemmaConfig.from_json_file(Path(output) / "config.json")
-        # The graphs as written are what other runtimes read; the fused ones (export/fused.py), built from them at
-        # load, are what this runtime serves where they apply: both are held to torch, one after the other.
+        reference = torch_reference(checkpoint, dtype, streamed=True)
+        manifest = export_model(checkpoint, output, log=log, **options)
+        config = checkpoint.config  # what the export's config.json was written from
+        # The graphs as written are what other runtimes read; the fused ones (export/runtime/fused.py), built from them
+        # at load, are what this runtime serves where they apply: both are held to torch, one after the other.
         # float16 on CPU: each session casts its weights to a float32 copy of its own, so one session at a time.
         model = OnnxModel(output, config, fused=False, one_session=manifest["dtype"] == "float16")
         validate_export(reference, model, log=log)
@@ -430,22 +437,22 @@ def cache_entry(config: PaliGemmaConfig, fingerprint: str, dtype: str = "float32
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24] + "-" + variant_name(dtype, quantize)
 
 
-def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str, dtype: str = "float32",
-                  quantize: str | None = None, *, root: Path | None = None, salt: str = "",
-                  make: Callable[[Path], None] | None = None) -> Path:
+def cached_export(checkpoint: Checkpoint, dtype: str = "float32", quantize: str | None = None, *,
+                  root: Path | None = None, salt: str = "", make: Callable[[Path], None] | None = None) -> Path:
     """The export of this checkpoint as `dtype` / `quantize` in the export cache (`root`, default cache_root()),
     made on first use, into a staging folder renamed into place once complete, by `make(staging)`: by default
     export_and_validate with progress bars (the benchmark passes its own, which skips validation)."""
-    entry = cache_entry(config, fingerprint, dtype, quantize, salt)
+    entry = cache_entry(checkpoint.config, checkpoint.fingerprint, dtype, quantize, salt)
     target = Path(root or cache_root()) / entry
     if (target / MANIFEST_NAME).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{entry}.partial-{os.getpid()}")
-    logger.info("exporting %s to ONNX as %s (first use; cached in %s)", folder, variant_name(dtype, quantize), target)
+    logger.info("exporting %s to ONNX as %s (first use; cached in %s)", checkpoint.folder,
+                variant_name(dtype, quantize), target)
     try:
         if make is None:
-            export_and_validate(folder, staging, dtype=dtype, quantize=quantize, progress=True)
+            export_and_validate(checkpoint, staging, dtype=dtype, quantize=quantize, progress=True)
         else:
             make(staging)
         try:
@@ -458,37 +465,39 @@ def cached_export(folder: Path, config: PaliGemmaConfig, fingerprint: str, dtype
     return target
 
 
-def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int | None = None,
+def load_onnx_pipeline(source, onnx_dir=None, device: str = "cpu", threads: int | None = None,
                        requests: int | None = None, prepack: bool = False, spinning: bool = False,
                        quantize: str | None = None) -> Pipeline:
     """A Pipeline generating with ONNX Runtime: from the export in `onnx_dir` (checked against the checkpoint's
-    config hash and weights), or from the export cache, exporting on first use. `folder` may also be an export
-    directory itself. `threads` (intra-op, per request) and `requests` (how many run at once) override the plan
-    chosen for the machine and the model (export/threads.py; `pipeline.engine_factory.thread_plan`); `spinning`
-    turns ONNX Runtime's busy-waiting threads back on (its default, slower here: bench/threads.py). `prepack`
-    trades memory (each decoder session re-lays out its own copy of the weights) for faster batched decoding on CPU.
-    `quantize` ("int8" or "int4") picks the quantized export from the cache (made on first use); an export
-    folder given as `folder` or `onnx_dir` must be that variant."""
-    folder = Path(folder)
+    config hash and weights), or from the export cache, exporting on first use. `source` is a Checkpoint, a
+    checkpoint folder or Hub repo id, or an export directory itself. `threads` (intra-op, per request) and `requests`
+    (how many run at once) override the plan chosen for the machine and the model (export/threads.py;
+    `pipeline.engine_factory.thread_plan`); `spinning` turns ONNX Runtime's busy-waiting threads back on (its
+    default, slower here: bench/threads.py). `prepack` trades memory (each decoder session re-lays out its own copy
+    of the weights) for faster batched decoding on CPU. `quantize` ("int8" or "int4") picks the quantized export
+    from the cache (made on first use); an export folder given as `source` or `onnx_dir` must be that variant."""
+    checkpoint = source if isinstance(source, Checkpoint) else None
+    folder = checkpoint.folder if checkpoint is not None else resolve_checkpoint(source)
     # transformers.js' layout (python -m export --format transformers.js) has an engine of its own.
-    from .transformers_js import is_transformers_js_export
-    from .transformers_js_runtime import load_transformers_js_pipeline
+    from ..transformers_js.runtime import load_transformers_js_pipeline
+    from ..transformers_js.writer import is_transformers_js_export
 
     for candidate in (onnx_dir, folder):
         if candidate is not None and is_transformers_js_export(candidate):
             return load_transformers_js_pipeline(candidate, quantize=quantize, providers=choose_providers(device),
                                                  options=lambda plan: session_options(plan, None, prepack, spinning),
                                                  threads=threads, requests=requests)
-    try:
-        config = PaliGemmaConfig.from_json_file(folder / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    if onnx_dir is None and (folder / MANIFEST_NAME).exists():
-        onnx_dir, fingerprint = folder, None
+    if onnx_dir is None and (folder / MANIFEST_NAME).exists():  # an export folder: its own config and tokenizer
+        try:
+            config = PaliGemmaConfig.from_json_file(folder / "config.json")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        onnx_dir, fingerprint, processor = folder, None, PaliGemmaProcessor.from_pretrained(folder, config)
     else:
-        fingerprint = weights_fingerprint(folder)
+        checkpoint = checkpoint or Checkpoint.read(folder)
+        config, fingerprint, processor = checkpoint.config, checkpoint.fingerprint, checkpoint.processor()
         if onnx_dir is None:
-            onnx_dir = cached_export(folder, config, fingerprint, quantize=quantize)
+            onnx_dir = cached_export(checkpoint, quantize=quantize)
     model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, requests=requests,
                       prepack=prepack, spinning=spinning)
     if quantize is not None and exported_variant(model.manifest) != quantize:
@@ -496,5 +505,4 @@ def load_onnx_pipeline(folder, onnx_dir=None, device: str = "cpu", threads: int 
                               f"not the {quantize} one asked "
                               f"for; export it with `python -m export --quantize {quantize}`, or load the checkpoint "
                               "folder without onnx_dir (the cache makes it)")
-    return Pipeline(None, PaliGemmaProcessor.from_pretrained(folder, config), model,
-                    mask_decoder=load_onnx_mask_decoder(onnx_dir, folder))
+    return Pipeline(None, processor, model, mask_decoder=load_onnx_mask_decoder(onnx_dir, folder))

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .streaming import TRACED_PREFIX, WeightWriter
-from .transformers_js_data import ChunkedExternalData
+from ..writer.streaming import TRACED_PREFIX, WeightWriter
+from .data import ChunkedExternalData
 
 
 def row_blocks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:

@@ -29,9 +29,9 @@ variants, and for those also on the relative rms difference, ||ONNX - torch|| / 
 float16 exports are validated with one ONNX Runtime session in memory at a time (OnnxModel one_session): on CPU each
 float16 session holds a float32 copy of its weights, and the three at once do not fit beside each other at 3B.
 
-The torch side is recorded first (export/torch_reference.py, in its own process) and ONNX Runtime then replays the
-same requests and the same tokens: the torch model and ONNX Runtime's copy of the weights are never in memory at
-once.
+The torch side is recorded first (export/validation/torch_reference.py, in its own process) and ONNX Runtime then
+replays the same requests and the same tokens: the torch model and ONNX Runtime's copy of the weights are never in
+memory at once.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def max_diff(got, expected) -> float:
 
 def validate_export(reference: dict, onnx_model, log=print) -> dict[str, float]:
     """Max abs difference per graph (vision_encoder, prefill, decode) between the torch `reference`
-    (export.torch_reference.record) and ONNX Runtime running the export `onnx_model` has loaded (an
-    export.runtime.OnnxModel: passed in, as the runtime sits above this module), fed torch's tokens; raises
+    (export.validation.torch_reference.record) and ONNX Runtime running the export `onnx_model` has loaded (an
+    export.runtime.pipeline.OnnxModel: passed in, as the runtime sits above this module), fed torch's tokens; raises
     OnnxExportError above tolerance."""
     manifest = onnx_model.manifest
     tolerance, relative = TOLERANCES[manifest["dtype"], manifest["quantize"]]
@@ -98,7 +98,7 @@ def validate_export(reference: dict, onnx_model, log=print) -> dict[str, float]:
         squares[name][1] += float((expected.float() ** 2).sum())
 
     pairs = list(zip(reference["requests"], reference["runs"]))
-    if getattr(onnx_model, "one_session", False):  # export.runtime.OnnxModel(one_session=True)
+    if getattr(onnx_model, "one_session", False):  # export.runtime.pipeline.OnnxModel(one_session=True)
         # One batch (the requests share one layout, as torch recorded them), so that each graph runs in one stretch
         # and a model holding one session at a time opens each once. Only then: int8's activation scale is per call,
         # over the batch, so batching would change its figures.

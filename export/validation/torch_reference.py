@@ -1,12 +1,12 @@
 """The torch side of the export's validation, recorded in a process of its own.
 
-    python -m export.torch_reference CHECKPOINT DTYPE OUT [--streamed]
+    python -m export.validation.torch_reference CHECKPOINT DTYPE OUT [--streamed]
 
 The torch model and ONNX Runtime's copy of the weights would need twice the weights' memory side by side; here the
 child records what torch gives on the validation requests (image embeddings, prefill logits, the greedy tokens and
 the logits of each decode step) into OUT (safetensors), and exits, returning its memory before the parent exports
-and ONNX Runtime loads the export. The child reads the weights tensor by tensor (export/checkpoint_stream.py), and
-either holds them once (the whole model) or, `--streamed`, one layer at a time (layer_streamed): each layer's
+and ONNX Runtime loads the export. The child reads the weights tensor by tensor (export/writer/checkpoint_stream.py),
+and either holds them once (the whole model) or, `--streamed`, one layer at a time (layer_streamed): each layer's
 tensors are read when the model's own forward reaches it and dropped when it leaves, every decode step passing over
 all the layers again (the reads come from the page cache), so that a 4-bit export of a model whose float32 weights
 exceed the machine's memory can still be checked against float32 torch.
@@ -24,24 +24,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from paligemma.checkpoint import Checkpoint
 from paligemma.engines import TorchEngine
 from paligemma.errors import CheckpointError, OnnxExportError
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
 
-from .checkpoint_stream import CheckpointStream
+from ..writer.checkpoint_stream import CheckpointStream
 from .validate import DECODE_STEPS, validation_requests
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
+def load_streamed(checkpoint: Checkpoint, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
     """The model with its weights read one tensor at a time (load_model's strict checks, no mapped file)."""
-    from .onnx_export import read_config
-
-    source = CheckpointStream(folder)
+    source = CheckpointStream(checkpoint)
     with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(read_config(folder))
+        model = PaliGemmaForConditionalGeneration(checkpoint.config)
     source.check_against(model)
     model.load_state_dict({name: source.read(name, dtype) for name in source.tensors}, strict=True, assign=True)
     return model.eval()
@@ -62,15 +61,13 @@ def hollow(module: nn.Module) -> None:
     module.to_empty(device="meta")
 
 
-def layer_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
+def layer_streamed(checkpoint: Checkpoint, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
     """The model whose layers read their weights when its forward reaches them and drop them when it leaves, the
     model's own code running unchanged (forward hooks do the reading): what it computes is what load_streamed's model
     computes, holding one layer at a time besides what stays resident (streamed_units)."""
-    from .onnx_export import read_config
-
-    source = CheckpointStream(folder)
+    source = CheckpointStream(checkpoint)
     with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(read_config(folder))
+        model = PaliGemmaForConditionalGeneration(checkpoint.config)
     source.check_against(model)
     model.requires_grad_(False)
     units = streamed_units(model)
@@ -80,7 +77,7 @@ def layer_streamed(folder: Path, dtype: torch.dtype) -> PaliGemmaForConditionalG
     left = model.load_state_dict({name: source.read(name, dtype) for name in resident}, strict=False, assign=True)
     streamed = [name for name in left.missing_keys if not any(name.startswith(unit + ".") for unit in units)]
     if left.unexpected_keys or streamed:
-        raise CheckpointError(f"{folder}: tensors that do not fit the model's resident part: "
+        raise CheckpointError(f"{checkpoint.folder}: tensors that do not fit the model's resident part: "
                               f"{', '.join(left.unexpected_keys + streamed)}")
 
     def load(prefix: str):
@@ -145,27 +142,30 @@ def load_record(path: Path) -> dict:
     return dict(requests=requests, runs=runs)
 
 
-def torch_reference(checkpoint: Path, dtype: str, streamed: bool = False) -> dict:
+def torch_reference(checkpoint: Checkpoint, dtype: str, streamed: bool = False) -> dict:
     """record() for the checkpoint, run in a child process, on the whole model or layer by layer (`streamed`);
-    OnnxExportError with the child's error if it fails."""
+    OnnxExportError with the child's error if it fails. The child reads the checkpoint's folder itself (a process
+    of its own holds the torch model)."""
     with tempfile.TemporaryDirectory(prefix="paligemma-reference-") as tmp:
         out = Path(tmp) / "reference.safetensors"
         env = dict(os.environ,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
-        command = [sys.executable, "-m", "export.torch_reference", str(checkpoint), dtype, str(out)]
+        command = [sys.executable, "-m", "export.validation.torch_reference", str(checkpoint.folder), dtype, str(out)]
         done = subprocess.run(command + (["--streamed"] if streamed else []), capture_output=True, text=True, env=env)
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-            raise OnnxExportError(f"the torch reference for validating the export of {checkpoint} failed: {last[0]}")
+            raise OnnxExportError(f"the torch reference for validating the export of {checkpoint.folder} failed: "
+                                  f"{last[0]}")
         return load_record(out)
 
 
 def main(argv: list[str]) -> int:
     streamed = "--streamed" in argv
-    checkpoint, dtype, out = [arg for arg in argv if arg != "--streamed"]
+    folder, dtype, out = [arg for arg in argv if arg != "--streamed"]
     try:
-        model = (layer_streamed if streamed else load_streamed)(Path(checkpoint), getattr(torch, dtype))
-        processor = PaliGemmaProcessor.from_pretrained(Path(checkpoint), model.config)
+        checkpoint = Checkpoint.read(Path(folder))
+        model = (layer_streamed if streamed else load_streamed)(checkpoint, getattr(torch, dtype))
+        processor = checkpoint.processor()
         recorded = record(model, processor)  # a streamed model reads its shards here too
     except CheckpointError as e:  # the parent reports the last line of stderr
         print(e, file=sys.stderr)

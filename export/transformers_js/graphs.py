@@ -26,7 +26,7 @@ from paligemma.config import PaliGemmaConfig
 from paligemma.masks import TokenLayout, last_slots
 from paligemma.model import PaliGemmaForConditionalGeneration
 
-from .graphs import ConcatCache, GraphSpec, TensorSpec, cache_names
+from ..graphs import ConcatCache, GraphSpec, TensorSpec, cache_names
 
 GRAPH_ORDER = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 

@@ -1,5 +1,6 @@
-"""What identifies an export and its source: config hash, weights fingerprint, the manifest, and the checks that
-turn a stale, missing or corrupt export into an error naming the file."""
+"""What identifies an export and its source: config hash, the manifest (which records the checkpoint's weights
+fingerprint, paligemma.checkpoint), and the checks that turn a stale, missing or corrupt export into an error naming
+the file."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import onnx
 
 from paligemma.config import PaliGemmaConfig
 from paligemma.errors import OnnxExportError, shown
-from paligemma.weights import MASK_DECODER_NAME, weight_files
 
 from .integrity import sha256_of
 
@@ -26,24 +26,6 @@ def config_hash(config: PaliGemmaConfig) -> str:
     """sha256 of the normalized config (every field the model is built from), so a config.json that differs only in
     formatting or unused keys hashes the same."""
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
-
-
-def weights_fingerprint(folder: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
-    """A fast fingerprint of the checkpoint's weights: names, sizes, safetensors headers and `samples` evenly spaced
-    chunks of every file, the mask decoder's too (the export carries it as mask_decoder.onnx). Two checkpoints with one
-    config (pt and mix, or a fine-tune) fingerprint differently."""
-    digest = hashlib.sha256()
-    decoder = Path(folder) / MASK_DECODER_NAME
-    for file in weight_files(Path(folder)) + ([decoder] if decoder.is_file() else []):
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with open(file, "rb") as f:
-            header_length = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(min(header_length, 1 << 24)))
-            for i in range(samples):
-                f.seek(size * i // samples)
-                digest.update(f.read(chunk))
-    return digest.hexdigest()
 
 
 REDO = "; export again with `python -m export --model <checkpoint> --output <dir>`"
@@ -103,7 +85,7 @@ def check_export(onnx_dir: Path, config: PaliGemmaConfig, fingerprint: str | Non
                  progress: bool = True) -> dict:
     """The manifest of an export made from this config (and these weights, when a fingerprint is given), after
     checking that every file it lists is there with its recorded size and sha256 (hashed once per file identity:
-    export/integrity.py). Raises OnnxExportError naming the first problem."""
+    export/writer/integrity.py). Raises OnnxExportError naming the first problem."""
     onnx_dir = Path(onnx_dir)
     manifest = read_manifest(onnx_dir)
     redo = REDO

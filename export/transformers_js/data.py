@@ -2,8 +2,8 @@
 
 Node's readFile and a browser's fetch refuse single files over 2 GiB, so a graph's weights are cut into chunks of at
 most `chunk_bytes`, whole tensors only (a tensor never spans two files: ONNX Runtime reads each from one location).
-Each chunk is an ExternalData file (export/external_data.py: page-aligned, equal tensors stored once per chunk), so
-WeightWriter.attach writes into it exactly as into the default export's data file.
+Each chunk is an ExternalData file (export/writer/external_data.py: page-aligned, equal tensors stored once per
+chunk), so WeightWriter.attach writes into it exactly as into the default export's data file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from paligemma.errors import OnnxExportError
 
-from .external_data import ALIGNMENT, ExternalData
+from ..writer.external_data import ALIGNMENT, ExternalData
 
 CHUNK_BYTES = 2_000_000_000  # under 2 GiB (2_147_483_647), Node's and the browsers' limit for one file
 

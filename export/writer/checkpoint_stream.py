@@ -17,8 +17,9 @@ from typing import Iterator
 
 import torch
 
+from paligemma.checkpoint import Checkpoint
 from paligemma.errors import CheckpointError
-from paligemma.weights import DERIVED_BUFFERS, TIED_HEADS, canonical_key, check_state_dict, weight_files
+from paligemma.weights import DERIVED_BUFFERS, TIED_HEADS, canonical_key, check_state_dict
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -72,11 +73,11 @@ def read_header(file: Path) -> dict[str, StoredTensor]:
 class CheckpointStream:
     """The checkpoint's tensors under the model's parameter names (the canonical layout), read on demand."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, checkpoint: Checkpoint):
+        self.folder = checkpoint.folder
         self.tensors: dict[str, StoredTensor] = {}
         self.heads: dict[str, StoredTensor] = {}
-        for file in weight_files(folder):
+        for file in checkpoint.weight_files:
             for key, tensor in read_header(file).items():
                 if key in DERIVED_BUFFERS or canonical_key(key) in DERIVED_BUFFERS:
                     continue

@@ -26,9 +26,9 @@ from torch import nn
 from paligemma.config import PaliGemmaConfig
 from paligemma.model import PaliGemmaForConditionalGeneration
 
+from ..quantize import QuantizedMatMul, quantize_matmuls, quantized_rows
 from .checkpoint_stream import CheckpointStream
 from .external_data import ExternalData, numpy_view
-from .quantize import QuantizedMatMul, quantize_matmuls, quantized_rows
 
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors (norms of tiny models, scalars) stay inside the graph
 TRACED_PREFIX = "model."  # the graph modules hold the model as `self.model`

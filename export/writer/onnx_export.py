@@ -1,8 +1,8 @@
 """torch -> ONNX: the three graphs, weights stored once, metadata, checks.
 
 Exporter: TorchScript (`torch.onnx.export(dynamo=False)`), which traces batch, sequence and past length as dynamic
-axes. Every export streams (export/streaming.py): the graphs are traced on a hollow model and each weight is copied
-from the checkpoint into the data file on its own, so the export holds about one matrix of weights at a time,
+axes. Every export streams (export/writer/streaming.py): the graphs are traced on a hollow model and each weight is
+copied from the checkpoint into the data file on its own, so the export holds about one matrix of weights at a time,
 whatever the model's size; int8 and int4 quantize each weight as it is written (export/quantize.py), with no
 whole-graph pass. The exporter's constant folding is off: it would hold the weights twice more; weight transposes
 are folded here, one tensor at a time, so ONNX Runtime has nothing left to copy at load.
@@ -26,13 +26,14 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
+from paligemma.checkpoint import Checkpoint
 from paligemma.config import PaliGemmaConfig
-from paligemma.errors import CheckpointError, ConfigError, OnnxExportError
-from paligemma.weights import resolve_checkpoint
+from paligemma.errors import OnnxExportError
 
+from ..graphs import GRAPH_ORDER, graph_modules, graph_specs
+from ..quantize import QUANTIZATIONS, SCHEMES, stored_nbytes
 from .checkpoint_stream import CheckpointStream
 from .external_data import ExternalData
-from .graphs import GRAPH_ORDER, graph_modules, graph_specs
 from .integrity import sha256_of
 from .manifest import (
     EXPORTER_VERSION,
@@ -40,10 +41,8 @@ from .manifest import (
     METADATA_PREFIX,
     SHARED_DATA_NAME,
     config_hash,
-    weights_fingerprint,
 )
 from .mask_decoder import add_mask_decoder
-from .quantize import QUANTIZATIONS, SCHEMES, stored_nbytes
 from .streaming import WeightsAsInputs, WeightWriter, hollow_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -146,18 +145,18 @@ def export_model(
     source, output, *, dtype: str = "float32", quantize: str | None = None, opset: int = DEFAULT_OPSET,
     progress: bool = True, log=print,
 ) -> dict:
-    """Export the checkpoint `source` (folder or Hub id) into `output`; returns the manifest.
+    """Export the checkpoint `source` (a Checkpoint, folder or Hub repo id) into `output`; returns the manifest.
 
     Writes vision_encoder.onnx, prefill.onnx and decode.onnx (weights of the last two in one shared
     decoder.onnx.data), the tokenizer, config.json and manifest.json, and checks every graph with onnx.checker.
     Comparing ONNX Runtime with torch is a step of its own: export.runtime.export_and_validate does both."""
     check_options(output, dtype, quantize, opset)
     output = Path(output)
-    folder = resolve_checkpoint(source)
+    checkpoint = Checkpoint.resolve(source)
     with removed_on_failure(output):
         output.mkdir(parents=True, exist_ok=True)
-        manifest = write_export(folder, output, dtype, quantize, opset, progress, log)
-        return add_mask_decoder(folder, output, manifest, opset, IR_VERSION, log)
+        manifest = write_export(checkpoint, output, dtype, quantize, opset, progress, log)
+        return add_mask_decoder(checkpoint, output, manifest, opset, IR_VERSION, log)
 
 
 def export_files(output: Path) -> list[Path]:
@@ -191,24 +190,17 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(size(t) for t in model.graph.initializer)
 
 
-def read_config(folder: Path) -> PaliGemmaConfig:
-    try:
-        return PaliGemmaConfig.from_json_file(folder / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def write_export(folder: Path, output: Path, dtype: str, quantize: str | None, opset: int, progress: bool,
+def write_export(checkpoint: Checkpoint, output: Path, dtype: str, quantize: str | None, opset: int, progress: bool,
                  log) -> dict:
     start = time.perf_counter()
     torch_dtype = DTYPES[dtype]
-    source = CheckpointStream(folder)
-    model = hollow_model(read_config(folder), torch_dtype)
+    source = CheckpointStream(checkpoint)
+    model = hollow_model(checkpoint.config, torch_dtype)
     source.check_against(model)
     needed = export_nbytes(model, source, torch_dtype, quantize)
     check_free_space(output, needed)
     try:
-        return write_graphs(model, source, folder, output, dtype, quantize, opset, progress, log, start)
+        return write_graphs(model, source, checkpoint, output, dtype, quantize, opset, progress, log, start)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -238,11 +230,11 @@ def check_free_space(output: Path, needed: int) -> None:
                               f"{needed / 1e9:.2f} GB for its weights: free some space or choose another --output")
 
 
-def write_graphs(model, source: CheckpointStream, folder: Path, output: Path, dtype: str, quantize: str | None,
-                 opset: int, progress: bool, log, start: float) -> dict:
+def write_graphs(model, source: CheckpointStream, checkpoint: Checkpoint, output: Path, dtype: str,
+                 quantize: str | None, opset: int, progress: bool, log, start: float) -> dict:
     torch_dtype = DTYPES[dtype]
-    config = model.config
-    meta = dict(config_hash=config_hash(config), weights_fingerprint=weights_fingerprint(folder),
+    config, folder = model.config, checkpoint.folder
+    meta = dict(config_hash=config_hash(config), weights_fingerprint=checkpoint.fingerprint,
                 exporter_version=EXPORTER_VERSION, dtype=dtype, quantize=quantize or "none", opset=opset,
                 torch_version=torch.__version__)
     specs, modules, inputs = graph_specs(config), graph_modules(model), example_inputs(config, torch_dtype)
