@@ -2,12 +2,13 @@
 `load_image(file, input_size)` (JPEG's scaled decoding and Pillow's reduce, each side kept >= REDUCING_GAP x input
 size) against those of the full image resized as transformers' processor does (bicubic to input_size x input_size).
 
-    python -m bench.reduced_decoding [--sizes 112 224 448] [--gap 4]
+    python -m bench.reduced_decoding [--sizes 112 224 448] [--gap 4] [--scenes]
 
 The images: the photos and the screenshot that Gradio ships (gradio/media_assets/images), a scene of the embedded
 model's task drawn at 3000 x 3000 (antialiased, light noise) as PNG, baseline and progressive JPEG, a photo
 enlarged 4x as PNG and JPEG, the screenshot as PNG and JPEG. Distances are in levels of 255 (1 level is 2/255 in the
-model's [-1, 1] pixel values).
+model's [-1, 1] pixel values). --scenes adds the worst case over scenes 1, 3 and 5 drawn at 1000, 1500, 2000, 2600
+and 3100 pixels, as PNG and as JPEG.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reduced_decoding", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[112, 224, 448], help="model input sides")
     parser.add_argument("--gap", type=int, default=processor.REDUCING_GAP, help="REDUCING_GAP to measure")
+    parser.add_argument("--scenes", action="store_true", help="also the worst case over 30 scenes of 1000-3100 px")
     args = parser.parse_args(argv)
     processor.REDUCING_GAP = args.gap
     files = real_images()
@@ -75,6 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         width, height = Image.open(io.BytesIO(data)).size
         cells = [distance(data, size) for size in args.sizes]
         print(f"{name:30} {f'{width}x{height}':>10} " + " ".join(f"{m:6.1f} / {a:5.2f}" for m, a in cells))
+    if args.scenes:
+        from shapes.scenes import Style, render_scene
+
+        for save in ({"format": "PNG"}, {"format": "JPEG", "quality": 90}):
+            worst = {size: (0.0, 0.0) for size in args.sizes}
+            for canvas in (1000, 1500, 2000, 2600, 3100):
+                for index in (1, 3, 5):
+                    style = Style(canvas=canvas, antialias=True, noise=2.0)
+                    data = encoded(render_scene(0, index, lambda rng, count: style).image, **save)
+                    for size in args.sizes:
+                        largest, mean = distance(data, size)
+                        worst[size] = (max(worst[size][0], largest), max(worst[size][1], mean))
+            label = f"worst of 15 scenes, {save['format']}"
+            print(f"{label:41} " + " ".join(f"{m:6.1f} / {a:5.2f}" for m, a in worst.values()))
     return 0
 
 

@@ -178,7 +178,7 @@ class RequestLimits:
                 self.sweep_pending = True
             if self.sweep_pending and self.uploads_in_flight == 0:
                 self.sweep_pending = False
-                await anyio.to_thread.run_sync(remove_partial_uploads)
+                remove_partial_uploads()  # not in a thread: no upload may start while it runs
         if refusal is not None and not started:
             await drain(receive, more)
             await respond(send, refusal.status, str(refusal))

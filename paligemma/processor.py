@@ -34,9 +34,9 @@ DECODE_BUDGET = 192 * 2**20
 # Pixels in one image, whatever its format: the time to decode (about 0.5 s for 64 megapixels of PNG on one core).
 MAX_IMAGE_PIXELS = 64_000_000
 # A file is decoded at reduced size while each side stays at least this many times the model's input side (Pillow's
-# `reducing_gap`). 4, not Pillow's suggested 2, from a measurement on photos, a screenshot and large scenes
-# (bench/reduced_decoding.py, docs/security.md): at 4 every value the model sees is within 5 levels of 255 of resizing
-# the full image, 0.25 on average; at 2 up to 44 levels for the embedded model's 112-pixel input.
+# `reducing_gap`). 4, not Pillow's suggested 2, from a measurement on photos, a screenshot and scenes of 1000 to 3100
+# pixels (bench/reduced_decoding.py, docs/security.md): at 4 a value the model sees moves by at most 9 levels of 255
+# (JPEG's scaled decoding; 3 for PNG) and 0.25 of a level on average; at 2, 10 levels and 0.5.
 REDUCING_GAP = 4
 BAND_PIXELS = 2**19  # converted to RGB a band of about this many pixels at a time (a few MB each)
 WEBP_BYTES_PER_PIXEL = 16  # libwebp's buffers and Pillow's frame, measured (bench/image_load.py)
