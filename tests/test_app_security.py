@@ -402,12 +402,13 @@ def test_a_folder_inside_the_upload_folder_gets_the_message_of_any_non_file(app_
     assert_still_answers(url, expected)
 
 
-def test_monitoring_is_off(app_py):
+def test_monitoring_is_off(app_py, expected):
     url, _ = app_py
     for route in ("monitoring/summary", "monitoring"):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(url + route, timeout=30)
         assert refused.value.code == 403
+    assert_still_answers(url, expected)
 
 
 @pytest.fixture(scope="module")
