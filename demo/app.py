@@ -433,9 +433,9 @@ def release_memory() -> None:
 
 def glibc():
     try:
-        libc = ctypes.CDLL(None)
+        libc = ctypes.CDLL(None)  # the C library the process already runs on
         return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
+    except (OSError, TypeError):  # no such handle (Windows)
         return None
 
 
