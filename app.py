@@ -1,10 +1,11 @@
 """Serve the PaliGemma demo: `python app.py [--backend onnx|torch] [--model PATH_OR_ID] [--quantize int8|int4]
-[--host H] [--port P] [--share]`."""
+[--host H] [--port P] [--share] [--monitoring] [--upload-space MB]`."""
 
 import logging
 import os
 
 from demo import create_app, launch, load_backend
+from demo.limits import UPLOAD_FOLDER_BYTES
 from export.variants import QUANTIZED
 from paligemma import CheckpointError, OnnxExportError
 from paligemma.cli import ArgumentParser
@@ -29,6 +30,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=None,
                         help="requests generating at once "
                              "(default: chosen with the threads; the rest wait in the queue)")
+    parser.add_argument("--monitoring", action="store_true",
+                        help="serve Gradio's /monitoring routes (each event's name, count and latencies, to anyone)")
+    parser.add_argument("--upload-space", type=int, default=UPLOAD_FOLDER_BYTES // 2**20,
+                        help="MB that the uploads kept (for an hour) may take together; more are refused until old "
+                             "ones are deleted (default %(default)s)")
     parser.add_argument("--torch-check", choices=["auto", "on", "off"],
                         default=os.environ.get("PALIGEMMA_TORCH_CHECK", "auto"),
                         help="let visitors check answers against eager torch, which loads a float32 copy of the model "
@@ -48,9 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--quantize {args.quantize} is served by --backend onnx only, and --backend is {args.backend}")
     if args.threads is not None and args.backend != "onnx":
         parser.error("--threads sets ONNX Runtime's threads; with --backend torch, set OMP_NUM_THREADS")
-    for name in ("threads", "concurrency"):
+    for name in ("threads", "concurrency", "upload_space"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         backend = load_backend(args.model, args.backend, onnx_dir=args.onnx_dir, threads=args.threads,
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"app.py: {e}\n")
     torch_check = {"auto": None, "on": True, "off": False}[args.torch_check]
     app = create_app(backend, concurrency_limit=args.concurrency, torch_check=torch_check)
-    launch(app, host=args.host, port=args.port, share=args.share)
+    launch(app, host=args.host, port=args.port, share=args.share, monitoring=args.monitoring,
+           upload_space=args.upload_space * 2**20)
 
 
 if __name__ == "__main__":

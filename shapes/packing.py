@@ -72,7 +72,8 @@ def packed_batch(processor, images, questions_per_image, alone=None) -> dict[str
     batch["image_sees_prompt"] = torch.tensor([sees for _, _, sees in groups], dtype=torch.bool)
     is_suffix = (batch["token_type_ids"] == 1) & (batch["segments"] != PADDING)
     batch["labels"] = batch["input_ids"].masked_fill(~is_suffix, IGNORE)
-    batch["pixel_values"] = torch.stack([preprocess_image(load_image(image), processor.image_size) for image in images])
+    size = processor.image_size
+    batch["pixel_values"] = torch.stack([preprocess_image(load_image(image, size), size) for image in images])
     return batch
 
 

@@ -192,7 +192,7 @@ def test_the_segment_preset_draws_masks_equal_to_the_python_apps(page, torch_pip
         assert (o["label"], tuple(o["box"])) == (s.label, s.box)
         np.testing.assert_array_equal(mask, s.mask)
     python_text = torch_pipe.generate(picture, SEGMENT, max_new_tokens=MAX_NEW_TOKENS).text
-    python_masks = [d.mask for d in found_objects(python_text, picture, torch_pipe.mask_decoder)]
+    python_masks = [d.mask for d in found_objects(python_text, picture.size, torch_pipe.mask_decoder)]
     assert len(python_masks) == 2
     for mask, theirs in zip(masks, python_masks):
         assert (mask & theirs).sum() / (mask | theirs).sum() >= 0.99
