@@ -69,10 +69,26 @@ def test_the_layer_streamed_record_is_the_whole_models(reference_factory, varian
     assert_same_record(recorded(folder, layer_streamed), whole)
 
 
-def test_the_child_process_records_the_same_streamed_or_not(reference_factory):
+def test_the_child_process_records_what_this_process_records(reference_factory):
     folder, _ = reference_factory("pg2")
     checkpoint = Checkpoint.resolve(folder)
-    assert_same_record(torch_reference(checkpoint, "float32", streamed=True), torch_reference(checkpoint, "float32"))
+    child = torch_reference(checkpoint, "float32", streamed=True, in_process=False)
+    assert_same_record(child, torch_reference(checkpoint, "float32", in_process=True))
+
+
+def test_small_checkpoints_are_recorded_in_process_and_large_ones_in_a_child(reference_factory, monkeypatch):
+    from export.validation import torch_reference as module
+
+    checkpoint = Checkpoint.resolve(reference_factory("pg1")[0])
+
+    def no_child(*args, **kwargs):
+        raise RuntimeError("a child process was started")
+
+    monkeypatch.setattr(module.subprocess, "run", no_child)
+    torch_reference(checkpoint, "float32")  # a few hundred KB: no child
+    monkeypatch.setattr(module, "IN_PROCESS_BYTES", 1)
+    with pytest.raises(RuntimeError, match="a child process was started"):
+        torch_reference(checkpoint, "float32")
 
 
 # glibc's malloc keeps freed memory for reuse, and how much depends on the order of allocations and frees: with its

@@ -1,4 +1,5 @@
-"""The torch side of the export's validation, recorded in a process of its own.
+"""The torch side of the export's validation, recorded in a process of its own (in the exporting process for
+checkpoints under IN_PROCESS_BYTES).
 
     python -m export.validation.torch_reference CHECKPOINT DTYPE OUT [--streamed]
 
@@ -34,6 +35,9 @@ from ..writer.checkpoint_stream import CheckpointStream
 from .validate import DECODE_STEPS, validation_requests
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# Checkpoints smaller than this are recorded in the exporting process: a child costs ~3 s of imports, more than a
+# second copy of such weights costs in memory.
+IN_PROCESS_BYTES = 256 * 2**20
 
 
 def load_streamed(checkpoint: Checkpoint, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
@@ -142,10 +146,20 @@ def load_record(path: Path) -> dict:
     return dict(requests=requests, runs=runs)
 
 
-def torch_reference(checkpoint: Checkpoint, dtype: str, streamed: bool = False) -> dict:
-    """record() for the checkpoint, run in a child process, on the whole model or layer by layer (`streamed`);
-    OnnxExportError with the child's error if it fails. The child reads the checkpoint's folder itself (a process
-    of its own holds the torch model)."""
+def torch_reference(checkpoint: Checkpoint, dtype: str, streamed: bool = False,
+                    in_process: bool | None = None) -> dict:
+    """record() for the checkpoint, on the whole model or layer by layer (`streamed`); OnnxExportError with the
+    reason if it fails. In a child process of its own, which reads the checkpoint's folder itself and returns the
+    torch model's memory when it exits, unless `in_process` (default: for checkpoints under IN_PROCESS_BYTES, where
+    starting a process costs more than the model's memory is worth)."""
+    if in_process is None:
+        in_process = sum(f.stat().st_size for f in checkpoint.weight_files) < IN_PROCESS_BYTES
+    if in_process:
+        try:
+            return recorded(checkpoint, dtype, streamed)
+        except CheckpointError as e:
+            raise OnnxExportError(f"the torch reference for validating the export of {checkpoint.folder} failed: "
+                                  f"{e}") from e
     with tempfile.TemporaryDirectory(prefix="paligemma-reference-") as tmp:
         out = Path(tmp) / "reference.safetensors"
         env = dict(os.environ,
@@ -159,18 +173,21 @@ def torch_reference(checkpoint: Checkpoint, dtype: str, streamed: bool = False) 
         return load_record(out)
 
 
+def recorded(checkpoint: Checkpoint, dtype: str, streamed: bool = False) -> dict:
+    """record() on the checkpoint's model, loaded whole or layer by layer (`streamed`), in this process."""
+    model = (layer_streamed if streamed else load_streamed)(checkpoint, getattr(torch, dtype))
+    return record(model, checkpoint.processor())  # a streamed model reads its shards here too
+
+
 def main(argv: list[str]) -> int:
     streamed = "--streamed" in argv
     folder, dtype, out = [arg for arg in argv if arg != "--streamed"]
     try:
-        checkpoint = Checkpoint.read(Path(folder))
-        model = (layer_streamed if streamed else load_streamed)(checkpoint, getattr(torch, dtype))
-        processor = checkpoint.processor()
-        recorded = record(model, processor)  # a streamed model reads its shards here too
+        record_ = recorded(Checkpoint.read(Path(folder)), dtype, streamed)
     except CheckpointError as e:  # the parent reports the last line of stderr
         print(e, file=sys.stderr)
         return 1
-    save_record(recorded, out)
+    save_record(record_, out)
     return 0
 
 
