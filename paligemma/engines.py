@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from .cache import KVCache, PromptStore, SlotStore, StaticCache
+from .cache import KVCache, PromptStore, RowPool, RowStore, SlotStore, StaticCache
 from .masks import TokenLayout, extend_for_generation
 from .model import PaliGemmaForConditionalGeneration
 
@@ -88,6 +88,61 @@ class TorchEngine:
         )
         self.cache.advance(1)
         return logits[:, -1]
+
+
+@dataclass
+class PrefilledRow:
+    """One request's prompt in a cache of its own, waiting to join a batch."""
+
+    keys: torch.Tensor  # [L, K, T, D]
+    values: torch.Tensor
+    token_types: torch.Tensor  # [T]
+    capacity: int  # slots the row will hold: prompt + budget
+
+
+class BatchedTorchEngine:
+    """The eager engine for a continuous batch (paligemma/scheduler.py): each request is prefilled alone, as
+    TorchEngine does, then its cache joins a RowPool and every decode step runs all rows at once, each at its own
+    length, with its own positions and prefix-LM mask (and Gemma 2's window) from the one rule, paligemma/masks.py.
+    Attention reads the first max-length + 1 slots of every row, each row masked to its own."""
+
+    def __init__(self, model: PaliGemmaForConditionalGeneration, max_batch: int):
+        self.model, self.max_batch = model, max_batch
+        self.device, self.dtype = parameter_of(model).device, parameter_of(model).dtype
+        self.pool = RowPool(model.config.text, max_batch, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[PrefilledRow, torch.Tensor]:
+        engine = TorchEngine(self.model)
+        logits = engine.prefill(inputs, 0)  # a cache of exactly the prompt
+        T = engine.cache.length
+        row = PrefilledRow(engine.cache.keys[:, 0], engine.cache.values[:, 0],
+                           inputs["token_type_ids"][0].to(self.device), T + max_new_tokens)
+        return row, logits
+
+    def join(self, prefilled: PrefilledRow) -> int:
+        return self.pool.join(prefilled.keys, prefilled.values, prefilled.token_types, prefilled.capacity)
+
+    @torch.inference_mode()
+    def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        pool, n = self.pool, self.pool.rows
+        if sorted(rows) != sorted(pool.ids):
+            raise ValueError(f"a decode step runs every row in the batch ({n}), got {len(rows)}")
+        places = torch.tensor(pool.places(rows), device=self.device)
+        ordered = torch.empty(n, dtype=torch.long, device=self.device).index_copy_(0, places, tokens.to(self.device))
+        lengths = pool.lengths[:n]
+        if int(lengths.max()) >= pool.capacity:
+            raise ValueError(f"a row's cache holds {pool.capacity} tokens; ask for more max_new_tokens")
+        S = int(lengths.max()) + 1
+        query = lengths[:, None]  # each row's new token goes to the slot after its own
+        layout = TokenLayout(torch.arange(S, device=self.device) <= query, pool.autoregressive[:n, :S], query)
+        hidden = self.model.run_decoder(ordered[:, None], None, layout, cache=RowStore(pool, n, S))
+        logits = self.model.decoder.logits(hidden[:, -1])
+        lengths += 1
+        return logits.index_select(0, places)
+
+    def release(self, row: int) -> None:
+        self.pool.leave(row)
 
 
 class DecodeStep(nn.Module):
@@ -240,6 +295,13 @@ class StaticEngine:
 
 def default_engine(device: torch.device) -> str:
     return "static" if device.type == "cuda" else "eager"
+
+
+def make_batch_engine(model: PaliGemmaForConditionalGeneration, factory: EngineFactory,
+                      max_batch: int) -> BatchedTorchEngine | None:
+    """The continuous batch's engine for what make_engines chose: eager torch batches (BatchedTorchEngine); the
+    static engine serves each call alone (None)."""
+    return None if isinstance(factory, StaticEngines) else BatchedTorchEngine(model, max_batch)
 
 
 def make_engines(model: PaliGemmaForConditionalGeneration, engine: str | None = None) -> EngineFactory:

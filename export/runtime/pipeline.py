@@ -1,5 +1,6 @@
 """The ONNX Runtime generation loop behind the pipeline interface: `OnnxModel` holds the three sessions (loaded
-once, decoder weights shared between prefill and decode), `OnnxEngine` runs one request, and the shared
+once, decoder weights shared between prefill and decode), `OnnxEngine` runs one request, `OnnxBatchEngine` the rows
+of a continuous batch (paligemma/scheduler.py) on the fused decode graph, and the shared
 `paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
 """
 
@@ -20,12 +21,15 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from paligemma.cache import RowPool
 from paligemma.checkpoint import Checkpoint, resolve_checkpoint
 from paligemma.config import PaliGemmaConfig
+from paligemma.engines import PrefilledRow
 from paligemma.errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from paligemma.generate import Pipeline
 from paligemma.masks import TokenLayout, additive, extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
+from paligemma.scheduler import check_max_batch, default_max_batch
 
 from ..graphs import GRAPH_ORDER, cache_names
 from ..quantize import PREPACKED
@@ -279,6 +283,11 @@ class OnnxModel:
     def __call__(self) -> "OnnxEngine":
         return OnnxEngine(self)
 
+    def batch_engine(self, max_batch: int) -> "OnnxBatchEngine | None":
+        """The engine of a continuous batch of up to `max_batch` rows, or None where the fused decode graph does not
+        serve (each request then runs alone on its own OnnxEngine)."""
+        return OnnxBatchEngine(self, max_batch) if self.fused_decode is not None else None
+
 
 class OnnxEngine:
     """One request: prefill the prompt, then one decode step per token. The decode graph's attention_mask and
@@ -399,6 +408,61 @@ class OnnxEngine:
         return torch.from_numpy(self.logits.copy())
 
 
+class OnnxBatchEngine:
+    """Rows of many requests on the fused decode graph: each request is prefilled alone (its own prefix-LM mask, no
+    padding), its cache joins a pool of rows (paligemma.cache.RowPool: one buffer per layer, [rows, K, M, D], M the
+    longest prompt plus budget among them), and each step runs every row at once, GroupQueryAttention reading each
+    row's own length (`seqlens_k`) and position. The pool's buffers are the graph's past and present, written in
+    place. A row's logits do not depend on the other rows where the decode session is pre-packed (MLAS multiplies
+    every row by the packed weights alike, whatever the number of rows; unpacked, a single row takes another
+    kernel): see OnnxModel's fused_prepack."""
+
+    def __init__(self, model: OnnxModel, max_batch: int):
+        self.model, self.max_batch = model, max_batch
+        self.pool = RowPool(model.config.text, max_batch)
+
+    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[PrefilledRow, torch.Tensor]:
+        engine = OnnxEngine(self.model)
+        logits = engine.prefill(inputs, max_new_tokens)
+        present = [torch.from_numpy(value.numpy()[0]) for value in engine.past]  # [K, T, D] each, copied by stack
+        keys, values = torch.stack(present[0::2]), torch.stack(present[1::2])
+        return PrefilledRow(keys, values, inputs["token_type_ids"][0], keys.shape[2] + max_new_tokens), logits
+
+    def join(self, prefilled: PrefilledRow) -> int:
+        return self.pool.join(prefilled.keys, prefilled.values, prefilled.token_types, prefilled.capacity)
+
+    def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        m, pool, n = self.model, self.pool, self.pool.rows
+        if sorted(rows) != sorted(pool.ids):
+            raise ValueError(f"a decode step runs every row in the batch ({n}), got {len(rows)}")
+        places = pool.places(rows)
+        input_ids = np.zeros((n, 1), dtype=np.int64)
+        input_ids[places, 0] = tokens.numpy()
+        lengths = pool.lengths[:n].numpy()  # each row's next slot: its tokens so far, all real (no padding)
+        if lengths.max() >= pool.capacity:  # the graph would write past the buffer
+            raise InputError(f"a row's cache holds {pool.capacity} tokens; ask for more max_new_tokens")
+        logits = np.empty((n, m.config.text.vocab_size), dtype=np.float32)
+        binding = m.fused_decode.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("position_ids", (lengths + 1)[:, None].astype(np.int64))  # PaliGemma counts from 1
+        binding.bind_cpu_input("seqlens_k", lengths.astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(lengths.max() + 1, dtype=np.int32))
+        # OrtValues over the pool's memory: the graph reads and writes each row's cache in place.
+        held = [ort.OrtValue.ortvalue_from_numpy(logits)]
+        binding.bind_ortvalue_output("logits", held[0])
+        for i, (past, present) in enumerate(zip(m.past_names, m.present_names)):
+            buffer = (pool.keys if i % 2 == 0 else pool.values)[i // 2, :n].numpy()
+            held.append(ort.OrtValue.ortvalue_from_numpy(buffer))
+            binding.bind_ortvalue_input(past, held[-1])
+            binding.bind_ortvalue_output(present, held[-1])
+        m.fused_decode.run_with_iobinding(binding)
+        pool.lengths[:n] += 1
+        return torch.from_numpy(logits[places])
+
+    def release(self, row: int) -> None:
+        self.pool.leave(row)
+
+
 def export_and_validate(source, output, *, log=print, **options) -> dict:
     """export_model(source, output, **options), then validate_export through this runtime's sessions: what
     `python -m export` and the export cache run. `source`: a Checkpoint, a checkpoint folder or a Hub repo id.
@@ -467,7 +531,7 @@ def cached_export(checkpoint: Checkpoint, dtype: str = "float32", quantize: str 
 
 def load_onnx_pipeline(source, onnx_dir=None, device: str = "cpu", threads: int | None = None,
                        requests: int | None = None, prepack: bool = False, spinning: bool = False,
-                       quantize: str | None = None) -> Pipeline:
+                       quantize: str | None = None, max_batch: int | None = None) -> Pipeline:
     """A Pipeline generating with ONNX Runtime: from the export in `onnx_dir` (checked against the checkpoint's
     config hash and weights), or from the export cache, exporting on first use. `source` is a Checkpoint, a
     checkpoint folder or Hub repo id, or an export directory itself. `threads` (intra-op, per request) and `requests`
@@ -475,7 +539,11 @@ def load_onnx_pipeline(source, onnx_dir=None, device: str = "cpu", threads: int 
     `pipeline.engine_factory.thread_plan`); `spinning` turns ONNX Runtime's busy-waiting threads back on (its
     default, slower here: bench/threads.py). `prepack` trades memory (each decoder session re-lays out its own copy
     of the weights) for faster batched decoding on CPU. `quantize` ("int8" or "int4") picks the quantized export
-    from the cache (made on first use); an export folder given as `source` or `onnx_dir` must be that variant."""
+    from the cache (made on first use); an export folder given as `source` or `onnx_dir` must be that variant.
+    `max_batch`: rows of the continuous batch on the fused decode graph (paligemma.load's; default
+    paligemma.default_max_batch); transformers.js' layout and the graphs as exported run each call alone."""
+    if max_batch is not None:
+        check_max_batch(max_batch)
     checkpoint = source if isinstance(source, Checkpoint) else None
     folder = checkpoint.folder if checkpoint is not None else resolve_checkpoint(source)
     # transformers.js' layout (python -m export --format transformers.js) has an engine of its own.
@@ -505,4 +573,6 @@ def load_onnx_pipeline(source, onnx_dir=None, device: str = "cpu", threads: int 
                               f"not the {quantize} one asked "
                               f"for; export it with `python -m export --quantize {quantize}`, or load the checkpoint "
                               "folder without onnx_dir (the cache makes it)")
-    return Pipeline(None, processor, model, mask_decoder=load_onnx_mask_decoder(onnx_dir, folder))
+    rows = max_batch or default_max_batch(config, torch.device(model.device_type), 4)
+    return Pipeline(None, processor, model, mask_decoder=load_onnx_mask_decoder(onnx_dir, folder),
+                    batch_engine=model.batch_engine(rows))
