@@ -14,13 +14,14 @@ from typing import Iterator, TypeVar
 T = TypeVar("T")
 
 
-def run_ahead(updates: Iterator[T]) -> Iterator[T]:
+def run_ahead(updates: Iterator[T], stop: threading.Event | None = None) -> Iterator[T]:
     """Yields the newest of `updates` each time it is asked, waiting only when there is none new; the last one is
-    always yielded. An exception in the stream is raised here. Closing this generator stops the stream at its next
-    update (a visitor who leaves stops generation)."""
+    always yielded. An exception in the stream is raised here. Closing this generator sets `stop` and stops the
+    stream at its next update (a visitor who leaves stops generation); a stream that watches `stop` itself
+    (Pipeline.stream's `cancel`) ends sooner: a call still waiting for a row of the batch leaves the queue."""
     ready = threading.Condition()
     state = {"newest": None, "fresh": False, "done": False, "error": None}
-    stop = threading.Event()
+    stop = stop or threading.Event()
 
     def produce():
         try:

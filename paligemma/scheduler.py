@@ -221,7 +221,8 @@ class Batcher:
         self.tickets = itertools.count()
         self.prefilling = threading.Lock()  # one prefill at a time: it takes every core the loop leaves
         self.thread: threading.Thread | None = None
-        self.steps = 0  # decode steps run (for tests and the benchmark)
+        self.steps = 0  # decode steps run, and the most rows one of them ran (for tests and the benchmark)
+        self.largest_batch = 0
 
     @property
     def max_batch(self) -> int:
@@ -298,6 +299,7 @@ class Batcher:
     def _step(self, batch: list[Request]) -> list[int]:
         logits = self.engine.decode([r.row for r in batch], torch.tensor([r.tokens[-1] for r in batch]))
         self.steps += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
         # Each row samples from its own logits with its own parameters and generator, as it would alone.
         return [int(sample(logits[i : i + 1], r.params, r.generator)[0]) for i, r in enumerate(batch)]
 

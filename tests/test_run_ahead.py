@@ -56,3 +56,12 @@ def test_closing_stops_the_stream_and_closes_it():
     assert closed.is_set()
     count = len(produced)
     assert len(produced) == count  # nothing runs after the close returned
+
+
+def test_closing_sets_the_stop_event_it_was_given():
+    """The app hands the same event to the pipeline's stream (its `cancel`): a visitor who leaves ends the call."""
+    stop, finished, produced = threading.Event(), threading.Event(), []
+    stream = run_ahead(counting(10**6, finished, produced), stop=stop)
+    next(stream)
+    stream.close()
+    assert stop.is_set() and not finished.is_set()
