@@ -57,7 +57,7 @@ def request_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, fold
     saved = dict(model.sessions), model.fused_prefill, model.fused_decode
     sessions = {}
     for graph in ("prefill", "decode"):
-        prepack = model.fused_prepack if fused else model.prepack
+        prepack = (model.decode_prepack if graph == "decode" else model.fused_prepack) if fused else model.prepack
         options = profiled(session_options(model.thread_plan, model._shared[1], prepack, model.spinning), folder,
                            f"{graph}-{'fused' if fused else 'exported'}")
         if fused:

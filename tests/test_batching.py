@@ -47,7 +47,7 @@ def pipe(request, folder):
     if request.param == "torch":
         return paligemma.load(folder, max_batch=3)
     loaded = paligemma.load(folder, backend="onnx", onnx_dir=folder / "onnx", max_batch=3)
-    assert loaded.engine_factory.fused_decode is not None and loaded.engine_factory.fused_prepack
+    assert loaded.engine_factory.fused_decode is not None and loaded.engine_factory.decode_prepack
     return loaded
 
 

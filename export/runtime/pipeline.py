@@ -120,9 +120,13 @@ class OnnxModel:
 
     def __init__(self, onnx_dir, config: PaliGemmaConfig, device: str = "cpu", fingerprint: str | None = None,
                  threads: int | None = None, requests: int | None = None, prepack: bool = False,
-                 spinning: bool = False, fused: bool | None = None, one_session: bool = False):
+                 spinning: bool = False, fused: bool | None = None, one_session: bool = False,
+                 batch_prepack: bool = False):
         """`one_session` (CPU only, for validating float16 exports): no shared buffers; each graph's session is
-        opened when first run and the one open before it released, so that at most one is in memory."""
+        opened when first run and the one open before it released, so that at most one is in memory.
+        `batch_prepack`: the fused decode session is pre-packed whatever the model's size, for a continuous batch
+        (OnnxBatchEngine): several rows decode ~2x faster so, and each row's logits are bit-identical to those it
+        gets alone; it costs a packed copy of the decoder weights (docs/serving.md)."""
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
@@ -144,6 +148,7 @@ class OnnxModel:
         fused_prepack = prepack or decoder_bytes < SMALL_MODEL_BYTES
         # As this model's sessions are made (bench/kernels.py makes profiled copies of them).
         self.prepack, self.fused_prepack, self.spinning = prepack, fused_prepack, spinning
+        self.decode_prepack = fused_prepack or batch_prepack
         self.sessions = {}
         self.output_names = {}  # filled as each graph first runs
         self.one_session = one_session
@@ -167,7 +172,7 @@ class OnnxModel:
         self.present_names = cache_names("present", config.text.num_hidden_layers)
         self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
         fused = False if one_session else fused
-        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, fused_prepack, spinning)
+        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, spinning)
         # Where the fused graphs serve, the exported prefill and decode only serve what they cannot (a prompt past
         # the rotary tables, a batch not padded on the left): opened on first use, as a pre-packed session holds
         # its own copy of the weights (a quantized export's would double its memory).
@@ -178,7 +183,7 @@ class OnnxModel:
         logger.info("ONNX Runtime sessions for %s on %s (%s)", self.onnx_dir, self.providers,
                     "prefill and decode fused" if self.fused_decode else "graphs as exported")
 
-    def _fused_sessions(self, fused: bool | None, shared, providers, prepack: bool, spinning: bool):
+    def _fused_sessions(self, fused: bool | None, shared, providers, spinning: bool):
         """The fused prefill and decode sessions (export/runtime/fused.py), built here from the checked graphs: (None,
         None) when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
         if fused is False:
@@ -189,8 +194,9 @@ class OnnxModel:
                 raise OnnxExportError(f"fused graphs asked for, but they cannot serve this export: {reason}")
             logger.info("graphs as exported (the fused ones cannot serve: %s)", reason)
             return None, None
+        prepack = {"prefill": self.fused_prepack, "decode": self.decode_prepack}
         return tuple(fused_session(self.onnx_dir, self.config, name,
-                                   session_options(self.thread_plan, shared, prepack, spinning), providers)
+                                   session_options(self.thread_plan, shared, prepack[name], spinning), providers)
                      for name in ("prefill", "decode"))
 
     def _load_shared(self):
@@ -415,7 +421,7 @@ class OnnxBatchEngine:
     row's own length (`seqlens_k`) and position. The pool's buffers are the graph's past and present, written in
     place. A row's logits do not depend on the other rows where the decode session is pre-packed (MLAS multiplies
     every row by the packed weights alike, whatever the number of rows; unpacked, a single row takes another
-    kernel): see OnnxModel's fused_prepack."""
+    kernel, and several rows pack the weights on every call): OnnxModel's decode_prepack, on for a batch."""
 
     def __init__(self, model: OnnxModel, max_batch: int):
         self.model, self.max_batch = model, max_batch
@@ -566,13 +572,14 @@ def load_onnx_pipeline(source, onnx_dir=None, device: str = "cpu", threads: int 
         config, fingerprint, processor = checkpoint.config, checkpoint.fingerprint, checkpoint.processor()
         if onnx_dir is None:
             onnx_dir = cached_export(checkpoint, quantize=quantize)
+    # The fused decode graph, where it serves, batches on the CPU: max_batch is decided before its session is made.
+    rows = max_batch or default_max_batch(config, torch.device("cpu"), 4)
     model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, requests=requests,
-                      prepack=prepack, spinning=spinning)
+                      prepack=prepack, spinning=spinning, batch_prepack=rows > 1)
     if quantize is not None and exported_variant(model.manifest) != quantize:
         raise OnnxExportError(f"{onnx_dir} is a {exported_variant(model.manifest)} export, "
                               f"not the {quantize} one asked "
                               f"for; export it with `python -m export --quantize {quantize}`, or load the checkpoint "
                               "folder without onnx_dir (the cache makes it)")
-    rows = max_batch or default_max_batch(config, torch.device(model.device_type), 4)
     return Pipeline(None, processor, model, mask_decoder=load_onnx_mask_decoder(onnx_dir, folder),
                     batch_engine=model.batch_engine(rows))

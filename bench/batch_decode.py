@@ -1,0 +1,115 @@
+"""One decode step of a continuous batch on ONNX Runtime's fused decode graph, by number of rows, with and without
+the decode session's weights pre-packed (OnnxModel's batch_prepack; the prefill as the model's size decides): the
+step's time, its tokens/s, the resident memory, and whether each row's logits are bit-identical to the same row
+decoded alone.
+
+    python -m bench.batch_decode --onnx-dir EXPORT --rows 1,2,4,8 [--prepack on|off|both]
+
+Each pre-packing setting runs in a process of its own (its resident memory is its own). Rows are prefilled from
+"caption en" on drawn scenes (one request each, as the library does), then stepped together: `--steps` timed
+steps per number of rows, the median reported. Exactness: at each number of rows' first step, each row's logits
+from the step of all rows against a step of that row alone, from the same cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(onnx_dir: str, prepack: bool, rows: list[int], steps: int) -> dict:
+    import torch
+
+    from export.runtime.pipeline import OnnxBatchEngine, OnnxModel
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.processor import PaliGemmaProcessor
+    from shapes import scenes as S
+
+    before = rss_mb()
+    config = PaliGemmaConfig.from_json_file(Path(onnx_dir) / "config.json")
+    model = OnnxModel(onnx_dir, config, batch_prepack=prepack)
+    loaded = rss_mb()
+    processor = PaliGemmaProcessor.from_pretrained(onnx_dir, config)
+    side = config.image_size
+    prefill = OnnxBatchEngine(model, 1)
+    prefilled, first = [], []
+    for scene in S.render_scenes(0, max(rows)):
+        row, logits = prefill.prefill(processor([scene.image.resize((side, side))], ["caption en"]), steps + 2)
+        prefilled.append(row)
+        first.append(int(logits.argmax()))
+    result = dict(prepack=prepack, decode_prepack=model.decode_prepack, rss_before_mb=before, rss_loaded_mb=loaded,
+                  threads=model.thread_plan.intra_op_threads, steps={})
+
+    def batch(indices):
+        engine = OnnxBatchEngine(model, len(indices))
+        return engine, [engine.join(prefilled[i]) for i in indices]
+
+    for n in rows:
+        engine, ids = batch(range(n))
+        tokens = torch.tensor(first[:n])
+        # Exactness, at the first step: each row alone against all n together, from the same caches.
+        together = engine.decode(ids, tokens)
+        identical = 0
+        for i in range(n):
+            alone_engine, alone_ids = batch([i])
+            identical += bool(torch.equal(alone_engine.decode(alone_ids, tokens[i : i + 1])[0], together[i]))
+        tokens = together.argmax(-1)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            tokens = engine.decode(ids, tokens).argmax(-1)
+            times.append(time.perf_counter() - start)
+        median = float(np.median(times))
+        result["steps"][n] = dict(step_ms=median * 1000, tokens_per_s=n / median, bit_identical=f"{identical}/{n}")
+    result["rss_end_mb"] = rss_mb()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.batch_decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--onnx-dir", required=True)
+    parser.add_argument("--rows", default="1,2,4,8")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prepack", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one setting in this process
+    args = parser.parse_args(argv)
+    rows = [int(n) for n in args.rows.split(",")]
+    if args.one is not None:
+        print(json.dumps(measure(args.onnx_dir, args.one == "on", rows, args.steps)))
+        return 0
+    settings = ["off", "on"] if args.prepack == "both" else [args.prepack]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for setting in settings:
+        done = subprocess.run([sys.executable, "-m", "bench.batch_decode", "--onnx-dir", args.onnx_dir, "--rows",
+                               args.rows, "--steps", str(args.steps), "--one", setting], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return 1
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        steps = "; ".join(f"{n} rows {s['step_ms']:.0f} ms, {s['tokens_per_s']:.1f} tok/s, rows bit-identical to "
+                          f"alone {s['bit_identical']}" for n, s in result["steps"].items())
+        print(f"prepack {setting}: RSS {result['rss_before_mb']:.0f} -> loaded {result['rss_loaded_mb']:.0f} -> "
+              f"end {result['rss_end_mb']:.0f} MB; {steps}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
