@@ -17,7 +17,8 @@ process that runs the model, reset before each N), and how many answers equal th
 Library: each configuration (runtime, max_batch or one at a time) runs in a process of its own (bench/load.py as a
 script, a JSON spec in, a JSON result out), as the speed benchmark's workers do. HTTP: `python app.py` is started as
 a server process for each configuration and driven with the calls gradio_client makes (upload the image, join the
-queue, read the event stream), over raw HTTP: one connection a client, no per-client API discovery. The time to
+queue, read the event stream), over raw HTTP: one connection and one session a client (as a gradio_client Client
+keeps), without its API discovery per client. The time to
 first token over HTTP is the first streamed update that holds answer text.
 """
 
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -231,8 +233,9 @@ def http_send_factory(url: str, images: list[bytes]):
     local = threading.local()
 
     def client() -> httpx.Client:
-        if not hasattr(local, "client"):
+        if not hasattr(local, "client"):  # a connection and a session per client thread, as gradio_client keeps
             local.client = httpx.Client(base_url=url, timeout=600)
+            local.session = uuid.uuid4().hex[:12]
         return local.client
 
     def send(request):
@@ -243,7 +246,8 @@ def http_send_factory(url: str, images: list[bytes]):
         uploaded_s = time.perf_counter()
         image = {"path": path, "meta": {"_type": "gradio.FileData"}}
         data = [image, request["prompt"], "greedy", 1.0, 0.9, 0, request["max_new_tokens"], 0, False]
-        event = http.post("gradio_api/call/generate", json={"data": data}).raise_for_status().json()["event_id"]
+        body = {"data": data, "session_hash": local.session}
+        event = http.post("gradio_api/call/generate", json=body).raise_for_status().json()["event_id"]
         first_s, kind, last, updates = None, None, None, 0
         with http.stream("GET", f"gradio_api/call/generate/{event}") as stream:
             for line in stream.iter_lines():

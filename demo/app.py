@@ -47,6 +47,9 @@ MAX_UPLOAD_BYTES = 10 * 2**20  # uploads, and images sent inline as data: URLs
 UPLOAD_KEEP_S = 3600  # uploads and answers' images older than this are deleted (checked every 10 minutes)
 MAX_PROMPT_CHARS = 1000
 MAX_QUEUE = 32  # at most this many wait; more are turned away with "queue full"
+# The page gets at most one streamed update per this many seconds (the newest text; the last always at once): a
+# reader sees no difference, and each update is a message Gradio builds and sends (docs/serving.md).
+UPDATE_INTERVAL_S = 0.05
 # name: (lowest, highest, whole number); the sliders use the same ranges, and the server checks them again.
 # A segmentation of the embedded model's three shapes is about 70 tokens (four <loc>, sixteen <seg> and a label
 # each): the default holds it whole. Greedy answers stop at <eos>, so a shorter answer costs nothing more.
@@ -352,8 +355,12 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
             # A visitor who leaves closes this generator: run_ahead sets `left`, and the request's row leaves the
             # batch at its next step (or the request leaves the queue for a row).
             left = threading.Event()
-            for update in run_ahead(backend.pipeline.stream(picture, prompt, cancel=left, **params), stop=left):
-                yield update.text, gr.skip(), gr.skip(), format_timings(backend, update, params), gr.skip()
+            stream = backend.pipeline.stream(picture, prompt, cancel=left, **params)
+            for update in run_ahead(stream, stop=left, min_interval=UPDATE_INTERVAL_S):
+                # The outputs not streamed are sent again as they are (unchanged: an empty diff). gr.skip() would
+                # make Gradio build a new component and its config for each of them at every update (measured:
+                # the largest part of the app's own work per request under load; docs/serving.md).
+                yield update.text, None, None, format_timings(backend, update, params), ""
             speed = format_timings(backend, update, params, time.perf_counter() - start)
             # Boxes and masks in the pixels of the image as sent; drawn on the picture, which may be smaller.
             found = [box_entry(d) for d in found_objects(update.text, size, backend.pipeline.mask_decoder)]
