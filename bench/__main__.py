@@ -81,6 +81,9 @@ def parse_args(argv):
     load.add_argument("--max-batch", type=int, default=None, help="rows of the batch (default: the library's)")
     load.add_argument("--root", help="also drive the app of this checkout, as it is (e.g. the code before a change)")
     load.add_argument("--seed", type=int, default=0, help="seed of the drawn scenes")
+    load.add_argument("--prefill-between-steps", action="store_true",
+                      help="also the library batched with each decode step waiting for a prefill in progress: what "
+                           "a loop that prefilled arrivals between its steps would cost the running rows")
     load.add_argument("--keep-records", action="store_true", help="keep every request's record in load.json")
     parser.add_argument("--scenes", type=int, default=8, help="drawn scenes per run in --mode requests")
     parser.add_argument("--runs", type=int, default=5,

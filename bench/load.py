@@ -151,6 +151,16 @@ def library_worker(spec: dict) -> dict:
     else:
         pipe = paligemma.load(spec["checkpoint"], max_batch=spec["max_batch"])
     load_s = time.perf_counter() - start
+    if spec.get("prefill_between_steps") and pipe.batcher is not None:
+        # The alternative to prefilling beside the loop: a step waits for a prefill in progress, as in a loop that
+        # prefilled arrivals between its steps (the running rows stop for the whole prefill).
+        engine, decode = pipe.batcher.engine, pipe.batcher.engine.decode
+
+        def waiting_decode(rows, tokens):
+            with pipe.batcher.prefilling:
+                return decode(rows, tokens)
+
+        engine.decode = waiting_decode
     side = pipe.config.image_size
     scenes = [s.image.resize((side, side)) for s in S.render_scenes(spec["seed"], spec["scenes"])]
     stop = () if spec["to_the_end"] else None
@@ -332,10 +342,14 @@ def run(args, workload: str, folder: Path, runtime: str, onnx_dir: Path | None, 
                 requests=args.requests, mix=mix, scenes=args.scenes, seed=args.seed, to_the_end=args.mix == "caption")
     configurations = []
     if "library" in args.targets:
-        for name, max_batch in (("batched", args.max_batch), ("one at a time", 1)):
+        served = [("batched", dict(max_batch=args.max_batch)), ("one at a time", dict(max_batch=1))]
+        if args.prefill_between_steps:
+            served.insert(1, ("batched, prefill between steps", dict(max_batch=args.max_batch,
+                                                                     prefill_between_steps=True)))
+        for name, options in served:
             log(f"  {workload}/{runtime}: library, {name}")
             with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
-                result = run_library(dict(base, max_batch=max_batch), Path(tmp), args.timeout)
+                result = run_library(dict(base, **options), Path(tmp), args.timeout)
             configurations.append(dict(target="library", name=name, **result))
     if "http" in args.targets:
         model = [] if workload == "demo" else ["--model", str(folder)] + (["--onnx-dir", str(onnx_dir)] if onnx_dir
