@@ -130,7 +130,8 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
             logger.warning("%s", fallback, exc_info=True)
     pipeline = paligemma.load(checkpoint, device=torch_device, max_batch=max_batch)
     # The static engine (CUDA) compiled and recorded its decode step at load: part of the warm-up shown.
-    seconds = getattr(pipeline.engine_factory, "warm_up_s", 0.0) + (warm(pipeline) if warm_up else 0.0)
+    compiled = pipeline.batcher.engine if pipeline.batcher is not None else pipeline.engine_factory
+    seconds = getattr(compiled, "warm_up_s", 0.0) + (warm(pipeline) if warm_up else 0.0)
     return Backend(pipeline, "torch", describe_torch(pipeline), label, checkpoint, torch_device, fallback, seconds)
 
 
@@ -145,8 +146,8 @@ def warm(pipeline: paligemma.Pipeline) -> float:
 def describe_torch(pipeline: paligemma.Pipeline) -> str:
     parameter = next(pipeline.model.parameters())
     dtype = str(parameter.dtype).removeprefix("torch.")
-    engines = pipeline.engine_factory
-    if not isinstance(engines, paligemma.StaticEngines):
+    engines = pipeline.batcher.engine if pipeline.batcher is not None else pipeline.engine_factory
+    if not (isinstance(engines, paligemma.StaticEngines) or getattr(engines, "static", False)):
         return f"PyTorch {torch.__version__} eager ({parameter.device.type}, {dtype})"
     compiled = f", CUDA graphs, compiled in {engines.warm_up_s:.0f} s" if engines.cuda_graphs else ""
     return f"PyTorch {torch.__version__} static cache{compiled} ({parameter.device.type}, {dtype})"

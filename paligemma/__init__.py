@@ -44,8 +44,9 @@ def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, devic
 
     `max_batch`: calls made at the same time (from several threads) decode together as one continuous batch of up
     to this many rows (paligemma/scheduler.py); default: 8 on a CPU, 64 on a GPU, fewer when the rows' caches would
-    take over a quarter of the memory available (paligemma.default_max_batch). Where the engine cannot batch (the
-    static engine; ONNX Runtime without its fused decode graph), each call runs alone, as before.
+    take over a quarter of the memory available (paligemma.default_max_batch). The static engine on CUDA records a
+    CUDA graph per batch size 1, 2, 4, ... max_batch at load. Where the engine cannot batch (the transformers.js
+    layout; ONNX Runtime without its fused decode graph), each call runs alone, as before.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
@@ -71,8 +72,8 @@ def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, devic
         return load_onnx_pipeline(source, onnx_dir=onnx_dir, device=device, quantize=quantize, max_batch=max_batch)
     checkpoint = Checkpoint.resolve(source)
     model = load_model(checkpoint, device=device, dtype=dtype)
-    factory = make_engines(model, engine)
+    factory = make_engines(model, engine, warm_up=False)  # the batch's engine serves the calls: it warms up
     parameter = next(model.parameters())
     rows = max_batch or default_max_batch(model.config, parameter.device, parameter.element_size())
     return Pipeline(model, checkpoint.processor(), factory, mask_decoder=load_mask_decoder(checkpoint.folder),
-                    batch_engine=make_batch_engine(model, factory, rows))
+                    batch_engine=make_batch_engine(model, factory, rows, required=engine == "static"))

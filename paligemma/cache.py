@@ -95,16 +95,20 @@ class RowPool:
     so the rows in use are always the first n (one contiguous view for the decode step). R and M grow when a joining
     row needs them (M to a multiple of `multiple`) and the buffers are freed when the last row leaves: the pool
     holds the rows in use, each as long as the longest prompt plus budget among them, never the model's positions.
-    Rows are named by ids that stay theirs while the places move."""
+    Rows are named by ids that stay theirs while the places move.
 
-    def __init__(self, config: TextConfig, max_rows: int, device=None, dtype=torch.float32, multiple: int = 64):
+    `fixed` (the static engine's: recorded CUDA graphs read the buffers at fixed addresses): all `max_rows` rows of
+    at least `capacity` slots from the start, kept when the batch empties; only a longer row makes new buffers."""
+
+    def __init__(self, config: TextConfig, max_rows: int, device=None, dtype=torch.float32, multiple: int = 64,
+                 fixed: bool = False, capacity: int = 0):
         self.layers, self.kv_heads = config.num_hidden_layers, config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.max_rows, self.multiple = max_rows, multiple
+        self.max_rows, self.multiple, self.fixed = max_rows, multiple, fixed
         self.device, self.dtype = device, dtype
         self.ids: list[int] = []  # the row id at each place
         self.next_id = 0
-        self._allocate(0, 0)
+        self._allocate(max_rows if fixed else 0, -(-capacity // multiple) * multiple if fixed else 0)
 
     def _allocate(self, rows: int, capacity: int) -> None:
         shape = (self.layers, rows, self.kv_heads, capacity, self.head_dim)
@@ -133,6 +137,8 @@ class RowPool:
         if rows > self.max_rows:
             raise ValueError(f"the batch holds at most {self.max_rows} rows")
         new_rows = min(self.max_rows, max(rows, 2 * have_rows))  # doubling: few copies while a batch fills
+        if self.fixed:  # a longer row: twice the capacity, so that it happens rarely
+            capacity = max(capacity, 2 * have_capacity)
         new_capacity = max(have_capacity, -(-capacity // self.multiple) * self.multiple)
         old = (self.keys, self.values, self.autoregressive, self.lengths)
         self._allocate(new_rows, new_capacity)
@@ -166,20 +172,20 @@ class RowPool:
             self.lengths[place] = self.lengths[last]
             self.ids[place] = self.ids[last]
         self.ids.pop()
-        if not self.ids:
+        if not self.ids and not self.fixed:
             self._allocate(0, 0)
 
 
 class RowStore:
-    """A RowPool's first n rows as the model's KeyValueStore in a decode step: row b's new key/value goes to slot
-    lengths[b], and attention reads slots [0, S) of every row (the mask hides each row's slots past its own)."""
+    """Rows of a RowPool as the model's KeyValueStore in a decode step: keys and values [L, B, K, S, D] (views of the
+    pool: its first B rows and S slots), row b's new key/value written at slot lengths[b]; attention reads all S
+    slots of every row (the mask hides each row's slots past its own)."""
 
-    def __init__(self, pool: RowPool, n: int, S: int):
-        self.pool, self.n, self.S = pool, n, S
-        self.rows = torch.arange(n, device=pool.keys.device)
-        self.slots = pool.lengths[:n]
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
+        self.keys, self.values, self.lengths = keys, values, lengths
+        self.rows = torch.arange(keys.shape[1], device=keys.device)
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.pool.keys[layer, self.rows, :, self.slots] = keys[:, :, 0]  # keys [n, K, 1, D]
-        self.pool.values[layer, self.rows, :, self.slots] = values[:, :, 0]
-        return self.pool.keys[layer, : self.n, :, : self.S], self.pool.values[layer, : self.n, :, : self.S]
+        self.keys[layer, self.rows, :, self.lengths] = keys[:, :, 0]  # keys [B, K, 1, D]
+        self.values[layer, self.rows, :, self.lengths] = values[:, :, 0]
+        return self.keys[layer], self.values[layer]

@@ -1,6 +1,7 @@
 """Continuous batching (paligemma/scheduler.py): calls made at the same time decode together, and each call's tokens
 are those it gives alone: through the batch with nothing else running, and on the engine of one request, without
-the batch (the loop tested against transformers elsewhere). Eager torch and ONNX Runtime's fused decode, on tiny
+the batch (the loop tested against transformers elsewhere). Eager torch, the static batch (uncompiled on the CPU:
+buckets of rows over a fixed pool) and ONNX Runtime's fused decode, on tiny
 PaliGemma 1 and 2 (a sliding window, 6, shorter than every prompt), greedy and seeded; rows join mid-flight, leave,
 wait for a row, fail or disconnect.
 
@@ -42,10 +43,12 @@ def folder(request, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module", params=["torch", "onnx"])
+@pytest.fixture(scope="module", params=["torch", "static", "onnx"])
 def pipe(request, folder):
     if request.param == "torch":
         return paligemma.load(folder, max_batch=3)
+    if request.param == "static":  # on the CPU uncompiled: every step over the fixed pool, buckets of 1, 2, 3 rows
+        return paligemma.load(folder, engine="static", max_batch=3)
     loaded = paligemma.load(folder, backend="onnx", onnx_dir=folder / "onnx", max_batch=3)
     assert loaded.engine_factory.fused_decode is not None and loaded.engine_factory.decode_prepack
     return loaded
@@ -244,10 +247,11 @@ def test_max_batch_is_checked_and_defaults_from_the_device_and_memory(reference_
     pipe = paligemma.load(folder)
     assert isinstance(pipe.batcher.engine, BatchedTorchEngine)
     assert pipe.max_batch == paligemma.default_max_batch(pipe.config, torch.device("cpu")) == 8
-    assert paligemma.load(folder, engine="static").max_batch == 1  # each call alone
+    static = paligemma.load(folder, engine="static", max_batch=5)
+    assert static.batcher.engine.static and static.batcher.engine.pool.keys.shape[1] == 5  # a fixed pool
 
 
 def test_the_batch_frees_its_caches_when_the_last_row_leaves(pipe):
     pipe.generate([image(1), image(2)], PROMPTS[:2], max_new_tokens=6)
     pool = pipe.batcher.engine.pool
-    assert pool.rows == 0 and pool.keys.numel() == 0
+    assert pool.rows == 0 and (pool.keys.numel() == 0) != pool.fixed  # a static pool keeps its fixed buffers
