@@ -4,6 +4,7 @@ step's time, its tokens/s, the resident memory, and whether each row's logits ar
 decoded alone.
 
     python -m bench.batch_decode --onnx-dir EXPORT --rows 1,2,4,8 [--prepack on|off|both]
+    python -m bench.batch_decode --kernels       # which row counts give a row the same bits, per product kernel
 
 Each pre-packing setting runs in a process of its own (its resident memory is its own). Rows are prefilled from
 "caption en" on drawn scenes (one request each, as the library does), then stepped together: `--steps` timed
@@ -81,15 +82,56 @@ def measure(onnx_dir: str, prepack: bool, rows: list[int], steps: int) -> dict:
     return result
 
 
+def kernel_classes(width: int = 2048, out: int = 4096, most: int = 20) -> dict[str, list[list[int]]]:
+    """For a product by a weight (x [M, width] times [width, out]), the numbers of rows M whose first row gets
+    bit-identical results, grouped: row 0 of a batch of M rows, and the same row placed last. torch's F.linear (MKL)
+    and ONNX Runtime's MatMul (MLAS), its weight pre-packed or not."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(out, width) * 0.02, torch.randn(most + 1, width)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "product",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", out])],
+                              [numpy_helper.from_array(weight.T.contiguous().numpy(), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    products = {"torch F.linear": lambda a: torch.nn.functional.linear(a, weight).numpy()}
+    for packed in (False, True):
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.disable_prepacking", "0" if packed else "1")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        products[f"ONNX Runtime MatMul, {'pre-packed' if packed else 'not pre-packed'}"] = (
+            lambda a, s=session: s.run(None, {"x": a.numpy()})[0])
+    classes = {}
+    for name, product in products.items():
+        groups: dict[bytes, list[int]] = {}
+        for rows in range(1, most + 1):
+            last = torch.cat([x[1:rows], x[:1]])
+            for result in (product(x[:rows])[0], product(last)[-1]):
+                groups.setdefault(result.tobytes(), []).append(rows)
+        classes[name] = [sorted(set(group)) for group in groups.values()]
+    return classes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.batch_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--onnx-dir", required=True)
+    parser.add_argument("--onnx-dir")
+    parser.add_argument("--kernels", action="store_true", help="only the product kernels' row classes")
     parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prepack", choices=("on", "off", "both"), default="both")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one setting in this process
     args = parser.parse_args(argv)
+    if args.kernels:
+        for name, groups in kernel_classes().items():
+            print(f"{name}: {len(groups)} class(es) of row counts giving row 0 the same bits: {groups}")
+        return 0
+    if not args.onnx_dir:
+        parser.error("--onnx-dir is needed (or --kernels)")
     rows = [int(n) for n in args.rows.split(",")]
     if args.one is not None:
         print(json.dumps(measure(args.onnx_dir, args.one == "on", rows, args.steps)))
