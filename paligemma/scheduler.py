@@ -209,8 +209,8 @@ class Scheduler:
 
 class Batcher:
     """The engine loop over one BatchEngine. `submit` (the caller's thread) waits for a free row, in the order calls
-    came, prefills the request and samples its first token there, and hands it to the loop, which a daemon thread runs
-    while there is work: schedule (rows join, cancelled rows leave), decode every row, sample each row's token,
+    came, prefills the request and samples its first token there, and hands it to the loop, which a thread runs while
+    there is work: schedule (rows join, cancelled rows leave), decode every row, sample each row's token,
     postprocess (rows that ended leave and free their cache)."""
 
     def __init__(self, engine: BatchEngine):
@@ -259,7 +259,9 @@ class Batcher:
         with self.changed:
             self.scheduler.add(request)
             if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name="paligemma-batch", daemon=True)
+                # Not a daemon: at exit Python waits for it (it ends when the batch is empty) instead of stopping it
+                # inside a model call, which aborts the process ("terminate called without an active exception").
+                self.thread = threading.Thread(target=self._loop, name="paligemma-batch")
                 self.thread.start()
             self.changed.notify_all()
 
