@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     if args.mode == "load":
         from . import load
 
-        return load.main(args, log)
+        return load.main(args, log, ensure_export, machine)
     start = time.time()
     workloads = []
     for name in args.workloads:

@@ -407,8 +407,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args, log) -> int:
-    from .__main__ import ensure_export, machine
+def main(args, log, ensure_export, machine) -> int:
+    """The load mode of `python -m bench`, which passes its export cache (ensure_export) and machine description."""
     from .workloads import WORKLOADS
 
     results = []
