@@ -14,6 +14,7 @@ request's seconds and each scene's answer.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
@@ -181,6 +182,7 @@ def measure(spec: dict) -> dict:
     """One runtime's figures, in the spec's mode (see the module's docstring)."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    load_before = os.getloadavg()[0]
     cuda = spec["device"].startswith("cuda")
     if cuda:  # float32 means float32 (the token check relies on it); bfloat16 is unaffected
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -194,6 +196,7 @@ def measure(spec: dict) -> dict:
         runtime=spec["runtime"], info=runner.info, load_s=load_s, eos_token_ids=eos_token_ids(spec["checkpoint"]),
         **figures, peak_rss_mb=peak_rss, peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         threads=torch.get_num_threads(), python=platform.python_version(), compile=compile_counters(),
+        load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],
     )
 
 
