@@ -217,7 +217,7 @@ def onnx_kernels(pipe, spec: dict) -> dict:
     from .kernels import kernel_summary, request_kernels
 
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as folder:
-        runs = request_kernels(pipe, pipe.engine_factory.fused_decode is not None, request_image(), spec["prompt"],
+        runs = request_kernels(pipe, pipe.engine_factory.fused is not None, request_image(), spec["prompt"],
                                min(spec["new_tokens"], KERNEL_TOKENS), Path(folder))
     return kernel_summary(runs)
 
