@@ -239,14 +239,17 @@ def bench_workload(name: str, args, log) -> dict:
 
 
 def measure_limits(folder: Path, args) -> dict:
-    """The machine's limits (bench/limits.py) at this checkpoint's prefill shape, with the exports' block sizes."""
-    from export.quantize import INT4_BLOCK_SIZE, INT8_BLOCK_SIZE
+    """The machine's limits (bench/limits.py) at this checkpoint's prefill shape, with the blocks the int8 and int4
+    exports give a product that wide."""
+    from export.quantize import SCHEMES
     from paligemma.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.resolve(folder)
     prompt_tokens = checkpoint.processor()([request_image()], [PROMPT])["input_ids"].shape[1]
+    width = checkpoint.config.text.hidden_size
+    blocks = {SCHEMES[name].bits: SCHEMES[name].block(width) for name in ("int8", "int4")}
     return limits.measure(checkpoint.config, prompt_tokens, args.threads or len(os.sched_getaffinity(0)),
-                          args.bandwidth_mib * 2**20, blocks={8: INT8_BLOCK_SIZE, 4: INT4_BLOCK_SIZE})
+                          args.bandwidth_mib * 2**20, blocks=blocks)
 
 
 def set_against_limits(rows: list[dict], folder: Path, onnx_dirs: dict, machine_limits: dict, new_tokens: int) -> None:

@@ -61,7 +61,7 @@ AS_EXPORTED = "load the export with OnnxModel(..., fused=False) to run its graph
 MIN_ROTARY_POSITIONS = 4096
 LOOKUP_SUFFIX = ".lookup"  # the token lookup's own name for the embedding table (see _Gemma.token_lookup)
 BRANCH = "prefill"  # the fused graph's bool input: True runs the prefill branch, False one decode step
-SLICE_BYTES = 16 * 2**20  # a larger MatMulNBits weight is multiplied in slices of output channels (_Gemma.sliced)
+SLICE_BYTES = 64 * 2**20  # a larger MatMulNBits weight is multiplied in slices of output channels (_Gemma.sliced)
 PAGE = 4096
 
 
@@ -289,10 +289,14 @@ class _Gemma:
         if len(lookups) != 1:
             raise OnnxExportError(f"the exported graph looks tokens up in {len(lookups)} nodes, not one; {AS_EXPORTED}")
         node = lookups[0]
-        # The lookup reads its table under a name of its own (the same bytes): ONNX Runtime maps that name apart from
-        # the output projection's, which is pre-packed and then released, so only the rows looked up are touched.
-        table = node.input[0]
-        rows = self.copy(node, {"input_ids": input_ids, table: self.alias(table, LOOKUP_SUFFIX)}, "embed")
+        inputs = {"input_ids": input_ids}
+        if node.op_type == "GatherBlockQuantized":
+            # The quantized output projection is pre-packed and its stored blocks released; the lookup reads them
+            # under a name of its own (the same bytes), which ONNX Runtime maps apart, so that the table is not held
+            # whole beside the packed copy: only the pages of the rows looked up come in. (A float export's lookup
+            # reads the matrix its output projection reads in place every step: no second name.)
+            inputs[node.input[0]] = self.alias(node.input[0], LOOKUP_SUFFIX)
+        rows = self.copy(node, inputs, "embed")
         while len(self.readers.get(node.output[0], [])) == 1:
             (after,) = self.readers[node.output[0]]
             if after.op_type not in LOOKUP_LAYOUT or not all(n in self.weights for n in after.input[1:]):
