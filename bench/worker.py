@@ -175,7 +175,16 @@ RUNNERS = {
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    """This process's peak resident memory since it started its program (VmHWM). Not ru_maxrss: Linux carries that
+    across exec from the forked copy of the parent, so a worker started by a benchmark that had built the full 3B's
+    5 GB shards reported 5081 MB whatever it ran."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux; macOS: bytes
 
 
 def measure(spec: dict) -> dict:
