@@ -18,7 +18,9 @@ variants, and for those also on the relative rms difference, ||ONNX - torch|| / 
   `--quantize int8` is MatMulNBits.
 - int4: 1.0 relative max, 0.8 relative rms. Blocks of 32 weights (128 in products at least 1024 wide) round to 16
   levels. Measured: tiny PaliGemma 1
-  0.77, 0.55; tiny PaliGemma 2 0.36, 0.32; embedded demo model 0.10, 0.076; 3B-wide random model 0.17, 0.25. On the
+  0.77, 0.55; tiny PaliGemma 2 0.36, 0.32; embedded demo model 0.10, 0.076; 3B-wide random model 0.17, 0.25 at
+  blocks of 32, 0.168, 0.346 at 128 (its products are all at least 1024 wide; 0.147, 0.29 with 32 on the same
+  request set, docs/quantization.md). On the
   random tiny models 4-bit rounding moves the logits by half their spread, so this limit catches a broken layout
   (an unrelated output is ~1.4 relative rms), not a loss of quality: what a quantization costs is measured on the
   task (500 scenes, docs/quantization.md).
