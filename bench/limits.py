@@ -14,11 +14,18 @@
 
 A fraction of 1 would be a runtime at the machine's limit; real kernels reach part of it. Both limits are measured
 in the same run as the runtimes, under the same load, and the load average is recorded beside them.
+
+    python -m bench.limits [--shapes 266x2048x16384,266x16384x2048] [--blocks 32,64,128,256] [--threads N]
+
+prints the bandwidth and, for each shape (rows x K x N), the float32, bfloat16 and MatMulNBits rates at each block
+(docs/quantization.md's table of blocks).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -221,3 +228,38 @@ def describe(limits: dict) -> str:
             f"{limits['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({limits['buffer_bytes'] / 2**30:.2g} GiB buffer); "
             f"matrix products at the prefill's shape {M} x {K} x {N}: {rates}; load average "
             f"{min(loads):.1f}-{max(loads):.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.limits", description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="266x2048x16384,266x16384x2048,256x1152x4304,266x2048x65536",
+                        help="rows x K x N, comma-separated (default: the 3B's prefill products)")
+    parser.add_argument("--blocks", default="32,64,128,256", help="MatMulNBits block sizes")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--bandwidth-mib", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args(argv)
+    blocks = [int(b) for b in args.blocks.split(",")]
+    print(f"load average {load_average()}; {' '.join(isa_extensions())}; {args.threads} threads")
+    bandwidth = memory_bandwidth(args.bandwidth_mib * 2**20, args.threads, args.runs)
+    print(f"memory read {bandwidth / 1e9:.1f} GB/s ({args.bandwidth_mib} MiB buffer, best of {args.runs})")
+    print("| rows x K x N | float32 | bfloat16 (torch) | " + " | ".join(f"int{bits}, block {b}" for bits in (8, 4)
+                                                             for b in blocks) + " |")
+    print("| --- " * (3 + 2 * len(blocks)) + "|")
+    for shape in args.shapes.split(","):
+        M, K, N = (int(v) for v in shape.split("x"))
+        rates = {}
+        for block in blocks:
+            measured = matmul_rates(M, K, N, {8: block, 4: block}, args.threads, args.runs,
+                                    extensions=isa_extensions() if block == blocks[0] else [])
+            rates.update({(path, block if path.startswith("int") else None): r for path, r in measured.items()})
+        cells = [rates[("float32", None)], rates.get(("bfloat16", None))]
+        cells += [rates[(f"int{bits}", b)] for bits in (8, 4) for b in blocks]
+        print(f"| {M} x {K} x {N} | " + " | ".join("-" if c is None else f"{c / 1e9:.0f}" for c in cells) + " |",
+              flush=True)
+    print(f"(GOP/s, best of {args.runs}; load average {load_average()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -115,6 +115,16 @@ def test_isa_extensions_are_read_from_cpuinfo(tmp_path):
     assert isa_extensions(tmp_path / "missing") == []
 
 
+def test_the_limits_command_prints_every_path_at_every_block(capsys):
+    from bench.limits import main
+
+    assert main(["--shapes", "8x64x128", "--blocks", "32,64", "--bandwidth-mib", "16", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory read" in out and "| int8, block 32 | int8, block 64 | int4, block 32 | int4, block 64 |" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| 8 x 64 x 128 |")]
+    assert len(row.split("|")) == 2 + 2 + 4 + 1
+
+
 def test_request_mode_times_whole_requests_and_compares_answers(tmp_path):
     """--mode requests: whole generate calls on drawn scenes, stopping at end-of-sequence, each runtime's answers
     held to transformers' scene by scene."""
