@@ -1,6 +1,7 @@
-"""The ONNX Runtime generation loop behind the pipeline interface: `OnnxModel` holds the three sessions (loaded
-once, decoder weights shared between prefill and decode), `OnnxEngine` runs one request, and the shared
-`paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
+"""The ONNX Runtime generation loop behind the pipeline interface: `OnnxModel` holds the sessions (loaded once: on
+CPU the vision encoder and one fused session for prefill and decode, which holds each decoder weight once; elsewhere
+the three exported graphs, the decoder weights shared between prefill and decode), `OnnxEngine` runs one request, and
+the shared `paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
 """
 
 from __future__ import annotations
