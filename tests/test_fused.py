@@ -34,9 +34,9 @@ def pipes(request, tmp_path_factory):
     onnx_dir = tmp_path_factory.mktemp(f"fused_{request.param}_onnx")
     export_and_validate(folder, onnx_dir, progress=False, log=lambda *_: None)  # validated through the fused graph
     onnx_pipe = paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir)
-    assert onnx_pipe.engine_factory.fused_decode is not None and onnx_pipe.engine_factory.fused_prefill is not None
+    assert onnx_pipe.engine_factory.fused is not None
     exported = OnnxModel(onnx_dir, onnx_pipe.config, fused=False)
-    assert exported.fused_decode is None and exported.fused_prefill is None
+    assert exported.fused is None
     return paligemma.load(folder), onnx_pipe, exported
 
 

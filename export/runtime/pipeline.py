@@ -1,6 +1,7 @@
-"""The ONNX Runtime generation loop behind the pipeline interface: `OnnxModel` holds the three sessions (loaded
-once, decoder weights shared between prefill and decode), `OnnxEngine` runs one request, and the shared
-`paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
+"""The ONNX Runtime generation loop behind the pipeline interface: `OnnxModel` holds the sessions (loaded once: on
+CPU the vision encoder and one fused session for prefill and decode, which holds each decoder weight once; elsewhere
+the three exported graphs, the decoder weights shared between prefill and decode), `OnnxEngine` runs one request, and
+the shared `paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ..writer.manifest import (
     config_hash,
 )
 from ..writer.mask_decoder import load_onnx_mask_decoder
-from .fused import bias_name, fused_session, left_padded, rotary_positions, unsupported
+from .fused import bias_name, branch_inputs, fused_session, left_padded, rotary_positions, unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,15 @@ def session_options(plan: ThreadPlan, shared: tuple[list, list] | None, prepack:
     return options
 
 
+def fused_options(plan: ThreadPlan, prepack: bool, spinning: bool = False) -> ort.SessionOptions:
+    """The fused session's: it reads the weights from the export's data file itself (no shared buffer), and
+    pre-packs them only when asked."""
+    options = session_options(plan, None, spinning=spinning)
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
 def ort_owned(array: np.ndarray) -> ort.OrtValue:
     """A copy of `array` in memory ONNX Runtime allocates: .numpy() of an OrtValue made over a numpy array's memory
     does not keep that array alive (its result read freed memory once the OrtValue was gone)."""
@@ -135,8 +145,10 @@ class OnnxModel:
         # weight, int8 a quarter).
         prepack = prepack or self.manifest.get("quantize") in PREPACKED
         # Pre-packed, MLAS lays out each MatMul weight once instead of on every call: the embedded model's fused
-        # prefill and decode ran faster so (docs/runtime.md "Fused graphs, measured"), at the cost of a packed copy
-        # of the decoder weights in each of the two sessions, which only a small model affords.
+        # prefill and decode ran faster so (docs/runtime.md "Fused graphs, measured"). The fused session reads the
+        # weights from the file itself and releases each one it packs, so the packed copy replaces the stored one
+        # (a float32 weight's packed copy is as large as the weight: a large float32 decoder is not pre-packed, its
+        # weights are read in place from the mapped file).
         fused_prepack = prepack or decoder_bytes < SMALL_MODEL_BYTES
         # As this model's sessions are made (bench/kernels.py makes profiled copies of them).
         self.prepack, self.fused_prepack, self.spinning = prepack, fused_prepack, spinning
@@ -144,14 +156,13 @@ class OnnxModel:
         self.output_names = {}  # filled as each graph first runs
         self.one_session = one_session
         self._providers = providers
+        self._shared = None  # the decoder weights the exported prefill and decode share, read when they open
+        self._opening = threading.Lock()
         if one_session:
             if providers != ["CPUExecutionProvider"]:
                 raise ValueError("one_session is for validating on CPU: ask for device='cpu'")
-            self._shared = shared = None
             self.providers = providers
         else:
-            buffers, shared = self._load_shared()
-            self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
             self.sessions["vision_encoder"] = self._session("vision_encoder", self._exported_options("vision_encoder"),
                                                             providers)
             self.providers = self.sessions["vision_encoder"].get_providers()
@@ -163,31 +174,30 @@ class OnnxModel:
         self.present_names = cache_names("present", config.text.num_hidden_layers)
         self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
         fused = False if one_session else fused
-        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, fused_prepack, spinning)
-        # Where the fused graphs serve, the exported prefill and decode only serve what they cannot (a prompt past
-        # the rotary tables, a batch not padded on the left): opened on first use, as a pre-packed session holds
-        # its own copy of the weights (a quantized export's would double its memory).
-        self._opening = threading.Lock()
-        if not one_session and self.fused_decode is None:
+        self.fused = self._fused_session(fused, providers, fused_prepack, spinning)
+        # The flag and the other branch's (empty) inputs that each call of the fused graph adds.
+        self.branch_inputs = {prefill: branch_inputs(config, prefill) for prefill in (True, False)}
+        # Where the fused graph serves, the exported prefill and decode only serve what it cannot (a prompt past
+        # the rotary tables, a batch not padded on the left): opened on first use, as they hold a copy of the weights
+        # of their own (a quantized export's pre-packed, which would double its memory).
+        if not one_session and self.fused is None:
             for name in GRAPH_ORDER:
                 self._exported_session(name)
         logger.info("ONNX Runtime sessions for %s on %s (%s)", self.onnx_dir, self.providers,
-                    "prefill and decode fused" if self.fused_decode else "graphs as exported")
+                    "prefill and decode fused" if self.fused else "graphs as exported")
 
-    def _fused_sessions(self, fused: bool | None, shared, providers, prepack: bool, spinning: bool):
-        """The fused prefill and decode sessions (export/runtime/fused.py), built here from the checked graphs: (None,
-        None) when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
+    def _fused_session(self, fused: bool | None, providers, prepack: bool, spinning: bool):
+        """The fused prefill-and-decode session (export/runtime/fused.py), built here from the checked graphs: None
+        when `fused` is False, or when it is None (auto) and the export or the provider cannot use it."""
         if fused is False:
-            return None, None
+            return None
         reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"), self.device_type)
         if reason is not None:
             if fused:
                 raise OnnxExportError(f"fused graphs asked for, but they cannot serve this export: {reason}")
             logger.info("graphs as exported (the fused ones cannot serve: %s)", reason)
-            return None, None
-        return tuple(fused_session(self.onnx_dir, self.config, name,
-                                   session_options(self.thread_plan, shared, prepack, spinning), providers)
-                     for name in ("prefill", "decode"))
+            return None
+        return fused_session(self.onnx_dir, self.config, fused_options(self.thread_plan, prepack, spinning), providers)
 
     def _load_shared(self):
         info = self.manifest["shared_data"]
@@ -207,8 +217,11 @@ class OnnxModel:
         opens the next model right after releasing one)."""
         if self.one_session:
             return one_session_options(self.thread_plan, self.spinning)
-        shared = self._shared[1] if name != "vision_encoder" else None
-        return session_options(self.thread_plan, shared, self.prepack, self.spinning)
+        if name == "vision_encoder":
+            return session_options(self.thread_plan, None, self.prepack, self.spinning)
+        if self._shared is None:  # read once; both exported decoder sessions use it in place (keep it alive)
+            self._shared = self._load_shared()
+        return session_options(self.thread_plan, self._shared[1], self.prepack, self.spinning)
 
     def _exported_session(self, name: str) -> ort.InferenceSession:
         """The session of the export's graph `name`, opened on first use."""
@@ -216,7 +229,7 @@ class OnnxModel:
             with self._opening:  # two requests may reach a graph first at once
                 if name not in self.sessions:
                     self.sessions[name] = self._session(name, self._exported_options(name), self._providers)
-                    if self.fused_decode is not None:
+                    if self.fused is not None:
                         logger.info("the exported %s graph opened (a request the fused graphs do not serve)", name)
         return self.sessions[name]
 
@@ -235,12 +248,12 @@ class OnnxModel:
         return session
 
     def run(self, name: str, feeds: dict) -> list[ort.OrtValue]:
-        """Runs a graph (one of the export's, or "fused_prefill") with IO binding: OrtValue inputs (a cache, image
+        """Runs a graph (one of the export's, or "fused") with IO binding: OrtValue inputs (a cache, image
         embeddings) are passed without a copy, and outputs stay where the provider made them (on the GPU for CUDA)
         except the logits, which sampling reads."""
         if self.one_session:
             return self._run_alone(name, feeds)
-        session = self.fused_prefill if name == "fused_prefill" else self._exported_session(name)
+        session = self.fused if name == "fused" else self._exported_session(name)
         binding = session.io_binding()
         for key, value in feeds.items():
             if isinstance(value, ort.OrtValue):
@@ -304,13 +317,13 @@ class OnnxEngine:
         (image_embeddings,) = m.run("vision_encoder", {"pixel_values": pixel_values})
         real = inputs["attention_mask"].numpy().astype(np.int64)
         T = input_ids.shape[1]
-        if m.fused_prefill is not None and T <= rotary_positions(m.config):
+        if m.fused is not None and T <= rotary_positions(m.config):
             # The prefix-LM mask and positions from the one rule (paligemma/masks.py), as the torch model makes them.
             layout = TokenLayout.last(inputs["attention_mask"].long(), inputs["token_type_ids"].long(), T)
             biases = {bias_name(w): additive(layout.allowed(w), torch.float32).numpy() for w in m.windows}
-            logits, *self.past = m.run("fused_prefill", {
+            logits, *self.past = m.run("fused", {
                 "input_ids": input_ids, "image_embeddings": image_embeddings,
-                "position_ids": layout.positions().numpy(), **biases,
+                "position_ids": layout.positions().numpy(), **biases, **m.branch_inputs[True],
             })
         else:
             logits, *self.past = m.run("prefill", {
@@ -331,7 +344,7 @@ class OnnxEngine:
         # The mask and positions for the whole run, written once.
         self.attention_mask, _ = extend_for_generation(attention_mask.long(), token_type_ids, max_new_tokens)
         self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
-        if self.model.fused_decode is not None and left_padded(real):
+        if self.model.fused is not None and left_padded(real):
             self._bind_fused(real)
 
     def _bind_fused(self, real: np.ndarray) -> None:
@@ -353,7 +366,9 @@ class OnnxEngine:
         self.seqlens_k = counts.astype(np.int32)  # the slot each row's next token goes to
         self.total_length = np.array(counts.max() + 1, dtype=np.int32)
         self.logits = np.zeros((B, m.config.text.vocab_size), dtype=np.float32)
-        binding = m.fused_decode.io_binding()
+        binding = m.fused.io_binding()
+        for name, value in m.branch_inputs[False].items():  # the flag, and the prefill branch's inputs (empty)
+            binding.bind_cpu_input(name, value)
         values = {"input_ids": self.input_ids, "position_ids": self.position_ids, "seqlens_k": self.seqlens_k,
                   "total_sequence_length": self.total_length}
         # OrtValues over numpy arrays use the arrays' memory: writing the arrays changes the bound inputs.
@@ -389,7 +404,7 @@ class OnnxEngine:
 
     def _fused_step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.input_ids[:, 0] = tokens.numpy()
-        self.model.fused_decode.run_with_iobinding(self.binding)
+        self.model.fused.run_with_iobinding(self.binding)
         # Every row's next token is real: one slot and one position further.
         self.seqlens_k += 1
         self.position_ids += 1
