@@ -54,7 +54,7 @@ def measure(onnx_dir: str, prepack: bool, rows: list[int], steps: int) -> dict:
         row, logits = prefill.prefill(processor([scene.image.resize((side, side))], ["caption en"]), steps + 2)
         prefilled.append(row)
         first.append(int(logits.argmax()))
-    result = dict(prepack=prepack, decode_prepack=model.decode_prepack, rss_before_mb=before, rss_loaded_mb=loaded,
+    result = dict(prepack=prepack, fused_prepack=model.fused_prepack, rss_before_mb=before, rss_loaded_mb=loaded,
                   threads=model.thread_plan.intra_op_threads, steps={})
 
     def batch(indices):

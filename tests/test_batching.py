@@ -50,7 +50,7 @@ def pipe(request, folder):
     if request.param == "static":  # on the CPU uncompiled: every step over the fixed pool, buckets of 1, 2, 3 rows
         return paligemma.load(folder, engine="static", max_batch=3)
     loaded = paligemma.load(folder, backend="onnx", onnx_dir=folder / "onnx", max_batch=3)
-    assert loaded.engine_factory.fused_decode is not None and loaded.engine_factory.decode_prepack
+    assert loaded.engine_factory.fused is not None and loaded.engine_factory.fused_prepack
     return loaded
 
 
