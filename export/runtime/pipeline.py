@@ -176,6 +176,11 @@ class OnnxModel:
         self.fused = self._fused_session(fused, providers, fused_prepack, spinning)
         # The flag and the other branch's (empty) inputs that each call of the fused graph adds.
         self.branch_inputs = {prefill: branch_inputs(config, prefill) for prefill in (True, False)}
+        # Decode steps run a multiple of this many rows (spare rows added). MLAS multiplies by a MatMulNBits weight two
+        # rows at a time, and a row alone (the last of an odd number) takes another kernel, whose bits differ at
+        # int4's blocks of 128 (bench/batch_decode.py --kernels): in pairs a row gets the same bits whatever the
+        # batch, alone or not (docs/serving.md).
+        self.row_multiple = 2 if self.fused is not None and self.manifest.get("quantize") in PREPACKED else 1
         # Where the fused graph serves, the exported prefill and decode only serve what it cannot (a prompt past
         # the rotary tables, a batch not padded on the left): opened on first use, as they hold a copy of the weights
         # of their own (a quantized export's pre-packed, which would double its memory).
@@ -358,19 +363,22 @@ class OnnxEngine:
         if self.capacity > rotary_positions(m.config):
             return  # positions past the fused graph's rotary tables: the exported graph serves this request
         counts = real.sum(1)
+        self.rows, spare = B, B % m.row_multiple and m.row_multiple - B % m.row_multiple  # a spare row: see OnnxModel
         self.buffers = []
         for present in self.past:  # each row's real keys to the front of its buffer, once
             rows = present.numpy()
-            buffer = np.zeros((B, K, self.capacity, D), dtype=np.float32)
+            buffer = np.zeros((B + spare, K, self.capacity, D), dtype=np.float32)
             for b, n in enumerate(counts):
                 buffer[b, :, :n] = rows[b, :, T - n :]
             self.buffers.append(buffer)
         self.past = None
-        self.input_ids = np.zeros((B, 1), dtype=np.int64)
-        self.position_ids = np.ascontiguousarray(self.positions[:, T : T + 1])
-        self.seqlens_k = counts.astype(np.int32)  # the slot each row's next token goes to
+        self.input_ids = np.zeros((B + spare, 1), dtype=np.int64)
+        # A spare row is a token at position 1 over an empty cache; its logits are dropped.
+        self.position_ids = np.ascontiguousarray(np.pad(self.positions[:, T : T + 1], ((0, spare), (0, 0)),
+                                                        constant_values=1))
+        self.seqlens_k = np.pad(counts, (0, spare)).astype(np.int32)  # the slot each row's next token goes to
         self.total_length = np.array(counts.max() + 1, dtype=np.int32)
-        self.logits = np.zeros((B, m.config.text.vocab_size), dtype=np.float32)
+        self.logits = np.zeros((B + spare, m.config.text.vocab_size), dtype=np.float32)
         binding = m.fused.io_binding()
         for name, value in m.branch_inputs[False].items():  # the flag, and the prefill branch's inputs (empty)
             binding.bind_cpu_input(name, value)
@@ -408,7 +416,7 @@ class OnnxEngine:
         return torch.from_numpy(logits.numpy())
 
     def _fused_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.input_ids[:, 0] = tokens.numpy()
+        self.input_ids[: self.rows, 0] = tokens.numpy()
         self.model.fused.run_with_iobinding(self.binding)
         # Every row's next token is real: one slot and one position further.
         self.seqlens_k += 1
@@ -416,7 +424,7 @@ class OnnxEngine:
         self.total_length += 1
         # A copy: callers may keep every step's logits (the app's torch check does); the graph writes the next
         # step's into the same bound buffer.
-        return torch.from_numpy(self.logits.copy())
+        return torch.from_numpy(self.logits[: self.rows].copy())
 
 
 class OnnxBatchEngine:
@@ -431,7 +439,8 @@ class OnnxBatchEngine:
 
     def __init__(self, model: OnnxModel, max_batch: int):
         self.model, self.max_batch = model, max_batch
-        self.pool = RowPool(model.config.text, max_batch)
+        # Room for the spare rows that round a step up to the model's row multiple.
+        self.pool = RowPool(model.config.text, -(-max_batch // model.row_multiple) * model.row_multiple)
 
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[PrefilledRow, torch.Tensor]:
         engine = OnnxEngine(self.model)
@@ -448,12 +457,17 @@ class OnnxBatchEngine:
         if sorted(rows) != sorted(pool.ids):
             raise ValueError(f"a decode step runs every row in the batch ({n}), got {len(rows)}")
         places = pool.places(rows)
-        input_ids = np.zeros((n, 1), dtype=np.int64)
+        # Spare rows (a token at position 1 over an empty cache, their logits dropped) round the step up to the
+        # model's row multiple, in places of the pool that no row holds.
+        spare = n % m.row_multiple and m.row_multiple - n % m.row_multiple
+        pool.grow(n + spare, pool.capacity)
+        input_ids = np.zeros((n + spare, 1), dtype=np.int64)
         input_ids[places, 0] = tokens.numpy()
-        lengths = pool.lengths[:n].numpy()  # each row's next slot: its tokens so far, all real (no padding)
+        # Each row's next slot: its tokens so far, all real (no padding).
+        lengths = np.pad(pool.lengths[:n].numpy(), (0, spare))
         if lengths.max() >= pool.capacity:  # the graph would write past the buffer
             raise InputError(f"a row's cache holds {pool.capacity} tokens; ask for more max_new_tokens")
-        logits = np.empty((n, m.config.text.vocab_size), dtype=np.float32)
+        logits = np.empty((n + spare, m.config.text.vocab_size), dtype=np.float32)
         binding = m.fused.io_binding()
         for name, value in m.branch_inputs[False].items():  # the flag, and the prefill branch's inputs (empty)
             binding.bind_cpu_input(name, value)
@@ -465,7 +479,7 @@ class OnnxBatchEngine:
         held = [ort.OrtValue.ortvalue_from_numpy(logits)]
         binding.bind_ortvalue_output("logits", held[0])
         for i, (past, present) in enumerate(zip(m.past_names, m.present_names)):
-            buffer = (pool.keys if i % 2 == 0 else pool.values)[i // 2, :n].numpy()
+            buffer = (pool.keys if i % 2 == 0 else pool.values)[i // 2, : n + spare].numpy()
             held.append(ort.OrtValue.ortvalue_from_numpy(buffer))
             binding.bind_ortvalue_input(past, held[-1])
             binding.bind_ortvalue_output(present, held[-1])
