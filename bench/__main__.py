@@ -5,6 +5,7 @@
     python -m bench --smoke --out /tmp/bench          # tiny model, one run: what CI runs
     python -m bench --cuda                            # full PaliGemma-3B shape in bfloat16 on an NVIDIA GPU
     python -m bench --mode requests --workloads demo  # whole caption requests as the app makes them
+    python -m bench --mode load                       # N concurrent clients, library and app (bench/load.py)
 
 Each runtime runs in its own process (so peak memory is its own) on the same checkpoint, image and prompt, and
 generates the same number of greedy tokens; the table printed last gives each figure and its ratio to transformers,
@@ -65,9 +66,25 @@ def parse_args(argv):
                                             "(default: demo,wide on CPU, full3b with --cuda, tiny with --smoke)")
     parser.add_argument("--runtimes", help=f"comma-separated; CPU: {', '.join(CPU_RUNTIMES)}; "
                                            f"CUDA: {', '.join(CUDA_RUNTIMES)} (default: all the exporter can make)")
-    parser.add_argument("--mode", choices=("speed", "requests"), default="speed",
+    parser.add_argument("--mode", choices=("speed", "requests", "load"), default="speed",
                         help="speed: time to first token and decode rate of a fixed-length answer (default); "
-                             "requests: whole generate calls as the app makes them")
+                             "requests: whole generate calls as the app makes them; load: N concurrent clients "
+                             "(bench/load.py)")
+    load = parser.add_argument_group("--mode load")
+    load.add_argument("--clients", default=",".join(map(str, (1, 4, 8, 16, 32))),
+                      help="numbers of concurrent clients, comma-separated (default %(default)s)")
+    load.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
+    load.add_argument("--targets", default="library,http", help="library, http or both (default %(default)s)")
+    load.add_argument("--mix", choices=("demo", "caption"), default="demo",
+                      help="demo: caption, detect, segment and count prompts with the app's budgets; caption: "
+                           "captions of --new-tokens tokens each, generated to the end")
+    load.add_argument("--max-batch", type=int, default=None, help="rows of the batch (default: the library's)")
+    load.add_argument("--root", help="also drive the app of this checkout, as it is (e.g. the code before a change)")
+    load.add_argument("--seed", type=int, default=0, help="seed of the drawn scenes")
+    load.add_argument("--prefill-between-steps", action="store_true",
+                      help="also the library batched with each decode step waiting for a prefill in progress: what "
+                           "a loop that prefilled arrivals between its steps would cost the running rows")
+    load.add_argument("--keep-records", action="store_true", help="keep every request's record in load.json")
     parser.add_argument("--scenes", type=int, default=8, help="drawn scenes per run in --mode requests")
     parser.add_argument("--runs", type=int, default=5,
                         help="timed runs per runtime (in --mode requests: passes over the scenes); "
@@ -95,9 +112,21 @@ def parse_args(argv):
         args.runs, args.rounds, args.warmup, args.in_process = 1, 1, 0, True
         args.new_tokens = min(args.new_tokens, 16)
         args.bandwidth_mib = min(args.bandwidth_mib, 64)
-    args.workloads = (args.workloads or ("full3b" if args.cuda else "demo,wide")).split(",")
+    default_workloads = "demo" if args.mode == "load" else "full3b" if args.cuda else "demo,wide"
+    args.workloads = (args.workloads or default_workloads).split(",")
     allowed = CUDA_RUNTIMES if args.cuda else CPU_RUNTIMES
-    args.runtimes = args.runtimes.split(",") if args.runtimes else default_runtimes(args.cuda)
+    args.runtimes = (args.runtimes.split(",") if args.runtimes
+                     else ["onnx"] if args.mode == "load" else default_runtimes(args.cuda))
+    if args.mode == "load":
+        args.clients = [int(n) for n in args.clients.split(",")]
+        args.targets = args.targets.split(",")
+        if any(n < 1 for n in args.clients) or args.requests < 1 or not set(args.targets) <= {"library", "http"}:
+            parser.error("--clients must be whole numbers >= 1, --requests >= 1, --targets library and/or http")
+        if "transformers" in args.runtimes:
+            parser.error("--mode load drives this project's pipeline: pick from torch, onnx, onnx-int8, onnx-int4")
+        if args.mix == "caption" and "http" in args.targets:
+            parser.error("--mix caption generates to the end (no stop), which the app does not offer: "
+                         "use --targets library")
     for name in args.workloads:
         if name not in WORKLOADS:
             parser.error(f"unknown workload '{name}'; choose from {', '.join(WORKLOADS)}")
@@ -304,6 +333,10 @@ def main(argv=None) -> int:
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
+    if args.mode == "load":
+        from . import load
+
+        return load.main(args, log, ensure_export, machine)
     start = time.time()
     workloads = []
     for name in args.workloads:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 import paligemma
 from export.runtime.fused import fused_session
-from export.runtime.pipeline import fused_options, load_onnx_pipeline
+from export.runtime.pipeline import load_onnx_pipeline, session_options
 from paligemma.cli import ArgumentParser
 
 from .timing import Spread
@@ -56,8 +56,9 @@ def request_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, fold
     model = pipe.engine_factory
     saved = dict(model.sessions), model.fused
     if fused:
-        options = profiled(fused_options(model.thread_plan, model.fused_prepack, model.spinning), folder, "fused")
-        model.fused = fused_session(model.onnx_dir, model.config, options, ["CPUExecutionProvider"])
+        options = profiled(session_options(model.thread_plan, None, spinning=model.spinning), folder, "fused")
+        model.fused = fused_session(model.onnx_dir, model.config, options, ["CPUExecutionProvider"],
+                                    model.fused_prepack)
         sessions = {"fused": model.fused}
     else:
         model.fused, sessions = None, {}

@@ -1,15 +1,16 @@
 """Serving memory: an export loaded by this project's ONNX Runtime loop and one request answered, in a process of
 its own, its peak resident memory above its baseline once the libraries are imported, against the export's file bytes.
 
-    python -m bench.serving_memory EXPORT [EXPORT ...] [--model CHECKPOINT] [--new-tokens 16]
+    python -m bench.serving_memory EXPORT [EXPORT ...] [--model CHECKPOINT] [--new-tokens 16] [--max-batch N]
 
 EXPORT is a three-graph export folder (`python -m export`), or `FOLDER:VARIANT` for one variant of a transformers.js
 folder (`python -m export --format transformers.js`; VARIANT float32, int8 or int4). The checkpoint is the export's
 own (its config.json and tokenizer) unless --model names one. Each export runs in a fresh process, one after the
 other: it imports the libraries (export.runtime, onnxruntime, torch), notes its resident memory (the baseline), loads
-the export (`export.runtime.load_onnx_pipeline`), answers one request (an image and "caption en", --new-tokens greedy
-tokens) and reports its peak resident memory (VmHWM) above the baseline. The table gives it beside the files' bytes
-(the graphs and weight files the loop reads: for transformers.js the variant's own files).
+the export (`export.runtime.load_onnx_pipeline`; --max-batch rows of continuous batching, the library's default
+unless given: more than one pre-packs the fused session), answers one request (an image and "caption en",
+--new-tokens greedy tokens) and reports its peak resident memory (VmHWM) above the baseline. The table gives it
+beside the files' bytes (the graphs and weight files the loop reads: for transformers.js the variant's own files).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def export_files(folder: Path, variant: str | None) -> list[Path]:
     return files + list(onnx.glob("mask_decoder.onnx*"))
 
 
-def child(target: str, model: str | None, new_tokens: int) -> dict:
+def child(target: str, model: str | None, new_tokens: int, max_batch: int | None = None) -> dict:
     """Runs in the measured process: imports, baseline, load, one request, peak."""
     import numpy as np
     import onnxruntime  # noqa: F401 (imported before the baseline, as the libraries are)
@@ -60,7 +61,8 @@ def child(target: str, model: str | None, new_tokens: int) -> dict:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
     baseline = status_kb("VmRSS")
     quantize = None if variant in ("", "float32") else variant
-    pipe = load_onnx_pipeline(model or folder, onnx_dir=folder if model else None, quantize=quantize)
+    pipe = load_onnx_pipeline(model or folder, onnx_dir=folder if model else None, quantize=quantize,
+                              max_batch=max_batch)
     loaded, load_peak = status_kb("VmRSS"), status_kb("VmHWM")
     result = pipe.generate(image, "caption en", max_new_tokens=new_tokens, stop_ids=())
     files = export_files(folder, variant or None)
@@ -68,13 +70,17 @@ def child(target: str, model: str | None, new_tokens: int) -> dict:
                 file_bytes=sum(p.stat().st_size for p in files), baseline_bytes=baseline * 1024,
                 loaded_bytes=(loaded - baseline) * 1024, load_peak_bytes=(load_peak - baseline) * 1024,
                 peak_bytes=(status_kb("VmHWM") - baseline) * 1024,
-                tokens=len(result.token_ids), load_average=round(os.getloadavg()[0], 2))
+                tokens=len(result.token_ids), max_batch=pipe.max_batch,
+                prepacked=getattr(pipe.engine_factory, "fused_prepack", None),
+                load_average=round(os.getloadavg()[0], 2))
 
 
-def measure(export: str, model: str | None = None, new_tokens: int = 16, timeout: float = 3600) -> dict:
+def measure(export: str, model: str | None = None, new_tokens: int = 16, max_batch: int | None = None,
+            timeout: float = 3600) -> dict:
     """`child` in a fresh process."""
     command = [sys.executable, "-m", "bench.serving_memory", "--child", export, "--new-tokens", str(new_tokens)]
     command += ["--model", str(model)] if model else []
+    command += ["--max-batch", str(max_batch)] if max_batch else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
@@ -83,11 +89,12 @@ def measure(export: str, model: str | None = None, new_tokens: int = 16, timeout
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| export | variant | files | loaded: resident, peak (above baseline) "
-             "| peak, load + one request (above baseline) | peak / files | load average |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| export | variant | max_batch, fused session pre-packed | files | loaded: resident, peak (above "
+             "baseline) | peak, load + one request (above baseline) | peak / files | load average |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {r['export']} | {r['variant']} | {r['file_bytes'] / 1e9:.3f} GB | "
+        lines.append(f"| {r['export']} | {r['variant']} | {r['max_batch']}, {r['prepacked']} | "
+                     f"{r['file_bytes'] / 1e9:.3f} GB | "
                      f"{r['loaded_bytes'] / 1e9:.3f} GB, {r['load_peak_bytes'] / 1e9:.3f} GB | "
                      f"{r['peak_bytes'] / 1e9:.3f} GB | "
                      f"**{r['peak_bytes'] / r['file_bytes']:.2f}x** | {r['load_average']} |")
@@ -100,14 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("exports", nargs="+", help="export folders, or FOLDER:VARIANT for a transformers.js folder")
     parser.add_argument("--model", help="the checkpoint the exports were made from (default: each export's own)")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, help="rows of the continuous batch (default: the library's)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.exports[0], args.model, args.new_tokens)))
+        print(json.dumps(child(args.exports[0], args.model, args.new_tokens, args.max_batch)))
         return 0
     results = []
     for export in args.exports:
-        results.append(measure(export, args.model, args.new_tokens))
+        results.append(measure(export, args.model, args.new_tokens, args.max_batch))
         print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(table(results))
     return 0

@@ -20,6 +20,7 @@ import random
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +47,9 @@ MAX_UPLOAD_BYTES = 10 * 2**20  # uploads, and images sent inline as data: URLs
 UPLOAD_KEEP_S = 3600  # uploads and answers' images older than this are deleted (checked every 10 minutes)
 MAX_PROMPT_CHARS = 1000
 MAX_QUEUE = 32  # at most this many wait; more are turned away with "queue full"
+# The page gets at most one streamed update per this many seconds (the newest text; the last always at once): a
+# reader sees no difference, and each update is a message Gradio builds and sends (docs/serving.md).
+UPDATE_INTERVAL_S = 0.05
 # name: (lowest, highest, whole number); the sliders use the same ranges, and the server checks them again.
 # A segmentation of the embedded model's three shapes is about 70 tokens (four <loc>, sixteen <seg> and a label
 # each): the default holds it whole. Greedy answers stop at <eos>, so a shorter answer costs nothing more.
@@ -298,7 +302,11 @@ def format_check(check: TorchCheck, processor) -> str:
 def banner(backend: Backend) -> str:
     text = f"**Model:** {backend.model} · **Runtime:** {backend.runtime}"
     plan = getattr(backend.pipeline.engine_factory, "thread_plan", None)  # ONNX Runtime's (export/threads.py)
-    if plan is not None:
+    if backend.batching:
+        text += f" · continuous batching, up to {backend.pipeline.max_batch} rows"
+        if plan is not None:
+            text += f" ({plan.intra_op_threads} thread{'s' if plan.intra_op_threads > 1 else ''} per session)"
+    elif plan is not None:
         text += f" · {plan.describe()}"
     if backend.warm_up_s:
         text += f" · warmed up in {backend.warm_up_s * 1000:.0f} ms"
@@ -320,11 +328,11 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
                delete_cache: tuple[int, int] = (600, UPLOAD_KEEP_S)) -> gr.Blocks:
     """The demo page around `backend` (by default the embedded model on ONNX Runtime, falling back to torch).
 
-    `concurrency_limit` requests generate at once (default: as many as the backend's thread plan runs well, e.g.
-    one per core for the embedded model on ONNX Runtime); the rest wait in the queue. `torch_check` lets requests ask
-    for the check against eager torch, which loads a float32 copy of the model beside the served one: None allows it
-    only where that copy is small (Backend.torch_check_fits). Uploads and answers' images are deleted
-    `delete_cache` = (every, older than) seconds."""
+    `concurrency_limit` requests generate at once (default: the rows of the backend's continuous batch, its
+    max_batch; where the engine cannot batch, as many as its thread plan runs well); the rest wait in the queue.
+    `torch_check` lets requests ask for the check against eager torch, which loads a float32 copy of the model beside
+    the served one: None allows it only where that copy is small (Backend.torch_check_fits). Uploads and answers'
+    images are deleted `delete_cache` = (every, older than) seconds."""
     backend = backend or load_backend()
     presets = task_presets(backend)
     limits = decoding_limits(backend.pipeline.processor, presets.values())
@@ -344,8 +352,15 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
                 raise paligemma.InputError(CHECK_OFF)
             yield "", None, None, f"**{backend.runtime}** · generating…", ""
             start = time.perf_counter()
-            for update in run_ahead(backend.pipeline.stream(picture, prompt, **params)):
-                yield update.text, gr.skip(), gr.skip(), format_timings(backend, update, params), gr.skip()
+            # A visitor who leaves closes this generator: run_ahead sets `left`, and the request's row leaves the
+            # batch at its next step (or the request leaves the queue for a row).
+            left = threading.Event()
+            stream = backend.pipeline.stream(picture, prompt, cancel=left, **params)
+            for update in run_ahead(stream, stop=left, min_interval=UPDATE_INTERVAL_S):
+                # The outputs not streamed are sent again as they are (unchanged: an empty diff). gr.skip() would
+                # make Gradio build a new component and its config for each of them at every update (measured:
+                # the largest part of the app's own work per request under load; docs/serving.md).
+                yield update.text, None, None, format_timings(backend, update, params), ""
             speed = format_timings(backend, update, params, time.perf_counter() - start)
             # Boxes and masks in the pixels of the image as sent; drawn on the picture, which may be smaller.
             found = [box_entry(d) for d in found_objects(update.text, size, backend.pipeline.mask_decoder)]

@@ -54,9 +54,16 @@ class Backend:
         return self.name == "torch" or float32_weight_bytes(self.checkpoint) <= TORCH_CHECK_AUTO_BYTES
 
     @property
+    def batching(self) -> bool:
+        """Whether calls share one continuous batch (paligemma/scheduler.py)."""
+        return self.pipeline.batcher is not None
+
+    @property
     def concurrent_requests(self) -> int:
-        """How many requests the app runs at once: ONNX Runtime's thread plan says (export/threads.py); eager torch
-        runs two, sharing torch's threads."""
+        """How many requests the app runs at once: the rows of the continuous batch where the engine batches;
+        otherwise ONNX Runtime's thread plan says (export/threads.py), and torch runs two, sharing torch's threads."""
+        if self.batching:
+            return self.pipeline.max_batch
         plan = getattr(self.pipeline.engine_factory, "thread_plan", None)
         return plan.concurrent_requests if plan is not None else TORCH_CONCURRENT_REQUESTS
 
@@ -83,7 +90,7 @@ def default_device() -> str:
 def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", *,
                  onnx_dir: str | os.PathLike | None = None,
                  device: str | None = None, warm_up: bool = True, threads: int | None = None,
-                 requests: int | None = None, quantize: str | None = None) -> Backend:
+                 requests: int | None = None, quantize: str | None = None, max_batch: int | None = None) -> Backend:
     """Load `model` (a folder or Hub repo id; None is the embedded demo model) for `backend`.
 
     "onnx" exports the model on first use (or reads `onnx_dir`) and runs it with ONNX Runtime; if that fails for any
@@ -92,6 +99,7 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
     one (ONNX Runtime's CUDA provider, or torch's CUDA device). Checkpoint problems raise paligemma.CheckpointError.
     `quantize` ("int8" or "int4", ONNX only) serves that quantized export, made into the cache on first use; it is
     asked for to fit the memory, so a failure raises rather than falling back to a float32 torch model.
+    `max_batch` sets the rows of the continuous batch (paligemma.load's; default paligemma.default_max_batch).
     """
     if backend not in paligemma.BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(paligemma.BACKENDS)}")
@@ -109,7 +117,7 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
             from export.runtime import load_onnx_pipeline  # here: a broken onnxruntime install falls back too
 
             pipeline = load_onnx_pipeline(checkpoint, onnx_dir=onnx_dir, device=device or "auto", threads=threads,
-                                          requests=requests, quantize=quantize)
+                                          requests=requests, quantize=quantize, max_batch=max_batch)
             seconds = warm(pipeline) if warm_up else 0.0
             return Backend(pipeline, "onnx", describe_onnx(pipeline), label, checkpoint, torch_device,
                            warm_up_s=seconds)
@@ -120,9 +128,10 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
                 raise
             fallback = f"ONNX Runtime could not run this model ({type(e).__name__}: {e}); eager PyTorch serves instead."
             logger.warning("%s", fallback, exc_info=True)
-    pipeline = paligemma.load(checkpoint, device=torch_device)
+    pipeline = paligemma.load(checkpoint, device=torch_device, max_batch=max_batch)
     # The static engine (CUDA) compiled and recorded its decode step at load: part of the warm-up shown.
-    seconds = getattr(pipeline.engine_factory, "warm_up_s", 0.0) + (warm(pipeline) if warm_up else 0.0)
+    compiled = pipeline.batcher.engine if pipeline.batcher is not None else pipeline.engine_factory
+    seconds = getattr(compiled, "warm_up_s", 0.0) + (warm(pipeline) if warm_up else 0.0)
     return Backend(pipeline, "torch", describe_torch(pipeline), label, checkpoint, torch_device, fallback, seconds)
 
 
@@ -137,8 +146,8 @@ def warm(pipeline: paligemma.Pipeline) -> float:
 def describe_torch(pipeline: paligemma.Pipeline) -> str:
     parameter = next(pipeline.model.parameters())
     dtype = str(parameter.dtype).removeprefix("torch.")
-    engines = pipeline.engine_factory
-    if not isinstance(engines, paligemma.StaticEngines):
+    engines = pipeline.batcher.engine if pipeline.batcher is not None else pipeline.engine_factory
+    if not (isinstance(engines, paligemma.StaticEngines) or getattr(engines, "static", False)):
         return f"PyTorch {torch.__version__} eager ({parameter.device.type}, {dtype})"
     compiled = f", CUDA graphs, compiled in {engines.warm_up_s:.0f} s" if engines.cuda_graphs else ""
     return f"PyTorch {torch.__version__} static cache{compiled} ({parameter.device.type}, {dtype})"

@@ -3,6 +3,7 @@ of shipped examples, every kind of bad input answered with a message, concurrenc
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import re
@@ -167,16 +168,33 @@ def test_seeded_sampling_repeats_and_matches_torch(client):
     assert "seed 7" in first[3] and first[4].startswith("✅"), first[4]
 
 
-def test_eight_concurrent_requests_get_their_own_answers(server, direct):
+def test_sixteen_concurrent_clients_get_their_solo_answers(server, backend):
+    """Sixteen visitors at once, over raw HTTP with the images inline (no uploads: the test stays fast): the
+    requests share the continuous batch, joining and leaving it as they come and end (the budgets differ), and each
+    answer is what the pipeline gives the same request alone."""
+    assert backend.batching
     url = server[1]
-    jobs = [EXAMPLES[i % len(EXAMPLES)] for i in range(8)]
+    prompts = ["caption en", "detect circle ; triangle", "answer en how many shapes are there?",
+               "segment circle ; triangle"]
+    jobs = [(EXAMPLES[i % len(EXAMPLES)], prompts[i % len(prompts)], 6 + 5 * i) for i in range(16)]
+    solo = [backend.pipeline.generate(read_example(entry), prompt, max_new_tokens=budget).text
+            for entry, prompt, budget in jobs]
+    images = {entry["file"]: data_url(demo_app.EXAMPLES_DIR / entry["file"]) for entry, _, _ in jobs}
 
-    def run(entry):  # a client per request, as eight visitors would be
-        return generate(Client(url, verbose=False), demo_app.EXAMPLES_DIR / entry["file"], entry["prompt"])[0]
+    def run(job):
+        entry, prompt, budget = job
+        return last_event(raw_call(url, request({"path": images[entry["file"]]}, prompt, budget)))
 
-    with ThreadPoolExecutor(8) as pool:
+    backend.pipeline.batcher.largest_batch = 0
+    with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(run, jobs))
-    assert answers == [direct[entry["file"]] for entry in jobs]
+    assert answers == [("complete", answers[i][1]) for i in range(16)]
+    assert [data[0] for _, data in answers] == solo
+    assert backend.pipeline.batcher.largest_batch > 1  # they decoded together
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def test_an_answers_image_is_never_rewritten_by_a_later_equal_answer(server):
@@ -505,10 +523,10 @@ def test_app_py_refuses_bad_thread_settings_in_one_line(args, message, capsys):
     assert message in stderr and stderr.strip().count("\n") == 0
 
 
-def test_the_banner_shows_the_thread_plan(backend):
+def test_the_banner_shows_the_continuous_batch(backend):
     app = demo_app.create_app(backend)
     banner = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "backend")
-    assert backend.pipeline.engine_factory.thread_plan.describe() in banner.value
+    assert f"continuous batching, up to {backend.pipeline.max_batch} rows" in banner.value
 
 
 def int4_exports():

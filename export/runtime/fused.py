@@ -126,8 +126,8 @@ class _Gemma:
     their external-data records, for the session to bind to the shared buffers; the RMSNorm weights are small and
     read from it, 1 + w folded in."""
 
-    def __init__(self, source: onnx.ModelProto, config: PaliGemmaConfig):
-        self.config, self.text = config, config.text
+    def __init__(self, source: onnx.ModelProto, config: PaliGemmaConfig, packed: bool = False):
+        self.config, self.text, self.packed = config, config.text, packed
         self.weights = {init.name: init for init in source.graph.initializer}
         self.readers: dict[str, list[onnx.NodeProto]] = {}  # a tensor of the source graph -> the nodes reading it
         for node in source.graph.node:
@@ -228,24 +228,42 @@ class _Gemma:
                                   f"not one; {AS_EXPORTED}")
         (node,) = products
         (activation,) = [name for name in node.input if name and name not in self.weights]
-        if node.op_type == "MatMulNBits" and self.weights[node.input[1]].data_location == onnx.TensorProto.EXTERNAL:
-            rows = slice_rows(self.weights[node.input[1]], self.weights[node.input[2]])
-            if rows < self.weights[node.input[1]].dims[0]:
-                return self.sliced(node, x, rows, module.rsplit(".", 1)[-1], output)
-        return self.copy(node, {activation: x}, module.rsplit(".", 1)[-1], output)
+        hint = module.rsplit(".", 1)[-1]
+        stored = self.output_rows(node)
+        if stored:
+            rows = slice_rows(*stored)
+            if rows < stored[0].dims[0]:
+                return self.sliced(node, x, stored, rows, hint, output)
+        return self.copy(node, {activation: x}, hint, output)
 
-    def sliced(self, node: onnx.NodeProto, x: str, rows: int, hint: str, output: str | None) -> str:
-        """A MatMulNBits product as several, each on `rows` output channels (aliases of row ranges of its blocks and
-        scales: the same bytes), their outputs concatenated. ONNX Runtime packs each weight while it holds the
-        stored one, so a weight the size of the 3B's output projection would briefly be held twice; in slices, a
-        slice is."""
-        weight, scales = self.weights[node.input[1]], self.weights[node.input[2]]
-        total, parts = weight.dims[0], []
+    def output_rows(self, node: onnx.NodeProto) -> list[onnx.TensorProto]:
+        """The stored tensors of a product whose first axis is its output channels, where it is multiplied in
+        slices of them (`sliced`): a MatMulNBits' blocks and scales; in a pre-packed session, a float Gemm's weight
+        read transposed (the tied output projection: ONNX Runtime packs it too). Empty for the others: a float
+        MatMul's weight is [in, out] (a slice of its outputs is not a row range), and unpacked weights are read in
+        place, never held twice."""
+        if node.op_type == "MatMulNBits":
+            stored = [self.weights[name] for name in node.input[1:3]]
+        elif node.op_type == "Gemm" and self.packed and len(node.input) == 2:
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attributes != {"transB": 1}:
+                return []
+            stored = [self.weights[node.input[1]]]
+        else:
+            return []
+        return stored if all(t.data_location == onnx.TensorProto.EXTERNAL for t in stored) else []
+
+    def sliced(self, node: onnx.NodeProto, x: str, stored: list[onnx.TensorProto], rows: int, hint: str,
+               output: str | None) -> str:
+        """A product as several, each on `rows` output channels (aliases of row ranges of its `stored` tensors: the
+        same bytes), their outputs concatenated. ONNX Runtime packs each weight while it holds the stored one, so a
+        weight the size of the 3B's output projection would briefly be held twice; in slices, a slice is."""
+        total, parts = stored[0].dims[0], []
+        attributes = {a.name: a for a in node.attribute}
         for start in range(0, total, rows):
             count = min(rows, total - start)
-            names = [self.alias_rows(t, start, count) for t in (weight, scales)]
-            parts.append(self.op("MatMulNBits", [x, *names], hint, domain=MS)[0])
-            attributes = {a.name: a for a in node.attribute}
+            names = [self.alias_rows(t, start, count) for t in stored]
+            parts.append(self.op(node.op_type, [x, *names], hint, domain=node.domain)[0])
             self.nodes[-1].attribute.extend(helper.make_attribute(name, count) if name == "N" else a
                                             for name, a in attributes.items())
         return self.op("Concat", parts, hint, outputs=[output] if output else 1, axis=-1)[0]
@@ -290,11 +308,12 @@ class _Gemma:
             raise OnnxExportError(f"the exported graph looks tokens up in {len(lookups)} nodes, not one; {AS_EXPORTED}")
         node = lookups[0]
         inputs = {"input_ids": input_ids}
-        if node.op_type == "GatherBlockQuantized":
-            # The quantized output projection is pre-packed and its stored blocks released; the lookup reads them
-            # under a name of its own (the same bytes), which ONNX Runtime maps apart, so that the table is not held
-            # whole beside the packed copy: only the pages of the rows looked up come in. (A float export's lookup
-            # reads the matrix its output projection reads in place every step: no second name.)
+        if self.packed or node.op_type == "GatherBlockQuantized":
+            # A pre-packed output projection (a quantized one always is) has its stored matrix or blocks released
+            # once packed; the lookup reads them under a name of its own (the same bytes), which ONNX Runtime maps
+            # apart, so that the table is not held whole beside the packed copy: only the pages of the rows looked
+            # up come in. (Unpacked, a float export's lookup reads the matrix its output projection reads in place
+            # every step: no second name.)
             inputs[node.input[0]] = self.alias(node.input[0], LOOKUP_SUFFIX)
         rows = self.copy(node, inputs, "embed")
         while len(self.readers.get(node.output[0], [])) == 1:
@@ -368,7 +387,7 @@ def bias_name(window: int | None) -> str:
     return "attention_bias" if window is None else f"window_{window}_bias"
 
 
-def fused_model(source: onnx.ModelProto, config: PaliGemmaConfig) -> onnx.ModelProto:
+def fused_model(source: onnx.ModelProto, config: PaliGemmaConfig, packed: bool = False) -> onnx.ModelProto:
     """The fused graph, from the exported prefill (`source`, loaded without its external data): one graph that runs
     a prefill or one decode step, as its bool input `prefill` says. Every product by a weight is one node of the
     main graph, whichever the step, so one session holds each weight once (ONNX Runtime pre-packs a weight once per
@@ -396,7 +415,7 @@ def fused_model(source: onnx.ModelProto, config: PaliGemmaConfig) -> onnx.ModelP
     t = config.text
     C, H, K, D, L = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.num_hidden_layers
     G = H // K
-    g = _Gemma(source, config)
+    g = _Gemma(source, config, packed)
     past, present = cache_names("past_key_values", L), cache_names("present", L)
     q_shape = g.constant("q_shape", np.array([0, 0, K, G, D], dtype=np.int64))  # 0: the dimension as it is
     kv_shape = g.constant("kv_shape", np.array([0, 0, K, D], dtype=np.int64))
@@ -516,12 +535,16 @@ def _prefill_source(onnx_dir: Path) -> onnx.ModelProto:
     return source
 
 
-def fused_session(onnx_dir: Path, config: PaliGemmaConfig, options: ort.SessionOptions,
-                  providers: list) -> ort.InferenceSession:
+def fused_session(onnx_dir: Path, config: PaliGemmaConfig, options: ort.SessionOptions, providers: list,
+                  prepack: bool) -> ort.InferenceSession:
     """A session of the fused graph (`fused_model`) of the export in `onnx_dir`, whose prefill.onnx the caller has
-    checked against the manifest. The session reads the weights from the export's data file itself
-    (ONNX Runtime maps the file; a weight it pre-packs is released once packed)."""
-    graph = fused_model(_prefill_source(onnx_dir), config)
+    checked against the manifest. The session reads the weights from the export's data file itself (ONNX Runtime
+    maps the file). `prepack`: ONNX Runtime lays out each weight once and releases the stored one (the graph then
+    reads the lookup's table under a name of its own and the output projection in slices); otherwise every weight
+    is read in place from the mapped file."""
+    graph = fused_model(_prefill_source(onnx_dir), config, packed=prepack)
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     # The graph is built in memory: its external-data records resolve against the export.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_dir))
     return ort.InferenceSession(graph.SerializeToString(), options, providers=providers)

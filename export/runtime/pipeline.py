@@ -1,7 +1,8 @@
 """The ONNX Runtime generation loop behind the pipeline interface: `OnnxModel` holds the sessions (loaded once: on
 CPU the vision encoder and one fused session for prefill and decode, which holds each decoder weight once; elsewhere
-the three exported graphs, the decoder weights shared between prefill and decode), `OnnxEngine` runs one request, and
-the shared `paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
+the three exported graphs, the decoder weights shared between prefill and decode), `OnnxEngine` runs one request,
+`OnnxBatchEngine` the rows of a continuous batch (paligemma/scheduler.py) on the fused session's decode step, and the
+shared `paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from paligemma.cache import RowPool
 from paligemma.checkpoint import Checkpoint, resolve_checkpoint
 from paligemma.config import PaliGemmaConfig
+from paligemma.engines import PrefilledRow
 from paligemma.errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from paligemma.generate import Pipeline
 from paligemma.masks import TokenLayout, additive, extend_for_generation, token_positions
 from paligemma.processor import PaliGemmaProcessor
+from paligemma.scheduler import check_max_batch, default_max_batch
 
 from ..graphs import GRAPH_ORDER, cache_names
 from ..quantize import PREPACKED
@@ -92,15 +96,6 @@ def session_options(plan: ThreadPlan, shared: tuple[list, list] | None, prepack:
     return options
 
 
-def fused_options(plan: ThreadPlan, prepack: bool, spinning: bool = False) -> ort.SessionOptions:
-    """The fused session's: it reads the weights from the export's data file itself (no shared buffer), and
-    pre-packs them only when asked."""
-    options = session_options(plan, None, spinning=spinning)
-    if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    return options
-
-
 def ort_owned(array: np.ndarray) -> ort.OrtValue:
     """A copy of `array` in memory ONNX Runtime allocates: .numpy() of an OrtValue made over a numpy array's memory
     does not keep that array alive (its result read freed memory once the OrtValue was gone)."""
@@ -126,9 +121,13 @@ class OnnxModel:
 
     def __init__(self, onnx_dir, config: PaliGemmaConfig, device: str = "cpu", fingerprint: str | None = None,
                  threads: int | None = None, requests: int | None = None, prepack: bool = False,
-                 spinning: bool = False, fused: bool | None = None, one_session: bool = False):
+                 spinning: bool = False, fused: bool | None = None, one_session: bool = False,
+                 batch_prepack: bool = False):
         """`one_session` (CPU only, for validating float16 exports): no shared buffers; each graph's session is
-        opened when first run and the one open before it released, so that at most one is in memory."""
+        opened when first run and the one open before it released, so that at most one is in memory.
+        `batch_prepack`: the fused session is pre-packed whatever the model's size, for a continuous batch
+        (OnnxBatchEngine): several rows decode ~2.7x faster so, and each row's logits are bit-identical to those it
+        gets alone (docs/serving.md)."""
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
@@ -149,7 +148,7 @@ class OnnxModel:
         # weights from the file itself and releases each one it packs, so the packed copy replaces the stored one
         # (a float32 weight's packed copy is as large as the weight: a large float32 decoder is not pre-packed, its
         # weights are read in place from the mapped file).
-        fused_prepack = prepack or decoder_bytes < SMALL_MODEL_BYTES
+        fused_prepack = prepack or batch_prepack or decoder_bytes < SMALL_MODEL_BYTES
         # As this model's sessions are made (bench/kernels.py makes profiled copies of them).
         self.prepack, self.fused_prepack, self.spinning = prepack, fused_prepack, spinning
         self.sessions = {}
@@ -177,6 +176,11 @@ class OnnxModel:
         self.fused = self._fused_session(fused, providers, fused_prepack, spinning)
         # The flag and the other branch's (empty) inputs that each call of the fused graph adds.
         self.branch_inputs = {prefill: branch_inputs(config, prefill) for prefill in (True, False)}
+        # Decode steps run a multiple of this many rows (spare rows added). MLAS multiplies by a MatMulNBits weight two
+        # rows at a time, and a row alone (the last of an odd number) takes another kernel, whose bits differ at
+        # int4's blocks of 128 (bench/batch_decode.py --kernels): in pairs a row gets the same bits whatever the
+        # batch, alone or not (docs/serving.md).
+        self.row_multiple = 2 if self.fused is not None and self.manifest.get("quantize") in PREPACKED else 1
         # Where the fused graph serves, the exported prefill and decode only serve what it cannot (a prompt past
         # the rotary tables, a batch not padded on the left): opened on first use, as they hold a copy of the weights
         # of their own (a quantized export's pre-packed, which would double its memory).
@@ -197,7 +201,8 @@ class OnnxModel:
                 raise OnnxExportError(f"fused graphs asked for, but they cannot serve this export: {reason}")
             logger.info("graphs as exported (the fused ones cannot serve: %s)", reason)
             return None
-        return fused_session(self.onnx_dir, self.config, fused_options(self.thread_plan, prepack, spinning), providers)
+        return fused_session(self.onnx_dir, self.config, session_options(self.thread_plan, None, spinning=spinning),
+                             providers, prepack)
 
     def _load_shared(self):
         info = self.manifest["shared_data"]
@@ -292,6 +297,11 @@ class OnnxModel:
     def __call__(self) -> "OnnxEngine":
         return OnnxEngine(self)
 
+    def batch_engine(self, max_batch: int) -> "OnnxBatchEngine | None":
+        """The engine of a continuous batch of up to `max_batch` rows, or None where the fused decode graph does not
+        serve (each request then runs alone on its own OnnxEngine)."""
+        return OnnxBatchEngine(self, max_batch) if self.fused is not None else None
+
 
 class OnnxEngine:
     """One request: prefill the prompt, then one decode step per token. The decode graph's attention_mask and
@@ -353,19 +363,22 @@ class OnnxEngine:
         if self.capacity > rotary_positions(m.config):
             return  # positions past the fused graph's rotary tables: the exported graph serves this request
         counts = real.sum(1)
+        self.rows, spare = B, B % m.row_multiple and m.row_multiple - B % m.row_multiple  # a spare row: see OnnxModel
         self.buffers = []
         for present in self.past:  # each row's real keys to the front of its buffer, once
             rows = present.numpy()
-            buffer = np.zeros((B, K, self.capacity, D), dtype=np.float32)
+            buffer = np.zeros((B + spare, K, self.capacity, D), dtype=np.float32)
             for b, n in enumerate(counts):
                 buffer[b, :, :n] = rows[b, :, T - n :]
             self.buffers.append(buffer)
         self.past = None
-        self.input_ids = np.zeros((B, 1), dtype=np.int64)
-        self.position_ids = np.ascontiguousarray(self.positions[:, T : T + 1])
-        self.seqlens_k = counts.astype(np.int32)  # the slot each row's next token goes to
+        self.input_ids = np.zeros((B + spare, 1), dtype=np.int64)
+        # A spare row is a token at position 1 over an empty cache; its logits are dropped.
+        self.position_ids = np.ascontiguousarray(np.pad(self.positions[:, T : T + 1], ((0, spare), (0, 0)),
+                                                        constant_values=1))
+        self.seqlens_k = np.pad(counts, (0, spare)).astype(np.int32)  # the slot each row's next token goes to
         self.total_length = np.array(counts.max() + 1, dtype=np.int32)
-        self.logits = np.zeros((B, m.config.text.vocab_size), dtype=np.float32)
+        self.logits = np.zeros((B + spare, m.config.text.vocab_size), dtype=np.float32)
         binding = m.fused.io_binding()
         for name, value in m.branch_inputs[False].items():  # the flag, and the prefill branch's inputs (empty)
             binding.bind_cpu_input(name, value)
@@ -403,7 +416,7 @@ class OnnxEngine:
         return torch.from_numpy(logits.numpy())
 
     def _fused_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.input_ids[:, 0] = tokens.numpy()
+        self.input_ids[: self.rows, 0] = tokens.numpy()
         self.model.fused.run_with_iobinding(self.binding)
         # Every row's next token is real: one slot and one position further.
         self.seqlens_k += 1
@@ -411,7 +424,71 @@ class OnnxEngine:
         self.total_length += 1
         # A copy: callers may keep every step's logits (the app's torch check does); the graph writes the next
         # step's into the same bound buffer.
-        return torch.from_numpy(self.logits.copy())
+        return torch.from_numpy(self.logits[: self.rows].copy())
+
+
+class OnnxBatchEngine:
+    """Rows of many requests on the fused session (its prefill, then its decode step): each request is prefilled
+    alone (its own prefix-LM mask, no padding), its cache joins a pool of rows (paligemma.cache.RowPool: one buffer
+    per layer, [rows, K, M, D], M the longest prompt plus budget among them), and each step runs every row at once,
+    GroupQueryAttention reading each row's own length (`seqlens_k`) and position. The pool's buffers are the graph's
+    past and present, written in place. A row's logits do not depend on the other rows where the session is
+    pre-packed (MLAS multiplies every row by the packed weights alike, whatever the number of rows; unpacked, a
+    single row takes another kernel, and several rows pack the weights on every call): OnnxModel's
+    `batch_prepack`, on for a batch."""
+
+    def __init__(self, model: OnnxModel, max_batch: int):
+        self.model, self.max_batch = model, max_batch
+        # Room for the spare rows that round a step up to the model's row multiple.
+        self.pool = RowPool(model.config.text, -(-max_batch // model.row_multiple) * model.row_multiple)
+
+    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[PrefilledRow, torch.Tensor]:
+        engine = OnnxEngine(self.model)
+        logits = engine.prefill(inputs, max_new_tokens)
+        present = [torch.from_numpy(value.numpy()[0]) for value in engine.past]  # [K, T, D] each, copied by stack
+        keys, values = torch.stack(present[0::2]), torch.stack(present[1::2])
+        return PrefilledRow(keys, values, inputs["token_type_ids"][0], keys.shape[2] + max_new_tokens), logits
+
+    def join(self, prefilled: PrefilledRow) -> int:
+        return self.pool.join(prefilled.keys, prefilled.values, prefilled.token_types, prefilled.capacity)
+
+    def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        m, pool, n = self.model, self.pool, self.pool.rows
+        if sorted(rows) != sorted(pool.ids):
+            raise ValueError(f"a decode step runs every row in the batch ({n}), got {len(rows)}")
+        places = pool.places(rows)
+        # Spare rows (a token at position 1 over an empty cache, their logits dropped) round the step up to the
+        # model's row multiple, in places of the pool that no row holds.
+        spare = n % m.row_multiple and m.row_multiple - n % m.row_multiple
+        pool.grow(n + spare, pool.capacity)
+        input_ids = np.zeros((n + spare, 1), dtype=np.int64)
+        input_ids[places, 0] = tokens.numpy()
+        # Each row's next slot: its tokens so far, all real (no padding).
+        lengths = np.pad(pool.lengths[:n].numpy(), (0, spare))
+        if lengths.max() >= pool.capacity:  # the graph would write past the buffer
+            raise InputError(f"a row's cache holds {pool.capacity} tokens; ask for more max_new_tokens")
+        logits = np.empty((n + spare, m.config.text.vocab_size), dtype=np.float32)
+        binding = m.fused.io_binding()
+        for name, value in m.branch_inputs[False].items():  # the flag, and the prefill branch's inputs (empty)
+            binding.bind_cpu_input(name, value)
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("position_ids", (lengths + 1)[:, None].astype(np.int64))  # PaliGemma counts from 1
+        binding.bind_cpu_input("seqlens_k", lengths.astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(lengths.max() + 1, dtype=np.int32))
+        # OrtValues over the pool's memory: the graph reads and writes each row's cache in place.
+        held = [ort.OrtValue.ortvalue_from_numpy(logits)]
+        binding.bind_ortvalue_output("logits", held[0])
+        for i, (past, present) in enumerate(zip(m.past_names, m.present_names)):
+            buffer = (pool.keys if i % 2 == 0 else pool.values)[i // 2, : n + spare].numpy()
+            held.append(ort.OrtValue.ortvalue_from_numpy(buffer))
+            binding.bind_ortvalue_input(past, held[-1])
+            binding.bind_ortvalue_output(present, held[-1])
+        m.fused.run_with_iobinding(binding)
+        pool.lengths[:n] += 1
+        return torch.from_numpy(logits[places])
+
+    def release(self, row: int) -> None:
+        self.pool.leave(row)
 
 
 def export_and_validate(source, output, *, log=print, **options) -> dict:
@@ -482,15 +559,21 @@ def cached_export(checkpoint: Checkpoint, dtype: str = "float32", quantize: str 
 
 def load_onnx_pipeline(source, onnx_dir=None, device: str = "cpu", threads: int | None = None,
                        requests: int | None = None, prepack: bool = False, spinning: bool = False,
-                       quantize: str | None = None) -> Pipeline:
+                       quantize: str | None = None, max_batch: int | None = None) -> Pipeline:
     """A Pipeline generating with ONNX Runtime: from the export in `onnx_dir` (checked against the checkpoint's
     config hash and weights), or from the export cache, exporting on first use. `source` is a Checkpoint, a
     checkpoint folder or Hub repo id, or an export directory itself. `threads` (intra-op, per request) and `requests`
     (how many run at once) override the plan chosen for the machine and the model (export/threads.py;
     `pipeline.engine_factory.thread_plan`); `spinning` turns ONNX Runtime's busy-waiting threads back on (its
-    default, slower here: bench/threads.py). `prepack` trades memory (each decoder session re-lays out its own copy
-    of the weights) for faster batched decoding on CPU. `quantize` ("int8" or "int4") picks the quantized export
-    from the cache (made on first use); an export folder given as `source` or `onnx_dir` must be that variant."""
+    default, slower here: bench/threads.py). `prepack` pre-packs every session (MLAS lays out each weight once); the
+    fused session, which releases each stored weight it packs, is pre-packed anyway for a batch (`max_batch` > 1),
+    a decoder below 256 MB, or a quantized export, and the exported graphs' sessions hold their own packed copy
+    each. `quantize` ("int8" or "int4") picks the quantized export
+    from the cache (made on first use); an export folder given as `source` or `onnx_dir` must be that variant.
+    `max_batch`: rows of the continuous batch on the fused decode graph (paligemma.load's; default
+    paligemma.default_max_batch); transformers.js' layout and the graphs as exported run each call alone."""
+    if max_batch is not None:
+        check_max_batch(max_batch)
     checkpoint = source if isinstance(source, Checkpoint) else None
     folder = checkpoint.folder if checkpoint is not None else resolve_checkpoint(source)
     # transformers.js' layout (python -m export --format transformers.js) has an engine of its own.
@@ -513,11 +596,14 @@ def load_onnx_pipeline(source, onnx_dir=None, device: str = "cpu", threads: int 
         config, fingerprint, processor = checkpoint.config, checkpoint.fingerprint, checkpoint.processor()
         if onnx_dir is None:
             onnx_dir = cached_export(checkpoint, quantize=quantize)
+    # The fused decode graph, where it serves, batches on the CPU: max_batch is decided before its session is made.
+    rows = max_batch or default_max_batch(config, torch.device("cpu"), 4)
     model = OnnxModel(onnx_dir, config, device=device, fingerprint=fingerprint, threads=threads, requests=requests,
-                      prepack=prepack, spinning=spinning)
+                      prepack=prepack, spinning=spinning, batch_prepack=rows > 1)
     if quantize is not None and exported_variant(model.manifest) != quantize:
         raise OnnxExportError(f"{onnx_dir} is a {exported_variant(model.manifest)} export, "
                               f"not the {quantize} one asked "
                               f"for; export it with `python -m export --quantize {quantize}`, or load the checkpoint "
                               "folder without onnx_dir (the cache makes it)")
-    return Pipeline(None, processor, model, mask_decoder=load_onnx_mask_decoder(onnx_dir, folder))
+    return Pipeline(None, processor, model, mask_decoder=load_onnx_mask_decoder(onnx_dir, folder),
+                    batch_engine=model.batch_engine(rows))
