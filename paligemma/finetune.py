@@ -193,11 +193,5 @@ def run_record(finetune: FineTune, base: Path | None, dtype: torch.dtype) -> dic
 
 def read_run_record(directory: Path) -> dict:
     """RUN_JSON of a checkpoint --resume continues ({} for one written before it existed)."""
-    from .train import STATE_JSON
-
-    directory = Path(directory)
-    if not (directory / STATE_JSON).is_file():
-        raise ValueError(f"--resume {directory}: no {STATE_JSON} there; give a checkpoint folder this command wrote "
-                         "(OUT/last or OUT/step-N)")
-    path = directory / RUN_JSON
+    path = Path(directory) / RUN_JSON
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -768,6 +768,9 @@ def model_to_train(args, finetune=None) -> tuple[torch.nn.Module, Path, dict]:
 
     finetune = finetune or FineTune()
     resume = Path(args.resume) if args.resume else None
+    if resume and not (resume / STATE_JSON).is_file():
+        raise ValueError(f"--resume {resume}: no {STATE_JSON} there; give a checkpoint folder this command wrote "
+                         "(OUT/last or OUT/step-N)")
     record = read_run_record(resume) if resume else {}
     if resume and record and record.get("finetune") != finetune.to_dict():
         raise ValueError(f"--resume {resume}: that run trained {json.dumps(record.get('finetune'))}; resume it "
