@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .lora import LoraSpec, add_lora, lora_modules, merge, save_adapter
+from .lora import LoraSpec, add_lora, check_targets, lora_modules, merge, save_adapter
 
 TRAIN_PARTS = {
     "all": r".*",
@@ -64,6 +64,7 @@ class FineTune:
             return
         if self.lora.r < 1:
             raise ValueError(f"--lora {self.lora.r}: the rank must be at least 1 (8 is the usual choice)")
+        check_targets(self.lora)
         if "all" in self.parts:
             raise ValueError("--lora with --train all: the adapters would train weights that train in full anyway; "
                              "drop --lora, or name the parts to train beside the adapters (projector, vision)")

@@ -66,16 +66,20 @@ def parse_targets(text: str) -> tuple[str, ...]:
     return names
 
 
-def target_names(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """The names of the Linear modules `spec` adapts; a target that names no module of the towers it covers is a
-    ValueError saying which names there are."""
-    wanted = {DECODER_TARGETS[t] for t in spec.targets if t in DECODER_TARGETS}
-    wanted_vision = {VISION_TARGETS[t] for t in spec.targets if t in VISION_TARGETS} if spec.vision else set()
+def check_targets(spec: LoraSpec):
+    """A target that names no module of the towers `spec` covers is a ValueError saying which names there are."""
     known = list(DECODER_TARGETS) + ([t for t in VISION_TARGETS if t not in DECODER_TARGETS] if spec.vision else [])
     unknown = [t for t in spec.targets if t not in DECODER_TARGETS and not (spec.vision and t in VISION_TARGETS)]
     if unknown:
         hint = "" if spec.vision else f" (the vision tower's {', '.join(VISION_TARGETS)} with --lora-vision)"
         raise ValueError(f"--lora-targets {','.join(unknown)} names no module; known: {', '.join(known)}{hint}")
+
+
+def target_names(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """The names of the Linear modules `spec` adapts (check_targets' error for a name that adapts none)."""
+    check_targets(spec)
+    wanted = {DECODER_TARGETS[t] for t in spec.targets if t in DECODER_TARGETS}
+    wanted_vision = {VISION_TARGETS[t] for t in spec.targets if t in VISION_TARGETS} if spec.vision else set()
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):

@@ -101,19 +101,26 @@ class Parallel:
         if not self.distributed:
             return runner
         if shard:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh(self.device.type, (self.world,))
-            for layers in (model.vision_tower.vision_model.encoder.layers, model.language_model.model.layers):
-                for layer in layers:
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(runner, mesh=mesh)
-            return runner
+            return fully_sharded(runner, self.device.type, self.world)
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(runner, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+                                       forward_sync_buffers=False)
+
+
+def fully_sharded(runner: Runner, device_type: str, world: int) -> Runner:
+    """FSDP2 over `world` processes: each decoder and vision layer a unit of its own (its weights gathered while it
+    runs), then the Runner (the embeddings, norms and projector: the root)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (world,))
+    model = runner.model
+    for layers in (model.vision_tower.vision_model.encoder.layers, model.language_model.model.layers):
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+    fully_shard(runner, mesh=mesh)
+    return runner
 
 
 def unwrap(runner: nn.Module) -> nn.Module:
@@ -183,6 +190,7 @@ def load_optimizer_state(runner: nn.Module, optimizer: torch.optim.Optimizer, na
         )
 
         options = StateDictOptions(full_state_dict=True)
+        optimizer.zero_grad(set_to_none=True)  # so that the API makes the (sharded) state it fills: a zero step
         template = get_optimizer_state_dict(runner, optimizer, options=options)
         template["state"] = {"model." + name: state for name, state in zip(names, states) if state}
         set_optimizer_state_dict(runner, optimizer, template, options=options)

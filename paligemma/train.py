@@ -468,9 +468,11 @@ def train(
     wrapped = isinstance(model, (Runner, DistributedDataParallel))
     inner = unwrap(model) if wrapped else model
     named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
-    names = [n for n, _ in named]
     params = [p for _, p in named] + [p for m in extra_modules.values() for p in m.parameters()]
     optimizer = OPTIMIZERS[options.optimizer](params, options.lr, options.weight_decay)
+    # The model's names of the optimizer's parameters in its order (that of the saved moments).
+    name_of = {id(p): n for n, p in named}
+    names = [name_of.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
     start = 0
     if resume is not None:
         start = load_training_state(Path(resume), optimizer, model if wrapped else None, names)
@@ -791,6 +793,7 @@ def model_to_train(args, finetune=None) -> tuple[torch.nn.Module, Path, dict]:
     if source is not None:
         model = load_model(source, device=args.device, dtype=finetune.dtype)
         tokenizer = Path(args.tokenizer or Path(source if not resume else resume) / "tokenizer.json")
+        torch.manual_seed(args.seed)  # the adapters' initial A: the same in every process and every run
         trained = finetune.prepare(model)
         in_full = [n for n in trained if ".lora_" not in n]
         if finetune.dtype != torch.float32 and in_full:  # the float32 master weights, read as stored
