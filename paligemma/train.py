@@ -769,6 +769,10 @@ def model_to_train(args, finetune=None) -> tuple[torch.nn.Module, Path, dict]:
     from .weights import load_model, resolve_checkpoint
 
     finetune = finetune or FineTune()
+    # Sharded (FSDP), the weights stay on the CPU until fully_shard moves each process's shards to its device, so
+    # that no device ever holds the whole model.
+    sharded = finetune.trains_everything and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = "cpu" if sharded else args.device
     resume = Path(args.resume) if args.resume else None
     if resume and not (resume / STATE_JSON).is_file():
         raise ValueError(f"--resume {resume}: no {STATE_JSON} there; give a checkpoint folder this command wrote "
@@ -791,7 +795,7 @@ def model_to_train(args, finetune=None) -> tuple[torch.nn.Module, Path, dict]:
     else:
         base = source = None
     if source is not None:
-        model = load_model(source, device=args.device, dtype=finetune.dtype)
+        model = load_model(source, device=device, dtype=finetune.dtype)
         tokenizer = Path(args.tokenizer or Path(source if not resume else resume) / "tokenizer.json")
         torch.manual_seed(args.seed)  # the adapters' initial A: the same in every process and every run
         trained = finetune.prepare(model)
@@ -815,7 +819,7 @@ def model_to_train(args, finetune=None) -> tuple[torch.nn.Module, Path, dict]:
     torch.manual_seed(args.seed)
     model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_json_file(args.config))
     init_weights(model)
-    model = model.to(args.device)
+    model = model.to(device)
     trained = finetune.prepare(model)
     return model, Path(args.tokenizer), {"base": None, "frozen_from": None, "trained": trained}
 
