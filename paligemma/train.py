@@ -844,13 +844,14 @@ def restore_trained(model: torch.nn.Module, resume: Path, finetune, read_adapter
 def export_after_training(args, checkpoint: Path):
     """python -m export on the trained checkpoint (a process of its own: this package does not import export/),
     which validates the graphs against torch; a failure is an error naming the export's last line."""
-    command = [sys.executable, "-m", "export", "--model", str(checkpoint), "--output", args.export]
+    command = [sys.executable, "-m", "export", "--model", str(Path(checkpoint).resolve()),
+               "--output", str(Path(args.export).resolve())]
     if args.quantize:
         command += ["--quantize", args.quantize]
     if args.format:
         command += ["--format", args.format]
     print(f"exporting {checkpoint} to {args.export}: {' '.join(command[1:])}", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise RuntimeError(f"the export of {checkpoint} failed ({last}); the checkpoint is kept: rerun "
