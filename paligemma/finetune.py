@@ -8,14 +8,16 @@ layers). Everything else is frozen: no gradient, and with `--dtype bfloat16` hel
 weights stay float32 (the optimizer's master weights) and the forward runs under autocast.
 
 The checkpoint (OUT/step-N, OUT/last) is the model with the adapters merged, every tensor in the dtype the base
-checkpoint stores: the frozen ones read back from the base, never from a bfloat16 working copy. A LoRA run also
-writes the adapter in PEFT's layout to `adapter/` inside it.
+checkpoint stores: the frozen ones read back from the base, never from a bfloat16 working copy; the base's mask
+decoder (a checkpoint that segments) is copied beside it. A LoRA run also writes the adapter in PEFT's layout to
+`adapter/` inside it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from .lora import LoraSpec, add_lora, check_targets, lora_modules, merge, save_adapter
+from .weights import MASK_DECODER_NAME
 
 TRAIN_PARTS = {
     "all": r".*",
@@ -178,6 +181,8 @@ class CheckpointWriter:
                                              state[name + ".lora_B.weight"], module.scaling)
         save_state(model.config, merged, directory, self.dtype)
         self.tokenizer.save(str(directory / "tokenizer.json"))
+        if self.frozen_from is not None and (Path(self.frozen_from) / MASK_DECODER_NAME).is_file():
+            shutil.copyfile(Path(self.frozen_from) / MASK_DECODER_NAME, directory / MASK_DECODER_NAME)
         (directory / RUN_JSON).write_text(json.dumps(self.record, indent=1) + "\n")
         if self.finetune.lora is not None:
             save_adapter(directory / "adapter", self.finetune.lora, state, self.finetune.modules_to_save,

@@ -6,12 +6,14 @@ Every word is in the shapes tokenizer already (the model counts all shapes and s
 in captions and detections), so the adapters add no embedding row. Before fine-tuning the model answers it with the
 count of all shapes, right for about one question in four.
 
-    python -m shapes.kind_count data --out runs/kind_count [--examples 500] [--replay 0.0]
+    python -m shapes.kind_count data --out runs/kind_count [--examples 500] [--replay 0.4]
     python -m paligemma train --model paligemma/demo_checkpoint --data runs/kind_count/train.jsonl --lora 8 ...
     python -m shapes.kind_count score --model runs/kind_count/lora/last [--num-scenes 200] [--json]
 
 `data` writes train.jsonl (scenes of the training stream, seed 0: one question about one kind each, the kinds in
-turn; `--replay` of them are instead old tasks of the same scenes, from scenes.task_pairs) and held_out.jsonl (the
+turn; a share `--replay` of them are instead old tasks of the same scenes, every prompt shapes.evaluate asks,
+segmentation included, answered as the model answers them before fine-tuning: without them the adapters teach it to
+answer every prompt with a number) and held_out.jsonl (the
 held-out stream, seed 1, as shapes.evaluate draws it: every kind of each of `--held-out` scenes), with their PNGs.
 `score` asks every kind of `--num-scenes` held-out scenes: `exact` is the share of questions answered exactly,
 `scenes_all_right` the share of scenes with all three right. docs/fine-tuning.md has the recipe and its figures.
@@ -25,6 +27,7 @@ import random
 import sys
 from pathlib import Path
 
+from shapes import evaluate as E
 from shapes import scenes as S
 
 TARGET = 0.90
@@ -38,22 +41,37 @@ def answer(scene, kind: str) -> str:
     return str(sum(1 for s in scene.shapes if s.shape == kind))
 
 
-def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int = 0):
+def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int = 0, replay_from: str | None = None):
+    """train.jsonl and held_out.jsonl with their images. A share `replay` of the examples repeat old tasks (every
+    prompt shapes.evaluate asks, segmentation included) answered as the model `replay_from` (default: the embedded
+    model) answers them now: what the adapters must not change."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     rng = random.Random(f"kind_count:{seed}")
-    lines = []
+    records, replayed = [], []
     for i in range(examples):
         scene = S.render_scene(seed, i)
         name = f"images/train-{i:04d}.png"
         scene.image.save(out / name)
         if rng.random() < replay:
-            prefix, suffix = rng.choice(S.task_pairs(scene))
+            _, prompt = rng.choice(E.requests(scene, f"replay:{seed}:{i}", segment=True))
+            replayed.append((len(records), scene.image, prompt))
+            records.append({"image": name, "prefix": prompt, "suffix": None})
         else:
             kind = S.SHAPES[i % len(S.SHAPES)]
-            prefix, suffix = question(kind), answer(scene, kind)
-        lines.append(json.dumps({"image": name, "prefix": prefix, "suffix": suffix}))
-    (out / "train.jsonl").write_text("\n".join(lines) + "\n")
+            records.append({"image": name, "prefix": question(kind), "suffix": answer(scene, kind)})
+    if replayed:
+        import paligemma
+
+        pipe = paligemma.load(replay_from)
+        for start in range(0, len(replayed), 32):
+            chunk = replayed[start : start + 32]
+            prompts = [prompt for _, _, prompt in chunk]
+            results = pipe.generate([image for _, image, _ in chunk], prompts,
+                                    max_new_tokens=E.max_new_tokens(prompts))
+            for (index, _, _), result in zip(chunk, results):
+                records[index]["suffix"] = result.text.strip()
+    (out / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     lines = []
     for i in range(held_out):
         scene = S.render_scene(1, i)
@@ -61,8 +79,8 @@ def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int
         scene.image.save(out / name)
         lines += [json.dumps({"image": name, "prefix": question(k), "suffix": answer(scene, k)}) for k in S.SHAPES]
     (out / "held_out.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'train.jsonl'} ({examples} examples) and {out / 'held_out.jsonl'} "
-          f"({held_out} scenes x {len(S.SHAPES)} kinds)")
+    print(f"wrote {out / 'train.jsonl'} ({examples} examples, {len(replayed)} of them old tasks) and "
+          f"{out / 'held_out.jsonl'} ({held_out} scenes x {len(S.SHAPES)} kinds)")
 
 
 def score(model: str | None, num_scenes: int, batch_size: int = 64) -> dict:
@@ -89,7 +107,9 @@ def main(argv=None):
     data.add_argument("--out", required=True)
     data.add_argument("--examples", type=int, default=500)
     data.add_argument("--held-out", type=int, default=200)
-    data.add_argument("--replay", type=float, default=0.0, help="share of the examples that are old tasks")
+    data.add_argument("--replay", type=float, default=0.0,
+                      help="share of the examples that are old tasks, answered as --replay-from answers them")
+    data.add_argument("--replay-from", default=None, help="checkpoint (default: the embedded model)")
     data.add_argument("--seed", type=int, default=0, help="the scene stream of the examples (training's is 0)")
     scored = commands.add_parser("score", help="exact match on held-out scenes, every kind asked")
     scored.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
@@ -98,7 +118,7 @@ def main(argv=None):
     scored.add_argument("--check-target", action="store_true", help=f"exit 1 below {TARGET:.0%} exact")
     args = parser.parse_args(argv)
     if args.command == "data":
-        write_data(Path(args.out), args.examples, args.held_out, args.replay, args.seed)
+        write_data(Path(args.out), args.examples, args.held_out, args.replay, args.seed, args.replay_from)
         return
     metrics = score(args.model, args.num_scenes)
     print(json.dumps(metrics) if args.json else "\n".join(f"{k:>17}: {v}" for k, v in metrics.items()))
