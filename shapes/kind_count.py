@@ -6,14 +6,14 @@ Every word is in the shapes tokenizer already (the model counts all shapes and s
 in captions and detections), so the adapters add no embedding row. Before fine-tuning the model answers it with the
 count of all shapes, right for about one question in four.
 
-    python -m shapes.kind_count data --out runs/kind_count [--examples 500] [--replay 0.4]
+    python -m shapes.kind_count data --out runs/kind_count [--examples 500] [--replay 0.5]
     python -m paligemma train --model paligemma/demo_checkpoint --data runs/kind_count/train.jsonl --lora 8 ...
     python -m shapes.kind_count score --model runs/kind_count/lora/last [--num-scenes 200] [--json]
 
 `data` writes train.jsonl (scenes of the training stream, seed 0: one question about one kind each, the kinds in
-turn; a share `--replay` of them are instead old tasks of the same scenes, every prompt shapes.evaluate asks,
-segmentation included, answered as the model answers them before fine-tuning: without them the adapters teach it to
-answer every prompt with a number) and held_out.jsonl (the
+turn; a share `--replay` of them are instead old tasks of the same scenes, each task shapes.evaluate asks
+(REPLAY_WEIGHTS: the counts twice as often), segmentation included, answered as the model answers them before
+fine-tuning: without them the adapters teach it to answer every prompt with a number) and held_out.jsonl (the
 held-out stream, seed 1, as shapes.evaluate draws it: every kind of each of `--held-out` scenes), with their PNGs.
 `score` asks every kind of `--num-scenes` held-out scenes: `exact` is the share of questions answered exactly,
 `scenes_all_right` the share of scenes with all three right. docs/fine-tuning.md has the recipe and its figures.
@@ -31,6 +31,8 @@ from shapes import evaluate as E
 from shapes import scenes as S
 
 TARGET = 0.90
+REPLAY_WEIGHTS = {"caption": 1.0, "count": 2.0, "color_count": 2.0, "detect": 1.0, "absent": 0.5, "segment": 1.0,
+                  "absent_segment": 0.5}
 
 
 def question(kind: str) -> str:
@@ -54,7 +56,12 @@ def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int
         name = f"images/train-{i:04d}.png"
         scene.image.save(out / name)
         if rng.random() < replay:
-            _, prompt = rng.choice(E.requests(scene, f"replay:{seed}:{i}", segment=True))
+            # A task first (the colour counts are one task), then one of its prompts: the counts, which the new
+            # question resembles most, twice as often as the others.
+            asked = E.requests(scene, f"replay:{seed}:{i}", segment=True)
+            tasks = sorted({kind.split(":")[0] for kind, _ in asked})
+            task = rng.choices(tasks, [REPLAY_WEIGHTS[t] for t in tasks])[0]
+            prompt = rng.choice([prompt for kind, prompt in asked if kind.split(":")[0] == task])
             replayed.append((len(records), scene.image, prompt))
             records.append({"image": name, "prefix": prompt, "suffix": None})
         else:
