@@ -5,7 +5,7 @@
 
 In one process, after two warm-up requests: preprocessing and prefill alone (medians of 7, synchronized), time to
 first token through `generate`, decode with no host reads at all (the GPU-bound rate), and `generate` with and
-without read-ahead. README's "Where the time goes" was measured with these steps.
+without read-ahead. docs/benchmarks.md "Where the time goes" was measured with these steps.
 """
 
 from __future__ import annotations

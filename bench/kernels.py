@@ -1,5 +1,5 @@
 """Kernels per decoded token (and in prefill), counted with ONNX Runtime's profiler: the graphs as exported beside
-the fused ones (export/fused.py), on one request, with the decode kernels by operator type.
+the fused ones (export/runtime/fused.py), on one request, with the decode kernels by operator type.
 
     python -m bench.kernels                                # the embedded model, a detection answer
     python -m bench.kernels --model CHECKPOINT --onnx-dir EXPORT --new-tokens 16
@@ -20,8 +20,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 import paligemma
-from export.fused import fused_session
-from export.runtime import load_onnx_pipeline, session_options
+from export.runtime.fused import fused_session
+from export.runtime.pipeline import load_onnx_pipeline, session_options
 from paligemma.cli import ArgumentParser
 
 from .timing import Spread
@@ -52,25 +52,28 @@ def profiled(options: ort.SessionOptions, folder: Path, name: str) -> ort.Sessio
 
 def request_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, folder: Path) -> dict[str, list[Counter]]:
     """Kernels of each prefill and decode run of one request, with the graphs as exported or fused. The pipeline's
-    model gets profiled prefill and decode sessions for the request, and its own back after."""
+    model gets profiled sessions for the request, and its own back after."""
     model = pipe.engine_factory
-    saved = dict(model.sessions), model.fused_prefill, model.fused_decode
-    sessions = {}
-    for graph in ("prefill", "decode"):
-        prepack = model.fused_prepack if fused else model.prepack
-        options = profiled(session_options(model.thread_plan, model._shared[1], prepack, model.spinning), folder,
-                           f"{graph}-{'fused' if fused else 'exported'}")
-        if fused:
-            sessions[graph] = fused_session(model.onnx_dir, model.config, graph, options, ["CPUExecutionProvider"])
-        else:
+    saved = dict(model.sessions), model.fused
+    if fused:
+        options = profiled(session_options(model.thread_plan, None, spinning=model.spinning), folder, "fused")
+        model.fused = fused_session(model.onnx_dir, model.config, options, ["CPUExecutionProvider"],
+                                    model.fused_prepack)
+        sessions = {"fused": model.fused}
+    else:
+        model.fused, sessions = None, {}
+        for graph in ("prefill", "decode"):
+            options = profiled(model._exported_options(graph), folder, f"{graph}-exported")
             sessions[graph] = model.sessions[graph] = ort.InferenceSession(
                 str(model.onnx_dir / f"{graph}.onnx"), options, providers=["CPUExecutionProvider"])
-    model.fused_prefill, model.fused_decode = (sessions["prefill"], sessions["decode"]) if fused else (None, None)
     try:
         pipe.generate(image, prompt, max_new_tokens=new_tokens, stop_ids=())
     finally:
-        model.sessions, (model.fused_prefill, model.fused_decode) = saved[0], saved[1:]
-    return {graph: kernels_per_run(Path(session.end_profiling())) for graph, session in sessions.items()}
+        model.sessions, model.fused = saved
+    runs = {graph: kernels_per_run(Path(session.end_profiling())) for graph, session in sessions.items()}
+    if fused:  # one session: its first run is the prefill, the others are decode steps
+        runs = {"prefill": runs["fused"][:1], "decode": runs["fused"][1:]}
+    return runs
 
 
 def kernel_summary(runs: dict[str, list[Counter]]) -> dict:

@@ -1,4 +1,5 @@
-"""Medians, ratios to the reference, agreement of tokens, and the three outputs: a Markdown table, JSON, a PNG.
+"""Medians, ratios to the reference, agreement of tokens, and the three outputs: a Markdown table, JSON, a PNG chart
+(matplotlib; `python -m bench.report RESULT.json` redraws a chart from a stored result).
 
 Ratios read "higher is better" for speed: time to first token as reference / runtime (how many times faster),
 decode as runtime / reference tokens per second. Memory is runtime / reference (lower is better).
@@ -6,11 +7,17 @@ decode as runtime / reference tokens per second. Memory is runtime / reference (
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import sys
+import textwrap
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
+from PIL import Image
 
+from .limits import describe as limits_text
 from .timing import Spread
 
 REFERENCE = "transformers"
@@ -33,7 +40,8 @@ def summarize(results: list[dict], targets: dict) -> list[dict]:
             continue
         row.update(ttft_s=Spread.of(r["ttft_s"]).median, decode_tokens_per_s=Spread.of(r["decode_tokens_per_s"]).median,
                    peak_rss_mb=r["peak_rss_mb"], peak_gpu_mb=r.get("peak_gpu_mb"), load_s=r["load_s"],
-                   runs=len(r["ttft_s"]), repeatable=r["repeatable"], tokens=r["tokens"], kernels=r.get("kernels"))
+                   runs=len(r["ttft_s"]), repeatable=r["repeatable"], tokens=r["tokens"], kernels=r.get("kernels"),
+                   prompt_ids=r["prompt_ids"], load_average=r.get("load_average"))
         if reference is not None and "check" in reference and "check" in r:
             # CUDA mode: the tokens that must agree are the float32 check's (see bench.__main__.float32_check).
             check, ref_check = r["check"], reference["check"]
@@ -92,17 +100,19 @@ def target_text(target: dict) -> str:
 def markdown_table(workload: dict) -> str:
     """The table for one workload; a speed figure whose tokens disagree with transformers is struck through."""
     rows = workload["rows"]
-    lines = [f"**{workload['description']}** ({workload['new_tokens']} new tokens, {threads_text(workload)}, "
+    lines = [limits_text(workload["limits"]), ""] if workload.get("limits") else []
+    lines += [f"**{workload['description']}** ({workload['new_tokens']} new tokens, {threads_text(workload)}, "
              f"median of {workload['runs']} run(s) after {workload['warmup']} warm-up"
              + (f", runtimes taking turns over {workload['rounds']} rounds)" if workload.get("rounds", 1) > 1 else ")"),
              "",
-             "| runtime | time to first token | decode | peak memory | greedy tokens vs transformers | target "
-             "| kernels per decoded token (in prefill) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| runtime | time to first token | decode | first token / compute bound | decode / bandwidth bound "
+             "| peak memory | greedy tokens vs transformers | target | kernels per decoded token (in prefill) "
+             "| load average |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         name = f"{row['runtime']}: {row['info']}" if row.get("info") else row["runtime"]
         if "error" in row:
-            lines.append(f"| {name} | failed: {error_line(row['error'])} | | | | | |")
+            lines.append(f"| {name} | failed: {error_line(row['error'])} | | | | | | | | |")
             continue
         reference = row["runtime"] == REFERENCE
         ttft = f"{row['ttft_s'] * 1000:.0f} ms"
@@ -145,9 +155,26 @@ def markdown_table(workload: dict) -> str:
         target = row.get("target")
         kernels = row.get("kernels")
         kernels = f"{kernels['decode_per_token']:.0f} ({kernels['prefill']})" if kernels else ""
-        lines.append(f"| {name} | {ttft} | {decode} | {memory} | {agree} | "
-                     f"{target_verdict(row, target) if target else ''} | {kernels} |")
+        compute, bandwidth = bound_texts(row)
+        loads = row.get("load_average") or []
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""
+        lines.append(f"| {name} | {ttft} | {decode} | {compute} | {bandwidth} | {memory} | {agree} | "
+                     f"{target_verdict(row, target) if target else ''} | {kernels} | {load} |")
     return "\n".join(lines)
+
+
+def bound_texts(row: dict) -> tuple[str, str]:
+    """'38% (bound 1.9 s, int8)' and '71% (bound 21.3 tok/s, 1.37 GB a step)', or blanks without limits."""
+    if "ttft_of_bound" not in row:
+        return "", ""
+    compute = f"{row['ttft_of_bound']:.0%} (bound {format_seconds(row['ttft_bound_s'])}, {row['ttft_bound_path']})"
+    bandwidth = (f"{row['decode_of_bound']:.0%} (bound {row['decode_bound_tokens_per_s']:.3g} tok/s, "
+                 f"{row['decode_step_bytes'] / 1e9:.3g} GB a step)")
+    return compute, bandwidth
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.3g} ms"
 
 
 def summarize_requests(results: list[dict], targets: dict) -> list[dict]:
@@ -258,46 +285,116 @@ def write_json(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=1) + "\n")
 
 
-def plot_ratios(path: Path, report: dict) -> None:
-    """Horizontal bars of each runtime's speed-up over transformers (TTFT and decode), one panel per workload,
-    drawn with Pillow; a line marks 1x and a tick each target."""
-    panels = [w for w in report["workloads"] if any("ttft_speedup" in r for r in w["rows"])]
-    font = ImageFont.load_default(14)
-    small = ImageFont.load_default(12)
-    bar_h, gap, label_w, plot_w, margin = 16, 14, 230, 460, 20
-    heights = [40 + len([r for r in w["rows"] if "ttft_speedup" in r]) * (2 * bar_h + gap) + 30 for w in panels]
-    image = Image.new("RGB", (label_w + plot_w + 2 * margin + 60, sum(heights) + 60 + margin), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((margin, 12), f"Speed-up over transformers ({report['machine']['summary']})", fill="black", font=font)
-    colors = {"ttft": (66, 133, 244), "decode": (234, 120, 40)}
-    draw.rectangle((margin, 34, margin + 12, 46), fill=colors["ttft"])
-    draw.text((margin + 18, 32), "time to first token (x faster)", fill="black", font=small)
-    draw.rectangle((margin + 240, 34, margin + 252, 46), fill=colors["decode"])
-    draw.text((margin + 258, 32), "decode tokens/s (x)", fill="black", font=small)
-    top = 60
-    for panel, height in zip(panels, heights):
+def ratio_target(row: dict, reference: dict | None, key: str) -> float | None:
+    """A row's target for one bar as a ratio to transformers: given as a ratio ("ttft", "decode"), or as an absolute
+    figure ("ttft_ms", "decode_tokens_per_s") divided by the reference's own."""
+    target = row.get("target", {})
+    if key in target:
+        return target[key]
+    if reference is None:
+        return None
+    if key == "decode" and "decode_tokens_per_s" in target:
+        return target["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+    if key == "ttft" and "ttft_ms" in target:
+        return reference["ttft_s"] * 1000 / target["ttft_ms"]
+    return None
+
+
+LOG_SCALE_SPAN = 10.0  # a ratio axis goes logarithmic once its values span a decade
+
+
+def ratio_panels(report: dict) -> list[dict]:
+    """The workloads that have ratios to draw: those in which transformers ran beside the other runtimes."""
+    return [w for w in report["workloads"] if any("ttft_speedup" in r for r in w["rows"])]
+
+
+def ratio_figure(report: dict) -> Figure:
+    """Each runtime's speed-up over transformers, time to first token and decode side by side as horizontal bars,
+    one panel per workload: a line at 1x, a black tick at each target, hatched bars where the tokens differ (their
+    speed does not count). The axis is logarithmic where the ratios span a decade."""
+    panels = ratio_panels(report)
+    if not panels:
+        raise ValueError("no runtime in this report has ratios to transformers (request mode, or no reference run)")
+    heights = [1 + len([r for r in w["rows"] if "ttft_speedup" in r]) for w in panels]
+    figure = Figure(figsize=(7, 1.3 + 0.45 * sum(heights)), dpi=100, layout="constrained")
+    axes = figure.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    figure.suptitle(f"Speed-up over transformers\n{report['machine']['summary']}, {report['date']}", fontsize=9)
+    bar = 0.38
+    series = (("ttft", "time to first token (x faster)", "tab:blue"), ("decode", "decode tokens/s (x)", "tab:orange"))
+    for ax, panel in zip(axes, panels):
         rows = [r for r in panel["rows"] if "ttft_speedup" in r]
-        largest = max([2.0] + [max(r["ttft_speedup"], r["decode_speedup"]) for r in rows]
-                      + [v for r in rows for k, v in r.get("target", {}).items() if k in ("ttft", "decode")])
-        scale = plot_w / (largest * 1.1)
-        x0 = margin + label_w
-        draw.text((margin, top), f"{panel['description']}, {threads_text(panel)}", fill="black", font=font)
-        y = top + 26
-        for row in rows:
-            draw.text((margin, y + bar_h // 2), row["runtime"] + ("" if counts(row) else " (tokens differ)"),
-                      fill="black", font=small)
-            for i, key in enumerate(("ttft", "decode")):
-                value = row[f"{key}_speedup"]
-                yb = y + i * bar_h
-                draw.rectangle((x0, yb + 2, x0 + value * scale, yb + bar_h - 2), fill=colors[key])
-                draw.text((x0 + value * scale + 4, yb + 1), f"{value:.2f}x", fill="black", font=small)
-                target = row.get("target", {}).get(key)
-                if target:
-                    xt = x0 + target * scale
-                    draw.line((xt, yb, xt, yb + bar_h), fill="red", width=3)
-            y += 2 * bar_h + gap
-        draw.line((x0 + scale, top + 22, x0 + scale, y), fill="gray", width=1)
-        draw.text((x0 + scale + 3, y - 4), "1x", fill="gray", font=small)
-        top += height
-    draw.text((margin, top), "red ticks: targets", fill="red", font=small)
-    image.save(path)
+        reference = next((r for r in rows if r["runtime"] == REFERENCE), None)
+        values = [r[f"{key}_speedup"] for r in rows for key, _, _ in series]
+        targets = [(i, k, ratio_target(r, reference, key)) for i, r in enumerate(rows)
+                   for k, (key, _, _) in enumerate(series)]
+        targets = [(i, k, t) for i, k, t in targets if t is not None]
+        extent = values + [t for _, _, t in targets] + [1.0]
+        logarithmic = max(extent) / min(extent) >= LOG_SCALE_SPAN
+        for k, (key, label, color) in enumerate(series):
+            offsets = [i + (k - 0.5) * bar for i in range(len(rows))]
+            bars = ax.barh(offsets, [r[f"{key}_speedup"] for r in rows], height=bar, color=color, label=label,
+                           left=None if not logarithmic else min(extent) / 2)
+            for patch, row in zip(bars, rows):
+                if not counts(row):
+                    patch.set_hatch("///")
+                    patch.set_alpha(0.45)
+            ax.bar_label(bars, fmt="%.2fx", padding=2, fontsize=8)
+        for i, k, t in targets:
+            ax.plot([t], [i + (k - 0.5) * bar], marker="|", markersize=12, markeredgewidth=2.5, color="black",
+                    linestyle="none", label="target", zorder=3)
+        ax.axvline(1.0, color="gray", linewidth=1, linestyle="--", label="transformers (1x)")
+        if logarithmic:
+            ax.set_xscale("log")
+            ax.set_xlim(min(extent) / 2, max(extent) * 2)
+        else:
+            ax.set_xlim(0, max(extent) * 1.18)
+        ax.set_yticks(range(len(rows)), [r["runtime"] + ("" if counts(r) else "\n(tokens differ)") for r in rows],
+                     fontsize=9)
+        ax.invert_yaxis()
+        ax.set_title(textwrap.fill(f"{panel['description']}, {threads_text(panel)}, {panel['new_tokens']} new tokens",
+                                   72), fontsize=9)
+        ax.set_xlabel("ratio to transformers (higher is better)" + (", log scale" if logarithmic else ""),
+                      fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    legend = {}
+    for ax in axes:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    order = [label for _, label, _ in series] + ["transformers (1x)", "target"]
+    figure.legend([legend[label] for label in order if label in legend], [label for label in order if label in legend],
+                  loc="outside lower center", ncols=4, fontsize=8, frameon=False)
+    return figure
+
+
+def plot_ratios(path: Path, report: dict) -> None:
+    """The ratio chart as a small PNG: drawn at 100 dpi, then stored with a 32-colour palette (a third of the
+    bytes of matplotlib's RGBA file, no visible change for flat bars and text). The same report gives the same
+    bytes: no date or version is written into the file."""
+    drawn = io.BytesIO()
+    ratio_figure(report).savefig(drawn, format="png", metadata={"Software": None})
+    with Image.open(drawn) as image:
+        palette = image.convert("RGB").quantize(colors=32, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    palette.save(path, format="PNG", optimize=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Redraws the chart of each stored result (`python -m bench.report bench/results/*/cpu.json`) from its JSON,
+    beside it, without running the benchmark again."""
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("results", nargs="+", type=Path, help="a result's JSON, as `python -m bench` wrote it")
+    args = parser.parse_args(argv)
+    failed = 0
+    for path in args.results:
+        try:
+            plot_ratios(path.with_suffix(".png"), json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {path}: cannot draw its chart ({type(e).__name__}: {e}); pass a speed-mode result "
+                  "written by python -m bench", file=sys.stderr)
+            failed += 1
+            continue
+        print(path.with_suffix(".png"))
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,8 +36,9 @@ from shapes.tokenizer import build_tokenizer
 BUILD_VERSION = "2"  # bump when a random checkpoint's recipe changes, so cached ones are rebuilt
 PROMPT = "caption en"
 WORDS = ("caption", "en", "answer", "detect", "a", "the", "\n")
-EXPORTER_SOURCES = ("graphs.py", "onnx_export.py", "streaming.py", "checkpoint_stream.py", "external_data.py",
-                    "manifest.py", "quantize.py")  # what an export is made by (export/; those present)
+# What an export is made by (in export/).
+EXPORTER_SOURCES = ("graphs.py", "writer/onnx_export.py", "writer/streaming.py", "writer/checkpoint_stream.py",
+                    "writer/external_data.py", "writer/manifest.py", "quantize.py")
 
 # Widths of paligemma-3b-pt-224 (REFERENCE.md); `layers` chooses how many of each tower to keep.
 PALIGEMMA_3B = dict(
@@ -202,7 +203,6 @@ def exporter_source_digest() -> str:
     import export
 
     digest = hashlib.sha256()
-    for path in (Path(export.__file__).parent / name for name in EXPORTER_SOURCES):
-        if path.exists():
-            digest.update(path.read_bytes())
+    for name in EXPORTER_SOURCES:  # each must exist: a moved file is an error here, not a silently stale key
+        digest.update((Path(export.__file__).parent / name).read_bytes())
     return digest.hexdigest()[:12]

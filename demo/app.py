@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import random
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,14 +28,16 @@ import gradio as gr
 import numpy as np
 from gradio.utils import get_upload_folder as gradio_upload_folder
 from PIL import Image
+from starlette.middleware import Middleware
 
 import paligemma
 from paligemma.errors import shown
-from paligemma.processor import load_image
+from paligemma.processor import load_image_and_size
 from paligemma.sampling import MAX_NEW_TOKENS_LIMIT, real_number, whole_number
 
 from .backends import Backend, TorchCheck, check_against_torch, load_backend
 from .draw import draw_detections
+from .limits import UPLOAD_FOLDER_BYTES, RequestLimits
 from .run_ahead import run_ahead
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,9 @@ MAX_UPLOAD_BYTES = 10 * 2**20  # uploads, and images sent inline as data: URLs
 UPLOAD_KEEP_S = 3600  # uploads and answers' images older than this are deleted (checked every 10 minutes)
 MAX_PROMPT_CHARS = 1000
 MAX_QUEUE = 32  # at most this many wait; more are turned away with "queue full"
+# The page gets at most one streamed update per this many seconds (the newest text; the last always at once): a
+# reader sees no difference, and each update is a message Gradio builds and sends (docs/serving.md).
+UPDATE_INTERVAL_S = 0.05
 # name: (lowest, highest, whole number); the sliders use the same ranges, and the server checks them again.
 # A segmentation of the embedded model's three shapes is about 70 tokens (four <loc>, sixteen <seg> and a label
 # each): the default holds it whole. Greedy answers stop at <eos>, so a shorter answer costs nothing more.
@@ -78,8 +85,9 @@ def task_presets(backend: Backend) -> dict:
     return presets
 
 
-def read_request_image(value) -> Image.Image:
-    """The image a request sends, as upright RGB, or InputError saying what is wrong.
+def read_request_image(value, input_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """The image a request sends, as upright RGB (decoded at reduced size for a model whose input side is
+    `input_size`: paligemma.processor.load_image), and its upright size as sent; or InputError saying what is wrong.
 
     A request names its image, and names are never trusted: the image is read only from a file that Gradio itself
     received by upload (a path inside its upload folder, resolved, a regular file, within the upload limit) or from
@@ -93,10 +101,10 @@ def read_request_image(value) -> Image.Image:
     if not isinstance(value, str):
         raise paligemma.InputError(f"the image must be an uploaded file, got {type(value).__name__}")
     if value.startswith("data:"):
-        return read_image(data_url_bytes(value))
+        return read_image_and_size(data_url_bytes(value), input_size)
     if "://" in value or not os.path.isabs(value):
         raise paligemma.InputError(NOT_UPLOADED)
-    return read_image(uploaded_file_bytes(value))
+    return read_image_and_size(uploaded_file_bytes(value), input_size)
 
 
 NOT_UPLOADED = ("the image is not a file uploaded to this server; upload it (the page, or gradio_client's "
@@ -120,10 +128,11 @@ def uploaded_file_bytes(path: str) -> bytes:
                                    f"{UPLOAD_KEEP_S // 60} minutes); upload it again") from None
     except OSError:
         raise paligemma.InputError(NOT_UPLOADED) from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):  # a folder, a FIFO, a device: checked before fdopen, which refuses a folder
+        os.close(descriptor)
+        raise paligemma.InputError(NOT_UPLOADED)
     with os.fdopen(descriptor, "rb") as file:
-        status = os.fstat(file.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            raise paligemma.InputError(NOT_UPLOADED)
         if status.st_size > MAX_UPLOAD_BYTES:
             raise paligemma.InputError(too_large(status.st_size))
         return file.read(MAX_UPLOAD_BYTES + 1)
@@ -148,11 +157,16 @@ def too_large(size: int) -> str:
             "send a smaller file")
 
 
-def read_image(data) -> Image.Image:
+def read_image(data, input_size: int | None = None) -> Image.Image:
     """An image from bytes (or a trusted local path: the shipped examples) as upright RGB, or InputError."""
+    return read_image_and_size(data, input_size)[0]
+
+
+def read_image_and_size(data, input_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """read_image, and the image's upright size as sent."""
     if is_svg(data):
         raise paligemma.InputError("SVG is a vector format the model cannot read; export it as PNG or JPEG first")
-    return load_image(data)
+    return load_image_and_size(data, input_size)
 
 
 def is_svg(value) -> bool:
@@ -223,13 +237,13 @@ def read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed, lim
     return params
 
 
-def found_objects(text: str, picture: Image.Image, mask_decoder) -> list[paligemma.Detection]:
-    """The answer's boxes, each that has a mask (a segmentation answer, when the model ships a mask decoder) as its
-    paligemma.Segmentation."""
-    detections = paligemma.parse_detections(text, *picture.size)
+def found_objects(text: str, size: tuple[int, int], mask_decoder) -> list[paligemma.Detection]:
+    """The answer's boxes in an image of `size` (width, height), each that has a mask (a segmentation answer, when the
+    model ships a mask decoder) as its paligemma.Segmentation."""
+    detections = paligemma.parse_detections(text, *size)
     if mask_decoder is None:
         return detections
-    masks = {(s.label, s.box): s for s in paligemma.parse_segmentations(text, *picture.size, mask_decoder)}
+    masks = {(s.label, s.box): s for s in paligemma.parse_segmentations(text, *size, mask_decoder)}
     return [masks.get((d.label, d.box), d) for d in detections]
 
 
@@ -288,7 +302,11 @@ def format_check(check: TorchCheck, processor) -> str:
 def banner(backend: Backend) -> str:
     text = f"**Model:** {backend.model} · **Runtime:** {backend.runtime}"
     plan = getattr(backend.pipeline.engine_factory, "thread_plan", None)  # ONNX Runtime's (export/threads.py)
-    if plan is not None:
+    if backend.batching:
+        text += f" · continuous batching, up to {backend.pipeline.max_batch} rows"
+        if plan is not None:
+            text += f" ({plan.intra_op_threads} thread{'s' if plan.intra_op_threads > 1 else ''} per session)"
+    elif plan is not None:
         text += f" · {plan.describe()}"
     if backend.warm_up_s:
         text += f" · warmed up in {backend.warm_up_s * 1000:.0f} ms"
@@ -310,11 +328,11 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
                delete_cache: tuple[int, int] = (600, UPLOAD_KEEP_S)) -> gr.Blocks:
     """The demo page around `backend` (by default the embedded model on ONNX Runtime, falling back to torch).
 
-    `concurrency_limit` requests generate at once (default: as many as the backend's thread plan runs well, e.g.
-    one per core for the embedded model on ONNX Runtime); the rest wait in the queue. `torch_check` lets requests ask
-    for the check against eager torch, which loads a float32 copy of the model beside the served one: None allows it
-    only where that copy is small (Backend.torch_check_fits). Uploads and answers' images are deleted
-    `delete_cache` = (every, older than) seconds."""
+    `concurrency_limit` requests generate at once (default: the rows of the backend's continuous batch, its
+    max_batch; where the engine cannot batch, as many as its thread plan runs well); the rest wait in the queue.
+    `torch_check` lets requests ask for the check against eager torch, which loads a float32 copy of the model beside
+    the served one: None allows it only where that copy is small (Backend.torch_check_fits). Uploads and answers'
+    images are deleted `delete_cache` = (every, older than) seconds."""
     backend = backend or load_backend()
     presets = task_presets(backend)
     limits = decoding_limits(backend.pipeline.processor, presets.values())
@@ -325,7 +343,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
                  max_new_tokens=DEFAULT_MAX_NEW_TOKENS, seed=0, check_torch=False):
         drawn = None
         try:
-            picture = read_request_image(image)
+            picture, size = read_request_image(image, backend.pipeline.config.image_size)
             prompt = read_prompt(prompt)
             params = read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed, limits)
             if not isinstance(check_torch, bool):
@@ -334,11 +352,19 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
                 raise paligemma.InputError(CHECK_OFF)
             yield "", None, None, f"**{backend.runtime}** · generating…", ""
             start = time.perf_counter()
-            for update in run_ahead(backend.pipeline.stream(picture, prompt, **params)):
-                yield update.text, gr.skip(), gr.skip(), format_timings(backend, update, params), gr.skip()
+            # A visitor who leaves closes this generator: run_ahead sets `left`, and the request's row leaves the
+            # batch at its next step (or the request leaves the queue for a row).
+            left = threading.Event()
+            stream = backend.pipeline.stream(picture, prompt, cancel=left, **params)
+            for update in run_ahead(stream, stop=left, min_interval=UPDATE_INTERVAL_S):
+                # The outputs not streamed are sent again as they are (unchanged: an empty diff). gr.skip() would
+                # make Gradio build a new component and its config for each of them at every update (measured:
+                # the largest part of the app's own work per request under load; docs/serving.md).
+                yield update.text, None, None, format_timings(backend, update, params), ""
             speed = format_timings(backend, update, params, time.perf_counter() - start)
-            detections = found_objects(update.text, picture, backend.pipeline.mask_decoder)
-            found = [box_entry(d) for d in detections]
+            # Boxes and masks in the pixels of the image as sent; drawn on the picture, which may be smaller.
+            found = [box_entry(d) for d in found_objects(update.text, size, backend.pipeline.mask_decoder)]
+            detections = found_objects(update.text, picture.size, backend.pipeline.mask_decoder)
             verdict = ""
             if check_torch:
                 verdict = format_check(check_against_torch(backend, picture, prompt, update.token_ids, **params),
@@ -356,6 +382,7 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
         finally:  # after the last answer was sent: Gradio has its own copy by then
             if drawn is not None:
                 shutil.rmtree(drawn.parent, ignore_errors=True)
+            release_memory()
 
     with gr.Blocks(title="PaliGemma · ONNX Runtime demo", analytics_enabled=False, delete_cache=delete_cache) as app:
         gr.Markdown("# PaliGemma in the browser\nAn image and a prompt in; the answer streams out, with detected "
@@ -404,18 +431,44 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
         # preprocess=False: the handler receives the values as sent and checks each itself (see read_image).
         run.click(generate, inputs, outputs, api_name="generate", preprocess=False)
         prompt.submit(generate, inputs, outputs, api_visibility="private", preprocess=False)
-    app.queue(default_concurrency_limit=concurrency_limit or backend.concurrent_requests, max_size=max_queue)
+    # api_open=False: Gradio's /run/NAME and /api/NAME routes would run an event at once, outside the queue (its
+    # concurrency limit and max_size); with it they refuse, and every call joins the queue.
+    app.queue(default_concurrency_limit=concurrency_limit or backend.concurrent_requests, max_size=max_queue,
+              api_open=False)
     return app
+
+
+def release_memory() -> None:
+    """Hand the memory a request freed back to the system. glibc keeps freed blocks of a few MB (an image's bands,
+    its decoded frame once the mmap threshold has grown past it) in its heap, so the server's resident memory would
+    stay at its peak after a burst of large images; malloc_trim returns them. Nothing elsewhere (another libc)."""
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
+
+
+def glibc():
+    try:
+        libc = ctypes.CDLL(None)  # the C library the process already runs on
+        return libc if hasattr(libc, "malloc_trim") else None
+    except (OSError, TypeError):  # no such handle (Windows)
+        return None
+
+
+LIBC = glibc()
 
 
 CHECK_OFF = ("off on this server (it loads a second, float32 copy of the model); the operator can enable it "
              "with `python app.py --torch-check on`")
 
 
-def launch(app: gr.Blocks, *, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
-    """Serve `app` with the demo's upload limit. host and port default to Gradio's own (GRADIO_SERVER_NAME and
-    GRADIO_SERVER_PORT, which Hugging Face Spaces sets). show_error: a payload Gradio itself refuses (a file path the
-    client did not upload, a malformed file object) is answered with Gradio's one-line reason rather than a bare
-    "Error"; the handler's own errors are messages already."""
+def launch(app: gr.Blocks, *, host: str | None = None, port: int | None = None, share: bool = False,
+           monitoring: bool = False, upload_space: int = UPLOAD_FOLDER_BYTES, **kwargs):
+    """Serve `app` with the demo's request limits (demo/limits.py: one upload of MAX_UPLOAD_BYTES at a time into a
+    folder of at most `upload_space` bytes, bounded JSON bodies). host and port default to Gradio's own
+    (GRADIO_SERVER_NAME and GRADIO_SERVER_PORT, which Hugging Face Spaces sets). `monitoring` serves Gradio's
+    /monitoring routes (each event's name, count and latencies: off unless the operator asks). show_error: a payload
+    Gradio itself refuses (a file path the client did not upload, a malformed file object) is answered with Gradio's
+    one-line reason rather than a bare "Error"; the handler's own errors are messages already."""
+    limits = Middleware(RequestLimits, blocks=app, max_upload_bytes=MAX_UPLOAD_BYTES, upload_folder_bytes=upload_space)
     return app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES, show_error=True,
-                      **kwargs)
+                      enable_monitoring=monitoring, app_kwargs={"middleware": [limits]}, **kwargs)

@@ -10,14 +10,13 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors import safe_open
 
 import paligemma
-from paligemma.weights import resolve_checkpoint, weight_files
+from paligemma.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +24,10 @@ TORCH_CONCURRENT_REQUESTS = 2
 TORCH_CHECK_AUTO_BYTES = 1 << 30  # float32 weights of the torch copy the check may load unasked-for by the operator
 
 
-def float32_weight_bytes(folder: Path) -> int:
+def float32_weight_bytes(checkpoint: Checkpoint) -> int:
     """The checkpoint's weights in float32, from the safetensors headers (no tensor is read)."""
     total = 0
-    for file in weight_files(folder):
+    for file in checkpoint.weight_files:
         with safe_open(str(file), framework="pt") as f:
             total += sum(4 * math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return total
@@ -42,7 +41,7 @@ class Backend:
     name: str  # "onnx" or "torch"
     runtime: str  # what runs the model, e.g. "ONNX Runtime 1.31.1 (CPUExecutionProvider)"
     model: str  # what was loaded, as the user named it
-    folder: Path
+    checkpoint: Checkpoint
     device: str  # torch's, for eager runs and the check against torch
     fallback: str | None = None  # why ONNX Runtime is not serving although it was asked for
     warm_up_s: float = 0.0
@@ -52,18 +51,25 @@ class Backend:
     def torch_check_fits(self) -> bool:
         """Whether the check against eager torch is cheap enough to offer to every visitor: the served pipeline is
         eager torch already, or the float32 copy it loads stays under TORCH_CHECK_AUTO_BYTES."""
-        return self.name == "torch" or float32_weight_bytes(self.folder) <= TORCH_CHECK_AUTO_BYTES
+        return self.name == "torch" or float32_weight_bytes(self.checkpoint) <= TORCH_CHECK_AUTO_BYTES
+
+    @property
+    def batching(self) -> bool:
+        """Whether calls share one continuous batch (paligemma/scheduler.py)."""
+        return self.pipeline.batcher is not None
 
     @property
     def concurrent_requests(self) -> int:
-        """How many requests the app runs at once: ONNX Runtime's thread plan says (export/threads.py); eager torch
-        runs two, sharing torch's threads."""
+        """How many requests the app runs at once: the rows of the continuous batch where the engine batches;
+        otherwise ONNX Runtime's thread plan says (export/threads.py), and torch runs two, sharing torch's threads."""
+        if self.batching:
+            return self.pipeline.max_batch
         plan = getattr(self.pipeline.engine_factory, "thread_plan", None)
         return plan.concurrent_requests if plan is not None else TORCH_CONCURRENT_REQUESTS
 
     @property
     def is_demo_model(self) -> bool:
-        return self.folder.resolve() == paligemma.DEMO_CHECKPOINT.resolve()
+        return self.checkpoint.folder.resolve() == paligemma.DEMO_CHECKPOINT.resolve()
 
     def reference(self) -> paligemma.Pipeline:
         """Eager torch on the same checkpoint: when torch serves, its own model under the eager engine; otherwise
@@ -72,7 +78,8 @@ class Backend:
             return paligemma.Pipeline(self.pipeline.model, self.pipeline.processor)
         with self._lock:
             if self._reference is None:
-                self._reference = paligemma.load(self.folder, device=self.device, dtype=torch.float32, engine="eager")
+                self._reference = paligemma.load(self.checkpoint, device=self.device, dtype=torch.float32,
+                                                 engine="eager")
         return self._reference
 
 
@@ -83,7 +90,7 @@ def default_device() -> str:
 def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", *,
                  onnx_dir: str | os.PathLike | None = None,
                  device: str | None = None, warm_up: bool = True, threads: int | None = None,
-                 requests: int | None = None, quantize: str | None = None) -> Backend:
+                 requests: int | None = None, quantize: str | None = None, max_batch: int | None = None) -> Backend:
     """Load `model` (a folder or Hub repo id; None is the embedded demo model) for `backend`.
 
     "onnx" exports the model on first use (or reads `onnx_dir`) and runs it with ONNX Runtime; if that fails for any
@@ -92,6 +99,7 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
     one (ONNX Runtime's CUDA provider, or torch's CUDA device). Checkpoint problems raise paligemma.CheckpointError.
     `quantize` ("int8" or "int4", ONNX only) serves that quantized export, made into the cache on first use; it is
     asked for to fit the memory, so a failure raises rather than falling back to a float32 torch model.
+    `max_batch` sets the rows of the continuous batch (paligemma.load's; default paligemma.default_max_batch).
     """
     if backend not in paligemma.BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(paligemma.BACKENDS)}")
@@ -101,17 +109,18 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
     if quantize is not None and backend != "onnx":
         raise ValueError(f"a quantized model ({quantize}) is served by backend 'onnx' only, and backend is '{backend}'")
     torch_device = device or default_device()
-    folder = resolve_checkpoint(model if model is not None else paligemma.DEMO_CHECKPOINT)
+    checkpoint = Checkpoint.resolve(model if model is not None else paligemma.DEMO_CHECKPOINT)
     label = "embedded demo model" if model is None else str(model)
     fallback = None
     if backend == "onnx":
         try:
             from export.runtime import load_onnx_pipeline  # here: a broken onnxruntime install falls back too
 
-            pipeline = load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device or "auto", threads=threads,
-                                          requests=requests, quantize=quantize)
+            pipeline = load_onnx_pipeline(checkpoint, onnx_dir=onnx_dir, device=device or "auto", threads=threads,
+                                          requests=requests, quantize=quantize, max_batch=max_batch)
             seconds = warm(pipeline) if warm_up else 0.0
-            return Backend(pipeline, "onnx", describe_onnx(pipeline), label, folder, torch_device, warm_up_s=seconds)
+            return Backend(pipeline, "onnx", describe_onnx(pipeline), label, checkpoint, torch_device,
+                           warm_up_s=seconds)
         except paligemma.CheckpointError:
             raise  # the checkpoint itself: torch would refuse it the same way
         except Exception as e:  # noqa: BLE001 - any other failure of the ONNX path falls back to torch, said on the page
@@ -119,10 +128,11 @@ def load_backend(model: str | os.PathLike | None = None, backend: str = "onnx", 
                 raise
             fallback = f"ONNX Runtime could not run this model ({type(e).__name__}: {e}); eager PyTorch serves instead."
             logger.warning("%s", fallback, exc_info=True)
-    pipeline = paligemma.load(folder, device=torch_device)
+    pipeline = paligemma.load(checkpoint, device=torch_device, max_batch=max_batch)
     # The static engine (CUDA) compiled and recorded its decode step at load: part of the warm-up shown.
-    seconds = getattr(pipeline.engine_factory, "warm_up_s", 0.0) + (warm(pipeline) if warm_up else 0.0)
-    return Backend(pipeline, "torch", describe_torch(pipeline), label, folder, torch_device, fallback, seconds)
+    compiled = pipeline.batcher.engine if pipeline.batcher is not None else pipeline.engine_factory
+    seconds = getattr(compiled, "warm_up_s", 0.0) + (warm(pipeline) if warm_up else 0.0)
+    return Backend(pipeline, "torch", describe_torch(pipeline), label, checkpoint, torch_device, fallback, seconds)
 
 
 def warm(pipeline: paligemma.Pipeline) -> float:
@@ -136,8 +146,8 @@ def warm(pipeline: paligemma.Pipeline) -> float:
 def describe_torch(pipeline: paligemma.Pipeline) -> str:
     parameter = next(pipeline.model.parameters())
     dtype = str(parameter.dtype).removeprefix("torch.")
-    engines = pipeline.engine_factory
-    if not isinstance(engines, paligemma.StaticEngines):
+    engines = pipeline.batcher.engine if pipeline.batcher is not None else pipeline.engine_factory
+    if not (isinstance(engines, paligemma.StaticEngines) or getattr(engines, "static", False)):
         return f"PyTorch {torch.__version__} eager ({parameter.device.type}, {dtype})"
     compiled = f", CUDA graphs, compiled in {engines.warm_up_s:.0f} s" if engines.cuda_graphs else ""
     return f"PyTorch {torch.__version__} static cache{compiled} ({parameter.device.type}, {dtype})"
@@ -149,7 +159,7 @@ def describe_onnx(pipeline) -> str:
 
     from export.variants import exported_variant
 
-    model = pipeline.engine_factory  # export.runtime.OnnxModel
+    model = pipeline.engine_factory  # export.runtime.pipeline.OnnxModel
     described = f"ONNX Runtime {onnxruntime.__version__}"
     manifest = getattr(model, "manifest", None)
     if manifest is not None:

@@ -9,18 +9,21 @@ pile up between two messages are merged, the newest one standing for them (each 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Iterator, TypeVar
 
 T = TypeVar("T")
 
 
-def run_ahead(updates: Iterator[T]) -> Iterator[T]:
-    """Yields the newest of `updates` each time it is asked, waiting only when there is none new; the last one is
-    always yielded. An exception in the stream is raised here. Closing this generator stops the stream at its next
-    update (a visitor who leaves stops generation)."""
+def run_ahead(updates: Iterator[T], stop: threading.Event | None = None, min_interval: float = 0.0) -> Iterator[T]:
+    """Yields the newest of `updates` each time it is asked, waiting only when there is none new, and at least
+    `min_interval` seconds after the last one yielded; the last one is always yielded, as soon as it comes. An
+    exception in the stream is raised here. Closing this generator sets `stop` and stops the
+    stream at its next update (a visitor who leaves stops generation); a stream that watches `stop` itself
+    (Pipeline.stream's `cancel`) ends sooner: a call still waiting for a row of the batch leaves the queue."""
     ready = threading.Condition()
     state = {"newest": None, "fresh": False, "done": False, "error": None}
-    stop = threading.Event()
+    stop = stop or threading.Event()
 
     def produce():
         try:
@@ -42,13 +45,19 @@ def run_ahead(updates: Iterator[T]) -> Iterator[T]:
 
     producer = threading.Thread(target=produce, name="generation", daemon=True)
     producer.start()
+    next_at = 0.0  # no update before this (time.monotonic), unless it is the last
     try:
         while True:
             with ready:
-                ready.wait_for(lambda: state["fresh"] or state["done"])
+                while not state["done"]:
+                    wait = next_at - time.monotonic()
+                    if state["fresh"] and wait <= 0:
+                        break
+                    ready.wait(wait if state["fresh"] else None)
                 fresh, newest, done = state["fresh"], state["newest"], state["done"]
                 state["fresh"] = False
             if fresh:
+                next_at = time.monotonic() + min_interval
                 yield newest
             elif done:
                 if state["error"] is not None:

@@ -61,7 +61,7 @@ def build(workdir: Path) -> tuple[Path, Path]:
     from paligemma.model import PaliGemmaForConditionalGeneration
     from paligemma.weights import save_checkpoint
 
-    from .onnx_export import export_model
+    from .writer.onnx_export import export_model
 
     checkpoint, onnx_dir = workdir / "checkpoint", workdir / "onnx"
     if not (onnx_dir / "manifest.json").exists():
@@ -84,7 +84,7 @@ def compare_with_torch(checkpoint: Path, onnx_dir: Path, threads: int | None) ->
     from paligemma.engines import TorchEngine
     from paligemma.weights import load_model
 
-    from .runtime import OnnxModel
+    from .runtime.pipeline import OnnxModel
 
     model = load_model(checkpoint)
     inputs = prompt_inputs(model.config)
@@ -117,7 +117,7 @@ def measure(onnx_dir: Path, mode: str, threads: int | None) -> dict:
 
     from paligemma.config import PaliGemmaConfig
 
-    from .runtime import OnnxEngine, OnnxModel, session_options
+    from .runtime.pipeline import OnnxEngine, OnnxModel, session_options
 
     config = PaliGemmaConfig.from_json_file(onnx_dir / "config.json")
     manifest = json.loads((onnx_dir / "manifest.json").read_text())

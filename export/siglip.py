@@ -29,14 +29,14 @@ import onnx
 import torch
 from torch import nn
 
+from paligemma.checkpoint import resolve_checkpoint
 from paligemma.cli import ArgumentParser
 from paligemma.errors import CheckpointError, OnnxExportError
 from paligemma.siglip_model import SiglipModel, load_siglip
 from paligemma.siglip_tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_JSON, SiglipTokenizer
-from paligemma.weights import resolve_checkpoint
 
 from .graphs import GraphSpec, TensorSpec
-from .onnx_export import DEFAULT_OPSET, OPSETS, removed_on_failure, set_metadata, trace_to_onnx
+from .writer.onnx_export import DEFAULT_OPSET, OPSETS, removed_on_failure, set_metadata, trace_to_onnx
 
 logger = logging.getLogger(__name__)
 

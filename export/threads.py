@@ -1,5 +1,5 @@
 """How ONNX Runtime's threads are set: intra-op threads per session and how many requests run at once, chosen
-together from the machine's cores and the model's size (measured: export/README.md "Runtime choices").
+together from the machine's cores and the model's size (measured: docs/runtime.md "Runtime choices").
 
 A small model's operators are too small to split: the embedded model (6 M parameters) decodes faster on one
 intra-op thread than on two, and two requests at once, one thread each, answer more requests per second. A large

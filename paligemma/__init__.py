@@ -5,38 +5,48 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .config import PaliGemmaConfig
 from .contrastive import chunked_sigmoid_loss, sigmoid_loss
-from .engines import ENGINES, StaticEngines, TorchEngine, make_engines
+from .engines import ENGINES, BatchedTorchEngine, StaticEngines, TorchEngine, make_batch_engine, make_engines
 from .errors import CheckpointError, ConfigError, InputError, OnnxExportError
 from .generate import GenerationResult, Pipeline, StreamUpdate
 from .mask_decoder import MaskDecoder, Segmentation, parse_segmentations
 from .processor import Detection, PaliGemmaProcessor, parse_detections
 from .sampling import SamplingParams
+from .scheduler import check_max_batch, default_max_batch
 from .siglip_config import SiglipConfig
 from .siglip_model import SiglipModel, load_siglip
 from .siglip_tokenizer import SiglipTokenizer
-from .weights import load_mask_decoder, load_model, resolve_checkpoint
+from .weights import load_mask_decoder, load_model
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
 BACKENDS = ("torch", "onnx")
 
 __all__ = [
-    "load", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor", "SamplingParams",
-    "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError", "OnnxExportError",
-    "DEMO_CHECKPOINT", "TorchEngine", "StaticEngines", "ENGINES", "MaskDecoder", "Segmentation", "parse_segmentations",
-    "load_siglip", "SiglipModel", "SiglipConfig", "SiglipTokenizer", "sigmoid_loss", "chunked_sigmoid_loss",
+    "load", "Checkpoint", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor",
+    "SamplingParams", "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError",
+    "OnnxExportError", "DEMO_CHECKPOINT", "TorchEngine", "StaticEngines", "BatchedTorchEngine", "ENGINES",
+    "MaskDecoder", "Segmentation", "parse_segmentations", "load_siglip", "SiglipModel", "SiglipConfig",
+    "SiglipTokenizer", "sigmoid_loss", "chunked_sigmoid_loss", "default_max_batch",
 ]
 
 
-def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu", dtype=None, backend: str = "torch",
-         onnx_dir: str | os.PathLike | None = None, engine: str | None = None, quantize: str | None = None) -> Pipeline:
-    """A generation pipeline for a checkpoint folder or Hub repo id; with none, the embedded demo model.
+def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, device: str = "cpu", dtype=None,
+         backend: str = "torch", onnx_dir: str | os.PathLike | None = None, engine: str | None = None,
+         quantize: str | None = None, max_batch: int | None = None) -> Pipeline:
+    """A generation pipeline for a checkpoint folder, Hub repo id or Checkpoint; with none, the embedded demo model.
 
     backend "torch" runs PyTorch on `device` with `engine` "eager" or "static" (static cache; on CUDA compiled and
     replayed as CUDA graphs, here at load); None picks static on CUDA, eager elsewhere. "onnx" runs the exported
     graphs in `onnx_dir` with ONNX Runtime (exported and cached on first use when no directory is given);
     `quantize` ("int8" or "int4", as app.py's --quantize) picks that variant of the export.
+
+    `max_batch`: calls made at the same time (from several threads) decode together as one continuous batch of up
+    to this many rows (paligemma/scheduler.py); default: 8 on a CPU, 64 on a GPU, fewer when the rows' caches would
+    take over a quarter of the memory available (paligemma.default_max_batch). The static engine on CUDA records a
+    CUDA graph per batch size 1, 2, 4, ... max_batch at load. Where the engine cannot batch (the transformers.js
+    layout; ONNX Runtime without its fused decode graph), each call runs alone, as before.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
@@ -50,13 +60,20 @@ def load(path_or_repo_id: str | os.PathLike | None = None, *, device: str = "cpu
                          "pass backend='onnx' or leave quantize out")
     if backend == "onnx" and engine is not None:
         raise ValueError("engine is for backend 'torch'; ONNX Runtime has one engine")
-    folder = resolve_checkpoint(path_or_repo_id if path_or_repo_id is not None else DEMO_CHECKPOINT)
+    if max_batch is not None:
+        check_max_batch(max_batch)
+    source = path_or_repo_id if path_or_repo_id is not None else DEMO_CHECKPOINT
     if backend == "onnx":
         # The one import of this package from another (tests/test_imports.py): made here, on use, so that the torch
-        # package does not depend on the export package.
+        # package does not depend on the export package. It resolves `source` itself: an export folder is no
+        # checkpoint.
         from export.runtime import load_onnx_pipeline
 
-        return load_onnx_pipeline(folder, onnx_dir=onnx_dir, device=device, quantize=quantize)
-    model = load_model(folder, device=device, dtype=dtype)
-    return Pipeline(model, PaliGemmaProcessor.from_pretrained(folder, model.config), make_engines(model, engine),
-                    mask_decoder=load_mask_decoder(folder))
+        return load_onnx_pipeline(source, onnx_dir=onnx_dir, device=device, quantize=quantize, max_batch=max_batch)
+    checkpoint = Checkpoint.resolve(source)
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    factory = make_engines(model, engine, warm_up=False)  # the batch's engine serves the calls: it warms up
+    parameter = next(model.parameters())
+    rows = max_batch or default_max_batch(model.config, parameter.device, parameter.element_size())
+    return Pipeline(model, checkpoint.processor(), factory, mask_decoder=load_mask_decoder(checkpoint.folder),
+                    batch_engine=make_batch_engine(model, factory, rows, required=engine == "static"))

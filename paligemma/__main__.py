@@ -88,10 +88,10 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_checkpoint
     from .siglip_config import SiglipConfig
     from .siglip_model import load_siglip
     from .siglip_tokenizer import SiglipTokenizer
-    from .weights import resolve_checkpoint
     from .zero_shot import classify
 
     if args.device == "cuda":

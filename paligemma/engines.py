@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from .cache import KVCache, PromptStore, SlotStore, StaticCache
+from .cache import KVCache, PromptStore, RowPool, RowStore, SlotStore, StaticCache
 from .masks import TokenLayout, extend_for_generation
 from .model import PaliGemmaForConditionalGeneration
 
@@ -88,6 +88,149 @@ class TorchEngine:
         )
         self.cache.advance(1)
         return logits[:, -1]
+
+
+@dataclass
+class PrefilledRow:
+    """One request's prompt in a cache of its own, waiting to join a batch."""
+
+    keys: torch.Tensor  # [L, K, T, D]
+    values: torch.Tensor
+    token_types: torch.Tensor  # [T]
+    capacity: int  # slots the row will hold: prompt + budget
+
+
+class DecodeRows(nn.Module):
+    """One token for each row of a continuous batch: tokens [B, 1], each row's length [B] (the slot its token goes
+    to), the rows' keys and values [L, B, K, S, D] and token types [B, S] -> next-token logits [B, V]. Positions,
+    the prefix-LM mask and the window come from the one rule (paligemma/masks.py), row by row. With fixed S and B,
+    what torch.compile compiles and a CUDA graph records."""
+
+    def __init__(self, model: PaliGemmaForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, lengths, keys, values, autoregressive) -> torch.Tensor:
+        query = lengths[:, None]  # each row's new token goes to the slot after its own
+        real = torch.arange(keys.shape[3], device=keys.device) <= query
+        layout = TokenLayout(real, autoregressive, query)
+        hidden = self.model.run_decoder(tokens, None, layout, cache=RowStore(keys, values, lengths))
+        return self.model.decoder.logits(hidden[:, -1])
+
+
+def buckets(max_batch: int) -> list[int]:
+    """The batch sizes a static batch runs at: 1, 2, 4, ... and max_batch; a step of n rows runs at the smallest
+    that holds them (the rows past n are idle: length 0, their output dropped)."""
+    sizes = [1]
+    while sizes[-1] < max_batch:
+        sizes.append(min(2 * sizes[-1], max_batch))
+    return sizes
+
+
+class RecordedRows:
+    """DecodeRows over a fixed pool for `batch` rows, recorded once as a CUDA graph: each call copies the tokens and
+    lengths into the graph's inputs and replays the step."""
+
+    def __init__(self, step: Callable, pool: RowPool, batch: int):
+        device = pool.keys.device
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        args = (self.tokens, self.lengths, pool.keys[:, :batch], pool.values[:, :batch], pool.autoregressive[:batch])
+        side = torch.cuda.Stream(device)  # warm-up on a side stream, as recording requires
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARM_UP_RUNS):
+                step(*args)  # writes slot 0 of idle rows only (lengths 0): no row is in the pool yet, or it is idle
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = step(*args)
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens[:, None])
+        self.lengths.copy_(lengths)
+        self.graph.replay()
+        return self.logits.clone()
+
+
+class BatchedTorchEngine:
+    """Torch for a continuous batch (paligemma/scheduler.py): each request is prefilled alone, as TorchEngine does,
+    then its cache joins a RowPool, and every decode step runs all rows at once (DecodeRows), each at its own length.
+
+    Eager (default): the step reads the first longest-row + 1 slots of the rows in use (new shapes every step).
+    Static (`static=True`, the CUDA default): a fixed pool of max_batch rows of the image tokens + ROOM slots (more
+    for a longer row: new buffers), every step over all its slots and a bucket of rows (`buckets`); on CUDA the
+    step is compiled once and recorded as a CUDA graph per bucket (warm_up records them all), each step a replay."""
+
+    def __init__(self, model: PaliGemmaForConditionalGeneration, max_batch: int, static: bool = False):
+        self.model, self.max_batch, self.static = model, max_batch, static
+        self.device, self.dtype = parameter_of(model).device, parameter_of(model).dtype
+        self.cuda_graphs = static and self.device.type == "cuda"
+        capacity = model.config.num_image_tokens + ROOM
+        self.pool = RowPool(model.config.text, max_batch, self.device, self.dtype,
+                            multiple=CAPACITY_MULTIPLE if static else 64, fixed=static, capacity=capacity)
+        step = DecodeRows(model)
+        self.step = torch.compile(step, fullgraph=True, dynamic=False) if self.cuda_graphs else step
+        self.recorded: dict[int, RecordedRows] = {}
+        self.recorded_for = None  # the pool's keys the graphs were recorded on
+        self.warm_up_s = 0.0
+
+    def warm_up(self) -> float:
+        """Compiles the step and records a CUDA graph for every bucket; returns the seconds it took."""
+        start = time.perf_counter()
+        for size in buckets(self.max_batch):
+            self._recorded(size)
+        self.warm_up_s = time.perf_counter() - start
+        logger.info("static batch: decode step compiled and recorded for %d bucket(s) up to %d rows in %.1f s",
+                    len(self.recorded), self.max_batch, self.warm_up_s)
+        return self.warm_up_s
+
+    def _recorded(self, size: int) -> RecordedRows:
+        if self.recorded_for is not self.pool.keys:  # new buffers (a longer row): the graphs read the old ones
+            self.recorded, self.recorded_for = {}, self.pool.keys
+        if size not in self.recorded:
+            start = time.perf_counter()
+            self.recorded[size] = RecordedRows(self.step, self.pool, size)
+            logger.info("static batch: %d row(s) x %d slots recorded in %.1f s", size, self.pool.capacity,
+                        time.perf_counter() - start)
+        return self.recorded[size]
+
+    @torch.inference_mode()
+    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[PrefilledRow, torch.Tensor]:
+        engine = TorchEngine(self.model)
+        logits = engine.prefill(inputs, 0)  # a cache of exactly the prompt
+        T = engine.cache.length
+        row = PrefilledRow(engine.cache.keys[:, 0], engine.cache.values[:, 0],
+                           inputs["token_type_ids"][0].to(self.device), T + max_new_tokens)
+        return row, logits
+
+    def join(self, prefilled: PrefilledRow) -> int:
+        return self.pool.join(prefilled.keys, prefilled.values, prefilled.token_types, prefilled.capacity)
+
+    @torch.inference_mode()
+    def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        pool, n = self.pool, self.pool.rows
+        if sorted(rows) != sorted(pool.ids):
+            raise ValueError(f"a decode step runs every row in the batch ({n}), got {len(rows)}")
+        places = torch.tensor(pool.places(rows), device=self.device)
+        lengths = pool.lengths[:n]
+        if int(lengths.max()) >= pool.capacity:
+            raise ValueError(f"a row's cache holds {pool.capacity} tokens; ask for more max_new_tokens")
+        B = next(size for size in buckets(self.max_batch) if size >= n) if self.static else n
+        ordered = torch.zeros(B, dtype=torch.long, device=self.device).index_copy_(0, places, tokens.to(self.device))
+        step_lengths = torch.zeros(B, dtype=torch.long, device=self.device)
+        step_lengths[:n] = lengths  # idle rows of a bucket: length 0 (they write their slot 0 and are dropped)
+        if self.cuda_graphs:
+            logits = self._recorded(B)(ordered, step_lengths)
+        else:
+            S = pool.capacity if self.static else int(lengths.max()) + 1
+            logits = self.step(ordered[:, None], step_lengths, pool.keys[:, :B, :, :S], pool.values[:, :B, :, :S],
+                               pool.autoregressive[:B, :S])
+        lengths += 1
+        return logits.index_select(0, places)
+
+    def release(self, row: int) -> None:
+        self.pool.leave(row)
 
 
 class DecodeStep(nn.Module):
@@ -242,17 +385,39 @@ def default_engine(device: torch.device) -> str:
     return "static" if device.type == "cuda" else "eager"
 
 
-def make_engines(model: PaliGemmaForConditionalGeneration, engine: str | None = None) -> EngineFactory:
+def make_batch_engine(model: PaliGemmaForConditionalGeneration, factory: EngineFactory, max_batch: int,
+                      required: bool = False) -> BatchedTorchEngine:
+    """The continuous batch's engine for what make_engines chose: eager or static (on CUDA its step compiled and
+    recorded per bucket here, at load; if that fails, the eager batch serves, with a warning, unless the static
+    engine was asked for by name: `required`)."""
+    if not isinstance(factory, StaticEngines):
+        return BatchedTorchEngine(model, max_batch)
+    engine = BatchedTorchEngine(model, max_batch, static=True)
+    if engine.cuda_graphs:
+        try:
+            engine.warm_up()
+        except Exception as e:  # torch.compile raises many types (a missing compiler, a backend failure, ...)
+            reason = f"the static engine could not compile its decode step ({type(e).__name__}: {e})"
+            if required:
+                raise RuntimeError(f"{reason}; load with engine='eager'") from e
+            logger.warning("%s; the eager batch serves instead", reason)
+            return BatchedTorchEngine(model, max_batch)
+    return engine
+
+
+def make_engines(model: PaliGemmaForConditionalGeneration, engine: str | None = None,
+                 warm_up: bool = True) -> EngineFactory:
     """The engine factory for `engine` ("eager" or "static"; None: static on CUDA, eager elsewhere). On CUDA the
-    static engine compiles and records its decode step here, once (StaticEngines.warm_up_s says how long); if that
-    fails where the static engine was only the default, the eager engine serves, with a warning."""
+    static engine compiles and records its decode step here, once (StaticEngines.warm_up_s says how long), unless
+    `warm_up` is false (a continuous batch serves the calls; this engine serves only direct use, compiling on first
+    use); if that fails where the static engine was only the default, the eager engine serves, with a warning."""
     chosen = engine or default_engine(parameter_of(model).device)
     if chosen not in ENGINES:
         raise ValueError(f"engine '{chosen}' is not one of {', '.join(ENGINES)}")
     if chosen == "eager":
         return functools.partial(TorchEngine, model)
     engines = StaticEngines(model)
-    if engines.cuda_graphs:
+    if engines.cuda_graphs and warm_up:
         try:
             engines.warm_up()
         except Exception as e:  # torch.compile raises many types (a missing compiler, a backend failure, ...)

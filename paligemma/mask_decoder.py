@@ -120,7 +120,7 @@ class MaskDecoder(nn.Module):
     @torch.no_grad()
     def mask_logits(self, codes) -> np.ndarray:
         """float32 logits [N, 64, 64] for codes [N, 16] (any integer array): the one call parsing makes, which the
-        ONNX decoder (export/mask_decoder.py) answers too."""
+        ONNX decoder (export/writer/mask_decoder.py) answers too."""
         parameter = self._vq_vae._embedding
         codes = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=parameter.device)
         return self(codes).float().cpu().numpy()

@@ -22,7 +22,8 @@ def allowed_attention(real: torch.Tensor, autoregressive: torch.Tensor, query_sl
                       window: int | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
     """Which keys each query may attend to: bool [B, 1, 1, T, S].
 
-    real, autoregressive [B, S] describe every key slot; query_slots [T] says which slots the queries are.
+    real, autoregressive [B, S] describe every key slot; query_slots [T] says which slots the queries are, the same
+    in every row, or [B, T] row by row (a continuous batch, whose rows have different lengths).
     Autoregressive 0 0 0 1 1 (a prefix of 3 and a suffix of 2, as token_type_ids give it) makes the blocks
     0 0 0 1 2; on the right, the first slot is padding (real 0 1 1 1 1):
 
@@ -40,23 +41,30 @@ def allowed_attention(real: torch.Tensor, autoregressive: torch.Tensor, query_sl
     """
     blocks = autoregressive.long().cumsum(-1)  # [B, S]
     key_blocks = blocks[:, None, :]
-    query_blocks = blocks.index_select(-1, query_slots)[:, :, None]  # [B, T, 1]
+    query_blocks = at_slots(blocks, query_slots)[:, :, None]  # [B, T, 1]
     allowed = key_blocks <= query_blocks  # [B, T, S]
     if window is not None:
         slots = torch.arange(blocks.shape[-1], device=blocks.device)
-        near = slots[None, :] > query_slots[:, None] - window  # [T, S]
+        near = slots > query_slots[..., None] - window  # [T, S] or [B, T, S]
         allowed = allowed & (near | (key_blocks == query_blocks))
     if segments is not None:
-        query_segments = segments.index_select(-1, query_slots)[:, :, None]
+        query_segments = at_slots(segments, query_slots)[:, :, None]
         allowed = allowed & ((segments[:, None, :] == query_segments) | (segments == SHARED_SEGMENT)[:, None, :])
     allowed = allowed & real.bool()[:, None, :]
     return allowed[:, None, None]
 
 
+def at_slots(values: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+    """values [B, S] at the query slots: [T] the same in every row, or [B, T] row by row -> [B, T]."""
+    if query_slots.dim() == 1:
+        return values.index_select(-1, query_slots)
+    return values.gather(-1, query_slots)
+
+
 def token_positions(real: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
-    """Positions [B, T] of the queries: the real tokens up to and including each, counted from 1 as PaliGemma
-    numbers them (left padding does not move them; a padding slot before any real token gets 1)."""
-    return real.long().cumsum(-1).clamp(min=1).index_select(-1, query_slots)
+    """Positions [B, T] of the queries (slots [T] or [B, T]): the real tokens up to and including each, counted from
+    1 as PaliGemma numbers them (left padding does not move them; a padding slot before any real token gets 1)."""
+    return at_slots(real.long().cumsum(-1).clamp(min=1), query_slots)
 
 
 def last_slots(num_keys: int, num_queries: int, device=None) -> torch.Tensor:
@@ -79,7 +87,8 @@ def extend_for_generation(attention_mask: torch.Tensor, token_type_ids: torch.Te
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """The rule's inputs for one forward pass: real, autoregressive [B, S], query_slots [T], segments [B, S] or None."""
+    """The rule's inputs for one forward pass: real, autoregressive [B, S], query_slots [T] (or [B, T] row by row),
+    segments [B, S] or None."""
 
     real: torch.Tensor
     autoregressive: torch.Tensor

@@ -65,14 +65,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
 
-    def generator(self, device="cpu") -> torch.Generator | None:
+    def generator(self, device="cpu", row: int = 0) -> torch.Generator | None:
+        """The seeded generator of a call's `row`: rows of a list call sample independently, row i from seed + i
+        (so row i gives what the same image and prompt alone give with seed + i); None when greedy."""
         if self.greedy:
             return None
         generator = torch.Generator(device=device)
         if self.seed is None:
             generator.seed()
         else:
-            generator.manual_seed(self.seed)
+            generator.manual_seed((self.seed + row) % 2**63)
         return generator
 
 
@@ -95,8 +97,17 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row [B] from logits [B, V]."""
+    """Next token per row [B] from logits [B, V], all rows drawn with one generator."""
     if params.greedy:
         return logits.argmax(-1)
     probs = torch.softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_rows(logits: torch.Tensor, params: SamplingParams,
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Next token per row [B] from logits [B, V], each row drawn alone with its own generator: what the row would
+    draw in a batch of one."""
+    if params.greedy:
+        return logits.argmax(-1)
+    return torch.cat([sample(logits[i : i + 1], params, g) for i, g in enumerate(generators)])

@@ -17,20 +17,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoint import WEIGHTS_NAME, resolve_checkpoint, weight_files
 from .contrastive import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 from .errors import CheckpointError, ConfigError, InputError
 from .siglip import SiglipTextTransformer, SiglipVisionTransformer
 from .siglip_config import SiglipConfig
-from .weights import (
-    DERIVED_BUFFERS,
-    WEIGHTS_NAME,
-    canonical_key,
-    check_state_dict,
-    parse_dtype,
-    read_tensors,
-    resolve_checkpoint,
-    weight_files,
-)
+from .weights import DERIVED_BUFFERS, canonical_key, check_state_dict, parse_dtype, read_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from .checkpoint import resolve_checkpoint
 from .errors import CheckpointError, ConfigError, InputError, shown
 from .siglip_config import SiglipConfig, SiglipTextConfig
-from .weights import resolve_checkpoint
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "spiece.model"

@@ -20,17 +20,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import PaliGemmaConfig
-from .errors import CheckpointError, ConfigError, shown
+from .checkpoint import MASK_DECODER_NAME, WEIGHTS_NAME, Checkpoint
+from .errors import CheckpointError
 from .mask_decoder import MaskDecoder
 from .model import PaliGemmaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-MASK_DECODER_NAME = "mask_decoder.safetensors"  # a checkpoint that segments ships its mask decoder beside its weights
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some exporters saved that are derived, not learned.
 DERIVED_BUFFERS = ("vision_tower.vision_model.embeddings.position_ids",)
 TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
@@ -52,94 +48,10 @@ def canonical_key(key: str) -> str:
     return key
 
 
-def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
-    """A local checkpoint folder, or a Hub repo id downloaded with huggingface_hub (safetensors and JSON only)."""
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json and *.safetensors")
-    name = str(path_or_repo_id)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise CheckpointError(f"{name} is neither a checkpoint folder nor a Hub repo id "
-                              "like 'google/paligemma-3b-mix-224'")
-    return download_from_hub(name)
-
-
-def download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "spiece.model"])
-    except GatedRepoError:
-        raise CheckpointError(
-            f"{repo_id} is gated: accept its license on huggingface.co, then log in with `hf auth login` "
-            "or set HF_TOKEN"
-        ) from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(
-            f"{repo_id} was not found on the Hub (or it is private and no token was given); check the name, "
-            "or set HF_TOKEN"
-        ) from None
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached (offline?); "
-            "download it on a connected machine or pass a local checkpoint folder"
-        ) from None
-    except Exception as e:  # network errors come in many types; all mean the same to the user
-        raise CheckpointError(f"could not download {repo_id} from the Hub ({type(e).__name__}: {e}); "
-                              "pass a local checkpoint folder instead") from None
-    return Path(folder)
-
-
-def weight_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_NAME
-    if index.exists():
-        files = [folder / name for name in shard_names(index)]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{folder}: shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}; "
-                                  "download the complete checkpoint")
-        return files
-    single = folder / WEIGHTS_NAME
-    if single.exists():
-        return [single]
-    shards = sorted(p for p in folder.glob("*.safetensors") if p.name != MASK_DECODER_NAME)
-    if shards:
-        return shards
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{folder} holds only pickle weights ({', '.join(pickles)}), which are never loaded because unpickling "
-            "can run arbitrary code; convert them to safetensors (safetensors.torch.save_file) "
-            "or use a safetensors checkpoint"
-        )
-    raise CheckpointError(f"{folder} holds no *.safetensors weights")
-
-
 def load_mask_decoder(folder: str | os.PathLike) -> MaskDecoder | None:
     """The checkpoint's mask decoder (MASK_DECODER_NAME in its folder), or None when it ships none."""
     path = Path(folder) / MASK_DECODER_NAME
     return MaskDecoder.from_file(path) if path.exists() else None
-
-
-def shard_names(index: Path) -> list[str]:
-    """The shard files a safetensors index names: plain file names in the checkpoint's own folder, never a path
-    that leads out of it."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); "
-                              "download it again") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: weight_map must map each tensor name to a shard file name")
-    names = sorted(set(weight_map.values()))
-    for name in names:
-        if Path(name).name != name or name in (".", "..") or "\\" in name or not name.endswith(".safetensors"):
-            raise CheckpointError(f"{index} names the shard {shown(name)}; shards must be *.safetensors files in "
-                                  "the checkpoint folder itself, named without a path")
-    return names
 
 
 def read_tensors(files: list[Path], device: str | torch.device, dtype: torch.dtype,
@@ -231,21 +143,17 @@ def parse_dtype(dtype: str | torch.dtype | None, device) -> torch.dtype:
 
 
 def load_model(
-    path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    source: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
 ) -> PaliGemmaForConditionalGeneration:
-    folder = resolve_checkpoint(path_or_repo_id)
+    """The model of a checkpoint (a Checkpoint, a folder or a Hub repo id), its weights checked strictly."""
     dtype = parse_dtype(dtype, device)
-    try:
-        config = PaliGemmaConfig.from_json_file(folder / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    files = weight_files(folder)
+    checkpoint = Checkpoint.resolve(source)
     with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(config)
-    state, origin = read_state_dict(files, device, dtype)
-    check_state_dict(model, state, origin, folder)
+        model = PaliGemmaForConditionalGeneration(checkpoint.config)
+    state, origin = read_state_dict(list(checkpoint.weight_files), device, dtype)
+    check_state_dict(model, state, origin, checkpoint.folder)
     model.load_state_dict(state, strict=True, assign=True)
-    logger.info("loaded %s (%s, %s) from %d file(s)", folder, device, dtype, len(files))
+    logger.info("loaded %s (%s, %s) from %d file(s)", checkpoint.folder, device, dtype, len(checkpoint.weight_files))
     return model.eval()
 
 

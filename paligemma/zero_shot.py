@@ -79,7 +79,8 @@ def classify(model: SiglipModel, tokenizer: SiglipTokenizer, image, labels: list
     labels = check_labels(list(labels))
     template = check_template(template)
     parameter = next(model.parameters())
-    pixel_values = preprocess_image(load_image(image), model.config.vision.image_size)[None]
+    size = model.config.vision.image_size
+    pixel_values = preprocess_image(load_image(image, size), size)[None]
     input_ids = tokenizer([template.replace("{}", label) for label in labels]).to(parameter.device)
     with torch.no_grad():
         logits = model(input_ids=input_ids, pixel_values=pixel_values.to(parameter.device, parameter.dtype))[0].float()

@@ -21,7 +21,7 @@ Per scene the model is asked:
   absent kind answered with nothing (absent_segment_empty).
 Scenes come from the generator's stream `--seed` (training uses seed 0); `--shifted` draws them with each shape's
 colour shifted by up to 12 per channel and a light background of any colour (scenes.shifted_style). `--jpeg-quality`
-saves each scene as JPEG at that quality first. `--suite issue19` measures the four conditions issue 19's targets
+saves each scene as JPEG at that quality first. `--suite robustness` measures the four conditions the robustness targets
 are stated on (exact and shifted colours, each plain and through JPEG q75) and the cost of JPEG on each metric.
 """
 
@@ -48,7 +48,7 @@ TARGETS = {  # the task card's, which the shipped checkpoint meets (tests/test_s
     "detection_all_found": 0.90,
     "mean_iou": 0.75,
 }
-ISSUE_19_TARGETS = {  # on exact and shifted colours alike; JPEG q75 may cost at most JPEG_COST on each
+ROBUSTNESS_TARGETS = {  # on exact and shifted colours alike; JPEG q75 may cost at most JPEG_COST on each
     "caption_accuracy": 0.97,
     "count_accuracy": 0.97,
     "color_count_accuracy": 0.97,
@@ -216,9 +216,9 @@ def main(argv=None):
     parser.add_argument("--jpeg-quality", type=int, default=None)
     parser.add_argument("--shifted", action="store_true",
                         help="draw the scenes with shifted shades and other light backgrounds (scenes.shifted_style)")
-    parser.add_argument("--suite", choices=("card", "issue19"), default="card",
-                        help="card: one condition, marked against the task card's targets; issue19: exact and shifted "
-                        "colours, each plain and through JPEG q75, marked against issue 19's targets")
+    parser.add_argument("--suite", choices=("card", "robustness"), default="card",
+                        help="card: one condition, marked against the task card's targets; robustness: exact and "
+                        "shifted colours, each plain and through JPEG q75, marked against the robustness targets")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
@@ -227,7 +227,7 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--check-targets", action="store_true",
                         help="exit 1 when a metric misses its target "
-                             "(the task card's, or issue 19's with --suite issue19)")
+                             "(the task card's, or the robustness ones with --suite robustness)")
     args = parser.parse_args(argv)
 
     import paligemma
@@ -256,38 +256,38 @@ def main(argv=None):
             print_metrics(metrics, TARGETS, missed)
     else:
         if args.shifted or args.jpeg_quality:
-            parser.error("--suite issue19 measures exact and shifted colours, plain and through JPEG q75, itself; "
+            parser.error("--suite robustness measures exact and shifted colours, plain and through JPEG q75, itself; "
                          "leave out --shifted and --jpeg-quality")
-        conditions = {name: measure(shifted, quality) for name, shifted, quality in ISSUE_19_CONDITIONS}
-        missed = issue_19_misses(conditions)
+        conditions = {name: measure(shifted, quality) for name, shifted, quality in ROBUSTNESS_CONDITIONS}
+        missed = robustness_misses(conditions)
         if args.json:
             print(json.dumps({"conditions": conditions, "missed": missed}))
         else:
             for name, metrics in conditions.items():
                 print(f"-- {name}")
-                print_metrics(metrics, ISSUE_19_TARGETS,
-                              [k for k, target in ISSUE_19_TARGETS.items() if metrics.get(k, -1.0) < target])
+                print_metrics(metrics, ROBUSTNESS_TARGETS,
+                              [k for k, target in ROBUSTNESS_TARGETS.items() if metrics.get(k, -1.0) < target])
             print("missed: " + ("; ".join(missed) if missed else "none"))
     if args.check_targets and missed:
         sys.exit(1)
 
 
-ISSUE_19_CONDITIONS = [("exact", False, None), ("exact, jpeg75", False, 75), ("shifted", True, None),
+ROBUSTNESS_CONDITIONS = [("exact", False, None), ("exact, jpeg75", False, 75), ("shifted", True, None),
                        ("shifted, jpeg75", True, 75)]
 
 
-def issue_19_misses(conditions: dict) -> list[str]:
-    """What misses issue 19's targets in `conditions` (name -> metrics, as ISSUE_19_CONDITIONS names them): a target
-    not met in a condition ("{condition} {metric} ..."), or JPEG q75 costing more than JPEG_COST on a metric."""
+def robustness_misses(conditions: dict) -> list[str]:
+    """What misses the robustness targets in `conditions` (name -> metrics, as ROBUSTNESS_CONDITIONS names them): a
+    target not met in a condition ("{condition} {metric} ..."), or JPEG q75 costing more than JPEG_COST on a metric."""
     missed = []
     for name, metrics in conditions.items():
-        for key, target in ISSUE_19_TARGETS.items():
+        for key, target in ROBUSTNESS_TARGETS.items():
             value = metrics.get(key)
             if value is None or value < target:
                 missed.append(f"{name} {key} {value} < {target}")
     for name in ("exact", "shifted"):
         plain, jpeg = conditions[name], conditions[f"{name}, jpeg75"]
-        for key in ISSUE_19_TARGETS:
+        for key in ROBUSTNESS_TARGETS:
             if key in plain and key in jpeg and plain[key] - jpeg[key] > JPEG_COST + 1e-9:
                 missed.append(f"{name} jpeg75 costs {plain[key] - jpeg[key]:.4f} on {key} (at most {JPEG_COST})")
     return missed

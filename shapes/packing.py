@@ -8,8 +8,8 @@ as if it were alone (N + 1, N + 2, ...), so each answer is scored exactly as in 
 for one thing: the image tokens attend to the image only, where at inference they also see the prompt.
 That is what makes them shareable (their states no longer depend on the question), and it has a cost:
 a model trained packed never learns image features that depend on the prompt, and unpacked steps late in
-training did not teach them either (measured in shapes/README.md; detection, which needs them to list two
-of three kinds, stays near 0.89).
+training did not teach them either (measured in docs/embedded-model-experiments.md; detection, which needs them
+to list two of three kinds, stays near 0.89).
 
 Cost: an image asked six questions takes N + 6 x ~25 tokens instead of 6 x (N + ~25).
 
@@ -17,7 +17,7 @@ Questions picked by `alone` get a row of their own instead, with the image token
 exact attention of inference (their own copy of the image's embeddings, computed once per image).
 `shapes.train --unpack-detections` uses it for the detections, which need prompt-conditioned image features;
 measured, that path learns slowly and the packed questions then suffer from image tokens that read prompts
-(shapes/README.md), so the default recipe does not.
+(docs/embedded-model-experiments.md), so the default recipe does not.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def packed_batch(processor, images, questions_per_image, alone=None) -> dict[str
     batch["image_sees_prompt"] = torch.tensor([sees for _, _, sees in groups], dtype=torch.bool)
     is_suffix = (batch["token_type_ids"] == 1) & (batch["segments"] != PADDING)
     batch["labels"] = batch["input_ids"].masked_fill(~is_suffix, IGNORE)
-    batch["pixel_values"] = torch.stack([preprocess_image(load_image(image), processor.image_size) for image in images])
+    size = processor.image_size
+    batch["pixel_values"] = torch.stack([preprocess_image(load_image(image, size), size) for image in images])
     return batch
 
 

@@ -3,9 +3,9 @@
     OMP_WAIT_POLICY=PASSIVE nice -n 19 python -m shapes.step_times --threads 1 [--steps 8] [--json]
 
 Each stage's step is timed as the recipe runs it (its batch drawn, forward, backward, AdamW), with wall and CPU
-time per step after one warm-up step; `stage 2 packed, before issue 19` is the step the recipe ran before
+time per step after one warm-up step; `stage 2 packed, before segmentation` is the step the recipe ran before
 segmentation and the training styles (no segmentation question, the card's drawing, a quarter of images as JPEG),
-whose time on a quiet machine is known (0.61 s on this 2-core CPU; shapes/README.md), so the ratios carry the
+whose time on a quiet machine is known (0.61 s on this 2-core CPU; docs/embedded-model.md), so the ratios carry the
 measurement over to a quiet machine even when this one is shared. The models start untrained: a step's cost does
 not depend on the weights.
 """
@@ -88,9 +88,9 @@ def stage_steps(steps: int) -> dict:
     before = R.Drawing(augment=False, jpeg_fraction=0.25)
     cases = {
         "stage 2 packed (12 images x 7 questions)": (10**6, R.Drawing(), vqvae),
-        "stage 2 packed, before issue 19 (12 x 6)": (10**6, before, None),
+        "stage 2 packed, before segmentation (12 x 6)": (10**6, before, None),
         "stage 2/3 unpacked (8 images x 7 rows)": (0, R.Drawing(), vqvae),
-        "stage 2/3 unpacked, before issue 19 (8 x 6)": (0, before, None),
+        "stage 2/3 unpacked, before segmentation (8 x 6)": (0, before, None),
     }
     for name, (packed_steps, drawing, decoder) in cases.items():
         batches = R.synthetic_batches(processor, grid, 0, sigma, packed_steps, 12, 8, drawing, decoder)

@@ -40,7 +40,8 @@ What makes it learn in CPU minutes where a naive recipe stalls:
   checkpoint: each patch predicts the color and kind of the shape under it, that shape's rank from the left
   (overall, among its kind, among each pair of kinds), the scene's counts, and its box as location tokens
   scored against the tied location embeddings. They teach the vision tower what the decoder needs to read.
-The result is a plain PaliGemma checkpoint. shapes/README.md measures the recipe and the variants tried.
+The result is a plain PaliGemma checkpoint. docs/embedded-model.md measures the recipe,
+docs/embedded-model-experiments.md the variants tried.
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from paligemma import train as T
+from paligemma.checkpoint import MASK_DECODER_NAME
 from paligemma.config import PaliGemmaConfig
 from paligemma.generate import Pipeline
 from paligemma.locations import SEG_TOKENS, loc_range_of
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
-from paligemma.weights import MASK_DECODER_NAME, load_model
+from paligemma.weights import load_model
 from shapes import evaluate as E
 from shapes import scenes as S
 from shapes.architecture import model_config, sinusoids
@@ -116,7 +118,7 @@ def questions(scene, rng, detections: int = 3, codes=None, absent_share: float =
     most practice: it is the last task learnt (listing every match left to right, and stopping after the last one).
     With probability `absent_share` the last detection, and the segmentation, each name a kind the scene does not
     hold (answered empty); too many empty answers teach <eos> a prior that outbids the first location token under
-    greedy decoding (shapes/README.md, "How it was made")."""
+    greedy decoding (docs/embedded-model.md, "How the shipped checkpoint was made")."""
     if detections < 1:
         raise ValueError(f"detections={detections}: ask at least one detection per image")
     present = list(dict.fromkeys(s.shape for s in scene.shapes))
@@ -571,7 +573,7 @@ def settle_stage(args) -> Stage:
     """Stage 4, in OUT/settle: a last short schedule from stage 3's weights (stage 2's without it) with a fresh
     optimizer at a low learning rate, unpacked, the soft targets as narrow as stage 2 ends them, three-shape scenes
     weighted as in stage 3 and every token alike. It fixed the off-by-one colour counts of three-shape scenes that
-    stage 3 left (shapes/README.md, "How it was made")."""
+    stage 3 left (docs/embedded-model.md, "How the shipped checkpoint was made")."""
     out = Path(args.out)
     return Stage("stage 4 (settle: unpacked, low learning rate)", out / "settle",
                  out / ("polish" if args.polish_steps else "") / "last", steps=args.settle_steps, lr=args.settle_lr,
@@ -696,7 +698,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--contrastive-steps", type=int, default=0,
                         help="stage 0 (from scratch only): the vision tower and a text tower on scene / caption pairs "
                         "with the sigmoid loss (shapes/contrastive.py, OUT/contrastive) before stage 1 (0: none, "
-                        "the default: measured worse for the later stages than stage 1 alone, shapes/README.md)")
+                        "the default: measured worse for the later stages than stage 1 alone, docs/siglip.md)")
     parser.add_argument("--contrastive-batch", type=int, default=32)
     parser.add_argument("--contrastive-lr", type=float, default=2e-3)
     parser.add_argument("--contrastive-same-count", action=argparse.BooleanOptionalAction, default=False,

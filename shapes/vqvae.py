@@ -34,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from paligemma.checkpoint import MASK_DECODER_NAME
 from paligemma.mask_decoder import MASK_SIZE, MaskDecoder, MaskDecoderConfig, ResBlock, paste_mask
-from paligemma.weights import MASK_DECODER_NAME
 
 from . import scenes as S
 

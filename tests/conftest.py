@@ -1,9 +1,20 @@
+import os
 import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tiny import build_reference, rewrite_layout
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch takes its share of the cores rather than all of them: two workers
+    with two threads each on two cores would wait on each other's threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
 
 VARIANTS = {
     # name: (kind, weight std, config overrides); the std keeps greedy runs from repeating one token

@@ -3,6 +3,7 @@ of shipped examples, every kind of bad input answered with a message, concurrenc
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import re
@@ -167,16 +168,33 @@ def test_seeded_sampling_repeats_and_matches_torch(client):
     assert "seed 7" in first[3] and first[4].startswith("✅"), first[4]
 
 
-def test_eight_concurrent_requests_get_their_own_answers(server, direct):
+def test_sixteen_concurrent_clients_get_their_solo_answers(server, backend):
+    """Sixteen visitors at once, over raw HTTP with the images inline (no uploads: the test stays fast): the
+    requests share the continuous batch, joining and leaving it as they come and end (the budgets differ), and each
+    answer is what the pipeline gives the same request alone."""
+    assert backend.batching
     url = server[1]
-    jobs = [EXAMPLES[i % len(EXAMPLES)] for i in range(8)]
+    prompts = ["caption en", "detect circle ; triangle", "answer en how many shapes are there?",
+               "segment circle ; triangle"]
+    jobs = [(EXAMPLES[i % len(EXAMPLES)], prompts[i % len(prompts)], 6 + 5 * i) for i in range(16)]
+    solo = [backend.pipeline.generate(read_example(entry), prompt, max_new_tokens=budget).text
+            for entry, prompt, budget in jobs]
+    images = {entry["file"]: data_url(demo_app.EXAMPLES_DIR / entry["file"]) for entry, _, _ in jobs}
 
-    def run(entry):  # a client per request, as eight visitors would be
-        return generate(Client(url, verbose=False), demo_app.EXAMPLES_DIR / entry["file"], entry["prompt"])[0]
+    def run(job):
+        entry, prompt, budget = job
+        return last_event(raw_call(url, request({"path": images[entry["file"]]}, prompt, budget)))
 
-    with ThreadPoolExecutor(8) as pool:
+    backend.pipeline.batcher.largest_batch = 0
+    with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(run, jobs))
-    assert answers == [direct[entry["file"]] for entry in jobs]
+    assert answers == [("complete", answers[i][1]) for i in range(16)]
+    assert [data[0] for _, data in answers] == solo
+    assert backend.pipeline.batcher.largest_batch > 1  # they decoded together
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def test_an_answers_image_is_never_rewritten_by_a_later_equal_answer(server):
@@ -460,58 +478,67 @@ def test_the_torch_check_is_offered_by_default_only_for_small_models(backend, mo
     assert not box.interactive
 
 
-def test_app_py_refuses_an_export_folder_with_the_torch_backend(tmp_path):
-    result = subprocess.run([sys.executable, "app.py", "--backend", "torch", "--onnx-dir", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--onnx-dir is served by --backend onnx only" in result.stderr
-    assert result.stderr.strip().count("\n") == 0
+def app_py_refusal(argv, capsys, env=None, monkeypatch=None) -> str:
+    """What `python app.py ARGV` prints on stderr when it refuses to start (exit 2), run in this process: the same
+    main() (test_app_py_reports_a_bad_model_without_a_traceback runs the real process)."""
+    import app
+
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
-def test_app_py_refuses_a_damaged_export_it_was_told_to_serve(backend, tmp_path):
+def test_app_py_refuses_an_export_folder_with_the_torch_backend(tmp_path, capsys):
+    stderr = app_py_refusal(["--backend", "torch", "--onnx-dir", str(tmp_path)], capsys)
+    assert "--onnx-dir is served by --backend onnx only" in stderr
+    assert stderr.strip().count("\n") == 0
+
+
+def test_app_py_refuses_a_damaged_export_it_was_told_to_serve(backend, tmp_path, capsys):
     import shutil
 
     damaged = tmp_path / "onnx"
     shutil.copytree(backend.pipeline.engine_factory.onnx_dir, damaged)
     data = damaged / "decoder.onnx.data"
     data.write_bytes(bytes(data.stat().st_size))
-    result = subprocess.run([sys.executable, "app.py", "--onnx-dir", str(damaged)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "decoder.onnx.data is corrupt" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = app_py_refusal(["--onnx-dir", str(damaged)], capsys)
+    assert "decoder.onnx.data is corrupt" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("config", ['[1, 2]', '{"model_type": "paligemma", "text_config": "gemma"}'])
-def test_app_py_reports_a_bad_config_in_one_line(tmp_path, config):
+def test_app_py_reports_a_bad_config_in_one_line(tmp_path, config, capsys):
     (tmp_path / "config.json").write_text(config)
-    result = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2 and "config.json" in result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    stderr = app_py_refusal(["--model", str(tmp_path)], capsys)
+    assert "config.json" in stderr
+    assert "Traceback" not in stderr and stderr.strip().count("\n") == 0, stderr
 
 
 @pytest.mark.parametrize("args,message", [(["--threads", "0"], "--threads must be at least 1"),
                                           (["--backend", "torch", "--threads", "2"], "set OMP_NUM_THREADS")])
-def test_app_py_refuses_bad_thread_settings_in_one_line(args, message):
-    result = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
+def test_app_py_refuses_bad_thread_settings_in_one_line(args, message, capsys):
+    stderr = app_py_refusal(args, capsys)
+    assert message in stderr and stderr.strip().count("\n") == 0
 
 
-def test_the_banner_shows_the_thread_plan(backend):
+def test_the_banner_shows_the_continuous_batch(backend):
     app = demo_app.create_app(backend)
     banner = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "backend")
-    assert backend.pipeline.engine_factory.thread_plan.describe() in banner.value
+    assert f"continuous batching, up to {backend.pipeline.max_batch} rows" in banner.value
 
 
 def int4_exports():
     """int4 comes with the tensor-by-tensor quantizer (export/quantize.py); until then its tests are skipped."""
-    from export.onnx_export import QUANTIZATIONS
+    from export.writer.onnx_export import QUANTIZATIONS
 
     return pytest.mark.skipif("int4" not in QUANTIZATIONS, reason="the exporter does not make int4 exports yet")
 
 
 @pytest.mark.parametrize("quantize", ["int8", pytest.param("int4", marks=int4_exports())])
 def test_the_embedded_model_served_quantized_answers_and_says_so(quantize, tmp_path, monkeypatch):
-    from export.integrity import CACHE_ENV
+    from export.writer.integrity import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     backend = load_backend(None, "onnx", quantize=quantize)
@@ -527,13 +554,10 @@ def test_the_embedded_model_served_quantized_answers_and_says_so(quantize, tmp_p
     ([], {"PALIGEMMA_QUANTIZE": "fp4"}, "--quantize 'fp4' is not one of int8, int4"),
     (["--backend", "torch", "--quantize", "int8"], {}, "served by --backend onnx only"),
 ])
-def test_app_py_refuses_a_bad_quantization_in_one_line(args, env, message):
-    import os
-
-    result = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, **env))
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert result.stderr.strip().count("\n") == 0, result.stderr
+def test_app_py_refuses_a_bad_quantization_in_one_line(args, env, message, capsys, monkeypatch):
+    stderr = app_py_refusal(args, capsys, env, monkeypatch)
+    assert message in stderr, stderr
+    assert stderr.strip().count("\n") == 0, stderr
 
 
 def test_load_backend_refuses_a_quantized_torch_backend():

@@ -15,7 +15,7 @@ EXACT_RUNTIMES = ("transformers", "torch", "onnx")  # float32: the greedy tokens
 def quantized_runtimes() -> tuple[str, ...]:
     """The quantized ONNX runtimes the smoke mode runs: those whose export the exporter makes (int4 comes with the
     tensor-by-tensor quantizer)."""
-    from export.onnx_export import QUANTIZATIONS
+    from export.writer.onnx_export import QUANTIZATIONS
 
     return ("onnx-int8",) + (("onnx-int4",) if "int4" in QUANTIZATIONS else ())
 
@@ -29,9 +29,21 @@ def smoke(tmp_path_factory):
     return out, done.stdout
 
 
-def test_smoke_writes_table_json_and_plot(smoke):
+def test_smoke_writes_table_json_and_plot(smoke, tmp_path):
     out, stdout = smoke
-    assert (out / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    chart = (out / "cpu.png").read_bytes()
+    assert chart[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(out / "cpu.png") as image:
+        assert image.width <= 800 and image.mode == "P"  # small: 100 dpi, a palette
+    assert len(chart) < 40_000
+    # The chart is drawn from the stored result alone: redrawn from a copy of cpu.json, it is the same file.
+    (tmp_path / "cpu.json").write_text((out / "cpu.json").read_text())
+    redraw = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "cpu.json")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert redraw.returncode == 0, redraw.stderr[-3000:]
+    assert (tmp_path / "cpu.png").read_bytes() == chart
     table = (out / "cpu.md").read_text()
     assert stdout.strip().endswith(table.strip().splitlines()[-1])  # the table is printed last
     for runtime in EXACT_RUNTIMES + quantized_runtimes():
@@ -67,6 +79,52 @@ def test_smoke_tokens_agree_with_transformers(smoke):
         assert isinstance(rows[runtime]["tokens_agree"], bool) and isinstance(rows[runtime]["answer_agrees"], bool)
 
 
+def test_smoke_sets_every_runtime_against_the_machines_limits(smoke):
+    """The machine's memory bandwidth and matrix-multiply rates, measured in the same run, and each runtime's decode
+    and first token as fractions of the bounds they give; the machine line names the CPU's ISA extensions."""
+    out, _ = smoke
+    report = json.loads((out / "cpu.json").read_text())
+    machine = report["machine"]
+    assert all(name in machine["summary"] for name in machine["isa_extensions"])
+    (workload,) = report["workloads"]
+    limits = workload["limits"]
+    assert limits["bandwidth_bytes_per_s"] > 1e8 and limits["load_average"]
+    assert {"float32", "int8", "int4"} <= set(limits["rates"]) and min(limits["rates"].values()) > 0
+    rows = {row["runtime"]: row for row in workload["rows"]}
+    for row in rows.values():
+        assert 0 < row["decode_of_bound"] and 0 < row["ttft_of_bound"], row["runtime"]
+        assert row["decode_bound_tokens_per_s"] * row["decode_step_bytes"] == pytest.approx(
+            limits["bandwidth_bytes_per_s"])
+        assert row["ttft_bound_s"] == pytest.approx(row["prefill_operations"] / max(limits["rates"].values()))
+        assert row["load_average"]
+    # A decode step reads the weights as each runtime stores them: the float32 parameters, or the export's data.
+    steps = {name: rows[name]["decode_step_bytes"] for name in ("transformers", "onnx", "onnx-int8")}
+    assert steps["onnx-int8"] < steps["onnx"] and steps["onnx"] == pytest.approx(steps["transformers"], rel=0.05)
+    table = (out / "cpu.md").read_text()
+    assert "Limits measured in this run" in table
+    assert "| first token / compute bound | decode / bandwidth bound |" in table
+
+
+def test_isa_extensions_are_read_from_cpuinfo(tmp_path):
+    from bench.limits import isa_extensions
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n\nprocessor\t: 1\n"
+                       "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n")
+    assert isa_extensions(cpuinfo) == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert isa_extensions(tmp_path / "missing") == []
+
+
+def test_the_limits_command_prints_every_path_at_every_block(capsys):
+    from bench.limits import main
+
+    assert main(["--shapes", "8x64x128", "--blocks", "32,64", "--bandwidth-mib", "16", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory read" in out and "| int8, block 32 | int8, block 64 | int4, block 32 | int4, block 64 |" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| 8 x 64 x 128 |")]
+    assert len(row.split("|")) == 2 + 2 + 4 + 1
+
+
 def test_request_mode_times_whole_requests_and_compares_answers(tmp_path):
     """--mode requests: whole generate calls on drawn scenes, stopping at end-of-sequence, each runtime's answers
     held to transformers' scene by scene."""
@@ -98,6 +156,56 @@ def test_runtime_in_its_own_process_reports_peak_memory(tmp_path):
     (row,) = json.loads((out / "cpu.json").read_text())["workloads"][0]["rows"]
     assert row["runtime"] == "torch" and len(row["tokens"]) == 4 and row["peak_rss_mb"] > 0
     assert "no reference" in (out / "cpu.md").read_text()
+
+
+def ratio_report(rows: list[dict]) -> dict:
+    """A stored result's shape (what `python -m bench` writes to cpu.json), with the given rows' ratios."""
+    def row(runtime, ttft, decode, **extra):
+        return dict(dict(runtime=runtime, ttft_s=0.1 / ttft, decode_tokens_per_s=10.0 * decode, ttft_speedup=ttft,
+                         decode_speedup=decode, answer_agrees=True), **extra)
+
+    workload = dict(description="a workload", threads=1, new_tokens=8,
+                    rows=[row("transformers", 1.0, 1.0)] + [row(**r) for r in rows])
+    return dict(machine=dict(summary="a CPU, 2 cores"), date="2026-12-01 00:00 UTC", workloads=[workload])
+
+
+def test_the_chart_labels_its_axis_and_legend_and_goes_logarithmic_over_a_decade():
+    from bench.report import ratio_figure
+
+    linear = ratio_figure(ratio_report([dict(runtime="onnx", ttft=2.3, decode=8.5, target=dict(ttft=2.0))]))
+    (ax,) = linear.axes
+    assert ax.get_xscale() == "linear" and ax.get_xlabel().startswith("ratio to transformers (higher is better)")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["transformers", "onnx"]
+    (legend,) = linear.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "time to first token (x faster)", "decode tokens/s (x)", "transformers (1x)", "target"]
+    # 0.5x to 20x spans more than a decade: a log axis, said in its label.
+    wide = ratio_figure(ratio_report([dict(runtime="onnx", ttft=0.5, decode=20.0)]))
+    assert wide.axes[0].get_xscale() == "log" and wide.axes[0].get_xlabel().endswith("log scale")
+
+
+def test_the_chart_marks_runtimes_whose_tokens_differ_and_absolute_targets_as_ratios():
+    from bench.report import ratio_figure, ratio_target
+
+    report = ratio_report([dict(runtime="onnx-int4", ttft=1.4, decode=6.8, answer_agrees=False),
+                           dict(runtime="compiled", ttft=1.7, decode=7.8,
+                                target=dict(decode_tokens_per_s=400, ttft_ms=20))])
+    (ax,) = ratio_figure(report).axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["transformers", "onnx-int4\n(tokens differ)", "compiled"]
+    hatched = [bar.get_hatch() for bar in ax.patches]
+    assert hatched.count("///") == 2  # both of onnx-int4's bars, no other
+    reference, compiled = report["workloads"][0]["rows"][0], report["workloads"][0]["rows"][2]
+    assert ratio_target(compiled, reference, "decode") == pytest.approx(400 / 10.0)  # reference decodes 10 tok/s
+    assert ratio_target(compiled, reference, "ttft") == pytest.approx(100 / 20)  # reference's first token: 100 ms
+
+
+def test_the_chart_command_refuses_a_result_without_ratios(tmp_path):
+    result = tmp_path / "cpu-requests.json"
+    result.write_text(json.dumps(dict(ratio_report([]), workloads=[dict(description="d", rows=[dict(runtime="x")])])))
+    done = subprocess.run([sys.executable, "-m", "bench.report", str(result)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and not (tmp_path / "cpu-requests.png").exists()
+    assert done.stderr.count("\n") == 1 and "no runtime in this report has ratios to transformers" in done.stderr
 
 
 def test_cuda_breakdown_says_what_it_needs():

@@ -12,8 +12,8 @@ import torch
 
 import paligemma
 from export.graphs import graph_modules
-from export.onnx_export import example_inputs
-from export.runtime import OnnxEngine
+from export.runtime.pipeline import OnnxEngine
+from export.writer.onnx_export import example_inputs
 from paligemma.config import PaliGemmaConfig
 from paligemma.model import PaliGemmaForConditionalGeneration
 from paligemma.processor import PaliGemmaProcessor
@@ -103,11 +103,11 @@ def test_the_decoder_is_called_in_one_place_and_masks_made_in_one_module():
 
 
 class RecordingSessions:
-    """Stands in for export.runtime.OnnxModel: records the decode graph's feeds."""
+    """Stands in for export.runtime.pipeline.OnnxModel: records the decode graph's feeds."""
 
     float_type = np.float32
     past_names = ["past_key_values.0.key"]
-    fused_prefill = fused_decode = None  # the graphs as exported: those this test reads the feeds of
+    fused = None  # the graphs as exported: those this test reads the feeds of
 
     def __init__(self):
         self.feeds = []

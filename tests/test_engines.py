@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import paligemma
-from paligemma.engines import DecodeStep, StaticEngines, TorchEngine
+from paligemma.engines import DecodeRows, DecodeStep, StaticEngines, TorchEngine
 from paligemma.masks import extend_for_generation
 
 PROMPTS = ["caption en", "answer en how many shapes are there?"]  # different lengths: the first row is padded
@@ -22,8 +22,13 @@ def test_static_engine_gives_the_eager_tokens(reference_factory, images, variant
     inputs = eager.processor(images[:2], PROMPTS)
     assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][1].all()
     expected = eager.generate(images[:2], PROMPTS, max_new_tokens=12, **SAMPLING[sampling])
-    for _ in range(2):  # the second request reuses the first one's cache
+    assert static.batcher.engine.static  # the calls run on the static batch (buckets of rows, a fixed pool)
+    for _ in range(2):  # the second call reuses the first one's rows
         got = static.generate(images[:2], PROMPTS, max_new_tokens=12, **SAMPLING[sampling])
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    alone = paligemma.Pipeline(static.model, static.processor, static.engine_factory)  # each call on its own cache
+    for _ in range(2):  # the second call reuses the first one's cache
+        got = alone.generate(images[:2], PROMPTS, max_new_tokens=12, **SAMPLING[sampling])
         assert [r.token_ids for r in got] == [r.token_ids for r in expected]
     assert len(static.engine_factory.pool) == 1
 
@@ -51,7 +56,7 @@ def test_requests_at_once_each_have_their_own_cache(reference_factory, images):
     for got, want in zip(steps, expected):
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     del engines, steps
-    pipe.generate(images[0], PROMPTS[0], max_new_tokens=4)
+    pipe.engine_factory().prefill(requests[0], 4)
     assert len(pipe.engine_factory.pool) == 2  # a dropped engine's cache goes back to the pool
 
 
@@ -73,6 +78,32 @@ def test_decode_step_traces_as_one_graph(reference_factory, images):
         got = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)(*compiled_args)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert torch.equal(compiled_args[2], args[2]) and torch.equal(compiled_args[3], args[3])
+
+
+def test_batch_decode_step_traces_as_one_graph(reference_factory, images):
+    """The static batch's step (DecodeRows over a bucket of rows, one idle) compiles without a graph break and gives
+    the uncompiled step's logits, each row's cache written at its own slot."""
+    folder, _ = reference_factory("pg2")
+    pipe = paligemma.load(folder, engine="static", max_batch=4)
+    engine = pipe.batcher.engine
+    for image, prompt in zip(images, [*PROMPTS, PROMPTS[0]]):
+        engine.join(engine.prefill(pipe.processor([image], [prompt]), 4)[0])
+    pool = engine.pool
+    tokens = torch.tensor([[5], [9], [7], [0]])
+    lengths = torch.cat([pool.lengths[:3], torch.zeros(1, dtype=torch.long)])  # the fourth row of the bucket idle
+    step = DecodeRows(pipe.model)
+
+    def args():
+        return tokens, lengths, pool.keys[:, :4].clone(), pool.values[:, :4].clone(), pool.autoregressive[:4]
+
+    plain, compiled = args(), args()
+    with torch.no_grad():
+        expected = step(*plain)
+        got = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)(*compiled)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert torch.equal(compiled[2], plain[2]) and torch.equal(compiled[3], plain[3])
+    written = plain[2][:, torch.arange(3), :, lengths[:3]]  # [3, L, K, D]: each row's new key, at its own slot
+    assert not torch.equal(written, pool.keys[:, :3][:, torch.arange(3), :, lengths[:3]])
 
 
 def test_engine_defaults_and_choices(reference_factory):
@@ -125,3 +156,25 @@ def test_a_static_engine_that_cannot_compile_falls_back_to_eager_unless_asked_fo
         engines.make_engines(model, "static")
     factory = engines.make_engines(model)
     assert isinstance(factory(), TorchEngine) and "the eager engine serves instead" in caplog.text
+
+
+def test_a_static_batch_that_cannot_compile_falls_back_to_the_eager_batch_unless_asked_for(
+        reference_factory, monkeypatch, caplog):
+    from paligemma import engines
+
+    class Uncompilable(engines.BatchedTorchEngine):
+        def __init__(self, model, max_batch, static=False):
+            super().__init__(model, max_batch, static)
+            self.cuda_graphs = static  # as on a GPU
+
+        def warm_up(self):
+            raise RuntimeError("no C compiler")
+
+    folder, _ = reference_factory("pg1")
+    model = paligemma.load(folder).model
+    monkeypatch.setattr(engines, "BatchedTorchEngine", Uncompilable)
+    static = engines.StaticEngines(model)
+    with pytest.raises(RuntimeError, match="could not compile its decode step .*no C compiler.*engine='eager'"):
+        engines.make_batch_engine(model, static, 4, required=True)
+    batch = engines.make_batch_engine(model, static, 4)
+    assert not batch.static and "the eager batch serves instead" in caplog.text

@@ -10,8 +10,8 @@ from tiny import build_reference, reference_processor
 
 import paligemma
 from export.graphs import GRAPH_ORDER
-from export.manifest import SHARED_DATA_NAME
 from export.runtime import export_and_validate
+from export.writer.manifest import SHARED_DATA_NAME
 
 PROMPTS = ["caption en", "answer en what is in the image and where is it"]
 DECODE_STEPS = 24

@@ -10,12 +10,12 @@ from PIL import Image
 from tiny import build_reference
 
 import paligemma
-from export.integrity import file_sha256
-from export.manifest import SHARED_DATA_NAME, OnnxExportError, check_export
-from export.onnx_export import export_model
+from export.writer.integrity import file_sha256
+from export.writer.manifest import SHARED_DATA_NAME, OnnxExportError, check_export
+from export.writer.onnx_export import export_model
+from paligemma.checkpoint import MASK_DECODER_NAME
 from paligemma.config import PaliGemmaConfig
 from paligemma.mask_decoder import MaskDecoder, MaskDecoderConfig
-from paligemma.weights import MASK_DECODER_NAME
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_another_exports_data_file_of_the_same_size_is_refused(copy, tmp_path):
 
 
 def test_a_verified_file_is_hashed_once_per_identity(copy, monkeypatch):
-    from export import integrity
+    from export.writer import integrity
 
     folder, onnx_dir = copy
     hashed = []
@@ -191,7 +191,7 @@ def test_a_verified_file_is_hashed_once_per_identity(copy, monkeypatch):
 
 
 def test_digests_survive_the_process_in_the_export_cache(copy, monkeypatch, tmp_path):
-    from export import integrity
+    from export.writer import integrity
 
     folder, onnx_dir = copy
     monkeypatch.setenv(integrity.CACHE_ENV, str(tmp_path / "cache"))
@@ -249,7 +249,7 @@ def test_the_cli_refuses_a_damaged_export_with_exit_1(copy):
 
 def test_the_first_load_after_an_export_hashes_nothing(export, tmp_path, monkeypatch):
     """The exporter's own hashing, for the manifest, is remembered for the files it wrote."""
-    from export import integrity
+    from export.writer import integrity
 
     folder, _ = export
     onnx_dir = tmp_path / "fresh"

@@ -1,4 +1,4 @@
-"""float16 validation holds one ONNX Runtime session at a time (export/README.md, "The full PaliGemma-3B shape"):
+"""float16 validation holds one ONNX Runtime session at a time (docs/export.md, "The full PaliGemma-3B shape"):
 on CPU each float16 session keeps a float32 copy of its weights, so the three at once do not fit at 3B."""
 
 import gc
@@ -9,11 +9,11 @@ import pytest
 import torch
 from tiny import build_reference
 
-from export import runtime
-from export.onnx_export import export_model
-from export.runtime import export_and_validate
-from export.torch_reference import torch_reference
-from export.validate import validate_export, validation_requests
+from export.runtime import export_and_validate, pipeline
+from export.validation.torch_reference import torch_reference
+from export.validation.validate import validate_export, validation_requests
+from export.writer.onnx_export import export_model
+from paligemma.checkpoint import Checkpoint
 from paligemma.config import PaliGemmaConfig
 from paligemma.processor import PaliGemmaProcessor
 
@@ -49,7 +49,7 @@ class CountedSession(ort.InferenceSession):
 @pytest.fixture
 def counted(monkeypatch):
     CountedSession.alive, CountedSession.opened, CountedSession.most_alive = set(), [], 0
-    monkeypatch.setattr(runtime.ort, "InferenceSession", CountedSession)
+    monkeypatch.setattr(pipeline.ort, "InferenceSession", CountedSession)
     return CountedSession
 
 
@@ -72,9 +72,9 @@ def test_one_session_model_gives_the_shared_model_outputs(checkpoint, tmp_path):
     out = tmp_path / "fp16"
     export_model(checkpoint, out, dtype="float16", progress=False, log=quiet)
     config = PaliGemmaConfig.from_json_file(out / "config.json")
-    reference = torch_reference(checkpoint, "float16")
-    alone = validate_export(reference, runtime.OnnxModel(out, config, fused=False, one_session=True), log=quiet)
-    shared = validate_export(reference, runtime.OnnxModel(out, config, fused=False), log=quiet)
+    reference = torch_reference(Checkpoint.resolve(checkpoint), "float16")
+    alone = validate_export(reference, pipeline.OnnxModel(out, config, fused=False, one_session=True), log=quiet)
+    shared = validate_export(reference, pipeline.OnnxModel(out, config, fused=False), log=quiet)
     assert alone == pytest.approx(shared, abs=1e-6)
 
 
@@ -89,7 +89,7 @@ def test_outputs_outlive_the_session_that_made_them(checkpoint, tmp_path):
     inputs = validation_requests(PaliGemmaProcessor.from_pretrained(checkpoint, config), config)[0]
     steps = {}
     for alone in (True, False):
-        model = runtime.OnnxModel(out, config, fused=False, one_session=alone)
+        model = pipeline.OnnxModel(out, config, fused=False, one_session=alone)
         engine = model()
         logits = [engine.prefill(inputs, 3)]
         for _ in range(3):

@@ -10,8 +10,8 @@ from tiny import build_reference
 
 import paligemma
 from export.__main__ import main
-from export.integrity import CACHE_ENV
-from export.manifest import MANIFEST_NAME
+from export.writer.integrity import CACHE_ENV
+from export.writer.manifest import MANIFEST_NAME
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
 
@@ -92,18 +92,18 @@ def test_an_unsupported_opset_is_refused_before_anything_is_written(checkpoint, 
 
 
 def test_an_export_that_fails_midway_leaves_nothing_that_looks_complete(checkpoint, tmp_path, monkeypatch):
-    from export import runtime
+    from export.runtime import pipeline
 
     def failing(*args, **kwargs):
         raise paligemma.OnnxExportError("validation failed (on purpose)")
 
-    monkeypatch.setattr(runtime, "validate_export", failing)
+    monkeypatch.setattr(pipeline, "validate_export", failing)
     new, existing = tmp_path / "new", tmp_path / "existing"
     existing.mkdir()
     (existing / "notes.txt").write_text("kept")
     for out in (new, existing):
         with pytest.raises(paligemma.OnnxExportError, match="on purpose"):
-            runtime.export_and_validate(checkpoint, out, progress=False, log=lambda *_: None)
+            pipeline.export_and_validate(checkpoint, out, progress=False, log=lambda *_: None)
     assert not new.exists()
     assert not [p.name for p in existing.iterdir() if p.name == MANIFEST_NAME or p.suffix in (".onnx", ".data")]
     assert (existing / "notes.txt").read_text() == "kept"
@@ -122,7 +122,7 @@ def test_usage_mistakes_are_one_line(tmp_path):
 
 def int4_exports():
     """int4 comes with the tensor-by-tensor quantizer (export/quantize.py); until then its tests are skipped."""
-    from export.onnx_export import QUANTIZATIONS
+    from export.writer.onnx_export import QUANTIZATIONS
 
     return pytest.mark.skipif("int4" not in QUANTIZATIONS, reason="the exporter does not make int4 exports yet")
 

@@ -17,10 +17,10 @@ from safetensors.numpy import load_file
 from test_export_streaming import BOUND, peak_rss_kb, quiet, weight_heavy  # noqa: F401 (a fixture)
 
 import paligemma
-from export import onnx_export
 from export.__main__ import main
-from export.manifest import MANIFEST_NAME, SHARED_DATA_NAME
 from export.runtime import export_and_validate
+from export.writer import onnx_export
+from export.writer.manifest import MANIFEST_NAME, SHARED_DATA_NAME
 from paligemma.errors import CheckpointError, OnnxExportError
 from paligemma.weights import canonical_key
 
@@ -192,9 +192,10 @@ def test_a_shard_truncated_during_an_int4_export_is_named_and_the_partial_export
 
 def test_an_int4_export_with_validation_stays_within_the_weights_bound(weight_heavy, tmp_path):  # noqa: F811
     # The lookup reads the int4 blocks (GatherBlockQuantized) and MatMulNBits runs pre-packed, so ONNX Runtime holds
-    # about an eighth of the float weights; the peak is the float32 torch reference (export/README.md).
+    # about an eighth of the float weights; the peak is the float32 torch reference (docs/quantization.md).
     out = tmp_path / "onnx"
-    baseline = peak_rss_kb([sys.executable, "-c", "import export.onnx_export, export.runtime, export.torch_reference"])
+    baseline = peak_rss_kb([sys.executable, "-c",
+                            "import export.writer.onnx_export, export.runtime, export.validation.torch_reference"])
     peak = peak_rss_kb([sys.executable, "-m", "export", "--model", str(weight_heavy), "--output", str(out),
                         "--quantize", "int4"])
     assert json.loads((out / MANIFEST_NAME).read_text())["quantize"] == "int4"

@@ -15,9 +15,9 @@ from tiny import build_reference
 
 import paligemma
 from bench.workloads import Workload
-from export import onnx_export
-from export.manifest import MANIFEST_NAME
 from export.runtime import export_and_validate
+from export.writer import onnx_export
+from export.writer.manifest import MANIFEST_NAME
 from paligemma.errors import CheckpointError, OnnxExportError
 
 BOUND = 1.4  # peak RSS above a process that only imports the libraries, in float32 weight bytes
@@ -66,7 +66,8 @@ def test_export_with_validation_stays_within_the_weights_bound(weight_heavy, tmp
             (folder / file.name).write_bytes(file.read_bytes())
         to_bfloat16(folder)
     out = tmp_path / "onnx"
-    baseline = peak_rss_kb([sys.executable, "-c", "import export.onnx_export, export.runtime, export.torch_reference"])
+    baseline = peak_rss_kb([sys.executable, "-c",
+                            "import export.writer.onnx_export, export.runtime, export.validation.torch_reference"])
     peak = peak_rss_kb([sys.executable, "-m", "export", "--model", str(folder), "--output", str(out)])
     weight_bytes = json.loads((out / MANIFEST_NAME).read_text())["weight_bytes"]
     assert weight_bytes > 500e6
@@ -155,7 +156,7 @@ class FullDisk:
 
 
 def test_a_full_disk_is_reported_and_leaves_no_export(checkpoint, tmp_path, monkeypatch):
-    from export import external_data
+    from export.writer import external_data
 
     monkeypatch.setattr(external_data, "open", lambda path, mode: FullDisk(open(path, mode), 100_000), raising=False)
     new, existing = tmp_path / "new", tmp_path / "existing"

@@ -1,5 +1,6 @@
-"""Imports go one way: no cycle among the project's modules (function-level imports included), and paligemma knows
-nothing of export, demo, bench or shapes but for one documented import made on use."""
+"""Imports go one way: no cycle among the project's modules (function-level imports included), paligemma knows
+nothing of export, demo, bench or shapes but for one documented import made on use, and export's parts stand in
+layers, each importing only the layers below it."""
 
 import ast
 from pathlib import Path
@@ -8,6 +9,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("paligemma", "export", "demo", "bench", "shapes")
 # paligemma.load(backend="onnx") imports the ONNX runtime inside the function: the only way up.
 THE_WAY_UP = ("paligemma", "export.runtime")
+# export's parts (a subpackage or a module of export/), lowest first. The runtime sits above the transformers.js
+# layout: it loads either layout's folder.
+EXPORT_LAYERS = (
+    ("graphs", "quantize", "variants", "threads"),
+    ("writer",),
+    ("validation",),
+    ("transformers_js",),
+    ("runtime",),
+    ("siglip", "memory_check", "__main__"),
+)
 
 
 def module_name(path: Path) -> str:
@@ -85,7 +96,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_import_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert THE_WAY_UP[1] in graph[THE_WAY_UP[0]]  # inside load()
-    assert "export.onnx_export" in graph["export.runtime"]  # inside export_and_validate()
+    assert "export.writer.onnx_export" in graph["export.runtime.pipeline"]  # inside export_and_validate()
     assert "paligemma.masks" in graph["paligemma.model"]  # from .masks import ...
     assert "paligemma" in graph["bench.worker"]  # import paligemma, inside a function
 
@@ -104,3 +115,23 @@ def test_paligemma_imports_no_other_package_but_the_one_way_up():
     upward = {(name, target) for name, targets in import_graph().items() if name.split(".")[0] == "paligemma"
               for target in targets if target.split(".")[0] != "paligemma"}
     assert upward == {THE_WAY_UP, ("paligemma", "export")}  # export.runtime, and the export package it sits in
+
+
+def export_part(module: str) -> str | None:
+    """The part of export/ a module belongs to (its subpackage, or the module itself), None outside export/ or for
+    export/__init__.py (the package's entry points, above every part)."""
+    names = module.split(".")
+    return names[1] if names[0] == "export" and len(names) > 1 else None
+
+
+def test_every_part_of_export_has_a_layer():
+    layered = {part for layer in EXPORT_LAYERS for part in layer}
+    assert {export_part(name) for name in import_graph()} - {None} == layered
+
+
+def test_the_parts_of_export_import_only_the_layers_below_them():
+    layer_of = {part: i for i, layer in enumerate(EXPORT_LAYERS) for part in layer}
+    upward = sorted(f"{name} -> {target}" for name, targets in import_graph().items() if export_part(name)
+                    for target in targets if export_part(target) not in (None, export_part(name))
+                    and layer_of[export_part(target)] >= layer_of[export_part(name)])
+    assert upward == []

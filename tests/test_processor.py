@@ -8,7 +8,7 @@ from PIL import Image
 from tiny import reference_processor
 
 import paligemma
-from paligemma.processor import load_image, parse_detections
+from paligemma.processor import load_image, load_image_and_size, parse_detections, preprocess_image
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,92 @@ def test_stream_decoding_handles_split_multibyte_characters(processors):
         assert "".join(pieces) == ours.decode(ids)
         assert pieces[-1] != ""  # text after a broken character still streams
     assert "日" in ours.decode(complete)
+
+
+# Reduced decoding: a file is decoded at a size that keeps every side >= REDUCING_GAP x the model's input side.
+# The bounds below are in the model's [-1, 1] pixel values (2/255 a level of 255): measured on photos, a screenshot
+# and scenes of 1000 to 3100 pixels (bench/reduced_decoding.py, docs/security.md), a value moved by at most 9 levels
+# (JPEG's scaled decoding; 3 for PNG) and 0.25 of a level on average.
+MAX_REDUCED_DISTANCE = 10 * 2 / 255
+MEAN_REDUCED_DISTANCE = 0.5 * 2 / 255
+
+
+@pytest.fixture(scope="module")
+def real_files():
+    from bench.reduced_decoding import encoded, gradio_images
+    from shapes.scenes import Style, render_scene
+
+    folder = gradio_images()
+    scene = render_scene(0, 3, lambda rng, count: Style(canvas=2000, antialias=True, noise=2.0)).image
+    photo = Image.open(folder / "groot.jpeg").convert("RGB")
+    photo = photo.resize((photo.width * 4, photo.height * 4), Image.Resampling.BICUBIC)
+    return {"screenshot GIF": (folder / "screenshot.gif").read_bytes(),
+            "photo JPEG": (folder / "groot.jpeg").read_bytes(), "scene PNG": encoded(scene, format="PNG"),
+            "scene JPEG": encoded(scene, format="JPEG", quality=90),
+            "enlarged photo JPEG": encoded(photo, format="JPEG", quality=90)}
+
+
+@pytest.mark.parametrize("size", [112, 224])
+def test_reduced_decoding_stays_close_to_resizing_the_full_image(real_files, size):
+    for name, data in real_files.items():
+        full = load_image(data)
+        reduced = load_image(data, size)
+        assert reduced.width >= min(full.width, 4 * size) and reduced.height >= min(full.height, 4 * size), name
+        difference = (preprocess_image(full, size) - preprocess_image(reduced, size)).abs()
+        assert difference.max().item() <= MAX_REDUCED_DISTANCE, name
+        assert difference.mean().item() <= MEAN_REDUCED_DISTANCE, name
+    assert load_image(real_files["scene PNG"], 112).size == (500, 500)  # reduced 4 times: 500 >= 4 x 112
+
+
+def test_a_reduced_jpeg_is_upright_and_reports_its_stored_size():
+    image = Image.fromarray(gradient(2400, 600))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    data = encode(image, "JPEG", exif=exif.tobytes())
+    reduced, size = load_image_and_size(data, 56)
+    assert size == (600, 2400)  # upright: the boxes of an answer are measured in it
+    assert reduced.size == (300, 240)  # JPEG decoded at 1/2 (1200 x 300), reduced 5 times across, upright
+    full = load_image(data)
+    assert full.size == (600, 2400)
+    difference = (preprocess_image(full, 56) - preprocess_image(reduced, 56)).abs()
+    assert difference.max().item() <= MAX_REDUCED_DISTANCE
+
+
+def test_a_large_sixteen_bit_file_is_scaled_not_clipped():
+    values = np.tile(np.linspace(0, 65535, 2000).astype(np.uint16), (1000, 1))
+    data = encode(Image.fromarray(values), "PNG")
+    reduced = np.asarray(load_image(data, 56))
+    assert reduced.shape == (250, 250, 3)  # reduced 8 times across, 4 times down: each side >= 4 x 56
+    assert reduced.min() <= 1 and reduced.max() >= 254  # the full range survives
+    eight_bit = np.round(values.astype(np.float64) / 65535 * 255)
+    expected = eight_bit.reshape(250, 4, 250, 8).mean(axis=(1, 3))
+    assert np.abs(reduced[..., 0] - expected).max() <= 1
+
+
+def encode(image: Image.Image, format: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name,data", [
+    ("EPS", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"),
+    ("ICO", encode(Image.new("RGB", (16, 16)), "ICO")),
+    ("PCX", encode(Image.new("RGB", (16, 16)), "PCX")),
+])
+def test_formats_outside_the_allow_list_are_refused_by_their_content(name, data):
+    with pytest.raises(paligemma.InputError, match="PNG, JPEG, WEBP, GIF, BMP, TIFF"):
+        load_image(data)
+
+
+@pytest.mark.parametrize("format,side,save", [
+    ("WEBP", 3600, {}),  # libwebp holds 16 bytes a pixel
+    ("JPEG", 5800, {"progressive": True, "subsampling": 0}),  # every coefficient held: 6 bytes a pixel
+    ("PNG", 7200, {}),  # RGB is stored as 4 bytes a pixel
+])
+def test_a_file_over_the_decoding_budget_is_refused_before_decoding(format, side, save):
+    data = encode(Image.new("RGB", (side, side), (10, 200, 30)), format, **save)
+    with pytest.raises(paligemma.InputError, match="over this reader's 192 MB"):
+        load_image(data, 112)
+    small = encode(Image.new("RGB", (side // 2, side // 2), (10, 200, 30)), format, **save)
+    assert load_image(small, 112).getpixel((0, 0))[1] > 190

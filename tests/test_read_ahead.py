@@ -1,5 +1,6 @@
 """The generation loop's read-ahead (on a GPU it queues each decode step before reading the last tokens back):
-forced on here on the CPU, it must give exactly the tokens of the plain loop, and spend at most one extra step."""
+forced on here on the CPU, it must give exactly the tokens of the plain loop, and spend at most one extra step.
+It is the loop of a pipeline that runs each call alone (no batch engine: the static engine's on CUDA)."""
 
 import pytest
 
@@ -11,7 +12,8 @@ PROMPTS = ["caption en", "answer en how many shapes are there?", "detect circle 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return paligemma.load()
+    loaded = paligemma.load()
+    return paligemma.Pipeline(loaded.model, loaded.processor)  # each call alone: the loop that reads ahead
 
 
 def counting(pipe):

@@ -1,6 +1,7 @@
 """The page's stream runs ahead of the page: the model never waits for an update to be sent."""
 
 import threading
+import time
 
 import pytest
 
@@ -56,3 +57,26 @@ def test_closing_stops_the_stream_and_closes_it():
     assert closed.is_set()
     count = len(produced)
     assert len(produced) == count  # nothing runs after the close returned
+
+
+def test_closing_sets_the_stop_event_it_was_given():
+    """The app hands the same event to the pipeline's stream (its `cancel`): a visitor who leaves ends the call."""
+    stop, finished, produced = threading.Event(), threading.Event(), []
+    stream = run_ahead(counting(10**6, finished, produced), stop=stop)
+    next(stream)
+    stream.close()
+    assert stop.is_set() and not finished.is_set()
+
+
+def test_updates_come_at_most_once_an_interval_and_the_last_at_once():
+    def slow(n):
+        for i in range(n):
+            time.sleep(0.002)
+            yield i
+
+    times, seen = [], []
+    for update in run_ahead(slow(100), min_interval=0.05):
+        times.append(time.monotonic())
+        seen.append(update)
+    assert seen[-1] == 99 and len(seen) < 20  # about 0.2 s of updates, every 0.05 s at most
+    assert all(later - earlier >= 0.049 for earlier, later in zip(times[:-2], times[1:-1]))

@@ -9,8 +9,8 @@ import torch
 
 import paligemma
 from paligemma import MaskDecoder, parse_detections, parse_segmentations
+from paligemma.checkpoint import MASK_DECODER_NAME
 from paligemma.mask_decoder import MaskDecoderConfig
-from paligemma.weights import MASK_DECODER_NAME
 
 TINY = MaskDecoderConfig(num_embeddings=128, embedding_dim=6, width=8)
 
@@ -138,7 +138,7 @@ def test_pipeline_has_the_checkpoint_mask_decoder(tmp_path):
 
 
 def test_mask_decoder_file_is_not_taken_for_a_weight_shard(tmp_path):
-    from paligemma.weights import weight_files
+    from paligemma.checkpoint import weight_files
 
     folder = tmp_path / "sharded"
     folder.mkdir()

@@ -63,7 +63,7 @@ SEGMENT_ANSWER = ("<loc0000><loc0000><loc0511><loc0511>" + "<seg001>" * 16 + " c
 
 def test_api_entries_keep_label_and_box_and_add_the_mask():
     picture = Image.new("RGB", (64, 32))
-    circle, square = (box_entry(d) for d in found_objects(SEGMENT_ANSWER, picture, positive_decoder()))
+    circle, square = (box_entry(d) for d in found_objects(SEGMENT_ANSWER, picture.size, positive_decoder()))
     assert square == {"label": "square", "box": [32.0, 16.0, 64.0, 32.0]}  # no mask: a plain box, as today
     assert circle["label"] == "circle" and circle["box"] == [0.0, 0.0, 32.0, 16.0]
     expected = np.zeros((32, 64), bool)
@@ -73,6 +73,6 @@ def test_api_entries_keep_label_and_box_and_add_the_mask():
 
 def test_without_a_mask_decoder_the_entries_are_todays():
     picture = Image.new("RGB", (64, 32))
-    entries = [box_entry(d) for d in found_objects(SEGMENT_ANSWER, picture, None)]
+    entries = [box_entry(d) for d in found_objects(SEGMENT_ANSWER, picture.size, None)]
     assert entries == [{"label": "circle", "box": [0.0, 0.0, 32.0, 16.0]},
                        {"label": "square", "box": [32.0, 16.0, 64.0, 32.0]}]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import paligemma
-from export.mask_decoder import GRAPH_FILE, OnnxMaskDecoder, export_mask_decoder, load_onnx_mask_decoder
-from export.onnx_export import DEFAULT_OPSET, IR_VERSION
+from export.writer.mask_decoder import GRAPH_FILE, OnnxMaskDecoder, export_mask_decoder, load_onnx_mask_decoder
+from export.writer.onnx_export import DEFAULT_OPSET, IR_VERSION
 from paligemma import MaskDecoder
+from paligemma.checkpoint import MASK_DECODER_NAME
 from paligemma.mask_decoder import MaskDecoderConfig
-from paligemma.weights import MASK_DECODER_NAME
 
 
 def random_decoder(config: MaskDecoderConfig, seed: int = 0) -> MaskDecoder:
@@ -42,8 +42,8 @@ def test_onnx_graph_matches_torch_at_any_batch(tmp_path, config):
 
 
 def test_export_carries_the_checkpoint_decoder_and_the_onnx_pipeline_uses_it(tmp_path):
-    from export.onnx_export import export_model
     from export.runtime import load_onnx_pipeline
+    from export.writer.onnx_export import export_model
 
     folder = tmp_path / "checkpoint"
     shutil.copytree(paligemma.DEMO_CHECKPOINT, folder)

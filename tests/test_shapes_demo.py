@@ -11,7 +11,7 @@ import torch
 
 import paligemma
 from shapes import scenes as S
-from shapes.evaluate import ISSUE_19_CONDITIONS, ISSUE_19_TARGETS, TARGETS
+from shapes.evaluate import ROBUSTNESS_CONDITIONS, ROBUSTNESS_TARGETS, TARGETS
 
 CHECKPOINT = Path(paligemma.__file__).parent / "demo_checkpoint"
 
@@ -19,7 +19,7 @@ CHECKPOINT = Path(paligemma.__file__).parent / "demo_checkpoint"
 def test_checkpoint_files_and_size():
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (CHECKPOINT / name).is_file(), name
-    assert (CHECKPOINT / "mask_decoder.safetensors").is_file()  # it segments (issue 19)
+    assert (CHECKPOINT / "mask_decoder.safetensors").is_file()  # it segments
     assert sum(p.stat().st_size for p in CHECKPOINT.iterdir()) <= 25 * 1024 * 1024  # weights and decoder
 
 
@@ -46,31 +46,33 @@ def test_transformers_reads_the_checkpoint_and_agrees():
 
 
 def run_evaluation(*extra):
-    command = [sys.executable, "-m", "shapes.evaluate", "--num-scenes", "200", "--seed", "1", "--json", *extra]
+    command = [sys.executable, "-m", "shapes.evaluate", "--seed", "1", "--json", *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="module")
-def issue_19_suite():
-    """Issue 19's four conditions (exact and shifted colours, each plain and through JPEG q75) on 200 held-out
-    scenes, through the command a user runs."""
-    return run_evaluation("--suite", "issue19")
+def robustness_suite():
+    """The robustness suite (exact and shifted colours, each plain and through JPEG q75) on 48 held-out scenes,
+    through the command a user runs, on ONNX Runtime (whose tokens equal torch's: test_export_demo.py). The figures
+    the targets were set on come from 500 scenes (`--num-scenes 500`, docs/embedded-model.md); at 48 the result is
+    the same fixed sample every run, so the JPEG check is coarser (one scene moves a metric by about 2 points) but
+    deterministic."""
+    return run_evaluation("--num-scenes", "48", "--suite", "robustness", "--backend", "onnx")
 
 
-# 200 scenes: at 60, one scene moves a metric by 1.7 points, too coarse for the 2-point JPEG check.
-@pytest.mark.parametrize("condition", [name for name, *_ in ISSUE_19_CONDITIONS])
-@pytest.mark.parametrize("metric", list(ISSUE_19_TARGETS))
-def test_held_out_scenes_meet_issue_19s_targets(issue_19_suite, condition, metric):
-    metrics = issue_19_suite["conditions"][condition]
-    assert metrics[metric] >= ISSUE_19_TARGETS[metric], (condition, metrics)
+@pytest.mark.parametrize("condition", [name for name, *_ in ROBUSTNESS_CONDITIONS])
+@pytest.mark.parametrize("metric", list(ROBUSTNESS_TARGETS))
+def test_held_out_scenes_meet_the_robustness_targets(robustness_suite, condition, metric):
+    metrics = robustness_suite["conditions"][condition]
+    assert metrics[metric] >= ROBUSTNESS_TARGETS[metric], (condition, metrics)
 
 
-def test_the_task_cards_targets_hold_too(issue_19_suite):
-    exact = issue_19_suite["conditions"]["exact"]
+def test_the_task_cards_targets_hold_too(robustness_suite):
+    exact = robustness_suite["conditions"]["exact"]
     assert all(exact[metric] >= target for metric, target in TARGETS.items()), exact
 
 
-def test_jpeg_quality_75_costs_at_most_2_points(issue_19_suite):
-    assert not [m for m in issue_19_suite["missed"] if "jpeg75 costs" in m], issue_19_suite["missed"]
+def test_jpeg_quality_75_costs_at_most_2_points(robustness_suite):
+    assert not [m for m in robustness_suite["missed"] if "jpeg75 costs" in m], robustness_suite["missed"]

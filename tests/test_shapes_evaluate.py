@@ -1,4 +1,4 @@
-"""shapes.evaluate's issue 19 metrics on hand-made answers: a perfect answer scores 1, an empty one 0, and the
+"""shapes.evaluate's metrics on hand-made answers: a perfect answer scores 1, an empty one 0, and the
 absent-shape, segmentation and JPEG-cost checks count what they say."""
 
 import numpy as np
@@ -96,23 +96,23 @@ def test_evaluate_asks_segmentations_in_batches_of_their_own_with_room_for_three
     assert max(t for _, t in batches) == 1 + 3 * (4 + 16 + 3) and min(t for _, t in batches) == 1 + 3 * (4 + 3)
 
 
-def test_issue_19_misses_name_the_condition_the_metric_and_the_jpeg_cost():
-    good = {**E.ISSUE_19_TARGETS, **{k: 1.0 for k in E.ISSUE_19_TARGETS}}
-    conditions = {name: dict(good) for name, _, _ in E.ISSUE_19_CONDITIONS}
-    assert E.issue_19_misses(conditions) == []
+def test_robustness_misses_name_the_condition_the_metric_and_the_jpeg_cost():
+    good = {**E.ROBUSTNESS_TARGETS, **{k: 1.0 for k in E.ROBUSTNESS_TARGETS}}
+    conditions = {name: dict(good) for name, _, _ in E.ROBUSTNESS_CONDITIONS}
+    assert E.robustness_misses(conditions) == []
     conditions["shifted"]["absent_empty"] = 0.96
     conditions["exact, jpeg75"]["mean_iou"] = 0.97  # above its target, but 0.03 below the exact scenes
-    missed = E.issue_19_misses(conditions)
+    missed = E.robustness_misses(conditions)
     assert missed[0].startswith("shifted absent_empty 0.96 < 0.97")
     assert any("exact jpeg75 costs 0.0300 on mean_iou" in m for m in missed) and len(missed) == 2
     del conditions["exact"]["mask_mean_iou"]  # a model that does not segment misses the segmentation targets
-    assert any(m.startswith("exact mask_mean_iou None") for m in E.issue_19_misses(conditions))
+    assert any(m.startswith("exact mask_mean_iou None") for m in E.robustness_misses(conditions))
 
 
-def test_the_command_measures_shifted_scenes_and_the_issue_19_suite(capsys):
+def test_the_command_measures_shifted_scenes_and_the_robustness_suite(capsys):
     E.main(["--num-scenes", "3", "--shifted", "--json"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"shifted": true' in line and '"absent_empty"' in line
     with pytest.raises(SystemExit):
-        E.main(["--num-scenes", "3", "--suite", "issue19", "--shifted"])
+        E.main(["--num-scenes", "3", "--suite", "robustness", "--shifted"])
     assert "leave out --shifted and --jpeg-quality" in capsys.readouterr().err

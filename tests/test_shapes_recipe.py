@@ -282,7 +282,7 @@ def test_fine_tuning_refuses_a_model_of_another_shape(tmp_path):
                 "--no-progress"])
 
 
-# ---- segmentation, absent shapes, the vocabulary extension, robustness: issue 19 --------------------------------
+# ---- segmentation, absent shapes, the vocabulary extension, robustness --------------------------------------
 
 
 def tiny_vqvae():
@@ -362,7 +362,7 @@ def test_decision_weights_fall_on_a_segmentation_answers_decisions_too():
 
 
 def previous_vocabulary_checkpoint(folder):
-    """The shipped model as a checkpoint of the vocabulary before issue 19 appended words (1,210 tokens: its
+    """The shipped model as a checkpoint of the vocabulary before segmentation appended words (1,210 tokens: its
     embedding's first rows), which is what the checkpoint shipped before it looked like to the recipe."""
     from paligemma.config import PaliGemmaConfig
     from paligemma.model import PaliGemmaForConditionalGeneration
@@ -430,7 +430,7 @@ def test_fine_tuning_refuses_a_vocabulary_whose_ids_moved(tmp_path):
     (["--contrastive-steps", "2", "--init-from", "x"], "cannot be combined with --init-from"),
     (["--contrastive-steps", "2", "--vision-init", "x"], "cannot be combined with --vision-init"),
 ])
-def test_bad_issue_19_options_are_refused_with_a_message(option, message, tmp_path, capsys):
+def test_bad_segmentation_and_robustness_options_are_refused_with_a_message(option, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         R.main(["--out", str(tmp_path / "run"), *option])
     assert message in capsys.readouterr().err

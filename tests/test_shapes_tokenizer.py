@@ -94,7 +94,7 @@ def test_appended_words_come_last_and_leave_every_shipped_id_where_it_was(tokeni
     from shapes.tokenizer import APPENDED_WORDS
 
     shipped = Tokenizer.from_file(str(paligemma.DEMO_CHECKPOINT / "tokenizer.json"))
-    assert shipped.get_vocab() == tokenizer.get_vocab()  # the checkpoint shipped since issue 19 has the words
+    assert shipped.get_vocab() == tokenizer.get_vocab()  # the shipped checkpoint has the segmentation words
     first = build_shapes_tokenizer(appended=())  # the first checkpoint's vocabulary, 1,210 tokens
     size = first.get_vocab_size()
     assert size == 1210 and all(tokenizer.token_to_id(t) == i for t, i in first.get_vocab().items())

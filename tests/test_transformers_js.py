@@ -12,14 +12,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from npm import npm_packages
 from PIL import Image
 
 import paligemma
 from export.__main__ import main as export_main
-from export.checkpoint_stream import CheckpointStream
-from export.external_data import ALIGNMENT
-from export.transformers_js import export_transformers_js
-from export.transformers_js_runtime import TransformersJsModel, export_transformers_js_checked
+from export.transformers_js.runtime import TransformersJsModel, export_transformers_js_checked
+from export.transformers_js.writer import export_transformers_js
+from export.writer.checkpoint_stream import CheckpointStream
+from export.writer.external_data import ALIGNMENT
+from paligemma.checkpoint import Checkpoint
 from paligemma.errors import CheckpointError, OnnxExportError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +59,7 @@ def exported(request, reference_factory, tmp_path_factory):
 
 def node_generate(model: Path, pixel_values, prompt: str, tmp_path: Path, max_new_tokens: int = STEPS, *extra):
     """transformers.js' greedy tokens (and its input ids) for these exact pixel values."""
-    if not (WEB / "node_modules" / "@huggingface" / "transformers").exists():
-        pytest.fail("transformers.js is not installed: run `npm ci --onnxruntime-node-install=skip` in demo/web")
+    npm_packages()
     pixels = tmp_path / "pixels.bin"
     pixel_values.numpy().astype("<f4").tofile(pixels)
     done = subprocess.run(["node", str(WEB / "generate.mjs"), "--model", str(model), "--pixels", str(pixels),
@@ -96,7 +97,7 @@ def test_the_folder_is_transformers_js_layout(exported):
 def test_the_layout_carries_the_mask_decoder_when_the_checkpoint_ships_one(exported):
     """mask_decoder.onnx beside the graphs, listed in config.json (the page reads it there), and this project's loop
     on the layout decodes with it: torch's logits within 1e-4 on fixed codes."""
-    from export.mask_decoder import OnnxMaskDecoder
+    from export.writer.mask_decoder import OnnxMaskDecoder
 
     _, _, out, torch_pipe, tjs_pipe = exported
     listed = json.loads((out / "config.json").read_text())["transformers.js_config"].get("mask_decoder")
@@ -168,7 +169,7 @@ def test_transformers_js_in_node_gives_torch_tokens(exported, tmp_path):
 def test_weights_split_into_chunks_load_in_onnx_runtime_and_transformers_js(reference_factory, tmp_path):
     folder, _ = reference_factory("pg2")
     out = tmp_path / "chunked"
-    source = CheckpointStream(folder)
+    source = CheckpointStream(Checkpoint.resolve(folder))
     chunk = max(source.nbytes(name, torch.float32) for name in source.tensors) + 2 * ALIGNMENT
     export_transformers_js(folder, out, chunk_bytes=chunk, progress=False, log=quiet)
     counts = json.loads((out / "config.json").read_text())["transformers.js_config"]["use_external_data_format"]
@@ -258,10 +259,10 @@ NBITS_OPS = {"vision_encoder": "MatMulNBits", "embed_tokens": "GatherBlockQuanti
 ])
 def test_quantized_variants_validate_and_give_the_same_tokens_in_transformers_js_and_this_loop(
         quantize, dtype, name, suffix, ops, tmp_path, capsys):
-    """The command validates the variant against float32 torch (export/validate.py: the documented int8 / int4 /
-    int4_float16 tolerance); transformers.js, given the variant's name, loads its files and gives this project's
+    """The command validates the variant against float32 torch (export/validation/validate.py: the documented int8 /
+    int4 / int4_float16 tolerance); transformers.js, given the variant's name, loads its files and gives this project's
     loop's tokens on them (q4f16 included: onnxruntime-node's CPU provider has float16 MatMulNBits)."""
-    from export.transformers_js_runtime import load_transformers_js_pipeline
+    from export.transformers_js.runtime import load_transformers_js_pipeline
 
     out = tmp_path / "out"
     export_main(["--model", str(EMBEDDED), "--output", str(out), "--format", "transformers.js", "--no-validate"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from npm import npm_packages
 from PIL import Image
 
 import paligemma
@@ -22,7 +23,7 @@ import paligemma
 playwright = pytest.importorskip("playwright.sync_api")
 
 from demo import app as demo_app  # noqa: E402
-from demo.web.build import NODE_MODULES, build, server  # noqa: E402
+from demo.web.build import build, server  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox"]
@@ -36,8 +37,7 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    if not (NODE_MODULES / "@huggingface" / "transformers").exists():
-        pytest.fail("transformers.js is not installed: run `npm ci --onnxruntime-node-install=skip` in demo/web")
+    npm_packages()
     return build(tmp_path_factory.mktemp("site"), validate=False, log=quiet)  # the tests compare tokens themselves
 
 
@@ -192,7 +192,7 @@ def test_the_segment_preset_draws_masks_equal_to_the_python_apps(page, torch_pip
         assert (o["label"], tuple(o["box"])) == (s.label, s.box)
         np.testing.assert_array_equal(mask, s.mask)
     python_text = torch_pipe.generate(picture, SEGMENT, max_new_tokens=MAX_NEW_TOKENS).text
-    python_masks = [d.mask for d in found_objects(python_text, picture, torch_pipe.mask_decoder)]
+    python_masks = [d.mask for d in found_objects(python_text, picture.size, torch_pipe.mask_decoder)]
     assert len(python_masks) == 2
     for mask, theirs in zip(masks, python_masks):
         assert (mask & theirs).sum() / (mask | theirs).sum() >= 0.99
@@ -275,7 +275,7 @@ def test_a_bad_upload_gets_a_message(page, tmp_path):
 def test_the_int8_variant_gives_this_projects_int8_tokens_on_the_same_files(browser, url, site):
     """?dtype=q8: the page's int8 files; onnxruntime-web (MatMulInteger in WebAssembly) must give what this
     project's ONNX Runtime loop gives on the same files and pixel values (int8 answers may differ from torch's by a
-    few location bins: demo/web/README.md)."""
+    few location bins: docs/web.md)."""
     from export.runtime import load_onnx_pipeline
 
     page = open_page(browser, url + "?dtype=q8")

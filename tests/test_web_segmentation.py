@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from npm import npm_packages
 
 import paligemma
-from export.transformers_js import export_transformers_js
+from export.transformers_js.writer import export_transformers_js
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "demo" / "web"
@@ -32,8 +33,7 @@ def answer(bins, codes, label):
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    if not (WEB / "node_modules" / "onnxruntime-node").exists():
-        pytest.fail("the npm packages are not installed: run `npm ci --onnxruntime-node-install=skip` in demo/web")
+    npm_packages()
     out = tmp_path_factory.mktemp("tjs")
     export_transformers_js(paligemma.DEMO_CHECKPOINT, out, progress=False, log=quiet)
     return out

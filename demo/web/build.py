@@ -1,6 +1,6 @@
 """Builds the in-browser demo into one static folder and (with --serve) serves it locally.
 
-    python -m demo.web.build [--out demo/web/site] [--serve] [--port 8000] [--rebuild]
+    python -m demo.web.build [--out demo/web/site] [--serve] [--host 127.0.0.1] [--port 8000] [--rebuild]
 
 The folder holds the page (index.html, app.js, style.css: committed in demo/web/), the embedded model exported in
 transformers.js' layout (model/: float32 and int8, and the mask decoder), transformers.js' browser build and
@@ -19,13 +19,14 @@ import http.server
 import logging
 import shutil
 import sys
+import urllib.parse
 from pathlib import Path
 
-from export.mask_decoder import GRAPH_FILE as MASK_DECODER_FILE
-from export.transformers_js import find_variant, graph_file
-from export.transformers_js_runtime import export_transformers_js_checked
+from export.transformers_js.runtime import export_transformers_js_checked
+from export.transformers_js.writer import find_variant, graph_file
+from export.writer.mask_decoder import GRAPH_FILE as MASK_DECODER_FILE
 from paligemma import DEMO_CHECKPOINT
-from paligemma.weights import MASK_DECODER_NAME
+from paligemma.checkpoint import MASK_DECODER_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ RUNTIME_FILES = {
     NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.mjs": "ort-wasm-simd-threaded.mjs",
     NODE_MODULES / "onnxruntime-web/dist/ort-wasm-simd-threaded.wasm": "ort-wasm-simd-threaded.wasm",
 }
-# float32 (the page's default: torch's answers) and int8 (`?dtype=q8`: faster in WebAssembly, demo/web/README.md)
+# float32 (the page's default: torch's answers) and int8 (`?dtype=q8`: faster in WebAssembly, docs/web.md)
 MODEL_QUANTIZATIONS = (None, "int8")
 ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 SPACE_README = """---
@@ -99,8 +100,33 @@ def build(out: Path, rebuild: bool = False, validate: bool = True, log=print) ->
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves the regular files under its folder, resolved (a link out of the folder is not followed) and nothing
+    else: no folder listings (a folder's index.html stands for it), no dotfiles or dot-folders (a Space's folder is a
+    git clone: .git/config), a 404 for anything else, a NUL byte included. A connection that sends nothing for
+    `timeout` seconds is closed, so a half-open one does not hold its thread."""
+
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript",
                       ".mjs": "text/javascript", ".wasm": "application/wasm", ".onnx": "application/octet-stream"}
+    timeout = 10  # seconds; socketserver sets it on each connection
+
+    def translate_path(self, path: str) -> str:
+        """The file to send for the URL `path`, or "" (which the server answers with 404)."""
+        parts = [part for part in urllib.parse.unquote(urllib.parse.urlsplit(path).path).split("/") if part]
+        if any(part.startswith(".") or "\0" in part for part in parts):
+            return ""
+        root = Path(self.directory).resolve()
+        target = root.joinpath(*parts)
+        try:
+            if target.is_dir():
+                target = target / "index.html"
+            resolved = target.resolve(strict=True)
+        except (OSError, RuntimeError, ValueError):  # missing, a loop of links, a name the system refuses
+            return ""
+        return str(resolved) if resolved.is_relative_to(root) and resolved.is_file() else ""
+
+    def list_directory(self, path):
+        self.send_error(http.server.HTTPStatus.NOT_FOUND, "File not found")
+        return None
 
     def end_headers(self):
         for key, value in ISOLATION_HEADERS.items():
@@ -112,9 +138,11 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         logger.debug(format, *args)
 
 
-def server(folder: Path, port: int = 0, host: str = "127.0.0.1") -> http.server.ThreadingHTTPServer:
-    """A local static server for the built folder (port 0: a free one; see `.server_address`)."""
-    return http.server.ThreadingHTTPServer((host, port), functools.partial(Handler, directory=str(folder)))
+def server(folder: Path, port: int = 0, host: str = "127.0.0.1", timeout: float = Handler.timeout):
+    """A local static server for the built folder (port 0: a free one; see `.server_address`); a connection idle
+    for `timeout` seconds is closed."""
+    handler = type("FolderHandler", (Handler,), {"timeout": timeout})
+    return http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(folder)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=WEB / "site", help="folder to build into (default demo/web/site)")
     parser.add_argument("--serve", action="store_true", help="serve the folder on localhost after building")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 for every network)")
     parser.add_argument("--rebuild", action="store_true", help="export the model again")
     args = parser.parse_args(argv)
     try:
@@ -130,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.serve:
-        httpd = server(args.out, args.port)
-        print(f"serving {args.out} at http://127.0.0.1:{httpd.server_address[1]}/ (Ctrl+C stops)")
+        httpd = server(args.out, args.port, args.host)
+        print(f"serving {args.out} at http://{args.host}:{httpd.server_address[1]}/ (Ctrl+C stops)")
         try:
             httpd.serve_forever()
         except KeyboardInterrupt:

@@ -1,0 +1,323 @@
+"""Continuous batching: `Pipeline.generate` and `Pipeline.stream` called from many threads at once share one running
+batch. A call's rows are prefilled alone (image and prompt, their own prefix-LM mask), join the batch at the next
+decode step, and leave it when they end, freeing their row for the next.
+
+The parts, as in nano-vllm's engine (`nanovllm/engine/`): a `Request` carries everything about one row of generation
+(its inputs, sampling parameters and seeded generator, stop ids, budget, tokens, state and its own timings); the
+`Scheduler` is bookkeeping only (which requests wait to join, which run, how many rows are taken); the `Batcher`'s
+loop is schedule, run the model on the batch, sample, postprocess. The model runner is a `BatchEngine`
+(paligemma/engines.py for torch, export/runtime for ONNX Runtime), which holds every row's cache.
+
+Prefill does not stop the batch: it runs in the calling thread, one request at a time, while the loop goes on
+decoding the running rows in its own thread; the prefilled rows join at the loop's next step. PaliGemma's prompt is
+one bidirectional block (image, prompt and separator see each other), so it cannot be prefilled in causal chunks as
+vLLM splits a prompt: every chunk would need keys of the chunks after it.
+
+Exactness: a row's tokens do not depend on the other rows. Each row is prefilled alone, samples from its own logits
+row with its own generator, and attends over its own cache (its length, positions, mask and window); the decode
+step's products by weights are the only computation rows share (see the engines for what that means for each).
+
+Axes: B rows in the batch, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+
+from .sampling import SamplingParams, sample
+
+logger = logging.getLogger(__name__)
+
+# Rows decoded together by default: on a CPU decoding is bound by reading the weights, and 8 rows read them once for
+# 8 tokens (docs/serving.md has the measurements); a GPU has room for many more.
+DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 64}
+ROW_TOKENS_BEYOND_IMAGE = 512  # what the default assumes a row holds beyond its image tokens (prompt and budget)
+CACHE_SHARE = 0.25  # at most this share of the memory available at load goes to the default batch's caches
+END = None  # what a request's update queue holds after its last token
+CANCEL_POLL_S = 0.05  # how often a request waiting for a row checks whether it was cancelled
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new allocations on `device` now (None where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def default_max_batch(config, device: torch.device, dtype_bytes: int = 4) -> int:
+    """DEFAULT_MAX_BATCH for the device, lowered so that that many rows of the image tokens plus
+    ROW_TOKENS_BEYOND_IMAGE (each layer's keys and values) fit in CACHE_SHARE of the memory available now."""
+    t = config.text
+    row_bytes = (2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
+                 * (config.num_image_tokens + ROW_TOKENS_BEYOND_IMAGE))
+    rows = DEFAULT_MAX_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    available = available_memory(device)
+    if available is not None:
+        rows = min(rows, int(available * CACHE_SHARE // row_bytes))
+    return max(1, rows)
+
+
+def check_max_batch(max_batch) -> int:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch={max_batch!r}: use a whole number of at least 1 (rows decoded together)")
+    return max_batch
+
+
+class BatchEngine(Protocol):
+    """Runs the model for rows that join and leave a batch. `prefill` may run in any thread while `decode` runs in
+    the loop's; `join`, `decode` and `release` are called by the loop only."""
+
+    max_batch: int
+
+    def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[object, torch.Tensor]:
+        """One row's processed prompt -> (its cache, not yet in the batch; the next-token logits [1, V])."""
+        ...
+
+    def join(self, prefilled: object) -> int:
+        """Puts a prefilled cache into the batch; returns the row's id."""
+        ...
+
+    def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """One step for every row in the batch (`rows`, in any order; tokens [B]) -> logits [B, V] in that order."""
+        ...
+
+    def release(self, row: int) -> None:
+        """The row leaves the batch; its cache is freed."""
+        ...
+
+
+@dataclass(eq=False)
+class Request:
+    """One row of generation and everything about it. Its tokens reach the caller through `updates` as
+    (token, seconds since `start`), then END; a failure as the exception, then END."""
+
+    inputs: dict[str, torch.Tensor]  # one row, processed (input_ids, attention_mask, token_type_ids, pixel_values)
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    start: float = field(default_factory=time.perf_counter)
+    tokens: list[int] = field(default_factory=list)  # sampled so far, the stop token included
+    times: list[float] = field(default_factory=list)  # seconds from start to each token
+    finish: str | None = None  # "stop", "length", "cancelled" or "error"
+    cancel: threading.Event = field(default_factory=threading.Event)  # set from any thread: the row leaves
+    caller_cancel: threading.Event | None = None  # the caller's own, watched as well
+    row: int | None = None  # the engine's row, while in the batch
+    prefilled: object | None = None  # the engine's cache, until the row joins
+    updates: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set() or (self.caller_cancel is not None and self.caller_cancel.is_set())
+
+    def append(self, token: int, now: float) -> None:
+        self.tokens.append(token)
+        self.times.append(now - self.start)
+        self.updates.put((token, self.times[-1]))
+        if token in self.stop_ids:
+            self.finish = "stop"
+        elif len(self.tokens) >= self.params.max_new_tokens:
+            self.finish = "length"
+
+    def end(self, finish: str, error: BaseException | None = None) -> None:
+        self.finish = self.finish or finish
+        if error is not None:
+            self.updates.put(error)
+        self.updates.put(END)
+
+    def stream(self) -> Iterator[tuple[int, float]]:
+        """(token, seconds since start) as they come; raises what failed the request."""
+        while True:
+            update = self.updates.get()
+            if update is END:
+                return
+            if isinstance(update, BaseException):
+                raise update
+            yield update
+
+
+class Scheduler:
+    """Bookkeeping only: `max_batch` rows, each taken from when its request is admitted (before prefill) until it
+    leaves the batch. `waiting` holds prefilled requests that join at the next step, `running` the batch."""
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.taken = 0  # rows of requests admitted: prefilling, waiting or running
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def admit(self) -> bool:
+        """Takes a row for a request about to be prefilled, if one is free."""
+        if self.taken >= self.max_batch:
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self) -> None:
+        """A row taken by a request that never joined (it failed, or ended at its first token)."""
+        self.taken -= 1
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Request], list[Request], list[Request]]:
+        """(requests joining now, requests leaving now without a step: cancelled, the batch to step)."""
+        joining = list(self.waiting)
+        self.waiting.clear()
+        self.running.extend(joining)
+        leaving = [r for r in self.running if r.cancelled]
+        for request in leaving:
+            self.retire(request)
+        return joining, leaving, list(self.running)
+
+    def postprocess(self, batch: list[Request], tokens: list[int], now: float) -> list[Request]:
+        """Appends each row's token; returns the requests that ended (on a stop id, their budget, or cancelled),
+        no longer running."""
+        for request, token in zip(batch, tokens):
+            request.append(token, now)
+        done = [r for r in batch if r.finished or r.cancelled]
+        for request in done:
+            self.retire(request)
+        return done
+
+    def retire(self, request: Request) -> None:
+        self.running.remove(request)
+        self.taken -= 1
+
+
+class Batcher:
+    """The engine loop over one BatchEngine. `submit` (the caller's thread) waits for a free row, in the order calls
+    came, prefills the request and samples its first token there, and hands it to the loop, which a thread runs while
+    there is work: schedule (rows join, cancelled rows leave), decode every row, sample each row's token,
+    postprocess (rows that ended leave and free their cache)."""
+
+    def __init__(self, engine: BatchEngine):
+        self.engine = engine
+        self.scheduler = Scheduler(engine.max_batch)
+        self.changed = threading.Condition()
+        self.turns: deque[int] = deque()  # requests waiting for a row, first come first served
+        self.tickets = itertools.count()
+        self.prefilling = threading.Lock()  # one prefill at a time: it takes every core the loop leaves
+        self.thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run, and the most rows one of them ran (for tests and the benchmark)
+        self.largest_batch = 0
+
+    @property
+    def max_batch(self) -> int:
+        return self.engine.max_batch
+
+    def submit(self, request: Request) -> None:
+        """Admits and prefills `request` (waiting for a row first), and queues it to join; its tokens, the first
+        included, arrive on request.updates. A failure here is raised, and the batch never sees the request."""
+        ticket = next(self.tickets)
+        with self.changed:
+            self.turns.append(ticket)
+            try:
+                # Woken when a row frees; polled for a cancel set meanwhile (an Event cannot wake a Condition).
+                while not self.changed.wait_for(lambda: self.turns[0] == ticket and self.scheduler.admit(),
+                                                timeout=CANCEL_POLL_S):
+                    if request.cancelled:
+                        request.end("cancelled")
+                        return
+            finally:
+                self.turns.remove(ticket)
+                self.changed.notify_all()
+        try:
+            with self.prefilling:
+                prefilled, logits = self.engine.prefill(request.inputs, request.params.max_new_tokens)
+            request.append(int(sample(logits, request.params, request.generator)[0]), time.perf_counter())
+        except BaseException:
+            self._give_back()
+            raise
+        if request.finished:  # one token was all it needed
+            self._give_back()
+            request.end(request.finish)
+            return
+        request.prefilled = prefilled
+        with self.changed:
+            self.scheduler.add(request)
+            if self.thread is None:
+                # Not a daemon: at exit Python waits for it (it ends when the batch is empty) instead of stopping it
+                # inside a model call, which aborts the process ("terminate called without an active exception").
+                self.thread = threading.Thread(target=self._loop, name="paligemma-batch")
+                self.thread.start()
+            self.changed.notify_all()
+
+    def _give_back(self) -> None:
+        with self.changed:
+            self.scheduler.give_back()
+            self.changed.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self.changed:
+                if not self.scheduler.has_work():
+                    self.thread = None  # the next submit starts another
+                    return
+                joining, leaving, batch = self.scheduler.schedule()
+            for request in joining:
+                try:
+                    request.row, request.prefilled = self.engine.join(request.prefilled), None
+                except Exception as error:  # noqa: BLE001 - this request ends with it; the others go on
+                    logger.exception("a prefilled row could not join the batch")
+                    self._end([request], "error", error)
+                    batch.remove(request)
+                    leaving = [r for r in leaving if r is not request]
+            self._end(leaving, "cancelled")
+            if not batch:
+                continue
+            try:
+                tokens = self._step(batch)
+            except Exception as error:  # noqa: BLE001 - the rows of the failed step end with it; the loop goes on
+                logger.exception("a decode step failed; its %d row(s) end with the error", len(batch))
+                self._end(batch, "error", error)
+                continue
+            with self.changed:
+                done = self.scheduler.postprocess(batch, tokens, time.perf_counter())
+            self._end(done, "cancelled", retired=True)
+
+    def _step(self, batch: list[Request]) -> list[int]:
+        logits = self.engine.decode([r.row for r in batch], torch.tensor([r.tokens[-1] for r in batch]))
+        self.steps += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        # Each row samples from its own logits with its own parameters and generator, as it would alone.
+        return [int(sample(logits[i : i + 1], r.params, r.generator)[0]) for i, r in enumerate(batch)]
+
+    def _end(self, requests: list[Request], finish: str, error: BaseException | None = None,
+             retired: bool = False) -> None:
+        """Requests leave: out of the scheduler's batch (unless `retired` already), their rows released, their
+        callers told."""
+        if not requests:
+            return
+        with self.changed:
+            for request in requests:
+                if not retired and request in self.scheduler.running:
+                    self.scheduler.retire(request)
+            self.changed.notify_all()
+        for request in requests:
+            if request.row is not None:
+                self.engine.release(request.row)
+                request.row = None
+            request.end(finish, error)

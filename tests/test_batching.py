@@ -1,0 +1,300 @@
+"""Continuous batching (paligemma/scheduler.py): calls made at the same time decode together, and each call's tokens
+are those it gives alone: through the batch with nothing else running, and on the engine of one request, without
+the batch (the loop tested against transformers elsewhere). Eager torch, the static batch (uncompiled on the CPU:
+buckets of rows over a fixed pool) and ONNX Runtime's fused decode, on tiny
+PaliGemma 1 and 2 (a sliding window, 6, shorter than every prompt), greedy and seeded; rows join mid-flight, leave,
+wait for a row, fail or disconnect.
+
+The steps are driven by the test: a wrapper around the engine records each decode step's rows and, at chosen steps,
+submits more calls from other threads and waits until they are prefilled, so that they join at the next step
+(never by timing)."""
+
+import threading
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from tiny import build_reference
+
+import paligemma
+from bench.workloads import Workload
+from export.runtime.pipeline import OnnxBatchEngine
+from export.writer.onnx_export import export_model
+from paligemma.engines import BatchedTorchEngine
+from paligemma.scheduler import Scheduler
+
+PROMPTS = ["caption en", "answer en what is in the image and where is it", "detect cat ; dog",
+           "segment the red car"]
+SAMPLING = {"greedy": {}, "seeded": dict(do_sample=True, temperature=1.5, top_p=0.9)}
+TIMEOUT_S = 60
+
+
+def image(seed: int, width: int = 40, height: int = 30) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module", params=["pg1", "pg2"])
+def folder(request, tmp_path_factory):
+    """A tiny checkpoint whose head_dim (32) ONNX Runtime's fused decode takes, and its export."""
+    folder = tmp_path_factory.mktemp(f"batching_{request.param}")
+    build_reference(folder, request.param, text=dict(head_dim=32))
+    export_model(folder, folder / "onnx", progress=False, log=lambda *_: None)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["torch", "static", "onnx"])
+def pipe(request, folder):
+    if request.param == "torch":
+        return paligemma.load(folder, max_batch=3)
+    if request.param == "static":  # on the CPU uncompiled: every step over the fixed pool, buckets of 1, 2, 3 rows
+        return paligemma.load(folder, engine="static", max_batch=3)
+    loaded = paligemma.load(folder, backend="onnx", onnx_dir=folder / "onnx", max_batch=3)
+    assert loaded.engine_factory.fused is not None and loaded.engine_factory.fused_prepack
+    return loaded
+
+
+class Driven:
+    """The pipeline's batch engine, wrapped: records the rows of every decode step, and before step k runs
+    `actions[k]` (which start calls in threads) and waits until the calls it started are prefilled and waiting."""
+
+    def __init__(self, pipe, actions):
+        self.pipe, self.engine, self.actions = pipe, pipe.batcher.engine, actions
+        self.steps: list[list[int]] = []
+        self.threads: list[threading.Thread] = []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def decode(self, rows, tokens):
+        action = self.actions.get(len(self.steps))
+        if action is not None:
+            started = action(self)
+            deadline = time.monotonic() + TIMEOUT_S
+            while len(self.pipe.batcher.scheduler.waiting) < started:
+                assert time.monotonic() < deadline, "the calls started never reached the batch"
+                time.sleep(0.001)
+        self.steps.append(sorted(rows))
+        return self.engine.decode(rows, tokens)
+
+    def start(self, target) -> None:
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def __enter__(self):
+        self.pipe.batcher.engine = self
+        return self
+
+    def __exit__(self, *exc):
+        for thread in self.threads:
+            thread.join(TIMEOUT_S)
+        self.pipe.batcher.engine = self.engine
+
+
+CALLS = [  # (image seed, prompt, budget, stop ids): different lengths and budgets
+    (1, PROMPTS[0], 40, ()),  # exactly 40 tokens: it runs while the others join and leave
+    (2, PROMPTS[1], 5, ()),
+    (3, PROMPTS[2], 14, ()),
+    (4, PROMPTS[3], 9, None),  # the model's own stop ids
+]
+
+
+def alone(pipe):
+    """The same model and engine without the batch: each call runs alone on an engine of its own."""
+    return paligemma.Pipeline(pipe.model, pipe.processor, pipe.engine_factory)
+
+
+def run(pipe, call, sampling, seed):
+    seed_image, prompt, budget, stop = call
+    kwargs = dict(SAMPLING[sampling], seed=seed) if sampling == "seeded" else {}
+    return pipe.generate(image(seed_image), prompt, max_new_tokens=budget, stop_ids=stop, **kwargs).token_ids
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+def test_rows_join_mid_flight_and_leave_with_their_solo_tokens(pipe, sampling):
+    solo = [run(pipe, call, sampling, seed) for seed, call in enumerate(CALLS)]
+    assert solo == [run(alone(pipe), call, sampling, seed) for seed, call in enumerate(CALLS)]
+    assert len(solo[0]) == 40 and len(solo[1]) == 5
+    got = [None] * len(CALLS)
+
+    def call(i):
+        def target():
+            got[i] = run(pipe, CALLS[i], sampling, i)
+        return target
+
+    def join_two(driven):  # before step 3: two more calls are prefilled, to join a batch of one
+        driven.start(call(1))
+        driven.start(call(2))
+        return 2
+
+    def join_one_waiting(driven):  # before step 5 the batch is full (3 rows): this call waits for a row
+        driven.start(call(3))
+        return 0
+
+    with Driven(pipe, {3: join_two, 5: join_one_waiting}) as driven:
+        got[0] = run(pipe, CALLS[0], sampling, 0)
+    assert got == solo
+    sizes = [len(rows) for rows in driven.steps]
+    assert sizes[:5] == [1, 1, 1, 1, 3]  # joined mid-flight, at the step after their prefill
+    assert max(sizes) == 3  # never more than max_batch
+    first = driven.steps[0][0]
+    assert [i for i, rows in enumerate(driven.steps) if first in rows] == list(range(39))  # 40 tokens, 39 steps
+    appearances = {row: sum(row in rows for rows in driven.steps) for row in driven.steps[4]}
+    (second,) = [row for row, count in appearances.items() if count == 4]  # 5 tokens: steps 4 to 7
+    (fourth,) = set().union(*driven.steps) - {first, *appearances}
+    # The fourth waited for a row: it joined after the second had left.
+    assert min(i for i, rows in enumerate(driven.steps) if fourth in rows) > 7
+
+
+def test_a_list_call_is_rows_seeded_one_after_another(pipe):
+    images, prompts = [image(5), image(6), image(7)], PROMPTS[:3]
+    sampled = dict(SAMPLING["seeded"], max_new_tokens=10)
+    together = pipe.generate(images, prompts, seed=11, **sampled)
+    one_by_one = [pipe.generate(i, p, seed=11 + row, **sampled) for row, (i, p) in enumerate(zip(images, prompts))]
+    assert [r.token_ids for r in together] == [r.token_ids for r in one_by_one]
+    assert [r.token_ids for r in alone(pipe).generate(images, prompts, seed=11, **sampled)] == [
+        r.token_ids for r in together]  # a padded batch without the scheduler: the same seeds
+    assert together[0].token_ids != pipe.generate(images[0], prompts[0], seed=12, **sampled).token_ids
+
+
+def test_a_failing_call_and_a_disconnect_leave_the_others_unchanged(pipe):
+    calls = [(1, PROMPTS[0], 30, ()), (2, PROMPTS[1], 12, ()), (3, PROMPTS[2], 14, ())]
+    solo = [run(alone(pipe), call, "greedy", 0) for call in calls]
+    got, failures, streamed = [None] * 3, [], []
+    cancel = threading.Event()
+
+    def failing(image_, budget):
+        def target():
+            try:
+                pipe.generate(image_, PROMPTS[0], max_new_tokens=budget)
+            except paligemma.InputError as e:
+                failures.append(str(e))
+        return target
+
+    def leaving():  # streams until the cancel before step 6, then its caller goes away
+        for update in pipe.stream(image(8), PROMPTS[1], max_new_tokens=30, stop_ids=(), cancel=cancel):
+            streamed.append(update)
+
+    def join(driven):
+        driven.start(lambda: got.__setitem__(1, run(pipe, calls[1], "greedy", 0)))
+        driven.start(leaving)
+        return 2
+
+    def fail(driven):  # a file that is no image, a budget past the model's positions: refused before prefill
+        driven.start(failing(b"not an image", 8))
+        driven.start(failing(image(9), pipe.config.text.max_position_embeddings))
+        return 0
+
+    def disconnect(driven):
+        cancel.set()
+        return 0
+
+    def after_disconnect(driven):  # the batch was full: this call gets the row the disconnected one freed
+        driven.start(lambda: got.__setitem__(2, run(pipe, calls[2], "greedy", 0)))
+        return 1
+
+    with Driven(pipe, {2: join, 4: fail, 6: disconnect, 8: after_disconnect}) as driven:
+        got[0] = run(pipe, calls[0], "greedy", 0)
+    assert got == solo
+    assert sorted(failures)[0].startswith("the file is not an image") and "positions" in sorted(failures)[1]
+    assert [len(rows) for rows in driven.steps[2:10]] == [1, 3, 3, 3, 3, 2, 2, 3]  # left after step 6's cancel
+    assert 0 < len(streamed) < 30 and not streamed[-1].finished
+    assert pipe.batcher.scheduler.taken == 0 and pipe.batcher.engine.pool.rows == 0  # every row given back
+
+
+def test_running_rows_keep_decoding_while_a_call_is_prefilled(pipe):
+    """The prefill of a call runs in its caller's thread: held there until the running row has decoded five more
+    tokens, it would never finish if the batch waited for it."""
+    engine = pipe.batcher.engine
+    steps_during_prefill = []
+    prefill = engine.prefill
+    first = threading.Event()
+
+    def held_prefill(inputs, max_new_tokens):
+        if first.is_set():  # the second call: wait for five steps of the first
+            start = pipe.batcher.steps
+            deadline = time.monotonic() + TIMEOUT_S
+            while pipe.batcher.steps < start + 5:
+                assert time.monotonic() < deadline, "the running row stopped while a call was prefilled"
+                time.sleep(0.001)
+            steps_during_prefill.append(pipe.batcher.steps - start)
+        first.set()
+        return prefill(inputs, max_new_tokens)
+
+    engine.prefill = held_prefill
+    try:
+        stream = pipe.stream(image(1), PROMPTS[0], max_new_tokens=200, stop_ids=())
+        next(stream)
+        second = pipe.generate(image(2), PROMPTS[1], max_new_tokens=4, stop_ids=())
+        stream.close()
+    finally:
+        del engine.prefill
+    assert steps_during_prefill and steps_during_prefill[0] >= 5 and len(second.token_ids) == 4
+
+
+def test_the_scheduler_admits_up_to_max_batch_rows_and_frees_them():
+    scheduler = Scheduler(max_batch=2)
+    assert scheduler.admit() and scheduler.admit() and not scheduler.admit()
+    scheduler.give_back()
+    assert scheduler.admit()
+
+
+def test_max_batch_is_checked_and_defaults_from_the_device_and_memory(reference_factory):
+    folder, _ = reference_factory("pg1")
+    with pytest.raises(ValueError, match="max_batch=0"):
+        paligemma.load(folder, max_batch=0)
+    pipe = paligemma.load(folder)
+    assert isinstance(pipe.batcher.engine, BatchedTorchEngine)
+    assert pipe.max_batch == paligemma.default_max_batch(pipe.config, torch.device("cpu")) == 8
+    static = paligemma.load(folder, engine="static", max_batch=5)
+    assert static.batcher.engine.static and static.batcher.engine.pool.keys.shape[1] == 5  # a fixed pool
+
+
+def test_the_batch_frees_its_caches_when_the_last_row_leaves(pipe):
+    pipe.generate([image(1), image(2)], PROMPTS[:2], max_new_tokens=6)
+    pool = pipe.batcher.engine.pool
+    assert pool.rows == 0 and (pool.keys.numel() == 0) != pool.fixed  # a static pool keeps its fixed buffers
+
+
+def test_int4_rows_keep_their_solo_bits_in_steps_of_row_pairs(tmp_path):
+    """At int4's blocks of 128 (products at least 1024 wide), ONNX Runtime's MatMulNBits gives the last row of an odd
+    number other bits than a row in a pair (`python -m bench.batch_decode --kernels`), so the ONNX Runtime engines
+    decode an even number of rows, a spare one added: a row's logits, alone or beside one or two others, through the
+    batch engine or the engine of one request, are the same bits."""
+    shape = dict(vision=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, patch_size=14, image_size=28),
+                 text=dict(hidden_size=1024, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=1,
+                           head_dim=256, vocab_size=1216),
+                 image_token_index=1200)
+    folder = Workload("wide_int4", "1024 wide", shape, vision_layers=1, text_layers=1).prepare(
+        tmp_path, log=lambda *_: None)
+    export_model(folder, tmp_path / "int4", quantize="int4", progress=False, log=lambda *_: None)
+    graph = onnx.load(str(tmp_path / "int4" / "decode.onnx"), load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {128}
+    pipe = paligemma.load(folder, backend="onnx", onnx_dir=tmp_path / "int4", max_batch=3)
+    model = pipe.engine_factory
+    assert model.row_multiple == 2
+
+    prefilled, tokens = [], []
+    for seed, prompt in enumerate(PROMPTS[:3]):
+        row, logits = pipe.batcher.engine.prefill(pipe.processor([image(seed)], [prompt]), 4)
+        prefilled.append(row)
+        tokens.append(int(logits.argmax()))
+    tokens = torch.tensor(tokens)
+
+    def step(indices):
+        engine = OnnxBatchEngine(model, 3)
+        ids = [engine.join(prefilled[i]) for i in indices]
+        return engine.decode(ids, tokens[indices])
+
+    alone = [step([i])[0] for i in range(3)]
+    for indices in ([0, 1], [1, 2], [2, 0, 1]):
+        together = step(indices)
+        assert all(torch.equal(together[k], alone[i]) for k, i in enumerate(indices)), indices
+    engine = model()  # the engine of one request: its decode step too
+    engine.prefill(pipe.processor([image(0)], [PROMPTS[0]]), 4)
+    assert torch.equal(engine.decode_step(tokens[:1])[0], alone[0]) and engine.fused
