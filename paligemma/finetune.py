@@ -115,7 +115,8 @@ def stored_dtype(folder: Path) -> torch.dtype:
     """The dtype a checkpoint stores its weights in (that of its token embedding, the largest tensor)."""
     from safetensors import safe_open
 
-    from .weights import canonical_key, weight_files
+    from .checkpoint import weight_files
+    from .weights import canonical_key
 
     names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
     for file in weight_files(Path(folder)):
@@ -128,7 +129,8 @@ def stored_dtype(folder: Path) -> torch.dtype:
 
 def read_base(folder: Path, names: set[str] | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors `names` (all with None) of a checkpoint under this package's names, on the CPU in `dtype`."""
-    from .weights import canonical_key, read_tensors, weight_files
+    from .checkpoint import weight_files
+    from .weights import canonical_key, read_tensors
 
     def wanted(key):
         name = canonical_key(key)

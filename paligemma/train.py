@@ -762,11 +762,12 @@ def model_to_train(args, finetune=None) -> tuple[torch.nn.Module, Path, dict]:
     model), "frozen_from": the folder whose tensors the frozen weights are written from, "trained": the names of
     the trained parameters}. A fresh model comes from --config and --tokenizer; a checkpoint from --model; a LoRA run
     resumed from its base with its adapter; another resumed run from its checkpoint."""
+    from .checkpoint import resolve_checkpoint
     from .config import PaliGemmaConfig
     from .finetune import FineTune, read_base, read_run_record
     from .lora import read_adapter
     from .model import PaliGemmaForConditionalGeneration
-    from .weights import load_model, resolve_checkpoint
+    from .weights import load_model
 
     finetune = finetune or FineTune()
     # Sharded (FSDP), the weights stay on the CPU until fully_shard moves each process's shards to its device, so

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import MASK_DECODER_NAME, WEIGHTS_NAME, Checkpoint
+from .config import PaliGemmaConfig
 from .errors import CheckpointError
 from .mask_decoder import MaskDecoder
 from .model import PaliGemmaForConditionalGeneration
