@@ -12,9 +12,10 @@ count of all shapes, right for about one question in four.
 
 `data` writes train.jsonl (scenes of the training stream, seed 0: one question about one kind each, the kinds in
 turn; a share `--replay` of them are instead old tasks of the same scenes, each task shapes.evaluate asks
-(REPLAY_WEIGHTS: the counts twice as often), segmentation included, answered as the model answers them before
-fine-tuning: without them the adapters teach it to answer every prompt with a number) and held_out.jsonl (the
-held-out stream, seed 1, as shapes.evaluate draws it: every kind of each of `--held-out` scenes), with their PNGs.
+(REPLAY_WEIGHTS: counts twice and colour counts four times as often), segmentation included, answered as the model
+answers them before fine-tuning: without them the adapters teach it to answer every prompt with a number) and
+held_out.jsonl (the held-out stream, seed 1, as shapes.evaluate draws it: every kind of each of `--held-out`
+scenes), with their PNGs.
 `score` asks every kind of `--num-scenes` held-out scenes: `exact` is the share of questions answered exactly,
 `scenes_all_right` the share of scenes with all three right. docs/fine-tuning.md has the recipe and its figures.
 """
@@ -31,7 +32,7 @@ from shapes import evaluate as E
 from shapes import scenes as S
 
 TARGET = 0.90
-REPLAY_WEIGHTS = {"caption": 1.0, "count": 2.0, "color_count": 2.0, "detect": 1.0, "absent": 0.5, "segment": 1.0,
+REPLAY_WEIGHTS = {"caption": 1.0, "count": 2.0, "color_count": 4.0, "detect": 1.0, "absent": 0.5, "segment": 1.0,
                   "absent_segment": 0.5}
 
 
@@ -56,8 +57,8 @@ def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int
         name = f"images/train-{i:04d}.png"
         scene.image.save(out / name)
         if rng.random() < replay:
-            # A task first (the colour counts are one task), then one of its prompts: the counts, which the new
-            # question resembles most, twice as often as the others.
+            # A task first (the colour counts are one task), then one of its prompts: the counts and colour counts,
+            # which the new question resembles most, more often than the others (REPLAY_WEIGHTS).
             asked = E.requests(scene, f"replay:{seed}:{i}", segment=True)
             tasks = sorted({kind.split(":")[0] for kind, _ in asked})
             task = rng.choices(tasks, [REPLAY_WEIGHTS[t] for t in tasks])[0]
