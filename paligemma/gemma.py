@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import TextConfig
 from .siglip import gelu
@@ -142,6 +143,7 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.checkpointing = False  # training: recompute each layer in the backward pass instead of keeping its inside
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Gemma scales text embeddings by sqrt(width), rounded to the weights' dtype as the reference does.
@@ -158,7 +160,10 @@ class GemmaModel(nn.Module):
         """x [B, T, C] embeddings; positions [B, T]; masks by window (None = full) -> normed hidden [B, T, C]."""
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, masks[layer.window], cache)
+            if self.checkpointing and cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, masks[layer.window], use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks[layer.window], cache)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

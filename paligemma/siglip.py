@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import GELU_TANH_NAMES, VisionConfig
 from .siglip_config import SiglipTextConfig
@@ -85,10 +86,12 @@ class SiglipEncoder(nn.Module):
     def __init__(self, config: TowerConfig):
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.checkpointing = False  # training: recompute each layer in the backward pass instead of keeping its inside
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
+            recompute = self.checkpointing and torch.is_grad_enabled()
+            x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
         return x
 
 

@@ -15,18 +15,26 @@ Checkpoints are written to OUT_DIR/step-NNNNNN and OUT_DIR/last in the Hugging F
 model.safetensors, tokenizer.json), with training_state.safetensors + training_state.json beside them
 (optimizer moments, step): `--resume OUT_DIR/last` continues from the same step with the same data order.
 No pickles are written or read.
+
+What trains, in which dtype, LoRA and the merged checkpoint: paligemma/finetune.py and paligemma/lora.py. Under
+torchrun the same command trains data-parallel (paligemma/parallel.py): `--batch-size` is the global batch, each
+of the N processes trains on batch / N rows of it, in `--grad-accum` micro-batches. docs/fine-tuning.md has the
+recipes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +45,17 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from .locations import loc_range_of
-from .processor import PaliGemmaProcessor
+from .parallel import (
+    Parallel,
+    Runner,
+    full_optimizer_state,
+    gradient_sync,
+    load_optimizer_state,
+    unwrap,
+)
+from .processor import PaliGemmaProcessor, parse_detections
+
+logger = logging.getLogger(__name__)
 
 IGNORE = -100
 STATE_TENSORS = "training_state.safetensors"
@@ -136,16 +154,30 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
     )
 
 
+def sgd(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.SGD:
+    """Momentum-free SGD, big_vision's low-memory choice (its L4 and T4 configs): no state beside the weights, where
+    AdamW keeps two float32 moments per trained weight. Weight decay as adamw's (matrices and embeddings only)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=0.0)
+
+
+OPTIMIZERS = {"adamw": adamw, "sgd": sgd}
+
+
 # ---- checkpoints and resume ---------------------------------------------------------------------
 
 
-def save_training_state(directory: Path, step: int, optimizer: torch.optim.Optimizer,
+def save_training_state(directory: Path, step: int, optimizer: torch.optim.Optimizer | list[dict],
                         extra_modules: dict[str, torch.nn.Module]):
-    """Optimizer moments and the weights of `extra_modules` (e.g. auxiliary heads) as safetensors, the step as JSON."""
+    """Optimizer moments (of `optimizer`, or its per-parameter states as parallel.full_optimizer_state gives them)
+    and the weights of `extra_modules` (e.g. auxiliary heads) as safetensors, the step as JSON."""
     tensors = {f"extra.{name}.{k}": v.detach().contiguous().cpu()
                for name, module in extra_modules.items() for k, v in module.state_dict().items()}
+    states = optimizer if isinstance(optimizer, list) else [state for _, state in _param_states(optimizer)]
     scalars = {}
-    for i, (param, state) in enumerate(_param_states(optimizer)):
+    for i, state in enumerate(states):
         for key, value in state.items():
             if torch.is_tensor(value) and value.dim() > 0:
                 tensors[f"optimizer.{i}.{key}"] = value.contiguous().cpu()
@@ -155,22 +187,29 @@ def save_training_state(directory: Path, step: int, optimizer: torch.optim.Optim
     (directory / STATE_JSON).write_text(json.dumps({"step": step, "optimizer_scalars": scalars}, indent=1))
 
 
-def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> int:
-    """The step saved by save_training_state; fills the optimizer's moments in place."""
+def load_training_state(directory: Path, optimizer: torch.optim.Optimizer, runner: torch.nn.Module | None = None,
+                        names: list[str] | None = None) -> int:
+    """The step saved by save_training_state; fills the optimizer's moments in place (sharded, under FSDP, by
+    `runner` and the model's `names` of the optimizer's parameters)."""
     meta = json.loads((directory / STATE_JSON).read_text())
     tensors = load_file(str(directory / STATE_TENSORS))
     scalars = meta["optimizer_scalars"]
-    for i, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-        state = {}
-        for key, value in tensors.items():
-            if key.startswith(f"optimizer.{i}."):
-                state[key.rsplit(".", 1)[1]] = value.to(param.device)
-        for key, value in scalars.items():
-            index, name = key.split(".", 1)
-            if int(index) == i:
-                state[name] = torch.tensor(value)
-        if state:
-            optimizer.state[param] = state
+    count = sum(len(group["params"]) for group in optimizer.param_groups)
+    states = [{} for _ in range(count)]
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            states[int(index)][name] = value
+    for key, value in scalars.items():
+        index, name = key.split(".", 1)
+        states[int(index)][name] = torch.tensor(value)
+    if runner is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for param, state in zip(params, states):
+            if state:
+                optimizer.state[param] = {k: v.to(param.device) if v.dim() else v for k, v in state.items()}
+    else:
+        load_optimizer_state(runner, optimizer, names, states)
     return meta["step"]
 
 
@@ -191,24 +230,34 @@ def _param_states(optimizer):
 @dataclass(frozen=True)
 class Checkpoints:
     """OUT_DIR/step-NNNNNN, and OUT_DIR/last a copy of the latest: the model as `save(directory)` writes it, with
-    the optimizer moments and `extra_modules` (trained, not part of the model) beside it."""
+    the optimizer moments and `extra_modules` (trained, not part of the model) beside it. Under torchrun, `write` is
+    called on every process (the state is gathered from all: `runner` and `names` for FSDP) and the main one
+    writes."""
 
     out_dir: Path
     save: Callable[[Path], None]
     optimizer: torch.optim.Optimizer
     extra_modules: dict[str, torch.nn.Module]
+    runner: torch.nn.Module | None = None
+    names: list[str] | None = None
+    parallel: Parallel = Parallel()
 
     def write(self, step: int):
         directory = self.out_dir / f"step-{step:06d}"
-        directory.mkdir(parents=True, exist_ok=True)
+        if self.parallel.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
         self.save(directory)
-        save_training_state(directory, step, self.optimizer, self.extra_modules)
-        # `last` is replaced only once complete, so an interruption never leaves a half-written checkpoint there.
-        staging = self.out_dir / "last.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(directory, staging)
-        shutil.rmtree(self.out_dir / "last", ignore_errors=True)
-        staging.rename(self.out_dir / "last")
+        states = (full_optimizer_state(self.runner, self.optimizer, self.names) if self.runner is not None
+                  else self.optimizer)
+        if self.parallel.is_main:
+            save_training_state(directory, step, states, self.extra_modules)
+            # `last` is replaced only once complete, so an interruption never leaves a half-written checkpoint there.
+            staging = self.out_dir / "last.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(directory, staging)
+            shutil.rmtree(self.out_dir / "last", ignore_errors=True)
+            staging.rename(self.out_dir / "last")
+        self.parallel.barrier()
 
 
 # ---- batches ------------------------------------------------------------------------------------
@@ -269,19 +318,76 @@ class TrainOptions:
     seed: int = 0
     progress: bool = True
     workers: int = 0  # processes that make the next batches while a step trains (0: made between steps)
+    grad_accum: int = 1  # micro-batches per step: a step's batch is split into this many, their gradients summed
+    optimizer: str = "adamw"  # or "sgd" (see OPTIMIZERS)
+    autocast: torch.dtype | None = None  # run the forward under autocast to this dtype (bfloat16 frozen weights)
 
 
-def train_step(model, loss_fn, batch: dict, optimizer, params, lr: float, clip_norm: float):
-    """One optimizer step at learning rate `lr`; returns (loss, loss_fn's named floats, gradient norm before
-    clipping)."""
+def label_count(batch: dict) -> int:
+    """What a batch's loss is the mean over: its labelled tokens, or (without labels) its rows."""
+    if "labels" in batch:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+
+
+def micro_batches(batch: dict, count: int) -> list[dict]:
+    """`batch` split by rows into `count` consecutive micro-batches (tensors whose first axis is the batch's)."""
+    if count == 1:
+        return [batch]
+    rows = batch["input_ids"].shape[0] if "input_ids" in batch else label_count(batch)
+    if rows % count:
+        raise ValueError(f"a batch of {rows} rows does not split into {count} micro-batches")
+    size = rows // count
+    return [{k: v[i * size : (i + 1) * size] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
+             for k, v in batch.items()} for i in range(count)]
+
+
+def run_loss(model, loss_fn, batch):
+    """loss_fn(model, batch), through the model's Runner (and DDP or FSDP around it) when it has one."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, (Runner, DistributedDataParallel)):
+        return model(loss_fn, batch)
+    return loss_fn(model, batch)
+
+
+def autocast_to(dtype: torch.dtype | None, device: torch.device):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def train_step(model, loss_fn, batch: dict, optimizer, params, lr: float, clip_norm: float, *, grad_accum: int = 1,
+               parallel: Parallel | None = None, autocast: torch.dtype | None = None):
+    """One optimizer step at learning rate `lr` on `batch` (this process's share of the step's global batch) in
+    `grad_accum` micro-batches; returns (loss, loss_fn's named floats, gradient norm before clipping).
+
+    Each micro-batch's mean loss is weighed by its share of the labelled tokens of the whole global batch (all
+    micro-batches, all processes), so the gradient is that of the global batch's mean loss, however it is split."""
+    parallel = parallel or Parallel()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, shown = loss_fn(model, batch)
+    micro = micro_batches(batch, grad_accum)
+    counts = [label_count(m) for m in micro]
+    total = parallel.sum([float(sum(counts))])[0]
+    device = params[0].device if params else torch.device("cpu")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_sum, shown_sum = 0.0, {}
+    for i, (part, count) in enumerate(zip(micro, counts)):
+        share = count / total
+        with gradient_sync(model, i == len(micro) - 1):
+            with autocast_to(autocast, device):
+                loss, shown = run_loss(model, loss_fn, part)
+            (loss * (share * parallel.world) if share * parallel.world != 1 else loss).backward()
+        loss_sum += loss.item() * share
+        for k, v in shown.items():
+            shown_sum[k] = shown_sum.get(k, 0.0) + v * share
+    if parallel.distributed:
+        reduced = parallel.sum([loss_sum, *shown_sum.values()])
+        loss_sum, shown_sum = reduced[0], dict(zip(shown_sum, reduced[1:]))
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
-    return loss.item(), shown, grad_norm
+    return loss_sum, shown_sum, grad_norm
 
 
 class Progress:
@@ -313,11 +419,19 @@ class Progress:
             self.bar.close()
 
 
-def evaluation(model: torch.nn.Module, evaluate: Callable[[int], dict], step: int) -> dict:
-    """`evaluate(step)` with the model in eval mode and no gradients, then back in training mode."""
+def evaluation(model: torch.nn.Module, evaluate: Callable[[int], dict], step: int,
+               autocast: torch.dtype | None = None) -> dict:
+    """`evaluate(step)` with the model in eval mode and no gradients (through its Runner, if it has one: under FSDP
+    the root's weights are gathered for it), then back in training mode."""
+    from torch.nn.parallel import DistributedDataParallel
+
     model.eval()
-    with torch.no_grad():
-        metrics = evaluate(step)
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast_to(autocast, device):
+        if isinstance(model, (Runner, DistributedDataParallel)):
+            metrics = model(lambda _: evaluate(step))
+        else:
+            metrics = evaluate(step)
     model.train()
     return metrics
 
@@ -333,6 +447,7 @@ def train(
     resume: Path | None = None,
     extra_modules: dict[str, torch.nn.Module] | None = None,
     log: Callable[[str], None] = print,
+    parallel: Parallel | None = None,
 ) -> int:
     """Runs steps start .. options.steps - 1; returns the last step done + 1.
 
@@ -340,28 +455,49 @@ def train(
     same data; `options.workers` processes make them ahead), moved here to the model's device; `loss_fn(model,
     batch)` gives (loss, named floats to show). `save(directory)` writes the model checkpoint; the optimizer moments
     and `extra_modules` (trained, not part of the checkpoint) go beside it.
+
+    `model` is the model, or under torchrun the Runner that `parallel.wrap` made of it (DDP or FSDP), with
+    `parallel` the processes: then `batches(step)` gives this process's share of the global batch, and only the main
+    process logs and writes (`save` is called on every one).
     """
+    from torch.nn.parallel import DistributedDataParallel
+
+    parallel = parallel or Parallel()
     torch.manual_seed(options.seed)
     extra_modules = extra_modules or {}
-    params = [p for p in model.parameters() if p.requires_grad]
-    params += [p for m in extra_modules.values() for p in m.parameters()]
-    optimizer = adamw(params, options.lr, options.weight_decay)
+    wrapped = isinstance(model, (Runner, DistributedDataParallel))
+    inner = unwrap(model) if wrapped else model
+    named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+    params = [p for _, p in named] + [p for m in extra_modules.values() for p in m.parameters()]
+    optimizer = OPTIMIZERS[options.optimizer](params, options.lr, options.weight_decay)
+    # The model's names of the optimizer's parameters in its order (that of the saved moments).
+    name_of = {id(p): n for n, p in named}
+    names = [name_of.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
     start = 0
     if resume is not None:
-        start = load_training_state(Path(resume), optimizer)
+        start = load_training_state(Path(resume), optimizer, model if wrapped else None, names)
         load_extra_modules(Path(resume), extra_modules)
-        log(f"resumed from {resume} at step {start}")
-    checkpoints = None if out_dir is None or save is None else Checkpoints(out_dir, save, optimizer, extra_modules)
-    progress = Progress(options.steps, start, options.progress, log)
+        if parallel.is_main:
+            log(f"resumed from {resume} at step {start}")
+    checkpoints = None
+    if out_dir is not None and save is not None:
+        checkpoints = Checkpoints(out_dir, save, optimizer, extra_modules, model if wrapped else None, names, parallel)
+    if not parallel.is_main:
+        log = _silent
+    progress = Progress(options.steps, start, options.progress and parallel.is_main, log)
     model.train()
-    stream = batch_stream(batches, start, options.steps, options.workers, next(model.parameters()).device)
+    device = next(inner.parameters()).device
+    stream = batch_stream(batches, start, options.steps, options.workers, device)
     for step, batch in zip(range(start, options.steps), stream):
         lr = learning_rate(step, options.steps, options.lr, options.warmup)
-        loss, shown, grad_norm = train_step(model, loss_fn, batch, optimizer, params, lr, options.clip_norm)
+        loss, shown, grad_norm = train_step(model, loss_fn, batch, optimizer, params, lr, options.clip_norm,
+                                            grad_accum=options.grad_accum, parallel=parallel,
+                                            autocast=options.autocast)
         done = step + 1
         progress.update(done, loss, lr, grad_norm, shown)
         if evaluate is not None and options.eval_every and done % options.eval_every == 0:
-            log(f"eval step {done}: " + json.dumps(evaluation(model, evaluate, done)))
+            metrics = evaluation(model, evaluate, done, options.autocast)
+            log(f"eval step {done}: " + json.dumps(metrics))
         if checkpoints is not None and (options.save_every and done % options.save_every == 0 or done == options.steps):
             checkpoints.write(done)
     stream.close()  # ends the worker processes
@@ -370,31 +506,44 @@ def train(
     return options.steps
 
 
+def _silent(line: str):
+    pass
+
+
 # ---- JSONL fine-tuning --------------------------------------------------------------------------
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: give a JSONL file of {{image, prefix, suffix}} records")
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: a record is a JSON object with image, prefix and suffix")
         missing = [k for k in ("image", "prefix", "suffix") if k not in record]
         if missing:
             raise ValueError(f"{path}:{number}: missing {', '.join(missing)}; each line needs image, prefix and suffix")
+        wrong = [k for k in ("image", "prefix", "suffix") if not isinstance(record[k], str)]
+        if wrong:
+            raise ValueError(f"{path}:{number}: {', '.join(wrong)} must be text (a string)")
         image = Path(record["image"])
-        record["image"] = image if image.is_absolute() else Path(path).parent / image
+        record["image"] = image if image.is_absolute() else path.parent / image
         records.append(record)
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
 
 
-def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int):
-    """batches(step): an epoch-wise shuffle fixed by the seed, so the batch of a step never depends on history."""
+def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, parallel: Parallel | None = None):
+    """batches(step): an epoch-wise shuffle fixed by the seed, so the batch of a step never depends on history. With
+    `parallel`, this process's share of the global batch of `batch_size` rows."""
 
     def batches(step: int) -> dict:
         per_epoch = max(1, len(records) // batch_size)
@@ -402,6 +551,8 @@ def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int):
         order = list(range(len(records)))
         random.Random(f"{seed}:{epoch}").shuffle(order)
         chosen = [records[i] for i in order[index * batch_size : (index + 1) * batch_size]]
+        if parallel is not None:
+            chosen = parallel.share(chosen)
         return training_batch(processor, [r["image"] for r in chosen], [r["prefix"] for r in chosen],
                               [r["suffix"] for r in chosen])
 
@@ -431,24 +582,53 @@ def init_weights(model: torch.nn.Module, std: float = 0.02):
 
 
 def add_train_arguments(parser):
+    from .finetune import DTYPES, TRAIN_PARTS
+    from .lora import DEFAULT_TARGETS
+
     parser.add_argument("--model",
-                        help="checkpoint folder to fine-tune (config.json, model.safetensors, tokenizer.json)")
+                        help="checkpoint folder or Hub repo id to fine-tune (config.json, *.safetensors, "
+                             "tokenizer.json)")
     parser.add_argument("--config", help="config.json of a fresh model to train from scratch (with --tokenizer)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the one in --model)")
     parser.add_argument("--data", required=True, help="JSONL of {image, prefix, suffix} records")
-    parser.add_argument("--eval-data", help="JSONL held out for the periodic evaluation (suffix loss)")
+    parser.add_argument("--eval-data", help="JSONL held out for the periodic evaluation: the suffix loss, and the "
+                                            "greedy answers' exact match (and box IoU where the suffix holds boxes)")
     parser.add_argument("--out", required=True, help="folder for checkpoints")
     parser.add_argument("--resume", help="a checkpoint folder written by this command (e.g. OUT/last)")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="the global batch: over every process under torchrun, over every micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per step (batch-size / processes / grad-accum rows each)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
+                        help="adamw (two float32 moments per trained weight) or sgd (momentum-free, no state)")
+    parser.add_argument("--train", default=None,
+                        help=f"parts trained in full, comma-separated: {', '.join(TRAIN_PARTS)} "
+                             "(default: all; with --lora: none)")
+    parser.add_argument("--lora", type=int, metavar="R", help="train LoRA adapters of rank R (the rest frozen)")
+    parser.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / R (default alpha = 2 R)")
+    parser.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                        help="adapted layers: q,k,v,o,gate,up,down in the decoder; with --lora-vision also "
+                             "q,k,v,out,fc1,fc2 in the vision tower")
+    parser.add_argument("--lora-vision", action="store_true", help="adapt the vision tower's layers too")
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="bfloat16: frozen weights held in bfloat16, trained ones in float32, under autocast")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing: recompute each layer in the backward pass (less memory)")
     parser.add_argument("--loc-sigma", type=float, default=0.0,
                         help="soft targets over neighbouring loc bins (in bins)")
     parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--eval-max", type=int, default=200, help="held-out records answered by generation")
     parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--export", metavar="DIR", help="after training, export OUT/last to ONNX in DIR and validate "
+                                                        "it (python -m export)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="with --export")
+    parser.add_argument("--format", choices=["three-graphs", "transformers.js"], help="with --export")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, help="processes that load the next batches while a step trains "
@@ -471,6 +651,77 @@ class HeldOutLoss:
         return {"eval_loss": sum(losses) / len(losses)}
 
 
+def box_iou(a, b) -> float:
+    """IoU of two (x_min, y_min, x_max, y_max) boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def detection_iou(truth: str, answer: str, width: int, height: int) -> tuple[float, int]:
+    """(sum of IoUs, number of true boxes): each true box of `truth` (parse_detections) matched to the unused
+    answered box of its label that overlaps it most (0 where there is none)."""
+    unused = parse_detections(answer, width, height)
+    total, boxes = 0.0, parse_detections(truth, width, height)
+    for want in boxes:
+        scored = [(box_iou(want.box, got.box), i) for i, got in enumerate(unused) if got.label == want.label]
+        best, index = max(scored, default=(0.0, None))
+        if index is not None:
+            unused.pop(index)
+        total += best
+    return total, len(boxes)
+
+
+@dataclass(frozen=True)
+class GeneratedScores:
+    """train's `evaluate` by generation: held-out records answered greedily; `exact_match` is the share answered
+    exactly (stripped), `box_iou` the mean IoU of the true boxes (parse_detections, matched by label) over the
+    records whose suffix holds `<loc>` boxes. Under torchrun each process answers its share (the same number of
+    rows and tokens on each, as FSDP's gathers need) and the counts are summed."""
+
+    model: torch.nn.Module
+    processor: PaliGemmaProcessor
+    records: list[dict]
+    batch_size: int
+    parallel: Parallel = Parallel()
+
+    def __call__(self, step: int) -> dict:
+        from .engines import TorchEngine
+        from .generate import Pipeline
+        from .processor import load_image
+
+        mine = self.records[self.parallel.rank :: self.parallel.world]
+        padded = len(self.records[:: self.parallel.world])  # the most any process has
+        rows = [(r, 1.0) for r in mine] + [(self.records[0], 0.0)] * (padded - len(mine))
+        pipe = Pipeline(self.model, self.processor, lambda: TorchEngine(self.model))
+        eos = set(self.processor.config.eos_token_ids)
+        longest = max(len(self.processor.tokenizer.encode(r["suffix"], add_special_tokens=False).ids)
+                      for r in self.records)
+        exact = answered = iou_sum = boxes = 0.0
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            images = [load_image(r["image"]) for r, _ in chunk]
+            # Under torchrun every process decodes the same number of tokens: no early stop, cut at <eos> here.
+            results = pipe.generate(images, [r["prefix"] for r, _ in chunk], max_new_tokens=longest + 2,
+                                    stop_ids=() if self.parallel.distributed else None)
+            for (record, weight), image, result in zip(chunk, images, results):
+                ids = result.token_ids
+                ids = ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
+                text = self.processor.tokenizer.decode(ids, skip_special_tokens=False).strip()
+                answered += weight
+                exact += weight * (text == record["suffix"].strip())
+                if "<loc" in record["suffix"]:
+                    total, count = detection_iou(record["suffix"], text, *image.size)
+                    iou_sum += weight * total
+                    boxes += weight * count
+        exact, answered, iou_sum, boxes = self.parallel.sum([exact, answered, iou_sum, boxes])
+        scores = {"exact_match": exact / answered}
+        if boxes:
+            scores["box_iou"] = iou_sum / boxes
+        return scores
+
+
 def save_with_tokenizer(model: torch.nn.Module, tokenizer: Tokenizer, directory: Path):
     """A checkpoint folder: the model's config.json and model.safetensors, and tokenizer.json."""
     from .weights import save_checkpoint
@@ -479,44 +730,191 @@ def save_with_tokenizer(model: torch.nn.Module, tokenizer: Tokenizer, directory:
     tokenizer.save(str(Path(directory) / "tokenizer.json"))
 
 
-def model_to_train(args) -> tuple[torch.nn.Module, Path]:
-    """The command's model and the path of its tokenizer.json: a checkpoint (--resume, else --model) or a fresh
-    model (--config and --tokenizer)."""
+def finetune_of(args):
+    """The run's FineTune from the command line, checked (a one-line ValueError for what cannot train)."""
+    from .finetune import DTYPES, FineTune, parse_parts
+    from .lora import LoraSpec, parse_targets
+
+    lora = None
+    if args.lora is not None:
+        lora = LoraSpec(r=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora,
+                        targets=parse_targets(args.lora_targets), vision=args.lora_vision, dropout=args.lora_dropout)
+    elif args.lora_alpha is not None or args.lora_vision:
+        raise ValueError("--lora-alpha and --lora-vision go with --lora R")
+    parts = parse_parts(args.train) if args.train is not None else (() if lora else ("all",))
+    finetune = FineTune(parts, lora, DTYPES[args.dtype], args.checkpointing)
+    finetune.check()
+    return finetune
+
+
+def check_batch(args, world: int):
+    """The global batch must split evenly over the processes and micro-batches."""
+    if args.grad_accum < 1:
+        raise ValueError(f"--grad-accum {args.grad_accum}: give 1 or more micro-batches per step")
+    if args.batch_size < 1 or args.batch_size % (world * args.grad_accum):
+        raise ValueError(f"--batch-size {args.batch_size} does not split over {world} process(es) x --grad-accum "
+                         f"{args.grad_accum}: give a multiple of {world * args.grad_accum}")
+
+
+def model_to_train(args, finetune=None) -> tuple[torch.nn.Module, Path, dict]:
+    """The command's model, prepared by `finetune` (adapters added, the rest frozen, dtypes set), the path of its
+    tokenizer.json, and where its weights came from: {"base": the checkpoint the run started from (None: a fresh
+    model), "frozen_from": the folder whose tensors the frozen weights are written from, "trained": the names of
+    the trained parameters}. A fresh model comes from --config and --tokenizer; a checkpoint from --model; a LoRA run
+    resumed from its base with its adapter; another resumed run from its checkpoint."""
+    from .checkpoint import resolve_checkpoint
     from .config import PaliGemmaConfig
+    from .finetune import FineTune, read_base, read_run_record
+    from .lora import read_adapter
     from .model import PaliGemmaForConditionalGeneration
     from .weights import load_model
 
-    source = args.resume or args.model
-    if source:
-        model = load_model(source, device=args.device, dtype=torch.float32)
-        return model, Path(args.tokenizer or Path(source) / "tokenizer.json")
+    finetune = finetune or FineTune()
+    # Sharded (FSDP), the weights stay on the CPU until fully_shard moves each process's shards to its device, so
+    # that no device ever holds the whole model.
+    sharded = finetune.trains_everything and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = "cpu" if sharded else args.device
+    resume = Path(args.resume) if args.resume else None
+    if resume and not (resume / STATE_JSON).is_file():
+        raise ValueError(f"--resume {resume}: no {STATE_JSON} there; give a checkpoint folder this command wrote "
+                         "(OUT/last or OUT/step-N)")
+    record = read_run_record(resume) if resume else {}
+    if resume and record and record.get("finetune") != finetune.to_dict():
+        raise ValueError(f"--resume {resume}: that run trained {json.dumps(record.get('finetune'))}; resume it "
+                         "with the same --train, --lora, --lora-alpha, --lora-targets, --lora-vision and --dtype")
+    if resume and finetune.lora is not None:
+        base = Path(record["base"]) if record.get("base") else None
+        if base is None or not base.is_dir():
+            raise ValueError(f"--resume {resume}: the LoRA run's base checkpoint {base} is not there; the adapter "
+                             "trains on it")
+        source = base
+    elif resume:
+        base = Path(record["base"]) if record.get("base") else None
+        source = resume
+    elif args.model:
+        base = source = resolve_checkpoint(args.model)
+    else:
+        base = source = None
+    if source is not None:
+        model = load_model(source, device=device, dtype=finetune.dtype)
+        tokenizer = Path(args.tokenizer or Path(source if not resume else resume) / "tokenizer.json")
+        torch.manual_seed(args.seed)  # the adapters' initial A: the same in every process and every run
+        trained = finetune.prepare(model)
+        in_full = [n for n in trained if ".lora_" not in n]
+        if finetune.dtype != torch.float32 and in_full:  # the float32 master weights, read as stored
+            with torch.no_grad():
+                exact = read_base(source, set(in_full), torch.float32)
+                parameters = dict(model.named_parameters())
+                for name in in_full:
+                    parameters[name].copy_(exact[name])
+        if resume:
+            restore_trained(model, resume, finetune, read_adapter)
+        return model, tokenizer, {"base": base, "frozen_from": source, "trained": trained}
     if not args.config:
         raise ValueError("give --model (fine-tune a checkpoint) or --config with --tokenizer (train a fresh model)")
     if not args.tokenizer:
         raise ValueError("--config needs --tokenizer (a tokenizer.json whose ids fit the config's vocabulary)")
+    if not finetune.trains_everything:
+        raise ValueError("a fresh model (--config) trains in full: --train all, no --lora; freezing parts of it "
+                         "would keep random weights (give --model CHECKPOINT to fine-tune parts)")
     torch.manual_seed(args.seed)
     model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_json_file(args.config))
     init_weights(model)
-    return model.to(args.device), Path(args.tokenizer)
+    model = model.to(device)
+    trained = finetune.prepare(model)
+    return model, Path(args.tokenizer), {"base": None, "frozen_from": None, "trained": trained}
+
+
+def restore_trained(model: torch.nn.Module, resume: Path, finetune, read_adapter):
+    """A resumed run's trained weights in float32: a LoRA run's from its adapter, another's from the checkpoint's
+    master weights where it stores less than float32 (its model.safetensors otherwise, already loaded)."""
+    from .finetune import MASTERS
+
+    parameters = dict(model.named_parameters())
+    if finetune.lora is not None:
+        tensors = read_adapter(resume / "adapter")
+    elif (resume / MASTERS).exists():
+        tensors = load_file(str(resume / MASTERS))
+    else:
+        return
+    with torch.no_grad():
+        for name, value in tensors.items():
+            parameters[name].copy_(value)
+
+
+def export_after_training(args, checkpoint: Path):
+    """python -m export on the trained checkpoint (a process of its own: this package does not import export/),
+    which validates the graphs against torch; a failure is an error naming the export's last line."""
+    command = [sys.executable, "-m", "export", "--model", str(Path(checkpoint).resolve()),
+               "--output", str(Path(args.export).resolve())]
+    if args.quantize:
+        command += ["--quantize", args.quantize]
+    if args.format:
+        command += ["--format", args.format]
+    print(f"exporting {checkpoint} to {args.export}: {' '.join(command[1:])}", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise RuntimeError(f"the export of {checkpoint} failed ({last}); the checkpoint is kept: rerun "
+                           f"`python {' '.join(command[1:])}` to retry")
+    print(f"exported and validated: {args.export}", flush=True)
 
 
 def run_train(args):
+    from .finetune import CheckpointWriter, run_record, stored_dtype
+
+    # Everything a run can be told is wrong is checked before a weight is read or a step runs.
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers {args.workers}: give 0 (load batches between steps) or more processes")
-    model, tokenizer_path = model_to_train(args)
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    processor = PaliGemmaProcessor(tokenizer, model.config)
-    batches = jsonl_batches(read_jsonl(Path(args.data)), processor, args.batch_size, args.seed)
-    loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma)
-    evaluate = None
-    if args.eval_data:
-        held_out = read_jsonl(Path(args.eval_data))
-        evaluate = HeldOutLoss(model, loss_fn, jsonl_batches(held_out, processor, args.batch_size, args.seed),
-                               count=max(1, len(held_out) // args.batch_size))
-    options = TrainOptions(
-        steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
-        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
-        workers=default_workers(args.device) if args.workers is None else args.workers,
-    )
-    train(model, batches, loss_fn, options, out_dir=Path(args.out), save=partial(save_with_tokenizer, model, tokenizer),
-          evaluate=evaluate, resume=Path(args.resume) if args.resume else None)
+    if (args.quantize or args.format) and not args.export:
+        raise ValueError("--quantize and --format describe the export: give --export DIR too")
+    finetune = finetune_of(args)
+    check_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
+    records = read_jsonl(Path(args.data))
+    if len(records) < args.batch_size:
+        raise ValueError(f"{args.data} holds {len(records)} records, fewer than --batch-size {args.batch_size}")
+    held_out = read_jsonl(Path(args.eval_data)) if args.eval_data else None
+    parallel = Parallel.from_environment(args.device)
+    try:
+        model, tokenizer_path, origin = model_to_train(args, finetune)
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        processor = PaliGemmaProcessor(tokenizer, model.config)
+        # The parallelism, stated once: FSDP shards a model that trains in full, DDP replicates a partly frozen one.
+        runner = parallel.wrap(model, shard=finetune.trains_everything)
+        batches = jsonl_batches(records, processor, args.batch_size, args.seed,
+                                parallel if parallel.distributed else None)
+        loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma)
+        evaluate = None
+        if held_out:
+            losses = HeldOutLoss(model, loss_fn, jsonl_batches(held_out, processor, args.batch_size, args.seed),
+                                 count=max(1, len(held_out) // args.batch_size))
+            scores = GeneratedScores(model, processor, held_out[: args.eval_max], args.batch_size, parallel)
+
+            def evaluate(step):
+                return {**losses(step), **scores(step)}
+
+        base = origin["base"]
+        dtype = stored_dtype(origin["frozen_from"]) if origin["frozen_from"] else torch.float32
+        writer = CheckpointWriter(runner, finetune, origin["trained"], origin["frozen_from"], dtype, tokenizer,
+                                  parallel.is_main, str(base) if base else None, run_record(finetune, base, dtype))
+        options = TrainOptions(
+            steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+            clip_norm=args.clip_norm, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+            progress=not args.no_progress,
+            workers=default_workers(args.device) if args.workers is None else args.workers,
+            grad_accum=args.grad_accum, optimizer=args.optimizer,
+            autocast=finetune.dtype if finetune.dtype != torch.float32 else None,
+        )
+        if parallel.is_main:
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            lora = f", LoRA r={finetune.lora.r}" if finetune.lora else ""
+            print(f"training {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
+                  f"({', '.join(finetune.parts) or 'none'} in full{lora}; frozen in {args.dtype}) on "
+                  f"{parallel.world} process(es)", flush=True)
+        train(runner, batches, loss_fn, options, out_dir=Path(args.out), save=writer, evaluate=evaluate,
+              resume=Path(args.resume) if args.resume else None, parallel=parallel)
+        if args.export and parallel.is_main:
+            export_after_training(args, Path(args.out) / "last")
+        parallel.barrier()
+    finally:
+        parallel.close()

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import MASK_DECODER_NAME, WEIGHTS_NAME, Checkpoint
+from .config import PaliGemmaConfig
 from .errors import CheckpointError
 from .mask_decoder import MaskDecoder
 from .model import PaliGemmaForConditionalGeneration
@@ -159,11 +160,17 @@ def load_model(
 
 def save_checkpoint(model: PaliGemmaForConditionalGeneration, directory: str | os.PathLike) -> Path:
     """Write config.json and model.safetensors in the Hub layout, which transformers 4.x and 5.x both read."""
+    return save_state(model.config, model.state_dict(), directory, next(model.parameters()).dtype)
+
+
+def save_state(config: PaliGemmaConfig, state: dict[str, torch.Tensor], directory: str | os.PathLike,
+               dtype: torch.dtype) -> Path:
+    """save_checkpoint's files for a state dict in this package's names whose weights are in `dtype`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config_dict = config.to_dict()
+    config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     return directory
