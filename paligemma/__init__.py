@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .boxes import answer_boxes
 from .checkpoint import Checkpoint
 from .config import PaliGemmaConfig
 from .contrastive import chunked_sigmoid_loss, sigmoid_loss
@@ -27,7 +28,7 @@ __all__ = [
     "load", "Checkpoint", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor",
     "SamplingParams", "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError",
     "OnnxExportError", "DEMO_CHECKPOINT", "TorchEngine", "StaticEngines", "BatchedTorchEngine", "ENGINES",
-    "MaskDecoder", "Segmentation", "parse_segmentations", "load_siglip", "SiglipModel", "SiglipConfig",
+    "MaskDecoder", "Segmentation", "parse_segmentations", "answer_boxes", "load_siglip", "SiglipModel", "SiglipConfig",
     "SiglipTokenizer", "sigmoid_loss", "chunked_sigmoid_loss", "default_max_batch",
 ]
 
