@@ -36,7 +36,7 @@ from .errors import InputError, shown
 from .generate import decode_rate
 from .processor import load_image_and_size
 from .sampling import SamplingParams
-from .scheduler import Request
+from .scheduler import END, Request
 
 logger = logging.getLogger(__name__)
 
@@ -419,11 +419,12 @@ class Answerer:
                 result = pipe.generate(prepared.image, item.prompt, max_new_tokens=self.params.max_new_tokens)
                 ids, ttft, rate = result.token_ids, result.ttft_s, result.decode_tokens_per_s
             else:
-                request = Request(prepared.inputs, self.params, self.stop_ids, None, start=start, caller_cancel=stop)
+                ended = Ending()
+                request = Request(prepared.inputs, self.params, self.stop_ids, None, start=start, caller_cancel=stop,
+                                  updates=ended)
                 try:
                     pipe.batcher.submit(request)
-                    for _ in request.stream():
-                        pass
+                    ended.wait()
                 finally:
                     request.cancel.set()
                 ids = pipe._finish(request.tokens, self.stop_ids)
@@ -438,6 +439,26 @@ class Answerer:
         timings.update(ttft_s=seconds(ttft), total_s=seconds(time.perf_counter() - start),
                        decode_tokens_per_s=round(rate, 1))
         return record_of(item, text=text, token_ids=ids, boxes=boxes, timings=timings)
+
+
+class Ending:
+    """A request's update queue that keeps only its end: the tokens are in the request (request.tokens, .times), so
+    the thread waiting for the answer wakes once, not at every token of it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def put(self, update) -> None:
+        if update is END:
+            self.done.set()
+        elif isinstance(update, BaseException):
+            self.error = update
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
 
 
 def put(target: queue.Queue, value, stop: threading.Event) -> None:
