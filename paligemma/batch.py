@@ -81,12 +81,17 @@ def read_items(source: str | os.PathLike, prompt: str = DEFAULT_PROMPT) -> list[
             return jsonl_items(path, prompt)
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return [Item(path.name, text, str(path.resolve()), prompt)]
-        raise InputError(f"--input {shown(text)} is a file that is neither a JSONL of records (.jsonl) nor an "
+        raise InputError(f"--input {path_text(text)} is a file that is neither a JSONL of records (.jsonl) nor an "
                          f"image ({', '.join(IMAGE_EXTENSIONS)}); give a folder, a glob, a .jsonl file or an image")
     if glob.has_magic(text):
         return glob_items(text, prompt)
-    raise InputError(f"--input {shown(text)} does not exist; give a folder of images, a glob (quoted, e.g. "
+    raise InputError(f"--input {path_text(text)} does not exist; give a folder of images, a glob (quoted, e.g. "
                      f"'photos/**/*.jpg') or a .jsonl file of records")
+
+
+def path_text(path) -> str:
+    """A path as a message quotes it: whole (up to 300 characters), so that the user can find it."""
+    return shown(os.fspath(path), 300)
 
 
 def is_image_name(name: str) -> bool:
@@ -103,7 +108,7 @@ def folder_items(folder: Path, prompt: str) -> list[Item]:
                 path = Path(directory) / name
                 items.append(Item(path.relative_to(folder).as_posix(), str(path), str(path.resolve()), prompt))
     if not items:
-        raise InputError(f"--input folder {shown(str(folder))} holds no image files ({', '.join(IMAGE_EXTENSIONS)}, "
+        raise InputError(f"--input folder {path_text(folder)} holds no image files ({', '.join(IMAGE_EXTENSIONS)}, "
                          "in it or its subfolders); check the path")
     return sorted(items, key=lambda item: item.id)
 
@@ -120,7 +125,7 @@ def glob_items(pattern: str, prompt: str) -> list[Item]:
         if path.is_file():
             items.append(Item(path.relative_to(base).as_posix(), match, str(path.resolve()), prompt))
     if not items:
-        raise InputError(f"--input glob {shown(pattern)} matches no file; check the pattern (quote it, so that the "
+        raise InputError(f"--input glob {path_text(pattern)} matches no file; check the pattern (quote it, so that the "
                          "shell does not expand it)")
     return sorted(items, key=lambda item: item.id)
 
@@ -182,17 +187,17 @@ class AnswerFile:
         self.sync_interval_s = sync_interval_s
         folder = self.path.parent
         if not folder.is_dir():
-            raise InputError(f"--out {shown(str(self.path))}: the folder {shown(str(folder))} does not exist; create "
+            raise InputError(f"--out {path_text(self.path)}: the folder {path_text(folder)} does not exist; create "
                              "it first (mkdir -p)")
         if self.path.is_dir():
-            raise InputError(f"--out {shown(str(self.path))} is a folder; give a file name, e.g. answers.jsonl")
+            raise InputError(f"--out {path_text(self.path)} is a folder; give a file name, e.g. answers.jsonl")
         created = not self.path.exists()
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise InputError(f"--out {shown(str(self.path))} is being written by another run; wait for it, or "
+                raise InputError(f"--out {path_text(self.path)} is being written by another run; wait for it, or "
                                  "give another file") from None
             self.answered, self.cut_bytes = self._read()
             if created:
@@ -220,7 +225,7 @@ class AnswerFile:
                 record = json.loads(line)
                 answered.add(record["id"])
             except (ValueError, KeyError, TypeError):
-                raise InputError(f"--out {shown(str(self.path))}: line {number} is not an answer line of this command "
+                raise InputError(f"--out {path_text(self.path)}: line {number} is not an answer line of this command "
                                  "(a JSON object with an \"id\"); give another --out, or remove that line") from None
         return answered, cut
 
