@@ -17,6 +17,7 @@ from .batch import (
     AnswerFile,
     Summary,
     answer_line,
+    load_pipeline,
     pending_items,
     read_items,
 )
@@ -121,22 +122,6 @@ def run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_pipeline(load: dict, threads: int | None):
-    """paligemma.load with the batch's thread settings. On ONNX Runtime torch only moves small tensors between the
-    steps: on one thread, since waking a second one costs more than such a copy (10 ms for the pixels' stack with
-    two threads on two busy cores, against 0.02 ms on one)."""
-    import torch
-
-    import paligemma
-
-    if load["backend"] == "onnx":
-        torch.set_num_threads(1)
-        return paligemma.load(**load, threads=threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return paligemma.load(**load)
-
-
 def write_answers(lines: Iterable[str], answers: AnswerFile, total: int, summary: Summary) -> None:
     """Writes each line as it comes, with a progress bar (images/s and the time left); fills `summary`."""
     from tqdm import tqdm
@@ -146,6 +131,8 @@ def write_answers(lines: Iterable[str], answers: AnswerFile, total: int, summary
         try:
             for line in lines:
                 answers.write(line)
+                if summary.first_s is None:
+                    summary.first_s = time.perf_counter() - start
                 record = json.loads(line)
                 summary.add(record)
                 bar.update(1)

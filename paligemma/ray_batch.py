@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .batch import DEFAULT_MAX_NEW_TOKENS, DEFAULT_READERS, Answerer, Item, answer_line, item_from_json, item_json
+from .batch import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_READERS,
+    Answerer,
+    Item,
+    answer_line,
+    item_from_json,
+    item_json,
+    load_pipeline,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +76,6 @@ class RayWorker:
 
     def __init__(self, load: dict, readers: int = DEFAULT_READERS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  threads: int | None = None):
-        from .batch_command import load_pipeline
-
         self.answerer = Answerer(load_pipeline(load, threads), readers=readers, max_new_tokens=max_new_tokens)
 
     def __call__(self, batch: dict) -> dict:

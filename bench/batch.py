@@ -1,0 +1,221 @@
+"""The batch command against a plain loop, on Ray, and killed half-way (docs/datasets.md has the figures):
+
+    python -m bench.batch --scenes 2000 [--backend onnx] [--parts loop,batch,ray,kill] [--results DIR]
+
+Drawn scenes (shapes.scenes, seed 1) are written as PNG files into a folder; then, each in a process of its own:
+- loop: what a user writes first, a plain loop that opens each file and calls `pipe.generate` on it, one at a time,
+  on the same backend (`paligemma.load(backend=...)`, as it comes; and again with torch on one thread, as the batch
+  command sets it for ONNX Runtime, so the comparison does not rest on that setting);
+- batch: `python -m paligemma batch --input FOLDER --out FILE` (its defaults: 8 rows, 2 readers);
+- ray: the same with `--ray --workers 2 --cpus-per-worker 1` (a local cluster of 2 actors, one thread each);
+- kill: the batch command killed with SIGKILL once half the lines are written, then run again to the end.
+
+Each reports images/s over its answering (the model loaded; for Ray, the cluster's start and the actors' start-up
+included) and from its first answer on (the steady rate), the process's wall time and peak resident memory
+(/usr/bin/time; for Ray, the driver's), and the load average of the machine before and after. Answers: the token ids
+of every image against the loop's, and the lines of the killed-and-resumed run against the uninterrupted one's
+(timings aside). Results: DIR/batch.json and DIR/batch.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "caption en"
+MAX_NEW_TOKENS = 96  # the batch command's default
+SUMMARY = re.compile(r"answered (\d+), failed (\d+).*?; ([\d.]+) images/s \((\d+) in ([\d.]+) s; the first after "
+                     r"([\d.]+) s\)")
+
+
+def draw_scenes(folder: Path, count: int) -> Path:
+    from shapes.scenes import render_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        path = folder / f"scene-{i:05d}.png"
+        if not path.exists():
+            render_scene(1, i).image.save(path)
+    return folder
+
+
+def plain_loop(folder: Path, backend: str, torch_threads: int | None, out: Path) -> None:
+    """In this process: the loop a user writes first, timed after the load."""
+    import torch
+
+    import paligemma
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    start = time.perf_counter()
+    pipe = paligemma.load(backend=backend)
+    loaded = time.perf_counter()
+    answers, first = {}, None
+    for path in sorted(folder.glob("*.png")):
+        result = pipe.generate(str(path), PROMPT, max_new_tokens=MAX_NEW_TOKENS)
+        answers[path.name] = result.token_ids
+        first = first or time.perf_counter() - loaded
+    seconds = time.perf_counter() - loaded
+    out.write_text(json.dumps(dict(load_s=loaded - start, seconds=seconds, first_s=first, answers=answers,
+                                   torch_threads=torch.get_num_threads())))
+
+
+def timed(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs `command` under /usr/bin/time -v: (the process, {wall_s, peak_rss_mb, load before and after})."""
+    before = os.getloadavg()
+    start = time.perf_counter()
+    result = subprocess.run(["/usr/bin/time", "-v", *command], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, **kwargs)
+    wall = time.perf_counter() - start
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return result, dict(wall_s=round(wall, 2), peak_rss_mb=round(int(peak.group(1)) / 1024) if peak else None,
+                        load_before=[round(x, 2) for x in before], load_after=[round(x, 2) for x in os.getloadavg()])
+
+
+def summary_of(stderr: str) -> dict:
+    found = SUMMARY.findall(stderr)
+    if not found:
+        raise RuntimeError(f"no summary line in:\n{stderr[-2000:]}")
+    answered, failed, rate, count, seconds, first = found[-1]
+    count, seconds, first = int(count), float(seconds), float(first)
+    return dict(answered=int(answered), failed=int(failed), images_per_s=float(rate), seconds=seconds,
+                first_s=first, steady_images_per_s=round((count - 1) / max(seconds - first, 1e-9), 1))
+
+
+def token_ids(path: Path) -> dict:
+    return {r["id"]: r["token_ids"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def lines_without_timings(path: Path) -> set[str]:
+    records = map(json.loads, path.read_text().splitlines())
+    return {json.dumps({k: v for k, v in r.items() if k != "timings"}, sort_keys=True) for r in records}
+
+
+def batch_command(folder: Path, out: Path, backend: str, *extra) -> list[str]:
+    return [sys.executable, "-m", "paligemma", "batch", "--input", str(folder), "--out", str(out),
+            "--backend", backend, "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS), *map(str, extra)]
+
+
+def kill_half_way(folder: Path, out: Path, backend: str, count: int) -> dict:
+    """The batch command killed with SIGKILL once half the lines are written, then run again to the end."""
+    out.unlink(missing_ok=True)
+    process = subprocess.Popen(batch_command(folder, out, backend), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    while process.poll() is None and (not out.exists() or out.read_bytes().count(b"\n") < count // 2):
+        time.sleep(0.01)
+    if process.poll() is not None:
+        raise RuntimeError("the run ended before it was killed")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    data = out.read_bytes()
+    killed = dict(lines=data.count(b"\n"), partial_line_bytes=len(data) - (data.rfind(b"\n") + 1))
+    result, process_figures = timed(batch_command(folder, out, backend))
+    return dict(killed=killed, resumed=summary_of(result.stderr), **process_figures)
+
+
+def markdown(report: dict) -> str:
+    rows = ["| run | images/s (answering) | steady, from the first answer | first answer | wall (process) | peak RSS "
+            "| load average before / after |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, run in report["runs"].items():
+        rows.append(f"| {name} | {run['images_per_s']:.1f} | {run['steady_images_per_s']:.1f} | {run['first_s']:.2f} s "
+                    f"| {run['wall_s']:.1f} s | {run['peak_rss_mb']} MB | {run['load_before'][0]} / "
+                    f"{run['load_after'][0]} |")
+    lines = [f"# The batch command: {report['scenes']} drawn scenes, backend {report['backend']}", "",
+             f"CPU: {report['cpu']}; {report['cores']} cores.", "", *rows, ""]
+    for key, value in report["checks"].items():
+        lines.append(f"- {key}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=int, default=2000)
+    parser.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
+    parser.add_argument("--parts", default="loop,batch,ray,kill")
+    parser.add_argument("--work", default="/tmp/paligemma-bench-batch", help="scenes and answers are written here")
+    parser.add_argument("--results", default=None, help="folder for batch.json and batch.md (default: print only)")
+    parser.add_argument("--plain-loop", nargs=3, metavar=("FOLDER", "TORCH_THREADS", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.plain_loop:
+        folder, threads, out = args.plain_loop
+        plain_loop(Path(folder), args.backend, int(threads) or None, Path(out))
+        return 0
+    work = Path(args.work)
+    folder = draw_scenes(work / f"scenes-{args.scenes}", args.scenes)
+    parts = args.parts.split(",")
+    report = dict(scenes=args.scenes, backend=args.backend, cores=len(os.sched_getaffinity(0)), cpu=cpu_name(),
+                  runs={}, checks={})
+    answers = {}
+    if "loop" in parts:
+        for threads in (0, 1):
+            out = work / f"loop-{threads}.json"
+            _, figures = timed([sys.executable, "-m", "bench.batch", "--backend", args.backend, "--plain-loop",
+                                str(folder), str(threads), str(out)])
+            loop = json.loads(out.read_text())
+            name = f"plain loop (torch threads {loop['torch_threads']})"
+            report["runs"][name] = dict(images_per_s=round(args.scenes / loop["seconds"], 1),
+                                        steady_images_per_s=round((args.scenes - 1) / (loop["seconds"]
+                                                                                        - loop["first_s"]), 1),
+                                        first_s=loop["first_s"], **figures)
+            answers[name] = loop["answers"]
+    if "batch" in parts or "kill" in parts or "ray" in parts:
+        out = work / "batch.jsonl"
+        out.unlink(missing_ok=True)
+        result, figures = timed(batch_command(folder, out, args.backend))
+        report["runs"]["batch (8 rows, 2 readers)"] = dict(**summary_of(result.stderr), **figures)
+        answers["batch"] = token_ids(out)
+    for name, loop_answers in answers.items():
+        if name != "batch" and "batch" in answers:
+            same = sum(loop_answers[k] == answers["batch"].get(k) for k in loop_answers)
+            report["checks"][f"batch's token ids equal to the {name}'s"] = f"{same} of {len(loop_answers)}"
+    if "ray" in parts:
+        out = work / "ray.jsonl"
+        out.unlink(missing_ok=True)
+        result, figures = timed(batch_command(folder, out, args.backend, "--ray", "--workers", 2,
+                                              "--cpus-per-worker", 1))
+        report["runs"]["ray, local cluster, 2 actors x 1 CPU"] = dict(**summary_of(result.stderr), **figures)
+        ray_answers = token_ids(out)
+        same = sum(ray_answers.get(k) == v for k, v in answers["batch"].items())
+        report["checks"]["ray's token ids equal to the batch's"] = f"{same} of {len(answers['batch'])}"
+    if "kill" in parts:
+        out = work / "killed.jsonl"
+        kill = kill_half_way(folder, out, args.backend, args.scenes)
+        report["kill"] = kill
+        equal = lines_without_timings(out) == lines_without_timings(work / "batch.jsonl")
+        killed, resumed = kill["killed"], kill["resumed"]
+        report["checks"]["killed at half-way"] = (
+            f"{killed['lines']} lines and {killed['partial_line_bytes']} bytes of a partial line when killed; "
+            f"resumed: {resumed['answered']} answered in {resumed['seconds']} s")
+        report["checks"]["killed and resumed: the same lines as uninterrupted (timings aside)"] = equal
+    text = markdown(report)
+    print(text)
+    if args.results:
+        results = Path(args.results)
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "batch.json").write_text(json.dumps(report, indent=1) + "\n")
+        (results / "batch.md").write_text(text)
+    return 0
+
+
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    flags = sorted(set(re.findall(r"\b(avx512_vnni|avx512_bf16|avx2)\b", info)))
+    return f"{model.group(1) if model else 'unknown'} ({', '.join(flags)})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
