@@ -1,6 +1,6 @@
 """The batch command against a plain loop, on Ray, and killed half-way (docs/datasets.md has the figures):
 
-    python -m bench.batch --scenes 2000 [--backend onnx] [--parts loop,batch,ray,kill] [--results DIR]
+    python -m bench.batch --scenes 2000 [--backend onnx] [--parts loop,batch,ray1,ray,kill] [--results DIR]
 
 Drawn scenes (shapes.scenes, seed 1) are written as PNG files into a folder; then, each in a process of its own:
 - loop: what a user writes first, a plain loop that opens each file and calls `pipe.generate` on it, one at a time,
@@ -8,6 +8,7 @@ Drawn scenes (shapes.scenes, seed 1) are written as PNG files into a folder; the
   command sets it for ONNX Runtime, so the comparison does not rest on that setting);
 - batch: `python -m paligemma batch --input FOLDER --out FILE` (its defaults: 8 rows, 2 readers);
 - ray: the same with `--ray --workers 2 --cpus-per-worker 1` (a local cluster of 2 actors, one thread each);
+  ray1: with one actor;
 - kill: the batch command killed with SIGKILL once half the lines are written, then run again to the end.
 
 Each reports images/s over its answering (the model loaded; for Ray, the cluster's start and the actors' start-up
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=2000)
     parser.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
-    parser.add_argument("--parts", default="loop,batch,ray,kill")
+    parser.add_argument("--parts", default="loop,batch,ray1,ray,kill")
     parser.add_argument("--work", default="/tmp/paligemma-bench-batch", help="scenes and answers are written here")
     parser.add_argument("--results", default=None, help="folder for batch.json and batch.md (default: print only)")
     parser.add_argument("--plain-loop", nargs=3, metavar=("FOLDER", "TORCH_THREADS", "OUT"), help=argparse.SUPPRESS)
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
                                                                                         - loop["first_s"]), 1),
                                         first_s=loop["first_s"], **figures)
             answers[name] = loop["answers"]
-    if "batch" in parts or "kill" in parts or "ray" in parts:
+    if {"batch", "kill", "ray", "ray1"} & set(parts):
         out = work / "batch.jsonl"
         out.unlink(missing_ok=True)
         result, figures = timed(batch_command(folder, out, args.backend))
@@ -178,15 +179,18 @@ def main(argv=None) -> int:
         if name != "batch" and "batch" in answers:
             same = sum(loop_answers[k] == answers["batch"].get(k) for k in loop_answers)
             report["checks"][f"batch's token ids equal to the {name}'s"] = f"{same} of {len(loop_answers)}"
-    if "ray" in parts:
-        out = work / "ray.jsonl"
+    for workers in (1, 2):
+        if f"ray{workers}" not in parts and not (workers == 2 and "ray" in parts):
+            continue
+        out = work / f"ray-{workers}.jsonl"
         out.unlink(missing_ok=True)
-        result, figures = timed(batch_command(folder, out, args.backend, "--ray", "--workers", 2,
+        result, figures = timed(batch_command(folder, out, args.backend, "--ray", "--workers", workers,
                                               "--cpus-per-worker", 1))
-        report["runs"]["ray, local cluster, 2 actors x 1 CPU"] = dict(**summary_of(result.stderr), **figures)
+        name = f"ray, local cluster, {workers} actor{'s' if workers > 1 else ''} x 1 CPU"
+        report["runs"][name] = dict(**summary_of(result.stderr), **figures)
         ray_answers = token_ids(out)
         same = sum(ray_answers.get(k) == v for k, v in answers["batch"].items())
-        report["checks"]["ray's token ids equal to the batch's"] = f"{same} of {len(answers['batch'])}"
+        report["checks"][f"{name}: token ids equal to the batch's"] = f"{same} of {len(answers['batch'])}"
     if "kill" in parts:
         out = work / "killed.jsonl"
         kill = kill_half_way(folder, out, args.backend, args.scenes)
