@@ -71,8 +71,8 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
                              "torch's (default: torch's)")
     ray = parser.add_argument_group("Ray (paligemma/ray_batch.py; pip install -r requirements-ray.txt)")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                     help="run on a Ray cluster: ADDRESS of its head (ray://HOST:10001, or auto for the cluster this "
-                          "node is part of); none: a local cluster on this machine")
+                     help="run on a Ray cluster: auto (the cluster this node has joined with `ray start`) or its "
+                          "head's HOST:6379; none: a local cluster on this machine")
     ray.add_argument("--workers", type=positive_int, default=None,
                      help="actors, each holding one pipeline (default: as many as the cluster's CPUs, or GPUs, hold)")
     ray.add_argument("--cpus-per-worker", type=non_negative_float, default=None,

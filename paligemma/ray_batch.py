@@ -75,8 +75,9 @@ class RayWorker:
     with {"line": their answer lines} (in the order they finished)."""
 
     def __init__(self, load: dict, readers: int = DEFAULT_READERS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 threads: int | None = None):
-        self.answerer = Answerer(load_pipeline(load, threads), readers=readers, max_new_tokens=max_new_tokens)
+                 threads: int | None = None, cores: int = 1):
+        self.answerer = Answerer(load_pipeline(load, threads), readers=readers, max_new_tokens=max_new_tokens,
+                                 cores=cores)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -135,7 +136,7 @@ def answer_on_ray(items: list[Item], load: dict, settings: RaySettings, *, reade
                                       enable_true_multi_threading=True)
     answers = dataset.map_batches(
         RayWorker, fn_constructor_kwargs=dict(load=load, readers=readers, max_new_tokens=max_new_tokens,
-                                              threads=threads),
+                                              threads=threads, cores=max(1, int(cpus))),
         batch_size=batch_size, batch_format="numpy", compute=pool, num_cpus=cpus, num_gpus=gpus or None)
     try:
         for row in answers.iter_rows():

@@ -228,3 +228,47 @@ def test_bad_input_is_refused_in_one_line_before_the_model_loads(tmp_path, capsy
     assert 'line 1 has no "image"' in error_of(capsys, "--input", records, "--out", out)
     assert "add --ray" in error_of(capsys, "--input", records, "--out", out, "--workers", 2)
     assert not out.exists()  # nothing was started
+
+
+def test_allow_prefills_lets_that_many_requests_prefill_at_once(tmp_path):
+    """Two requests meet inside the engine's prefill (a barrier both must reach) once two are allowed; with the
+    default one, the second waits for the first, and the barrier times out."""
+    import threading
+
+    from paligemma.sampling import SamplingParams
+    from paligemma.scheduler import Request
+
+    pipe = paligemma.load(backend="onnx", max_batch=2)
+    batcher, prefill = pipe.batcher, pipe.batcher.engine.prefill
+    inputs = pipe.processor([str(draw(tmp_path, [0])[0])], ["caption en"])
+    params = SamplingParams(4)
+
+    def met(allowed: int) -> bool:
+        barrier = threading.Barrier(2, timeout=1.0)
+        met = []
+
+        def meeting_prefill(*args):
+            try:
+                barrier.wait()
+                met.append(True)
+            except threading.BrokenBarrierError:
+                met.append(False)
+            return prefill(*args)
+
+        batcher.engine.prefill = meeting_prefill
+        if allowed > 1:
+            batcher.allow_prefills(allowed)
+        requests = [Request(inputs, params, pipe.stop_ids, None) for _ in range(2)]
+        threads = [threading.Thread(target=batcher.submit, args=(r,)) for r in requests]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for request in requests:
+            list(request.stream())
+        return all(met)
+
+    assert not met(1)
+    assert met(2)
+    with pytest.raises(ValueError, match="prefills=0"):
+        batcher.allow_prefills(0)
