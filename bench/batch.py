@@ -1,14 +1,15 @@
 """The batch command against a plain loop, on Ray, and killed half-way (docs/datasets.md has the figures):
 
-    python -m bench.batch --scenes 2000 [--backend onnx] [--parts loop,batch,ray1,ray,kill] [--results DIR]
+    python -m bench.batch --scenes 2000 [--backend onnx] [--parts loop,batch,ray1,ray,raycold,kill] [--results DIR]
 
 Drawn scenes (shapes.scenes, seed 1) are written as PNG files into a folder; then, each in a process of its own:
 - loop: what a user writes first, a plain loop that opens each file and calls `pipe.generate` on it, one at a time,
   on the same backend (`paligemma.load(backend=...)`, as it comes; and again with torch on one thread, as the batch
   command sets it for ONNX Runtime, so the comparison does not rest on that setting);
 - batch: `python -m paligemma batch --input FOLDER --out FILE` (its defaults: 8 rows, 2 readers);
-- ray: the same with `--ray --workers 2 --cpus-per-worker 1` (a local cluster of 2 actors, one thread each);
-  ray1: with one actor;
+- ray: the same with `--ray ADDRESS --workers 2 --cpus-per-worker 1`: 2 actors, one thread each, on a local cluster
+  of this machine's cores that is running already (as one started with `ray start --head` would be); ray1: one
+  actor; raycold: `--ray` alone, which starts a local cluster for the run (its start-up counted);
 - kill: the batch command killed with SIGKILL once half the lines are written, then run again to the end.
 
 Each reports images/s over its answering (the model loaded; for Ray, the cluster's start and the actors' start-up
@@ -69,12 +70,12 @@ def plain_loop(folder: Path, backend: str, torch_threads: int | None, out: Path)
                                    torch_threads=torch.get_num_threads())))
 
 
-def timed(command: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, dict]:
+def timed(command: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     """Runs `command` under /usr/bin/time -v: (the process, {wall_s, peak_rss_mb, load before and after})."""
     before = os.getloadavg()
     start = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-v", *command], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, **kwargs)
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     wall = time.perf_counter() - start
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
     if result.returncode != 0:
@@ -105,6 +106,34 @@ def lines_without_timings(path: Path) -> set[str]:
 def batch_command(folder: Path, out: Path, backend: str, *extra) -> list[str]:
     return [sys.executable, "-m", "paligemma", "batch", "--input", str(folder), "--out", str(out),
             "--backend", backend, "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS), *map(str, extra)]
+
+
+# A process that holds a local Ray cluster (started by ray.init, so it ends with the process) and prints its address:
+# the runs on a "running cluster" connect to it as the docs' `ray start --head` cluster would be connected to. Both
+# sides use token authentication (Ray's default for a new cluster) with this machine's token, ~/.ray/auth_token: a
+# driver given an address uses it only when RAY_AUTH_MODE=token says so.
+TOKEN_AUTH = {"RAY_AUTH_MODE": "token"}
+CLUSTER_HOLDER = ("import sys, ray; ray.init(address='local', num_cpus=int(sys.argv[1]), include_dashboard=False); "
+                  "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()")
+
+
+def start_cluster(cpus: int) -> tuple[subprocess.Popen, str]:
+    holder = subprocess.Popen([sys.executable, "-c", CLUSTER_HOLDER, str(cpus)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, **TOKEN_AUTH})
+    address = holder.stdout.readline().strip()
+    if not address:
+        holder.kill()
+        raise RuntimeError("the local Ray cluster did not start")
+    return holder, address
+
+
+def stop_cluster(holder: subprocess.Popen) -> None:
+    holder.stdin.close()  # it returns from its read and exits; ray.shutdown runs at exit
+    try:
+        holder.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        holder.kill()
 
 
 def kill_half_way(folder: Path, out: Path, backend: str, count: int) -> dict:
@@ -142,7 +171,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=2000)
     parser.add_argument("--backend", default="onnx", choices=["onnx", "torch"])
-    parser.add_argument("--parts", default="loop,batch,ray1,ray,kill")
+    parser.add_argument("--parts", default="loop,batch,ray1,ray,raycold,kill")
     parser.add_argument("--work", default="/tmp/paligemma-bench-batch", help="scenes and answers are written here")
     parser.add_argument("--results", default=None, help="folder for batch.json and batch.md (default: print only)")
     parser.add_argument("--plain-loop", nargs=3, metavar=("FOLDER", "TORCH_THREADS", "OUT"), help=argparse.SUPPRESS)
@@ -169,7 +198,7 @@ def main(argv=None) -> int:
                                                                                         - loop["first_s"]), 1),
                                         first_s=loop["first_s"], **figures)
             answers[name] = loop["answers"]
-    if {"batch", "kill", "ray", "ray1"} & set(parts):
+    if {"batch", "kill", "ray", "ray1", "raycold"} & set(parts):
         out = work / "batch.jsonl"
         out.unlink(missing_ok=True)
         result, figures = timed(batch_command(folder, out, args.backend))
@@ -179,18 +208,25 @@ def main(argv=None) -> int:
         if name != "batch" and "batch" in answers:
             same = sum(loop_answers[k] == answers["batch"].get(k) for k in loop_answers)
             report["checks"][f"batch's token ids equal to the {name}'s"] = f"{same} of {len(loop_answers)}"
-    for workers in (1, 2):
-        if f"ray{workers}" not in parts and not (workers == 2 and "ray" in parts):
-            continue
-        out = work / f"ray-{workers}.jsonl"
-        out.unlink(missing_ok=True)
-        result, figures = timed(batch_command(folder, out, args.backend, "--ray", "--workers", workers,
-                                              "--cpus-per-worker", 1))
-        name = f"ray, local cluster, {workers} actor{'s' if workers > 1 else ''} x 1 CPU"
-        report["runs"][name] = dict(**summary_of(result.stderr), **figures)
-        ray_answers = token_ids(out)
-        same = sum(ray_answers.get(k) == v for k, v in answers["batch"].items())
-        report["checks"][f"{name}: token ids equal to the batch's"] = f"{same} of {len(answers['batch'])}"
+    ray_runs = [(workers, running) for workers, running, part in [(1, True, "ray1"), (2, True, "ray"),
+                                                                  (2, False, "raycold")] if part in parts]
+    holder, address = start_cluster(report["cores"]) if any(running for _, running in ray_runs) else (None, None)
+    try:
+        for workers, running in ray_runs:
+            out = work / f"ray-{workers}-{'running' if running else 'new'}.jsonl"
+            out.unlink(missing_ok=True)
+            result, figures = timed(batch_command(folder, out, args.backend, "--ray", *([address] if running else []),
+                                                  "--workers", workers, "--cpus-per-worker", 1),
+                                    env=TOKEN_AUTH if running else None)
+            name = (f"ray, {workers} actor{'s' if workers > 1 else ''} x 1 CPU, "
+                    f"{'local cluster running' if running else 'new local cluster (--ray alone)'}")
+            report["runs"][name] = dict(**summary_of(result.stderr), **figures)
+            ray_answers = token_ids(out)
+            same = sum(ray_answers.get(k) == v for k, v in answers["batch"].items())
+            report["checks"][f"{name}: token ids equal to the batch's"] = f"{same} of {len(answers['batch'])}"
+    finally:
+        if holder is not None:
+            stop_cluster(holder)
     if "kill" in parts:
         out = work / "killed.jsonl"
         kill = kill_half_way(folder, out, args.backend, args.scenes)

@@ -72,7 +72,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     ray = parser.add_argument_group("Ray (paligemma/ray_batch.py; pip install -r requirements-ray.txt)")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="run on a Ray cluster: auto (the cluster this node has joined with `ray start`) or its "
-                          "head's HOST:6379; none: a local cluster on this machine")
+                          "head's HOST:6379; none: a new local cluster of this machine's cores, for this run")
     ray.add_argument("--workers", type=positive_int, default=None,
                      help="actors, each holding one pipeline (default: as many as the cluster's CPUs, or GPUs, hold)")
     ray.add_argument("--cpus-per-worker", type=non_negative_float, default=None,

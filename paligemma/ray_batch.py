@@ -16,6 +16,7 @@ Ray is imported on use: `import paligemma` never needs it.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,7 +44,7 @@ GPU_ROWS = 64
 
 @dataclass(frozen=True)
 class RaySettings:
-    address: str | None = None  # None: a local cluster on this machine
+    address: str | None = None  # None: a local cluster of this machine's cores, for this run
     workers: int | None = None  # None: as many as the cluster's CPUs (or GPUs) hold
     cpus_per_worker: float | None = None  # None: 1
     gpus_per_worker: float | None = None  # None: 1 with device cuda, else 0
@@ -57,17 +58,25 @@ def runtime_env() -> dict:
 
 
 def init_ray(address: str | None = None, **options) -> None:
-    """Connects to the cluster at `address` ("auto": the one this node belongs to), or starts a local one (None),
-    with the job's runtime_env; nothing when Ray is initialized already (the caller set it up). `options` go to
-    ray.init (a local cluster's num_cpus, for one)."""
+    """Connects to the cluster at `address` ("auto": the one this node has joined; HOST:PORT: its head), or starts a
+    local one for this process (None: Ray's "local", even where this machine runs a cluster), with the job's
+    runtime_env; nothing when Ray is initialized already (the caller set it up). `options` go to ray.init (a local
+    cluster's num_cpus, for one)."""
     import ray
 
     if ray.is_initialized():
         return
     # Its warning that the embedded model (inside paligemma/) is a large file to ship: it is meant to travel.
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.ERROR)
-    ray.init(address=address, runtime_env=runtime_env(), include_dashboard=False, logging_level=logging.WARNING,
-             **options)
+    try:
+        ray.init(address=address or "local", runtime_env=runtime_env(), include_dashboard=False,
+                 logging_level=logging.WARNING, **options)
+    except ConnectionError as e:
+        hint = "" if os.environ.get("RAY_AUTH_MODE") else (
+            "; if the cluster uses token authentication (Ray's default for a new cluster), set RAY_AUTH_MODE=token "
+            "and give this machine the head's token (RAY_AUTH_TOKEN, or its ~/.ray/auth_token)")
+        raise ConnectionError(f"--ray {address}: {first_line(e)}; check that `ray start --head` runs there and the "
+                              f"address{hint}") from None
 
 
 class RayWorker:
