@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from . import report, worker
+from . import limits, report, worker
 from .worker import CPU_RUNTIMES, CUDA_RUNTIMES
-from .workloads import PROMPT, WORKLOADS, exporter_source_digest
+from .workloads import PROMPT, WORKLOADS, exporter_source_digest, request_image
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -103,11 +103,15 @@ def parse_args(argv):
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed to each runtime's process")
     parser.add_argument("--in-process", action="store_true",
                         help="run every runtime and export in this process (faster; peak memory is not measured)")
+    parser.add_argument("--bandwidth-mib", type=int, default=1024,
+                        help="the buffer the memory bandwidth is measured on (CPU; keep it much larger than the "
+                             "last-level cache; default 1024, 64 with --smoke)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.workloads = args.workloads or "tiny"
         args.runs, args.rounds, args.warmup, args.in_process = 1, 1, 0, True
         args.new_tokens = min(args.new_tokens, 16)
+        args.bandwidth_mib = min(args.bandwidth_mib, 64)
     default_workloads = "demo" if args.mode == "load" else "full3b" if args.cuda else "demo,wide"
     args.workloads = (args.workloads or default_workloads).split(",")
     allowed = CUDA_RUNTIMES if args.cuda else CPU_RUNTIMES
@@ -132,6 +136,8 @@ def parse_args(argv):
                          f"choose from {', '.join(allowed)}")
     if args.runs < 1 or args.rounds < 1 or args.scenes < 1 or args.warmup < 0 or args.new_tokens < 2:
         parser.error("--runs, --rounds and --scenes must be >= 1, --warmup >= 0 and --new-tokens >= 2")
+    if args.bandwidth_mib < 1:
+        parser.error("--bandwidth-mib must be >= 1")
     return args
 
 
@@ -144,8 +150,11 @@ def machine(cuda: bool) -> dict:
         pass
     cores = len(os.sched_getaffinity(0))
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    extensions = limits.isa_extensions()
     info = dict(cpu=cpu, cores=cores, memory_gb=round(memory_gb), python=platform.python_version(),
-                torch=torch.__version__, summary=f"{cpu}, {cores} cores, {memory_gb:.0f} GiB")
+                torch=torch.__version__, isa_extensions=extensions,
+                summary=f"{cpu}, {cores} cores, {memory_gb:.0f} GiB, "
+                        f"{' '.join(extensions) or 'ISA extensions unknown'}")
     if cuda:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["summary"] = f"{info['gpu']}; {info['summary']}"
@@ -218,8 +227,13 @@ def bench_workload(name: str, args, log) -> dict:
     device, dtype = ("cuda", "bfloat16") if args.cuda else ("cpu", "float32")
     folder = workload.prepare(args.cache_dir, dtype=getattr(torch, dtype), device=device, log=log)
     rounds: dict[str, list[dict]] = {runtime: [] for runtime in args.runtimes}
+    with_limits = not args.cuda and args.mode == "speed"
+    limit_rounds, onnx_dirs = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for round_ in range(args.rounds):
+            if with_limits:
+                log(f"  {name}: the machine's limits" + (f" (round {round_ + 1})" if args.rounds > 1 else ""))
+                limit_rounds.append(measure_limits(folder, args))
             for runtime in args.runtimes:
                 if rounds[runtime] and "error" in rounds[runtime][0]:
                     continue
@@ -230,7 +244,7 @@ def bench_workload(name: str, args, log) -> dict:
                             device=device, dtype=dtype, mode=args.mode, scenes=args.scenes)
                 try:
                     if runtime.startswith("onnx"):
-                        spec["onnx_dir"] = str(ensure_export(folder, runtime, args, log))
+                        spec["onnx_dir"] = onnx_dirs[runtime] = str(ensure_export(folder, runtime, args, log))
                     result = measure(spec, args, Path(tmp))
                     if args.cuda and args.mode == "speed" and not rounds[runtime]:
                         result["check"] = float32_check(spec, args, Path(tmp))
@@ -246,7 +260,41 @@ def bench_workload(name: str, args, log) -> dict:
     if args.mode == "requests":
         return dict(summary, prompt=PROMPT, scenes=args.scenes, runs=args.runs * args.rounds * args.scenes,
                     rows=report.summarize_requests(results, REQUEST_TARGETS.get(name, {})))
-    return dict(summary, rows=report.summarize(results, TARGETS.get(name, {})))
+    rows = report.summarize(results, TARGETS.get(name, {}))
+    if limit_rounds:
+        summary["limits"] = limits.best_of(limit_rounds)
+        set_against_limits(rows, folder, onnx_dirs, summary["limits"], args.new_tokens)
+    return dict(summary, rows=rows)
+
+
+def measure_limits(folder: Path, args) -> dict:
+    """The machine's limits (bench/limits.py) at this checkpoint's prefill shape, with the blocks the int8 and int4
+    exports give a product that wide."""
+    from export.quantize import SCHEMES
+    from paligemma.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.resolve(folder)
+    prompt_tokens = checkpoint.processor()([request_image()], [PROMPT])["input_ids"].shape[1]
+    width = checkpoint.config.text.hidden_size
+    blocks = {SCHEMES[name].bits: SCHEMES[name].block(width) for name in ("int8", "int4")}
+    return limits.measure(checkpoint.config, prompt_tokens, args.threads or len(os.sched_getaffinity(0)),
+                          args.bandwidth_mib * 2**20, blocks=blocks)
+
+
+def set_against_limits(rows: list[dict], folder: Path, onnx_dirs: dict, machine_limits: dict, new_tokens: int) -> None:
+    """Each row's decode as a fraction of the bandwidth bound (its weights as it stores them: float32, or the
+    export's data file) and its first token as a fraction of the compute bound."""
+    from paligemma.checkpoint import Checkpoint
+
+    config = Checkpoint.resolve(folder).config
+    for row in rows:
+        if "error" in row:
+            continue
+        prompt_tokens = len(row["prompt_ids"])
+        weights = (limits.export_decoder_bytes(Path(onnx_dirs[row["runtime"]])) if row["runtime"] in onnx_dirs
+                   else limits.float_decoder_bytes(config))
+        row.update(limits.against_limits(row, machine_limits, limits.prefill_operations(config, prompt_tokens),
+                                         limits.decode_bytes(config, weights, prompt_tokens, new_tokens)))
 
 
 def float32_check(spec: dict, args, tmp: Path) -> dict:
@@ -265,7 +313,8 @@ def merge_rounds(rounds: list[dict]) -> dict:
         return first
     outputs = "answers" if "answers" in first else "tokens"
     timings = ("request_s",) if outputs == "answers" else ("ttft_s", "decode_tokens_per_s")
-    merged = dict(first, **{key: [t for r in rounds for t in r[key]] for key in timings},
+    merged = dict(first, **{key: [t for r in rounds for t in r[key]] for key in (*timings, "load_average")
+                            if key in first},
                   load_s=max(r["load_s"] for r in rounds),
                   repeatable=all(r["repeatable"] and r[outputs] == first[outputs] for r in rounds))
     for key in ("peak_rss_mb", "peak_gpu_mb"):

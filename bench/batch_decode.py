@@ -54,7 +54,7 @@ def measure(onnx_dir: str, prepack: bool, rows: list[int], steps: int) -> dict:
         row, logits = prefill.prefill(processor([scene.image.resize((side, side))], ["caption en"]), steps + 2)
         prefilled.append(row)
         first.append(int(logits.argmax()))
-    result = dict(prepack=prepack, decode_prepack=model.decode_prepack, rss_before_mb=before, rss_loaded_mb=loaded,
+    result = dict(prepack=prepack, fused_prepack=model.fused_prepack, rss_before_mb=before, rss_loaded_mb=loaded,
                   threads=model.thread_plan.intra_op_threads, steps={})
 
     def batch(indices):
@@ -84,27 +84,42 @@ def measure(onnx_dir: str, prepack: bool, rows: list[int], steps: int) -> dict:
 
 def kernel_classes(width: int = 2048, out: int = 4096, most: int = 20) -> dict[str, list[list[int]]]:
     """For a product by a weight (x [M, width] times [width, out]), the numbers of rows M whose first row gets
-    bit-identical results, grouped: row 0 of a batch of M rows, and the same row placed last. torch's F.linear (MKL)
-    and ONNX Runtime's MatMul (MLAS), its weight pre-packed or not."""
+    bit-identical results, grouped: row 0 of a batch of M rows, and the same row placed last. torch's F.linear (MKL),
+    ONNX Runtime's MatMul (MLAS), its weight pre-packed or not, and MatMulNBits (pre-packed, accuracy level 4, as the
+    exports' int8 and int4 products) at blocks of 32 and 128."""
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
+    from export.quantize import block_rows
+
     torch.manual_seed(0)
     weight, x = torch.randn(out, width) * 0.02, torch.randn(most + 1, width)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "product",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", width])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", out])],
-                              [numpy_helper.from_array(weight.T.contiguous().numpy(), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    products = {"torch F.linear": lambda a: torch.nn.functional.linear(a, weight).numpy()}
-    for packed in (False, True):
+
+    def session(node, initializers, packed=True):
+        graph = helper.make_graph([node], "product", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                       ["rows", width])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", out])],
+                                  [numpy_helper.from_array(value, name) for name, value in initializers.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(
+            "com.microsoft", 1)])
+        model.ir_version = 10
         options = ort.SessionOptions()
         options.add_session_config_entry("session.disable_prepacking", "0" if packed else "1")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        products[f"ONNX Runtime MatMul, {'pre-packed' if packed else 'not pre-packed'}"] = (
-            lambda a, s=session: s.run(None, {"x": a.numpy()})[0])
+        run = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return lambda a: run.run(None, {"x": a.numpy()})[0]
+
+    products = {"torch F.linear": lambda a: torch.nn.functional.linear(a, weight).numpy()}
+    for packed in (False, True):
+        products[f"ONNX Runtime MatMul, {'pre-packed' if packed else 'not pre-packed'}"] = session(
+            helper.make_node("MatMul", ["x", "w"], ["y"]), {"w": weight.T.contiguous().numpy()}, packed)
+    for bits in (8, 4):
+        for block in (16, 32, 64, 128, 256):
+            blocks, scales = block_rows(weight.numpy(), bits, block)
+            node = helper.make_node("MatMulNBits", ["x", "b", "scales"], ["y"], domain="com.microsoft", K=width,
+                                    N=out, bits=bits, block_size=block, accuracy_level=4)
+            products[f"ONNX Runtime MatMulNBits, int{bits}, block {block}"] = session(
+                node, {"b": blocks, "scales": scales})
     classes = {}
     for name, product in products.items():
         groups: dict[bytes, list[int]] = {}

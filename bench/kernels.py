@@ -52,25 +52,28 @@ def profiled(options: ort.SessionOptions, folder: Path, name: str) -> ort.Sessio
 
 def request_kernels(pipe, fused: bool, image, prompt: str, new_tokens: int, folder: Path) -> dict[str, list[Counter]]:
     """Kernels of each prefill and decode run of one request, with the graphs as exported or fused. The pipeline's
-    model gets profiled prefill and decode sessions for the request, and its own back after."""
+    model gets profiled sessions for the request, and its own back after."""
     model = pipe.engine_factory
-    saved = dict(model.sessions), model.fused_prefill, model.fused_decode
-    sessions = {}
-    for graph in ("prefill", "decode"):
-        prepack = (model.decode_prepack if graph == "decode" else model.fused_prepack) if fused else model.prepack
-        options = profiled(session_options(model.thread_plan, model._shared[1], prepack, model.spinning), folder,
-                           f"{graph}-{'fused' if fused else 'exported'}")
-        if fused:
-            sessions[graph] = fused_session(model.onnx_dir, model.config, graph, options, ["CPUExecutionProvider"])
-        else:
+    saved = dict(model.sessions), model.fused
+    if fused:
+        options = profiled(session_options(model.thread_plan, None, spinning=model.spinning), folder, "fused")
+        model.fused = fused_session(model.onnx_dir, model.config, options, ["CPUExecutionProvider"],
+                                    model.fused_prepack)
+        sessions = {"fused": model.fused}
+    else:
+        model.fused, sessions = None, {}
+        for graph in ("prefill", "decode"):
+            options = profiled(model._exported_options(graph), folder, f"{graph}-exported")
             sessions[graph] = model.sessions[graph] = ort.InferenceSession(
                 str(model.onnx_dir / f"{graph}.onnx"), options, providers=["CPUExecutionProvider"])
-    model.fused_prefill, model.fused_decode = (sessions["prefill"], sessions["decode"]) if fused else (None, None)
     try:
         pipe.generate(image, prompt, max_new_tokens=new_tokens, stop_ids=())
     finally:
-        model.sessions, (model.fused_prefill, model.fused_decode) = saved[0], saved[1:]
-    return {graph: kernels_per_run(Path(session.end_profiling())) for graph, session in sessions.items()}
+        model.sessions, model.fused = saved
+    runs = {graph: kernels_per_run(Path(session.end_profiling())) for graph, session in sessions.items()}
+    if fused:  # one session: its first run is the prefill, the others are decode steps
+        runs = {"prefill": runs["fused"][:1], "decode": runs["fused"][1:]}
+    return runs
 
 
 def kernel_summary(runs: dict[str, list[Counter]]) -> dict:

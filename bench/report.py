@@ -17,6 +17,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .limits import describe as limits_text
 from .timing import Spread
 
 REFERENCE = "transformers"
@@ -39,7 +40,8 @@ def summarize(results: list[dict], targets: dict) -> list[dict]:
             continue
         row.update(ttft_s=Spread.of(r["ttft_s"]).median, decode_tokens_per_s=Spread.of(r["decode_tokens_per_s"]).median,
                    peak_rss_mb=r["peak_rss_mb"], peak_gpu_mb=r.get("peak_gpu_mb"), load_s=r["load_s"],
-                   runs=len(r["ttft_s"]), repeatable=r["repeatable"], tokens=r["tokens"], kernels=r.get("kernels"))
+                   runs=len(r["ttft_s"]), repeatable=r["repeatable"], tokens=r["tokens"], kernels=r.get("kernels"),
+                   prompt_ids=r["prompt_ids"], load_average=r.get("load_average"))
         if reference is not None and "check" in reference and "check" in r:
             # CUDA mode: the tokens that must agree are the float32 check's (see bench.__main__.float32_check).
             check, ref_check = r["check"], reference["check"]
@@ -98,17 +100,19 @@ def target_text(target: dict) -> str:
 def markdown_table(workload: dict) -> str:
     """The table for one workload; a speed figure whose tokens disagree with transformers is struck through."""
     rows = workload["rows"]
-    lines = [f"**{workload['description']}** ({workload['new_tokens']} new tokens, {threads_text(workload)}, "
+    lines = [limits_text(workload["limits"]), ""] if workload.get("limits") else []
+    lines += [f"**{workload['description']}** ({workload['new_tokens']} new tokens, {threads_text(workload)}, "
              f"median of {workload['runs']} run(s) after {workload['warmup']} warm-up"
              + (f", runtimes taking turns over {workload['rounds']} rounds)" if workload.get("rounds", 1) > 1 else ")"),
              "",
-             "| runtime | time to first token | decode | peak memory | greedy tokens vs transformers | target "
-             "| kernels per decoded token (in prefill) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| runtime | time to first token | decode | first token / compute bound | decode / bandwidth bound "
+             "| peak memory | greedy tokens vs transformers | target | kernels per decoded token (in prefill) "
+             "| load average |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         name = f"{row['runtime']}: {row['info']}" if row.get("info") else row["runtime"]
         if "error" in row:
-            lines.append(f"| {name} | failed: {error_line(row['error'])} | | | | | |")
+            lines.append(f"| {name} | failed: {error_line(row['error'])} | | | | | | | | |")
             continue
         reference = row["runtime"] == REFERENCE
         ttft = f"{row['ttft_s'] * 1000:.0f} ms"
@@ -151,9 +155,26 @@ def markdown_table(workload: dict) -> str:
         target = row.get("target")
         kernels = row.get("kernels")
         kernels = f"{kernels['decode_per_token']:.0f} ({kernels['prefill']})" if kernels else ""
-        lines.append(f"| {name} | {ttft} | {decode} | {memory} | {agree} | "
-                     f"{target_verdict(row, target) if target else ''} | {kernels} |")
+        compute, bandwidth = bound_texts(row)
+        loads = row.get("load_average") or []
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""
+        lines.append(f"| {name} | {ttft} | {decode} | {compute} | {bandwidth} | {memory} | {agree} | "
+                     f"{target_verdict(row, target) if target else ''} | {kernels} | {load} |")
     return "\n".join(lines)
+
+
+def bound_texts(row: dict) -> tuple[str, str]:
+    """'38% (bound 1.9 s, int8)' and '71% (bound 21.3 tok/s, 1.37 GB a step)', or blanks without limits."""
+    if "ttft_of_bound" not in row:
+        return "", ""
+    compute = f"{row['ttft_of_bound']:.0%} (bound {format_seconds(row['ttft_bound_s'])}, {row['ttft_bound_path']})"
+    bandwidth = (f"{row['decode_of_bound']:.0%} (bound {row['decode_bound_tokens_per_s']:.3g} tok/s, "
+                 f"{row['decode_step_bytes'] / 1e9:.3g} GB a step)")
+    return compute, bandwidth
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.3g} ms"
 
 
 def summarize_requests(results: list[dict], targets: dict) -> list[dict]:

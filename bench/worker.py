@@ -14,6 +14,7 @@ request's seconds and each scene's answer.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
@@ -174,13 +175,23 @@ RUNNERS = {
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    """This process's peak resident memory since it started its program (VmHWM). Not ru_maxrss: Linux carries that
+    across exec from the forked copy of the parent, so a worker started by a benchmark that had built the full 3B's
+    5 GB shards reported 5081 MB whatever it ran."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux; macOS: bytes
 
 
 def measure(spec: dict) -> dict:
     """One runtime's figures, in the spec's mode (see the module's docstring)."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    load_before = os.getloadavg()[0]
     cuda = spec["device"].startswith("cuda")
     if cuda:  # float32 means float32 (the token check relies on it); bfloat16 is unaffected
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -194,6 +205,7 @@ def measure(spec: dict) -> dict:
         runtime=spec["runtime"], info=runner.info, load_s=load_s, eos_token_ids=eos_token_ids(spec["checkpoint"]),
         **figures, peak_rss_mb=peak_rss, peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         threads=torch.get_num_threads(), python=platform.python_version(), compile=compile_counters(),
+        load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],
     )
 
 
@@ -214,7 +226,7 @@ def onnx_kernels(pipe, spec: dict) -> dict:
     from .kernels import kernel_summary, request_kernels
 
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as folder:
-        runs = request_kernels(pipe, pipe.engine_factory.fused_decode is not None, request_image(), spec["prompt"],
+        runs = request_kernels(pipe, pipe.engine_factory.fused is not None, request_image(), spec["prompt"],
                                min(spec["new_tokens"], KERNEL_TOKENS), Path(folder))
     return kernel_summary(runs)
 

@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
                         help="float16 is for GPUs; with --quantize int4 and --format transformers.js: its q4f16")
     parser.add_argument("--quantize", choices=list(QUANTIZATIONS),
-                        help="for CPUs: int8 or int4, MatMulNBits blocks of 32 (activations quantized per block in the "
-                             "kernel); every weight matrix, the output projection included")
+                        help="for CPUs: int8 or int4, MatMulNBits blocks of 32 (int4: 128 in products at least 1024 "
+                             "wide; activations quantized per block in the kernel); every weight matrix, the output "
+                             "projection included")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with torch")
     args = parser.parse_args(argv)

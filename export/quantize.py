@@ -12,7 +12,8 @@ Axes: N output channels (a checkpoint matrix's rows: nn.Linear [N, K], the tied 
   does), so the levels are used on the side that needs them. [N, K] is the checkpoint's own layout: nothing is
   transposed. A K that is not a multiple of the block is padded with zeros inside the last block (MatMulNBits' K
   attribute keeps the true width; padded values quantize to the zero point and meet no input).
-  int8 blocks are INT8_BLOCK_SIZE wide: MatMulNBits takes blocks of 16 to 256 only (no per-channel scale: ONNX
+  int8 blocks are INT8_BLOCK_SIZE wide, int4 ones INT4_BLOCK_SIZE, or INT4_WIDE_BLOCK_SIZE in products at least
+  WIDE_PRODUCT wide (their comments say why): MatMulNBits takes blocks of 16 to 256 only (no per-channel scale: ONNX
   Runtime refuses a block of K), and the measured choice is in docs/quantization.md.
 - "int8_standard" (internal; not a `--quantize` value): per-output-channel symmetric weights (scale = max |w| / 127,
   255 levels around zero) and activations quantized per tensor per call, in standard ONNX ops, as onnxruntime's
@@ -46,6 +47,13 @@ STANDARD_INT8 = "int8_standard"  # MatMulInteger in standard ops, for runtimes w
 INT4_FLOAT16 = "int4_float16"  # int4 with float16 scales, for float16 graphs (see above)
 INT8_BLOCK_SIZE = 32  # the most accurate of 32-256 for decode speed within noise (docs/quantization.md)
 INT4_BLOCK_SIZE = 32  # closer to torch than 64 on the embedded model, as fast (docs/quantization.md)
+# int4 in products at least WIDE_PRODUCT wide (every product of the released PaliGemmas): blocks of 128. A scale per
+# 128 values instead of 32 takes the pre-packed weights and the scales ONNX Runtime keeps beside them to 1.12x the
+# stored bytes instead of 1.4x (the serving memory bound), and the 266-row products of a prefill run 1.4x faster
+# (AVX-512 VNNI); measured in docs/quantization.md. In narrower products (the embedded model's, the tests' tiny
+# models') a block of 128 would be a whole row: they keep 32.
+INT4_WIDE_BLOCK_SIZE = 128
+WIDE_PRODUCT = 1024
 # 4: ONNX Runtime quantizes the activations to int8 per block inside the kernel; for int4 1.8x the decode speed of 0
 # (float activations) for the same distance to torch; for int8, 0 and 1 dequantize the weight on every call
 # (70-100x slower; docs/quantization.md)
@@ -63,6 +71,7 @@ class Scheme:
     bits: int
     block_size: int = 0
     scale_dtype: str = "float32"
+    wide_block_size: int | None = None  # the block in products at least WIDE_PRODUCT wide, where it differs
 
     @property
     def standard_ops(self) -> bool:
@@ -72,8 +81,12 @@ class Scheme:
     def zero_point(self) -> int:
         return 1 << (self.bits - 1)  # MatMulNBits' and GatherBlockQuantized's default; the standard chain's 128
 
+    def block(self, width: int) -> int:
+        """The block along K of a product `width` wide."""
+        return self.wide_block_size if self.wide_block_size and width >= WIDE_PRODUCT else self.block_size
+
     def blocks(self, width: int) -> int:
-        return -(-width // self.block_size)
+        return -(-width // self.block(width))
 
     def nbytes(self, rows: int, width: int) -> int:
         """Bytes of the stored weight and its scales."""
@@ -81,11 +94,11 @@ class Scheme:
         if self.standard_ops:
             return rows * width + scale * rows
         blocks = self.blocks(width)
-        return rows * blocks * (self.block_size * self.bits // 8 + scale)
+        return rows * blocks * (self.block(width) * self.bits // 8 + scale)
 
 
-SCHEMES = {"int8": Scheme(8, INT8_BLOCK_SIZE), "int4": Scheme(4, INT4_BLOCK_SIZE), STANDARD_INT8: Scheme(8),
-           INT4_FLOAT16: Scheme(4, INT4_BLOCK_SIZE, "float16")}
+SCHEMES = {"int8": Scheme(8, INT8_BLOCK_SIZE), "int4": Scheme(4, INT4_BLOCK_SIZE, wide_block_size=INT4_WIDE_BLOCK_SIZE),
+           STANDARD_INT8: Scheme(8), INT4_FLOAT16: Scheme(4, INT4_BLOCK_SIZE, "float16", INT4_WIDE_BLOCK_SIZE)}
 PREPACKED = tuple(name for name, scheme in SCHEMES.items() if not scheme.standard_ops)  # MatMulNBits: see runtime.py
 
 
@@ -111,7 +124,7 @@ class QuantizedMatMul:
         scheme = SCHEMES[self.scheme]
         if scheme.standard_ops:
             return [self.width, self.rows]
-        return [self.rows, scheme.blocks(self.width), scheme.block_size * scheme.bits // 8]
+        return [self.rows, scheme.blocks(self.width), scheme.block(self.width) * scheme.bits // 8]
 
     @property
     def scale_shape(self) -> list[int]:
@@ -151,7 +164,7 @@ def block_rows(rows: np.ndarray, bits: int, block_size: int,
 
 def quantized_rows(scheme: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s = SCHEMES[scheme]
-    return channel_rows(rows) if s.standard_ops else block_rows(rows, s.bits, s.block_size, s.scale_dtype)
+    return channel_rows(rows) if s.standard_ops else block_rows(rows, s.bits, s.block(rows.shape[1]), s.scale_dtype)
 
 
 def dequantize_blocks(q: np.ndarray, scale: np.ndarray, width: int, bits: int) -> np.ndarray:
@@ -210,7 +223,7 @@ def quantize_lookup(g: onnx.GraphProto, embedding: str, target: QuantizedMatMul)
     scheme = SCHEMES[target.scheme]
     target = QuantizedMatMul(target.parameter, target.scheme, target.weight, target.scale, target.rows, target.width,
                              lookup_scale=target.scale + "_lookup")
-    padded = scheme.blocks(target.width) * scheme.block_size != target.width
+    padded = scheme.blocks(target.width) * scheme.block(target.width) != target.width
     for node in lookups:
         y, at = node.output[0], list(g.node).index(node)
         g.node.remove(node)
@@ -218,7 +231,7 @@ def quantize_lookup(g: onnx.GraphProto, embedding: str, target: QuantizedMatMul)
             helper.make_node("GatherBlockQuantized", [target.weight, node.input[1], target.lookup_scale],
                              [f"{y}_blocks"],
                              name=f"{node.name}_{target.scheme}", domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
-                             block_size=scheme.block_size, bits=scheme.bits),
+                             block_size=scheme.block(target.width), bits=scheme.bits),
             helper.make_node("Reshape", [f"{y}_blocks", f"{y}_shape"], [f"{y}_padded" if padded else y],
                              name=f"{node.name}_rows"),
         ]
@@ -254,7 +267,8 @@ def nbits_nodes(node: onnx.NodeProto, target: QuantizedMatMul) -> list[onnx.Node
     scheme = SCHEMES[target.scheme]
     return [helper.make_node("MatMulNBits", [node.input[0], target.weight, target.scale], [node.output[0]],
                              name=f"{node.name}_{target.scheme}", domain=MS_DOMAIN, K=target.width, N=target.rows,
-                             bits=scheme.bits, block_size=scheme.block_size, accuracy_level=NBITS_ACCURACY_LEVEL)]
+                             bits=scheme.bits, block_size=scheme.block(target.width),
+                             accuracy_level=NBITS_ACCURACY_LEVEL)]
 
 
 def stored_nbytes(scheme: str | None, shapes: dict[str, tuple[int, ...]], float_nbytes: dict[str, int],

@@ -13,12 +13,15 @@ import threading
 import time
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
 from tiny import build_reference
 
 import paligemma
+from bench.workloads import Workload
+from export.runtime.pipeline import OnnxBatchEngine
 from export.writer.onnx_export import export_model
 from paligemma.engines import BatchedTorchEngine
 from paligemma.scheduler import Scheduler
@@ -50,7 +53,7 @@ def pipe(request, folder):
     if request.param == "static":  # on the CPU uncompiled: every step over the fixed pool, buckets of 1, 2, 3 rows
         return paligemma.load(folder, engine="static", max_batch=3)
     loaded = paligemma.load(folder, backend="onnx", onnx_dir=folder / "onnx", max_batch=3)
-    assert loaded.engine_factory.fused_decode is not None and loaded.engine_factory.decode_prepack
+    assert loaded.engine_factory.fused is not None and loaded.engine_factory.fused_prepack
     return loaded
 
 
@@ -255,3 +258,43 @@ def test_the_batch_frees_its_caches_when_the_last_row_leaves(pipe):
     pipe.generate([image(1), image(2)], PROMPTS[:2], max_new_tokens=6)
     pool = pipe.batcher.engine.pool
     assert pool.rows == 0 and (pool.keys.numel() == 0) != pool.fixed  # a static pool keeps its fixed buffers
+
+
+def test_int4_rows_keep_their_solo_bits_in_steps_of_row_pairs(tmp_path):
+    """At int4's blocks of 128 (products at least 1024 wide), ONNX Runtime's MatMulNBits gives the last row of an odd
+    number other bits than a row in a pair (`python -m bench.batch_decode --kernels`), so the ONNX Runtime engines
+    decode an even number of rows, a spare one added: a row's logits, alone or beside one or two others, through the
+    batch engine or the engine of one request, are the same bits."""
+    shape = dict(vision=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, patch_size=14, image_size=28),
+                 text=dict(hidden_size=1024, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=1,
+                           head_dim=256, vocab_size=1216),
+                 image_token_index=1200)
+    folder = Workload("wide_int4", "1024 wide", shape, vision_layers=1, text_layers=1).prepare(
+        tmp_path, log=lambda *_: None)
+    export_model(folder, tmp_path / "int4", quantize="int4", progress=False, log=lambda *_: None)
+    graph = onnx.load(str(tmp_path / "int4" / "decode.onnx"), load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {128}
+    pipe = paligemma.load(folder, backend="onnx", onnx_dir=tmp_path / "int4", max_batch=3)
+    model = pipe.engine_factory
+    assert model.row_multiple == 2
+
+    prefilled, tokens = [], []
+    for seed, prompt in enumerate(PROMPTS[:3]):
+        row, logits = pipe.batcher.engine.prefill(pipe.processor([image(seed)], [prompt]), 4)
+        prefilled.append(row)
+        tokens.append(int(logits.argmax()))
+    tokens = torch.tensor(tokens)
+
+    def step(indices):
+        engine = OnnxBatchEngine(model, 3)
+        ids = [engine.join(prefilled[i]) for i in indices]
+        return engine.decode(ids, tokens[indices])
+
+    alone = [step([i])[0] for i in range(3)]
+    for indices in ([0, 1], [1, 2], [2, 0, 1]):
+        together = step(indices)
+        assert all(torch.equal(together[k], alone[i]) for k, i in enumerate(indices)), indices
+    engine = model()  # the engine of one request: its decode step too
+    engine.prefill(pipe.processor([image(0)], [PROMPTS[0]]), 4)
+    assert torch.equal(engine.decode_step(tokens[:1])[0], alone[0]) and engine.fused

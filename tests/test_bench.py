@@ -79,6 +79,52 @@ def test_smoke_tokens_agree_with_transformers(smoke):
         assert isinstance(rows[runtime]["tokens_agree"], bool) and isinstance(rows[runtime]["answer_agrees"], bool)
 
 
+def test_smoke_sets_every_runtime_against_the_machines_limits(smoke):
+    """The machine's memory bandwidth and matrix-multiply rates, measured in the same run, and each runtime's decode
+    and first token as fractions of the bounds they give; the machine line names the CPU's ISA extensions."""
+    out, _ = smoke
+    report = json.loads((out / "cpu.json").read_text())
+    machine = report["machine"]
+    assert all(name in machine["summary"] for name in machine["isa_extensions"])
+    (workload,) = report["workloads"]
+    limits = workload["limits"]
+    assert limits["bandwidth_bytes_per_s"] > 1e8 and limits["load_average"]
+    assert {"float32", "int8", "int4"} <= set(limits["rates"]) and min(limits["rates"].values()) > 0
+    rows = {row["runtime"]: row for row in workload["rows"]}
+    for row in rows.values():
+        assert 0 < row["decode_of_bound"] and 0 < row["ttft_of_bound"], row["runtime"]
+        assert row["decode_bound_tokens_per_s"] * row["decode_step_bytes"] == pytest.approx(
+            limits["bandwidth_bytes_per_s"])
+        assert row["ttft_bound_s"] == pytest.approx(row["prefill_operations"] / max(limits["rates"].values()))
+        assert row["load_average"]
+    # A decode step reads the weights as each runtime stores them: the float32 parameters, or the export's data.
+    steps = {name: rows[name]["decode_step_bytes"] for name in ("transformers", "onnx", "onnx-int8")}
+    assert steps["onnx-int8"] < steps["onnx"] and steps["onnx"] == pytest.approx(steps["transformers"], rel=0.05)
+    table = (out / "cpu.md").read_text()
+    assert "Limits measured in this run" in table
+    assert "| first token / compute bound | decode / bandwidth bound |" in table
+
+
+def test_isa_extensions_are_read_from_cpuinfo(tmp_path):
+    from bench.limits import isa_extensions
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n\nprocessor\t: 1\n"
+                       "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n")
+    assert isa_extensions(cpuinfo) == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert isa_extensions(tmp_path / "missing") == []
+
+
+def test_the_limits_command_prints_every_path_at_every_block(capsys):
+    from bench.limits import main
+
+    assert main(["--shapes", "8x64x128", "--blocks", "32,64", "--bandwidth-mib", "16", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory read" in out and "| int8, block 32 | int8, block 64 | int4, block 32 | int4, block 64 |" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| 8 x 64 x 128 |")]
+    assert len(row.split("|")) == 2 + 2 + 4 + 1
+
+
 def test_request_mode_times_whole_requests_and_compares_answers(tmp_path):
     """--mode requests: whole generate calls on drawn scenes, stopping at end-of-sequence, each runtime's answers
     held to transformers' scene by scene."""

@@ -107,7 +107,7 @@ class RecordingSessions:
 
     float_type = np.float32
     past_names = ["past_key_values.0.key"]
-    fused_prefill = fused_decode = None  # the graphs as exported: those this test reads the feeds of
+    fused = None  # the graphs as exported: those this test reads the feeds of
 
     def __init__(self):
         self.feeds = []

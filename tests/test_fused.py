@@ -12,7 +12,8 @@ from PIL import Image
 from tiny import build_reference
 
 import paligemma
-from export.runtime.fused import left_padded, unsupported
+from export.runtime import fused
+from export.runtime.fused import LOOKUP_SUFFIX, PAGE, fused_model, left_padded, unsupported
 from export.runtime.pipeline import OnnxModel, export_and_validate
 from export.transformers_js.writer import export_transformers_js
 from paligemma.errors import InputError
@@ -34,9 +35,9 @@ def pipes(request, tmp_path_factory):
     onnx_dir = tmp_path_factory.mktemp(f"fused_{request.param}_onnx")
     export_and_validate(folder, onnx_dir, progress=False, log=lambda *_: None)  # validated through the fused graph
     onnx_pipe = paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir)
-    assert onnx_pipe.engine_factory.fused_decode is not None and onnx_pipe.engine_factory.fused_prefill is not None
+    assert onnx_pipe.engine_factory.fused is not None
     exported = OnnxModel(onnx_dir, onnx_pipe.config, fused=False)
-    assert exported.fused_decode is None and exported.fused_prefill is None
+    assert exported.fused is None
     return paligemma.load(folder), onnx_pipe, exported
 
 
@@ -139,6 +140,43 @@ def test_concurrent_generations_do_not_share_buffers(pipes):
     for t in threads:
         t.join()
     assert results == expected
+
+
+def test_a_pre_packed_session_reads_the_lookup_apart_and_the_output_projection_in_slices(pipes, monkeypatch):
+    """Pre-packed, ONNX Runtime releases each stored weight once it has packed it, if nothing else reads it: the
+    float lookup reads the tied matrix under a name of its own (so the output projection's stored copy goes), and a
+    matrix over SLICE_BYTES is multiplied in slices of its rows, each an alias of a page-aligned row range of the
+    same bytes, with the whole product's logits, bit for bit. Unpacked, the graph reads the matrix once, whole."""
+    torch_pipe, onnx_pipe, _ = pipes
+    model = onnx_pipe.engine_factory
+    source = onnx.load(str(model.onnx_dir / "prefill.onnx"), load_external_data=False)
+    (matrix,) = [i for i in source.graph.initializer if i.name.endswith("embed_tokens.weight")]
+    record = {e.key: e.value for e in matrix.external_data}
+
+    def readers(graph):
+        return sorted((n.op_type, i) for n in graph.node for i in n.input if i.startswith(matrix.name))
+
+    assert readers(fused_model(source, model.config).graph) == [("Gather", matrix.name), ("Gemm", matrix.name)]
+    monkeypatch.setattr(fused, "SLICE_BYTES", 64 * 1024)
+    graph = fused_model(source, model.config, packed=True).graph
+    rows = {i.name: i for i in graph.initializer if i.name.startswith(matrix.name + ".rows_")}
+    assert readers(graph) == [("Gather", matrix.name + LOOKUP_SUFFIX)] + [("Gemm", name) for name in sorted(rows)]
+    # Rows of 256 bytes (64 floats) in slices of 64 KB: 256 rows each, the last the rest.
+    assert sorted(a.dims[0] for a in rows.values())[1:] == [256] * (len(rows) - 1) and len(rows) >= 3
+    start = int(record.get("offset", 0))
+    for alias in sorted(rows.values(), key=lambda a: int(a.name.rsplit("_", 1)[-1])):
+        alias_record = {e.key: e.value for e in alias.external_data}
+        assert int(alias_record["offset"]) == start and (start - int(record.get("offset", 0))) % PAGE == 0
+        start += int(alias_record["length"])
+    assert start == int(record.get("offset", 0)) + int(record["length"])  # the matrix's bytes, each once
+
+    inputs = torch_pipe.processor([image(1)], [PROMPTS[1]])
+    sliced = OnnxModel(model.onnx_dir, model.config, batch_prepack=True)
+    monkeypatch.setattr(fused, "SLICE_BYTES", 2**40)
+    whole = OnnxModel(model.onnx_dir, model.config, batch_prepack=True)
+    tokens_from = [torch.eye(16)[[5 + i]] for i in range(4)]  # "logits" whose argmax feeds tokens 5, 6, 7, 8
+    reference = run_steps(whole(), inputs, tokens_from, steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(run_steps(sliced(), inputs, tokens_from, steps=4), reference))
 
 
 def test_left_padded_tells_the_layouts_apart():

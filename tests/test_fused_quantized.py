@@ -27,7 +27,7 @@ from test_fused import PROMPTS, STEPS, image, run_steps
 from tiny import build_reference
 
 import paligemma
-from export.runtime.fused import FUSED_GRAPHS, unsupported
+from export.runtime.fused import LOOKUP_SUFFIX, fused_model, unsupported
 from export.runtime.pipeline import OnnxModel, export_and_validate
 from paligemma.errors import OnnxExportError
 from paligemma.generate import Pipeline
@@ -58,31 +58,41 @@ def models(request, checkpoints, tmp_path_factory):
     assert "the fused prefill and decode graphs this runtime builds from them:" in lines
     torch_pipe = paligemma.load(folder)
     fused = paligemma.load(folder, backend="onnx", onnx_dir=onnx_dir).engine_factory
-    assert fused.fused_decode is not None and fused.fused_prefill is not None  # chosen by default
+    assert fused.fused is not None  # chosen by default
     exported = OnnxModel(onnx_dir, torch_pipe.config, fused=False)
     return torch_pipe, fused, exported
 
 
 def test_the_fused_graphs_multiply_by_the_exports_quantized_weights(models):
-    """Every quantized node of the exported decoder graph, and only those, in the fused one: same op, weight and
-    scale initializers, attributes; no float product on a weight."""
+    """Every quantized node of the exported prefill graph, and only those, in the fused one, once (prefill and decode
+    share them): same op, weight and scale initializers, attributes; no float product on a weight. The lookup reads
+    its table under a name of its own, an alias with the same bytes."""
     _, fused, _ = models
-    for name, build in FUSED_GRAPHS.items():
-        source = onnx.load(str(fused.onnx_dir / f"{name}.onnx"), load_external_data=False)
-        graph = build(source, fused.config).graph
+    source = onnx.load(str(fused.onnx_dir / "prefill.onnx"), load_external_data=False)
+    graph = fused_model(source, fused.config).graph
+    aliases = {i.name: i for i in graph.initializer if i.name.endswith(LOOKUP_SUFFIX)}
+    originals = {i.name: i for i in source.graph.initializer}
+    assert len(aliases) == 1
+    for name, alias in aliases.items():
+        original = originals[name.removesuffix(LOOKUP_SUFFIX)]
+        assert (list(alias.external_data), alias.dims, alias.data_type) == (
+            list(original.external_data), original.dims, original.data_type)
 
-        def quantized(g):
-            weights = {i.name for i in g.initializer}
-            return sorted((n.op_type, tuple(i for i in n.input if i in weights),
-                           tuple(sorted((a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute)))
-                          for n in g.node if n.op_type in QUANTIZED_OPS)
+    def quantized(g):
+        weights = {i.name for i in g.initializer}
+        return sorted((n.op_type, tuple(i.removesuffix(LOOKUP_SUFFIX) for i in n.input if i in weights),
+                       tuple(sorted((a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute)))
+                      for n in g.node if n.op_type in QUANTIZED_OPS)
 
-        assert quantized(graph) == quantized(source.graph), name
-        assert len(quantized(graph)) == 7 * fused.config.text.num_hidden_layers + 2  # + the lookup and the logits
-        weights = {i.name for i in graph.initializer}
-        assert [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights] == []
-        assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.name.endswith("weight")
-                       for i in graph.initializer)  # no float copy of a matrix
+    assert quantized(graph) == quantized(source.graph)
+    assert len(quantized(graph)) == 7 * fused.config.text.num_hidden_layers + 2  # + the lookup and the logits
+    branches = [b for n in graph.node if n.op_type == "If" for b in (n.attribute[0].g, n.attribute[1].g)]
+    assert branches and not [n for b in branches for n in b.node if n.op_type in QUANTIZED_OPS | {"MatMul", "Gemm"}
+                             and set(n.input) & {i.name for i in graph.initializer}]  # no weight in a branch
+    weights = {i.name for i in graph.initializer}
+    assert [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights] == []
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.name.endswith("weight")
+                   for i in graph.initializer)  # no float copy of a matrix
 
 
 def steps_apart(got, reference) -> list[float]:
@@ -163,7 +173,7 @@ def test_what_the_fused_graphs_serve_and_refuse(checkpoints, tmp_path):
     assert "int3" in unsupported(config, "float32", "int3")
     # The internal standard-op int8 (onnxruntime-web's scheme) keeps its graphs as exported; asked for, it says why.
     export_and_validate(checkpoints["pg2"], tmp_path, quantize="int8_standard", progress=False, log=lambda *_: None)
-    assert OnnxModel(tmp_path, config).fused_decode is None
+    assert OnnxModel(tmp_path, config).fused is None
     with pytest.raises(OnnxExportError, match="cannot serve this export: the int8_standard export's products "
                                               "are MatMulInteger chains"):
         OnnxModel(tmp_path, config, fused=True)

@@ -59,6 +59,10 @@ LOOKUP_LAYOUT = {"Reshape", "Slice"}
 AS_EXPORTED = "load the export with OnnxModel(..., fused=False) to run its graphs as exported"
 # Rows of the rotary tables: positions the fused graph can rotate (PaliGemma counts from 1).
 MIN_ROTARY_POSITIONS = 4096
+LOOKUP_SUFFIX = ".lookup"  # the token lookup's own name for the embedding table (see _Gemma.token_lookup)
+BRANCH = "prefill"  # the fused graph's bool input: True runs the prefill branch, False one decode step
+SLICE_BYTES = 64 * 2**20  # a larger MatMulNBits weight is multiplied in slices of output channels (_Gemma.sliced)
+PAGE = 4096
 
 
 def unsupported(config: PaliGemmaConfig, dtype: str, quantize: str | None = None,
@@ -85,6 +89,14 @@ def unsupported(config: PaliGemmaConfig, dtype: str, quantize: str | None = None
     if t.num_attention_heads % t.num_key_value_heads:
         return "query heads not a multiple of key/value heads"
     return None
+
+
+def slice_rows(*tensors: onnx.TensorProto) -> int:
+    """Output channels per slice of a product whose stored tensors (blocks, scales) are `tensors`: about
+    SLICE_BYTES of the largest, a whole number of pages of each (every slice starts page-aligned in the file)."""
+    row_bytes = [int({e.key: e.value for e in t.external_data}["length"]) // t.dims[0] for t in tensors]
+    align = math.lcm(*(PAGE // math.gcd(b, PAGE) for b in row_bytes))
+    return max(align, SLICE_BYTES // max(row_bytes) // align * align)
 
 
 def left_padded(real: np.ndarray) -> bool:
@@ -114,8 +126,8 @@ class _Gemma:
     their external-data records, for the session to bind to the shared buffers; the RMSNorm weights are small and
     read from it, 1 + w folded in."""
 
-    def __init__(self, source: onnx.ModelProto, config: PaliGemmaConfig):
-        self.config, self.text = config, config.text
+    def __init__(self, source: onnx.ModelProto, config: PaliGemmaConfig, packed: bool = False):
+        self.config, self.text, self.packed = config, config.text, packed
         self.weights = {init.name: init for init in source.graph.initializer}
         self.readers: dict[str, list[onnx.NodeProto]] = {}  # a tensor of the source graph -> the nodes reading it
         for node in source.graph.node:
@@ -146,6 +158,33 @@ class _Gemma:
         if name not in {i.name for i in self.initializers}:
             self.initializers.append(self.weights[name])
         return name
+
+    def alias(self, name: str, suffix: str) -> str:
+        """A second initializer named `name + suffix` with `name`'s bytes (the same external-data record)."""
+        alias = name + suffix
+        if alias not in {i.name for i in self.initializers}:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(self.weights[name])
+            tensor.name = alias
+            self.initializers.append(tensor)
+        return alias
+
+    def branches(self, hint: str, prefill, decode, shapes: list[list], outputs: list[str] | None = None) -> list[str]:
+        """An If on the graph's `prefill` input: `prefill()` and `decode()` write each branch's nodes (they may read
+        any tensor of the graph so far) and return its outputs, in the order of `shapes` (float tensors' dims).
+        Returns the If's outputs (named `outputs`, or generated)."""
+        graphs = []
+        for name, build in (("prefill", prefill), ("decode", decode)):
+            outer, self.nodes = self.nodes, []
+            try:
+                results = build()
+                branch_nodes = self.nodes
+            finally:
+                self.nodes = outer
+            values = [helper.make_tensor_value_info(r, TensorProto.FLOAT, dims) for r, dims in zip(results, shapes)]
+            graphs.append(helper.make_graph(branch_nodes, f"{hint}_{self.count}_{name}", [], values))
+        return self.op("If", [BRANCH], hint, outputs=outputs or len(shapes), then_branch=graphs[0],
+                       else_branch=graphs[1])
 
     def weight_readers(self, module: str) -> list[onnx.NodeProto]:
         """The source graph's nodes that read the weight of `module`, in whatever form the export stored it: the
@@ -189,7 +228,62 @@ class _Gemma:
                                   f"not one; {AS_EXPORTED}")
         (node,) = products
         (activation,) = [name for name in node.input if name and name not in self.weights]
-        return self.copy(node, {activation: x}, module.rsplit(".", 1)[-1], output)
+        hint = module.rsplit(".", 1)[-1]
+        stored = self.output_rows(node)
+        if stored:
+            rows = slice_rows(*stored)
+            if rows < stored[0].dims[0]:
+                return self.sliced(node, x, stored, rows, hint, output)
+        return self.copy(node, {activation: x}, hint, output)
+
+    def output_rows(self, node: onnx.NodeProto) -> list[onnx.TensorProto]:
+        """The stored tensors of a product whose first axis is its output channels, where it is multiplied in
+        slices of them (`sliced`): a MatMulNBits' blocks and scales; in a pre-packed session, a float Gemm's weight
+        read transposed (the tied output projection: ONNX Runtime packs it too). Empty for the others: a float
+        MatMul's weight is [in, out] (a slice of its outputs is not a row range), and unpacked weights are read in
+        place, never held twice."""
+        if node.op_type == "MatMulNBits":
+            stored = [self.weights[name] for name in node.input[1:3]]
+        elif node.op_type == "Gemm" and self.packed and len(node.input) == 2:
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attributes != {"transB": 1}:
+                return []
+            stored = [self.weights[node.input[1]]]
+        else:
+            return []
+        return stored if all(t.data_location == onnx.TensorProto.EXTERNAL for t in stored) else []
+
+    def sliced(self, node: onnx.NodeProto, x: str, stored: list[onnx.TensorProto], rows: int, hint: str,
+               output: str | None) -> str:
+        """A product as several, each on `rows` output channels (aliases of row ranges of its `stored` tensors: the
+        same bytes), their outputs concatenated. ONNX Runtime packs each weight while it holds the stored one, so a
+        weight the size of the 3B's output projection would briefly be held twice; in slices, a slice is."""
+        total, parts = stored[0].dims[0], []
+        attributes = {a.name: a for a in node.attribute}
+        for start in range(0, total, rows):
+            count = min(rows, total - start)
+            names = [self.alias_rows(t, start, count) for t in stored]
+            parts.append(self.op(node.op_type, [x, *names], hint, domain=node.domain)[0])
+            self.nodes[-1].attribute.extend(helper.make_attribute(name, count) if name == "N" else a
+                                            for name, a in attributes.items())
+        return self.op("Concat", parts, hint, outputs=[output] if output else 1, axis=-1)[0]
+
+    def alias_rows(self, tensor: onnx.TensorProto, start: int, count: int) -> str:
+        """An initializer for rows start..start + count of an external `tensor` (its first axis), over its bytes."""
+        name = f"{tensor.name}.rows_{start}"
+        if name not in {i.name for i in self.initializers}:
+            record = {e.key: e.value for e in tensor.external_data}
+            row_bytes = int(record["length"]) // tensor.dims[0]
+            alias = onnx.TensorProto()
+            alias.CopyFrom(tensor)
+            alias.name = name
+            alias.dims[0] = count
+            del alias.external_data[:]
+            record.update(offset=str(int(record.get("offset", 0)) + start * row_bytes), length=str(count * row_bytes))
+            for key, value in record.items():
+                alias.external_data.add(key=key, value=value)
+            self.initializers.append(alias)
+        return name
 
     def _norm_weight(self, module: str) -> str:
         w = numpy_helper.to_array(self.weights[f"{PREFIX}{module}.weight"]).astype(np.float32)
@@ -213,7 +307,15 @@ class _Gemma:
         if len(lookups) != 1:
             raise OnnxExportError(f"the exported graph looks tokens up in {len(lookups)} nodes, not one; {AS_EXPORTED}")
         node = lookups[0]
-        rows = self.copy(node, {"input_ids": input_ids}, "embed")
+        inputs = {"input_ids": input_ids}
+        if self.packed or node.op_type == "GatherBlockQuantized":
+            # A pre-packed output projection (a quantized one always is) has its stored matrix or blocks released
+            # once packed; the lookup reads them under a name of its own (the same bytes), which ONNX Runtime maps
+            # apart, so that the table is not held whole beside the packed copy: only the pages of the rows looked
+            # up come in. (Unpacked, a float export's lookup reads the matrix its output projection reads in place
+            # every step: no second name.)
+            inputs[node.input[0]] = self.alias(node.input[0], LOOKUP_SUFFIX)
+        rows = self.copy(node, inputs, "embed")
         while len(self.readers.get(node.output[0], [])) == 1:
             (after,) = self.readers[node.output[0]]
             if after.op_type not in LOOKUP_LAYOUT or not all(n in self.weights for n in after.input[1:]):
@@ -281,96 +383,71 @@ class _Gemma:
         return model
 
 
-def fused_decode_model(decode: onnx.ModelProto, config: PaliGemmaConfig) -> onnx.ModelProto:
-    """The fused decode graph, from the exported one (`decode`, loaded without its external data).
-
-    Inputs: input_ids [B, 1] int64, position_ids [B, 1] int64, seqlens_k [B] int32 (each row's slot for the new
-    token: its real tokens so far), total_sequence_length [] int32 (max seqlens_k + 1), past_key_values.{i}.{key,value}
-    [B, K, M, D]. Outputs: logits [B, V] float32, present.{i}.{key,value}: the same buffers, written in place."""
-    t = config.text
-    C, K, D, L = t.hidden_size, t.num_key_value_heads, t.head_dim, t.num_hidden_layers
-    g = _Gemma(decode, config)
-    past, present = cache_names("past_key_values", L), cache_names("present", L)
-
-    def attention(i: int, h: str) -> str:
-        q, k, v = (g.linear(h, f"layers.{i}.self_attn.{p}_proj") for p in "qkv")
-        window = t.layer_window(i)
-        attrs = dict(num_heads=t.num_attention_heads, kv_num_heads=K, scale=float(t.attention_scale), do_rotary=1,
-                     rotary_interleaved=0,
-                     # ONNX Runtime's window size is the torch rule's w (keys at slots > query - w), as
-                     # measured against torch (tests/test_fused.py): not w - 1.
-                     local_window_size=-1 if window is None else window)
-        if t.attn_logit_softcapping is not None:
-            attrs["softcap"] = float(t.attn_logit_softcapping)
-        out = g.op("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length",
-                                           g.cos, g.sin, "position_ids"],
-                   "attention", outputs=[f"attention_{i}", present[2 * i], present[2 * i + 1]], domain=MS, **attrs)
-        return out[0]
-
-    pending, x = g.layers(g.text_embedding("input_ids"), attention)  # [B, 1, C]
-    hidden, _ = g.skip_rms(pending, x, "norm")
-    g.logits(g.op("Reshape", [hidden, g.constant("flat_shape", np.array([-1, C], dtype=np.int64))], "flatten")[0])
-    cache = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", K, "capacity", D])  # noqa: E731
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", 1]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-    ] + [cache(n) for n in past]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", t.vocab_size])]
-    return g.model("fused_decode", inputs, outputs + [cache(n) for n in present])
-
-
 def bias_name(window: int | None) -> str:
     return "attention_bias" if window is None else f"window_{window}_bias"
 
 
-def fused_prefill_model(prefill: onnx.ModelProto, config: PaliGemmaConfig) -> onnx.ModelProto:
-    """The fused prefill graph, from the exported one. The prefix-LM mask is an input, made by the library's one
-    rule (paligemma/masks.py) per request: one additive bias per distinct window, as the torch model makes them;
-    attention is standard ops over it (exact; GroupQueryAttention is causal only). Rotary embedding is
-    com.microsoft RotaryEmbedding with the rule's positions.
+def fused_model(source: onnx.ModelProto, config: PaliGemmaConfig, packed: bool = False) -> onnx.ModelProto:
+    """The fused graph, from the exported prefill (`source`, loaded without its external data): one graph that runs
+    a prefill or one decode step, as its bool input `prefill` says. Every product by a weight is one node of the
+    main graph, whichever the step, so one session holds each weight once (ONNX Runtime pre-packs a weight once per
+    node that reads it; a weight read in both branches of an If was packed twice while the session was made). What
+    differs sits in small If nodes on `prefill`: merging the image rows into the prompt's embeddings, and each
+    layer's attention.
 
-    Inputs: input_ids [B, T] int64, image_embeddings [B, N, C], position_ids [B, T] int64, attention_bias and
-    window_{w}_bias [B, 1, 1, T, T] float32 (0 or the float32 minimum). Outputs: logits [B, V] (the last token's),
-    present.{i}.{key,value} [B, K, T, D] (as the exported prefill's)."""
+    - prefill: com.microsoft RotaryEmbedding for queries and keys, then attention in standard ops over additive
+      masks given as inputs, one per distinct window, made per request by the library's one rule
+      (paligemma/masks.py), so that the prefix-LM mask and padding are exact (GroupQueryAttention is causal only);
+      `present` is the prompt's keys and values, [B, K, T, D];
+    - decode: one com.microsoft GroupQueryAttention (rotary, attention, softcap, window) over a preallocated cache
+      that is both its past and its present (bound to the same buffers: written in place).
+
+    The last layer computes keys and values for every token (the cache) but queries, attention, o_proj and the MLP
+    for the last token only, the one row the logits read (attention is row by row, so that row is as computed in
+    full); in a decode step that row is the only one.
+
+    Inputs: prefill [] bool; input_ids [B, T] int64 and position_ids [B, T] int64 (T = 1 in decode); prefill's:
+    image_embeddings [B, N, C], attention_bias and window_{w}_bias [B, 1, 1, T, T] float32 (0 or the float32
+    minimum); decode's: seqlens_k [B] int32 (each row's slot for the new token: its real tokens so far),
+    total_sequence_length [] int32 (max seqlens_k + 1), past_key_values.{i}.{key,value} [B, K, M, D]. A call feeds
+    the other step's inputs empty (`branch_inputs`). Outputs: logits [B, V] float32 (the last token's),
+    present.{i}.{key,value}."""
     t = config.text
     C, H, K, D, L = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.num_hidden_layers
-    g = _Gemma(prefill, config)
-    present = cache_names("present", L)
-    # The i-th <image> token of a row takes the row's i-th image embedding (as model.embed does).
-    text = g.text_embedding("input_ids")
-    (is_image,) = g.op("Equal", ["input_ids", g.constant("image_token", np.int64(config.image_token_index))], "image")
-    (count,) = g.op("CumSum", [g.op("Cast", [is_image], "image", to=TensorProto.INT64)[0],
-                               g.constant("axis_1", np.int64(1))], "image")
-    (index,) = g.op("Max", [g.op("Sub", [count, g.constant("one", np.int64(1))], "image")[0],
-                            g.constant("zero", np.int64(0))], "image")
-    last_axis = g.constant("last_axis", np.array([-1], dtype=np.int64))
-    (image,) = g.op("GatherND", ["image_embeddings", g.op("Unsqueeze", [index, last_axis], "image")[0]], "image",
-                    batch_dims=1)
-    (x,) = g.op("Where", [g.op("Unsqueeze", [is_image, last_axis], "image")[0], image, text], "merge")
     G = H // K
+    g = _Gemma(source, config, packed)
+    past, present = cache_names("past_key_values", L), cache_names("present", L)
     q_shape = g.constant("q_shape", np.array([0, 0, K, G, D], dtype=np.int64))  # 0: the dimension as it is
     kv_shape = g.constant("kv_shape", np.array([0, 0, K, D], dtype=np.int64))
     out_shape = g.constant("out_shape", np.array([0, 0, H * D], dtype=np.int64))
     axis_2 = g.constant("axis_2", np.array([2], dtype=np.int64))
+    last_axis = g.constant("last_axis", np.array([-1], dtype=np.int64))
     scale = g.constant("attention_scale", np.float32(t.attention_scale))
 
-    def attention(i: int, h: str) -> str:
-        # The last layer's keys and values are every token's (they fill the cache), its queries the last token's
-        # only: the logits read that row alone, and attention is row by row, so the row is as computed in full.
+    def image_merge(text: str) -> list[str]:
+        # The i-th <image> token of a row takes the row's i-th image embedding (as model.embed does).
+        (is_image,) = g.op("Equal", ["input_ids", g.constant("image_token", np.int64(config.image_token_index))],
+                           "image")
+        (count,) = g.op("CumSum", [g.op("Cast", [is_image], "image", to=TensorProto.INT64)[0],
+                                   g.constant("axis_1", np.int64(1))], "image")
+        (index,) = g.op("Max", [g.op("Sub", [count, g.constant("one", np.int64(1))], "image")[0],
+                                g.constant("zero", np.int64(0))], "image")
+        (image,) = g.op("GatherND", ["image_embeddings", g.op("Unsqueeze", [index, last_axis], "image")[0]], "image",
+                        batch_dims=1)
+        return g.op("Where", [g.op("Unsqueeze", [is_image, last_axis], "image")[0], image, text], "merge")
+
+    def prefill_attention(i: int, q: str, k: str, v: str) -> list[str]:
+        """Attention over the prompt; the last layer's q is the last token's only (so are its mask row and
+        position)."""
         last_layer = i == L - 1
-        q = g.linear(g.last_token(h) if last_layer else h, f"layers.{i}.self_attn.q_proj")
-        k, v = (g.linear(h, f"layers.{i}.self_attn.{p}_proj") for p in "kv")
         q_positions = g.last_token("position_ids") if last_layer else "position_ids"
         (q,) = g.op("RotaryEmbedding", [q, q_positions, g.cos, g.sin], "rope", domain=MS, num_heads=H, interleaved=0)
         (k,) = g.op("RotaryEmbedding", [k, "position_ids", g.cos, g.sin], "rope", domain=MS, num_heads=K, interleaved=0)
         # Grouped-query attention without copying keys, as the torch model: [B, K, G, T, D] against [B, K, 1, T, D].
         (q,) = g.op("Transpose", [g.op("Reshape", [q, q_shape], "q")[0]], "q", perm=[0, 2, 3, 1, 4])
         (k,) = g.op("Reshape", [k, kv_shape], "k")  # [B, T, K, D]
-        g.op("Transpose", [k], "k", outputs=[present[2 * i]], perm=[0, 2, 1, 3])
-        g.op("Transpose", [g.op("Reshape", [v, kv_shape], "v")[0]], "v", outputs=[present[2 * i + 1]],
-             perm=[0, 2, 1, 3])
+        (keys_out,) = g.op("Transpose", [k], "k", perm=[0, 2, 1, 3])
+        (values_out,) = g.op("Transpose", [g.op("Reshape", [v, kv_shape], "v")[0]], "v", perm=[0, 2, 1, 3])
         (keys,) = g.op("Unsqueeze", [g.op("Transpose", [k], "k", perm=[0, 2, 3, 1])[0], axis_2], "k")  # [B,K,1,D,T]
         (scores,) = g.op("Mul", [g.op("MatMul", [q, keys], "scores")[0], scale], "scores")
         if t.attn_logit_softcapping is not None:
@@ -380,42 +457,94 @@ def fused_prefill_model(prefill: onnx.ModelProto, config: PaliGemmaConfig) -> on
         bias = bias_name(t.layer_window(i))
         bias = g.last_token(bias, axis=3) if last_layer else bias  # the last query's row of the mask
         (probs,) = g.op("Softmax", [g.op("Add", [scores, bias], "mask")[0]], "softmax", axis=-1)
-        values = g.op("Unsqueeze", [present[2 * i + 1], axis_2], "v")[0]
+        values = g.op("Unsqueeze", [values_out, axis_2], "v")[0]
         (out,) = g.op("MatMul", [probs, values], "attend")  # [B, K, G, T, D]
-        return g.op("Reshape", [g.op("Transpose", [out], "out", perm=[0, 3, 1, 2, 4])[0], out_shape], "out")[0]
+        (out,) = g.op("Reshape", [g.op("Transpose", [out], "out", perm=[0, 3, 1, 2, 4])[0], out_shape], "out")
+        return [out, keys_out, values_out]
 
+    def decode_attention(i: int, q: str, k: str, v: str) -> list[str]:
+        window = t.layer_window(i)
+        attrs = dict(num_heads=H, kv_num_heads=K, scale=float(t.attention_scale), do_rotary=1, rotary_interleaved=0,
+                     # ONNX Runtime's window size is the torch rule's w (keys at slots > query - w), as
+                     # measured against torch (tests/test_fused.py): not w - 1.
+                     local_window_size=-1 if window is None else window)
+        if t.attn_logit_softcapping is not None:
+            attrs["softcap"] = float(t.attn_logit_softcapping)
+        return g.op("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k",
+                                            "total_sequence_length", g.cos, g.sin, "position_ids"],
+                    "attention", outputs=3, domain=MS, **attrs)
+
+    def attention(i: int, h: str) -> str:
+        q = g.linear(g.last_token(h) if i == L - 1 else h, f"layers.{i}.self_attn.q_proj")
+        k, v = (g.linear(h, f"layers.{i}.self_attn.{p}_proj") for p in "kv")
+        cache = ["batch", K, f"length_{i}", D]
+        out, _, _ = g.branches("attention", lambda: prefill_attention(i, q, k, v), lambda: decode_attention(i, q, k, v),
+                               shapes=[["batch", "rows", H * D], cache, cache],
+                               outputs=[f"attention_{i}", present[2 * i], present[2 * i + 1]])
+        return out
+
+    text = g.text_embedding("input_ids")
+    (x,) = g.branches("embed", lambda: image_merge(text), lambda: g.op("Identity", [text], "embed"),
+                      shapes=[["batch", "sequence", C]])
     pending, x = g.layers(x, attention, last_token_only=True)  # [B, 1, C]
     last = g.constant("last", np.int64(-1))
     hidden, _ = g.skip_rms(g.op("Gather", [pending, last], "last", axis=1)[0],
                            g.op("Gather", [x, last], "last", axis=1)[0], "norm")
     g.logits(hidden)
-    square = ["batch", 1, 1, "sequence", "sequence"]
+    cache = lambda name, length: helper.make_tensor_value_info(name, TensorProto.FLOAT,  # noqa: E731
+                                                               ["batch", K, length, D])
     windows = sorted({t.layer_window(i) for i in range(L)}, key=lambda w: -1 if w is None else w)
+    square = ["batch", 1, 1, "mask_rows", "mask_columns"]
     inputs = [
+        helper.make_tensor_value_info(BRANCH, TensorProto.BOOL, []),
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("image_embeddings", TensorProto.FLOAT, ["batch", config.num_image_tokens, C]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
-    ] + [helper.make_tensor_value_info(bias_name(w), TensorProto.FLOAT, square) for w in windows]
+        helper.make_tensor_value_info("image_embeddings", TensorProto.FLOAT, ["batch", "image_tokens", C]),
+        *[helper.make_tensor_value_info(bias_name(w), TensorProto.FLOAT, square) for w in windows],
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        *[cache(name, "capacity") for name in past],
+    ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", t.vocab_size])] + [
-        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", K, "sequence", D]) for n in present]
-    return g.model("fused_prefill", inputs, outputs)
+        cache(name, "present_length") for name in present]
+    return g.model("fused", inputs, outputs)
 
 
-FUSED_GRAPHS = {"prefill": fused_prefill_model, "decode": fused_decode_model}
+def branch_inputs(config: PaliGemmaConfig, prefill: bool) -> dict[str, np.ndarray]:
+    """The flag and the other branch's inputs, empty (the branch that runs reads none of them)."""
+    t = config.text
+    if prefill:
+        empty_cache = np.zeros((1, t.num_key_value_heads, 0, t.head_dim), dtype=np.float32)
+        return {BRANCH: np.array(True), "seqlens_k": np.zeros(1, dtype=np.int32),
+                "total_sequence_length": np.array(0, dtype=np.int32),
+                **{name: empty_cache for name in cache_names("past_key_values", t.num_hidden_layers)}}
+    windows = {t.layer_window(i) for i in range(t.num_hidden_layers)}
+    return {BRANCH: np.array(False), "image_embeddings": np.zeros((1, 0, t.hidden_size), dtype=np.float32),
+            **{bias_name(w): np.zeros((1, 1, 1, 0, 0), dtype=np.float32) for w in windows}}
 
 
-def fused_session(onnx_dir: Path, config: PaliGemmaConfig, name: str, options: ort.SessionOptions,
-                  providers: list) -> ort.InferenceSession:
-    """A session of the fused `name` graph ("prefill" or "decode") of the export in `onnx_dir`, whose {name}.onnx
-    the caller has checked against the manifest. `options` must supply the decoder weights (add_initializer, as the
-    runtime does)."""
-    source = onnx.load(Path(onnx_dir) / f"{name}.onnx", load_external_data=False)
-    for tensor in source.graph.initializer:  # the RMSNorm weights are read (1 + w folded in): bring their bytes in
+def _prefill_source(onnx_dir: Path) -> onnx.ModelProto:
+    """The exported prefill graph (the fused graph copies its product nodes) without its external data, but for the
+    RMSNorm weights, which the fused graph reads (1 + w folded in)."""
+    source = onnx.load(Path(onnx_dir) / "prefill.onnx", load_external_data=False)
+    for tensor in source.graph.initializer:
         if tensor.name.endswith("norm.weight") and tensor.data_location == onnx.TensorProto.EXTERNAL:
             load_external_data_for_tensor(tensor, str(onnx_dir))
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
-    graph = FUSED_GRAPHS[name](source, config)
-    # The graph is built in memory: its (overridden) external-data records resolve against the export.
+    return source
+
+
+def fused_session(onnx_dir: Path, config: PaliGemmaConfig, options: ort.SessionOptions, providers: list,
+                  prepack: bool) -> ort.InferenceSession:
+    """A session of the fused graph (`fused_model`) of the export in `onnx_dir`, whose prefill.onnx the caller has
+    checked against the manifest. The session reads the weights from the export's data file itself (ONNX Runtime
+    maps the file). `prepack`: ONNX Runtime lays out each weight once and releases the stored one (the graph then
+    reads the lookup's table under a name of its own and the output projection in slices); otherwise every weight
+    is read in place from the mapped file."""
+    graph = fused_model(_prefill_source(onnx_dir), config, packed=prepack)
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    # The graph is built in memory: its external-data records resolve against the export.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_dir))
     return ort.InferenceSession(graph.SerializeToString(), options, providers=providers)

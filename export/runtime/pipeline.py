@@ -1,7 +1,8 @@
-"""The ONNX Runtime generation loop behind the pipeline interface: `OnnxModel` holds the three sessions (loaded
-once, decoder weights shared between prefill and decode), `OnnxEngine` runs one request, `OnnxBatchEngine` the rows
-of a continuous batch (paligemma/scheduler.py) on the fused decode graph, and the shared
-`paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
+"""The ONNX Runtime generation loop behind the pipeline interface: `OnnxModel` holds the sessions (loaded once: on
+CPU the vision encoder and one fused session for prefill and decode, which holds each decoder weight once; elsewhere
+the three exported graphs, the decoder weights shared between prefill and decode), `OnnxEngine` runs one request,
+`OnnxBatchEngine` the rows of a continuous batch (paligemma/scheduler.py) on the fused session's decode step, and the
+shared `paligemma.generate.Pipeline` does sampling, stopping, streaming and timing exactly as for torch.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from ..writer.manifest import (
     config_hash,
 )
 from ..writer.mask_decoder import load_onnx_mask_decoder
-from .fused import bias_name, fused_session, left_padded, rotary_positions, unsupported
+from .fused import bias_name, branch_inputs, fused_session, left_padded, rotary_positions, unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +125,9 @@ class OnnxModel:
                  batch_prepack: bool = False):
         """`one_session` (CPU only, for validating float16 exports): no shared buffers; each graph's session is
         opened when first run and the one open before it released, so that at most one is in memory.
-        `batch_prepack`: the fused decode session is pre-packed whatever the model's size, for a continuous batch
-        (OnnxBatchEngine): several rows decode ~2x faster so, and each row's logits are bit-identical to those it
-        gets alone; it costs a packed copy of the decoder weights (docs/serving.md)."""
+        `batch_prepack`: the fused session is pre-packed whatever the model's size, for a continuous batch
+        (OnnxBatchEngine): several rows decode ~2.7x faster so, and each row's logits are bit-identical to those it
+        gets alone (docs/serving.md)."""
         self.onnx_dir = Path(onnx_dir)
         self.config = config
         self.manifest = check_export(self.onnx_dir, config, fingerprint)
@@ -143,24 +144,24 @@ class OnnxModel:
         # weight, int8 a quarter).
         prepack = prepack or self.manifest.get("quantize") in PREPACKED
         # Pre-packed, MLAS lays out each MatMul weight once instead of on every call: the embedded model's fused
-        # prefill and decode ran faster so (docs/runtime.md "Fused graphs, measured"), at the cost of a packed copy
-        # of the decoder weights in each of the two sessions, which only a small model affords.
-        fused_prepack = prepack or decoder_bytes < SMALL_MODEL_BYTES
+        # prefill and decode ran faster so (docs/runtime.md "Fused graphs, measured"). The fused session reads the
+        # weights from the file itself and releases each one it packs, so the packed copy replaces the stored one
+        # (a float32 weight's packed copy is as large as the weight: a large float32 decoder is not pre-packed, its
+        # weights are read in place from the mapped file).
+        fused_prepack = prepack or batch_prepack or decoder_bytes < SMALL_MODEL_BYTES
         # As this model's sessions are made (bench/kernels.py makes profiled copies of them).
         self.prepack, self.fused_prepack, self.spinning = prepack, fused_prepack, spinning
-        self.decode_prepack = fused_prepack or batch_prepack
         self.sessions = {}
         self.output_names = {}  # filled as each graph first runs
         self.one_session = one_session
         self._providers = providers
+        self._shared = None  # the decoder weights the exported prefill and decode share, read when they open
+        self._opening = threading.Lock()
         if one_session:
             if providers != ["CPUExecutionProvider"]:
                 raise ValueError("one_session is for validating on CPU: ask for device='cpu'")
-            self._shared = shared = None
             self.providers = providers
         else:
-            buffers, shared = self._load_shared()
-            self._shared = (buffers, shared)  # the sessions read these buffers in place: keep them alive
             self.sessions["vision_encoder"] = self._session("vision_encoder", self._exported_options("vision_encoder"),
                                                             providers)
             self.providers = self.sessions["vision_encoder"].get_providers()
@@ -172,32 +173,36 @@ class OnnxModel:
         self.present_names = cache_names("present", config.text.num_hidden_layers)
         self.windows = {config.text.layer_window(i) for i in range(config.text.num_hidden_layers)}
         fused = False if one_session else fused
-        self.fused_prefill, self.fused_decode = self._fused_sessions(fused, shared, providers, spinning)
-        # Where the fused graphs serve, the exported prefill and decode only serve what they cannot (a prompt past
-        # the rotary tables, a batch not padded on the left): opened on first use, as a pre-packed session holds
-        # its own copy of the weights (a quantized export's would double its memory).
-        self._opening = threading.Lock()
-        if not one_session and self.fused_decode is None:
+        self.fused = self._fused_session(fused, providers, fused_prepack, spinning)
+        # The flag and the other branch's (empty) inputs that each call of the fused graph adds.
+        self.branch_inputs = {prefill: branch_inputs(config, prefill) for prefill in (True, False)}
+        # Decode steps run a multiple of this many rows (spare rows added). MLAS multiplies by a MatMulNBits weight two
+        # rows at a time, and a row alone (the last of an odd number) takes another kernel, whose bits differ at
+        # int4's blocks of 128 (bench/batch_decode.py --kernels): in pairs a row gets the same bits whatever the
+        # batch, alone or not (docs/serving.md).
+        self.row_multiple = 2 if self.fused is not None and self.manifest.get("quantize") in PREPACKED else 1
+        # Where the fused graph serves, the exported prefill and decode only serve what it cannot (a prompt past
+        # the rotary tables, a batch not padded on the left): opened on first use, as they hold a copy of the weights
+        # of their own (a quantized export's pre-packed, which would double its memory).
+        if not one_session and self.fused is None:
             for name in GRAPH_ORDER:
                 self._exported_session(name)
         logger.info("ONNX Runtime sessions for %s on %s (%s)", self.onnx_dir, self.providers,
-                    "prefill and decode fused" if self.fused_decode else "graphs as exported")
+                    "prefill and decode fused" if self.fused else "graphs as exported")
 
-    def _fused_sessions(self, fused: bool | None, shared, providers, spinning: bool):
-        """The fused prefill and decode sessions (export/runtime/fused.py), built here from the checked graphs: (None,
-        None) when `fused` is False, or when it is None (auto) and the export or the provider cannot use them."""
+    def _fused_session(self, fused: bool | None, providers, prepack: bool, spinning: bool):
+        """The fused prefill-and-decode session (export/runtime/fused.py), built here from the checked graphs: None
+        when `fused` is False, or when it is None (auto) and the export or the provider cannot use it."""
         if fused is False:
-            return None, None
+            return None
         reason = unsupported(self.config, self.manifest["dtype"], self.manifest.get("quantize"), self.device_type)
         if reason is not None:
             if fused:
                 raise OnnxExportError(f"fused graphs asked for, but they cannot serve this export: {reason}")
             logger.info("graphs as exported (the fused ones cannot serve: %s)", reason)
-            return None, None
-        prepack = {"prefill": self.fused_prepack, "decode": self.decode_prepack}
-        return tuple(fused_session(self.onnx_dir, self.config, name,
-                                   session_options(self.thread_plan, shared, prepack[name], spinning), providers)
-                     for name in ("prefill", "decode"))
+            return None
+        return fused_session(self.onnx_dir, self.config, session_options(self.thread_plan, None, spinning=spinning),
+                             providers, prepack)
 
     def _load_shared(self):
         info = self.manifest["shared_data"]
@@ -217,8 +222,11 @@ class OnnxModel:
         opens the next model right after releasing one)."""
         if self.one_session:
             return one_session_options(self.thread_plan, self.spinning)
-        shared = self._shared[1] if name != "vision_encoder" else None
-        return session_options(self.thread_plan, shared, self.prepack, self.spinning)
+        if name == "vision_encoder":
+            return session_options(self.thread_plan, None, self.prepack, self.spinning)
+        if self._shared is None:  # read once; both exported decoder sessions use it in place (keep it alive)
+            self._shared = self._load_shared()
+        return session_options(self.thread_plan, self._shared[1], self.prepack, self.spinning)
 
     def _exported_session(self, name: str) -> ort.InferenceSession:
         """The session of the export's graph `name`, opened on first use."""
@@ -226,7 +234,7 @@ class OnnxModel:
             with self._opening:  # two requests may reach a graph first at once
                 if name not in self.sessions:
                     self.sessions[name] = self._session(name, self._exported_options(name), self._providers)
-                    if self.fused_decode is not None:
+                    if self.fused is not None:
                         logger.info("the exported %s graph opened (a request the fused graphs do not serve)", name)
         return self.sessions[name]
 
@@ -245,12 +253,12 @@ class OnnxModel:
         return session
 
     def run(self, name: str, feeds: dict) -> list[ort.OrtValue]:
-        """Runs a graph (one of the export's, or "fused_prefill") with IO binding: OrtValue inputs (a cache, image
+        """Runs a graph (one of the export's, or "fused") with IO binding: OrtValue inputs (a cache, image
         embeddings) are passed without a copy, and outputs stay where the provider made them (on the GPU for CUDA)
         except the logits, which sampling reads."""
         if self.one_session:
             return self._run_alone(name, feeds)
-        session = self.fused_prefill if name == "fused_prefill" else self._exported_session(name)
+        session = self.fused if name == "fused" else self._exported_session(name)
         binding = session.io_binding()
         for key, value in feeds.items():
             if isinstance(value, ort.OrtValue):
@@ -292,7 +300,7 @@ class OnnxModel:
     def batch_engine(self, max_batch: int) -> "OnnxBatchEngine | None":
         """The engine of a continuous batch of up to `max_batch` rows, or None where the fused decode graph does not
         serve (each request then runs alone on its own OnnxEngine)."""
-        return OnnxBatchEngine(self, max_batch) if self.fused_decode is not None else None
+        return OnnxBatchEngine(self, max_batch) if self.fused is not None else None
 
 
 class OnnxEngine:
@@ -319,13 +327,13 @@ class OnnxEngine:
         (image_embeddings,) = m.run("vision_encoder", {"pixel_values": pixel_values})
         real = inputs["attention_mask"].numpy().astype(np.int64)
         T = input_ids.shape[1]
-        if m.fused_prefill is not None and T <= rotary_positions(m.config):
+        if m.fused is not None and T <= rotary_positions(m.config):
             # The prefix-LM mask and positions from the one rule (paligemma/masks.py), as the torch model makes them.
             layout = TokenLayout.last(inputs["attention_mask"].long(), inputs["token_type_ids"].long(), T)
             biases = {bias_name(w): additive(layout.allowed(w), torch.float32).numpy() for w in m.windows}
-            logits, *self.past = m.run("fused_prefill", {
+            logits, *self.past = m.run("fused", {
                 "input_ids": input_ids, "image_embeddings": image_embeddings,
-                "position_ids": layout.positions().numpy(), **biases,
+                "position_ids": layout.positions().numpy(), **biases, **m.branch_inputs[True],
             })
         else:
             logits, *self.past = m.run("prefill", {
@@ -346,7 +354,7 @@ class OnnxEngine:
         # The mask and positions for the whole run, written once.
         self.attention_mask, _ = extend_for_generation(attention_mask.long(), token_type_ids, max_new_tokens)
         self.positions = token_positions(self.attention_mask, torch.arange(self.attention_mask.shape[1])).numpy()
-        if self.model.fused_decode is not None and left_padded(real):
+        if self.model.fused is not None and left_padded(real):
             self._bind_fused(real)
 
     def _bind_fused(self, real: np.ndarray) -> None:
@@ -355,20 +363,25 @@ class OnnxEngine:
         if self.capacity > rotary_positions(m.config):
             return  # positions past the fused graph's rotary tables: the exported graph serves this request
         counts = real.sum(1)
+        self.rows, spare = B, B % m.row_multiple and m.row_multiple - B % m.row_multiple  # a spare row: see OnnxModel
         self.buffers = []
         for present in self.past:  # each row's real keys to the front of its buffer, once
             rows = present.numpy()
-            buffer = np.zeros((B, K, self.capacity, D), dtype=np.float32)
+            buffer = np.zeros((B + spare, K, self.capacity, D), dtype=np.float32)
             for b, n in enumerate(counts):
                 buffer[b, :, :n] = rows[b, :, T - n :]
             self.buffers.append(buffer)
         self.past = None
-        self.input_ids = np.zeros((B, 1), dtype=np.int64)
-        self.position_ids = np.ascontiguousarray(self.positions[:, T : T + 1])
-        self.seqlens_k = counts.astype(np.int32)  # the slot each row's next token goes to
+        self.input_ids = np.zeros((B + spare, 1), dtype=np.int64)
+        # A spare row is a token at position 1 over an empty cache; its logits are dropped.
+        self.position_ids = np.ascontiguousarray(np.pad(self.positions[:, T : T + 1], ((0, spare), (0, 0)),
+                                                        constant_values=1))
+        self.seqlens_k = np.pad(counts, (0, spare)).astype(np.int32)  # the slot each row's next token goes to
         self.total_length = np.array(counts.max() + 1, dtype=np.int32)
-        self.logits = np.zeros((B, m.config.text.vocab_size), dtype=np.float32)
-        binding = m.fused_decode.io_binding()
+        self.logits = np.zeros((B + spare, m.config.text.vocab_size), dtype=np.float32)
+        binding = m.fused.io_binding()
+        for name, value in m.branch_inputs[False].items():  # the flag, and the prefill branch's inputs (empty)
+            binding.bind_cpu_input(name, value)
         values = {"input_ids": self.input_ids, "position_ids": self.position_ids, "seqlens_k": self.seqlens_k,
                   "total_sequence_length": self.total_length}
         # OrtValues over numpy arrays use the arrays' memory: writing the arrays changes the bound inputs.
@@ -403,29 +416,31 @@ class OnnxEngine:
         return torch.from_numpy(logits.numpy())
 
     def _fused_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.input_ids[:, 0] = tokens.numpy()
-        self.model.fused_decode.run_with_iobinding(self.binding)
+        self.input_ids[: self.rows, 0] = tokens.numpy()
+        self.model.fused.run_with_iobinding(self.binding)
         # Every row's next token is real: one slot and one position further.
         self.seqlens_k += 1
         self.position_ids += 1
         self.total_length += 1
         # A copy: callers may keep every step's logits (the app's torch check does); the graph writes the next
         # step's into the same bound buffer.
-        return torch.from_numpy(self.logits.copy())
+        return torch.from_numpy(self.logits[: self.rows].copy())
 
 
 class OnnxBatchEngine:
-    """Rows of many requests on the fused decode graph: each request is prefilled alone (its own prefix-LM mask, no
-    padding), its cache joins a pool of rows (paligemma.cache.RowPool: one buffer per layer, [rows, K, M, D], M the
-    longest prompt plus budget among them), and each step runs every row at once, GroupQueryAttention reading each
-    row's own length (`seqlens_k`) and position. The pool's buffers are the graph's past and present, written in
-    place. A row's logits do not depend on the other rows where the decode session is pre-packed (MLAS multiplies
-    every row by the packed weights alike, whatever the number of rows; unpacked, a single row takes another
-    kernel, and several rows pack the weights on every call): OnnxModel's decode_prepack, on for a batch."""
+    """Rows of many requests on the fused session (its prefill, then its decode step): each request is prefilled
+    alone (its own prefix-LM mask, no padding), its cache joins a pool of rows (paligemma.cache.RowPool: one buffer
+    per layer, [rows, K, M, D], M the longest prompt plus budget among them), and each step runs every row at once,
+    GroupQueryAttention reading each row's own length (`seqlens_k`) and position. The pool's buffers are the graph's
+    past and present, written in place. A row's logits do not depend on the other rows where the session is
+    pre-packed (MLAS multiplies every row by the packed weights alike, whatever the number of rows; unpacked, a
+    single row takes another kernel, and several rows pack the weights on every call): OnnxModel's
+    `batch_prepack`, on for a batch."""
 
     def __init__(self, model: OnnxModel, max_batch: int):
         self.model, self.max_batch = model, max_batch
-        self.pool = RowPool(model.config.text, max_batch)
+        # Room for the spare rows that round a step up to the model's row multiple.
+        self.pool = RowPool(model.config.text, -(-max_batch // model.row_multiple) * model.row_multiple)
 
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[PrefilledRow, torch.Tensor]:
         engine = OnnxEngine(self.model)
@@ -442,13 +457,20 @@ class OnnxBatchEngine:
         if sorted(rows) != sorted(pool.ids):
             raise ValueError(f"a decode step runs every row in the batch ({n}), got {len(rows)}")
         places = pool.places(rows)
-        input_ids = np.zeros((n, 1), dtype=np.int64)
+        # Spare rows (a token at position 1 over an empty cache, their logits dropped) round the step up to the
+        # model's row multiple, in places of the pool that no row holds.
+        spare = n % m.row_multiple and m.row_multiple - n % m.row_multiple
+        pool.grow(n + spare, pool.capacity)
+        input_ids = np.zeros((n + spare, 1), dtype=np.int64)
         input_ids[places, 0] = tokens.numpy()
-        lengths = pool.lengths[:n].numpy()  # each row's next slot: its tokens so far, all real (no padding)
+        # Each row's next slot: its tokens so far, all real (no padding).
+        lengths = np.pad(pool.lengths[:n].numpy(), (0, spare))
         if lengths.max() >= pool.capacity:  # the graph would write past the buffer
             raise InputError(f"a row's cache holds {pool.capacity} tokens; ask for more max_new_tokens")
-        logits = np.empty((n, m.config.text.vocab_size), dtype=np.float32)
-        binding = m.fused_decode.io_binding()
+        logits = np.empty((n + spare, m.config.text.vocab_size), dtype=np.float32)
+        binding = m.fused.io_binding()
+        for name, value in m.branch_inputs[False].items():  # the flag, and the prefill branch's inputs (empty)
+            binding.bind_cpu_input(name, value)
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("position_ids", (lengths + 1)[:, None].astype(np.int64))  # PaliGemma counts from 1
         binding.bind_cpu_input("seqlens_k", lengths.astype(np.int32))
@@ -457,11 +479,11 @@ class OnnxBatchEngine:
         held = [ort.OrtValue.ortvalue_from_numpy(logits)]
         binding.bind_ortvalue_output("logits", held[0])
         for i, (past, present) in enumerate(zip(m.past_names, m.present_names)):
-            buffer = (pool.keys if i % 2 == 0 else pool.values)[i // 2, :n].numpy()
+            buffer = (pool.keys if i % 2 == 0 else pool.values)[i // 2, : n + spare].numpy()
             held.append(ort.OrtValue.ortvalue_from_numpy(buffer))
             binding.bind_ortvalue_input(past, held[-1])
             binding.bind_ortvalue_output(present, held[-1])
-        m.fused_decode.run_with_iobinding(binding)
+        m.fused.run_with_iobinding(binding)
         pool.lengths[:n] += 1
         return torch.from_numpy(logits[places])
 
@@ -543,8 +565,10 @@ def load_onnx_pipeline(source, onnx_dir=None, device: str = "cpu", threads: int 
     checkpoint folder or Hub repo id, or an export directory itself. `threads` (intra-op, per request) and `requests`
     (how many run at once) override the plan chosen for the machine and the model (export/threads.py;
     `pipeline.engine_factory.thread_plan`); `spinning` turns ONNX Runtime's busy-waiting threads back on (its
-    default, slower here: bench/threads.py). `prepack` trades memory (each decoder session re-lays out its own copy
-    of the weights) for faster batched decoding on CPU. `quantize` ("int8" or "int4") picks the quantized export
+    default, slower here: bench/threads.py). `prepack` pre-packs every session (MLAS lays out each weight once); the
+    fused session, which releases each stored weight it packs, is pre-packed anyway for a batch (`max_batch` > 1),
+    a decoder below 256 MB, or a quantized export, and the exported graphs' sessions hold their own packed copy
+    each. `quantize` ("int8" or "int4") picks the quantized export
     from the cache (made on first use); an export folder given as `source` or `onnx_dir` must be that variant.
     `max_batch`: rows of the continuous batch on the fused decode graph (paligemma.load's; default
     paligemma.default_max_batch); transformers.js' layout and the graphs as exported run each call alone."""

@@ -16,8 +16,11 @@ variants, and for those also on the relative rms difference, ||ONNX - torch|| / 
   PaliGemma 1 0.10, 0.071; tiny PaliGemma 2 0.106, 0.074; embedded demo model 0.032, 0.021; weight-heavy model
   0.011, 0.035; 3B-wide random model 0.036, 0.078; the full 3B shape 0.104, 0.216: above this limit, which is why
   `--quantize int8` is MatMulNBits.
-- int4: 1.0 relative max, 0.8 relative rms. Blocks of 32 weights round to 16 levels. Measured: tiny PaliGemma 1
-  0.77, 0.55; tiny PaliGemma 2 0.36, 0.32; embedded demo model 0.10, 0.076; 3B-wide random model 0.17, 0.25. On the
+- int4: 1.0 relative max, 0.8 relative rms. Blocks of 32 weights (128 in products at least 1024 wide) round to 16
+  levels. Measured: tiny PaliGemma 1
+  0.77, 0.55; tiny PaliGemma 2 0.36, 0.32; embedded demo model 0.10, 0.076; 3B-wide random model 0.17, 0.25 at
+  blocks of 32, 0.168, 0.346 at 128 (its products are all at least 1024 wide; 0.147, 0.29 with 32 on the same
+  request set, docs/quantization.md). On the
   random tiny models 4-bit rounding moves the logits by half their spread, so this limit catches a broken layout
   (an unrelated output is ~1.4 relative rms), not a loss of quality: what a quantization costs is measured on the
   task (500 scenes, docs/quantization.md).
