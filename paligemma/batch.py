@@ -5,9 +5,10 @@ folder), a glob (each id the path relative to the pattern's fixed part), or a JS
 records (a record's prompt overrides the command's).
 
 The run (`Answerer`): `readers` threads open and preprocess images ahead of the model (the library's own loading:
-formats allow-listed, memory bounded per image); as many model threads as the pipeline's continuous batch has rows
-(paligemma/scheduler.py) each keep one request in it, so the batch stays full; a failure (an unreadable file, one too
-large, not an image, a prompt too long) becomes that input's answer line and the run goes on.
+formats allow-listed, memory bounded per image); a thread per prefill that may run at once puts them into the
+pipeline's continuous batch (paligemma/scheduler.py), so the batch stays full; each answer is finished (text, boxes)
+as its request ends; a failure (an unreadable file, one too large, not an image, a prompt too long) becomes that
+input's answer line and the run goes on.
 
 The answers (`AnswerFile`): one JSON line per input, each written whole in one append; synced to disk every few
 seconds and at the end. A rerun with the same file skips the ids it holds, after cutting off a partial last line (a
@@ -356,23 +357,29 @@ _END = object()  # after the last prepared item, one per model thread
 
 
 class Answerer:
-    """Answers items through one pipeline: `readers` threads read and preprocess images ahead of the model, and as
-    many model threads as the pipeline has batch rows each keep one request in its continuous batch. Thread-safe:
-    several `answer` calls may share it (and the batch)."""
+    """Answers items through one pipeline: `readers` threads read and preprocess images ahead of the model, and a
+    thread per prefill that may run at once hands each to the pipeline's continuous batch (waiting for a free row,
+    prefilling it there) and goes on to the next; the thread that iterates the answers finishes each one as its
+    request ends (its text and boxes). Thread-safe: several `answer` calls may share it (and the batch)."""
 
     def __init__(self, pipe, *, readers: int = DEFAULT_READERS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  cores: int | None = None):
         if isinstance(readers, bool) or not isinstance(readers, int) or readers < 1:
             raise ValueError(f"readers={readers!r}: use a whole number of at least 1 (threads reading images)")
         self.pipe = pipe
-        if pipe.batcher is not None:
-            pipe.batcher.allow_prefills(concurrent_prefills(pipe, cores or len(os.sched_getaffinity(0))))
         self.readers = readers
         self.params = SamplingParams(max_new_tokens)  # greedy: an answer is the same in any batch, on any run
         self.stop_ids = pipe.stop_ids
-        # Where each call runs alone (no batch engine), as many calls at once as its thread plan runs well.
-        plan = getattr(pipe.engine_factory, "thread_plan", None)
-        self.model_threads = pipe.max_batch if pipe.batcher is not None else getattr(plan, "concurrent_requests", 1)
+        if pipe.batcher is not None:
+            prefills = concurrent_prefills(pipe, cores or len(os.sched_getaffinity(0)))
+            pipe.batcher.allow_prefills(prefills)
+            # As many submitting threads as prefills run at once: a thread is busy only until its request is in the
+            # batch. (A thread per row, each waiting for its answer, kept the batch as full with four times the
+            # threads woken at every change of it; on two shared cores the two were within the noise.)
+            self.model_threads = prefills
+        else:  # each call runs alone: as many at once as its thread plan runs well
+            plan = getattr(pipe.engine_factory, "thread_plan", None)
+            self.model_threads = getattr(plan, "concurrent_requests", 1)
         self.lookahead = 2 * self.model_threads + readers  # prepared items waiting for the model, at most
 
     def answer(self, items: Iterable[Item]) -> Iterator[dict]:
@@ -404,7 +411,7 @@ class Answerer:
                 record = done.get()
                 if isinstance(record, BaseException):  # a bug in this module, not an input's failure
                     raise record
-                yield record
+                yield self.finish(record) if isinstance(record, InBatch) else record
         finally:
             stop.set()
             for thread in (*readers, closer, *models):
@@ -445,61 +452,76 @@ class Answerer:
             if stop.is_set():
                 continue  # drained until the end marker: the readers may be waiting for room
             try:
-                done.put(self.generate(prepared, stop))
+                if self.pipe.batcher is None:
+                    done.put(self.generate_alone(prepared))
+                else:
+                    self.submit(prepared, done, stop)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 done.put(e)
 
-    def generate(self, prepared: Prepared, stop: threading.Event | None = None) -> dict:
-        """The answer record of one prepared item: through the continuous batch (its row prefilled in this thread),
-        or alone where the pipeline has no batch engine."""
-        item, pipe = prepared.item, self.pipe
-        start = time.perf_counter()
-        timings = {"read_s": seconds(prepared.read_s)}
+    def submit(self, prepared: Prepared, done: queue.SimpleQueue, stop: threading.Event) -> None:
+        """Puts the item's request into the continuous batch (waiting for a row, prefilling it in this thread); when
+        the request ends, its InBatch reaches `done` (from the batch's thread), or at once its failure's record."""
+        in_batch = InBatch(prepared, done)
+        in_batch.request = Request(prepared.inputs, self.params, self.stop_ids, None, start=in_batch.start,
+                                   caller_cancel=stop, updates=in_batch)
         try:
-            if pipe.batcher is None:
-                result = pipe.generate(prepared.image, item.prompt, max_new_tokens=self.params.max_new_tokens)
-                ids, ttft, rate = result.token_ids, result.ttft_s, result.decode_tokens_per_s
-            else:
-                ended = Ending()
-                request = Request(prepared.inputs, self.params, self.stop_ids, None, start=start, caller_cancel=stop,
-                                  updates=ended)
-                try:
-                    pipe.batcher.submit(request)
-                    ended.wait()
-                finally:
-                    request.cancel.set()
-                ids = pipe._finish(request.tokens, self.stop_ids)
-                ttft = request.times[0] if request.times else 0.0
-                rate = decode_rate(request.times, len(ids))
-            text = pipe.processor.decode(ids)
-            boxes = answer_boxes(text, prepared.size, pipe.mask_decoder)
+            self.pipe.batcher.submit(in_batch.request)
         except (InputError, ValueError, RuntimeError) as e:
-            logger.debug("%s failed", item.id, exc_info=True)
-            timings["total_s"] = seconds(time.perf_counter() - start)
-            return record_of(item, error=str(e) or type(e).__name__, timings=timings)
-        timings.update(ttft_s=seconds(ttft), total_s=seconds(time.perf_counter() - start),
-                       decode_tokens_per_s=round(rate, 1))
-        return record_of(item, text=text, token_ids=ids, boxes=boxes, timings=timings)
+            done.put(self.failure(prepared, e, in_batch.start))
+
+    def finish(self, in_batch: "InBatch") -> dict:
+        """The answer record of a request that ended in the batch: its text and boxes."""
+        prepared, request = in_batch.prepared, in_batch.request
+        try:
+            if in_batch.error is not None:
+                raise in_batch.error
+            ids = self.pipe._finish(request.tokens, self.stop_ids)
+            return self.record(prepared, ids, request.times[0] if request.times else 0.0,
+                               decode_rate(request.times, len(ids)), in_batch.start)
+        except (InputError, ValueError, RuntimeError) as e:
+            return self.failure(prepared, e, in_batch.start)
+
+    def generate_alone(self, prepared: Prepared) -> dict:
+        """The answer record of one prepared item, by a pipeline that runs each call alone (no batch engine)."""
+        start = time.perf_counter()
+        try:
+            result = self.pipe.generate(prepared.image, prepared.item.prompt,
+                                        max_new_tokens=self.params.max_new_tokens)
+            return self.record(prepared, result.token_ids, result.ttft_s, result.decode_tokens_per_s, start)
+        except (InputError, ValueError, RuntimeError) as e:
+            return self.failure(prepared, e, start)
+
+    def record(self, prepared: Prepared, ids: list[int], ttft: float, rate: float, start: float) -> dict:
+        text = self.pipe.processor.decode(ids)
+        boxes = answer_boxes(text, prepared.size, self.pipe.mask_decoder)
+        timings = {"read_s": seconds(prepared.read_s), "ttft_s": seconds(ttft),
+                   "total_s": seconds(time.perf_counter() - start), "decode_tokens_per_s": round(rate, 1)}
+        return record_of(prepared.item, text=text, token_ids=ids, boxes=boxes, timings=timings)
+
+    @staticmethod
+    def failure(prepared: Prepared, error: BaseException, start: float) -> dict:
+        logger.debug("%s failed", prepared.item.id, exc_info=error)
+        timings = {"read_s": seconds(prepared.read_s), "total_s": seconds(time.perf_counter() - start)}
+        return record_of(prepared.item, error=str(error) or type(error).__name__, timings=timings)
 
 
-class Ending:
-    """A request's update queue that keeps only its end: the tokens are in the request (request.tokens, .times), so
-    the thread waiting for the answer wakes once, not at every token of it."""
+class InBatch:
+    """An item's request in the batch, and the request's update queue (Request.updates): it keeps only the request's
+    end (the tokens are in the request: request.tokens, .times) and then hands itself to `done`, so that no thread
+    waits for each answer."""
 
-    def __init__(self):
-        self.done = threading.Event()
+    def __init__(self, prepared: Prepared, done: queue.SimpleQueue):
+        self.prepared, self.done = prepared, done
+        self.start = time.perf_counter()
+        self.request: Request | None = None
         self.error: BaseException | None = None
 
     def put(self, update) -> None:
         if update is END:
-            self.done.set()
+            self.done.put(self)
         elif isinstance(update, BaseException):
             self.error = update
-
-    def wait(self) -> None:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
 
 
 def put(target: queue.Queue, value, stop: threading.Event) -> None:

@@ -113,13 +113,16 @@ def test_a_jsonl_with_its_own_prompts_ids_and_relative_paths(tmp_path, pipe):
         "",  # blank lines are skipped
         json.dumps({"id": "detect", "image": "images/" + paths[2].name, "prompt": f"detect {shape.shape}"}),
         json.dumps({"id": "segment", "image": "images/" + paths[2].name, "prompt": f"segment {shape.shape}"}),
+        json.dumps({"id": "gone", "image": "images/missing.png"}),  # a file that is not there: an error line
     ]) + "\n")
     out = tmp_path / "answers.jsonl"
 
     assert run("--input", source, "--out", out, "--prompt", "caption en") == 0
 
     records = {r["id"]: r for r in lines_of(out)}
-    assert set(records) == {7, "no prompt", "detect", "segment"}  # an integer id stays an integer
+    assert set(records) == {7, "no prompt", "detect", "segment", "gone"}  # an integer id stays an integer
+    gone = records["gone"]
+    assert "does not exist" in gone["error"] and gone["image"] == "images/missing.png" and gone["text"] is None
     for key, path, prompt in [(7, paths[0], "answer en how many shapes are there?"), ("no prompt", paths[1],
                               "caption en"), ("detect", paths[2], f"detect {shape.shape}"),
                               ("segment", paths[2], f"segment {shape.shape}")]:
