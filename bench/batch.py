@@ -28,6 +28,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,18 +71,73 @@ def plain_loop(folder: Path, backend: str, torch_threads: int | None, out: Path)
                                    torch_threads=torch.get_num_threads())))
 
 
-def timed(command: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
-    """Runs `command` under /usr/bin/time -v: (the process, {wall_s, peak_rss_mb, load before and after})."""
+def timed(command: list[str], env: dict | None = None, actors_under: int | None = None
+          ) -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs `command` under /usr/bin/time -v: (the process, {wall_s, peak_rss_mb (its largest process: the driver,
+    for Ray), load before and after}); with `actors_under`, also actor_peak_rss_mb: the largest peak RSS of a Ray
+    actor process below that process (the cluster's holder; None: below the command)."""
     before = os.getloadavg()
     start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-v", *command], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    process = subprocess.Popen(["/usr/bin/time", "-v", *command], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                                       **(env or {})})
+    actors = ActorMemory(actors_under or process.pid) if actors_under is not None or "--ray" in command else None
+    if actors:
+        actors.start()
+    stdout, stderr = process.communicate()
     wall = time.perf_counter() - start
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return result, dict(wall_s=round(wall, 2), peak_rss_mb=round(int(peak.group(1)) / 1024) if peak else None,
-                        load_before=[round(x, 2) for x in before], load_after=[round(x, 2) for x in os.getloadavg()])
+    figures = dict(wall_s=round(wall, 2), peak_rss_mb=round(int(peak.group(1)) / 1024) if peak else None,
+                   load_before=[round(x, 2) for x in before], load_after=[round(x, 2) for x in os.getloadavg()])
+    if actors:
+        figures["actor_peak_rss_mb"] = actors.stop()
+    return result, figures
+
+
+class ActorMemory(threading.Thread):
+    """Samples, every 0.2 s, the peak RSS (VmHWM) of the Ray actor processes below process `root`; `stop` gives the
+    largest, in MB (None if none was seen). /usr/bin/time sees only the driver (the actors are the raylet's)."""
+
+    def __init__(self, root: int):
+        super().__init__(daemon=True)
+        self.root, self.peak_kb, self.done = root, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            for pid in descendants(self.root):
+                try:
+                    if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+                        continue
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                found = re.search(r"VmHWM:\s+(\d+) kB", status)
+                if found:
+                    self.peak_kb = max(self.peak_kb, int(found.group(1)))
+
+    def stop(self) -> int | None:
+        self.done.set()
+        self.join()
+        return round(self.peak_kb / 1024) if self.peak_kb else None
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.extend(children.get(pid, []))
+        todo.extend(children.get(pid, []))
+    return found
 
 
 def summary_of(stderr: str) -> dict:
@@ -155,10 +211,11 @@ def kill_half_way(folder: Path, out: Path, backend: str, count: int) -> dict:
 
 def markdown(report: dict) -> str:
     rows = ["| run | images/s (answering) | steady, from the first answer | first answer | wall (process) | peak RSS "
-            "| load average before / after |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            "(process; an actor) | load average before / after |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, run in report["runs"].items():
+        actor = f"; {run['actor_peak_rss_mb']} MB" if run.get("actor_peak_rss_mb") else ""
         rows.append(f"| {name} | {run['images_per_s']:.1f} | {run['steady_images_per_s']:.1f} | {run['first_s']:.2f} s "
-                    f"| {run['wall_s']:.1f} s | {run['peak_rss_mb']} MB | {run['load_before'][0]} / "
+                    f"| {run['wall_s']:.1f} s | {run['peak_rss_mb']} MB{actor} | {run['load_before'][0]} / "
                     f"{run['load_after'][0]} |")
     lines = [f"# The batch command: {report['scenes']} drawn scenes, backend {report['backend']}", "",
              f"CPU: {report['cpu']}; {report['cores']} cores.", "", *rows, ""]
@@ -217,7 +274,7 @@ def main(argv=None) -> int:
             out.unlink(missing_ok=True)
             result, figures = timed(batch_command(folder, out, args.backend, "--ray", *([address] if running else []),
                                                   "--workers", workers, "--cpus-per-worker", 1),
-                                    env=TOKEN_AUTH if running else None)
+                                    env=TOKEN_AUTH if running else None, actors_under=holder.pid if running else None)
             name = (f"ray, {workers} actor{'s' if workers > 1 else ''} x 1 CPU, "
                     f"{'local cluster running' if running else 'new local cluster (--ray alone)'}")
             report["runs"][name] = dict(**summary_of(result.stderr), **figures)
