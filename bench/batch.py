@@ -1,6 +1,7 @@
 """The batch command against a plain loop, on Ray, and killed half-way (docs/datasets.md has the figures):
 
-    python -m bench.batch --scenes 2000 [--backend onnx] [--parts loop,batch,ray1,ray,raycold,kill] [--results DIR]
+    python -m bench.batch --scenes 2000 [--backend onnx] [--parts loop,batch,ray1,ray,raycold,kill,steps]
+                          [--results DIR]
 
 Drawn scenes (shapes.scenes, seed 1) are written as PNG files into a folder; then, each in a process of its own:
 - loop: what a user writes first, a plain loop that opens each file and calls `pipe.generate` on it, one at a time,
@@ -10,7 +11,9 @@ Drawn scenes (shapes.scenes, seed 1) are written as PNG files into a folder; the
 - ray: the same with `--ray ADDRESS --workers 2 --cpus-per-worker 1`: 2 actors, one thread each, on a local cluster
   of this machine's cores that is running already (as one started with `ray start --head` would be); ray1: one
   actor; raycold: `--ray` alone, which starts a local cluster for the run (its start-up counted);
-- kill: the batch command killed with SIGKILL once half the lines are written, then run again to the end.
+- kill: the batch command killed with SIGKILL once half the lines are written, then run again to the end;
+- steps (in this process, not by default): milliseconds per call of an answer's parts (read, preprocess, prefill, a
+  decode step of 1-8 rows) and of pipe.generate.
 
 Each reports images/s over its answering (the model loaded; for Ray, the cluster's start and the actors' start-up
 included) and from its first answer on (the steady rate), the process's wall time and peak resident memory
@@ -209,6 +212,46 @@ def kill_half_way(folder: Path, out: Path, backend: str, count: int) -> dict:
     return dict(killed=killed, resumed=summary_of(result.stderr), **process_figures)
 
 
+def step_times(backend: str, rounds: int = 3) -> dict:
+    """In this process, milliseconds per call of an answer's parts, as the batch command runs them (torch on one
+    thread, ONNX Runtime on its plan): reading and preprocessing an image, its prefill (vision tower and prompt), a
+    decode step of 1, 2, 4 and 8 rows; and `pipe.generate` whole, as the plain loop calls it."""
+    import torch
+
+    from paligemma.batch import load_pipeline
+    from paligemma.processor import load_image_and_size
+
+    load = dict(path_or_repo_id=None, backend=backend, quantize=None, onnx_dir=None, device="cpu", max_batch=8)
+    pipe = load_pipeline(load, None)
+    engine = pipe.batcher.engine
+    folder = draw_scenes(Path("/tmp/paligemma-bench-batch-steps"), 20)
+    paths = sorted(str(path) for path in folder.glob("*.png"))
+
+    def per_call(function, calls) -> float:
+        function()
+        start = time.perf_counter()
+        for _ in range(calls):
+            function()
+        return round((time.perf_counter() - start) / calls * 1e3, 3)
+
+    images = [load_image_and_size(path, pipe.config.image_size)[0] for path in paths]
+    inputs = [pipe.processor([image], [PROMPT]) for image in images]
+    cycle = iter(range(10**9))
+    times = dict(
+        read=per_call(lambda: load_image_and_size(paths[next(cycle) % 20], pipe.config.image_size), 20 * rounds),
+        preprocess=per_call(lambda: pipe.processor([images[next(cycle) % 20]], [PROMPT]), 20 * rounds),
+        prefill=per_call(lambda: engine.prefill(inputs[next(cycle) % 20], MAX_NEW_TOKENS), 20 * rounds),
+        generate=per_call(lambda: pipe.generate(paths[next(cycle) % 20], PROMPT, max_new_tokens=MAX_NEW_TOKENS),
+                          20 * rounds))
+    for count in (1, 2, 4, 8):
+        rows = [engine.join(engine.prefill(x, MAX_NEW_TOKENS)[0]) for x in inputs[:count]]
+        tokens = torch.tensor([2] * count)
+        times[f"decode_{count}_rows"] = per_call(lambda: engine.decode(rows, tokens), 30 * rounds)
+        for row in reversed(rows):
+            engine.release(row)
+    return dict(ms_per_call=times, thread_plan=str(pipe.engine_factory.thread_plan), load=os.getloadavg())
+
+
 def markdown(report: dict) -> str:
     rows = ["| run | images/s (answering) | steady, from the first answer | first answer | wall (process) | peak RSS "
             "(process; an actor) | load average before / after |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -284,6 +327,9 @@ def main(argv=None) -> int:
     finally:
         if holder is not None:
             stop_cluster(holder)
+    if "steps" in parts:
+        report["steps"] = step_times(args.backend)
+        report["checks"]["milliseconds per call (steps)"] = report["steps"]
     if "kill" in parts:
         out = work / "killed.jsonl"
         kill = kill_half_way(folder, out, args.backend, args.scenes)

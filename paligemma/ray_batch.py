@@ -73,7 +73,7 @@ def init_ray(address: str | None = None, **options) -> None:
                  logging_level=logging.WARNING, **options)
     except ConnectionError as e:
         hint = "" if os.environ.get("RAY_AUTH_MODE") else (
-            "; if the cluster uses token authentication (Ray's default for a new cluster), set RAY_AUTH_MODE=token "
+            "; if the cluster uses token authentication (Ray's, where its head has a token), set RAY_AUTH_MODE=token "
             "and give this machine the head's token (RAY_AUTH_TOKEN, or its ~/.ray/auth_token)")
         raise ConnectionError(f"--ray {address}: {first_line(e)}; check that `ray start --head` runs there and the "
                               f"address{hint}") from None
