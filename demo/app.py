@@ -3,7 +3,7 @@ the runtime shown, and an optional check against eager torch. `create_app()` bui
 
 API (gradio_client): `generate` takes (image, prompt, decoding, temperature, top_p, top_k, max_new_tokens, seed,
 check_torch), every input after the prompt with a default, and returns (answer, annotated image, boxes,
-timings, torch check). Boxes: [{"label", "box": [x0, y0, x1, y1] pixels}], with "mask" (COCO RLE: coco_rle) on a
+timings, torch check). Boxes: [{"label", "box": [x0, y0, x1, y1] pixels}], with "mask" (COCO RLE: paligemma.boxes) on a
 segmentation's entry when the model ships a mask decoder. The server validates every value itself; a bad one is
 answered with a message, never a traceback.
 """
@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 from gradio.utils import get_upload_folder as gradio_upload_folder
 from PIL import Image
 from starlette.middleware import Middleware
 
 import paligemma
+from paligemma.boxes import box_entry, found_objects
 from paligemma.errors import shown
 from paligemma.processor import load_image_and_size
 from paligemma.sampling import MAX_NEW_TOKENS_LIMIT, real_number, whole_number
@@ -235,34 +235,6 @@ def read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed, lim
         params["seed"] = random.randrange(2**31)
     paligemma.SamplingParams(**params)  # the pipeline's own checks, so that they fail before any work is done
     return params
-
-
-def found_objects(text: str, size: tuple[int, int], mask_decoder) -> list[paligemma.Detection]:
-    """The answer's boxes in an image of `size` (width, height), each that has a mask (a segmentation answer, when the
-    model ships a mask decoder) as its paligemma.Segmentation."""
-    detections = paligemma.parse_detections(text, *size)
-    if mask_decoder is None:
-        return detections
-    masks = {(s.label, s.box): s for s in paligemma.parse_segmentations(text, *size, mask_decoder)}
-    return [masks.get((d.label, d.box), d) for d in detections]
-
-
-def box_entry(detection: paligemma.Detection) -> dict:
-    """An API box entry: label and box, and for a segmentation its mask as COCO run-length encoding."""
-    entry = {"label": detection.label, "box": [round(c, 1) for c in detection.box]}
-    if isinstance(detection, paligemma.Segmentation):
-        entry["mask"] = coco_rle(detection.mask)
-    return entry
-
-
-def coco_rle(mask) -> dict:
-    """COCO's uncompressed run-length encoding of a bool [height, width] mask: {"size": [height, width], "counts":
-    lengths of alternating runs of 0s and 1s, column by column, the first a run of 0s (possibly empty)}, which
-    pycocotools (mask.frPyObjects) and most tools read; a few hundred numbers for a blob in a large image."""
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + counts}
 
 
 def staged_png(image: Image.Image, staging: Path) -> Path:

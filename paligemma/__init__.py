@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .boxes import answer_boxes
 from .checkpoint import Checkpoint
 from .config import PaliGemmaConfig
 from .contrastive import chunked_sigmoid_loss, sigmoid_loss
@@ -27,14 +28,14 @@ __all__ = [
     "load", "Checkpoint", "Pipeline", "GenerationResult", "StreamUpdate", "PaliGemmaConfig", "PaliGemmaProcessor",
     "SamplingParams", "Detection", "parse_detections", "CheckpointError", "ConfigError", "InputError",
     "OnnxExportError", "DEMO_CHECKPOINT", "TorchEngine", "StaticEngines", "BatchedTorchEngine", "ENGINES",
-    "MaskDecoder", "Segmentation", "parse_segmentations", "load_siglip", "SiglipModel", "SiglipConfig",
+    "MaskDecoder", "Segmentation", "parse_segmentations", "answer_boxes", "load_siglip", "SiglipModel", "SiglipConfig",
     "SiglipTokenizer", "sigmoid_loss", "chunked_sigmoid_loss", "default_max_batch",
 ]
 
 
 def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, device: str = "cpu", dtype=None,
          backend: str = "torch", onnx_dir: str | os.PathLike | None = None, engine: str | None = None,
-         quantize: str | None = None, max_batch: int | None = None) -> Pipeline:
+         quantize: str | None = None, max_batch: int | None = None, threads: int | None = None) -> Pipeline:
     """A generation pipeline for a checkpoint folder, Hub repo id or Checkpoint; with none, the embedded demo model.
 
     backend "torch" runs PyTorch on `device` with `engine` "eager" or "static" (static cache; on CUDA compiled and
@@ -47,6 +48,9 @@ def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, devic
     take over a quarter of the memory available (paligemma.default_max_batch). The static engine on CUDA records a
     CUDA graph per batch size 1, 2, 4, ... max_batch at load. Where the engine cannot batch (the transformers.js
     layout; ONNX Runtime without its fused decode graph), each call runs alone, as before.
+
+    `threads`: ONNX Runtime's intra-op threads per session (default: its thread plan for the machine and the model,
+    export/threads.py); torch's threads are the process's own (torch.set_num_threads).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
@@ -58,6 +62,9 @@ def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, devic
     if quantize is not None and backend != "onnx":
         raise ValueError(f"quantize={quantize!r} is served by backend 'onnx' only, and backend is '{backend}'; "
                          "pass backend='onnx' or leave quantize out")
+    if threads is not None and backend != "onnx":
+        raise ValueError(f"threads={threads!r} sets ONNX Runtime's threads (backend 'onnx'); for torch, call "
+                         "torch.set_num_threads")
     if backend == "onnx" and engine is not None:
         raise ValueError("engine is for backend 'torch'; ONNX Runtime has one engine")
     if max_batch is not None:
@@ -69,7 +76,8 @@ def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, devic
         # checkpoint.
         from export.runtime import load_onnx_pipeline
 
-        return load_onnx_pipeline(source, onnx_dir=onnx_dir, device=device, quantize=quantize, max_batch=max_batch)
+        return load_onnx_pipeline(source, onnx_dir=onnx_dir, device=device, quantize=quantize, max_batch=max_batch,
+                                  threads=threads)
     checkpoint = Checkpoint.resolve(source)
     model = load_model(checkpoint, device=device, dtype=dtype)
     factory = make_engines(model, engine, warm_up=False)  # the batch's engine serves the calls: it warms up

@@ -1,5 +1,5 @@
-"""Command line: `python -m paligemma generate ...`, `python -m paligemma train ...` and
-`python -m paligemma classify ...` (zero-shot with a SigLIP checkpoint)."""
+"""Command line: `python -m paligemma generate ...`, `python -m paligemma batch ...` (a whole dataset),
+`python -m paligemma train ...` and `python -m paligemma classify ...` (zero-shot with a SigLIP checkpoint)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 
+from .batch_command import add_batch_arguments, run_batch
 from .cli import ArgumentParser
 
 
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(commands.add_parser("generate", help="answer a prompt about an image"))
+    add_batch_arguments(commands.add_parser("batch", help="answer a prompt about every image of a folder, glob or "
+                                                          "JSONL, into a resumable JSONL of answers"))
     add_classify_arguments(commands.add_parser("classify", help="zero-shot: score labels on an image with SigLIP"))
     train_parser = commands.add_parser("train", help="fine-tune a checkpoint or train one from a config")
     try:
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "batch":
+            return run_batch(args)
         if args.command == "classify":
             return run_classify(args)
         if run_train is None:

@@ -228,6 +228,14 @@ class Batcher:
     def max_batch(self) -> int:
         return self.engine.max_batch
 
+    def allow_prefills(self, prefills: int) -> None:
+        """How many requests may prefill at once from now on (default 1, as a prefill takes every core the loop
+        leaves). An engine whose prefill runs on one thread leaves the other cores idle meanwhile: the batch command
+        lets one prefill run per core there (paligemma.batch.concurrent_prefills)."""
+        if isinstance(prefills, bool) or not isinstance(prefills, int) or prefills < 1:
+            raise ValueError(f"prefills={prefills!r}: use a whole number of at least 1")
+        self.prefilling = threading.BoundedSemaphore(prefills)
+
     def submit(self, request: Request) -> None:
         """Admits and prefills `request` (waiting for a row first), and queues it to join; its tokens, the first
         included, arrive on request.updates. A failure here is raised, and the batch never sees the request."""

@@ -7,9 +7,9 @@ import torch
 from app_server import rle_decode
 from PIL import Image
 
-from demo.app import box_entry, coco_rle, found_objects
 from demo.draw import MASK_OPACITY, PALETTE, draw_detections
 from paligemma import Detection, MaskDecoder, Segmentation
+from paligemma.boxes import box_entry, coco_rle, found_objects
 from paligemma.mask_decoder import MaskDecoderConfig
 
 
