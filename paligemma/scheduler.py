@@ -89,6 +89,9 @@ class BatchEngine(Protocol):
         """One row's processed prompt -> (its cache, not yet in the batch; the next-token logits [1, V])."""
         ...
 
+    # Optional: prefill_many(inputs: list of one-row inputs, max_new_tokens: list) -> [(cache, logits [1, V])], the
+    # rows prefilled together where that gives each its solo bits (export/runtime's OnnxBatchEngine).
+
     def join(self, prefilled: object) -> int:
         """Puts a prefilled cache into the batch; returns the row's id."""
         ...
@@ -239,6 +242,65 @@ class Batcher:
     def submit(self, request: Request) -> None:
         """Admits and prefills `request` (waiting for a row first), and queues it to join; its tokens, the first
         included, arrive on request.updates. A failure here is raised, and the batch never sees the request."""
+        (error,) = self.submit_many([request])
+        if error is not None:
+            raise error
+
+    def submit_many(self, requests: list[Request]) -> list[Exception | None]:
+        """submit for several requests, prefilled together where the engine can (its `prefill_many`: rows of a
+        batch of images that each get their solo bits); as many at a time as rows are free, in order. Returns, per
+        request, None (its tokens arrive on its updates, as submit's) or the exception that failed its prefill (the
+        batch never saw it; nothing arrives on its updates)."""
+        errors: list[Exception | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        while pending:
+            admitted = self._admit([requests[i] for i in pending])
+            if not admitted:  # every one cancelled while waiting (ended)
+                break
+            chosen, pending = pending[:admitted], pending[admitted:]
+            group = [requests[i] for i in chosen]
+            try:
+                with self.prefilling:
+                    if len(group) == 1 or not hasattr(self.engine, "prefill_many"):
+                        prefilled = [self.engine.prefill(r.inputs, r.params.max_new_tokens) for r in group]
+                    else:
+                        prefilled = self.engine.prefill_many([r.inputs for r in group],
+                                                             [r.params.max_new_tokens for r in group])
+                now = time.perf_counter()
+                for request, (_, logits) in zip(group, prefilled):
+                    request.append(int(sample(logits, request.params, request.generator)[0]), now)
+            except Exception as error:  # noqa: BLE001 - handed back per request
+                self._give_back(len(group))
+                for i in chosen:
+                    errors[i] = error
+                continue
+            except BaseException:
+                self._give_back(len(group))
+                raise
+            joining = []
+            for request, (row, _) in zip(group, prefilled):
+                if request.finished:  # one token was all it needed
+                    self._give_back()
+                    request.end(request.finish)
+                else:
+                    request.prefilled = row
+                    joining.append(request)
+            if joining:
+                with self.changed:
+                    for request in joining:
+                        self.scheduler.add(request)
+                    if self.thread is None:
+                        # Not a daemon: at exit Python waits for it (it ends when the batch is empty) instead of
+                        # stopping it inside a model call, which aborts the process ("terminate called without an
+                        # active exception").
+                        self.thread = threading.Thread(target=self._loop, name="paligemma-batch")
+                        self.thread.start()
+                    self.changed.notify_all()
+        return errors
+
+    def _admit(self, requests: list[Request]) -> int:
+        """Waits for the turn of `requests` and a free row, then takes rows for as many of them as are free (the
+        first ones); returns how many. A request cancelled meanwhile ends there; 0 once all of them have."""
         ticket = next(self.tickets)
         with self.changed:
             self.turns.append(ticket)
@@ -246,36 +308,22 @@ class Batcher:
                 # Woken when a row frees; polled for a cancel set meanwhile (an Event cannot wake a Condition).
                 while not self.changed.wait_for(lambda: self.turns[0] == ticket and self.scheduler.admit(),
                                                 timeout=CANCEL_POLL_S):
-                    if request.cancelled:
-                        request.end("cancelled")
-                        return
+                    if all(r.cancelled for r in requests):
+                        for request in requests:
+                            request.end("cancelled")
+                        return 0
+                admitted = 1
+                while admitted < len(requests) and self.scheduler.admit():
+                    admitted += 1
+                return admitted
             finally:
                 self.turns.remove(ticket)
                 self.changed.notify_all()
-        try:
-            with self.prefilling:
-                prefilled, logits = self.engine.prefill(request.inputs, request.params.max_new_tokens)
-            request.append(int(sample(logits, request.params, request.generator)[0]), time.perf_counter())
-        except BaseException:
-            self._give_back()
-            raise
-        if request.finished:  # one token was all it needed
-            self._give_back()
-            request.end(request.finish)
-            return
-        request.prefilled = prefilled
-        with self.changed:
-            self.scheduler.add(request)
-            if self.thread is None:
-                # Not a daemon: at exit Python waits for it (it ends when the batch is empty) instead of stopping it
-                # inside a model call, which aborts the process ("terminate called without an active exception").
-                self.thread = threading.Thread(target=self._loop, name="paligemma-batch")
-                self.thread.start()
-            self.changed.notify_all()
 
-    def _give_back(self) -> None:
+    def _give_back(self, rows: int = 1) -> None:
         with self.changed:
-            self.scheduler.give_back()
+            for _ in range(rows):
+                self.scheduler.give_back()
             self.changed.notify_all()
 
     def _loop(self) -> None:
@@ -310,6 +358,8 @@ class Batcher:
         logits = self.engine.decode([r.row for r in batch], torch.tensor([r.tokens[-1] for r in batch]))
         self.steps += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+        if all(r.params.greedy for r in batch):  # each row's argmax, as alone: one call for the batch
+            return logits.argmax(-1).tolist()
         # Each row samples from its own logits with its own parameters and generator, as it would alone.
         return [int(sample(logits[i : i + 1], r.params, r.generator)[0]) for i, r in enumerate(batch)]
 
