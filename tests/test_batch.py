@@ -275,3 +275,20 @@ def test_allow_prefills_lets_that_many_requests_prefill_at_once(tmp_path):
     assert met(2)
     with pytest.raises(ValueError, match="prefills=0"):
         batcher.allow_prefills(0)
+
+
+def test_images_prefilled_together_get_the_bits_each_gets_alone(tmp_path, pipe):
+    """The batch prefills the images waiting for it together (the vision tower and the prompt of rows of one prompt
+    length in one call): each row's cache and first logits are bit for bit those of its prefill alone, so that its
+    answer is pipe.generate's."""
+    engine = pipe.batcher.engine
+    paths = draw(tmp_path, range(4))
+    prompts = ["caption en", "detect circle", "caption en", "caption en"]
+    inputs = [pipe.processor([str(path)], [prompt]) for path, prompt in zip(paths, prompts)]
+    together = engine.prefill_many(inputs, [MAX_NEW_TOKENS, MAX_NEW_TOKENS, 5, MAX_NEW_TOKENS])
+    for row, budget, (prefilled, logits) in zip(inputs, [MAX_NEW_TOKENS, MAX_NEW_TOKENS, 5, MAX_NEW_TOKENS],
+                                                together):
+        alone, alone_logits = engine.prefill(row, budget)
+        assert torch.equal(logits, alone_logits)
+        assert torch.equal(prefilled.keys, alone.keys) and torch.equal(prefilled.values, alone.values)
+        assert torch.equal(prefilled.token_types, alone.token_types) and prefilled.capacity == alone.capacity
