@@ -292,3 +292,29 @@ def test_images_prefilled_together_get_the_bits_each_gets_alone(tmp_path, pipe):
         assert torch.equal(logits, alone_logits)
         assert torch.equal(prefilled.keys, alone.keys) and torch.equal(prefilled.values, alone.values)
         assert torch.equal(prefilled.token_types, alone.token_types) and prefilled.capacity == alone.capacity
+
+
+def test_a_group_whose_prefill_fails_fails_each_of_its_requests_and_the_batch_goes_on(tmp_path, pipe):
+    from paligemma.sampling import SamplingParams
+    from paligemma.scheduler import Request
+
+    batcher, params = pipe.batcher, SamplingParams(MAX_NEW_TOKENS)
+    paths = draw(tmp_path, range(3))
+    inputs = [pipe.processor([str(path)], ["caption en"]) for path in paths]
+
+    def broken(*args):
+        raise RuntimeError("the engine broke")
+
+    batcher.engine.prefill_many = broken
+    try:
+        requests = [Request(x, params, pipe.stop_ids, None) for x in inputs[:2]]
+        errors = batcher.submit_many(requests)
+    finally:
+        del batcher.engine.prefill_many
+    assert [str(e) for e in errors] == ["the engine broke"] * 2
+    assert batcher.scheduler.taken == 0  # their rows given back
+    requests = [Request(x, params, pipe.stop_ids, None) for x in inputs]
+    assert batcher.submit_many(requests) == [None] * 3
+    for request, path in zip(requests, paths):
+        list(request.stream())
+        assert pipe._finish(request.tokens, pipe.stop_ids) == expected(pipe, path, "caption en").token_ids
