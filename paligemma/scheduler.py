@@ -60,13 +60,13 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def default_max_batch(config, device: torch.device, dtype_bytes: int = 4) -> int:
-    """DEFAULT_MAX_BATCH for the device, lowered so that that many rows of the image tokens plus
+def default_max_batch(config, device: torch.device, dtype_bytes: int = 4, rows: int | None = None) -> int:
+    """`rows` (default: DEFAULT_MAX_BATCH for the device), lowered so that that many rows of the image tokens plus
     ROW_TOKENS_BEYOND_IMAGE (each layer's keys and values) fit in CACHE_SHARE of the memory available now."""
     t = config.text
     row_bytes = (2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
                  * (config.num_image_tokens + ROW_TOKENS_BEYOND_IMAGE))
-    rows = DEFAULT_MAX_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    rows = rows or DEFAULT_MAX_BATCH["cuda" if device.type == "cuda" else "cpu"]
     available = available_memory(device)
     if available is not None:
         rows = min(rows, int(available * CACHE_SHARE // row_bytes))
@@ -175,6 +175,9 @@ class Scheduler:
         self.taken += 1
         return True
 
+    def free(self) -> int:
+        return self.max_batch - self.taken
+
     def give_back(self) -> None:
         """A row taken by a request that never joined (it failed, or ended at its first token)."""
         self.taken -= 1
@@ -231,6 +234,19 @@ class Batcher:
     def max_batch(self) -> int:
         return self.engine.max_batch
 
+    def widen(self, rows: int) -> bool:
+        """Lets the batch hold `rows` rows from now on, where the engine can (its `widen`: a pool that grows as rows
+        join; the batch command's default is wider than serving's). Only while the batch is empty; returns whether
+        it did."""
+        check_max_batch(rows)
+        widen = getattr(self.engine, "widen", None)
+        with self.changed:
+            if widen is None or self.scheduler.taken or self.scheduler.has_work():
+                return False
+            widen(rows)
+            self.scheduler.max_batch = rows
+            return True
+
     def allow_prefills(self, prefills: int) -> None:
         """How many requests may prefill at once from now on (default 1, as a prefill takes every core the loop
         leaves). An engine whose prefill runs on one thread leaves the other cores idle meanwhile: the batch command
@@ -248,7 +264,8 @@ class Batcher:
 
     def submit_many(self, requests: list[Request]) -> list[Exception | None]:
         """submit for several requests, prefilled together where the engine can (its `prefill_many`: rows of a
-        batch of images that each get their solo bits); as many at a time as rows are free, in order. Returns, per
+        batch of images that each get their solo bits), once rows are free for all of them (or for max_batch of them
+        at a time, in order). Returns, per
         request, None (its tokens arrive on its updates, as submit's) or the exception that failed its prefill (the
         batch never saw it; nothing arrives on its updates)."""
         errors: list[Exception | None] = [None] * len(requests)
@@ -299,15 +316,18 @@ class Batcher:
         return errors
 
     def _admit(self, requests: list[Request]) -> int:
-        """Waits for the turn of `requests` and a free row, then takes rows for as many of them as are free (the
-        first ones); returns how many. A request cancelled meanwhile ends there; 0 once all of them have."""
+        """Waits for the turn of `requests` and rows for all of them (or the whole batch's), then takes them; returns
+        how many (the first ones). A request cancelled meanwhile ends there; 0 once all of them have."""
         ticket = next(self.tickets)
         with self.changed:
             self.turns.append(ticket)
             try:
                 # Woken when a row frees; polled for a cancel set meanwhile (an Event cannot wake a Condition).
-                while not self.changed.wait_for(lambda: self.turns[0] == ticket and self.scheduler.admit(),
-                                                timeout=CANCEL_POLL_S):
+                # A group waits for rows for all of it (all the batch's at most): taking rows as they free one by
+                # one would prefill images one by one again.
+                wanted = min(len(requests), self.scheduler.max_batch)
+                while not self.changed.wait_for(lambda: self.turns[0] == ticket and self.scheduler.free() >= wanted
+                                                and self.scheduler.admit(), timeout=CANCEL_POLL_S):
                     if all(r.cancelled for r in requests):
                         for request in requests:
                             request.end("cancelled")

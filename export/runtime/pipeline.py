@@ -444,6 +444,13 @@ class OnnxBatchEngine:
         self._steps: dict[int, DecodeBinding] = {}  # the decode step's binding by rows, for the pool's buffers
         self._buffers = None
 
+    def widen(self, max_batch: int) -> None:
+        """Room for `max_batch` rows (the pool allocates as rows join); while no row is in the batch."""
+        if self.pool.rows:
+            raise RuntimeError("the batch can be widened only while it is empty")
+        self.max_batch = max_batch
+        self.pool.max_rows = -(-max_batch // self.model.row_multiple) * self.model.row_multiple
+
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[PrefilledRow, torch.Tensor]:
         return self._prefill_rows(inputs, [max_new_tokens])[0]
 
