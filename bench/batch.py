@@ -310,7 +310,7 @@ def main(argv=None) -> int:
         out = work / "batch.jsonl"
         out.unlink(missing_ok=True)
         result, figures = timed(batch_command(folder, out, args.backend))
-        report["runs"]["batch (8 rows, 2 readers)"] = dict(**summary_of(result.stderr), **figures)
+        report["runs"]["batch (its defaults)"] = dict(**summary_of(result.stderr), **figures)
         answers["batch"] = token_ids(out)
     for name, loop_answers in answers.items():
         if name != "batch" and "batch" in answers:
