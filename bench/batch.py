@@ -13,7 +13,7 @@ Drawn scenes (shapes.scenes, seed 1) are written as PNG files into a folder; the
   actor; raycold: `--ray` alone, which starts a local cluster for the run (its start-up counted);
 - kill: the batch command killed with SIGKILL once half the lines are written, then run again to the end;
 - steps (in this process, not by default): milliseconds per call of an answer's parts (read, preprocess, prefill
-  alone and per image of 2-8 prefilled together, a decode step of 1-16 rows) and of pipe.generate.
+  alone and per image of 2-16 prefilled together, a decode step of 1-16 rows) and of pipe.generate.
 
 Each reports images/s over its answering (the model loaded; for Ray, the cluster's start and the actors' start-up
 included) and from its first answer on (the steady rate), the process's wall time and peak resident memory
@@ -215,7 +215,7 @@ def kill_half_way(folder: Path, out: Path, backend: str, count: int) -> dict:
 def step_times(backend: str, rounds: int = 3) -> dict:
     """In this process, milliseconds per call of an answer's parts, as the batch command runs them (torch on one
     thread, ONNX Runtime on its plan): reading and preprocessing an image, its prefill (vision tower and prompt) alone
-    and per image of 2, 4 and 8 prefilled together, a decode step of 1, 2, 4, 8 and 16 rows; and `pipe.generate`
+    and per image of 2, 4, 8 and 16 prefilled together, a decode step of 1, 2, 4, 8 and 16 rows; and `pipe.generate`
     whole, as the plain loop calls it."""
     import torch
 
@@ -244,7 +244,7 @@ def step_times(backend: str, rounds: int = 3) -> dict:
         prefill=per_call(lambda: engine.prefill(inputs[next(cycle) % 20], MAX_NEW_TOKENS), 20 * rounds),
         generate=per_call(lambda: pipe.generate(paths[next(cycle) % 20], PROMPT, max_new_tokens=MAX_NEW_TOKENS),
                           20 * rounds))
-    for count in (2, 4, 8):  # images prefilled together (prefill_many): milliseconds per image
+    for count in (2, 4, 8, 16):  # images prefilled together (prefill_many): milliseconds per image
         times[f"prefill_{count}_together_per_image"] = round(per_call(
             lambda: engine.prefill_many([inputs[next(cycle) % 20] for _ in range(count)], [MAX_NEW_TOKENS] * count),
             20 * rounds // count) / count, 3)
