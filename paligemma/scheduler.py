@@ -9,13 +9,16 @@ loop is schedule, run the model on the batch, sample, postprocess. The model run
 (paligemma/engines.py for torch, export/runtime for ONNX Runtime), which holds every row's cache.
 
 Prefill does not stop the batch: it runs in the calling thread, one request at a time, while the loop goes on
-decoding the running rows in its own thread; the prefilled rows join at the loop's next step. PaliGemma's prompt is
-one bidirectional block (image, prompt and separator see each other), so it cannot be prefilled in causal chunks as
-vLLM splits a prompt: every chunk would need keys of the chunks after it.
+decoding the running rows in its own thread; the prefilled rows join at the loop's next step. `submit_many` prefills
+several requests in one call where the engine gives each row its solo bits so (`prefill_many`: the batch command's
+groups of images on ONNX Runtime). PaliGemma's prompt is one bidirectional block (image, prompt and separator see
+each other), so it cannot be prefilled in causal chunks as vLLM splits a prompt: every chunk would need keys of the
+chunks after it.
 
-Exactness: a row's tokens do not depend on the other rows. Each row is prefilled alone, samples from its own logits
-row with its own generator, and attends over its own cache (its length, positions, mask and window); the decode
-step's products by weights are the only computation rows share (see the engines for what that means for each).
+Exactness: a row's tokens do not depend on the other rows. Each row is prefilled alone (or with others, bit for bit
+as alone), samples from its own logits row with its own generator, and attends over its own cache (its length,
+positions, mask and window); the decode step's products by weights are the only computation rows share (see the
+engines for what that means for each).
 
 Axes: B rows in the batch, V vocabulary.
 """
