@@ -12,8 +12,8 @@ Drawn scenes (shapes.scenes, seed 1) are written as PNG files into a folder; the
   of this machine's cores that is running already (as one started with `ray start --head` would be); ray1: one
   actor; raycold: `--ray` alone, which starts a local cluster for the run (its start-up counted);
 - kill: the batch command killed with SIGKILL once half the lines are written, then run again to the end;
-- steps (in this process, not by default): milliseconds per call of an answer's parts (read, preprocess, prefill, a
-  decode step of 1-8 rows) and of pipe.generate.
+- steps (in this process, not by default): milliseconds per call of an answer's parts (read, preprocess, prefill
+  alone and per image of 2-16 prefilled together, a decode step of 1-16 rows) and of pipe.generate.
 
 Each reports images/s over its answering (the model loaded; for Ray, the cluster's start and the actors' start-up
 included) and from its first answer on (the steady rate), the process's wall time and peak resident memory
@@ -214,8 +214,9 @@ def kill_half_way(folder: Path, out: Path, backend: str, count: int) -> dict:
 
 def step_times(backend: str, rounds: int = 3) -> dict:
     """In this process, milliseconds per call of an answer's parts, as the batch command runs them (torch on one
-    thread, ONNX Runtime on its plan): reading and preprocessing an image, its prefill (vision tower and prompt), a
-    decode step of 1, 2, 4 and 8 rows; and `pipe.generate` whole, as the plain loop calls it."""
+    thread, ONNX Runtime on its plan): reading and preprocessing an image, its prefill (vision tower and prompt) alone
+    and per image of 2, 4, 8 and 16 prefilled together, a decode step of 1, 2, 4, 8 and 16 rows; and `pipe.generate`
+    whole, as the plain loop calls it."""
     import torch
 
     from paligemma.batch import load_pipeline
@@ -243,8 +244,15 @@ def step_times(backend: str, rounds: int = 3) -> dict:
         prefill=per_call(lambda: engine.prefill(inputs[next(cycle) % 20], MAX_NEW_TOKENS), 20 * rounds),
         generate=per_call(lambda: pipe.generate(paths[next(cycle) % 20], PROMPT, max_new_tokens=MAX_NEW_TOKENS),
                           20 * rounds))
-    for count in (1, 2, 4, 8):
-        rows = [engine.join(engine.prefill(x, MAX_NEW_TOKENS)[0]) for x in inputs[:count]]
+    for count in (2, 4, 8, 16):  # images prefilled together (prefill_many): milliseconds per image
+        times[f"prefill_{count}_together_per_image"] = round(per_call(
+            lambda: engine.prefill_many([inputs[next(cycle) % 20] for _ in range(count)], [MAX_NEW_TOKENS] * count),
+            20 * rounds // count) / count, 3)
+    load["max_batch"] = 16
+    pipe = load_pipeline(load, None)
+    engine = pipe.batcher.engine
+    for count in (1, 2, 4, 8, 16):
+        rows = [engine.join(engine.prefill(inputs[i % 20], MAX_NEW_TOKENS)[0]) for i in range(count)]
         tokens = torch.tensor([2] * count)
         times[f"decode_{count}_rows"] = per_call(lambda: engine.decode(rows, tokens), 30 * rounds)
         for row in reversed(rows):
@@ -302,7 +310,7 @@ def main(argv=None) -> int:
         out = work / "batch.jsonl"
         out.unlink(missing_ok=True)
         result, figures = timed(batch_command(folder, out, args.backend))
-        report["runs"]["batch (8 rows, 2 readers)"] = dict(**summary_of(result.stderr), **figures)
+        report["runs"]["batch (its defaults)"] = dict(**summary_of(result.stderr), **figures)
         answers["batch"] = token_ids(out)
     for name, loop_answers in answers.items():
         if name != "batch" and "batch" in answers:

@@ -10,6 +10,7 @@ import time
 from typing import Iterable
 
 from .batch import (
+    CPU_ROWS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PROMPT,
     DEFAULT_READERS,
@@ -62,7 +63,8 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx-dir", default=None, help="exported graphs (onnx); default: the export cache")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-batch", type=positive_int, default=None,
-                        help="rows of the continuous batch (default: 8 on a CPU, 64 on a GPU)")
+                        help=f"rows of the continuous batch (default: {CPU_ROWS} on a CPU where memory allows, 64 "
+                             "on a GPU)")
     parser.add_argument("--readers", type=positive_int, default=DEFAULT_READERS,
                         help=f"threads reading and preprocessing images ahead of the model (default: "
                              f"{DEFAULT_READERS})")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .batch import (
+    CPU_ROWS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_READERS,
     Answerer,
@@ -38,8 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PACKAGES = ("paligemma", "export")  # what an actor imports; the embedded model is inside paligemma/
 CALLS_PER_ACTOR = 2  # batches an actor answers at once: the next one's rows join while the last one's finish
 BATCH_ROWS_FACTOR = 4  # default batch_size: this many inputs per row of an actor's continuous batch
-CPU_ROWS = 8  # an actor's batch rows when max_batch is not given (paligemma.default_max_batch on a CPU)
-GPU_ROWS = 64
+GPU_ROWS = 64  # with CPU_ROWS (paligemma.batch): an actor's batch rows when max_batch is not given
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,16 @@ loop is schedule, run the model on the batch, sample, postprocess. The model run
 (paligemma/engines.py for torch, export/runtime for ONNX Runtime), which holds every row's cache.
 
 Prefill does not stop the batch: it runs in the calling thread, one request at a time, while the loop goes on
-decoding the running rows in its own thread; the prefilled rows join at the loop's next step. PaliGemma's prompt is
-one bidirectional block (image, prompt and separator see each other), so it cannot be prefilled in causal chunks as
-vLLM splits a prompt: every chunk would need keys of the chunks after it.
+decoding the running rows in its own thread; the prefilled rows join at the loop's next step. `submit_many` prefills
+several requests in one call where the engine gives each row its solo bits so (`prefill_many`: the batch command's
+groups of images on ONNX Runtime). PaliGemma's prompt is one bidirectional block (image, prompt and separator see
+each other), so it cannot be prefilled in causal chunks as vLLM splits a prompt: every chunk would need keys of the
+chunks after it.
 
-Exactness: a row's tokens do not depend on the other rows. Each row is prefilled alone, samples from its own logits
-row with its own generator, and attends over its own cache (its length, positions, mask and window); the decode
-step's products by weights are the only computation rows share (see the engines for what that means for each).
+Exactness: a row's tokens do not depend on the other rows. Each row is prefilled alone (or with others, bit for bit
+as alone), samples from its own logits row with its own generator, and attends over its own cache (its length,
+positions, mask and window); the decode step's products by weights are the only computation rows share (see the
+engines for what that means for each).
 
 Axes: B rows in the batch, V vocabulary.
 """
@@ -60,13 +63,13 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def default_max_batch(config, device: torch.device, dtype_bytes: int = 4) -> int:
-    """DEFAULT_MAX_BATCH for the device, lowered so that that many rows of the image tokens plus
+def default_max_batch(config, device: torch.device, dtype_bytes: int = 4, rows: int | None = None) -> int:
+    """`rows` (default: DEFAULT_MAX_BATCH for the device), lowered so that that many rows of the image tokens plus
     ROW_TOKENS_BEYOND_IMAGE (each layer's keys and values) fit in CACHE_SHARE of the memory available now."""
     t = config.text
     row_bytes = (2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
                  * (config.num_image_tokens + ROW_TOKENS_BEYOND_IMAGE))
-    rows = DEFAULT_MAX_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    rows = rows or DEFAULT_MAX_BATCH["cuda" if device.type == "cuda" else "cpu"]
     available = available_memory(device)
     if available is not None:
         rows = min(rows, int(available * CACHE_SHARE // row_bytes))
@@ -88,6 +91,9 @@ class BatchEngine(Protocol):
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[object, torch.Tensor]:
         """One row's processed prompt -> (its cache, not yet in the batch; the next-token logits [1, V])."""
         ...
+
+    # Optional: prefill_many(inputs: list of one-row inputs, max_new_tokens: list) -> [(cache, logits [1, V])], the
+    # rows prefilled together where that gives each its solo bits (export/runtime's OnnxBatchEngine).
 
     def join(self, prefilled: object) -> int:
         """Puts a prefilled cache into the batch; returns the row's id."""
@@ -172,6 +178,9 @@ class Scheduler:
         self.taken += 1
         return True
 
+    def free(self) -> int:
+        return self.max_batch - self.taken
+
     def give_back(self) -> None:
         """A row taken by a request that never joined (it failed, or ended at its first token)."""
         self.taken -= 1
@@ -228,6 +237,19 @@ class Batcher:
     def max_batch(self) -> int:
         return self.engine.max_batch
 
+    def widen(self, rows: int) -> bool:
+        """Lets the batch hold `rows` rows from now on, where the engine can (its `widen`: a pool that grows as rows
+        join; the batch command's default is wider than serving's). Only while the batch is empty; returns whether
+        it did."""
+        check_max_batch(rows)
+        widen = getattr(self.engine, "widen", None)
+        with self.changed:
+            if widen is None or self.scheduler.taken or self.scheduler.has_work():
+                return False
+            widen(rows)
+            self.scheduler.max_batch = rows
+            return True
+
     def allow_prefills(self, prefills: int) -> None:
         """How many requests may prefill at once from now on (default 1, as a prefill takes every core the loop
         leaves). An engine whose prefill runs on one thread leaves the other cores idle meanwhile: the batch command
@@ -239,43 +261,92 @@ class Batcher:
     def submit(self, request: Request) -> None:
         """Admits and prefills `request` (waiting for a row first), and queues it to join; its tokens, the first
         included, arrive on request.updates. A failure here is raised, and the batch never sees the request."""
+        (error,) = self.submit_many([request])
+        if error is not None:
+            raise error
+
+    def submit_many(self, requests: list[Request]) -> list[Exception | None]:
+        """submit for several requests, prefilled together where the engine can (its `prefill_many`: rows of a
+        batch of images that each get their solo bits), once rows are free for all of them (or for max_batch of them
+        at a time, in order). Returns, per
+        request, None (its tokens arrive on its updates, as submit's) or the exception that failed its prefill (the
+        batch never saw it; nothing arrives on its updates)."""
+        errors: list[Exception | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        while pending:
+            admitted = self._admit([requests[i] for i in pending])
+            if not admitted:  # every one cancelled while waiting (ended)
+                break
+            chosen, pending = pending[:admitted], pending[admitted:]
+            group = [requests[i] for i in chosen]
+            try:
+                with self.prefilling:
+                    if len(group) == 1 or not hasattr(self.engine, "prefill_many"):
+                        prefilled = [self.engine.prefill(r.inputs, r.params.max_new_tokens) for r in group]
+                    else:
+                        prefilled = self.engine.prefill_many([r.inputs for r in group],
+                                                             [r.params.max_new_tokens for r in group])
+                now = time.perf_counter()
+                for request, (_, logits) in zip(group, prefilled):
+                    request.append(int(sample(logits, request.params, request.generator)[0]), now)
+            except Exception as error:  # noqa: BLE001 - handed back per request
+                self._give_back(len(group))
+                for i in chosen:
+                    errors[i] = error
+                continue
+            except BaseException:
+                self._give_back(len(group))
+                raise
+            joining = []
+            for request, (row, _) in zip(group, prefilled):
+                if request.finished:  # one token was all it needed
+                    self._give_back()
+                    request.end(request.finish)
+                else:
+                    request.prefilled = row
+                    joining.append(request)
+            if joining:
+                with self.changed:
+                    for request in joining:
+                        self.scheduler.add(request)
+                    if self.thread is None:
+                        # Not a daemon: at exit Python waits for it (it ends when the batch is empty) instead of
+                        # stopping it inside a model call, which aborts the process ("terminate called without an
+                        # active exception").
+                        self.thread = threading.Thread(target=self._loop, name="paligemma-batch")
+                        self.thread.start()
+                    self.changed.notify_all()
+        return errors
+
+    def _admit(self, requests: list[Request]) -> int:
+        """Waits for the turn of `requests` and rows for all of them (or the whole batch's), then takes them; returns
+        how many (the first ones). A request cancelled meanwhile ends there; 0 once all of them have."""
         ticket = next(self.tickets)
         with self.changed:
             self.turns.append(ticket)
             try:
                 # Woken when a row frees; polled for a cancel set meanwhile (an Event cannot wake a Condition).
-                while not self.changed.wait_for(lambda: self.turns[0] == ticket and self.scheduler.admit(),
-                                                timeout=CANCEL_POLL_S):
-                    if request.cancelled:
-                        request.end("cancelled")
-                        return
+                # A group waits for rows for all of it (all the batch's at most): taking rows as they free one by
+                # one would prefill images one by one again.
+                wanted = min(len(requests), self.scheduler.max_batch)
+                while not self.changed.wait_for(lambda: self.turns[0] == ticket and self.scheduler.free() >= wanted
+                                                and self.scheduler.admit(), timeout=CANCEL_POLL_S):
+                    if all(r.cancelled for r in requests):
+                        for request in requests:
+                            request.end("cancelled")
+                        return 0
+                admitted = 1
+                while admitted < len(requests) and self.scheduler.admit():
+                    admitted += 1
+                return admitted
             finally:
                 self.turns.remove(ticket)
                 self.changed.notify_all()
-        try:
-            with self.prefilling:
-                prefilled, logits = self.engine.prefill(request.inputs, request.params.max_new_tokens)
-            request.append(int(sample(logits, request.params, request.generator)[0]), time.perf_counter())
-        except BaseException:
-            self._give_back()
-            raise
-        if request.finished:  # one token was all it needed
-            self._give_back()
-            request.end(request.finish)
-            return
-        request.prefilled = prefilled
-        with self.changed:
-            self.scheduler.add(request)
-            if self.thread is None:
-                # Not a daemon: at exit Python waits for it (it ends when the batch is empty) instead of stopping it
-                # inside a model call, which aborts the process ("terminate called without an active exception").
-                self.thread = threading.Thread(target=self._loop, name="paligemma-batch")
-                self.thread.start()
-            self.changed.notify_all()
 
-    def _give_back(self) -> None:
+    def _give_back(self, rows: int = 1) -> None:
         with self.changed:
-            self.scheduler.give_back()
+            for _ in range(rows):
+                self.scheduler.give_back()
             self.changed.notify_all()
 
     def _loop(self) -> None:
@@ -310,6 +381,8 @@ class Batcher:
         logits = self.engine.decode([r.row for r in batch], torch.tensor([r.tokens[-1] for r in batch]))
         self.steps += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+        if all(r.params.greedy for r in batch):  # each row's argmax, as alone: one call for the batch
+            return logits.argmax(-1).tolist()
         # Each row samples from its own logits with its own parameters and generator, as it would alone.
         return [int(sample(logits[i : i + 1], r.params, r.generator)[0]) for i, r in enumerate(batch)]
 

@@ -275,3 +275,46 @@ def test_allow_prefills_lets_that_many_requests_prefill_at_once(tmp_path):
     assert met(2)
     with pytest.raises(ValueError, match="prefills=0"):
         batcher.allow_prefills(0)
+
+
+def test_images_prefilled_together_get_the_bits_each_gets_alone(tmp_path, pipe):
+    """The batch prefills the images waiting for it together (the vision tower and the prompt of rows of one prompt
+    length in one call): each row's cache and first logits are bit for bit those of its prefill alone, so that its
+    answer is pipe.generate's."""
+    engine = pipe.batcher.engine
+    paths = draw(tmp_path, range(4))
+    prompts = ["caption en", "detect circle", "caption en", "caption en"]
+    inputs = [pipe.processor([str(path)], [prompt]) for path, prompt in zip(paths, prompts)]
+    together = engine.prefill_many(inputs, [MAX_NEW_TOKENS, MAX_NEW_TOKENS, 5, MAX_NEW_TOKENS])
+    for row, budget, (prefilled, logits) in zip(inputs, [MAX_NEW_TOKENS, MAX_NEW_TOKENS, 5, MAX_NEW_TOKENS],
+                                                together):
+        alone, alone_logits = engine.prefill(row, budget)
+        assert torch.equal(logits, alone_logits)
+        assert torch.equal(prefilled.keys, alone.keys) and torch.equal(prefilled.values, alone.values)
+        assert torch.equal(prefilled.token_types, alone.token_types) and prefilled.capacity == alone.capacity
+
+
+def test_a_group_whose_prefill_fails_fails_each_of_its_requests_and_the_batch_goes_on(tmp_path, pipe):
+    from paligemma.sampling import SamplingParams
+    from paligemma.scheduler import Request
+
+    batcher, params = pipe.batcher, SamplingParams(MAX_NEW_TOKENS)
+    paths = draw(tmp_path, range(3))
+    inputs = [pipe.processor([str(path)], ["caption en"]) for path in paths]
+
+    def broken(*args):
+        raise RuntimeError("the engine broke")
+
+    batcher.engine.prefill_many = broken
+    try:
+        requests = [Request(x, params, pipe.stop_ids, None) for x in inputs[:2]]
+        errors = batcher.submit_many(requests)
+    finally:
+        del batcher.engine.prefill_many
+    assert [str(e) for e in errors] == ["the engine broke"] * 2
+    assert batcher.scheduler.taken == 0  # their rows given back
+    requests = [Request(x, params, pipe.stop_ids, None) for x in inputs]
+    assert batcher.submit_many(requests) == [None] * 3
+    for request, path in zip(requests, paths):
+        list(request.stream())
+        assert pipe._finish(request.tokens, pipe.stop_ids) == expected(pipe, path, "caption en").token_ids

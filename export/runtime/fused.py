@@ -436,6 +436,15 @@ def fused_model(source: onnx.ModelProto, config: PaliGemmaConfig, packed: bool =
                         batch_dims=1)
         return g.op("Where", [g.op("Unsqueeze", [is_image, last_axis], "image")[0], image, text], "merge")
 
+    def grouped(x: str) -> str:
+        """[B, K, G, T, X] -> [B, K, 1, G * T, X]: a key head's query heads as one matrix."""
+        return g.op("Reshape", [x, g.constant("grouped_shape", np.array([0, 0, 1, -1, 0], dtype=np.int64))], "group")[0]
+
+    def ungrouped(x: str) -> str:
+        """[B, K, 1, G * T, X] -> [B, K, G, T, X]."""
+        return g.op("Reshape", [x, g.constant("ungrouped_shape", np.array([0, 0, G, -1, 0], dtype=np.int64))],
+                    "group")[0]
+
     def prefill_attention(i: int, q: str, k: str, v: str) -> list[str]:
         """Attention over the prompt; the last layer's q is the last token's only (so are its mask row and
         position)."""
@@ -449,7 +458,11 @@ def fused_model(source: onnx.ModelProto, config: PaliGemmaConfig, packed: bool =
         (keys_out,) = g.op("Transpose", [k], "k", perm=[0, 2, 1, 3])
         (values_out,) = g.op("Transpose", [g.op("Reshape", [v, kv_shape], "v")[0]], "v", perm=[0, 2, 1, 3])
         (keys,) = g.op("Unsqueeze", [g.op("Transpose", [k], "k", perm=[0, 2, 3, 1])[0], axis_2], "k")  # [B,K,1,D,T]
-        (scores,) = g.op("Mul", [g.op("MatMul", [q, keys], "scores")[0], scale], "scores")
+        # Each (row, key head)'s G query heads multiply as one matrix [G * T, D] (`grouped`), as they do in a batch
+        # of one, where ONNX Runtime folds them so: with several rows it would multiply each head alone, and the last
+        # layer's single query would then take MLAS' one-row kernel (other bits). So a row's prefill gives the same
+        # bits in a batch of images as alone (OnnxBatchEngine.prefill_many).
+        (scores,) = g.op("Mul", [ungrouped(g.op("MatMul", [grouped(q), keys], "scores")[0]), scale], "scores")
         if t.attn_logit_softcapping is not None:
             cap = g.constant("attention_softcap", np.float32(t.attn_logit_softcapping))
             (bounded,) = g.op("Tanh", [g.op("Div", [scores, cap], "softcap")[0]], "softcap")
@@ -458,7 +471,7 @@ def fused_model(source: onnx.ModelProto, config: PaliGemmaConfig, packed: bool =
         bias = g.last_token(bias, axis=3) if last_layer else bias  # the last query's row of the mask
         (probs,) = g.op("Softmax", [g.op("Add", [scores, bias], "mask")[0]], "softmax", axis=-1)
         values = g.op("Unsqueeze", [values_out, axis_2], "v")[0]
-        (out,) = g.op("MatMul", [probs, values], "attend")  # [B, K, G, T, D]
+        out = ungrouped(g.op("MatMul", [grouped(probs), values], "attend")[0])  # [B, K, G, T, D]
         (out,) = g.op("Reshape", [g.op("Transpose", [out], "out", perm=[0, 3, 1, 2, 4])[0], out_shape], "out")
         return [out, keys_out, values_out]
 

@@ -441,54 +441,126 @@ class OnnxBatchEngine:
         self.model, self.max_batch = model, max_batch
         # Room for the spare rows that round a step up to the model's row multiple.
         self.pool = RowPool(model.config.text, -(-max_batch // model.row_multiple) * model.row_multiple)
+        self._steps: dict[int, DecodeBinding] = {}  # the decode step's binding by rows, for the pool's buffers
+        self._buffers = None
+
+    def widen(self, max_batch: int) -> None:
+        """Room for `max_batch` rows (the pool allocates as rows join); while no row is in the batch."""
+        if self.pool.rows:
+            raise RuntimeError("the batch can be widened only while it is empty")
+        self.max_batch = max_batch
+        self.pool.max_rows = -(-max_batch // self.model.row_multiple) * self.model.row_multiple
 
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[PrefilledRow, torch.Tensor]:
+        return self._prefill_rows(inputs, [max_new_tokens])[0]
+
+    def prefill_many(self, inputs: list[dict[str, torch.Tensor]],
+                     max_new_tokens: list[int]) -> list[tuple[PrefilledRow, torch.Tensor]]:
+        """prefill of several requests (each one row, processed alone), in their order: the rows of one prompt length
+        without padding (the processor pads none of a request of one row) run as one batch, through the vision tower
+        and the fused prefill at once, which gives each row the bits it gets alone (the fused graph multiplies row
+        by row alike: export/runtime/fused.py; checked by tests/test_batch.py and bench/batch.py); the others alone."""
+        results: list = [None] * len(inputs)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(inputs):
+            T = row["input_ids"].shape[1]
+            if row["input_ids"].shape[0] == 1 and T <= rotary_positions(self.model.config) \
+                    and bool(row["attention_mask"].all()):
+                groups.setdefault(T, []).append(i)
+            else:
+                results[i] = self.prefill(row, max_new_tokens[i])
+        for rows in groups.values():
+            stacked = {key: torch.cat([inputs[i][key] for i in rows]) for key in inputs[rows[0]]}
+            for i, result in zip(rows, self._prefill_rows(stacked, [max_new_tokens[i] for i in rows])):
+                results[i] = result
+        return results
+
+    def _prefill_rows(self, inputs: dict[str, torch.Tensor],
+                      max_new_tokens: list[int]) -> list[tuple[PrefilledRow, torch.Tensor]]:
+        """Each row of a prefill: its cache (copied out of the batch's) and its logits [1, V]."""
         engine = OnnxEngine(self.model)
-        logits = engine.prefill(inputs, max_new_tokens)
-        present = [torch.from_numpy(value.numpy()[0]) for value in engine.past]  # [K, T, D] each, copied by stack
-        keys, values = torch.stack(present[0::2]), torch.stack(present[1::2])
-        return PrefilledRow(keys, values, inputs["token_type_ids"][0], keys.shape[2] + max_new_tokens), logits
+        logits = engine.prefill(inputs, max(max_new_tokens))
+        past = [value.numpy() for value in engine.past]  # [B, K, T, D] each
+        rows = []
+        for b, budget in enumerate(max_new_tokens):
+            keys = torch.from_numpy(np.stack([value[b] for value in past[0::2]]))  # [L, K, T, D], a copy
+            values = torch.from_numpy(np.stack([value[b] for value in past[1::2]]))
+            rows.append((PrefilledRow(keys, values, inputs["token_type_ids"][b], keys.shape[2] + budget),
+                         logits[b : b + 1]))
+        return rows
 
     def join(self, prefilled: PrefilledRow) -> int:
         return self.pool.join(prefilled.keys, prefilled.values, prefilled.token_types, prefilled.capacity)
 
     def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
         m, pool, n = self.model, self.pool, self.pool.rows
-        if sorted(rows) != sorted(pool.ids):
+        if len(rows) != n or set(rows) != set(pool.ids):
             raise ValueError(f"a decode step runs every row in the batch ({n}), got {len(rows)}")
         places = pool.places(rows)
         # Spare rows (a token at position 1 over an empty cache, their logits dropped) round the step up to the
         # model's row multiple, in places of the pool that no row holds.
         spare = n % m.row_multiple and m.row_multiple - n % m.row_multiple
         pool.grow(n + spare, pool.capacity)
-        input_ids = np.zeros((n + spare, 1), dtype=np.int64)
-        input_ids[places, 0] = tokens.numpy()
+        step = self._step(n + spare)
+        step.input_ids[places, 0] = tokens.numpy()
         # Each row's next slot: its tokens so far, all real (no padding).
-        lengths = np.pad(pool.lengths[:n].numpy(), (0, spare))
-        if lengths.max() >= pool.capacity:  # the graph would write past the buffer
+        step.seqlens_k[:n] = pool.lengths[:n].numpy()
+        longest = int(step.seqlens_k.max())
+        if longest >= pool.capacity:  # the graph would write past the buffer
             raise InputError(f"a row's cache holds {pool.capacity} tokens; ask for more max_new_tokens")
-        logits = np.empty((n + spare, m.config.text.vocab_size), dtype=np.float32)
-        binding = m.fused.io_binding()
-        for name, value in m.branch_inputs[False].items():  # the flag, and the prefill branch's inputs (empty)
-            binding.bind_cpu_input(name, value)
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("position_ids", (lengths + 1)[:, None].astype(np.int64))  # PaliGemma counts from 1
-        binding.bind_cpu_input("seqlens_k", lengths.astype(np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.array(lengths.max() + 1, dtype=np.int32))
-        # OrtValues over the pool's memory: the graph reads and writes each row's cache in place.
-        held = [ort.OrtValue.ortvalue_from_numpy(logits)]
-        binding.bind_ortvalue_output("logits", held[0])
-        for i, (past, present) in enumerate(zip(m.past_names, m.present_names)):
-            buffer = (pool.keys if i % 2 == 0 else pool.values)[i // 2, : n + spare].numpy()
-            held.append(ort.OrtValue.ortvalue_from_numpy(buffer))
-            binding.bind_ortvalue_input(past, held[-1])
-            binding.bind_ortvalue_output(present, held[-1])
-        m.fused.run_with_iobinding(binding)
+        step.position_ids[:, 0] = step.seqlens_k + 1  # PaliGemma counts from 1
+        step.total_length[...] = longest + 1
+        m.fused.run_with_iobinding(step.binding)
         pool.lengths[:n] += 1
-        return torch.from_numpy(logits[places])
+        return torch.from_numpy(step.logits[places])  # a copy: the next step writes the bound buffer
+
+    def _step(self, rows: int) -> "DecodeBinding":
+        """The decode step's binding for `rows` rows (spare ones included) of the pool's buffers, made once and kept
+        while the buffers stay (the step's inputs are arrays written in place; the graph reads and writes each row's
+        cache in the pool)."""
+        pool = self.pool
+        buffers = (pool.keys.data_ptr(), pool.values.data_ptr(), pool.keys.shape)
+        if self._buffers != buffers:
+            self._steps.clear()
+            self._buffers = buffers
+        if rows not in self._steps:
+            self._steps[rows] = DecodeBinding(self.model, pool, rows)
+        return self._steps[rows]
 
     def release(self, row: int) -> None:
         self.pool.leave(row)
+
+
+class DecodeBinding:
+    """The fused session's decode step bound for `rows` rows of a RowPool: its inputs are arrays of this object,
+    written in place before each run (the spare rows keep token 0, length 0, position 1), its logits a buffer of
+    its own, and each layer's past and present the pool's buffer (its first `rows` rows), read and written in
+    place."""
+
+    def __init__(self, model: OnnxModel, pool: RowPool, rows: int):
+        self.input_ids = np.zeros((rows, 1), dtype=np.int64)
+        self.position_ids = np.ones((rows, 1), dtype=np.int64)
+        self.seqlens_k = np.zeros(rows, dtype=np.int32)
+        self.total_length = np.zeros((), dtype=np.int32)
+        self.logits = np.empty((rows, model.config.text.vocab_size), dtype=np.float32)
+        binding = model.fused.io_binding()
+        for name, value in model.branch_inputs[False].items():  # the flag, and the prefill branch's inputs (empty)
+            binding.bind_cpu_input(name, value)
+        # OrtValues over numpy arrays use the arrays' memory: writing the arrays changes the bound inputs. They are
+        # kept with the binding, as are the arrays.
+        arrays = {"input_ids": self.input_ids, "position_ids": self.position_ids, "seqlens_k": self.seqlens_k,
+                  "total_sequence_length": self.total_length}
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        for name, value in self.values.items():
+            binding.bind_ortvalue_input(name, value)
+        self.values["logits"] = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        binding.bind_ortvalue_output("logits", self.values["logits"])
+        for i, (past, present) in enumerate(zip(model.past_names, model.present_names)):
+            buffer = (pool.keys if i % 2 == 0 else pool.values)[i // 2, :rows].numpy()
+            self.values[past] = ort.OrtValue.ortvalue_from_numpy(buffer)
+            binding.bind_ortvalue_input(past, self.values[past])
+            binding.bind_ortvalue_output(present, self.values[past])
+        self.binding = binding
 
 
 def export_and_validate(source, output, *, log=print, **options) -> dict:
