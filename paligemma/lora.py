@@ -153,13 +153,17 @@ def merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
 
 # ---- PEFT's layout ------------------------------------------------------------------------------
 
+# This package's module paths and transformers 5's PaliGemmaForConditionalGeneration's, prefix for prefix.
+TRANSFORMERS_PREFIXES = (("language_model.model.", "model.language_model."),
+                         ("vision_tower.vision_model.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
 def transformers_name(name: str) -> str:
     """This package's module path -> transformers 5's PaliGemmaForConditionalGeneration's (which peft resolves):
     language_model.model.X -> model.language_model.X, vision_tower.vision_model.X -> model.vision_tower.X,
     multi_modal_projector.X -> model.multi_modal_projector.X."""
-    for ours, theirs in (("language_model.model.", "model.language_model."),
-                         ("vision_tower.vision_model.", "model.vision_tower."),
-                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+    for ours, theirs in TRANSFORMERS_PREFIXES:
         if name.startswith(ours):
             return theirs + name[len(ours):]
     raise ValueError(f"{name} is not a PaliGemma module path")
@@ -167,9 +171,7 @@ def transformers_name(name: str) -> str:
 
 def project_name(name: str) -> str:
     """The inverse of transformers_name."""
-    for ours, theirs in (("language_model.model.", "model.language_model."),
-                         ("vision_tower.vision_model.", "model.vision_tower."),
-                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+    for ours, theirs in TRANSFORMERS_PREFIXES:
         if name.startswith(theirs):
             return ours + name[len(theirs):]
     raise ValueError(f"{name} is not a module path of transformers' PaliGemma")

@@ -12,11 +12,10 @@ submits more calls from other threads and waits until they are prefilled, so tha
 import threading
 import time
 
-import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
+from conftest import random_image
 from tiny import build_reference
 
 import paligemma
@@ -30,11 +29,6 @@ PROMPTS = ["caption en", "answer en what is in the image and where is it", "dete
            "segment the red car"]
 SAMPLING = {"greedy": {}, "seeded": dict(do_sample=True, temperature=1.5, top_p=0.9)}
 TIMEOUT_S = 60
-
-
-def image(seed: int, width: int = 40, height: int = 30) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module", params=["pg1", "pg2"])
@@ -111,7 +105,7 @@ def alone(pipe):
 def run(pipe, call, sampling, seed):
     seed_image, prompt, budget, stop = call
     kwargs = dict(SAMPLING[sampling], seed=seed) if sampling == "seeded" else {}
-    return pipe.generate(image(seed_image), prompt, max_new_tokens=budget, stop_ids=stop, **kwargs).token_ids
+    return pipe.generate(random_image(seed_image), prompt, max_new_tokens=budget, stop_ids=stop, **kwargs).token_ids
 
 
 @pytest.mark.parametrize("sampling", list(SAMPLING))
@@ -151,7 +145,7 @@ def test_rows_join_mid_flight_and_leave_with_their_solo_tokens(pipe, sampling):
 
 
 def test_a_list_call_is_rows_seeded_one_after_another(pipe):
-    images, prompts = [image(5), image(6), image(7)], PROMPTS[:3]
+    images, prompts = [random_image(5), random_image(6), random_image(7)], PROMPTS[:3]
     sampled = dict(SAMPLING["seeded"], max_new_tokens=10)
     together = pipe.generate(images, prompts, seed=11, **sampled)
     one_by_one = [pipe.generate(i, p, seed=11 + row, **sampled) for row, (i, p) in enumerate(zip(images, prompts))]
@@ -176,7 +170,7 @@ def test_a_failing_call_and_a_disconnect_leave_the_others_unchanged(pipe):
         return target
 
     def leaving():  # streams until the cancel before step 6, then its caller goes away
-        for update in pipe.stream(image(8), PROMPTS[1], max_new_tokens=30, stop_ids=(), cancel=cancel):
+        for update in pipe.stream(random_image(8), PROMPTS[1], max_new_tokens=30, stop_ids=(), cancel=cancel):
             streamed.append(update)
 
     def join(driven):
@@ -186,7 +180,7 @@ def test_a_failing_call_and_a_disconnect_leave_the_others_unchanged(pipe):
 
     def fail(driven):  # a file that is no image, a budget past the model's positions: refused before prefill
         driven.start(failing(b"not an image", 8))
-        driven.start(failing(image(9), pipe.config.text.max_position_embeddings))
+        driven.start(failing(random_image(9), pipe.config.text.max_position_embeddings))
         return 0
 
     def disconnect(driven):
@@ -227,9 +221,9 @@ def test_running_rows_keep_decoding_while_a_call_is_prefilled(pipe):
 
     engine.prefill = held_prefill
     try:
-        stream = pipe.stream(image(1), PROMPTS[0], max_new_tokens=200, stop_ids=())
+        stream = pipe.stream(random_image(1), PROMPTS[0], max_new_tokens=200, stop_ids=())
         next(stream)
-        second = pipe.generate(image(2), PROMPTS[1], max_new_tokens=4, stop_ids=())
+        second = pipe.generate(random_image(2), PROMPTS[1], max_new_tokens=4, stop_ids=())
         stream.close()
     finally:
         del engine.prefill
@@ -255,7 +249,7 @@ def test_max_batch_is_checked_and_defaults_from_the_device_and_memory(reference_
 
 
 def test_the_batch_frees_its_caches_when_the_last_row_leaves(pipe):
-    pipe.generate([image(1), image(2)], PROMPTS[:2], max_new_tokens=6)
+    pipe.generate([random_image(1), random_image(2)], PROMPTS[:2], max_new_tokens=6)
     pool = pipe.batcher.engine.pool
     assert pool.rows == 0 and (pool.keys.numel() == 0) != pool.fixed  # a static pool keeps its fixed buffers
 
@@ -281,7 +275,7 @@ def test_int4_rows_keep_their_solo_bits_in_steps_of_row_pairs(tmp_path):
 
     prefilled, tokens = [], []
     for seed, prompt in enumerate(PROMPTS[:3]):
-        row, logits = pipe.batcher.engine.prefill(pipe.processor([image(seed)], [prompt]), 4)
+        row, logits = pipe.batcher.engine.prefill(pipe.processor([random_image(seed)], [prompt]), 4)
         prefilled.append(row)
         tokens.append(int(logits.argmax()))
     tokens = torch.tensor(tokens)
@@ -296,5 +290,5 @@ def test_int4_rows_keep_their_solo_bits_in_steps_of_row_pairs(tmp_path):
         together = step(indices)
         assert all(torch.equal(together[k], alone[i]) for k, i in enumerate(indices)), indices
     engine = model()  # the engine of one request: its decode step too
-    engine.prefill(pipe.processor([image(0)], [PROMPTS[0]]), 4)
+    engine.prefill(pipe.processor([random_image(0)], [PROMPTS[0]]), 4)
     assert torch.equal(engine.decode_step(tokens[:1])[0], alone[0]) and engine.fused
