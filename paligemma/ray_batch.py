@@ -6,9 +6,11 @@ the single-process command (its readers ahead of its continuous batch); each act
 batch stays full while the next one arrives. The driver iterates the answer lines and writes the one answers file
 itself (as the command on one machine: resumable the same way).
 
-The code reaches the nodes with the job (Ray's runtime_env `py_modules`: this package and export/, the embedded model
-inside it); each node needs the requirements (requirements.txt, requirements-ray.txt) and the model (`--model`: a
-path that exists on every node, or a Hub id each node can download). docs/datasets.md says how to run it.
+The code reaches actors on other machines with the job (Ray's runtime_env `py_modules`: this package and export/, the
+embedded model inside it); on a cluster of this machine alone the actors import it from this checkout, as the driver
+does (shipping it cost each run 3-5 s before its first answer on 2 cores). Each node needs the
+requirements (requirements.txt, requirements-ray.txt) and the model (`--model`: a path that exists on every node, or
+a Hub id each node can download). docs/datasets.md says how to run it.
 
 Ray is imported on use: `import paligemma` never needs it.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +52,7 @@ class RaySettings:
     cpus_per_worker: float | None = None  # None: 1
     gpus_per_worker: float | None = None  # None: 1 with device cuda, else 0
     batch_size: int | None = None  # None: BATCH_ROWS_FACTOR x the actor's batch rows
+    ship_code: bool | None = None  # None: where the cluster needs it (init_ray)
 
 
 def runtime_env() -> dict:
@@ -57,11 +61,13 @@ def runtime_env() -> dict:
             "excludes": ["__pycache__", "*.pyc"]}
 
 
-def init_ray(address: str | None = None, **options) -> None:
+def init_ray(address: str | None = None, ship_code: bool | None = None, **options) -> None:
     """Connects to the cluster at `address` ("auto": the one this node has joined; HOST:PORT: its head), or starts a
-    local one for this process (None: Ray's "local", even where this machine runs a cluster), with the job's
-    runtime_env; nothing when Ray is initialized already (the caller set it up). `options` go to ray.init (a local
-    cluster's num_cpus, for one)."""
+    local one for this process (None: Ray's "local", even where this machine runs a cluster), whose workers find this
+    checkout on their PYTHONPATH; nothing when Ray is initialized already (the caller set it up). The code travels
+    with the job (`ship_code`; None: where code_must_travel says so once connected: Ray takes a job's code only as
+    it connects, so a cluster that needs it is joined again with it). `options` go to ray.init (a local cluster's
+    num_cpus, for one)."""
     import ray
 
     if ray.is_initialized():
@@ -69,14 +75,51 @@ def init_ray(address: str | None = None, **options) -> None:
     # Its warning that the embedded model (inside paligemma/) is a large file to ship: it is meant to travel.
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.ERROR)
     try:
-        ray.init(address=address or "local", runtime_env=runtime_env(), include_dashboard=False,
-                 logging_level=logging.WARNING, **options)
+        shipped = ship_code is True
+        with checkout_on_path(inherited_by_a_new_cluster=address is None and not shipped):
+            connect(address, shipped, **options)
+        if ship_code is None and address is not None:
+            nodes = [node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")]
+            if code_must_travel(nodes, ray.util.get_node_ip_address(), Path.cwd().resolve() == ROOT):
+                ray.shutdown()
+                connect(address, shipped := True, **options)
+        logger.info("Ray: the code %s", "shipped with the job" if shipped else "imported from this checkout")
     except ConnectionError as e:
         hint = "" if os.environ.get("RAY_AUTH_MODE") else (
             "; if the cluster uses token authentication (Ray's, where its head has a token), set RAY_AUTH_MODE=token "
             "and give this machine the head's token (RAY_AUTH_TOKEN, or its ~/.ray/auth_token)")
         raise ConnectionError(f"--ray {address}: {first_line(e)}; check that `ray start --head` runs there and the "
                               f"address{hint}") from None
+
+
+def connect(address: str | None, ship_code: bool, **options) -> None:
+    import ray
+
+    ray.init(address=address or "local", runtime_env=runtime_env() if ship_code else None, include_dashboard=False,
+             logging_level=logging.WARNING, **options)
+
+
+@contextmanager
+def checkout_on_path(inherited_by_a_new_cluster: bool):
+    """This checkout on PYTHONPATH while a local cluster starts: its processes, and so its workers, inherit it."""
+    before = os.environ.get("PYTHONPATH")
+    if inherited_by_a_new_cluster:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), before]))
+    try:
+        yield
+    finally:
+        if inherited_by_a_new_cluster:
+            if before is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = before
+
+
+def code_must_travel(node_addresses: list[str], here: str, workers_see_checkout: bool) -> bool:
+    """Whether the actors need the code shipped: yes when a node of the cluster is another machine, or when this
+    machine's workers cannot import this checkout (they can where the driver runs in the checkout's folder: Ray puts
+    the driver's working folder on its workers' path)."""
+    return any(address != here for address in node_addresses) or not workers_see_checkout
 
 
 class RayWorker:
@@ -129,7 +172,7 @@ def answer_on_ray(items: list[Item], load: dict, settings: RaySettings, *, reade
         raise RuntimeError("--ray needs Ray: pip install -r requirements-ray.txt") from None
     device = load.get("device", "cpu")
     cpus, gpus = worker_resources(settings, device)
-    init_ray(settings.address)
+    init_ray(settings.address, settings.ship_code)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the command's own bar counts the lines
     context.print_on_execution_start = False
