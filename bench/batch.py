@@ -16,7 +16,9 @@ Drawn scenes (shapes.scenes, seed 1) are written as PNG files into a folder; the
   alone and per image of 2-16 prefilled together, a decode step of 1-16 rows) and of pipe.generate.
 
 Each reports images/s over its answering (the model loaded; for Ray, the cluster's start and the actors' start-up
-included) and from its first answer on (the steady rate), the process's wall time and peak resident memory
+included), from its first answer on (the steady rate), between its 10% and 90% lines (timed as the answers file
+grows: the same clock for the single process and Ray), and over the whole command (process start to exit), the
+process's wall time and peak resident memory
 (/usr/bin/time; for Ray, the driver's), and the load average of the machine before and after. Answers: the token ids
 of every image against the loop's, and the lines of the killed-and-resumed run against the uninterrupted one's
 (timings aside). Results: DIR/batch.json and DIR/batch.md.
@@ -74,12 +76,17 @@ def plain_loop(folder: Path, backend: str, torch_threads: int | None, out: Path)
                                    torch_threads=torch.get_num_threads())))
 
 
-def timed(command: list[str], env: dict | None = None, actors_under: int | None = None
-          ) -> tuple[subprocess.CompletedProcess, dict]:
+def timed(command: list[str], env: dict | None = None, actors_under: int | None = None, out: Path | None = None,
+          total: int | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     """Runs `command` under /usr/bin/time -v: (the process, {wall_s, peak_rss_mb (its largest process: the driver,
     for Ray), load before and after}); with `actors_under`, also actor_peak_rss_mb: the largest peak RSS of a Ray
-    actor process below that process (the cluster's holder; None: below the command)."""
+    actor process below that process (the cluster's holder; None: below the command); with `out` (the answers file
+    it writes) and `total` (its lines at the end), also window_images_per_s: the rate between the 10% and the 90%
+    line, as the file grows (the same clock for every run: start-up and tail left out)."""
     before = os.getloadavg()
+    clock = LineClock(out, total) if out is not None else None
+    if clock:
+        clock.start()
     start = time.perf_counter()
     process = subprocess.Popen(["/usr/bin/time", "-v", *command], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT),
@@ -89,6 +96,7 @@ def timed(command: list[str], env: dict | None = None, actors_under: int | None 
         actors.start()
     stdout, stderr = process.communicate()
     wall = time.perf_counter() - start
+    window = clock.stop() if clock else None
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
     if result.returncode != 0:
@@ -97,7 +105,43 @@ def timed(command: list[str], env: dict | None = None, actors_under: int | None 
                    load_before=[round(x, 2) for x in before], load_after=[round(x, 2) for x in os.getloadavg()])
     if actors:
         figures["actor_peak_rss_mb"] = actors.stop()
+    if window is not None:
+        figures["window_images_per_s"] = window
     return result, figures
+
+
+class LineClock(threading.Thread):
+    """Polls an answers file every 5 ms from empty to `total` lines; `stop` gives the lines per second between the
+    10% and the 90% line (None if it did not get there)."""
+
+    def __init__(self, path: Path, total: int):
+        super().__init__(daemon=True)
+        self.path, self.marks, self.done = path, (total // 10, total - total // 10), threading.Event()
+        self.times: dict[int, float] = {}
+
+    def run(self) -> None:
+        lines, offset = 0, 0
+        while not self.done.wait(0.005) and len(self.times) < 2:
+            try:
+                with open(self.path, "rb") as file:
+                    file.seek(offset)
+                    data = file.read()
+            except FileNotFoundError:
+                continue
+            offset += len(data)
+            lines += data.count(b"\n")
+            now = time.perf_counter()
+            for mark in self.marks:
+                if lines >= mark and mark not in self.times:
+                    self.times[mark] = now
+
+    def stop(self) -> float | None:
+        self.done.set()
+        self.join()
+        low, high = self.marks
+        if len(self.times) < 2 or self.times[high] <= self.times[low]:
+            return None
+        return round((high - low) / (self.times[high] - self.times[low]), 1)
 
 
 class ActorMemory(threading.Thread):
@@ -261,18 +305,30 @@ def step_times(backend: str, rounds: int = 3) -> dict:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| run | images/s (answering) | steady, from the first answer | first answer | wall (process) | peak RSS "
-            "(process; an actor) | load average before / after |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| run | images/s (answering) | steady, from the first answer | between the 10% and 90% lines | whole "
+            "command | first answer | wall (process) | peak RSS (process; an actor) | load average before / after |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, run in report["runs"].items():
         actor = f"; {run['actor_peak_rss_mb']} MB" if run.get("actor_peak_rss_mb") else ""
-        rows.append(f"| {name} | {run['images_per_s']:.1f} | {run['steady_images_per_s']:.1f} | {run['first_s']:.2f} s "
-                    f"| {run['wall_s']:.1f} s | {run['peak_rss_mb']} MB{actor} | {run['load_before'][0]} / "
-                    f"{run['load_after'][0]} |")
+        window = run.get("window_images_per_s")
+        rows.append(f"| {name} | {run['images_per_s']:.1f} | {run['steady_images_per_s']:.1f} | "
+                    f"{'-' if window is None else f'{window:.1f}'} | {report['scenes'] / run['wall_s']:.1f} | "
+                    f"{run['first_s']:.2f} s | {run['wall_s']:.1f} s | {run['peak_rss_mb']} MB{actor} | "
+                    f"{run['load_before'][0]} / {run['load_after'][0]} |")
     lines = [f"# The batch command: {report['scenes']} drawn scenes, backend {report['backend']}", "",
              f"CPU: {report['cpu']}; {report['cores']} cores.", "", *rows, ""]
     for key, value in report["checks"].items():
         lines.append(f"- {key}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def ratios(run: dict, single: dict, scenes: int) -> str:
+    """A Ray run's rates against the single process's: answering (each as it prints it), between the 10% and 90%
+    lines, and over each whole command (process start to exit)."""
+    window = (f"{run['window_images_per_s'] / single['window_images_per_s']:.2f}x"
+              if run.get("window_images_per_s") and single.get("window_images_per_s") else "-")
+    return (f"answering {run['images_per_s'] / single['images_per_s']:.2f}x, 10%-90% lines {window}, whole command "
+            f"{single['wall_s'] / run['wall_s']:.2f}x")
 
 
 def main(argv=None) -> int:
@@ -309,7 +365,7 @@ def main(argv=None) -> int:
     if {"batch", "kill", "ray", "ray1", "raycold"} & set(parts):
         out = work / "batch.jsonl"
         out.unlink(missing_ok=True)
-        result, figures = timed(batch_command(folder, out, args.backend))
+        result, figures = timed(batch_command(folder, out, args.backend), out=out, total=args.scenes)
         report["runs"]["batch (its defaults)"] = dict(**summary_of(result.stderr), **figures)
         answers["batch"] = token_ids(out)
     for name, loop_answers in answers.items():
@@ -325,10 +381,13 @@ def main(argv=None) -> int:
             out.unlink(missing_ok=True)
             result, figures = timed(batch_command(folder, out, args.backend, "--ray", *([address] if running else []),
                                                   "--workers", workers, "--cpus-per-worker", 1),
-                                    env=TOKEN_AUTH if running else None, actors_under=holder.pid if running else None)
+                                    env=TOKEN_AUTH if running else None, actors_under=holder.pid if running else None,
+                                    out=out, total=args.scenes)
             name = (f"ray, {workers} actor{'s' if workers > 1 else ''} x 1 CPU, "
                     f"{'local cluster running' if running else 'new local cluster (--ray alone)'}")
             report["runs"][name] = dict(**summary_of(result.stderr), **figures)
+            report["checks"][f"{name} against the single process"] = ratios(
+                report["runs"][name], report["runs"]["batch (its defaults)"], args.scenes)
             ray_answers = token_ids(out)
             same = sum(ray_answers.get(k) == v for k, v in answers["batch"].items())
             report["checks"][f"{name}: token ids equal to the batch's"] = f"{same} of {len(answers['batch'])}"
