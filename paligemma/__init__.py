@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .boxes import answer_boxes
-from .checkpoint import Checkpoint
-from .config import PaliGemmaConfig
-from .contrastive import chunked_sigmoid_loss, sigmoid_loss
-from .engines import ENGINES, BatchedTorchEngine, StaticEngines, TorchEngine, make_batch_engine, make_engines
-from .errors import CheckpointError, ConfigError, InputError, OnnxExportError
-from .generate import GenerationResult, Pipeline, StreamUpdate
-from .mask_decoder import MaskDecoder, Segmentation, parse_segmentations
-from .processor import Detection, PaliGemmaProcessor, parse_detections
-from .sampling import SamplingParams
-from .scheduler import check_max_batch, default_max_batch
-from .siglip_config import SiglipConfig
-from .siglip_model import SiglipModel, load_siglip
-from .siglip_tokenizer import SiglipTokenizer
-from .weights import load_mask_decoder, load_model
+# Each public name and the module it lives in, imported on first use (PEP 562): `import paligemma` and the command
+# line start without torch until a model is needed, so the batch command's Ray driver, which only reads inputs and
+# writes answers, starts in a fraction of a second.
+PUBLIC = {
+    "answer_boxes": "boxes", "Checkpoint": "checkpoint", "PaliGemmaConfig": "config",
+    "chunked_sigmoid_loss": "contrastive", "sigmoid_loss": "contrastive",
+    "ENGINES": "engines", "BatchedTorchEngine": "engines", "StaticEngines": "engines", "TorchEngine": "engines",
+    "CheckpointError": "errors", "ConfigError": "errors", "InputError": "errors", "OnnxExportError": "errors",
+    "GenerationResult": "generate", "Pipeline": "generate", "StreamUpdate": "generate",
+    "MaskDecoder": "mask_decoder", "Segmentation": "mask_decoder", "parse_segmentations": "mask_decoder",
+    "Detection": "processor", "PaliGemmaProcessor": "processor", "parse_detections": "processor",
+    "SamplingParams": "sampling", "default_max_batch": "scheduler",
+    "SiglipConfig": "siglip_config", "SiglipModel": "siglip_model", "load_siglip": "siglip_model",
+    "SiglipTokenizer": "siglip_tokenizer",
+}
+
+if TYPE_CHECKING:  # what the names are, for readers and type checkers
+    from .boxes import answer_boxes
+    from .checkpoint import Checkpoint
+    from .config import PaliGemmaConfig
+    from .contrastive import chunked_sigmoid_loss, sigmoid_loss
+    from .engines import ENGINES, BatchedTorchEngine, StaticEngines, TorchEngine
+    from .errors import CheckpointError, ConfigError, InputError, OnnxExportError
+    from .generate import GenerationResult, Pipeline, StreamUpdate
+    from .mask_decoder import MaskDecoder, Segmentation, parse_segmentations
+    from .processor import Detection, PaliGemmaProcessor, parse_detections
+    from .sampling import SamplingParams
+    from .scheduler import default_max_batch
+    from .siglip_config import SiglipConfig
+    from .siglip_model import SiglipModel, load_siglip
+    from .siglip_tokenizer import SiglipTokenizer
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_checkpoint"
 BACKENDS = ("torch", "onnx")
@@ -31,6 +49,18 @@ __all__ = [
     "MaskDecoder", "Segmentation", "parse_segmentations", "answer_boxes", "load_siglip", "SiglipModel", "SiglipConfig",
     "SiglipTokenizer", "sigmoid_loss", "chunked_sigmoid_loss", "default_max_batch",
 ]
+
+
+def __getattr__(name: str):
+    if name not in PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # once: later reads find it here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *PUBLIC})
 
 
 def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, device: str = "cpu", dtype=None,
@@ -52,6 +82,12 @@ def load(path_or_repo_id: str | os.PathLike | Checkpoint | None = None, *, devic
     `threads`: ONNX Runtime's intra-op threads per session (default: its thread plan for the machine and the model,
     export/threads.py); torch's threads are the process's own (torch.set_num_threads).
     """
+    from .checkpoint import Checkpoint
+    from .engines import ENGINES, make_batch_engine, make_engines
+    from .generate import Pipeline
+    from .scheduler import check_max_batch, default_max_batch
+    from .weights import load_mask_decoder, load_model
+
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
     if onnx_dir is not None and backend != "onnx":

@@ -9,16 +9,14 @@ import sys
 import time
 from typing import Iterable
 
-from .batch import (
+from .batch_io import (
     CPU_ROWS,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PROMPT,
     DEFAULT_READERS,
-    Answerer,
     AnswerFile,
     Summary,
     answer_line,
-    load_pipeline,
     pending_items,
     read_items,
 )
@@ -114,6 +112,8 @@ def run_batch(args: argparse.Namespace) -> int:
             lines = answer_on_ray(pending, load, settings, readers=args.readers,
                                   max_new_tokens=args.max_new_tokens, threads=args.threads)
         else:
+            from .batch import Answerer, load_pipeline  # the model's side: torch (the Ray driver goes without)
+
             pipe = load_pipeline(load, args.threads)
             answerer = Answerer(pipe, readers=args.readers, max_new_tokens=args.max_new_tokens)
             lines = (answer_line(record) for record in answerer.answer(pending))

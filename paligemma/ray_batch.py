@@ -24,17 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .batch import (
-    CPU_ROWS,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_READERS,
-    Answerer,
-    Item,
-    answer_line,
-    item_from_json,
-    item_json,
-    load_pipeline,
-)
+from .batch_io import CPU_ROWS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_READERS, Item, answer_line, item_from_json, item_json
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PACKAGES = ("paligemma", "export")  # what an actor imports; the embedded model is inside paligemma/
 CALLS_PER_ACTOR = 2  # batches an actor answers at once: the next one's rows join while the last one's finish
 BATCH_ROWS_FACTOR = 4  # default batch_size: this many inputs per row of an actor's continuous batch
-GPU_ROWS = 64  # with CPU_ROWS (paligemma.batch): an actor's batch rows when max_batch is not given
+GPU_ROWS = 64  # with CPU_ROWS (paligemma.batch_io): an actor's batch rows when max_batch is not given
 
 
 @dataclass(frozen=True)
@@ -129,6 +119,8 @@ class RayWorker:
 
     def __init__(self, load: dict, readers: int = DEFAULT_READERS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  threads: int | None = None, cores: int = 1):
+        from .batch import Answerer, load_pipeline  # in the actor: the driver goes without torch
+
         self.answerer = Answerer(load_pipeline(load, threads), readers=readers, max_new_tokens=max_new_tokens,
                                  cores=cores)
 

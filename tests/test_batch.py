@@ -19,7 +19,7 @@ from app_server import rle_decode
 
 import paligemma
 from paligemma.__main__ import main
-from paligemma.batch import LINE_KEYS, AnswerFile, read_items
+from paligemma.batch_io import LINE_KEYS, AnswerFile, read_items
 from paligemma.errors import InputError
 from shapes.scenes import COLORS, render_scene
 

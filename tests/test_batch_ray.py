@@ -11,7 +11,7 @@ import torch
 from test_batch import draw, lines_of, run, without_timings
 
 import paligemma.ray_batch as ray_batch
-from paligemma.batch import read_items
+from paligemma.batch_io import read_items
 from paligemma.ray_batch import RaySettings, answer_on_ray, code_must_travel, init_ray
 
 

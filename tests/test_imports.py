@@ -1,9 +1,14 @@
 """Imports go one way: no cycle among the project's modules (function-level imports included), paligemma knows
 nothing of export, demo, bench or shapes but for one documented import made on use, and export's parts stand in
-layers, each importing only the layers below it."""
+layers, each importing only the layers below it. The package imports its parts on first use: the command line, and
+the batch command's Ray driver, start without torch."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import paligemma
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("paligemma", "export", "demo", "bench", "shapes")
@@ -135,3 +140,18 @@ def test_the_parts_of_export_import_only_the_layers_below_them():
                     for target in targets if export_part(target) not in (None, export_part(name))
                     and layer_of[export_part(target)] >= layer_of[export_part(name)])
     assert upward == []
+
+
+def test_the_package_the_command_line_and_the_ray_driver_start_without_torch():
+    code = ("import sys, paligemma, paligemma.__main__, paligemma.batch_command, paligemma.ray_batch; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    code = "import sys, paligemma; paligemma.Pipeline; sys.exit('torch' not in sys.modules)"  # and on first use, it is
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_every_public_name_of_the_package_is_there():
+    for name in paligemma.__all__:
+        assert getattr(paligemma, name) is not None, name
+        assert name in dir(paligemma)
+    assert paligemma.Pipeline.__module__ == "paligemma.generate"
