@@ -6,6 +6,7 @@ decoded alone.
     python -m bench.batch_decode --onnx-dir EXPORT --rows 1,2,4,8 [--prepack on|off|both]
     python -m bench.batch_decode --kernels       # which row counts give a row the same bits, per product kernel
     python -m bench.batch_decode --kernels --kernel-times 2048x16384 --rows 1,2,3,4,8   # and each one's time
+    python -m bench.batch_decode --onnx-dir EXPORT --prefill-group 7 --steps 5   # 7 prefills one by one / as a group
 
 Each pre-packing setting runs in a process of its own (its resident memory is its own). Rows are prefilled from
 "caption en" on drawn scenes (one request each, as the library does), then stepped together: `--steps` timed
@@ -127,6 +128,39 @@ def products(weight, blocks=(16, 32, 64, 128, 256), levels=(4,)) -> dict:
     return found
 
 
+def prefill_times(onnx_dir: str, rows: int, repeats: int) -> dict:
+    """`rows` prefills of "caption en" on drawn scenes, one after another and as one group through the fused prefill
+    (the forward OnnxBatchEngine.prefill_many runs where its rows keep their solo bits; run here on any export, to
+    time it), interleaved `repeats` times: the medians, and whether each row's first logits are bit-identical."""
+    import torch
+
+    from export.runtime.pipeline import OnnxBatchEngine, OnnxModel
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.processor import PaliGemmaProcessor
+    from shapes import scenes as S
+
+    config = PaliGemmaConfig.from_json_file(Path(onnx_dir) / "config.json")
+    model = OnnxModel(onnx_dir, config, batch_prepack=True)
+    processor = PaliGemmaProcessor.from_pretrained(onnx_dir, config)
+    engine, side = OnnxBatchEngine(model, rows), config.image_size
+    inputs = [processor([scene.image.resize((side, side))], ["caption en"]) for scene in S.render_scenes(0, rows)]
+    stacked = {key: torch.cat([row[key] for row in inputs]) for key in inputs[0]}
+    alone = [engine.prefill(row, 64)[1] for row in inputs]  # warm, and each row's own logits
+    together = [logits for _, logits in engine._prefill_rows(stacked, [64] * rows)]
+    one_by_one, grouped = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for row in inputs:
+            engine.prefill(row, 64)
+        one_by_one.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        engine._prefill_rows(stacked, [64] * rows)
+        grouped.append(time.perf_counter() - start)
+    identical = sum(bool(torch.equal(a, b)) for a, b in zip(alone, together))
+    return dict(one_by_one_ms=float(np.median(one_by_one)) * 1000, group_ms=float(np.median(grouped)) * 1000,
+                bit_identical=f"{identical}/{rows}", exact_groups=engine.exact_groups)
+
+
 def kernel_classes(width: int = 2048, out: int = 4096, most: int = 20) -> dict[str, list[list[int]]]:
     """For a product by a weight (x [M, width] times [width, out]), the numbers of rows M whose first row gets
     bit-identical results, grouped: row 0 of a batch of M rows, and the same row placed last (`products`)."""
@@ -180,8 +214,20 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prepack", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--prefill-group", type=int, metavar="N",
+                        help="with --onnx-dir: only N prefills one by one against the same N as one group")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one setting in this process
     args = parser.parse_args(argv)
+    if args.prefill_group:
+        if not args.onnx_dir:
+            parser.error("--prefill-group needs --onnx-dir")
+        load = os.getloadavg()[0]
+        result = prefill_times(args.onnx_dir, args.prefill_group, args.steps)
+        print(f"{args.prefill_group} prefills: one by one {result['one_by_one_ms']:.0f} ms, as one group "
+              f"{result['group_ms']:.0f} ms (medians of {args.steps}); first logits bit-identical to alone "
+              f"{result['bit_identical']} (the engine groups: {result['exact_groups']}); load average {load:.1f} -> "
+              f"{os.getloadavg()[0]:.1f}")
+        return 0
     if args.kernels:
         for name, groups in kernel_classes().items():
             print(f"{name}: {len(groups)} class(es) of row counts giving row 0 the same bits: {groups}")
