@@ -49,6 +49,10 @@ ROW_TOKENS_BEYOND_IMAGE = 512  # what the default assumes a row holds beyond its
 CACHE_SHARE = 0.25  # at most this share of the memory available at load goes to the default batch's caches
 END = None  # what a request's update queue holds after its last token
 CANCEL_POLL_S = 0.05  # how often a request waiting for a row checks whether it was cancelled
+# Calls gathered into one prefill at most: groups of 2-7 prefilled 1.1-1.5x faster than one by one, but 8 took twice
+# as long on the embedded model and 7 gained 3% on the 3B-wide float32 (its products' activations outgrow the
+# caches); docs/serving.md "Prefills gathered".
+GATHERED_PREFILL_ROWS = 4
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -285,8 +289,9 @@ class Batcher:
     def submit_gathered(self, requests: list[Request]) -> list[Exception | None]:
         """submit for the rows of one call, prefilled together with the calls that arrive meanwhile, where the
         engine gives each row its solo bits so (`prefill_many`). The requests queue behind those that came first; the
-        thread whose request heads the queue, when no group is being prefilled, takes every queued request there are
-        free rows for (at least its own, waiting for a row if none is free) and prefills them in one call. A call that
+        thread whose request heads the queue, when no group is being prefilled, takes the queued requests there are
+        free rows for (at least its own, waiting for a row if none is free; GATHERED_PREFILL_ROWS at most) and
+        prefills them in one call. A call that
         finds nothing running is prefilled at once; one that arrives while a prefill runs is taken by the next.
         Without `groups_prefills` each group is one request (one after another, as they came). Returns what
         submit_many returns."""
@@ -338,7 +343,8 @@ class Batcher:
     def _take_arrivals(self) -> list[Request]:
         """(Under self.changed, by the thread whose request heads the queue.) Waits for the turn (submit_many's
         groups take turns with the queue, first come first served) and a free row, then takes and admits the queued
-        requests, in order, as many as rows are free (one where the engine does not group prefills). Returns them; none
+        requests, in order, as many as rows are free and GATHERED_PREFILL_ROWS at most (one where the engine does not
+        group prefills). Returns them; none
         when every queued request of this thread was cancelled meanwhile."""
         ticket = next(self.tickets)
         self.turns.append(ticket)
@@ -349,7 +355,7 @@ class Batcher:
                 if head.cancelled:  # the head leaves; the next request's thread leads
                     self._drop_cancelled({head})
                     return []
-            most = self.scheduler.max_batch if self.groups_prefills else 1
+            most = GATHERED_PREFILL_ROWS if self.groups_prefills else 1
             group = []
             while self.arrivals and len(group) < most and self.scheduler.admit():
                 group.append(self.arrivals.popleft())

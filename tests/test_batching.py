@@ -23,7 +23,7 @@ from bench.workloads import Workload
 from export.runtime.pipeline import OnnxBatchEngine
 from export.writer.onnx_export import export_model
 from paligemma.engines import BatchedTorchEngine
-from paligemma.scheduler import Scheduler
+from paligemma.scheduler import GATHERED_PREFILL_ROWS, Scheduler
 
 PROMPTS = ["caption en", "answer en what is in the image and where is it", "detect cat ; dog",
            "segment the red car"]
@@ -295,6 +295,26 @@ def test_calls_that_arrive_during_a_prefill_are_prefilled_together_with_their_so
     assert got == solo
     assert pipe.batcher.prefills - before == (2 if grouped else 3)
     assert groups == ([2] if grouped else [])
+
+
+def test_a_gathered_prefill_takes_at_most_its_share_of_the_queue(pipe):
+    """Calls queued beyond GATHERED_PREFILL_ROWS wait for the next prefill (a larger group prefills slower than one by
+    one), in the order they came."""
+    if not pipe.batcher.groups_prefills:
+        pytest.skip("this engine prefills one call at a time")
+    queued = GATHERED_PREFILL_ROWS + 1
+    assert pipe.batcher.widen(queued + 1)
+    try:
+        calls = [(30 + i, PROMPTS[0], 5, ()) for i in range(queued + 1)]
+        solo = [run(alone(pipe), call, "greedy", 0) for call in calls]
+        got = [None] * len(calls)
+        before = pipe.batcher.prefills
+        groups = during_one_prefill(pipe, [lambda i=i: got.__setitem__(i, run(pipe, calls[i], "greedy", 0))
+                                           for i in range(len(calls))])
+    finally:
+        assert pipe.batcher.widen(3)
+    # The first alone, a group, and the one left over alone.
+    assert groups == [GATHERED_PREFILL_ROWS] and pipe.batcher.prefills - before == 3 and got == solo
 
 
 def test_a_lone_call_is_prefilled_at_once_and_a_list_call_as_one_group(pipe):
