@@ -11,11 +11,11 @@ loop is schedule, run the model on the batch, sample, postprocess. The model run
 Prefill does not stop the batch: it runs in a calling thread, one prefill at a time, while the loop goes on
 decoding the running rows in its own thread; the prefilled rows join at the loop's next step. Where the engine can
 prefill several requests in one call giving each row its solo bits (`prefill_many`: ONNX Runtime's fused graphs),
-calls that arrive while a prefill runs queue, and the next prefill takes every one queued (`submit`; a call that
-arrives alone is prefilled at once, never held for company); `submit_many` prefills a group the caller chose (the
-batch command's groups of images). PaliGemma's prompt is one bidirectional block (image, prompt and separator see
-each other), so it cannot be prefilled in causal chunks as vLLM splits a prompt: every chunk would need keys of the
-chunks after it.
+calls that arrive while a prefill runs queue, and the next prefill takes those queued, a few at most (`submit`; a
+call that arrives alone is prefilled at once, never held for company); `submit_many` prefills a group the caller
+chose (the batch command's groups of images). PaliGemma's prompt is one bidirectional block (image, prompt and
+separator see each other), so it cannot be prefilled in causal chunks as vLLM splits a prompt: every chunk would need
+keys of the chunks after it.
 
 Exactness: a row's tokens do not depend on the other rows. Each row is prefilled alone (or with others, bit for bit
 as alone), samples from its own logits row with its own generator, and attends over its own cache (its length,
