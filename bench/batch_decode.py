@@ -5,6 +5,8 @@ decoded alone.
 
     python -m bench.batch_decode --onnx-dir EXPORT --rows 1,2,4,8 [--prepack on|off|both]
     python -m bench.batch_decode --kernels       # which row counts give a row the same bits, per product kernel
+    python -m bench.batch_decode --kernels --kernel-times 2048x16384 --rows 1,2,3,4,8   # and each one's time
+    python -m bench.batch_decode --onnx-dir EXPORT --prefill-group 7 --steps 5   # 7 prefills one by one / as a group
 
 Each pre-packing setting runs in a process of its own (its resident memory is its own). Rows are prefilled from
 "caption en" on drawn scenes (one request each, as the library does), then stepped together: `--steps` timed
@@ -82,19 +84,18 @@ def measure(onnx_dir: str, prepack: bool, rows: list[int], steps: int) -> dict:
     return result
 
 
-def kernel_classes(width: int = 2048, out: int = 4096, most: int = 20) -> dict[str, list[list[int]]]:
-    """For a product by a weight (x [M, width] times [width, out]), the numbers of rows M whose first row gets
-    bit-identical results, grouped: row 0 of a batch of M rows, and the same row placed last. torch's F.linear (MKL),
-    ONNX Runtime's MatMul (MLAS), its weight pre-packed or not, and MatMulNBits (pre-packed, accuracy level 4, as the
-    exports' int8 and int4 products) at blocks of 32 and 128."""
+def products(weight, blocks=(16, 32, 64, 128, 256), levels=(4,)) -> dict:
+    """Callables x [M, width] -> x @ weight.T ([M, out]) by each product kernel: torch's F.linear (MKL), ONNX
+    Runtime's MatMul (MLAS), its weight pre-packed or not, and MatMulNBits (pre-packed; int8 and int4 at each of
+    `blocks`, each accuracy level of `levels`: 4 as the exports, int8 activations; 1 float32 ones). ONNX Runtime
+    sessions on two threads, not spinning, as the serving sessions."""
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
     from export.quantize import block_rows
 
-    torch.manual_seed(0)
-    weight, x = torch.randn(out, width) * 0.02, torch.randn(most + 1, width)
+    out, width = weight.shape
 
     def session(node, initializers, packed=True):
         graph = helper.make_graph([node], "product", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
@@ -105,23 +106,70 @@ def kernel_classes(width: int = 2048, out: int = 4096, most: int = 20) -> dict[s
             "com.microsoft", 1)])
         model.ir_version = 10
         options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.disable_prepacking", "0" if packed else "1")
         run = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return lambda a: run.run(None, {"x": a.numpy()})[0]
+        return lambda a: run.run(None, {"x": np.ascontiguousarray(a.numpy())})[0]
 
-    products = {"torch F.linear": lambda a: torch.nn.functional.linear(a, weight).numpy()}
+    found = {"torch F.linear": lambda a: torch.nn.functional.linear(a, weight).numpy()}
     for packed in (False, True):
-        products[f"ONNX Runtime MatMul, {'pre-packed' if packed else 'not pre-packed'}"] = session(
+        found[f"ONNX Runtime MatMul, {'pre-packed' if packed else 'not pre-packed'}"] = session(
             helper.make_node("MatMul", ["x", "w"], ["y"]), {"w": weight.T.contiguous().numpy()}, packed)
     for bits in (8, 4):
-        for block in (16, 32, 64, 128, 256):
-            blocks, scales = block_rows(weight.numpy(), bits, block)
-            node = helper.make_node("MatMulNBits", ["x", "b", "scales"], ["y"], domain="com.microsoft", K=width,
-                                    N=out, bits=bits, block_size=block, accuracy_level=4)
-            products[f"ONNX Runtime MatMulNBits, int{bits}, block {block}"] = session(
-                node, {"b": blocks, "scales": scales})
+        for block in blocks:
+            blocked, scales = block_rows(weight.numpy(), bits, block)
+            for level in levels:
+                node = helper.make_node("MatMulNBits", ["x", "b", "scales"], ["y"], domain="com.microsoft", K=width,
+                                        N=out, bits=bits, block_size=block, accuracy_level=level)
+                name = f"ONNX Runtime MatMulNBits, int{bits}, block {block}" + (f", accuracy level {level}"
+                                                                               if len(levels) > 1 else "")
+                found[name] = session(node, {"b": blocked, "scales": scales})
+    return found
+
+
+def prefill_times(onnx_dir: str, rows: int, repeats: int) -> dict:
+    """`rows` prefills of "caption en" on drawn scenes, one after another and as one group through the fused prefill
+    (the forward OnnxBatchEngine.prefill_many runs where its rows keep their solo bits; run here on any export, to
+    time it), interleaved `repeats` times: the medians, and whether each row's first logits are bit-identical."""
+    import torch
+
+    from export.runtime.pipeline import OnnxBatchEngine, OnnxModel
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.processor import PaliGemmaProcessor
+    from shapes import scenes as S
+
+    config = PaliGemmaConfig.from_json_file(Path(onnx_dir) / "config.json")
+    model = OnnxModel(onnx_dir, config, batch_prepack=True)
+    processor = PaliGemmaProcessor.from_pretrained(onnx_dir, config)
+    engine, side = OnnxBatchEngine(model, rows), config.image_size
+    inputs = [processor([scene.image.resize((side, side))], ["caption en"]) for scene in S.render_scenes(0, rows)]
+    stacked = {key: torch.cat([row[key] for row in inputs]) for key in inputs[0]}
+    alone = [engine.prefill(row, 64)[1] for row in inputs]  # warm, and each row's own logits
+    together = [logits for _, logits in engine._prefill_rows(stacked, [64] * rows)]
+    one_by_one, grouped = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for row in inputs:
+            engine.prefill(row, 64)
+        one_by_one.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        engine._prefill_rows(stacked, [64] * rows)
+        grouped.append(time.perf_counter() - start)
+    identical = sum(bool(torch.equal(a, b)) for a, b in zip(alone, together))
+    return dict(one_by_one_ms=float(np.median(one_by_one)) * 1000, group_ms=float(np.median(grouped)) * 1000,
+                bit_identical=f"{identical}/{rows}", exact_groups=engine.exact_groups)
+
+
+def kernel_classes(width: int = 2048, out: int = 4096, most: int = 20) -> dict[str, list[list[int]]]:
+    """For a product by a weight (x [M, width] times [width, out]), the numbers of rows M whose first row gets
+    bit-identical results, grouped: row 0 of a batch of M rows, and the same row placed last (`products`)."""
+    import torch
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(out, width) * 0.02, torch.randn(most + 1, width)
     classes = {}
-    for name, product in products.items():
+    for name, product in products(weight).items():
         groups: dict[bytes, list[int]] = {}
         for rows in range(1, most + 1):
             last = torch.cat([x[1:rows], x[:1]])
@@ -131,19 +179,64 @@ def kernel_classes(width: int = 2048, out: int = 4096, most: int = 20) -> dict[s
     return classes
 
 
+def kernel_times(width: int, out: int, rows: list[int], repeats: int = 15) -> dict[str, dict[int, float]]:
+    """Milliseconds of one product by a [out, width] weight, by number of rows M (median of `repeats`, the row
+    counts interleaved so that a busy moment of a shared machine spreads over all of them): MatMul pre-packed, and
+    MatMulNBits int4 and int8 at blocks of 32 and 128, accuracy levels 4 and 1."""
+    import torch
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(out, width) * 0.02, torch.randn(max(rows), width)
+    chosen = {name: product for name, product in products(weight, blocks=(32, 128), levels=(4, 1)).items()
+              if name.startswith("ONNX Runtime MatMulNBits") or name.endswith(", pre-packed")}
+    times = {}
+    for name, product in chosen.items():
+        samples: dict[int, list[float]] = {m: [] for m in rows}
+        for m in rows:
+            product(x[:m])  # warm
+        for _ in range(repeats):
+            for m in rows:
+                start = time.perf_counter()
+                product(x[:m])
+                samples[m].append(time.perf_counter() - start)
+        times[name] = {m: float(np.median(values)) * 1000 for m, values in samples.items()}
+    return times
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.batch_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx-dir")
     parser.add_argument("--kernels", action="store_true", help="only the product kernels' row classes")
+    parser.add_argument("--kernel-times", metavar="WIDTHxOUT",
+                        help="with --kernels: also each kernel's time by rows (--rows) for a WIDTHxOUT weight, e.g. "
+                             "2048x16384")
     parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--prepack", choices=("on", "off", "both"), default="both")
+    parser.add_argument("--prefill-group", type=int, metavar="N",
+                        help="with --onnx-dir: only N prefills one by one against the same N as one group")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one setting in this process
     args = parser.parse_args(argv)
+    if args.prefill_group:
+        if not args.onnx_dir:
+            parser.error("--prefill-group needs --onnx-dir")
+        load = os.getloadavg()[0]
+        result = prefill_times(args.onnx_dir, args.prefill_group, args.steps)
+        print(f"{args.prefill_group} prefills: one by one {result['one_by_one_ms']:.0f} ms, as one group "
+              f"{result['group_ms']:.0f} ms (medians of {args.steps}); first logits bit-identical to alone "
+              f"{result['bit_identical']} (the engine groups: {result['exact_groups']}); load average {load:.1f} -> "
+              f"{os.getloadavg()[0]:.1f}")
+        return 0
     if args.kernels:
         for name, groups in kernel_classes().items():
             print(f"{name}: {len(groups)} class(es) of row counts giving row 0 the same bits: {groups}")
+        if args.kernel_times:
+            width, out = (int(n) for n in args.kernel_times.lower().split("x"))
+            load = os.getloadavg()[0]
+            for name, by_rows in kernel_times(width, out, [int(n) for n in args.rows.split(",")]).items():
+                print(f"{name}, {width}x{out}: " + ", ".join(f"{m} rows {ms:.2f} ms" for m, ms in by_rows.items()))
+            print(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
         return 0
     if not args.onnx_dir:
         parser.error("--onnx-dir is needed (or --kernels)")

@@ -115,9 +115,8 @@ class Answerer:
             self.model_threads = getattr(plan, "concurrent_requests", 1)
         # Images prefilled together, at most (of those read and waiting): where the engine gives each row its solo
         # bits so (prefill_many), one call runs the vision tower and the prompt for several.
-        engine = pipe.batcher.engine if pipe.batcher is not None else None
         if prefill_group is None:
-            prefill_group = DEFAULT_PREFILL_GROUP if hasattr(engine, "prefill_many") else 1
+            prefill_group = DEFAULT_PREFILL_GROUP if pipe.batcher is not None and pipe.batcher.groups_prefills else 1
         # Every prefilling thread's group fits in the batch at once.
         self.prefill_group = max(1, min(prefill_group, pipe.max_batch // self.model_threads))
         # Prepared items waiting for the model, at most.

@@ -158,8 +158,11 @@ class Pipeline:
         if self.batcher is not None:
             requests = self._requests(images, prompts, params, stop)
             try:
-                for request in requests:  # each row joins the batch as soon as it is prefilled
-                    self.batcher.submit(request)
+                # The rows are prefilled together (with other calls' queued meanwhile) where the engine can, and each
+                # joins the batch as soon as it is prefilled.
+                error = next((e for e in self.batcher.submit_gathered(requests) if e is not None), None)
+                if error is not None:
+                    raise error
                 for request in requests:
                     for _ in request.stream():
                         pass

@@ -8,12 +8,14 @@ The parts, as in nano-vllm's engine (`nanovllm/engine/`): a `Request` carries ev
 loop is schedule, run the model on the batch, sample, postprocess. The model runner is a `BatchEngine`
 (paligemma/engines.py for torch, export/runtime for ONNX Runtime), which holds every row's cache.
 
-Prefill does not stop the batch: it runs in the calling thread, one request at a time, while the loop goes on
-decoding the running rows in its own thread; the prefilled rows join at the loop's next step. `submit_many` prefills
-several requests in one call where the engine gives each row its solo bits so (`prefill_many`: the batch command's
-groups of images on ONNX Runtime). PaliGemma's prompt is one bidirectional block (image, prompt and separator see
-each other), so it cannot be prefilled in causal chunks as vLLM splits a prompt: every chunk would need keys of the
-chunks after it.
+Prefill does not stop the batch: it runs in a calling thread, one prefill at a time, while the loop goes on
+decoding the running rows in its own thread; the prefilled rows join at the loop's next step. Where the engine can
+prefill several requests in one call giving each row its solo bits (`prefill_many`: ONNX Runtime's fused graphs),
+calls that arrive while a prefill runs queue, and the next prefill takes those queued, a few at most (`submit`; a
+call that arrives alone is prefilled at once, never held for company); `submit_many` prefills a group the caller
+chose (the batch command's groups of images). PaliGemma's prompt is one bidirectional block (image, prompt and
+separator see each other), so it cannot be prefilled in causal chunks as vLLM splits a prompt: every chunk would need
+keys of the chunks after it.
 
 Exactness: a row's tokens do not depend on the other rows. Each row is prefilled alone (or with others, bit for bit
 as alone), samples from its own logits row with its own generator, and attends over its own cache (its length,
@@ -47,6 +49,10 @@ ROW_TOKENS_BEYOND_IMAGE = 512  # what the default assumes a row holds beyond its
 CACHE_SHARE = 0.25  # at most this share of the memory available at load goes to the default batch's caches
 END = None  # what a request's update queue holds after its last token
 CANCEL_POLL_S = 0.05  # how often a request waiting for a row checks whether it was cancelled
+# Calls gathered into one prefill at most: groups of 2-7 prefilled 1.1-1.5x faster than one by one, but 8 took twice
+# as long on the embedded model and 7 gained 3% on the 3B-wide float32 (its products' activations outgrow the
+# caches); docs/serving.md "Prefills gathered".
+GATHERED_PREFILL_ROWS = 4
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -93,7 +99,8 @@ class BatchEngine(Protocol):
         ...
 
     # Optional: prefill_many(inputs: list of one-row inputs, max_new_tokens: list) -> [(cache, logits [1, V])], the
-    # rows prefilled together where that gives each its solo bits (export/runtime's OnnxBatchEngine).
+    # rows prefilled together where that gives each its solo bits (export/runtime's OnnxBatchEngine), and
+    # exact_groups: False where it cannot, and prefills each row alone.
 
     def join(self, prefilled: object) -> int:
         """Puts a prefilled cache into the batch; returns the row's id."""
@@ -217,10 +224,11 @@ class Scheduler:
 
 
 class Batcher:
-    """The engine loop over one BatchEngine. `submit` (the caller's thread) waits for a free row, in the order calls
-    came, prefills the request and samples its first token there, and hands it to the loop, which a thread runs while
-    there is work: schedule (rows join, cancelled rows leave), decode every row, sample each row's token,
-    postprocess (rows that ended leave and free their cache)."""
+    """The engine loop over one BatchEngine. `submit` (a caller's thread) waits for a free row, in the order calls
+    came, prefills the request (with the others queued meanwhile, where the engine prefills a group) and samples its
+    first token there, and hands it to the loop, which a thread runs while there is work: schedule (rows join,
+    cancelled rows leave), decode every row, sample each row's token, postprocess (rows that ended leave and free
+    their cache)."""
 
     def __init__(self, engine: BatchEngine):
         self.engine = engine
@@ -230,12 +238,24 @@ class Batcher:
         self.tickets = itertools.count()
         self.prefilling = threading.Lock()  # one prefill at a time: it takes every core the loop leaves
         self.thread: threading.Thread | None = None
+        # submit's requests not yet admitted, in the order they came, and each one's prefill outcome once the group
+        # that took it is done (None, or the exception that failed it), until its caller reads it.
+        self.arrivals: deque[Request] = deque()
+        self.outcomes: dict[Request, Exception | None] = {}
+        self.gathering = False  # a submitting thread is admitting and prefilling a group of arrivals
         self.steps = 0  # decode steps run, and the most rows one of them ran (for tests and the benchmark)
         self.largest_batch = 0
+        self.prefills = 0  # prefill calls of the engine (prefill or prefill_many: a group is one), for the tests
 
     @property
     def max_batch(self) -> int:
         return self.engine.max_batch
+
+    @property
+    def groups_prefills(self) -> bool:
+        """Whether the engine prefills several requests in one call, each row with its solo bits (its prefill_many,
+        where its `exact_groups` is not False)."""
+        return hasattr(self.engine, "prefill_many") and getattr(self.engine, "exact_groups", True)
 
     def widen(self, rows: int) -> bool:
         """Lets the batch hold `rows` rows from now on, where the engine can (its `widen`: a pool that grows as rows
@@ -251,9 +271,10 @@ class Batcher:
             return True
 
     def allow_prefills(self, prefills: int) -> None:
-        """How many requests may prefill at once from now on (default 1, as a prefill takes every core the loop
-        leaves). An engine whose prefill runs on one thread leaves the other cores idle meanwhile: the batch command
-        lets one prefill run per core there (paligemma.batch.concurrent_prefills)."""
+        """How many groups of submit_many may prefill at once from now on (default 1, as a prefill takes every core
+        the loop leaves). An engine whose prefill runs on one thread leaves the other cores idle meanwhile: the batch
+        command lets one prefill run per core there (paligemma.batch.concurrent_prefills). submit's calls are
+        gathered into one prefill at a time."""
         if isinstance(prefills, bool) or not isinstance(prefills, int) or prefills < 1:
             raise ValueError(f"prefills={prefills!r}: use a whole number of at least 1")
         self.prefilling = threading.BoundedSemaphore(prefills)
@@ -261,9 +282,87 @@ class Batcher:
     def submit(self, request: Request) -> None:
         """Admits and prefills `request` (waiting for a row first), and queues it to join; its tokens, the first
         included, arrive on request.updates. A failure here is raised, and the batch never sees the request."""
-        (error,) = self.submit_many([request])
+        (error,) = self.submit_gathered([request])
         if error is not None:
             raise error
+
+    def submit_gathered(self, requests: list[Request]) -> list[Exception | None]:
+        """submit for the rows of one call, prefilled together with the calls that arrive meanwhile, where the
+        engine gives each row its solo bits so (`prefill_many`). The requests queue behind those that came first; the
+        thread whose request heads the queue, when no group is being prefilled, takes the queued requests there are
+        free rows for (at least its own, waiting for a row if none is free; GATHERED_PREFILL_ROWS at most) and
+        prefills them in one call. A call that
+        finds nothing running is prefilled at once; one that arrives while a prefill runs is taken by the next.
+        Without `groups_prefills` each group is one request (one after another, as they came). Returns what
+        submit_many returns."""
+        mine = set(requests)
+        with self.changed:
+            self.arrivals.extend(requests)
+            self.changed.notify_all()
+            while not all(r in self.outcomes for r in requests):
+                if not self.gathering and self.arrivals and self.arrivals[0] in mine:
+                    self._gather(mine)
+                else:
+                    # Woken when a group is done or a row frees; polled for a cancel set meanwhile (an Event cannot
+                    # wake a Condition): a cancelled request leaves the queue and ends there.
+                    self.changed.wait(CANCEL_POLL_S)
+                    self._drop_cancelled(mine)
+            return [self.outcomes.pop(r) for r in requests]
+
+    def _gather(self, mine: set[Request]) -> None:
+        """(Under self.changed, by the thread of `mine`, whose request heads the queue.) Takes a group of queued
+        requests, prefills it with the lock released (others queue meanwhile) and records each one's outcome."""
+        self.gathering = True
+        group = []
+        try:
+            group = self._take_arrivals()
+            self.changed.release()
+            try:
+                errors = self._prefill_group(group)
+            finally:
+                self.changed.acquire()
+            self.outcomes.update(zip(group, errors))
+        except BaseException as error:  # interrupted here: the other calls of the group fail, they do not hang
+            self.outcomes.update((r, RuntimeError(f"the prefill of this request's group was interrupted ({error!r})"))
+                                 for r in group if r not in mine)
+            raise
+        finally:
+            self.gathering = False
+            self.changed.notify_all()
+
+    def _drop_cancelled(self, requests: set[Request]) -> None:
+        """The queued requests among `requests` that were cancelled leave the queue and end (under self.changed)."""
+        cancelled = [r for r in self.arrivals if r in requests and r.cancelled]
+        for request in cancelled:
+            self.arrivals.remove(request)
+            request.end("cancelled")
+            self.outcomes[request] = None
+        if cancelled:
+            self.changed.notify_all()
+
+    def _take_arrivals(self) -> list[Request]:
+        """(Under self.changed, by the thread whose request heads the queue.) Waits for the turn (submit_many's
+        groups take turns with the queue, first come first served) and a free row, then takes and admits the queued
+        requests, in order, as many as rows are free and GATHERED_PREFILL_ROWS at most (one where the engine does not
+        group prefills). Returns them; none
+        when every queued request of this thread was cancelled meanwhile."""
+        ticket = next(self.tickets)
+        self.turns.append(ticket)
+        head = self.arrivals[0]
+        try:
+            while not (self.turns[0] == ticket and self.scheduler.free() > 0):
+                self.changed.wait(CANCEL_POLL_S)
+                if head.cancelled:  # the head leaves; the next request's thread leads
+                    self._drop_cancelled({head})
+                    return []
+            most = GATHERED_PREFILL_ROWS if self.groups_prefills else 1
+            group = []
+            while self.arrivals and len(group) < most and self.scheduler.admit():
+                group.append(self.arrivals.popleft())
+            return group
+        finally:
+            self.turns.remove(ticket)
+            self.changed.notify_all()
 
     def submit_many(self, requests: list[Request]) -> list[Exception | None]:
         """submit for several requests, prefilled together where the engine can (its `prefill_many`: rows of a
@@ -278,45 +377,53 @@ class Batcher:
             if not admitted:  # every one cancelled while waiting (ended)
                 break
             chosen, pending = pending[:admitted], pending[admitted:]
-            group = [requests[i] for i in chosen]
-            try:
-                with self.prefilling:
-                    if len(group) == 1 or not hasattr(self.engine, "prefill_many"):
-                        prefilled = [self.engine.prefill(r.inputs, r.params.max_new_tokens) for r in group]
-                    else:
-                        prefilled = self.engine.prefill_many([r.inputs for r in group],
-                                                             [r.params.max_new_tokens for r in group])
-                now = time.perf_counter()
-                for request, (_, logits) in zip(group, prefilled):
-                    request.append(int(sample(logits, request.params, request.generator)[0]), now)
-            except Exception as error:  # noqa: BLE001 - handed back per request
-                self._give_back(len(group))
-                for i in chosen:
-                    errors[i] = error
-                continue
-            except BaseException:
-                self._give_back(len(group))
-                raise
-            joining = []
-            for request, (row, _) in zip(group, prefilled):
-                if request.finished:  # one token was all it needed
-                    self._give_back()
-                    request.end(request.finish)
-                else:
-                    request.prefilled = row
-                    joining.append(request)
-            if joining:
-                with self.changed:
-                    for request in joining:
-                        self.scheduler.add(request)
-                    if self.thread is None:
-                        # Not a daemon: at exit Python waits for it (it ends when the batch is empty) instead of
-                        # stopping it inside a model call, which aborts the process ("terminate called without an
-                        # active exception").
-                        self.thread = threading.Thread(target=self._loop, name="paligemma-batch")
-                        self.thread.start()
-                    self.changed.notify_all()
+            for i, error in zip(chosen, self._prefill_group([requests[i] for i in chosen])):
+                errors[i] = error
         return errors
+
+    def _prefill_group(self, group: list[Request]) -> list[Exception | None]:
+        """Prefills admitted requests (in one call where the engine has prefill_many), samples each one's first token
+        and queues those that go on to join the batch; per request, None or the exception that failed its prefill
+        (its row given back)."""
+        if not group:
+            return []
+        try:
+            with self.prefilling:
+                self.prefills += 1
+                if len(group) == 1 or not hasattr(self.engine, "prefill_many"):
+                    prefilled = [self.engine.prefill(r.inputs, r.params.max_new_tokens) for r in group]
+                else:
+                    prefilled = self.engine.prefill_many([r.inputs for r in group],
+                                                         [r.params.max_new_tokens for r in group])
+            now = time.perf_counter()
+            for request, (_, logits) in zip(group, prefilled):
+                request.append(int(sample(logits, request.params, request.generator)[0]), now)
+        except Exception as error:  # noqa: BLE001 - handed back per request
+            self._give_back(len(group))
+            return [error] * len(group)
+        except BaseException:
+            self._give_back(len(group))
+            raise
+        joining = []
+        for request, (row, _) in zip(group, prefilled):
+            if request.finished:  # one token was all it needed
+                self._give_back()
+                request.end(request.finish)
+            else:
+                request.prefilled = row
+                joining.append(request)
+        if joining:
+            with self.changed:
+                for request in joining:
+                    self.scheduler.add(request)
+                if self.thread is None:
+                    # Not a daemon: at exit Python waits for it (it ends when the batch is empty) instead of
+                    # stopping it inside a model call, which aborts the process ("terminate called without an
+                    # active exception").
+                    self.thread = threading.Thread(target=self._loop, name="paligemma-batch")
+                    self.thread.start()
+                self.changed.notify_all()
+        return [None] * len(group)
 
     def _admit(self, requests: list[Request]) -> int:
         """Waits for the turn of `requests` and rows for all of them (or the whole batch's), then takes them; returns

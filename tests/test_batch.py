@@ -234,8 +234,9 @@ def test_bad_input_is_refused_in_one_line_before_the_model_loads(tmp_path, capsy
 
 
 def test_allow_prefills_lets_that_many_requests_prefill_at_once(tmp_path):
-    """Two requests meet inside the engine's prefill (a barrier both must reach) once two are allowed; with the
-    default one, the second waits for the first, and the barrier times out."""
+    """Two requests submitted as the command does (submit_many, each its own group) meet inside the engine's
+    prefill (a barrier both must reach) once two are allowed; with the default one, the second waits for the first,
+    and the barrier times out."""
     import threading
 
     from paligemma.sampling import SamplingParams
@@ -262,7 +263,7 @@ def test_allow_prefills_lets_that_many_requests_prefill_at_once(tmp_path):
         if allowed > 1:
             batcher.allow_prefills(allowed)
         requests = [Request(inputs, params, pipe.stop_ids, None) for _ in range(2)]
-        threads = [threading.Thread(target=batcher.submit, args=(r,)) for r in requests]
+        threads = [threading.Thread(target=batcher.submit_many, args=([r],)) for r in requests]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -23,7 +23,7 @@ from bench.workloads import Workload
 from export.runtime.pipeline import OnnxBatchEngine
 from export.writer.onnx_export import export_model
 from paligemma.engines import BatchedTorchEngine
-from paligemma.scheduler import Scheduler
+from paligemma.scheduler import GATHERED_PREFILL_ROWS, Scheduler
 
 PROMPTS = ["caption en", "answer en what is in the image and where is it", "detect cat ; dog",
            "segment the red car"]
@@ -230,6 +230,106 @@ def test_running_rows_keep_decoding_while_a_call_is_prefilled(pipe):
     assert steps_during_prefill and steps_during_prefill[0] >= 5 and len(second.token_ids) == 4
 
 
+GROUPED = [(11, PROMPTS[1], 9), (12, PROMPTS[0], 12), (13, PROMPTS[0], 7)]  # the two queued: one prompt length
+
+
+def during_one_prefill(pipe, targets) -> list[int]:
+    """Runs targets[0] in a thread, holds its prefill (in its caller's thread) until the other targets, started then,
+    wait for theirs, and returns the rows of each prefill_many call meanwhile."""
+    engine, groups = pipe.batcher.engine, []
+    prefill, prefill_many = engine.prefill, getattr(engine, "prefill_many", None)
+    held = threading.Event()
+
+    def wait_for(condition, what):
+        deadline = time.monotonic() + TIMEOUT_S
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.001)
+
+    def held_prefill(inputs, max_new_tokens):
+        if not held.is_set():
+            held.set()
+            wait_for(lambda: len(pipe.batcher.arrivals) == len(targets) - 1, "the other calls never queued")
+        return prefill(inputs, max_new_tokens)
+
+    def counted_prefill_many(inputs, max_new_tokens):
+        groups.append(len(inputs))
+        return prefill_many(inputs, max_new_tokens)
+
+    engine.prefill = held_prefill
+    if prefill_many is not None:
+        engine.prefill_many = counted_prefill_many
+    threads = [threading.Thread(target=target) for target in targets]
+    try:
+        threads[0].start()
+        wait_for(held.is_set, "the first call was never prefilled")
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT_S)
+    finally:
+        del engine.prefill
+        if prefill_many is not None:
+            del engine.prefill_many
+    return groups
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+def test_calls_that_arrive_during_a_prefill_are_prefilled_together_with_their_solo_tokens(pipe, sampling):
+    """A call that finds nothing running is prefilled at once; calls that arrive while a prefill runs queue, and the
+    next prefill takes them all: one prefill_many call where the engine has it (ONNX Runtime), one prefill each
+    otherwise. Each call's tokens stay its solo tokens."""
+    calls = [(seed, prompt, budget, ()) for seed, prompt, budget in GROUPED]
+    alone_pipe = alone(pipe)
+    solo = [run(alone_pipe, call, sampling, 20 + i) for i, call in enumerate(calls)]
+    got = [None] * len(calls)
+
+    def call(i):
+        def target():
+            got[i] = run(pipe, calls[i], sampling, 20 + i)
+        return target
+
+    grouped = pipe.batcher.groups_prefills
+    before = pipe.batcher.prefills
+    groups = during_one_prefill(pipe, [call(i) for i in range(len(calls))])
+    assert got == solo
+    assert pipe.batcher.prefills - before == (2 if grouped else 3)
+    assert groups == ([2] if grouped else [])
+
+
+def test_a_gathered_prefill_takes_at_most_its_share_of_the_queue(pipe):
+    """Calls queued beyond GATHERED_PREFILL_ROWS wait for the next prefill (a larger group prefills slower than one by
+    one), in the order they came."""
+    if not pipe.batcher.groups_prefills:
+        pytest.skip("this engine prefills one call at a time")
+    queued = GATHERED_PREFILL_ROWS + 1
+    assert pipe.batcher.widen(queued + 1)
+    try:
+        calls = [(30 + i, PROMPTS[0], 5, ()) for i in range(queued + 1)]
+        solo = [run(alone(pipe), call, "greedy", 0) for call in calls]
+        got = [None] * len(calls)
+        before = pipe.batcher.prefills
+        groups = during_one_prefill(pipe, [lambda i=i: got.__setitem__(i, run(pipe, calls[i], "greedy", 0))
+                                           for i in range(len(calls))])
+    finally:
+        assert pipe.batcher.widen(3)
+    # The first alone, a group, and the one left over alone.
+    assert groups == [GATHERED_PREFILL_ROWS] and pipe.batcher.prefills - before == 3 and got == solo
+
+
+def test_a_lone_call_is_prefilled_at_once_and_a_list_call_as_one_group(pipe):
+    images, prompts = [random_image(5), random_image(6), random_image(7)], [PROMPTS[0]] * 3
+    before = pipe.batcher.prefills
+    single = pipe.generate(images[0], prompts[0], max_new_tokens=6)
+    assert pipe.batcher.prefills == before + 1 and not pipe.batcher.arrivals
+    together = pipe.generate(images, prompts, max_new_tokens=6)
+    grouped = pipe.batcher.groups_prefills
+    assert pipe.batcher.prefills == before + (2 if grouped else 4)
+    assert together[0].token_ids == single.token_ids
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone(pipe).generate(images, prompts,
+                                                                                       max_new_tokens=6)]
+
+
 def test_the_scheduler_admits_up_to_max_batch_rows_and_frees_them():
     scheduler = Scheduler(max_batch=2)
     assert scheduler.admit() and scheduler.admit() and not scheduler.admit()
@@ -285,10 +385,26 @@ def test_int4_rows_keep_their_solo_bits_in_steps_of_row_pairs(tmp_path):
         ids = [engine.join(prefilled[i]) for i in indices]
         return engine.decode(ids, tokens[indices])
 
-    alone = [step([i])[0] for i in range(3)]
+    single = [step([i])[0] for i in range(3)]
     for indices in ([0, 1], [1, 2], [2, 0, 1]):
         together = step(indices)
-        assert all(torch.equal(together[k], alone[i]) for k, i in enumerate(indices)), indices
+        assert all(torch.equal(together[k], single[i]) for k, i in enumerate(indices)), indices
     engine = model()  # the engine of one request: its decode step too
     engine.prefill(pipe.processor([random_image(0)], [PROMPTS[0]]), 4)
-    assert torch.equal(engine.decode_step(tokens[:1])[0], alone[0]) and engine.fused
+    assert torch.equal(engine.decode_step(tokens[:1])[0], single[0]) and engine.fused
+
+    # Prefilled together, the rows would not keep their solo bits (the prefill's last layer and logits run one row
+    # per prompt: alone, MatMulNBits' odd row; in a group, pairs), so this engine prefills each row alone, and calls
+    # that arrive during a prefill are prefilled one after another, each with its solo tokens.
+    engine = pipe.batcher.engine
+    assert not engine.exact_groups and not pipe.batcher.groups_prefills
+    inputs = [pipe.processor([random_image(seed)], [PROMPTS[0]]) for seed in range(3)]
+    together = engine.prefill_many(inputs, [4] * 3)
+    assert all(torch.equal(logits, engine.prefill(x, 4)[1]) for x, (_, logits) in zip(inputs, together))
+    calls = [(seed, PROMPTS[0], 6, ()) for seed in range(3)]
+    solo = [run(alone(pipe), call, "greedy", 0) for call in calls]
+    got = [None] * 3
+    before = pipe.batcher.prefills
+    assert during_one_prefill(pipe, [lambda i=i: got.__setitem__(i, run(pipe, calls[i], "greedy", 0))
+                                     for i in range(3)]) == []
+    assert got == solo and pipe.batcher.prefills - before == 3

@@ -454,17 +454,26 @@ class OnnxBatchEngine:
     def prefill(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> tuple[PrefilledRow, torch.Tensor]:
         return self._prefill_rows(inputs, [max_new_tokens])[0]
 
+    @property
+    def exact_groups(self) -> bool:
+        """Whether rows prefilled together get the bits each gets alone: on a float export (its products multiply
+        row by row alike). Not on a quantized one: MatMulNBits gives the last row of an odd number of rows other bits
+        than a row in a pair (OnnxModel.row_multiple), and the fused prefill's last layer and logits run one row per
+        prompt (a prefill alone: one row, the odd one; several: pairs), as do an odd prompt's last tokens."""
+        return self.model.row_multiple == 1
+
     def prefill_many(self, inputs: list[dict[str, torch.Tensor]],
                      max_new_tokens: list[int]) -> list[tuple[PrefilledRow, torch.Tensor]]:
-        """prefill of several requests (each one row, processed alone), in their order: the rows of one prompt length
-        without padding (the processor pads none of a request of one row) run as one batch, through the vision tower
-        and the fused prefill at once, which gives each row the bits it gets alone (the fused graph multiplies row
-        by row alike: export/runtime/fused.py; checked by tests/test_batch.py and bench/batch.py); the others alone."""
+        """prefill of several requests (each one row, processed alone), in their order: where `exact_groups`, the
+        rows of one prompt length without padding (the processor pads none of a request of one row) run as one
+        batch, through the vision tower and the fused prefill at once, which gives each row the bits it gets alone
+        (the fused graph multiplies row by row alike: export/runtime/fused.py; checked by tests/test_batch.py and
+        bench/batch.py); the others alone."""
         results: list = [None] * len(inputs)
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(inputs):
             T = row["input_ids"].shape[1]
-            if row["input_ids"].shape[0] == 1 and T <= rotary_positions(self.model.config) \
+            if self.exact_groups and row["input_ids"].shape[0] == 1 and T <= rotary_positions(self.model.config) \
                     and bool(row["attention_mask"].all()):
                 groups.setdefault(T, []).append(i)
             else:
