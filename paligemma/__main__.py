@@ -128,10 +128,15 @@ def main(argv: list[str] | None = None) -> int:
                                                           "JSONL, into a resumable JSONL of answers"))
     add_classify_arguments(commands.add_parser("classify", help="zero-shot: score labels on an image with SigLIP"))
     train_parser = commands.add_parser("train", help="fine-tune a checkpoint or train one from a config")
-    try:
-        from .train import add_train_arguments, run_train
-    except ImportError:
-        add_train_arguments = run_train = None
+    # train's options come with its module, which imports torch: read only where the command is train (or none
+    # yet), so that the others (the batch command's Ray driver) start without it.
+    words = [word for word in (sys.argv[1:] if argv is None else argv) if not word.startswith("-")]
+    add_train_arguments = run_train = None
+    if not words or words[0] == "train":
+        try:
+            from .train import add_train_arguments, run_train
+        except ImportError:
+            pass
     if add_train_arguments is not None:
         add_train_arguments(train_parser)
     args = parser.parse_args(argv)

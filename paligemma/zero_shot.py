@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError, shown
-from .processor import load_image, preprocess_image
-from .siglip_model import SiglipModel
-from .siglip_tokenizer import SiglipTokenizer
+
+if TYPE_CHECKING:
+    from .siglip_model import SiglipModel
+    from .siglip_tokenizer import SiglipTokenizer
 
 DEFAULT_TEMPLATE = "This is a photo of {}."  # transformers' zero-shot pipeline's default hypothesis
 LABEL_SEPARATOR = ","
@@ -75,6 +75,10 @@ def check_template(template: str) -> str:
 def classify(model: SiglipModel, tokenizer: SiglipTokenizer, image, labels: list[str],
              template: str = DEFAULT_TEMPLATE) -> list[LabelScore]:
     """Scores for `labels` (in their order) on one image (a PIL image, path or bytes)."""
+    import torch  # here: the command line's parser reads the label helpers above, and starts without torch
+
+    from .processor import load_image, preprocess_image
+
     model.require_text_tower()
     labels = check_labels(list(labels))
     template = check_template(template)

@@ -143,9 +143,10 @@ def test_the_parts_of_export_import_only_the_layers_below_them():
 
 
 def test_the_package_the_command_line_and_the_ray_driver_start_without_torch():
-    code = ("import sys, paligemma, paligemma.__main__, paligemma.batch_command, paligemma.ray_batch; "
-            "sys.exit('torch' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    code = ("import sys, paligemma, paligemma.batch_command, paligemma.ray_batch; from paligemma.__main__ import main; "
+            "main(['batch', '--input', 'no-such-folder', '--out', 'answers.jsonl', '--ray']); "
+            "sys.exit('torch' in sys.modules)")  # the command line built and run to its first check
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 0
     code = "import sys, paligemma; paligemma.Pipeline; sys.exit('torch' not in sys.modules)"  # and on first use, it is
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
