@@ -615,6 +615,7 @@ def add_train_arguments(parser):
                         help="adapted layers: q,k,v,o,gate,up,down in the decoder; with --lora-vision also "
                              "q,k,v,out,fc1,fc2 in the vision tower")
     parser.add_argument("--lora-vision", action="store_true", help="adapt the vision tower's layers too")
+    parser.add_argument("--lora-layers", help="adapt only these decoder layers, e.g. 0,1 or 2-3 (default: all)")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="bfloat16: frozen weights held in bfloat16, trained ones in float32, under autocast")
@@ -733,14 +734,15 @@ def save_with_tokenizer(model: torch.nn.Module, tokenizer: Tokenizer, directory:
 def finetune_of(args):
     """The run's FineTune from the command line, checked (a one-line ValueError for what cannot train)."""
     from .finetune import DTYPES, FineTune, parse_parts
-    from .lora import LoraSpec, parse_targets
+    from .lora import LoraSpec, parse_layers, parse_targets
 
     lora = None
     if args.lora is not None:
         lora = LoraSpec(r=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora,
-                        targets=parse_targets(args.lora_targets), vision=args.lora_vision, dropout=args.lora_dropout)
-    elif args.lora_alpha is not None or args.lora_vision:
-        raise ValueError("--lora-alpha and --lora-vision go with --lora R")
+                        targets=parse_targets(args.lora_targets), vision=args.lora_vision, dropout=args.lora_dropout,
+                        layers=parse_layers(args.lora_layers) if args.lora_layers is not None else None)
+    elif args.lora_alpha is not None or args.lora_vision or args.lora_layers is not None:
+        raise ValueError("--lora-alpha, --lora-vision and --lora-layers go with --lora R")
     parts = parse_parts(args.train) if args.train is not None else (() if lora else ("all",))
     finetune = FineTune(parts, lora, DTYPES[args.dtype], args.checkpointing)
     finetune.check()
@@ -781,7 +783,8 @@ def model_to_train(args, finetune=None) -> tuple[torch.nn.Module, Path, dict]:
     record = read_run_record(resume) if resume else {}
     if resume and record and record.get("finetune") != finetune.to_dict():
         raise ValueError(f"--resume {resume}: that run trained {json.dumps(record.get('finetune'))}; resume it "
-                         "with the same --train, --lora, --lora-alpha, --lora-targets, --lora-vision and --dtype")
+                         "with the same --train, --lora, --lora-alpha, --lora-targets, --lora-vision, --lora-layers "
+                         "and --dtype")
     if resume and finetune.lora is not None:
         base = Path(record["base"]) if record.get("base") else None
         if base is None or not base.is_dir():

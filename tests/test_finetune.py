@@ -84,21 +84,25 @@ def assert_same_weights(a, b, atol):
 # ---- LoRA against its merge and against peft ----------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["pg1", "pg2"])
-def test_lora_is_a_no_op_when_fresh_its_merge_equals_it_and_peft_reads_it(variant, reference_factory, tmp_path):
+@pytest.mark.parametrize("variant,layers", [("pg1", None), ("pg2", None), ("pg1", (0, 2))])
+def test_lora_is_a_no_op_when_fresh_its_merge_equals_it_and_peft_reads_it(variant, layers, reference_factory,
+                                                                          tmp_path):
     """A fresh adapter leaves the logits unchanged; with B trained (random here), the merged checkpoint gives the
     adapted model's logits (1e-5), and the adapter saved in PEFT's layout, loaded by peft onto transformers'
-    PaliGemma, gives them too (1e-4)."""
+    PaliGemma, gives them too (1e-4). With a subset of the decoder's layers, peft adapts those layers only."""
     from peft import PeftModel
+    from transformers import PaliGemmaForConditionalGeneration as Reference
 
-    folder, reference = reference_factory(variant)
+    folder, _ = reference_factory(variant)
     model = load_model(folder, dtype=torch.float32)
     batch = batch_of(folder, model)
     keep = batch["attention_mask"].bool()
     before = logits(model, batch)
-    finetune = FineTune(parts=("projector",), lora=L.LoraSpec(r=4, alpha=8.0, vision=True))
+    finetune = FineTune(parts=("projector",), lora=L.LoraSpec(r=4, alpha=8.0, vision=True, layers=layers))
     torch.manual_seed(0)
     trained = finetune.prepare(model)
+    decoder = {int(n.split(".")[3]) for n in L.lora_modules(model) if n.startswith("language_model.")}
+    assert decoder == set(layers or range(model.config.text.num_hidden_layers))
     assert torch.equal(logits(model, batch), before)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -112,8 +116,12 @@ def test_lora_is_a_no_op_when_fresh_its_merge_equals_it_and_peft_reads_it(varian
     writer(out)
     merged = load_model(out, dtype=torch.float32)
     torch.testing.assert_close(logits(merged, batch)[keep], adapted[keep], rtol=0, atol=1e-5)
-    peft_model = PeftModel.from_pretrained(reference, out / "adapter").eval()
+    # peft adapts the model it is given in place: a fresh one, not the factory's shared reference.
+    peft_model = PeftModel.from_pretrained(Reference.from_pretrained(folder), out / "adapter").eval()
     torch.testing.assert_close(reference_logits(peft_model, batch)[keep], adapted[keep], rtol=0, atol=1e-4)
+    theirs = {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
+              if hasattr(module, "lora_A") and not name.endswith(".lora_A")}
+    assert theirs == {L.transformers_name(name) for name in L.lora_modules(model)}
 
 
 def test_lora_targets_hugging_faces_parameter_count_at_the_3b_shape():
@@ -335,13 +343,15 @@ def test_fsdp_optimizer_moments_are_gathered_and_restored(reference_factory, tmp
 # ---- bad input: one line, before any step --------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["target", "nothing", "lora_all", "no_suffix", "world"])
+@pytest.mark.parametrize("case", ["target", "layer", "layer_text", "nothing", "lora_all", "no_suffix", "world"])
 def test_bad_input_is_one_line_before_any_step(case, reference_factory, data, tmp_path, capsys, monkeypatch):
     folder, _ = reference_factory("pg1")
     args = ["--model", str(folder), "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "out"),
             "--batch-size", "4", "--steps", "2"]
     expected = {
         "target": (["--lora", "4", "--lora-targets", "q,qq"], "--lora-targets qq names no module"),
+        "layer": (["--lora", "4", "--lora-layers", "1-3"], "--lora-layers 3: this model's decoder has layers 0 to 2"),
+        "layer_text": (["--lora", "4", "--lora-layers", "a"], "--lora-layers a: give decoder layer indices"),
         "nothing": (["--train", ""], "--train names nothing to train"),
         "lora_all": (["--lora", "4", "--train", "all"], "--lora with --train all"),
         "no_suffix": (["--data", str(data / "no_suffix.jsonl")], "no_suffix.jsonl:2: missing suffix"),

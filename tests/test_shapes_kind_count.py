@@ -1,7 +1,9 @@
 """shapes.kind_count: the new question's examples and held-out records answer what the scenes show, in words the
-shapes tokenizer has."""
+shapes tokenizer has; the old tasks replayed beside them are drawn by their weights."""
 
 import json
+
+import pytest
 
 from paligemma.train import read_jsonl
 from shapes import kind_count as K
@@ -23,3 +25,18 @@ def test_examples_count_the_kind_asked_about_and_use_known_words(tmp_path):
     unknown = tokenizer.token_to_id("<unk>")
     assert unknown not in tokenizer.encode(K.question("triangle")).ids
     assert json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])["image"].startswith("images/")
+
+
+def test_replay_weights_choose_the_old_tasks_replayed(tmp_path):
+    weights = K.parse_replay_weights("caption=0,count=0,color_count=0,detect=0,absent=0,absent_segment=0")
+    assert weights["segment"] == K.REPLAY_WEIGHTS["segment"] and weights["caption"] == 0
+    K.write_data(tmp_path, examples=4, held_out=1, replay=1.0, replay_weights=weights)
+    train = read_jsonl(tmp_path / "train.jsonl")
+    assert [r["prefix"].split()[0] for r in train] == ["segment"] * 4
+    assert all("<seg" in r["suffix"] for r in train)  # the embedded model's masks, as it answers now
+
+
+@pytest.mark.parametrize("text", ["colour=2", "caption=-1", "caption"])
+def test_a_bad_replay_weight_is_one_line(text):
+    with pytest.raises(ValueError, match=f"--replay-weights {text}: give TASK=WEIGHT"):
+        K.parse_replay_weights(text)
