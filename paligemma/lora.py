@@ -17,6 +17,7 @@ tower is Hugging Face's PaliGemma recipe: 11,298,816 parameters at r = 8 on the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -132,6 +133,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True  # False: the frozen layer alone (adapters_off)
         self.reset_lora()
 
     def reset_lora(self):
@@ -142,6 +144,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # a bfloat16 frozen weight's input, into the float32 adapter
         adapted = self.lora_B(self.lora_A(self.dropout(x)))
@@ -167,6 +171,19 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within it, `model` is its base: every LoRALinear computes its frozen layer alone."""
+    modules = list(lora_modules(model).values())
+    for module in modules:
+        module.enabled = False
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.enabled = True
 
 
 def merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:

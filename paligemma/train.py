@@ -4,7 +4,9 @@
     python -m paligemma train --config config.json --tokenizer tokenizer.json --data train.jsonl --out OUT_DIR
 
 Each JSONL line is {"image": path, "prefix": "caption en", "suffix": "a red circle"}; a relative image path
-is read from the JSONL's folder. A training sequence is
+is read from the JSONL's folder. A LoRA run with `--distill W` also pulls the model's next-token distributions over
+the suffix of each record marked "distill": true toward the base's (the model with its adapters off): W times their
+KL divergence, beside the cross-entropy (old tasks replayed while the adapters learn a new one). A training sequence is
 
     <image> x N  <bos>  prefix "\\n"  |  suffix <eos>       token_type_ids 0 ... 0 | 1 ... 1
 
@@ -533,6 +535,8 @@ def read_jsonl(path: Path) -> list[dict]:
         wrong = [k for k in ("image", "prefix", "suffix") if not isinstance(record[k], str)]
         if wrong:
             raise ValueError(f"{path}:{number}: {', '.join(wrong)} must be text (a string)")
+        if not isinstance(record.get("distill", False), bool):
+            raise ValueError(f"{path}:{number}: distill must be true or false")
         image = Path(record["image"])
         record["image"] = image if image.is_absolute() else path.parent / image
         records.append(record)
@@ -553,21 +557,44 @@ def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, pa
         chosen = [records[i] for i in order[index * batch_size : (index + 1) * batch_size]]
         if parallel is not None:
             chosen = parallel.share(chosen)
-        return training_batch(processor, [r["image"] for r in chosen], [r["prefix"] for r in chosen],
-                              [r["suffix"] for r in chosen])
+        batch = training_batch(processor, [r["image"] for r in chosen], [r["prefix"] for r in chosen],
+                               [r["suffix"] for r in chosen])
+        if distilled:
+            batch["distill"] = torch.tensor([r.get("distill", False) for r in chosen])
+        return batch
 
+    distilled = any(r.get("distill", False) for r in records)
     return batches
 
 
-def lm_loss(loc_range=None, loc_sigma=0.0):
-    """The plain objective: suffix cross-entropy of the model's logits."""
+def lm_loss(loc_range=None, loc_sigma=0.0, distill: float = 0.0):
+    """The plain objective: suffix cross-entropy of the model's logits. With `distill` > 0 (a LoRA model), plus
+    `distill` times distill_loss on the batch's rows marked "distill"."""
 
     def loss_fn(model, batch):
-        hidden = model.hidden_states(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                     batch["token_type_ids"])
-        return labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma), {}
+        inputs = [batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")]
+        hidden = model.hidden_states(*inputs)
+        loss = labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma)
+        rows = batch.get("distill")
+        if not distill or rows is None or not rows.any():
+            return loss, {}
+        kl = distill_loss(model, hidden[rows], [x[rows] for x in inputs], batch["labels"][rows])
+        return loss + distill * kl, {"kl": kl.item()}
 
     return loss_fn
+
+
+def distill_loss(model, hidden: torch.Tensor, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || model) of the next-token distributions at the suffix positions of `labels` (those the
+    cross-entropy sees), the base being `model` with its adapters off (no second copy: the frozen weights are
+    the base's); `hidden` are the adapted model's decoder states for `inputs`."""
+    from .lora import adapters_off
+
+    keep = labels[:, 1:] != IGNORE
+    with torch.no_grad(), adapters_off(model):
+        base = F.log_softmax(model.decoder.logits(model.hidden_states(*inputs)[:, :-1][keep]).float(), dim=-1)
+    adapted = F.log_softmax(model.decoder.logits(hidden[:, :-1][keep]).float(), dim=-1)
+    return F.kl_div(adapted, base, log_target=True, reduction="batchmean")
 
 
 def init_weights(model: torch.nn.Module, std: float = 0.02):
@@ -617,6 +644,9 @@ def add_train_arguments(parser):
     parser.add_argument("--lora-vision", action="store_true", help="adapt the vision tower's layers too")
     parser.add_argument("--lora-layers", help="adapt only these decoder layers, e.g. 0,1 or 2-3 (default: all)")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--distill", type=float, default=0.0, metavar="W",
+                        help="with --lora: plus W x KL(base || model) over the suffix of records marked "
+                             '"distill": true (the base: the model with its adapters off)')
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="bfloat16: frozen weights held in bfloat16, trained ones in float32, under autocast")
     parser.add_argument("--checkpointing", action="store_true",
@@ -873,6 +903,9 @@ def run_train(args):
         raise ValueError("--quantize and --format describe the export: give --export DIR too")
     finetune = finetune_of(args)
     check_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.distill < 0 or args.distill and finetune.lora is None:
+        raise ValueError(f"--distill {args.distill:g}: give a weight of 0 or more, with --lora R (the base it "
+                         "distills from is the model with its adapters off)")
     records = read_jsonl(Path(args.data))
     if len(records) < args.batch_size:
         raise ValueError(f"{args.data} holds {len(records)} records, fewer than --batch-size {args.batch_size}")
@@ -886,7 +919,7 @@ def run_train(args):
         runner = parallel.wrap(model, shard=finetune.trains_everything)
         batches = jsonl_batches(records, processor, args.batch_size, args.seed,
                                 parallel if parallel.distributed else None)
-        loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma)
+        loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma, args.distill)
         evaluate = None
         if held_out:
             losses = HeldOutLoss(model, loss_fn, jsonl_batches(held_out, processor, args.batch_size, args.seed),

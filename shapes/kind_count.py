@@ -64,8 +64,9 @@ def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int
                replay_weights: dict[str, float] | None = None):
     """train.jsonl and held_out.jsonl with their images. A share `replay` of the examples repeat old tasks (every
     prompt shapes.evaluate asks, segmentation included) answered as the model `replay_from` (default: the embedded
-    model) answers them now: what the adapters must not change. A task is drawn with its weight in
-    `replay_weights` (default REPLAY_WEIGHTS)."""
+    model) answers them now: what the adapters must not change, marked "distill" (`train --distill W` keeps the
+    model's distributions there near the base's). A task is drawn with its weight in `replay_weights` (default
+    REPLAY_WEIGHTS)."""
     replay_weights = replay_weights or REPLAY_WEIGHTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
@@ -83,7 +84,7 @@ def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int
             task = rng.choices(tasks, [replay_weights[t] for t in tasks])[0]
             prompt = rng.choice([prompt for kind, prompt in asked if kind.split(":")[0] == task])
             replayed.append((len(records), scene.image, prompt))
-            records.append({"image": name, "prefix": prompt, "suffix": None})
+            records.append({"image": name, "prefix": prompt, "suffix": None, "distill": True})
         else:
             kind = S.SHAPES[i % len(S.SHAPES)]
             records.append({"image": name, "prefix": question(kind), "suffix": answer(scene, kind)})

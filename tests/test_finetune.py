@@ -124,6 +124,33 @@ def test_lora_is_a_no_op_when_fresh_its_merge_equals_it_and_peft_reads_it(varian
     assert theirs == {L.transformers_name(name) for name in L.lora_modules(model)}
 
 
+def test_distillation_is_the_kl_from_the_base_model_on_the_marked_rows_only(reference_factory):
+    """--distill W adds W x KL(base || adapted) over the suffix tokens of the rows marked "distill", the base being
+    the model with its adapters off: zero while the adapters are fresh, and with them trained (random here) the KL
+    computed from a separately loaded base model's logits."""
+    folder, _ = reference_factory("pg1")
+    model, base = load_model(folder, dtype=torch.float32), load_model(folder, dtype=torch.float32)
+    batch = batch_of(folder, model)
+    batch["distill"] = torch.tensor([True, False, True, False])
+    FineTune(parts=(), lora=L.LoraSpec(r=4, alpha=8.0)).prepare(model)
+    plain, distilled = T.lm_loss(), T.lm_loss(distill=0.5)
+    assert distilled(model, batch)[1]["kl"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    loss, shown = distilled(model, batch)
+    keep = batch["labels"][:, 1:] != T.IGNORE
+    keep[[1, 3]] = False
+    theirs = torch.log_softmax(logits(base, batch)[:, :-1][keep], -1)
+    ours = torch.log_softmax(logits(model, batch)[:, :-1][keep], -1)
+    expected = (theirs.exp() * (theirs - ours)).sum(-1).mean()
+    assert expected > 1e-3
+    torch.testing.assert_close(torch.tensor(shown["kl"]), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, plain(model, batch)[0] + 0.5 * expected, rtol=1e-5, atol=1e-6)
+    assert all(m.enabled for m in L.lora_modules(model).values())  # the adapters are back on
+
+
 def test_lora_targets_hugging_faces_parameter_count_at_the_3b_shape():
     """r = 8 on q, k, v, o, gate, up, down with the vision tower: 11,298,816 parameters (Hugging Face's PaliGemma
     recipe, REFERENCE.md); big_vision's colab trains the attention layers: about 170 M."""
@@ -343,7 +370,8 @@ def test_fsdp_optimizer_moments_are_gathered_and_restored(reference_factory, tmp
 # ---- bad input: one line, before any step --------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["target", "layer", "layer_text", "nothing", "lora_all", "no_suffix", "world"])
+@pytest.mark.parametrize("case", ["target", "layer", "layer_text", "distill", "nothing", "lora_all", "no_suffix",
+                                  "world"])
 def test_bad_input_is_one_line_before_any_step(case, reference_factory, data, tmp_path, capsys, monkeypatch):
     folder, _ = reference_factory("pg1")
     args = ["--model", str(folder), "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "out"),
@@ -352,6 +380,7 @@ def test_bad_input_is_one_line_before_any_step(case, reference_factory, data, tm
         "target": (["--lora", "4", "--lora-targets", "q,qq"], "--lora-targets qq names no module"),
         "layer": (["--lora", "4", "--lora-layers", "1-3"], "--lora-layers 3: this model's decoder has layers 0 to 2"),
         "layer_text": (["--lora", "4", "--lora-layers", "a"], "--lora-layers a: give decoder layer indices"),
+        "distill": (["--distill", "1"], "--distill 1: give a weight of 0 or more, with --lora R"),
         "nothing": (["--train", ""], "--train names nothing to train"),
         "lora_all": (["--lora", "4", "--train", "all"], "--lora with --train all"),
         "no_suffix": (["--data", str(data / "no_suffix.jsonl")], "no_suffix.jsonl:2: missing suffix"),

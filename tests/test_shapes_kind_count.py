@@ -19,6 +19,7 @@ def test_examples_count_the_kind_asked_about_and_use_known_words(tmp_path):
         kind = S.SHAPES[i % 3]
         assert record["prefix"] == f"answer en how many {kind} shapes are there?"
         assert record["suffix"] == str(sum(s.shape == kind for s in S.render_scene(0, i).shapes))
+        assert "distill" not in record
     scene = S.render_scene(1, 1)
     assert [r["suffix"] for r in held_out[3:]] == [str(sum(s.shape == k for s in scene.shapes)) for k in S.SHAPES]
     tokenizer = build_shapes_tokenizer()
@@ -33,7 +34,7 @@ def test_replay_weights_choose_the_old_tasks_replayed(tmp_path):
     K.write_data(tmp_path, examples=4, held_out=1, replay=1.0, replay_weights=weights)
     train = read_jsonl(tmp_path / "train.jsonl")
     assert [r["prefix"].split()[0] for r in train] == ["segment"] * 4
-    assert all("<seg" in r["suffix"] for r in train)  # the embedded model's masks, as it answers now
+    assert all("<seg" in r["suffix"] and r["distill"] for r in train)  # the embedded model's masks, as it answers
 
 
 @pytest.mark.parametrize("text", ["colour=2", "caption=-1", "caption"])
