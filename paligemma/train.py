@@ -325,8 +325,11 @@ class TrainOptions:
     autocast: torch.dtype | None = None  # run the forward under autocast to this dtype (bfloat16 frozen weights)
 
 
-def label_count(batch: dict) -> int:
-    """What a batch's loss is the mean over: its labelled tokens, or (without labels) its rows."""
+def label_count(batch: dict) -> float:
+    """What a batch's loss is the mean over: its labelled tokens (their weights' sum with `label_weights`: its rows
+    under --loss-average record), or (without labels) its rows."""
+    if "label_weights" in batch:
+        return float(batch["label_weights"][:, 1:].sum())
     if "labels" in batch:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
     return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
@@ -545,9 +548,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, parallel: Parallel | None = None):
+def record_weights(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] label weights under which every row weighs the same: 1 / (the row's labelled tokens) at its labels,
+    0 elsewhere; the weighted mean of the token losses is then the mean over rows of each row's mean."""
+    labelled = (labels != IGNORE).float()
+    return labelled / labelled[:, 1:].sum(-1, keepdim=True).clamp(min=1)
+
+
+def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, parallel: Parallel | None = None,
+                  per_record: bool = False):
     """batches(step): an epoch-wise shuffle fixed by the seed, so the batch of a step never depends on history. With
-    `parallel`, this process's share of the global batch of `batch_size` rows."""
+    `parallel`, this process's share of the global batch of `batch_size` rows. `per_record`: the batch carries
+    record_weights as `label_weights` (every record weighs the same in the loss, however long its suffix)."""
 
     def batches(step: int) -> dict:
         per_epoch = max(1, len(records) // batch_size)
@@ -561,6 +573,8 @@ def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, pa
                                [r["suffix"] for r in chosen])
         if distilled:
             batch["distill"] = torch.tensor([r.get("distill", False) for r in chosen])
+        if per_record:
+            batch["label_weights"] = record_weights(batch["labels"])
         return batch
 
     distilled = any(r.get("distill", False) for r in records)
@@ -568,13 +582,13 @@ def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, pa
 
 
 def lm_loss(loc_range=None, loc_sigma=0.0, distill: float = 0.0):
-    """The plain objective: suffix cross-entropy of the model's logits. With `distill` > 0 (a LoRA model), plus
-    `distill` times distill_loss on the batch's rows marked "distill"."""
+    """The plain objective: suffix cross-entropy of the model's logits (weighted by the batch's `label_weights` if it
+    has them). With `distill` > 0 (a LoRA model), plus `distill` times distill_loss on the rows marked "distill"."""
 
     def loss_fn(model, batch):
         inputs = [batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")]
         hidden = model.hidden_states(*inputs)
-        loss = labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma)
+        loss = labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma, batch.get("label_weights"))
         rows = batch.get("distill")
         if not distill or rows is None or not rows.any():
             return loss, {}
@@ -644,6 +658,9 @@ def add_train_arguments(parser):
     parser.add_argument("--lora-vision", action="store_true", help="adapt the vision tower's layers too")
     parser.add_argument("--lora-layers", help="adapt only these decoder layers, e.g. 0,1 or 2-3 (default: all)")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--loss-average", choices=["token", "record"], default="token",
+                        help="the loss is the mean over the batch's suffix tokens (token), or over its records of "
+                             "each record's mean (record: a one-word answer weighs as much as a long one)")
     parser.add_argument("--distill", type=float, default=0.0, metavar="W",
                         help="with --lora: plus W x KL(base || model) over the suffix of records marked "
                              '"distill": true (the base: the model with its adapters off)')
@@ -918,7 +935,7 @@ def run_train(args):
         # The parallelism, stated once: FSDP shards a model that trains in full, DDP replicates a partly frozen one.
         runner = parallel.wrap(model, shard=finetune.trains_everything)
         batches = jsonl_batches(records, processor, args.batch_size, args.seed,
-                                parallel if parallel.distributed else None)
+                                parallel if parallel.distributed else None, args.loss_average == "record")
         loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma, args.distill)
         evaluate = None
         if held_out:

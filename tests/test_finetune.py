@@ -201,12 +201,15 @@ def test_checkpointing_gives_the_same_gradients(reference_factory):
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-6, msg=name)
 
 
-def test_gradient_accumulation_over_2_x_2_equals_one_batch_of_4(reference_factory):
-    """Micro-batches weigh their mean loss by their share of the batch's labelled tokens: 2 x 2 rows give the weights
-    of one batch of 4 (SGD: the weights move by the gradient itself), where the mean of the micro-batches' means
-    (their suffixes have different lengths) would not."""
+@pytest.mark.parametrize("per_record", [False, True])
+def test_gradient_accumulation_over_2_x_2_equals_one_batch_of_4(per_record, reference_factory):
+    """Micro-batches weigh their mean loss by their share of the batch's labelled tokens (of its records under
+    --loss-average record): 2 x 2 rows give the weights of one batch of 4 (SGD: the weights move by the gradient
+    itself), where the mean of the micro-batches' means (their suffixes have different lengths) would not."""
     folder, _ = reference_factory("pg1")
     batch = batch_of(folder, load_model(folder, dtype=torch.float32))
+    if per_record:
+        batch["label_weights"] = T.record_weights(batch["labels"])
     results = []
     for accum in (1, 2):
         # float64: the sums of micro-batches round apart from the batch's by ~1e-6 in float32 at this learning rate
@@ -221,7 +224,13 @@ def test_gradient_accumulation_over_2_x_2_equals_one_batch_of_4(reference_factor
     model = load_model(folder, dtype=torch.float32)
     whole = T.lm_loss()(model, batch)[0]
     mean_of_means = sum(T.lm_loss()(model, half)[0] for half in halves) / 2
-    assert abs(whole.item() - mean_of_means.item()) > 1e-3
+    if per_record:  # the mean over the records of each one's mean token loss
+        rows = logits(model, batch)
+        per_row = [T.suffix_loss(rows[i : i + 1], batch["labels"][i : i + 1]) for i in range(len(rows))]
+        torch.testing.assert_close(whole, sum(per_row) / len(per_row), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(whole, mean_of_means, rtol=1e-5, atol=1e-6)  # the halves hold 2 records each
+    else:
+        assert abs(whole.item() - mean_of_means.item()) > 1e-3
 
 
 # ---- one LoRA run through the command: merged checkpoint, adapter, resume, scores, export --------
