@@ -61,13 +61,16 @@ def parse_replay_weights(text: str) -> dict[str, float]:
 
 
 def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int = 0, replay_from: str | None = None,
-               replay_weights: dict[str, float] | None = None):
+               replay_weights: dict[str, float] | None = None, balance: bool = False):
     """train.jsonl and held_out.jsonl with their images. A share `replay` of the examples repeat old tasks (every
     prompt shapes.evaluate asks, segmentation included) answered as the model `replay_from` (default: the embedded
     model) answers them now: what the adapters must not change, marked "distill" (`train --distill W` keeps the
     model's distributions there near the base's). A task is drawn with its weight in `replay_weights` (default
-    REPLAY_WEIGHTS)."""
+    REPLAY_WEIGHTS). The new question asks about the kinds in turn, or with `balance` about the kind whose count
+    in this scene has been the answer least often so far (ties in turn): scenes hold 2 or 3 of a kind about one
+    time in eight, which in turn leaves those answers rare."""
     replay_weights = replay_weights or REPLAY_WEIGHTS
+    answered = {}
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     rng = random.Random(f"kind_count:{seed}")
@@ -86,7 +89,9 @@ def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int
             replayed.append((len(records), scene.image, prompt))
             records.append({"image": name, "prefix": prompt, "suffix": None, "distill": True})
         else:
-            kind = S.SHAPES[i % len(S.SHAPES)]
+            turn = [S.SHAPES[(i + k) % len(S.SHAPES)] for k in range(len(S.SHAPES))]
+            kind = min(turn, key=lambda k: answered.get(answer(scene, k), 0)) if balance else turn[0]
+            answered[answer(scene, kind)] = answered.get(answer(scene, kind), 0) + 1
             records.append({"image": name, "prefix": question(kind), "suffix": answer(scene, kind)})
     if replayed:
         import paligemma
@@ -141,6 +146,9 @@ def main(argv=None):
     data.add_argument("--replay-weights", default="",
                       help="how often each old task is replayed, e.g. caption=3,segment=3 (default: "
                            + ",".join(f"{t}={w:g}" for t, w in REPLAY_WEIGHTS.items()) + ")")
+    data.add_argument("--balance", action="store_true",
+                      help="ask the new question about the kind whose count has been the answer least often so far "
+                           "(default: the kinds in turn)")
     data.add_argument("--seed", type=int, default=0, help="the scene stream of the examples (training's is 0)")
     scored = commands.add_parser("score", help="exact match on held-out scenes, every kind asked")
     scored.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
@@ -153,7 +161,8 @@ def main(argv=None):
             weights = parse_replay_weights(args.replay_weights)
         except ValueError as e:
             sys.exit(f"error: {e}")
-        write_data(Path(args.out), args.examples, args.held_out, args.replay, args.seed, args.replay_from, weights)
+        write_data(Path(args.out), args.examples, args.held_out, args.replay, args.seed, args.replay_from, weights,
+                   args.balance)
         return
     metrics = score(args.model, args.num_scenes)
     print(json.dumps(metrics) if args.json else "\n".join(f"{k:>17}: {v}" for k, v in metrics.items()))

@@ -2,6 +2,7 @@
 shapes tokenizer has; the old tasks replayed beside them are drawn by their weights."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -41,3 +42,15 @@ def test_replay_weights_choose_the_old_tasks_replayed(tmp_path):
 def test_a_bad_replay_weight_is_one_line(text):
     with pytest.raises(ValueError, match=f"--replay-weights {text}: give TASK=WEIGHT"):
         K.parse_replay_weights(text)
+
+
+def test_balance_asks_about_the_kind_whose_answer_has_been_given_least(tmp_path):
+    K.write_data(tmp_path, examples=60, held_out=0, replay=0.0, balance=True)
+    given = Counter()
+    for i, record in enumerate(read_jsonl(tmp_path / "train.jsonl")):
+        counts = {k: str(sum(s.shape == k for s in S.render_scene(0, i).shapes)) for k in S.SHAPES}
+        kind = record["prefix"].removeprefix("answer en how many ").split()[0]
+        assert record["suffix"] == counts[kind]
+        assert given[counts[kind]] == min(given[c] for c in counts.values())
+        given[record["suffix"]] += 1
+    assert given["2"] >= 15  # about 1 in 8 in turn
