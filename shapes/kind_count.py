@@ -6,7 +6,7 @@ Every word is in the shapes tokenizer already (the model counts all shapes and s
 in captions and detections), so the adapters add no embedding row. Before fine-tuning the model answers it with the
 count of all shapes, right for about one question in four.
 
-    python -m shapes.kind_count data --out runs/kind_count [--examples 500] [--replay 0.5]
+    python -m shapes.kind_count data --out runs/kind_count [--examples 500] [--replay 0.6] [--replay-weights ...]
     python -m paligemma train --model paligemma/demo_checkpoint --data runs/kind_count/train.jsonl --lora 8 ...
     python -m shapes.kind_count score --model runs/kind_count/lora/last [--num-scenes 200] [--json]
 
