@@ -17,6 +17,7 @@ tower is Hugging Face's PaliGemma recipe: 11,298,816 parameters at r = 8 on the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -30,7 +31,7 @@ DECODER_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                    "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 VISION_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj", "fc1": "fc1", "fc2": "fc2"}
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-DECODER_LAYERS = re.compile(r"language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(\w+)")
+DECODER_LAYERS = re.compile(r"language_model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
 VISION_LAYERS = re.compile(r"vision_tower\.vision_model\.encoder\.layers\.\d+\.(self_attn|mlp)\.(\w+)")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -46,14 +47,16 @@ class LoraSpec:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     vision: bool = False
     dropout: float = 0.0
+    layers: tuple[int, ...] | None = None  # decoder layers adapted (None: all); the vision tower's are all
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
     def to_dict(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "targets": list(self.targets), "vision": self.vision,
+        spec = {"r": self.r, "alpha": self.alpha, "targets": list(self.targets), "vision": self.vision,
                 "dropout": self.dropout}
+        return spec | ({"layers": list(self.layers)} if self.layers is not None else {})
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
@@ -64,6 +67,19 @@ def parse_targets(text: str) -> tuple[str, ...]:
         raise ValueError("--lora-targets names no module; give some of "
                          f"{', '.join(DECODER_TARGETS)} (and with --lora-vision {', '.join(VISION_TARGETS)})")
     return names
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """"0,1" -> (0, 1); "2-3" -> (2, 3); "0,2-3" -> (0, 2, 3): decoder layer indices, sorted, each once."""
+    layers = set()
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        first, dash, last = item.partition("-")
+        if not first.isdigit() or dash and not last.isdigit() or dash and int(last) < int(first):
+            raise ValueError(f"--lora-layers {item}: give decoder layer indices from 0, like 0,1 or 2-3")
+        layers.update(range(int(first), int(last if dash else first) + 1))
+    if not layers:
+        raise ValueError("--lora-layers names no layer; give decoder layer indices from 0, like 0,1 or 2-3")
+    return tuple(sorted(layers))
 
 
 def check_targets(spec: LoraSpec):
@@ -80,13 +96,21 @@ def target_names(model: nn.Module, spec: LoraSpec) -> list[str]:
     check_targets(spec)
     wanted = {DECODER_TARGETS[t] for t in spec.targets if t in DECODER_TARGETS}
     wanted_vision = {VISION_TARGETS[t] for t in spec.targets if t in VISION_TARGETS} if spec.vision else set()
-    names = []
+    names, decoder_layers = [], set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         decoder, vision = DECODER_LAYERS.fullmatch(name), VISION_LAYERS.fullmatch(name)
-        if decoder and decoder.group(2) in wanted or vision and vision.group(2) in wanted_vision:
+        if decoder:
+            decoder_layers.add(int(decoder.group(1)))
+        if decoder and decoder.group(3) in wanted and (spec.layers is None or int(decoder.group(1)) in spec.layers):
             names.append(name)
+        elif vision and vision.group(2) in wanted_vision:
+            names.append(name)
+    missing = sorted(set(spec.layers or ()) - decoder_layers)
+    if missing:
+        raise ValueError(f"--lora-layers {','.join(map(str, missing))}: this model's decoder has layers 0 to "
+                         f"{len(decoder_layers) - 1}")
     if not names:
         raise ValueError(f"--lora-targets {','.join(spec.targets)} names no module of this model")
     return names
@@ -109,6 +133,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True  # False: the frozen layer alone (adapters_off)
         self.reset_lora()
 
     def reset_lora(self):
@@ -119,6 +144,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # a bfloat16 frozen weight's input, into the float32 adapter
         adapted = self.lora_B(self.lora_A(self.dropout(x)))
@@ -144,6 +171,19 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within it, `model` is its base: every LoRALinear computes its frozen layer alone."""
+    modules = list(lora_modules(model).values())
+    for module in modules:
+        module.enabled = False
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.enabled = True
 
 
 def merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -179,9 +219,13 @@ def project_name(name: str) -> str:
 
 def peft_target_pattern(spec: LoraSpec) -> str:
     """PEFT's `target_modules` as the regular expression (peft full-matches it against module names) of exactly the
-    adapted modules of transformers' PaliGemma."""
+    adapted modules of transformers' PaliGemma. A subset of decoder layers is part of the expression: peft refuses
+    its `layers_to_transform` beside a regular expression, and with target names instead of one its layer index
+    would match the vision tower's layers of the same names too."""
     decoder = sorted(DECODER_TARGETS[t] for t in spec.targets if t in DECODER_TARGETS)
-    parts = [r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(decoder) + ")"] if decoder else []
+    index = r"\d+" if spec.layers is None else "(" + "|".join(map(str, spec.layers)) + ")"
+    parts = ([rf"model\.language_model\.layers\.{index}\.(self_attn|mlp)\.(" + "|".join(decoder) + ")"]
+             if decoder else [])
     vision = sorted(VISION_TARGETS[t] for t in spec.targets if t in VISION_TARGETS) if spec.vision else []
     if vision:
         parts.append(r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(vision) + ")")

@@ -4,7 +4,9 @@
     python -m paligemma train --config config.json --tokenizer tokenizer.json --data train.jsonl --out OUT_DIR
 
 Each JSONL line is {"image": path, "prefix": "caption en", "suffix": "a red circle"}; a relative image path
-is read from the JSONL's folder. A training sequence is
+is read from the JSONL's folder. A LoRA run with `--distill W` also pulls the model's next-token distributions over
+the suffix of each record marked "distill": true toward the base's (the model with its adapters off): W times their
+KL divergence, beside the cross-entropy (old tasks replayed while the adapters learn a new one). A training sequence is
 
     <image> x N  <bos>  prefix "\\n"  |  suffix <eos>       token_type_ids 0 ... 0 | 1 ... 1
 
@@ -323,8 +325,11 @@ class TrainOptions:
     autocast: torch.dtype | None = None  # run the forward under autocast to this dtype (bfloat16 frozen weights)
 
 
-def label_count(batch: dict) -> int:
-    """What a batch's loss is the mean over: its labelled tokens, or (without labels) its rows."""
+def label_count(batch: dict) -> float:
+    """What a batch's loss is the mean over: its labelled tokens (their weights' sum with `label_weights`: its rows
+    under --loss-average record), or (without labels) its rows."""
+    if "label_weights" in batch:
+        return float(batch["label_weights"][:, 1:].sum())
     if "labels" in batch:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
     return next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
@@ -533,6 +538,8 @@ def read_jsonl(path: Path) -> list[dict]:
         wrong = [k for k in ("image", "prefix", "suffix") if not isinstance(record[k], str)]
         if wrong:
             raise ValueError(f"{path}:{number}: {', '.join(wrong)} must be text (a string)")
+        if not isinstance(record.get("distill", False), bool):
+            raise ValueError(f"{path}:{number}: distill must be true or false")
         image = Path(record["image"])
         record["image"] = image if image.is_absolute() else path.parent / image
         records.append(record)
@@ -541,9 +548,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, parallel: Parallel | None = None):
+def record_weights(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] label weights under which every row weighs the same: 1 / (the row's labelled tokens) at its labels,
+    0 elsewhere; the weighted mean of the token losses is then the mean over rows of each row's mean."""
+    labelled = (labels != IGNORE).float()
+    return labelled / labelled[:, 1:].sum(-1, keepdim=True).clamp(min=1)
+
+
+def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, parallel: Parallel | None = None,
+                  per_record: bool = False):
     """batches(step): an epoch-wise shuffle fixed by the seed, so the batch of a step never depends on history. With
-    `parallel`, this process's share of the global batch of `batch_size` rows."""
+    `parallel`, this process's share of the global batch of `batch_size` rows. `per_record`: the batch carries
+    record_weights as `label_weights` (every record weighs the same in the loss, however long its suffix)."""
 
     def batches(step: int) -> dict:
         per_epoch = max(1, len(records) // batch_size)
@@ -553,21 +569,46 @@ def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, pa
         chosen = [records[i] for i in order[index * batch_size : (index + 1) * batch_size]]
         if parallel is not None:
             chosen = parallel.share(chosen)
-        return training_batch(processor, [r["image"] for r in chosen], [r["prefix"] for r in chosen],
-                              [r["suffix"] for r in chosen])
+        batch = training_batch(processor, [r["image"] for r in chosen], [r["prefix"] for r in chosen],
+                               [r["suffix"] for r in chosen])
+        if distilled:
+            batch["distill"] = torch.tensor([r.get("distill", False) for r in chosen])
+        if per_record:
+            batch["label_weights"] = record_weights(batch["labels"])
+        return batch
 
+    distilled = any(r.get("distill", False) for r in records)
     return batches
 
 
-def lm_loss(loc_range=None, loc_sigma=0.0):
-    """The plain objective: suffix cross-entropy of the model's logits."""
+def lm_loss(loc_range=None, loc_sigma=0.0, distill: float = 0.0):
+    """The plain objective: suffix cross-entropy of the model's logits (weighted by the batch's `label_weights` if it
+    has them). With `distill` > 0 (a LoRA model), plus `distill` times distill_loss on the rows marked "distill"."""
 
     def loss_fn(model, batch):
-        hidden = model.hidden_states(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                     batch["token_type_ids"])
-        return labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma), {}
+        inputs = [batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")]
+        hidden = model.hidden_states(*inputs)
+        loss = labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma, batch.get("label_weights"))
+        rows = batch.get("distill")
+        if not distill or rows is None or not rows.any():
+            return loss, {}
+        kl = distill_loss(model, hidden[rows], [x[rows] for x in inputs], batch["labels"][rows])
+        return loss + distill * kl, {"kl": kl.item()}
 
     return loss_fn
+
+
+def distill_loss(model, hidden: torch.Tensor, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || model) of the next-token distributions at the suffix positions of `labels` (those the
+    cross-entropy sees), the base being `model` with its adapters off (no second copy: the frozen weights are
+    the base's); `hidden` are the adapted model's decoder states for `inputs`."""
+    from .lora import adapters_off
+
+    keep = labels[:, 1:] != IGNORE
+    with torch.no_grad(), adapters_off(model):
+        base = F.log_softmax(model.decoder.logits(model.hidden_states(*inputs)[:, :-1][keep]).float(), dim=-1)
+    adapted = F.log_softmax(model.decoder.logits(hidden[:, :-1][keep]).float(), dim=-1)
+    return F.kl_div(adapted, base, log_target=True, reduction="batchmean")
 
 
 def init_weights(model: torch.nn.Module, std: float = 0.02):
@@ -615,7 +656,14 @@ def add_train_arguments(parser):
                         help="adapted layers: q,k,v,o,gate,up,down in the decoder; with --lora-vision also "
                              "q,k,v,out,fc1,fc2 in the vision tower")
     parser.add_argument("--lora-vision", action="store_true", help="adapt the vision tower's layers too")
+    parser.add_argument("--lora-layers", help="adapt only these decoder layers, e.g. 0,1 or 2-3 (default: all)")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--loss-average", choices=["token", "record"], default="token",
+                        help="the loss is the mean over the batch's suffix tokens (token), or over its records of "
+                             "each record's mean (record: a one-word answer weighs as much as a long one)")
+    parser.add_argument("--distill", type=float, default=0.0, metavar="W",
+                        help="with --lora: plus W x KL(base || model) over the suffix of records marked "
+                             '"distill": true (the base: the model with its adapters off)')
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="bfloat16: frozen weights held in bfloat16, trained ones in float32, under autocast")
     parser.add_argument("--checkpointing", action="store_true",
@@ -733,14 +781,15 @@ def save_with_tokenizer(model: torch.nn.Module, tokenizer: Tokenizer, directory:
 def finetune_of(args):
     """The run's FineTune from the command line, checked (a one-line ValueError for what cannot train)."""
     from .finetune import DTYPES, FineTune, parse_parts
-    from .lora import LoraSpec, parse_targets
+    from .lora import LoraSpec, parse_layers, parse_targets
 
     lora = None
     if args.lora is not None:
         lora = LoraSpec(r=args.lora, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora,
-                        targets=parse_targets(args.lora_targets), vision=args.lora_vision, dropout=args.lora_dropout)
-    elif args.lora_alpha is not None or args.lora_vision:
-        raise ValueError("--lora-alpha and --lora-vision go with --lora R")
+                        targets=parse_targets(args.lora_targets), vision=args.lora_vision, dropout=args.lora_dropout,
+                        layers=parse_layers(args.lora_layers) if args.lora_layers is not None else None)
+    elif args.lora_alpha is not None or args.lora_vision or args.lora_layers is not None:
+        raise ValueError("--lora-alpha, --lora-vision and --lora-layers go with --lora R")
     parts = parse_parts(args.train) if args.train is not None else (() if lora else ("all",))
     finetune = FineTune(parts, lora, DTYPES[args.dtype], args.checkpointing)
     finetune.check()
@@ -781,7 +830,8 @@ def model_to_train(args, finetune=None) -> tuple[torch.nn.Module, Path, dict]:
     record = read_run_record(resume) if resume else {}
     if resume and record and record.get("finetune") != finetune.to_dict():
         raise ValueError(f"--resume {resume}: that run trained {json.dumps(record.get('finetune'))}; resume it "
-                         "with the same --train, --lora, --lora-alpha, --lora-targets, --lora-vision and --dtype")
+                         "with the same --train, --lora, --lora-alpha, --lora-targets, --lora-vision, --lora-layers "
+                         "and --dtype")
     if resume and finetune.lora is not None:
         base = Path(record["base"]) if record.get("base") else None
         if base is None or not base.is_dir():
@@ -870,6 +920,9 @@ def run_train(args):
         raise ValueError("--quantize and --format describe the export: give --export DIR too")
     finetune = finetune_of(args)
     check_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.distill < 0 or args.distill and finetune.lora is None:
+        raise ValueError(f"--distill {args.distill:g}: give a weight of 0 or more, with --lora R (the base it "
+                         "distills from is the model with its adapters off)")
     records = read_jsonl(Path(args.data))
     if len(records) < args.batch_size:
         raise ValueError(f"{args.data} holds {len(records)} records, fewer than --batch-size {args.batch_size}")
@@ -882,8 +935,8 @@ def run_train(args):
         # The parallelism, stated once: FSDP shards a model that trains in full, DDP replicates a partly frozen one.
         runner = parallel.wrap(model, shard=finetune.trains_everything)
         batches = jsonl_batches(records, processor, args.batch_size, args.seed,
-                                parallel if parallel.distributed else None)
-        loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma)
+                                parallel if parallel.distributed else None, args.loss_average == "record")
+        loss_fn = lm_loss(loc_range_of(tokenizer), args.loc_sigma, args.distill)
         evaluate = None
         if held_out:
             losses = HeldOutLoss(model, loss_fn, jsonl_batches(held_out, processor, args.batch_size, args.seed),

@@ -6,16 +6,16 @@ Every word is in the shapes tokenizer already (the model counts all shapes and s
 in captions and detections), so the adapters add no embedding row. Before fine-tuning the model answers it with the
 count of all shapes, right for about one question in four.
 
-    python -m shapes.kind_count data --out runs/kind_count [--examples 500] [--replay 0.5]
+    python -m shapes.kind_count data --out runs/kind_count [--examples 500] [--replay 0.6] [--replay-weights ...]
     python -m paligemma train --model paligemma/demo_checkpoint --data runs/kind_count/train.jsonl --lora 8 ...
     python -m shapes.kind_count score --model runs/kind_count/lora/last [--num-scenes 200] [--json]
 
 `data` writes train.jsonl (scenes of the training stream, seed 0: one question about one kind each, the kinds in
 turn; a share `--replay` of them are instead old tasks of the same scenes, each task shapes.evaluate asks
-(REPLAY_WEIGHTS: counts twice and colour counts four times as often), segmentation included, answered as the model
-answers them before fine-tuning: without them the adapters teach it to answer every prompt with a number) and
-held_out.jsonl (the held-out stream, seed 1, as shapes.evaluate draws it: every kind of each of `--held-out`
-scenes), with their PNGs.
+(REPLAY_WEIGHTS: counts twice and colour counts four times as often; `--replay-weights` changes them), segmentation
+included, answered as the model answers them before fine-tuning: without them the adapters teach it to answer every
+prompt with a number) and held_out.jsonl (the held-out stream, seed 1, as shapes.evaluate draws it: every kind of
+each of `--held-out` scenes), with their PNGs.
 `score` asks every kind of `--num-scenes` held-out scenes: `exact` is the share of questions answered exactly,
 `scenes_all_right` the share of scenes with all three right. docs/fine-tuning.md has the recipe and its figures.
 """
@@ -44,10 +44,33 @@ def answer(scene, kind: str) -> str:
     return str(sum(1 for s in scene.shapes if s.shape == kind))
 
 
-def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int = 0, replay_from: str | None = None):
+def parse_replay_weights(text: str) -> dict[str, float]:
+    """"caption=3,segment=3" -> REPLAY_WEIGHTS with those tasks' weights replaced."""
+    weights = dict(REPLAY_WEIGHTS)
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        task, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if task not in REPLAY_WEIGHTS or weight < 0:
+            raise ValueError(f"--replay-weights {item}: give TASK=WEIGHT (a weight of 0 or more) with TASK one of "
+                             f"{', '.join(REPLAY_WEIGHTS)}")
+        weights[task] = weight
+    return weights
+
+
+def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int = 0, replay_from: str | None = None,
+               replay_weights: dict[str, float] | None = None, balance: bool = False):
     """train.jsonl and held_out.jsonl with their images. A share `replay` of the examples repeat old tasks (every
     prompt shapes.evaluate asks, segmentation included) answered as the model `replay_from` (default: the embedded
-    model) answers them now: what the adapters must not change."""
+    model) answers them now: what the adapters must not change, marked "distill" (`train --distill W` keeps the
+    model's distributions there near the base's). A task is drawn with its weight in `replay_weights` (default
+    REPLAY_WEIGHTS). The new question asks about the kinds in turn, or with `balance` about the kind whose count
+    in this scene has been the answer least often so far (ties in turn): scenes hold 2 or 3 of a kind about one
+    time in eight, which in turn leaves those answers rare."""
+    replay_weights = replay_weights or REPLAY_WEIGHTS
+    answered = {}
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     rng = random.Random(f"kind_count:{seed}")
@@ -61,12 +84,14 @@ def write_data(out: Path, examples: int, held_out: int, replay: float, seed: int
             # which the new question resembles most, more often than the others (REPLAY_WEIGHTS).
             asked = E.requests(scene, f"replay:{seed}:{i}", segment=True)
             tasks = sorted({kind.split(":")[0] for kind, _ in asked})
-            task = rng.choices(tasks, [REPLAY_WEIGHTS[t] for t in tasks])[0]
+            task = rng.choices(tasks, [replay_weights[t] for t in tasks])[0]
             prompt = rng.choice([prompt for kind, prompt in asked if kind.split(":")[0] == task])
             replayed.append((len(records), scene.image, prompt))
-            records.append({"image": name, "prefix": prompt, "suffix": None})
+            records.append({"image": name, "prefix": prompt, "suffix": None, "distill": True})
         else:
-            kind = S.SHAPES[i % len(S.SHAPES)]
+            turn = [S.SHAPES[(i + k) % len(S.SHAPES)] for k in range(len(S.SHAPES))]
+            kind = min(turn, key=lambda k: answered.get(answer(scene, k), 0)) if balance else turn[0]
+            answered[answer(scene, kind)] = answered.get(answer(scene, kind), 0) + 1
             records.append({"image": name, "prefix": question(kind), "suffix": answer(scene, kind)})
     if replayed:
         import paligemma
@@ -118,6 +143,12 @@ def main(argv=None):
     data.add_argument("--replay", type=float, default=0.0,
                       help="share of the examples that are old tasks, answered as --replay-from answers them")
     data.add_argument("--replay-from", default=None, help="checkpoint (default: the embedded model)")
+    data.add_argument("--replay-weights", default="",
+                      help="how often each old task is replayed, e.g. caption=3,segment=3 (default: "
+                           + ",".join(f"{t}={w:g}" for t, w in REPLAY_WEIGHTS.items()) + ")")
+    data.add_argument("--balance", action="store_true",
+                      help="ask the new question about the kind whose count has been the answer least often so far "
+                           "(default: the kinds in turn)")
     data.add_argument("--seed", type=int, default=0, help="the scene stream of the examples (training's is 0)")
     scored = commands.add_parser("score", help="exact match on held-out scenes, every kind asked")
     scored.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
@@ -126,7 +157,12 @@ def main(argv=None):
     scored.add_argument("--check-target", action="store_true", help=f"exit 1 below {TARGET:.0%} exact")
     args = parser.parse_args(argv)
     if args.command == "data":
-        write_data(Path(args.out), args.examples, args.held_out, args.replay, args.seed, args.replay_from)
+        try:
+            weights = parse_replay_weights(args.replay_weights)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        write_data(Path(args.out), args.examples, args.held_out, args.replay, args.seed, args.replay_from, weights,
+                   args.balance)
         return
     metrics = score(args.model, args.num_scenes)
     print(json.dumps(metrics) if args.json else "\n".join(f"{k:>17}: {v}" for k, v in metrics.items()))

@@ -84,21 +84,25 @@ def assert_same_weights(a, b, atol):
 # ---- LoRA against its merge and against peft ----------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["pg1", "pg2"])
-def test_lora_is_a_no_op_when_fresh_its_merge_equals_it_and_peft_reads_it(variant, reference_factory, tmp_path):
+@pytest.mark.parametrize("variant,layers", [("pg1", None), ("pg2", None), ("pg1", (0, 2))])
+def test_lora_is_a_no_op_when_fresh_its_merge_equals_it_and_peft_reads_it(variant, layers, reference_factory,
+                                                                          tmp_path):
     """A fresh adapter leaves the logits unchanged; with B trained (random here), the merged checkpoint gives the
     adapted model's logits (1e-5), and the adapter saved in PEFT's layout, loaded by peft onto transformers'
-    PaliGemma, gives them too (1e-4)."""
+    PaliGemma, gives them too (1e-4). With a subset of the decoder's layers, peft adapts those layers only."""
     from peft import PeftModel
+    from transformers import PaliGemmaForConditionalGeneration as Reference
 
-    folder, reference = reference_factory(variant)
+    folder, _ = reference_factory(variant)
     model = load_model(folder, dtype=torch.float32)
     batch = batch_of(folder, model)
     keep = batch["attention_mask"].bool()
     before = logits(model, batch)
-    finetune = FineTune(parts=("projector",), lora=L.LoraSpec(r=4, alpha=8.0, vision=True))
+    finetune = FineTune(parts=("projector",), lora=L.LoraSpec(r=4, alpha=8.0, vision=True, layers=layers))
     torch.manual_seed(0)
     trained = finetune.prepare(model)
+    decoder = {int(n.split(".")[3]) for n in L.lora_modules(model) if n.startswith("language_model.")}
+    assert decoder == set(layers or range(model.config.text.num_hidden_layers))
     assert torch.equal(logits(model, batch), before)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -112,8 +116,39 @@ def test_lora_is_a_no_op_when_fresh_its_merge_equals_it_and_peft_reads_it(varian
     writer(out)
     merged = load_model(out, dtype=torch.float32)
     torch.testing.assert_close(logits(merged, batch)[keep], adapted[keep], rtol=0, atol=1e-5)
-    peft_model = PeftModel.from_pretrained(reference, out / "adapter").eval()
+    # peft adapts the model it is given in place: a fresh one, not the factory's shared reference.
+    peft_model = PeftModel.from_pretrained(Reference.from_pretrained(folder), out / "adapter").eval()
     torch.testing.assert_close(reference_logits(peft_model, batch)[keep], adapted[keep], rtol=0, atol=1e-4)
+    theirs = {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
+              if hasattr(module, "lora_A") and not name.endswith(".lora_A")}
+    assert theirs == {L.transformers_name(name) for name in L.lora_modules(model)}
+
+
+def test_distillation_is_the_kl_from_the_base_model_on_the_marked_rows_only(reference_factory):
+    """--distill W adds W x KL(base || adapted) over the suffix tokens of the rows marked "distill", the base being
+    the model with its adapters off: zero while the adapters are fresh, and with them trained (random here) the KL
+    computed from a separately loaded base model's logits."""
+    folder, _ = reference_factory("pg1")
+    model, base = load_model(folder, dtype=torch.float32), load_model(folder, dtype=torch.float32)
+    batch = batch_of(folder, model)
+    batch["distill"] = torch.tensor([True, False, True, False])
+    FineTune(parts=(), lora=L.LoraSpec(r=4, alpha=8.0)).prepare(model)
+    plain, distilled = T.lm_loss(), T.lm_loss(distill=0.5)
+    assert distilled(model, batch)[1]["kl"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    loss, shown = distilled(model, batch)
+    keep = batch["labels"][:, 1:] != T.IGNORE
+    keep[[1, 3]] = False
+    theirs = torch.log_softmax(logits(base, batch)[:, :-1][keep], -1)
+    ours = torch.log_softmax(logits(model, batch)[:, :-1][keep], -1)
+    expected = (theirs.exp() * (theirs - ours)).sum(-1).mean()
+    assert expected > 1e-3
+    torch.testing.assert_close(torch.tensor(shown["kl"]), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, plain(model, batch)[0] + 0.5 * expected, rtol=1e-5, atol=1e-6)
+    assert all(m.enabled for m in L.lora_modules(model).values())  # the adapters are back on
 
 
 def test_lora_targets_hugging_faces_parameter_count_at_the_3b_shape():
@@ -166,12 +201,15 @@ def test_checkpointing_gives_the_same_gradients(reference_factory):
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-6, msg=name)
 
 
-def test_gradient_accumulation_over_2_x_2_equals_one_batch_of_4(reference_factory):
-    """Micro-batches weigh their mean loss by their share of the batch's labelled tokens: 2 x 2 rows give the weights
-    of one batch of 4 (SGD: the weights move by the gradient itself), where the mean of the micro-batches' means
-    (their suffixes have different lengths) would not."""
+@pytest.mark.parametrize("per_record", [False, True])
+def test_gradient_accumulation_over_2_x_2_equals_one_batch_of_4(per_record, reference_factory):
+    """Micro-batches weigh their mean loss by their share of the batch's labelled tokens (of its records under
+    --loss-average record): 2 x 2 rows give the weights of one batch of 4 (SGD: the weights move by the gradient
+    itself), where the mean of the micro-batches' means (their suffixes have different lengths) would not."""
     folder, _ = reference_factory("pg1")
     batch = batch_of(folder, load_model(folder, dtype=torch.float32))
+    if per_record:
+        batch["label_weights"] = T.record_weights(batch["labels"])
     results = []
     for accum in (1, 2):
         # float64: the sums of micro-batches round apart from the batch's by ~1e-6 in float32 at this learning rate
@@ -186,7 +224,13 @@ def test_gradient_accumulation_over_2_x_2_equals_one_batch_of_4(reference_factor
     model = load_model(folder, dtype=torch.float32)
     whole = T.lm_loss()(model, batch)[0]
     mean_of_means = sum(T.lm_loss()(model, half)[0] for half in halves) / 2
-    assert abs(whole.item() - mean_of_means.item()) > 1e-3
+    if per_record:  # the mean over the records of each one's mean token loss
+        rows = logits(model, batch)
+        per_row = [T.suffix_loss(rows[i : i + 1], batch["labels"][i : i + 1]) for i in range(len(rows))]
+        torch.testing.assert_close(whole, sum(per_row) / len(per_row), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(whole, mean_of_means, rtol=1e-5, atol=1e-6)  # the halves hold 2 records each
+    else:
+        assert abs(whole.item() - mean_of_means.item()) > 1e-3
 
 
 # ---- one LoRA run through the command: merged checkpoint, adapter, resume, scores, export --------
@@ -335,13 +379,17 @@ def test_fsdp_optimizer_moments_are_gathered_and_restored(reference_factory, tmp
 # ---- bad input: one line, before any step --------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["target", "nothing", "lora_all", "no_suffix", "world"])
+@pytest.mark.parametrize("case", ["target", "layer", "layer_text", "distill", "nothing", "lora_all", "no_suffix",
+                                  "world"])
 def test_bad_input_is_one_line_before_any_step(case, reference_factory, data, tmp_path, capsys, monkeypatch):
     folder, _ = reference_factory("pg1")
     args = ["--model", str(folder), "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "out"),
             "--batch-size", "4", "--steps", "2"]
     expected = {
         "target": (["--lora", "4", "--lora-targets", "q,qq"], "--lora-targets qq names no module"),
+        "layer": (["--lora", "4", "--lora-layers", "1-3"], "--lora-layers 3: this model's decoder has layers 0 to 2"),
+        "layer_text": (["--lora", "4", "--lora-layers", "a"], "--lora-layers a: give decoder layer indices"),
+        "distill": (["--distill", "1"], "--distill 1: give a weight of 0 or more, with --lora R"),
         "nothing": (["--train", ""], "--train names nothing to train"),
         "lora_all": (["--lora", "4", "--train", "all"], "--lora with --train all"),
         "no_suffix": (["--data", str(data / "no_suffix.jsonl")], "no_suffix.jsonl:2: missing suffix"),
