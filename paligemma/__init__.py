@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,7 +54,9 @@ __all__ = [
 
 def __getattr__(name: str):
     if name not in PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        if name.startswith("__") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return importlib.import_module(f".{name}", __name__)  # a submodule, as `paligemma.masks`
     value = getattr(importlib.import_module(f".{PUBLIC[name]}", __name__), name)
     globals()[name] = value  # once: later reads find it here
     return value

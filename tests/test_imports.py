@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import paligemma
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,3 +158,7 @@ def test_every_public_name_of_the_package_is_there():
         assert getattr(paligemma, name) is not None, name
         assert name in dir(paligemma)
     assert paligemma.Pipeline.__module__ == "paligemma.generate"
+    code = "import paligemma, sys; sys.exit(paligemma.masks.__name__ != 'paligemma.masks')"  # a submodule, on use
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        paligemma.nothing_here
