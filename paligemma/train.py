@@ -561,6 +561,8 @@ def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, pa
     `parallel`, this process's share of the global batch of `batch_size` rows. `per_record`: the batch carries
     record_weights as `label_weights` (every record weighs the same in the loss, however long its suffix)."""
 
+    distilled = any(r.get("distill", False) for r in records)
+
     def batches(step: int) -> dict:
         per_epoch = max(1, len(records) // batch_size)
         epoch, index = divmod(step, per_epoch)
@@ -577,7 +579,6 @@ def jsonl_batches(records: list[dict], processor, batch_size: int, seed: int, pa
             batch["label_weights"] = record_weights(batch["labels"])
         return batch
 
-    distilled = any(r.get("distill", False) for r in records)
     return batches
 
 
@@ -586,27 +587,41 @@ def lm_loss(loc_range=None, loc_sigma=0.0, distill: float = 0.0):
     has them). With `distill` > 0 (a LoRA model), plus `distill` times distill_loss on the rows marked "distill"."""
 
     def loss_fn(model, batch):
-        inputs = [batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")]
-        hidden = model.hidden_states(*inputs)
+        input_ids, pixel_values, attention_mask, token_type_ids = (
+            batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids"))
+        image = model.embed_image(pixel_values) if pixel_values is not None else None
+        hidden = model.hidden_states(input_ids, None, attention_mask, token_type_ids, image_embeddings=image)
         loss = labelled_loss(model, hidden, batch["labels"], loc_range, loc_sigma, batch.get("label_weights"))
         rows = batch.get("distill")
         if not distill or rows is None or not rows.any():
             return loss, {}
-        kl = distill_loss(model, hidden[rows], [x[rows] for x in inputs], batch["labels"][rows])
+        inputs = [x[rows] for x in (input_ids, pixel_values, attention_mask, token_type_ids)]
+        kl = distill_loss(model, hidden[rows], inputs, batch["labels"][rows],
+                          image[rows] if image is not None else None)
         return loss + distill * kl, {"kl": kl.item()}
 
     return loss_fn
 
 
-def distill_loss(model, hidden: torch.Tensor, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+def distill_loss(model, hidden: torch.Tensor, inputs: list[torch.Tensor], labels: torch.Tensor,
+                 image_embeddings: torch.Tensor | None = None) -> torch.Tensor:
     """Mean KL(base || model) of the next-token distributions at the suffix positions of `labels` (those the
     cross-entropy sees), the base being `model` with its adapters off (no second copy: the frozen weights are
-    the base's); `hidden` are the adapted model's decoder states for `inputs`."""
-    from .lora import adapters_off
+    the base's); `hidden` are the adapted model's decoder states for `inputs` (input_ids, pixel_values,
+    attention_mask, token_type_ids), `image_embeddings` its image embeddings: the base's too where the vision tower
+    and projector hold no adapter, so the vision tower runs once."""
+    from .lora import adapters_off, lora_modules
 
     keep = labels[:, 1:] != IGNORE
+    vision_adapted = any("vision_tower" in name or "multi_modal_projector" in name for name in lora_modules(model))
     with torch.no_grad(), adapters_off(model):
-        base = F.log_softmax(model.decoder.logits(model.hidden_states(*inputs)[:, :-1][keep]).float(), dim=-1)
+        if image_embeddings is not None and not vision_adapted:
+            input_ids, _, attention_mask, token_type_ids = inputs
+            states = model.hidden_states(input_ids, None, attention_mask, token_type_ids,
+                                         image_embeddings=image_embeddings.detach())
+        else:
+            states = model.hidden_states(*inputs)
+        base = F.log_softmax(model.decoder.logits(states[:, :-1][keep]).float(), dim=-1)
     adapted = F.log_softmax(model.decoder.logits(hidden[:, :-1][keep]).float(), dim=-1)
     return F.kl_div(adapted, base, log_target=True, reduction="batchmean")
 
