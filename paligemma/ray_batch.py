@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -66,7 +66,7 @@ def init_ray(address: str | None = None, ship_code: bool | None = None, **option
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.ERROR)
     try:
         shipped = ship_code is True
-        with checkout_on_path(inherited_by_a_new_cluster=address is None and not shipped):
+        with checkout_on_path() if address is None and not shipped else nullcontext():
             connect(address, shipped, **options)
         if ship_code is None and address is not None:
             nodes = [node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")]
@@ -91,19 +91,17 @@ def connect(address: str | None, ship_code: bool, **options) -> None:
 
 
 @contextmanager
-def checkout_on_path(inherited_by_a_new_cluster: bool):
+def checkout_on_path():
     """This checkout on PYTHONPATH while a local cluster starts: its processes, and so its workers, inherit it."""
     before = os.environ.get("PYTHONPATH")
-    if inherited_by_a_new_cluster:
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), before]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), before]))
     try:
         yield
     finally:
-        if inherited_by_a_new_cluster:
-            if before is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = before
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def code_must_travel(node_addresses: list[str], here: str, workers_see_checkout: bool) -> bool:
