@@ -6,6 +6,8 @@ FastAPI app that Gradio builds (demo.launch adds it).
   `fn_index` names one of the app's events, and `data` holds a value for each of the event's inputs. Gradio would
   otherwise keep a megabyte session hash for as long as the server runs, answer an unknown event with a traceback,
   and quote every value sent (and its components' addresses) in the error for too few.
+- A form posted to the JSON endpoint (demo/api.py; `form_paths`) is one image within the upload limit and a little
+  more: a larger body is refused before it is read whole.
 - A query string's `session_hash`, and a heartbeat's, is at most 64 characters.
 - An upload is one file (the app reads one image) within the upload limit, into an upload folder of bounded size:
   refused with a message when the folder is full. What a refused or aborted upload wrote is removed: Gradio writes
@@ -51,13 +53,17 @@ class Refused(Exception):
 
 class RequestLimits:
     """ASGI middleware: see the module docstring. `blocks` is the Gradio app (its events and their inputs);
-    `max_upload_bytes` the size of one file (and of an inline image once decoded)."""
+    `max_upload_bytes` the size of one file (and of an inline image once decoded); `form_paths` the routes whose body
+    is a multipart form holding one such file."""
 
-    def __init__(self, app, *, blocks, max_upload_bytes: int, upload_folder_bytes: int = UPLOAD_FOLDER_BYTES):
+    def __init__(self, app, *, blocks, max_upload_bytes: int, upload_folder_bytes: int = UPLOAD_FOLDER_BYTES,
+                 form_paths: tuple[str, ...] = ()):
         self.app = app
         self.blocks = blocks
         self.max_upload_bytes = max_upload_bytes
         self.max_json_bytes = 4 * (max_upload_bytes // 3 + 1) + len("data:image/png;base64,") + SLACK_BYTES
+        self.max_form_bytes = max_upload_bytes + SLACK_BYTES
+        self.form_paths = form_paths
         self.upload_folder_bytes = upload_folder_bytes
         self.uploads_in_flight = 0
         self.sweep_pending = False
@@ -71,8 +77,11 @@ class RequestLimits:
             if scope["method"] == "POST" and scope["path"].endswith("/gradio_api/upload"):
                 return await self.upload(scope, receive, send)
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await read_body(receive, self.max_json_bytes, headers(scope), self.max_upload_bytes)
-                self.check_json(scope["path"], body)
+                form = scope["path"] in self.form_paths
+                limit = self.max_form_bytes if form else self.max_json_bytes
+                body = await read_body(receive, limit, headers(scope), self.max_upload_bytes)
+                if not form:
+                    self.check_json(scope["path"], body)
                 return await self.app(scope, replay(body, receive), send)
         except Refused as refusal:
             return await respond(send, refusal.status, str(refusal))

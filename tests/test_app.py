@@ -24,6 +24,7 @@ from PIL import Image
 import paligemma
 from demo import app as demo_app
 from demo.backends import load_backend
+from demo.inputs import read_image
 from shapes import scenes as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def direct(backend):
 
 
 def read_example(entry) -> Image.Image:
-    return demo_app.read_image(str(demo_app.EXAMPLES_DIR / entry["file"]))
+    return read_image(str(demo_app.EXAMPLES_DIR / entry["file"]))
 
 
 def generate(client, image, prompt="caption en", **kwargs):
@@ -444,7 +445,7 @@ def test_the_max_new_tokens_slider_ends_where_the_model_has_room(server, backend
     slider = next(b for b in app.blocks.values() if getattr(b, "label", None) == "Max new tokens")
     assert slider.maximum < 256  # the embedded model has 256 positions, 64 of them taken by the image
     image, _ = example("caption en")
-    picture = demo_app.read_image(str(image))
+    picture = read_image(str(image))
     for prompt in demo_app.PRESETS_DEMO.values():  # every preset runs at the slider's end
         result = backend.pipeline.generate(picture, prompt, max_new_tokens=int(slider.maximum))
         assert result.token_ids
@@ -546,7 +547,7 @@ def test_the_embedded_model_served_quantized_answers_and_says_so(quantize, tmp_p
     assert backend.pipeline.engine_factory.manifest["quantize"] == quantize
     assert f" {quantize} (" in backend.runtime and quantize in demo_app.banner(backend)
     image, entry = example("caption en")
-    assert backend.pipeline.generate(demo_app.read_image(str(image)), entry["prompt"], **SHORT).text.strip()
+    assert backend.pipeline.generate(read_image(str(image)), entry["prompt"], **SHORT).text.strip()
 
 
 @pytest.mark.parametrize("args,env,message", [

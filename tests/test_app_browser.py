@@ -12,7 +12,7 @@ import pytest
 from app_server import example
 
 import paligemma
-from demo.app import read_image
+from demo.inputs import read_image
 
 playwright = pytest.importorskip("playwright.sync_api")
 
