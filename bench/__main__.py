@@ -74,7 +74,9 @@ def parse_args(argv):
     load.add_argument("--clients", default=",".join(map(str, (1, 4, 8, 16, 32))),
                       help="numbers of concurrent clients, comma-separated (default %(default)s)")
     load.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
-    load.add_argument("--targets", default="library,http", help="library, http or both (default %(default)s)")
+    load.add_argument("--targets", default="library,app",
+                      help="comma-separated: library, app (the page's API over HTTP; 'http' is its former name), api "
+                           "(the JSON endpoint POST /api/answer) (default %(default)s)")
     load.add_argument("--mix", choices=("demo", "caption"), default="demo",
                       help="demo: caption, detect, segment and count prompts with the app's budgets; caption: "
                            "captions of --new-tokens tokens each, generated to the end")
@@ -119,12 +121,12 @@ def parse_args(argv):
                      else ["onnx"] if args.mode == "load" else default_runtimes(args.cuda))
     if args.mode == "load":
         args.clients = [int(n) for n in args.clients.split(",")]
-        args.targets = args.targets.split(",")
-        if any(n < 1 for n in args.clients) or args.requests < 1 or not set(args.targets) <= {"library", "http"}:
-            parser.error("--clients must be whole numbers >= 1, --requests >= 1, --targets library and/or http")
+        args.targets = ["app" if t == "http" else t for t in args.targets.split(",")]
+        if any(n < 1 for n in args.clients) or args.requests < 1 or not set(args.targets) <= {"library", "app", "api"}:
+            parser.error("--clients must be whole numbers >= 1, --requests >= 1, --targets from library, app, api")
         if "transformers" in args.runtimes:
             parser.error("--mode load drives this project's pipeline: pick from torch, onnx, onnx-int8, onnx-int4")
-        if args.mix == "caption" and "http" in args.targets:
+        if args.mix == "caption" and {"app", "api"} & set(args.targets):
             parser.error("--mix caption generates to the end (no stop), which the app does not offer: "
                          "use --targets library")
     for name in args.workloads:

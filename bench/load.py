@@ -4,7 +4,8 @@ against the running app over HTTP, beside the same load served one request at a 
     python -m bench --mode load                                   # the demo model: library and app, N = 1..32
     python -m bench --mode load --workloads wide --runtimes onnx,onnx-int4 --clients 1,8 --targets library \\
         --mix caption --new-tokens 64
-    python -m bench --mode load --targets http --root /tmp/main   # also the app of another checkout ("today's")
+    python -m bench --mode load --targets app --root /tmp/main    # also the app of another checkout ("today's")
+    python -m bench --mode load --targets api,app --clients 1,32  # the JSON endpoint beside the page, and the page
 
 Each client sends `--requests` requests one after another (its next when its last has finished); the requests mix
 caption, detect, segment and count prompts on drawn scenes, each with its own budget (`--mix caption`: captions of
@@ -14,12 +15,16 @@ first token and whole-request latency (p50 and p95), the largest gap between two
 joining the batch is prefilled while the others decode: this is what it costs them), peak resident memory (of the
 process that runs the model, reset before each N), and how many answers equal the one-at-a-time answers.
 
+Targets: `library`, `app` (the page's API over HTTP; `http` is its former name) and `api` (the JSON endpoint
+POST /api/answer on the same server, demo/api.py: one form posted, one JSON answer).
+
 Library: each configuration (runtime, max_batch or one at a time) runs in a process of its own (bench/load.py as a
 script, a JSON spec in, a JSON result out), as the speed benchmark's workers do. HTTP: `python app.py` is started as
 a server process for each configuration and driven with the calls gradio_client makes (upload the image, join the
 queue, read the event stream), over raw HTTP: one connection and one session a client (as a gradio_client Client
 keeps), without its API discovery per client. The time to
-first token over HTTP is the first streamed update that holds answer text.
+first token over HTTP is the first streamed update that holds answer text. The JSON endpoint does not stream: its
+first token is placed where the server's timings put it, (total_s - ttft_s) before the answer arrived.
 """
 
 from __future__ import annotations
@@ -281,8 +286,34 @@ def http_send_factory(url: str, images: list[bytes]):
     return send
 
 
+def api_send_factory(url: str, images: list[bytes]):
+    """send(request) -> record for the JSON endpoint of the app at `url`: one form posted, one JSON answer."""
+    import httpx
+
+    local = threading.local()
+
+    def send(request):
+        if not hasattr(local, "client"):  # a connection per client thread
+            local.client = httpx.Client(base_url=url, timeout=600)
+        start_s = time.perf_counter()
+        files = {"image": (f"scene_{request['scene']}.png", images[request["scene"]], "image/png")}
+        data = {"prompt": request["prompt"], "max_new_tokens": str(request["max_new_tokens"])}
+        response = local.client.post("api/answer", files=files, data=data)
+        end_s = time.perf_counter()
+        if response.status_code != 200:
+            raise RuntimeError(f"the endpoint answered {response.status_code}: {response.text[:200]}")
+        answer = response.json()
+        timings = answer["timings"]
+        return dict(request, key=request_key(request), start_s=start_s,
+                    first_s=end_s - (timings["total_s"] - timings["ttft_s"]), end_s=end_s,
+                    tokens=len(answer["token_ids"]), answer=answer["text"])
+
+    return send
+
+
 def http_load(spec: dict, log) -> dict:
-    """The app of spec['root'] with spec['app_args'], driven by each number of clients."""
+    """The app of spec['root'] with spec['app_args'], its page's API (spec['target'] 'app') or its JSON endpoint
+    ('api') driven by each number of clients."""
     import io
 
     from shapes import scenes as S
@@ -295,7 +326,7 @@ def http_load(spec: dict, log) -> dict:
     mix = [tuple(m) for m in spec["mix"]]
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp, \
             AppServer(Path(spec["root"]), spec["app_args"], Path(tmp) / "app.log") as server:
-        send = http_send_factory(server.url, scenes)
+        send = (api_send_factory if spec["target"] == "api" else http_send_factory)(server.url, scenes)
         send(dict(scene=0, prompt="caption en", max_new_tokens=2))  # warm-up (and the first upload)
         loads = []
         for clients in spec["clients"]:
@@ -351,7 +382,7 @@ def run(args, workload: str, folder: Path, runtime: str, onnx_dir: Path | None, 
             with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
                 result = run_library(dict(base, **options), Path(tmp), args.timeout)
             configurations.append(dict(target="library", name=name, **result))
-    if "http" in args.targets:
+    for target in [t for t in ("api", "app") if t in args.targets]:
         model = [] if workload == "demo" else ["--model", str(folder)] + (["--onnx-dir", str(onnx_dir)] if onnx_dir
                                                                           else [])
         quantize = {"onnx-int8": ["--quantize", "int8"], "onnx-int4": ["--quantize", "int4"]}.get(runtime, [])
@@ -359,14 +390,14 @@ def run(args, workload: str, folder: Path, runtime: str, onnx_dir: Path | None, 
         served = [("batched", ROOT, [*model, *quantize, *backend] + (["--concurrency", str(args.max_batch)]
                                                                      if args.max_batch else [])),
                   ("one at a time", ROOT, [*model, *quantize, *backend, "--concurrency", "1"])]
-        if args.root:
+        if args.root and target == "app":  # another checkout's app may have no JSON endpoint
             served.append((f"app of {args.root}", Path(args.root), [*model, *quantize, *backend]))
         for name, root, app_args in served:
-            log(f"  {workload}/{runtime}: app over HTTP, {name}")
-            result = http_load(dict(base, root=str(root), app_args=app_args), log)
-            configurations.append(dict(target="http", name=name, app_args=app_args, **result))
-    reference = {}  # the library's one-at-a-time answers (token ids), else the app's (text)
-    for target in ("library", "http"):
+            log(f"  {workload}/{runtime}: {target} over HTTP, {name}")
+            result = http_load(dict(base, root=str(root), app_args=app_args, target=target), log)
+            configurations.append(dict(target=target, name=name, app_args=app_args, **result))
+    reference = {}  # per target, its one-at-a-time answers: the library's token ids, the app's and the api's text
+    for target in ("library", "app", "api"):
         for configuration in configurations:
             if configuration["target"] == target and configuration["name"] == "one at a time":
                 for load in configuration["loads"]:

@@ -270,3 +270,15 @@ def test_a_client_who_leaves_frees_its_row_and_changes_no_other_answer(url, api,
     assert batcher.scheduler.running == [] and not batcher.scheduler.waiting
     assert batcher.steps - steps <= len(b_solo)  # B's steps only: A's row never decoded
 
+
+
+def test_the_load_benchmark_drives_the_endpoint(server, backend):
+    """bench/load.py's `api` target: its record of one request holds the answer and times in order."""
+    from bench.load import api_send_factory
+
+    path, entry = example("caption en")
+    send = api_send_factory(server[1], [path.read_bytes()])
+    record = send(dict(scene=0, prompt="caption en", max_new_tokens=8))
+    solo = backend.pipeline.generate(read_image(str(path)), "caption en", max_new_tokens=8)
+    assert record["answer"] == solo.text and record["tokens"] == len(solo.token_ids)
+    assert record["start_s"] < record["first_s"] < record["end_s"]
