@@ -64,10 +64,14 @@ class Refusal(Exception):
 
 class AnswerApi:
     """The endpoint for `backend`, with the page's decoding `limits`; at most `rows` + `max_queue` requests at once
-    (answered or waiting for a row), each in a worker thread of its own."""
+    (answered or waiting for a row), each in a worker thread of its own, and at most `rows` images decoded at once
+    (`decodes`: shared with the page, where given)."""
 
-    def __init__(self, backend: Backend, limits: dict, *, rows: int, max_queue: int):
+    def __init__(self, backend: Backend, limits: dict, *, rows: int, max_queue: int,
+                 decodes: threading.Semaphore | None = None):
         self.backend = backend
+        self.rows = rows
+        self.decodes = decodes or threading.BoundedSemaphore(rows)
         self.limits = limits
         self.default_max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, limits["max_new_tokens"][1])
         self.capacity = rows + max_queue
@@ -148,7 +152,8 @@ class AnswerApi:
         start = time.perf_counter()
         pipeline = self.backend.pipeline
         try:
-            picture, size = read_image_and_size(data, pipeline.config.image_size)
+            with self.decodes:
+                picture, size = read_image_and_size(data, pipeline.config.image_size)
             update = None
             for update in pipeline.stream(picture, prompt, cancel=cancel, **params):
                 pass

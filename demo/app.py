@@ -148,12 +148,17 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
     limits = decoding_limits(backend.pipeline.processor, presets.values())
     allow_check = backend.torch_check_fits() if torch_check is None else torch_check
     staging = tempfile.TemporaryDirectory(prefix="paligemma-answers-")  # removed with the app (its finalizer)
+    rows = concurrency_limit or backend.concurrent_requests
+    # Images decoded at once, the page's and the JSON endpoint's together: each may take up to DECODE_BUDGET
+    # (paligemma/processor.py), and the endpoint holds more requests at once than the page's handlers.
+    decodes = threading.BoundedSemaphore(rows)
 
     def generate(image, prompt, decoding="greedy", temperature=1.0, top_p=0.9, top_k=0,
                  max_new_tokens=DEFAULT_MAX_NEW_TOKENS, seed=0, check_torch=False):
         drawn = None
         try:
-            picture, size = read_request_image(image, backend.pipeline.config.image_size)
+            with decodes:
+                picture, size = read_request_image(image, backend.pipeline.config.image_size)
             prompt = read_prompt(prompt)
             params = read_decoding(decoding, temperature, top_p, top_k, max_new_tokens, seed, limits)
             if not isinstance(check_torch, bool):
@@ -225,9 +230,9 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
                 check = gr.Markdown(label="Torch check", elem_id="check")
                 with gr.Accordion("Boxes (pixels: x0, y0, x1, y1)", open=False):
                     boxes = gr.JSON(label="Boxes")
-        rows = example_rows()
-        if rows:
-            gr.Examples(rows, inputs=[image, prompt], label="Examples: scenes of the embedded model's task",
+        examples = example_rows()
+        if examples:
+            gr.Examples(examples, inputs=[image, prompt], label="Examples: scenes of the embedded model's task",
                         cache_examples=False, elem_id="examples")
 
         def preset_of(text):
@@ -243,10 +248,9 @@ def create_app(backend: Backend | None = None, *, concurrency_limit: int | None 
         prompt.submit(generate, inputs, outputs, api_visibility="private", preprocess=False)
     # api_open=False: Gradio's /run/NAME and /api/NAME routes would run an event at once, outside the queue (its
     # concurrency limit and max_size); with it they refuse, and every call joins the queue.
-    rows = concurrency_limit or backend.concurrent_requests
     app.queue(default_concurrency_limit=rows, max_size=max_queue, api_open=False)
     # The JSON endpoint beside the page (demo/api.py), served by launch: the same bound of requests at once.
-    app.answer_api = AnswerApi(backend, limits, rows=rows, max_queue=max_queue)
+    app.answer_api = AnswerApi(backend, limits, rows=rows, max_queue=max_queue, decodes=decodes)
     return app
 
 

@@ -4,6 +4,7 @@ each bad input answered with its status and a one-line message, the busy bound, 
 
 from __future__ import annotations
 
+import base64
 import re
 import socket
 import threading
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from app_server import EXAMPLES, example
+from app_server import EXAMPLES, example, last_event, raw_call, request
 from PIL import Image
 
 import paligemma
@@ -282,3 +283,35 @@ def test_the_load_benchmark_drives_the_endpoint(server, backend):
     solo = backend.pipeline.generate(read_image(str(path)), "caption en", max_new_tokens=8)
     assert record["answer"] == solo.text and record["tokens"] == len(solo.token_ids)
     assert record["start_s"] < record["first_s"] < record["end_s"]
+
+
+def test_images_wait_for_a_decode_slot_shared_by_the_page_and_the_endpoint(server, url, api, backend):
+    """An image may take up to DECODE_BUDGET to decode, and the endpoint takes in more requests than the page runs:
+    at most `rows` images are decoded at once, the page's and the endpoint's together. With every slot held, neither
+    a page request nor an endpoint request gets to the batch; let go, both are answered."""
+    rows = api.rows
+    assert all(api.decodes.acquire(blocking=False) for _ in range(rows))
+    held = rows
+    try:
+        assert not api.decodes.acquire(blocking=False)  # rows slots, every one now held
+        page_image = {"url": "data:image/png;base64," + base64.b64encode(SCENE).decode(),
+                      "meta": {"_type": "gradio.FileData"}}
+        done = {}
+        calls = [threading.Thread(target=lambda: done.update(api=post(url, SCENE, prompt="caption en",
+                                                                          max_new_tokens=4))),
+                 threading.Thread(target=lambda: done.update(page=raw_call(server[1], request(page_image))))]
+        for call in calls:
+            call.start()
+        wait_for(lambda: api.in_flight == 1, what="the endpoint's request taken in")
+        time.sleep(1.0)  # time enough for either to be answered, were it not waiting
+        assert done == {} and backend.pipeline.batcher.scheduler.taken == 0
+        for _ in range(rows):
+            api.decodes.release()
+            held -= 1
+        for call in calls:
+            call.join(120)
+    finally:
+        for _ in range(held):
+            api.decodes.release()
+    assert done["api"].status_code == 200
+    assert last_event(done["page"])[0] == "complete"
