@@ -16,14 +16,19 @@ A fraction of 1 would be a runtime at the machine's limit; real kernels reach pa
 in the same run as the runtimes, under the same load, and the load average is recorded beside them.
 
     python -m bench.limits [--shapes 266x2048x16384,266x16384x2048] [--blocks 32,64,128,256] [--threads N]
+    python -m bench.limits --gemv 2048x16384,16384x2048 [--blocks 32,128]
 
 prints the bandwidth and, for each shape (rows x K x N), the float32, bfloat16 and MatMulNBits rates at each block
-(docs/quantization.md's table of blocks).
+(docs/quantization.md's table of blocks); with --gemv, instead of the shapes, a decode step's product alone: one row
+times a K x N weight by MatMulNBits (accuracy level 4), over distinct weights that together are far larger than the
+last-level cache (each read from memory, as a decode step reads its layers), as bytes of stored weight (blocks and
+scales) per second and as a fraction of the bandwidth measured beside it: how fast the decode kernel itself goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -133,6 +138,42 @@ def matmul_rates(M: int, K: int, N: int, blocks: dict[int, int], threads: int, r
     return rates
 
 
+def gemv_rate(K: int, N: int, bits: int, block: int, threads: int, runs: int = 7,
+              total_bytes: int = 256 * 2**20) -> float:
+    """Bytes of stored weight (blocks and scales) per second of one row times K x N weights by MatMulNBits (accuracy
+    level 4): one session of as many such products of the same row by distinct weights as make `total_bytes`, run
+    one after the other, so that each weight comes from memory; the best of `runs`."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    count = -(-K // block)
+    shape = (N, count, block * bits // 8)
+    weight_bytes = math.prod(shape) + N * count * 4
+    copies = max(2, -(-total_bytes // weight_bytes))
+    nodes, initializers, outputs = [], [], []
+    for i in range(copies):  # each its own contents: ONNX Runtime shares the packed copy of equal weights
+        data = rng.integers(0, 256, shape, dtype=np.uint8)
+        scales = (rng.random((N, count), dtype=np.float32) * 0.01).astype(np.float32)
+        initializers += [numpy_helper.from_array(data, f"b{i}"), numpy_helper.from_array(scales, f"s{i}")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"b{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                      K=K, N=N, bits=bits, block_size=block, accuracy_level=4))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, N]))
+    graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])], outputs,
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(
+        "com.microsoft", 1)])
+    model.ir_version = min(model.ir_version, onnx.IR_VERSION, 10)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime runs
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, K), dtype=np.float32)
+    return copies * weight_bytes / _best_seconds(lambda: session.run(None, {"x": x}), runs)
+
+
 def measure(config, prompt_tokens: int, threads: int, buffer_bytes: int, blocks: dict[int, int],
             runs: int = 5) -> dict:
     """The machine's limits for `config`'s prefill shape, with the load average before and after."""
@@ -238,11 +279,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--bandwidth-mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--gemv", metavar="KxN,...", help="a decode step's products alone, one row times K x N weights "
+                                                          "(e.g. 2048x16384,16384x2048), instead of --shapes")
+    parser.add_argument("--gemv-mib", type=int, default=256,
+                        help="with --gemv: the distinct weights' bytes together (far above the last-level cache)")
     args = parser.parse_args(argv)
     blocks = [int(b) for b in args.blocks.split(",")]
     print(f"load average {load_average()}; {' '.join(isa_extensions())}; {args.threads} threads")
     bandwidth = memory_bandwidth(args.bandwidth_mib * 2**20, args.threads, args.runs)
     print(f"memory read {bandwidth / 1e9:.1f} GB/s ({args.bandwidth_mib} MiB buffer, best of {args.runs})")
+    if args.gemv:
+        print("| K x N | " + " | ".join(f"int{bits}, block {b}" for bits in (8, 4) for b in blocks) + " |")
+        print("| --- " * (1 + 2 * len(blocks)) + "|")
+        for shape in args.gemv.split(","):
+            K, N = (int(v) for v in shape.split("x"))
+            cells = [gemv_rate(K, N, bits, b, args.threads, args.runs, args.gemv_mib * 2**20) for bits in (8, 4)
+                     for b in blocks]
+            print(f"| {K} x {N} | " + " | ".join(f"{c / 1e9:.1f} ({c / bandwidth:.0%})" for c in cells) + " |",
+                  flush=True)
+        print(f"(GB/s of stored weight, and its fraction of the bandwidth; best of {args.runs}; load average "
+              f"{load_average()})")
+        return 0
     print("| rows x K x N | float32 | bfloat16 (torch) | " + " | ".join(f"int{bits}, block {b}" for bits in (8, 4)
                                                              for b in blocks) + " |")
     print("| --- " * (3 + 2 * len(blocks)) + "|")

@@ -2,6 +2,7 @@
 asserted."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,17 @@ def test_a_spread_is_the_median_range_and_count_of_its_figures():
     assert Spread.of([0.0123, 0.0119, 0.0140]).text("ms", 1000) == "12.3 ms (median of 3; 11.9-14.0)"
     with pytest.raises(ValueError, match="at least one run"):
         Spread.of([])
+
+
+
+def test_the_limits_command_gives_the_decode_kernels_rate_against_the_bandwidth(capsys):
+    from bench.limits import main
+
+    args = ["--gemv", "64x128,128x64", "--gemv-mib", "1", "--blocks", "32", "--bandwidth-mib", "16", "--runs", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| K x N | int8, block 32 | int4, block 32 |" in out
+    for shape in ("64 x 128", "128 x 64"):
+        (row,) = [line for line in out.splitlines() if line.startswith(f"| {shape} |")]
+        cells = row.strip("| ").split(" | ")[1:]
+        assert len(cells) == 2 and all(re.fullmatch(r"[\d.]+ \(\d+%\)", cell) for cell in cells), row
