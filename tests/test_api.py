@@ -83,7 +83,8 @@ def test_answers_are_the_pipelines_and_boxes_are_paligemmas(url, backend, prompt
     assert set(answer) == {"text", "token_ids", "boxes", "seed", "timings"}
     solo = backend.pipeline.generate(read_image(str(path)), entry["prompt"], max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     assert answer["token_ids"] == solo.token_ids and answer["text"] == solo.text
-    expected = answer_boxes(solo.text, Image.open(path).size, backend.pipeline.mask_decoder)
+    with Image.open(path) as sent:
+        expected = answer_boxes(solo.text, sent.size, backend.pipeline.mask_decoder)
     assert answer["boxes"] == expected
     if prompt_start in ("detect", "segment"):
         assert [b["label"] for b in answer["boxes"]] == [s["shape"] for s in entry["shapes"]
