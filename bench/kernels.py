@@ -35,38 +35,43 @@ from .timing import Spread
 from .workloads import request_image
 
 
-def kernels_per_run(profile: Path) -> list[Counter]:
-    """For each run recorded in an ONNX Runtime profile file, the kernels it ran, counted by operator type."""
+def node_events_by_run(profile: Path) -> list[list[dict]]:
+    """For each run recorded in an ONNX Runtime profile file, the events of the kernels it ran (category "Node",
+    names ending in "_kernel_time")."""
     events = json.loads(Path(profile).read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e["name"] == "model_run")
-    counts = [Counter() for _ in runs]
+    found: list[list[dict]] = [[] for _ in runs]
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
         for index, (start, end) in enumerate(runs):
             if start <= event["ts"] <= end:
-                counts[index][event.get("args", {}).get("op_name", "?")] += 1
+                found[index].append(event)
                 break
-    return counts
+    return found
+
+
+def op_name(event: dict) -> str:
+    return event.get("args", {}).get("op_name", "?")
+
+
+def kernels_per_run(profile: Path) -> list[Counter]:
+    """For each run recorded in an ONNX Runtime profile file, the kernels it ran, counted by operator type."""
+    return [Counter(op_name(event) for event in run) for run in node_events_by_run(profile)]
 
 
 def kernel_times_per_run(profile: Path) -> list[dict[str, float]]:
     """For each run recorded in an ONNX Runtime profile file, microseconds by node name (the profiler's name
     without its "_kernel_time" suffix) and by operator type ("op:NAME")."""
-    events = json.loads(Path(profile).read_text())
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                  if e.get("cat") == "Session" and e["name"] == "model_run")
-    times = [Counter() for _ in runs]
-    for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
-        for index, (start, end) in enumerate(runs):
-            if start <= event["ts"] <= end:
-                times[index][event["name"].removesuffix("_kernel_time")] += event["dur"]
-                times[index]["op:" + event.get("args", {}).get("op_name", "?")] += event["dur"]
-                break
-    return [dict(t) for t in times]
+    times = []
+    for run in node_events_by_run(profile):
+        total: Counter = Counter()
+        for event in run:
+            total[event["name"].removesuffix("_kernel_time")] += event["dur"]
+            total["op:" + op_name(event)] += event["dur"]
+        times.append(dict(total))
+    return times
 
 
 def module_of(node: str) -> str:

@@ -77,14 +77,16 @@ def memory_bandwidth(buffer_bytes: int, threads: int, passes: int = 5) -> float:
     return words.nbytes / best
 
 
-def _session(node, weights: dict[str, np.ndarray], K: int, N: int, threads: int):
+def _session(nodes: list, weights: dict[str, np.ndarray], K: int, N: int, threads: int):
+    """A session of products of the input x [M, K], each node's output [M, N], as the runtime's sessions run."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
-                              [numpy_helper.from_array(value, name) for name, value in weights.items()])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["M", N])
+               for node in nodes for name in node.output]
+    graph = helper.make_graph(nodes, "matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+                              outputs, [numpy_helper.from_array(value, name) for name, value in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(
         "com.microsoft", 1)])
     model.ir_version = min(model.ir_version, onnx.IR_VERSION, 10)
@@ -116,7 +118,7 @@ def matmul_rates(M: int, K: int, N: int, blocks: dict[int, int], threads: int, r
     operations = 2 * M * K * N
     rates = {}
     weight = (rng.standard_normal((K, N), dtype=np.float32) * 0.02).astype(np.float32)
-    session = _session(helper.make_node("MatMul", ["x", "w"], ["y"]), {"w": weight}, K, N, threads)
+    session = _session([helper.make_node("MatMul", ["x", "w"], ["y"])], {"w": weight}, K, N, threads)
     rates["float32"] = operations / _best_seconds(lambda: session.run(None, {"x": x}), runs)
     for bits, block in blocks.items():
         count = -(-K // block)
@@ -124,7 +126,7 @@ def matmul_rates(M: int, K: int, N: int, blocks: dict[int, int], threads: int, r
         scales = (rng.random((N, count), dtype=np.float32) * 0.01).astype(np.float32)
         node = helper.make_node("MatMulNBits", ["x", "b", "scales"], ["y"], domain="com.microsoft", K=K, N=N,
                                 bits=bits, block_size=block, accuracy_level=4)
-        session = _session(node, {"b": data, "scales": scales}, K, N, threads)
+        session = _session([node], {"b": data, "scales": scales}, K, N, threads)
         rates[f"int{bits}"] = operations / _best_seconds(lambda: session.run(None, {"x": x}), runs)
     extensions = isa_extensions() if extensions is None else extensions
     if BFLOAT16_EXTENSIONS & set(extensions):
@@ -143,33 +145,20 @@ def gemv_rate(K: int, N: int, bits: int, block: int, threads: int, runs: int = 7
     """Bytes of stored weight (blocks and scales) per second of one row times K x N weights by MatMulNBits (accuracy
     level 4): one session of as many such products of the same row by distinct weights as make `total_bytes`, run
     one after the other, so that each weight comes from memory; the best of `runs`."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     rng = np.random.default_rng(0)
     count = -(-K // block)
     shape = (N, count, block * bits // 8)
     weight_bytes = math.prod(shape) + N * count * 4
     copies = max(2, -(-total_bytes // weight_bytes))
-    nodes, initializers, outputs = [], [], []
+    nodes, weights = [], {}
     for i in range(copies):  # each its own contents: ONNX Runtime shares the packed copy of equal weights
-        data = rng.integers(0, 256, shape, dtype=np.uint8)
-        scales = (rng.random((N, count), dtype=np.float32) * 0.01).astype(np.float32)
-        initializers += [numpy_helper.from_array(data, f"b{i}"), numpy_helper.from_array(scales, f"s{i}")]
+        weights[f"b{i}"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        weights[f"s{i}"] = (rng.random((N, count), dtype=np.float32) * 0.01).astype(np.float32)
         nodes.append(helper.make_node("MatMulNBits", ["x", f"b{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
                                       K=K, N=N, bits=bits, block_size=block, accuracy_level=4))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, N]))
-    graph = helper.make_graph(nodes, "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])], outputs,
-                              initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(
-        "com.microsoft", 1)])
-    model.ir_version = min(model.ir_version, onnx.IR_VERSION, 10)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime runs
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _session(nodes, weights, K, N, threads)
     x = rng.standard_normal((1, K), dtype=np.float32)
     return copies * weight_bytes / _best_seconds(lambda: session.run(None, {"x": x}), runs)
 
